@@ -1,0 +1,1 @@
+"""mailbeat: IMAP ingestion at scale."""

@@ -1,0 +1,141 @@
+"""The one Settings class: the only place the environment (and .env) is read."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from cryptography.fernet import Fernet
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA_DIR = Path("data")
+
+
+class UnsafeSettingsError(RuntimeError):
+    """Raised at start-up when a setting that production needs is missing."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    environment: Literal["development", "test", "production"] = "development"
+    log_level: str = "INFO"
+    data_dir: Path = DEFAULT_DATA_DIR
+
+    # Database: the source of truth. SQLite for a laptop, PostgreSQL in production.
+    database_url: str = f"sqlite:///{DEFAULT_DATA_DIR}/mailbeat.db"
+    database_pool_size: int = 5
+
+    # Redis: broker, locks and the RedBeat schedule. Unreachable means local mode.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redbeat_redis_url: str | None = None  # defaults to redis_url
+    redis_socket_timeout: float = 5.0
+    # auto: Celery + RedBeat when Redis answers, else the in-process scheduler.
+    scheduler_mode: Literal["auto", "celery", "local"] = "auto"
+
+    # Secrets. ENCRYPTION_KEY may be a comma-separated list of Fernet keys: the first
+    # encrypts, all decrypt, which is how a key is rotated (see backend/crypto.py).
+    admin_api_token: SecretStr | None = None
+    encryption_key: SecretStr | None = None
+
+    # Object storage (S3 / Aliyun OSS / MinIO). Unset bucket means local files only.
+    s3_endpoint_url: str | None = None
+    s3_bucket: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    s3_connect_timeout: float = 5.0
+    s3_read_timeout: float = 30.0
+    s3_max_attempts: int = 3
+    local_storage_dir: Path = DEFAULT_DATA_DIR / "storage"
+    storage_sync_interval_seconds: int = 300
+
+    # IMAP.
+    imap_ca_bundle: Path | None = None
+    imap_connect_timeout: float = 15.0
+    imap_read_timeout: float = 60.0
+    imap_fetch_batch_size: int = Field(default=50, ge=1, le=1000)
+    max_message_bytes: int = 50 * 1024 * 1024
+
+    # Polling and scheduling.
+    default_poll_interval_seconds: int = 300
+    min_poll_interval_seconds: int = 10
+    max_poll_interval_seconds: int = 7 * 24 * 3600
+    backoff_max_seconds: int = 3600
+    max_consecutive_failures: int = 10
+    reconcile_interval_seconds: int = 300
+    poll_soft_time_limit_seconds: int = 600
+    poll_time_limit_seconds: int = 660
+
+    # Webhooks (processing).
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_seconds: float = 10.0
+    webhook_max_attempts: int = 8
+    public_base_url: str = "http://127.0.0.1:8000"
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_defaults(self) -> Settings:
+        if self.environment != "production":
+            return self
+        missing = [
+            name
+            for name, value in (
+                ("ADMIN_API_TOKEN", self.admin_api_token),
+                ("ENCRYPTION_KEY", self.encryption_key),
+            )
+            if value is None or not value.get_secret_value().strip()
+        ]
+        if missing:
+            raise UnsafeSettingsError(
+                f"{', '.join(missing)} must be set when ENVIRONMENT=production "
+                "(generate a key with: python -c 'from cryptography.fernet import Fernet; "
+                "print(Fernet.generate_key().decode())')"
+            )
+        return self
+
+    @property
+    def effective_redbeat_redis_url(self) -> str:
+        return self.redbeat_redis_url or self.redis_url
+
+    @property
+    def s3_enabled(self) -> bool:
+        return bool(self.s3_bucket)
+
+    def fernet_keys(self) -> list[bytes]:
+        """The encryption keys, newest first. Development without a key gets one
+        generated once and kept under data_dir, so secrets survive a restart."""
+        if self.encryption_key is not None and self.encryption_key.get_secret_value().strip():
+            raw = self.encryption_key.get_secret_value()
+            return [k.strip().encode() for k in raw.split(",") if k.strip()]
+        path = self.data_dir / "dev-encryption.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(Fernet.generate_key())
+            path.chmod(0o600)
+            log.warning("ENCRYPTION_KEY is not set: using a development key kept in %s", path)
+        return [path.read_bytes().strip()]
+
+    def admin_token(self) -> str:
+        """The API token. Development without one gets a generated token kept under data_dir."""
+        if self.admin_api_token is not None and self.admin_api_token.get_secret_value().strip():
+            return self.admin_api_token.get_secret_value()
+        path = self.data_dir / "dev-admin-token"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+            log.warning("ADMIN_API_TOKEN is not set: using a development token kept in %s", path)
+        return path.read_text().strip()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,46 @@
+"""The FastAPI admin API: routers, exception handlers, lifespan."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from backend.errors import MailbeatError
+
+log = logging.getLogger(__name__)
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="mailbeat",
+        version="0.1.0",
+        description="Admin API for mailbeat, the IMAP ingestion service.",
+    )
+
+    @app.exception_handler(MailbeatError)
+    async def _mailbeat_error(_request: Request, exc: MailbeatError) -> JSONResponse:
+        return JSONResponse(
+            status_code=exc.status_code, content={"error": exc.name, "detail": exc.message}
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        request_id = uuid.uuid4().hex
+        log.exception(
+            "unhandled error on %s %s [request %s]", request.method, request.url.path, request_id
+        )
+        return JSONResponse(
+            status_code=500,
+            content={
+                "error": "InternalError",
+                "detail": f"an unexpected error occurred; see the logs for request {request_id}",
+            },
+        )
+
+    return app
+
+
+app = create_app()

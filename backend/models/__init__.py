@@ -1,0 +1,8 @@
+"""All tables. Import from here so Alembic and the app see the same metadata."""
+
+from backend.models.account import Account, FolderCursor
+from backend.models.base import Base, utcnow
+from backend.models.message import Attachment, Message
+from backend.models.poll_run import PollRun
+
+__all__ = ["Account", "Attachment", "Base", "FolderCursor", "Message", "PollRun", "utcnow"]

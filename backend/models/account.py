@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from backend.models.base import Base, TimestampMixin, UTCDateTime
+
+if TYPE_CHECKING:
+    from backend.models.message import Message
+    from backend.models.poll_run import PollRun
+
+# String enums kept as plain strings: readable in SQL, no ALTER TYPE to add a value.
+IMAP_SECURITY = ("ssl", "starttls", "none")
+AUTH_METHODS = ("password", "oauth2")
+ACCOUNT_STATUSES = ("active", "error", "disabled")
+INITIAL_SYNC_POLICIES = ("all", "newest", "since")
+ERROR_KINDS = ("auth", "connection", "protocol", "internal")
+
+
+class Account(TimestampMixin, Base):
+    """A mailbox to poll. Secrets live only in `credentials_encrypted` (Fernet JSON)."""
+
+    __tablename__ = "accounts"
+    __table_args__ = (UniqueConstraint("imap_host", "imap_port", "username"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(String(320))
+    imap_host: Mapped[str] = mapped_column(String(255))
+    imap_port: Mapped[int] = mapped_column(Integer)
+    imap_security: Mapped[str] = mapped_column(String(16), default="ssl")
+    username: Mapped[str] = mapped_column(String(320))
+    auth_method: Mapped[str] = mapped_column(String(16), default="password")
+    # {"password": ...} or {"access_token", "refresh_token", "expires_at", "client_id",
+    # "client_secret", "token_url"}; see backend/crypto.py.
+    credentials_encrypted: Mapped[str] = mapped_column(Text)
+    folders: Mapped[list[str]] = mapped_column(JSON, default=lambda: ["INBOX"])
+    poll_interval_seconds: Mapped[int] = mapped_column(Integer, default=300)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+
+    initial_sync: Mapped[str] = mapped_column(String(16), default="all")
+    initial_sync_count: Mapped[int | None] = mapped_column(Integer)
+    initial_sync_since: Mapped[date | None] = mapped_column(Date)
+
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    webhook_secret_encrypted: Mapped[str | None] = mapped_column(Text)
+
+    status: Mapped[str] = mapped_column(String(16), default="active", index=True)
+    last_polled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_success_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_kind: Mapped[str | None] = mapped_column(String(16))
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    # Set from consecutive failures; a poll before this moment is skipped.
+    backoff_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    # Kept in the poll transaction so listing accounts needs no COUNT over messages.
+    message_count: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    cursors: Mapped[list[FolderCursor]] = relationship(
+        back_populates="account", cascade="all, delete-orphan", passive_deletes=True
+    )
+    messages: Mapped[list[Message]] = relationship(
+        back_populates="account", cascade="all, delete-orphan", passive_deletes=True
+    )
+    poll_runs: Mapped[list[PollRun]] = relationship(
+        back_populates="account", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class FolderCursor(Base):
+    """How far a folder has been ingested: the last UID stored under one UIDVALIDITY."""
+
+    __tablename__ = "folder_cursors"
+    __table_args__ = (UniqueConstraint("account_id", "folder"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    folder: Mapped[str] = mapped_column(String(1024))
+    uidvalidity: Mapped[int] = mapped_column(BigInteger)
+    last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    account: Mapped[Account] = relationship(back_populates="cursors")

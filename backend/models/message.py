@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from backend.models.base import Base, UTCDateTime, utcnow
+
+if TYPE_CHECKING:
+    from backend.models.account import Account
+
+STORAGE_BACKENDS = ("s3", "local")
+
+
+class Message(Base):
+    """One message as the server held it: (account, folder, UIDVALIDITY, UID) is its identity."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        UniqueConstraint("account_id", "folder", "uidvalidity", "uid"),
+        # Re-scan after a UIDVALIDITY change looks messages up by content hash.
+        Index("ix_messages_account_folder_hash", "account_id", "folder", "content_hash"),
+        Index("ix_messages_account_id_id", "account_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    folder: Mapped[str] = mapped_column(String(1024))
+    uidvalidity: Mapped[int] = mapped_column(BigInteger)
+    uid: Mapped[int] = mapped_column(BigInteger)
+
+    message_id: Mapped[str | None] = mapped_column(String(998), index=True)
+    subject: Mapped[str | None] = mapped_column(Text)
+    from_addr: Mapped[str | None] = mapped_column(Text)
+    to_addrs: Mapped[list[str]] = mapped_column(JSON, default=list)
+    cc_addrs: Mapped[list[str]] = mapped_column(JSON, default=list)
+    date: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    internal_date: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    flags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    content_hash: Mapped[str | None] = mapped_column(String(64))  # sha256 hex of the raw bytes
+
+    storage_backend: Mapped[str | None] = mapped_column(String(16))  # None: body not stored
+    storage_key: Mapped[str | None] = mapped_column(String(1024))
+    parse_error: Mapped[str | None] = mapped_column(Text)
+    skipped_reason: Mapped[str | None] = mapped_column(Text)  # e.g. larger than the maximum
+
+    ingested_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    account: Mapped[Account] = relationship(back_populates="messages")
+    attachments: Mapped[list[Attachment]] = relationship(
+        back_populates="message",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        order_by="Attachment.id",
+    )
+
+
+class Attachment(Base):
+    __tablename__ = "attachments"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    message_id: Mapped[int] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), index=True
+    )
+    filename: Mapped[str | None] = mapped_column(Text)  # as the sender gave it
+    safe_name: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(255))
+    content_id: Mapped[str | None] = mapped_column(String(998))
+    size: Mapped[int] = mapped_column(BigInteger)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    storage_backend: Mapped[str] = mapped_column(String(16))
+    storage_key: Mapped[str] = mapped_column(String(1024))
+
+    message: Mapped[Message] = relationship(back_populates="attachments")

@@ -1,0 +1,177 @@
+"""The test bed: real PostgreSQL, Redis, Dovecot and S3 (moto server), each started and
+stopped by the suite itself.
+
+The database and Redis index are set up in `pytest_configure`, before test modules are
+imported, because some modules (the Celery app) read settings at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from tests.support import postgres
+from tests.support.dovecot import Dovecot
+from tests.support.env import reset_caches
+from tests.support.redis_db import RedisDb
+from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoS3
+
+ADMIN_TOKEN = "test-admin-token-" + uuid.uuid4().hex
+
+_state: dict[str, object] = {}
+
+SERVICE_ENV = (
+    "DATABASE_URL",
+    "REDIS_URL",
+    "REDBEAT_REDIS_URL",
+    "ENVIRONMENT",
+    "DATA_DIR",
+    "LOCAL_STORAGE_DIR",
+    "ENCRYPTION_KEY",
+    "ADMIN_API_TOKEN",
+    "S3_BUCKET",
+    "S3_ENDPOINT_URL",
+    "SCHEDULER_MODE",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    data_dir = Path(tempfile.mkdtemp(prefix="mailbeat-test-data-"))
+    database_url = postgres.create_database()
+    redis_db = RedisDb().claim()
+    _state.update(data_dir=data_dir, database_url=database_url, redis_db=redis_db)
+    for name in SERVICE_ENV:
+        os.environ.pop(name, None)
+    os.environ.update(
+        ENVIRONMENT="test",
+        DATA_DIR=str(data_dir),
+        LOCAL_STORAGE_DIR=str(data_dir / "storage"),
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_db.url,
+        ENCRYPTION_KEY=Fernet.generate_key().decode(),
+        ADMIN_API_TOKEN=ADMIN_TOKEN,
+    )
+    from alembic import command
+    from alembic.config import Config
+
+    command.upgrade(Config(str(Path(__file__).parent.parent / "alembic.ini")), "head")
+    reset_caches()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if "database_url" not in _state:
+        return
+    from backend import db
+
+    db.reset_caches()
+    postgres.drop_database(str(_state["database_url"]))
+    redis_db = _state["redis_db"]
+    assert isinstance(redis_db, RedisDb)
+    redis_db.release()
+    shutil.rmtree(str(_state["data_dir"]), ignore_errors=True)
+    _state.clear()
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    return str(_state["database_url"])
+
+
+@pytest.fixture(scope="session")
+def redis_db() -> RedisDb:
+    value = _state["redis_db"]
+    assert isinstance(value, RedisDb)
+    return value
+
+
+@pytest.fixture(autouse=True)
+def _clean_state(redis_db: RedisDb) -> Iterator[None]:
+    """Every test starts with empty tables, an empty Redis index and no stored objects."""
+    yield
+    from backend.db import get_engine
+    from backend.models import Base
+
+    engine = get_engine()
+    tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    redis_db.client().flushdb()
+    shutil.rmtree(Path(str(_state["data_dir"])) / "storage", ignore_errors=True)
+
+
+@pytest.fixture
+def db() -> Iterator[Session]:
+    """A session for arranging and checking; the test commits what it arranges."""
+    from backend.db import get_sessionmaker
+
+    session = get_sessionmaker()()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+@pytest.fixture
+def set_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """Change settings for one test: set_env(S3_BUCKET="b", IMAP_CA_BUNDLE=None)."""
+
+    def _set(**values: object) -> None:
+        for name, value in values.items():
+            if value is None:
+                monkeypatch.delenv(name.upper(), raising=False)
+            else:
+                monkeypatch.setenv(name.upper(), str(value))
+        reset_caches()
+
+    yield _set
+    monkeypatch.undo()
+    reset_caches()
+
+
+@pytest.fixture(scope="session")
+def dovecot() -> Iterator[Dovecot]:
+    server = Dovecot(Path(tempfile.mkdtemp(prefix="mailbeat-dovecot-")))
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.root, ignore_errors=True)
+
+
+@pytest.fixture
+def mail_user(dovecot: Dovecot) -> tuple[str, str]:
+    """A new, empty mailbox on the Dovecot fixture: (username, password)."""
+    username = f"user-{uuid.uuid4().hex[:10]}"
+    return username, dovecot.add_user(username, f"pw-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[MotoS3]:
+    server = MotoS3()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_s3: MotoS3, set_env: Callable[..., None]) -> str:
+    """A fresh bucket on the moto server, with the S3 settings pointing at it."""
+    bucket = f"mailbeat-{uuid.uuid4().hex[:10]}"
+    moto_s3.create_bucket(bucket)
+    set_env(
+        S3_ENDPOINT_URL=moto_s3.endpoint_url,
+        S3_BUCKET=bucket,
+        S3_REGION=REGION,
+        S3_ACCESS_KEY_ID=ACCESS_KEY,
+        S3_SECRET_ACCESS_KEY=SECRET_KEY,
+        S3_ADDRESSING_STYLE="path",
+    )
+    return bucket

@@ -1,0 +1,88 @@
+"""Constraints that exactly-once and cascade delete rely on, on the real PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from backend import crypto
+from backend.models import Account, Attachment, FolderCursor, Message, PollRun
+
+
+def _account(db: Session, username: str = "u") -> Account:
+    account = Account(
+        email=f"{username}@example.com",
+        imap_host="imap.example.com",
+        imap_port=993,
+        username=username,
+        credentials_encrypted=crypto.encrypt_json({"password": "pw"}),
+    )
+    db.add(account)
+    db.flush()
+    return account
+
+
+def _message(account: Account, uid: int, uidvalidity: int = 1) -> Message:
+    return Message(account_id=account.id, folder="INBOX", uidvalidity=uidvalidity, uid=uid, size=1)
+
+
+def test_defaults(db: Session) -> None:
+    account = _account(db)
+    db.commit()
+    assert account.folders == ["INBOX"]
+    assert account.status == "active"
+    assert account.enabled is True
+    assert account.consecutive_failures == 0
+    assert account.created_at.tzinfo is not None
+
+
+def test_message_identity_is_unique(db: Session) -> None:
+    account = _account(db)
+    db.add(_message(account, uid=7))
+    db.add(_message(account, uid=7, uidvalidity=2))  # another UIDVALIDITY: another message
+    db.commit()
+    db.add(_message(account, uid=7))
+    with pytest.raises(IntegrityError):
+        db.commit()
+
+
+def test_duplicate_mailbox_is_refused(db: Session) -> None:
+    _account(db, "same")
+    db.commit()
+    with pytest.raises(IntegrityError):
+        _account(db, "same")
+
+
+def test_deleting_an_account_deletes_what_it_owns(db: Session) -> None:
+    doomed, kept = _account(db, "doomed"), _account(db, "kept")
+    for account in (doomed, kept):
+        message = _message(account, uid=1)
+        message.attachments.append(
+            Attachment(
+                safe_name="a.txt",
+                content_type="text/plain",
+                size=1,
+                content_hash="0" * 64,
+                storage_backend="local",
+                storage_key="k",
+            )
+        )
+        db.add_all(
+            [
+                message,
+                FolderCursor(account_id=account.id, folder="INBOX", uidvalidity=1, last_uid=1),
+                PollRun(account_id=account.id, outcome="success"),
+            ]
+        )
+    db.commit()
+
+    # A bulk DELETE goes straight to the database: the foreign keys do the cascade.
+    db.execute(
+        delete(Account).where(Account.id == doomed.id).execution_options(synchronize_session=False)
+    )
+    db.commit()
+
+    for model in (Message, Attachment, FolderCursor, PollRun):
+        assert db.scalar(select(func.count()).select_from(model)) == 1

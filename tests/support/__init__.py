@@ -1,0 +1,1 @@
+"""Real services for tests and benchmarks: Dovecot, PostgreSQL, Redis, moto S3."""

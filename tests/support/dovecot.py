@@ -1,0 +1,288 @@
+"""A private Dovecot instance: its own config, ports, users and maildirs in one directory.
+
+Dovecot refuses to run mail processes as uid 0, so as root the maildirs belong to
+`nobody`; run as an ordinary user they belong to that user.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+
+from imapclient import IMAPClient
+
+from tests.support.net import free_port, wait_for_port
+from tests.support.tls import self_signed_cert
+
+DOVECOT_BIN = shutil.which("dovecot") or "/usr/sbin/dovecot"
+
+CONFIG = """\
+protocols = imap
+listen = 127.0.0.1
+base_dir = {root}/run
+state_dir = {root}/state
+log_path = {root}/dovecot.log
+info_log_path = {root}/dovecot.log
+instance_name = mailbeat-test-{name}
+default_internal_user = {internal_user}
+default_login_user = {login_user}
+{internal_group_line}
+ssl = yes
+ssl_cert = <{root}/cert.pem
+ssl_key = <{root}/key.pem
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+mail_location = maildir:~/Maildir
+mail_uid = {mail_uid}
+mail_gid = {mail_gid}
+first_valid_uid = 1
+first_valid_gid = 1
+# Big enough for the 10,000-message benchmark mailbox.
+imap_max_line_length = 2M
+mail_max_userip_connections = 200
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {root}/users/%u
+}}
+userdb {{
+  driver = static
+  args = uid={mail_uid} gid={mail_gid} home={root}/home/%u
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {imap_port}
+  }}
+  inet_listener imaps {{
+    address = 127.0.0.1
+    port = {imaps_port}
+    ssl = yes
+  }}
+  process_min_avail = 1
+  service_count = 0
+}}
+service imap {{
+  process_limit = 512
+}}
+service auth {{
+  unix_listener auth-userdb {{
+    mode = 0666
+  }}
+}}
+service stats {{
+  unix_listener stats-reader {{
+    mode = 0666
+  }}
+  unix_listener stats-writer {{
+    mode = 0666
+  }}
+}}
+"""
+
+
+class Dovecot:
+    def __init__(self, root: Path, name: str | None = None) -> None:
+        self.root = root
+        self.name = name or uuid.uuid4().hex[:8]
+        self.host = "127.0.0.1"
+        self.imap_port = 0
+        self.imaps_port = 0
+        self.cert_path = root / "cert.pem"
+        self.passwords: dict[str, str] = {}
+        self._process: subprocess.Popen[bytes] | None = None
+        if os.geteuid() == 0:
+            self.mail_uid, self.mail_gid = 65534, 65534  # nobody
+            self._internal = ("dovecot", "dovenull", "")
+        else:
+            user = pwd.getpwuid(os.geteuid())
+            self.mail_uid, self.mail_gid = user.pw_uid, user.pw_gid
+            # Unprivileged Dovecot runs every process as the invoking user.
+            self._internal = (
+                user.pw_name,
+                user.pw_name,
+                f"default_internal_group = {user.pw_name}",
+            )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)  # the mail user must reach its home below it
+        for sub in ("run", "state", "home"):
+            (self.root / sub).mkdir(exist_ok=True)
+        os.chown(self.root / "home", self.mail_uid, self.mail_gid)
+        self_signed_cert(self.root)
+        (self.root / "users").mkdir(exist_ok=True)
+        self.imap_port, self.imaps_port = free_port(), free_port()
+        internal, login, group_line = self._internal
+        (self.root / "dovecot.conf").write_text(
+            CONFIG.format(
+                root=self.root,
+                name=self.name,
+                internal_user=internal,
+                login_user=login,
+                internal_group_line=group_line,
+                mail_uid=self.mail_uid,
+                mail_gid=self.mail_gid,
+                imap_port=self.imap_port,
+                imaps_port=self.imaps_port,
+            )
+        )
+        self._process = subprocess.Popen(
+            [DOVECOT_BIN, "-F", "-c", str(self.root / "dovecot.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.root / "stderr.log", "wb"),  # noqa: SIM115 - the child owns it
+            start_new_session=True,
+        )
+        try:
+            wait_for_port(self.imap_port)
+            wait_for_port(self.imaps_port)
+        except TimeoutError as exc:
+            self.stop()
+            raise RuntimeError(f"dovecot did not start: {self.log_tail()}") from exc
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGTERM)
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._process.pid, signal.SIGKILL)
+                self._process.wait()
+        self._process = None
+
+    def log_tail(self, lines: int = 30) -> str:
+        text = ""
+        for name in ("dovecot.log", "stderr.log"):
+            path = self.root / name
+            if path.exists():
+                text += path.read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -- users and mail ----------------------------------------------------------------
+
+    def add_user(self, username: str, password: str = "secret") -> str:
+        """Add (or change the password of) a user.
+
+        One passwd-file per user: Dovecot stats a known file at most once a second, so a
+        new user in a shared file is sometimes not seen yet; a new file always is.
+        """
+        changed = username in self.passwords
+        self.passwords[username] = password
+        tmp = self.root / "users" / f".{username}.tmp"
+        tmp.write_text(f"{username}:{{PLAIN}}{password}::::::\n")
+        tmp.replace(self.root / "users" / username)
+        home = self.root / "home" / username
+        home.mkdir(exist_ok=True)
+        os.chown(home, self.mail_uid, self.mail_gid)
+        if changed:
+            time.sleep(1.1)  # let Dovecot's once-a-second check see the new password
+        return password
+
+    def client(self, username: str, *, ssl: bool = False) -> IMAPClient:
+        if ssl:
+            import ssl as ssl_lib
+
+            context = ssl_lib.create_default_context(cafile=str(self.cert_path))
+            client = IMAPClient(
+                self.host, port=self.imaps_port, ssl=True, ssl_context=context, timeout=30
+            )
+        else:
+            client = IMAPClient(self.host, port=self.imap_port, ssl=False, timeout=30)
+        client.login(username, self.passwords[username])
+        return client
+
+    def append(
+        self,
+        username: str,
+        raw: bytes,
+        folder: str = "INBOX",
+        *,
+        flags: Iterable[str] = (),
+        when: datetime | None = None,
+    ) -> int:
+        """APPEND one message; returns its UID."""
+        return self.append_many(username, [raw], folder, flags=flags, when=when)[0]
+
+    def append_many(
+        self,
+        username: str,
+        raws: Iterable[bytes],
+        folder: str = "INBOX",
+        *,
+        flags: Iterable[str] = (),
+        when: datetime | None = None,
+    ) -> list[int]:
+        uids: list[int] = []
+        with self.client(username) as client:
+            if folder.upper() != "INBOX" and not client.folder_exists(folder):
+                client.create_folder(folder)
+            for raw in raws:
+                response = client.append(folder, raw, flags=tuple(flags), msg_time=when)
+                # APPENDUID: b'[APPENDUID <uidvalidity> <uid>] Append completed.'
+                text = response.decode() if isinstance(response, bytes) else str(response)
+                uids.append(int(text.split("APPENDUID", 1)[1].split()[1].rstrip("]")))
+            client.logout()
+        return uids
+
+    def create_folder(self, username: str, folder: str) -> None:
+        with self.client(username) as client:
+            client.create_folder(folder)
+            client.logout()
+
+    def folder_status(self, username: str, folder: str = "INBOX") -> dict[bytes, int]:
+        with self.client(username) as client:
+            status: dict[bytes, int] = client.folder_status(
+                folder, [b"MESSAGES", b"UIDVALIDITY", b"UIDNEXT"]
+            )
+            client.logout()
+        return status
+
+    def maildir(self, username: str, folder: str = "INBOX") -> Path:
+        base = self.root / "home" / username / "Maildir"
+        return base if folder.upper() == "INBOX" else base / f".{folder}"
+
+    def reset_uidvalidity(self, username: str, folder: str = "INBOX") -> None:
+        """Make Dovecot renumber a folder: a new UIDVALIDITY and new UIDs for the same mail.
+
+        Removing the uidlist and index files is what a server migration or restore does.
+        """
+        folder_dir = self.maildir(username, folder)
+        for path in folder_dir.iterdir():
+            if path.name.startswith("dovecot") and path.is_file():
+                path.unlink()
+        # Move everything back to new/ so the files are rescanned with fresh UIDs.
+        for path in list((folder_dir / "cur").iterdir()):
+            path.rename(folder_dir / "new" / path.name.split(":", 1)[0])
+        time.sleep(1.1)  # UIDVALIDITY is a timestamp; make sure it differs
+
+    def write_maildir(self, username: str, raws: Iterable[bytes], folder: str = "INBOX") -> int:
+        """Drop messages straight into the maildir (fast, for large benchmark mailboxes)."""
+        folder_dir = self.maildir(username, folder)
+        for sub in ("new", "cur", "tmp"):
+            (folder_dir / sub).mkdir(parents=True, exist_ok=True)
+        for path in [folder_dir, *folder_dir.parents]:
+            if path == self.root / "home":
+                break
+            os.chown(path, self.mail_uid, self.mail_gid)
+        for sub in ("new", "cur", "tmp"):
+            os.chown(folder_dir / sub, self.mail_uid, self.mail_gid)
+        count = 0
+        stamp = int(time.time())
+        for raw in raws:
+            name = f"{stamp}.M{count}P{os.getpid()}.mailbeat,S={len(raw)}"
+            path = folder_dir / "new" / name
+            path.write_bytes(raw)
+            os.chown(path, self.mail_uid, self.mail_gid)
+            count += 1
+        return count

@@ -1,0 +1,12 @@
+"""Forget every cached client and setting after a test changes the environment."""
+
+from __future__ import annotations
+
+
+def reset_caches() -> None:
+    from backend import crypto, db
+    from backend.storage import service as storage
+
+    db.reset_caches()
+    crypto.reset_cache()
+    storage.reset_cache()
