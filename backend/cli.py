@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("--port", type=int, default=8000)
     sub.add_parser("migrate", help="alembic upgrade head")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.command == "run":
         run(args.host, args.port)
     elif args.command == "migrate":

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from backend import crypto
+from backend.models import Account, Message
+from backend.processing.service import hand_on, process_message
+
+
+def _message(db: Session) -> Message:
+    account = Account(
+        email="a@x",
+        imap_host="h",
+        imap_port=993,
+        username="a",
+        credentials_encrypted=crypto.encrypt_json({"password": "p"}),
+    )
+    db.add(account)
+    db.flush()
+    message = Message(account_id=account.id, folder="INBOX", uidvalidity=1, uid=1)
+    db.add(message)
+    db.commit()
+    return message
+
+
+def test_process_is_idempotent(db: Session) -> None:
+    message = _message(db)
+    assert process_message(db, message.id) is True
+    db.commit()
+    first = message.processed_at
+    assert first is not None
+    assert process_message(db, message.id) is False
+    db.commit()
+    db.refresh(message)
+    assert message.processed_at == first
+    assert process_message(db, 999_999) is False
+
+
+def test_hand_on_in_process(db: Session) -> None:
+    message = _message(db)
+    hand_on([message.id], use_celery=False)
+    db.refresh(message)
+    assert message.processed_at is not None
