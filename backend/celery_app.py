@@ -6,7 +6,7 @@ Settings follow DESIGN.md's settled choices; each comment says what goes wrong w
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from backend.config import get_settings
 
