@@ -27,6 +27,19 @@ def process_message(session: Session, message_id: int) -> bool:
     return True
 
 
+def after_poll(
+    account_id: int,
+    new_message_ids: Sequence[int],
+    account_event: str | None,
+    *,
+    use_celery: bool,
+) -> None:
+    """Everything a poll's caller hands on once the poll has committed: the new messages,
+    and the account's state change (account.error / account.disabled / account.recovered)
+    when the poll changed it. Account events are delivered by the webhooks work."""
+    hand_on(new_message_ids, use_celery=use_celery)
+
+
 def hand_on(message_ids: Sequence[int], *, use_celery: bool) -> None:
     """Hand newly committed messages to processing: a task each on the workflow queue,
     or, without Celery (local mode), processed right here."""
