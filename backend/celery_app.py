@@ -61,17 +61,24 @@ app.conf.update(
     redbeat_key_prefix="redbeat:",
     redbeat_lock_timeout=300,
     beat_max_loop_interval=1,
-    # The database is the truth: beat rebuilds the schedule from it now and then, which
-    # also repairs an entry whose update after a commit failed.
     beat_schedule={
+        # The database is the truth: beat rebuilds the schedule from it now and then,
+        # which also repairs an entry whose update after a commit failed.
         "schedules.reconcile": {
             "task": "schedules.reconcile",
             "schedule": settings.reconcile_interval_seconds,
             "options": {"expires": settings.reconcile_interval_seconds},
-        }
+        },
+        # Objects that fell back to local files while S3 was down go up once it answers.
+        "storage-sync": {
+            "task": "storage.sync",
+            "schedule": settings.storage_sync_interval_seconds,
+            "options": {"expires": settings.storage_sync_interval_seconds},
+        },
     },
     imports=(
         "backend.processing.tasks",
+        "backend.storage.tasks",
         "backend.schedules.tasks",
     ),
 )

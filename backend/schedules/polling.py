@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from backend.db import session_scope
+from backend.metrics import record_poll
 from backend.models import Account, PollRun, utcnow
 from backend.processing.service import after_poll
 from backend.schedules import service
@@ -45,6 +46,7 @@ def record_skip(account_id: int, *, task_id: str | None, reason: str) -> None:
                 task_id=task_id,
             )
         )
+    record_poll("skipped", 0, 0, 0.0)
     log.info("poll of mailbox %s skipped: %s", account_id, reason)
 
 
@@ -58,6 +60,7 @@ def finish(account_id: int, result: Any, duration_seconds: float, *, use_celery:
         duration_seconds,
     )
     after_poll(account_id, result.new_message_ids, result.account_event, use_celery=use_celery)
+    record_poll(result.outcome, result.messages, result.bytes, duration_seconds)
     if result.account_event == "account.disabled":
         log.warning("mailbox %s disabled after repeated failures: removing its entry", account_id)
         service.remove_account(account_id)

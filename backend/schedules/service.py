@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING, Literal
 
 import redis
 from kombu.utils.url import maybe_sanitize_url
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
@@ -71,31 +69,15 @@ def _wanted_clause() -> ColumnElement[bool]:
 
 
 def redis_reachable(timeout: float) -> bool:
-    settings = get_settings()
-    # No retries: a missing Redis must be noticed in one timeout, not several.
-    conn = redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-    )
+    from backend.admin.redis_client import redis_client
+
+    conn = redis_client(timeout)
     try:
         return bool(conn.ping())
     except redis.RedisError:
         return False
     finally:
         conn.close()
-
-
-_celery_process = False
-
-
-def assume_celery_mode() -> None:
-    """Celery workers and beat run only with Redis: they never take the local mode, even
-    if Redis blinks when they first ask."""
-    global _celery_process  # noqa: PLW0603 - a fact about this process
-    _celery_process = True
-    mode.cache_clear()
 
 
 @lru_cache
