@@ -66,8 +66,10 @@ class LocalScheduler:
     # -- control -------------------------------------------------------------------
 
     def start(self) -> None:
-        log.info("local scheduler: started")
+        # The first read before returning: once started, the jobs are the database's.
+        self._refresh()
         self._thread.start()
+        log.info("local scheduler: started with %d mailboxes", len(self._jobs))
 
     def stop(self, timeout: float = 30.0) -> None:
         with self._cond:

@@ -80,6 +80,17 @@ def redis_reachable(timeout: float) -> bool:
         conn.close()
 
 
+_celery_process = False
+
+
+def assume_celery_mode() -> None:
+    """Celery workers and beat run only with Redis: they never take the local mode, even
+    if Redis blinks when they first ask."""
+    global _celery_process  # noqa: PLW0603 - a fact about this process
+    _celery_process = True
+    mode.cache_clear()
+
+
 @lru_cache
 def mode() -> Mode:
     """ "celery" or "local", decided once per process (SCHEDULER_MODE=auto asks Redis)."""
