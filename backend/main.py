@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from backend.errors import MailbeatError
+from backend.webhooks.endpoints import router as webhooks_router
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def create_app() -> FastAPI:
             },
         )
 
+    app.include_router(webhooks_router)
     return app
 
 
