@@ -8,12 +8,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
-from typing import Any
 
 import pytest
 from sqlalchemy.orm import Session
 
-from backend import crypto
 from backend.models import Account, Attachment, Message
 from backend.storage import service as storage
 from backend.storage.base import attachment_key, message_key
@@ -44,21 +42,6 @@ def webhooks_on(set_env: Callable[..., None], receiver: Receiver) -> Callable[..
         SCHEDULER_MODE="local",
     )
     return set_env
-
-
-def make_account(db: Session, **fields: Any) -> Account:
-    values: dict[str, Any] = {
-        "email": "inbox@example.com",
-        "imap_host": "imap.example.com",
-        "imap_port": 993,
-        "username": f"user{db.query(Account).count()}",
-        "credentials_encrypted": crypto.encrypt_json({"password": "p"}),
-    }
-    values.update(fields)
-    account = Account(**values)
-    db.add(account)
-    db.commit()
-    return account
 
 
 def sample_email(n: int, *, attachment: bool = True) -> bytes:

@@ -8,16 +8,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from backend.main import create_app
 from backend.models import Message, WebhookDelivery
 from backend.processing.service import after_poll, hand_on, process_and_send
 from backend.webhooks import service as webhooks
 from backend.webhooks import signing
-from tests.conftest import ADMIN_TOKEN
-from tests.webhooks.fixtures import SECRET, make_account, store_message
+from tests.support.api import insert_account
+from tests.webhooks.fixtures import SECRET, store_message
 from tests.webhooks.receiver import Receiver, Reply, wait_until
-
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def _deliveries(db: Session) -> list[WebhookDelivery]:
@@ -50,7 +47,7 @@ def _assert_signed(receiver: Receiver) -> None:
 def test_every_message_is_delivered_once_signed(
     db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
-    account = make_account(db)
+    account = insert_account(db)
     ids = [store_message(db, account, uid).id for uid in range(1, 6)]
 
     hand_on(ids, use_celery=False)
@@ -93,7 +90,7 @@ def test_account_target_gets_its_own_signed_copy(
     own = Receiver()
     own.up()
     try:
-        account = make_account(db)
+        account = insert_account(db)
         webhooks.set_account_target(account, own.url, "account-secret")
         db.commit()
         assert "account-secret" not in (account.webhook_secret_encrypted or "")
@@ -119,7 +116,7 @@ def test_account_target_gets_its_own_signed_copy(
 def test_a_receiver_that_fails_then_recovers_gets_everything(
     db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
-    account = make_account(db)
+    account = insert_account(db)
     ids = [store_message(db, account, uid).id for uid in range(1, 4)]
     receiver.fail(2, status=503)
     receiver.reply(Reply(status=502))
@@ -140,7 +137,7 @@ def test_connection_refused_and_timeouts_are_retried(
     webhooks_on(
         WEBHOOK_MAX_ATTEMPTS=200, WEBHOOK_BACKOFF_BASE_SECONDS=0.05, WEBHOOK_TIMEOUT_SECONDS=0.5
     )
-    account = make_account(db)
+    account = insert_account(db)
     first = store_message(db, account, 1)
     receiver.down()
 
@@ -159,10 +156,10 @@ def test_connection_refused_and_timeouts_are_retried(
 
 
 def test_a_receiver_down_for_good_fills_the_dead_letters_and_replay_delivers(
-    db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
+    db: Session, api: TestClient, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
-    account = make_account(db)
-    other = make_account(db)
+    account = insert_account(db)
+    other = insert_account(db)
     ids = [store_message(db, account, uid).id for uid in range(1, 4)]
     other_id = store_message(db, other, 1).id
     receiver.down()
@@ -174,36 +171,33 @@ def test_a_receiver_down_for_good_fills_the_dead_letters_and_replay_delivers(
     assert {d.status for d in dead} == {"dead"}
     assert all(d.attempts == 4 and "connection failed" in (d.last_error or "") for d in dead)
 
-    client = TestClient(create_app())
-    page = client.get("/admin/dead-letters", params={"limit": 2}, headers=AUTH).json()
+    page = api.get("/admin/dead-letters", params={"limit": 2}).json()
     assert page["total"] == 4 and len(page["items"]) == 2
     assert page["items"][0]["last_error"].startswith("connection failed")
-    only_account = client.get(
-        "/admin/dead-letters", params={"account_id": account.id}, headers=AUTH
-    ).json()
+    only_account = api.get("/admin/dead-letters", params={"account_id": account.id}).json()
     assert only_account["total"] == 3
 
     receiver.up()
-    response = client.post(f"/admin/dead-letters/{dead[3].id}/replay", headers=AUTH)
+    response = api.post(f"/admin/dead-letters/{dead[3].id}/replay")
     assert response.status_code == 202, response.text
     wait_until(lambda: len(receiver.delivered()) == 1)
-    response = client.post(f"/accounts/{account.id}/dead-letters/replay", headers=AUTH)
+    response = api.post(f"/accounts/{account.id}/dead-letters/replay")
     assert response.status_code == 202 and response.json()["replayed"] == 3
     wait_until(lambda: _settled(db))
 
     assert {d.status for d in _deliveries(db)} == {"delivered"}
     # Replays keep the event id: a receiver that saw a lost attempt can drop the repeat.
     assert sorted(receiver.event_ids()) == sorted(d.event_id for d in dead)
-    assert client.get("/admin/dead-letters", headers=AUTH).json()["total"] == 0
-    assert client.post(f"/admin/dead-letters/{dead[0].id}/replay", headers=AUTH).status_code == 404
-    assert client.post("/accounts/999999/dead-letters/replay", headers=AUTH).status_code == 404
+    assert api.get("/admin/dead-letters").json()["total"] == 0
+    assert api.post(f"/admin/dead-letters/{dead[0].id}/replay").status_code == 404
+    assert api.post("/accounts/999999/dead-letters/replay").status_code == 404
     _assert_signed(receiver)
 
 
 def test_a_4xx_is_not_retried(
     db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
-    account = make_account(db)
+    account = insert_account(db)
     message = store_message(db, account, 1)
     receiver.default = Reply(status=422, body=b"bad payload")
 
@@ -220,7 +214,7 @@ def test_a_4xx_is_not_retried(
 def test_408_and_429_are_retried_honouring_retry_after(
     db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
-    account = make_account(db)
+    account = insert_account(db)
     message = store_message(db, account, 1)
     receiver.reply(Reply(status=429, headers={"Retry-After": "1"}), Reply(status=408))
 
@@ -240,7 +234,7 @@ def test_408_and_429_are_retried_honouring_retry_after(
 def test_account_events_are_delivered_once_per_change(
     db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
-    account = make_account(db, status="error", last_error="LOGIN failed", last_error_kind="auth")
+    account = insert_account(db, status="error", last_error="LOGIN failed", last_error_kind="auth")
     message = store_message(db, account, 1)
 
     after_poll(account.id, [message.id], "account.error", use_celery=False)
@@ -265,7 +259,7 @@ def test_without_a_target_messages_are_processed_and_nothing_is_sent(
     db: Session, receiver: Receiver, set_env: Callable[..., None]
 ) -> None:
     set_env(WEBHOOK_URL=None, SCHEDULER_MODE="local")
-    account = make_account(db)
+    account = insert_account(db)
     message = store_message(db, account, 1)
 
     hand_on([message.id], use_celery=False)
@@ -280,7 +274,7 @@ def test_unsigned_without_a_secret_and_bodies_cut_to_size(
     db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
     webhooks_on(WEBHOOK_SECRET=None, WEBHOOK_BODY_MAX_BYTES=8)
-    account = make_account(db)
+    account = insert_account(db)
     message = store_message(db, account, 1)
 
     hand_on([message.id], use_celery=False)
@@ -295,7 +289,7 @@ def test_unsigned_without_a_secret_and_bodies_cut_to_size(
 def test_a_message_whose_stored_bytes_are_gone_is_still_announced(
     db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
-    account = make_account(db)
+    account = insert_account(db)
     message = store_message(db, account, 1)
     message.storage_key = message.storage_key + ".missing"  # type: ignore[operator]
     db.commit()
@@ -308,8 +302,7 @@ def test_a_message_whose_stored_bytes_are_gone_is_still_announced(
     assert body["body_error"].startswith("the stored message could not be read")
 
 
-def test_dead_letter_routes_need_the_token() -> None:
-    client = TestClient(create_app())
-    assert client.get("/admin/dead-letters").status_code == 401
-    assert client.post("/admin/dead-letters/1/replay").status_code == 401
-    assert client.post("/accounts/1/dead-letters/replay").status_code == 401
+def test_dead_letter_routes_need_the_token(anonymous: TestClient) -> None:
+    assert anonymous.get("/admin/dead-letters").status_code == 401
+    assert anonymous.post("/admin/dead-letters/1/replay").status_code == 401
+    assert anonymous.post("/accounts/1/dead-letters/replay").status_code == 401
