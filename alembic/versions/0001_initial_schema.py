@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 18:21:30.706761
+Create Date: 2026-11-23 18:30:12.872112
 """
 
 from collections.abc import Sequence
@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 import backend.models.base
+
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -96,6 +97,8 @@ def upgrade() -> None:
         sa.Column("flags", sa.JSON(), nullable=False),
         sa.Column("size", sa.BigInteger(), nullable=False),
         sa.Column("content_hash", sa.String(length=64), nullable=True),
+        sa.Column("text_body", sa.Text(), nullable=True),
+        sa.Column("html_body", sa.Text(), nullable=True),
         sa.Column("storage_backend", sa.String(length=16), nullable=True),
         sa.Column("storage_key", sa.String(length=1024), nullable=True),
         sa.Column("parse_error", sa.Text(), nullable=True),
