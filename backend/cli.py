@@ -46,7 +46,7 @@ def poll(account_id: int) -> int:
         "error": result.error,
         "account_event": result.account_event,
     }
-    print(json.dumps(summary))  # noqa: T201 - the command's output
+    print(json.dumps(summary))
     return 0 if result.outcome in ("success", "skipped") and result.error is None else 1
 
 

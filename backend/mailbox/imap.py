@@ -7,6 +7,7 @@ should treat it: "auth" (wait for new credentials or the end of the backoff),
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from collections.abc import Callable
@@ -32,26 +33,26 @@ class ImapError(MailbeatError):
 
 
 class ImapAuthError(ImapError):
-    kind = "auth"
-    stage = "auth"
+    kind: ErrorKind = "auth"
+    stage: Stage = "auth"
 
 
 class ImapConnectionError(ImapError):
-    kind = "connection"
-    stage = "connect"
+    kind: ErrorKind = "connection"
+    stage: Stage = "connect"
 
 
 class ImapDnsError(ImapConnectionError):
-    stage = "dns"
+    stage: Stage = "dns"
 
 
 class ImapTlsError(ImapConnectionError):
-    stage = "tls"
+    stage: Stage = "tls"
 
 
 class ImapProtocolError(ImapError):
-    kind = "protocol"
-    stage = "folder"
+    kind: ErrorKind = "protocol"
+    stage: Stage = "folder"
 
 
 def ssl_context() -> ssl.SSLContext:
@@ -75,9 +76,10 @@ def translate(exc: BaseException, *, stage: Stage = "folder") -> ImapError:
         return ImapTlsError(f"TLS failed: {exc}")
     if isinstance(exc, TimeoutError):
         return ImapConnectionError(f"timed out ({stage}): {exc or 'no answer'}")
+    error: ImapError
     if isinstance(exc, IMAPClientAbortError | OSError | EOFError):
         error = ImapConnectionError(f"connection lost ({stage}): {_text(exc)}")
-        error.stage = "connect" if stage in ("dns", "connect") else stage
+        error.stage = "connect" if stage == "dns" else stage
         return error
     if isinstance(exc, IMAPClientError):
         error = ImapProtocolError(f"server refused ({stage}): {_text(exc)}")
@@ -113,7 +115,9 @@ def connect(
         stage = "connect"
         if security == "ssl":
             stage = "tls"  # the handshake is part of connecting on an implicit-TLS port
-            client = IMAPClient(host, port=port, ssl=True, ssl_context=ssl_context(), timeout=timeout)
+            client = IMAPClient(
+                host, port=port, ssl=True, ssl_context=ssl_context(), timeout=timeout
+            )
         else:
             client = IMAPClient(host, port=port, ssl=False, timeout=timeout)
             if security == "starttls":
@@ -173,8 +177,6 @@ def close(client: IMAPClient) -> None:
     """Log out politely; a connection that is already broken is just shut."""
     try:
         client.logout()
-    except Exception:  # noqa: BLE001 - nothing more to do with a dead connection
-        try:
+    except Exception:
+        with contextlib.suppress(Exception):
             client.shutdown()
-        except Exception:  # noqa: BLE001, S110
-            pass

@@ -62,7 +62,9 @@ def refresh(credentials: dict[str, Any]) -> dict[str, Any]:
             form[name] = str(credentials[name])
     try:
         with _client() as client:
-            response = client.post(str(token_url), data=form, headers={"Accept": "application/json"})
+            response = client.post(
+                str(token_url), data=form, headers={"Accept": "application/json"}
+            )
     except httpx.HTTPError as exc:
         raise ImapConnectionError(f"token endpoint unreachable: {type(exc).__name__}") from exc
     if response.status_code >= 500:

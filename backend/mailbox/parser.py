@@ -78,7 +78,7 @@ def decode_words(value: Any) -> str:
         pass
     try:
         chunks = decode_header(value)
-    except Exception:  # noqa: BLE001 - a header the decoder cannot split is kept as given
+    except Exception:
         return clean_text(str(value))
     return clean_text(
         "".join(
@@ -113,12 +113,12 @@ def _addresses(msg: EmailMessage, name: str) -> list[str]:
     values = msg.get_all(name) or []
     try:
         pairs = getaddresses([str(v) for v in values])
-    except Exception:  # noqa: BLE001 - unparseable address list: keep the decoded text
+    except Exception:
         return [decode_words(v) for v in values]
     result: list[str] = []
-    for display, addr in pairs:
-        display = " ".join(decode_words(display).split()) if display else ""
-        addr = clean_text(addr.strip())
+    for raw_display, raw_addr in pairs:
+        display = " ".join(decode_words(raw_display).split()) if raw_display else ""
+        addr = clean_text(raw_addr.strip())
         if not addr and not display:
             continue
         result.append(f"{display} <{addr}>" if display and addr else addr or display)

@@ -430,7 +430,12 @@ class _Poller:
                     uid=uid,
                     size=int(data.get(b"RFC822.SIZE", 0)),
                     internal_date=_aware(data.get(b"INTERNALDATE")),
-                    flags=[_text(flag) for flag in data.get(b"FLAGS", ())],
+                    # \Recent belongs to the session that saw the message first, not the message.
+                    flags=[
+                        _text(flag)
+                        for flag in data.get(b"FLAGS", ())
+                        if flag.lower() != b"\\recent"
+                    ],
                 )
                 fetch_size = item.size if item.size <= self.max_bytes else 0
                 if batch and (
@@ -563,7 +568,7 @@ class _Poller:
         row["storage_key"] = key
         try:
             parsed = parse_message(item.body)
-        except Exception as exc:  # noqa: BLE001 - stored raw, flagged, and the poll goes on
+        except Exception as exc:
             row["parse_error"] = f"{type(exc).__name__}: {exc}"[:2000]
             return row, []
         row.update(_parsed_fields(parsed))
