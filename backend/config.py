@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     s3_connect_timeout: float = 5.0
     s3_read_timeout: float = 30.0
     s3_max_attempts: int = 3
+    # After a failed S3 write, writes go straight to local files for this long.
+    s3_retry_after_seconds: float = 30.0
     local_storage_dir: Path = DEFAULT_DATA_DIR / "storage"
     storage_sync_interval_seconds: int = 300
 
