@@ -39,6 +39,7 @@ app.conf.update(
     task_routes={
         "mailbox.*": {"queue": "email"},
         "message.*": {"queue": "workflow"},
+        "webhook.*": {"queue": "workflow"},
     },
     # A poll's limits sit above the IMAP timeouts: IMAP notices a stuck server first, the
     # soft limit lets a hung poll record its failure, the hard limit kills it.
@@ -79,6 +80,7 @@ app.conf.update(
     imports=(
         "backend.processing.tasks",
         "backend.storage.tasks",
+        "backend.webhooks.tasks",
         "backend.schedules.tasks",
     ),
 )
