@@ -19,9 +19,10 @@ from backend.accounts.endpoints import router as accounts_router
 from backend.admin.endpoints import health_router
 from backend.admin.endpoints import router as admin_router
 from backend.config import get_settings
-from backend.errors import MailbeatError
+from backend.errors import MailbeatError, error_responses
 from backend.messages.endpoints import router as messages_router
 from backend.schedules import service as schedules
+from backend.webhooks.endpoints import router as webhooks_router
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ def create_app() -> FastAPI:
     app.include_router(messages_router)
     app.include_router(admin_router)
     app.include_router(health_router)
+    # The webhooks router answers in our error shapes too; documented here for all its routes.
+    app.include_router(webhooks_router, responses=error_responses(401, 404))
     app.include_router(metrics.router)
 
     @app.exception_handler(MailbeatError)

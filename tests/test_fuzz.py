@@ -30,7 +30,7 @@ def _quick(set_env: Callable[..., None]) -> None:
     suppress_health_check=list(HealthCheck),
     derandomize=True,
 )
-def test_api_never_fails_on_any_input(case: schemathesis.Case) -> None:
+def test_api_never_fails_on_any_input(case: schemathesis.Case) -> None:  # type: ignore[type-arg]
     # Cross-field rules (one of password / oauth2, the initial-sync pairs) and rules about
     # the stored account are not in the schema: a 422 for schema-valid data is expected.
     case.call_and_validate(headers=auth_headers(), excluded_checks=[positive_data_acceptance])

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import logging
 import re
 
 import pytest
@@ -13,7 +12,7 @@ OPEN = {"/health", "/metrics"}
 
 
 def protected_routes() -> list[tuple[str, str]]:
-    routes = []
+    routes: list[tuple[str, str]] = []
     for template, operations in create_app().openapi()["paths"].items():
         if template in OPEN:
             continue

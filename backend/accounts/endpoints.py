@@ -21,6 +21,7 @@ from backend.accounts.schemas import (
 from backend.config import get_settings
 from backend.deps import AdminDep, SessionDep
 from backend.errors import error_responses
+from backend.mailbox.service import check_account
 from backend.schedules import service as schedules
 
 router = APIRouter(
@@ -57,9 +58,7 @@ def get_account(account_id: AccountId, session: SessionDep) -> AccountRead:
     return AccountRead.model_validate(service.get_account(session, account_id))
 
 
-@router.patch(
-    "/{account_id}", responses=error_responses(400, 404, 409)
-)
+@router.patch("/{account_id}", responses=error_responses(400, 404, 409))
 def update_account(account_id: AccountId, data: AccountUpdate, session: SessionDep) -> AccountRead:
     """Change a mailbox; the schedule follows at once (an interval change keeps its phase,
     disabling removes the entry, re-enabling restores it with status active)."""
@@ -98,8 +97,6 @@ def test_account(account_id: AccountId, session: SessionDep) -> AccountCheckRead
     """Log in and open every folder now. `stage` says which step failed (dns, connect,
     tls, auth or folder) and `detail` what the server said; gives up within about
     IMAP_CONNECT_TIMEOUT seconds per step."""
-    from backend.mailbox.service import check_account
-
     account = service.get_account(session, account_id)
     result = check_account(account, timeout=get_settings().imap_connect_timeout)
     session.commit()  # keeps an XOAUTH2 token the check refreshed

@@ -17,6 +17,7 @@ from pydantic import (
     StringConstraints,
     model_validator,
 )
+from pydantic.config import JsonDict
 
 from backend.config import get_settings
 
@@ -121,7 +122,7 @@ Secret = Annotated[
 Url = Annotated[AnyHttpUrl, Field(description="http(s) URL")]
 
 
-_OAUTH2_EXAMPLE = {
+_OAUTH2_EXAMPLE: JsonDict = {
     "access_token": "ya29.a0...",
     "refresh_token": "1//0g...",
     "expires_at": "2030-01-01T00:00:00Z",
@@ -197,7 +198,7 @@ class _InitialSyncFields(BaseModel):
     initial_sync_since: date | None = None
 
 
-_CREATE_EXAMPLE = {
+_CREATE_EXAMPLE: JsonDict = {
     "email": "support@example.com",
     "imap_host": "imap.example.com",
     "imap_port": 993,

@@ -155,7 +155,7 @@ def _tasks(replies: dict[str, Any], state: str) -> list[TaskRead]:
                     name=request.get("name"),
                     worker=worker,
                     args=_as_list(request.get("args")),
-                    state=state,  # type: ignore[arg-type]
+                    state=state,
                     time_start=_timestamp(request.get("time_start")),
                     eta=entry.get("eta"),
                 )
@@ -296,7 +296,7 @@ def _check_storage() -> str:
     ok, detail = storage.health()
     if not ok:
         raise CheckFailed(detail)
-    return "ok" if detail in ("", "ok") else f"ok ({detail})"
+    return "ok" if detail in ("", "ok") else f"ok: {detail}"
 
 
 def _check_workers() -> str:

@@ -65,8 +65,8 @@ def raw_chunks(message: Message) -> Iterator[bytes]:
 def open_chunks(backend: str, key: str, what: str) -> Iterator[bytes]:
     """Start reading a stored object. The first chunk is read here, so a missing object
     or an unreachable store is an error response, not a stream cut off after its headers."""
-    chunks = storage.iter_object(backend, key)
     try:
+        chunks = storage.iter_object(backend, key)
         first = next(chunks, b"")
     except ObjectNotFound as exc:
         raise NotFound(f"the stored bytes of {what} are missing from {backend} storage") from exc
