@@ -122,6 +122,9 @@ def test_s3_down_then_back(db: Session, s3_outage: Outage, moto_s3: MotoS3) -> N
     s3_outage.end()  # moto forgets everything: the bucket is new and empty
     # Within the retry window writes still go to local files, without waiting on S3.
     assert ingest(6).storage_backend == "local"
+    ok, detail = service.health()
+    assert ok
+    assert "answers; writes go to local files" in detail
     from backend.storage.tasks import sync_all
 
     assert sync_all() == {"moved": 10, "missing": 0, "failed": 0}
