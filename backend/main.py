@@ -21,6 +21,7 @@ from backend.admin.endpoints import router as admin_router
 from backend.config import get_settings
 from backend.errors import MailbeatError, error_responses
 from backend.messages.endpoints import router as messages_router
+from backend.processing.endpoints import router as processing_router
 from backend.schedules import service as schedules
 from backend.webhooks.endpoints import router as webhooks_router
 
@@ -65,8 +66,9 @@ def create_app() -> FastAPI:
     app.include_router(messages_router)
     app.include_router(admin_router)
     app.include_router(health_router)
-    # The webhooks router answers in our error shapes too; documented here for all its routes.
+    # These routers answer in our error shapes too; documented here for all their routes.
     app.include_router(webhooks_router, responses=error_responses(401, 404))
+    app.include_router(processing_router, responses=error_responses(401, 404, 409, 503))
     app.include_router(metrics.router)
 
     @app.exception_handler(MailbeatError)
