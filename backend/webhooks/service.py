@@ -146,11 +146,6 @@ def pending_for_message(session: Session, message_id: int) -> list[int]:
     )
 
 
-def use_celery() -> bool:
-    """Whether deliveries started by the API go to Celery or run in this process."""
-    return get_settings().scheduler_mode == "celery"
-
-
 def dispatch(delivery_ids: Sequence[int], *, use_celery: bool, delay: float = 0.0) -> None:
     """Send deliveries (already committed): a `webhook.deliver` task each on the workflow
     queue, or in this process without Celery (now, or on a timer for a retry)."""

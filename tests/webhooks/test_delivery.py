@@ -74,6 +74,7 @@ def test_every_message_is_delivered_once_signed(
     assert message["to"] == ["inbox@example.com"]
     assert message["text"] == "plain body 1\n"
     assert message["html"] == "<p>html body 1</p>\n"
+    assert message["raw_error"] is None
     assert message["text_truncated"] is False
     assert {"name": "Subject", "value": "Grüße 1"} in message["headers"]
     assert message["raw_url"] == f"http://127.0.0.1:8000/messages/{ids[0]}/raw"
@@ -298,8 +299,9 @@ def test_a_message_whose_stored_bytes_are_gone_is_still_announced(
 
     [request] = receiver.delivered()
     body = request.json()["data"]["message"]
-    assert body["text"] is None
-    assert body["body_error"].startswith("the stored message could not be read")
+    assert body["text"] == "plain body 1\n"
+    assert body["headers"] == []
+    assert body["raw_error"].startswith("the stored message could not be read")
 
 
 def test_dead_letter_routes_need_the_token(anonymous: TestClient) -> None:
