@@ -75,13 +75,6 @@ def resolve_target(kind: str, account: Account) -> Target | None:
     return Target("account", account.webhook_url, secret or None)
 
 
-def set_account_target(account: Account, url: str | None, secret: str | None) -> None:
-    """How the accounts API stores an account's own webhook (the secret encrypted)."""
-    account.webhook_url = url or None
-    if secret is not None:
-        account.webhook_secret_encrypted = crypto.encrypt(secret) if secret else None
-
-
 def _create(
     session: Session,
     account: Account,

@@ -8,9 +8,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from backend import crypto
 from backend.models import Message, WebhookDelivery
 from backend.processing.service import after_poll, hand_on, process_and_send
-from backend.webhooks import service as webhooks
 from backend.webhooks import signing
 from tests.support.api import insert_account
 from tests.webhooks.fixtures import SECRET, store_message
@@ -92,7 +92,9 @@ def test_account_target_gets_its_own_signed_copy(
     own.up()
     try:
         account = insert_account(db)
-        webhooks.set_account_target(account, own.url, "account-secret")
+        # As the accounts API stores them.
+        account.webhook_url = own.url
+        account.webhook_secret_encrypted = crypto.encrypt("account-secret")
         db.commit()
         assert "account-secret" not in (account.webhook_secret_encrypted or "")
         message = store_message(db, account, 1)
