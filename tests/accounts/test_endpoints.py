@@ -23,6 +23,7 @@ from tests.support.api import (
 from tests.support.dovecot import Dovecot
 from tests.support.net import free_port
 from tests.support.redis_db import RedisDb
+from tests.support.s3 import MotoS3
 
 
 def entry_ids() -> set[int]:
@@ -355,6 +356,25 @@ def test_delete_cascades_rows_objects_and_schedule(api: TestClient, db: Session)
     assert keep_id in entry_ids()
     assert api.get(f"/accounts/{account_id}").status_code == 404
     assert api.delete(f"/accounts/{account_id}").status_code == 404
+
+
+def test_delete_with_storage_down_keeps_everything_to_try_again(
+    api: TestClient, db: Session, s3_bucket: str, moto_s3: MotoS3
+):
+    account_id = api.post("/accounts", json=account_payload()).json()["id"]
+    assert storage.put_object(message_key(account_id, "INBOX", 1, 1), b"raw", "x/y") == "s3"
+    moto_s3.stop()
+    try:
+        response = api.delete(f"/accounts/{account_id}")
+        assert response.status_code == 503
+        assert "nothing was deleted, try again" in response.json()["detail"]
+        assert api.get(f"/accounts/{account_id}").status_code == 200
+        assert account_id in entry_ids()
+    finally:
+        moto_s3.start()
+        moto_s3.create_bucket(s3_bucket)
+    assert api.delete(f"/accounts/{account_id}").status_code == 204
+    assert api.get(f"/accounts/{account_id}").status_code == 404
 
 
 def test_poll_now_queues_a_task(api: TestClient, redis_db: RedisDb):
