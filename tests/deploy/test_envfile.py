@@ -65,7 +65,7 @@ def test_settings_read_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     ensure_env_file(path)
     for name in example_names():
         monkeypatch.delenv(name, raising=False)
-    settings = Settings(_env_file=path, environment="production")  # type: ignore[call-arg]
+    settings = Settings(_env_file=path, environment="production")
     assert settings.admin_api_token is not None
     assert settings.admin_api_token.get_secret_value() == _values(path)["ADMIN_API_TOKEN"]
     assert settings.imap_ca_bundle is None
