@@ -47,5 +47,13 @@ app.conf.update(
     redbeat_key_prefix="redbeat:",
     redbeat_lock_timeout=300,
     beat_max_loop_interval=1,
-    imports=("backend.processing.tasks",),
+    imports=("backend.processing.tasks", "backend.storage.tasks"),
+    beat_schedule={
+        # Objects that fell back to local files while S3 was down go up once it answers.
+        "storage-sync": {
+            "task": "storage.sync",
+            "schedule": settings.storage_sync_interval_seconds,
+            "options": {"expires": settings.storage_sync_interval_seconds},
+        },
+    },
 )

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     s3_connect_timeout: float = 5.0
     s3_read_timeout: float = 30.0
     s3_max_attempts: int = 3
+    # After a failed S3 write, writes go straight to local files for this long.
+    s3_retry_after_seconds: float = 30.0
     local_storage_dir: Path = DEFAULT_DATA_DIR / "storage"
     storage_sync_interval_seconds: int = 300
 
@@ -81,6 +83,13 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = 8
     public_base_url: str = "http://127.0.0.1:8000"
 
+    # Metrics: prometheus-client multiprocess files, shared by the API and the workers on
+    # one host (a shared volume in compose) so /metrics shows every process's numbers.
+    prometheus_multiproc_dir: Path | None = None  # defaults to data_dir / "prometheus"
+    # Bound on each /health check and on Celery's inspect broadcasts.
+    health_check_timeout_seconds: float = 2.0
+    celery_inspect_timeout_seconds: float = 1.0
+
     @model_validator(mode="after")
     def _refuse_unsafe_defaults(self) -> Settings:
         if self.environment != "production":
@@ -104,6 +113,10 @@ class Settings(BaseSettings):
     @property
     def effective_redbeat_redis_url(self) -> str:
         return self.redbeat_redis_url or self.redis_url
+
+    @property
+    def effective_prometheus_multiproc_dir(self) -> Path:
+        return self.prometheus_multiproc_dir or self.data_dir / "prometheus"
 
     @property
     def s3_enabled(self) -> bool:

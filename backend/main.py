@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from backend import metrics
 from backend.errors import MailbeatError
 
 log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    metrics.multiproc_dir()
+    yield
 
 
 def create_app() -> FastAPI:
@@ -18,7 +27,9 @@ def create_app() -> FastAPI:
         title="mailbeat",
         version="0.1.0",
         description="Admin API for mailbeat, the IMAP ingestion service.",
+        lifespan=lifespan,
     )
+    app.include_router(metrics.router)
 
     @app.exception_handler(MailbeatError)
     async def _mailbeat_error(_request: Request, exc: MailbeatError) -> JSONResponse:

@@ -27,6 +27,9 @@ from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoS3
 
 ADMIN_TOKEN = "test-admin-token-" + uuid.uuid4().hex
 
+# The `api` and `anonymous` fixtures: the real FastAPI app through a TestClient.
+pytest_plugins = ["tests.support.api"]
+
 _state: dict[str, object] = {}
 
 SERVICE_ENV = (

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 18:21:30.706761
+Create Date: 2026-11-23 18:30:12.872112
 """
 
 from collections.abc import Sequence
@@ -96,6 +96,8 @@ def upgrade() -> None:
         sa.Column("flags", sa.JSON(), nullable=False),
         sa.Column("size", sa.BigInteger(), nullable=False),
         sa.Column("content_hash", sa.String(length=64), nullable=True),
+        sa.Column("text_body", sa.Text(), nullable=True),
+        sa.Column("html_body", sa.Text(), nullable=True),
         sa.Column("storage_backend", sa.String(length=16), nullable=True),
         sa.Column("storage_key", sa.String(length=1024), nullable=True),
         sa.Column("parse_error", sa.Text(), nullable=True),

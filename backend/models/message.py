@@ -50,6 +50,9 @@ class Message(Base):
     flags: Mapped[list[str]] = mapped_column(JSON, default=list)
     size: Mapped[int] = mapped_column(BigInteger, default=0)
     content_hash: Mapped[str | None] = mapped_column(String(64))  # sha256 hex of the raw bytes
+    # Decoded bodies (the first inline text/plain and text/html parts), for processing.
+    text_body: Mapped[str | None] = mapped_column(Text)
+    html_body: Mapped[str | None] = mapped_column(Text)
 
     storage_backend: Mapped[str | None] = mapped_column(String(16))  # None: body not stored
     storage_key: Mapped[str | None] = mapped_column(String(1024))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -10,6 +11,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from backend.storage.base import ObjectNotFound, StorageError
+
+# A key naming a directory, or running through a file, names no object.
+_MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+_TMP_PREFIX = ".tmp-"
 
 
 class LocalStorage:
@@ -23,8 +28,9 @@ class LocalStorage:
         if not key or "\x00" in key:
             raise StorageError(f"invalid object key {key!r}")
         parts = [p for p in key.replace("\\", "/").split("/") if p not in ("", ".")]
-        if any(p == ".." for p in parts) or not parts:
+        if any(p == ".." for p in parts) or not parts or parts[-1].startswith(_TMP_PREFIX):
             raise StorageError(f"object key {key!r} would leave the storage directory")
+        # resolve() follows symlinks, so a link planted inside the root cannot lead out.
         path = self.root.joinpath(*parts).resolve()
         if not path.is_relative_to(self.root) or path == self.root:
             raise StorageError(f"object key {key!r} would leave the storage directory")
@@ -32,10 +38,17 @@ class LocalStorage:
 
     def put(self, key: str, data: bytes | BinaryIO, content_type: str) -> None:
         path = self.path_for(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._write(path, data)
+        except OSError as exc:
+            raise StorageError(f"cannot write {key!r} under {self.root}: {exc}") from exc
+
+    @staticmethod
+    def _write(path: Path, data: bytes | BinaryIO) -> None:
         # Write to a temporary file and rename it into place, so a crash never leaves
         # half an object under the real name.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
         try:
             with os.fdopen(fd, "wb") as handle:
                 if isinstance(data, bytes | bytearray | memoryview):
@@ -52,14 +65,21 @@ class LocalStorage:
     def get(self, key: str) -> bytes:
         try:
             return self.path_for(key).read_bytes()
-        except FileNotFoundError as exc:
+        except _MISSING as exc:
+            raise ObjectNotFound(key) from exc
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return self.path_for(key).open("rb")
+        except _MISSING as exc:
             raise ObjectNotFound(key) from exc
 
     def iter_chunks(self, key: str, chunk_size: int = 64 * 1024) -> Iterator[bytes]:
-        try:
-            handle = self.path_for(key).open("rb")
-        except FileNotFoundError as exc:
-            raise ObjectNotFound(key) from exc
+        """Opens the file now, so a missing object raises here and not at the first chunk."""
+        return self._chunks(self.open(key), chunk_size)
+
+    @staticmethod
+    def _chunks(handle: BinaryIO, chunk_size: int) -> Iterator[bytes]:
         with handle:
             while chunk := handle.read(chunk_size):
                 yield chunk
@@ -72,16 +92,36 @@ class LocalStorage:
         for key in list(self.keys(prefix)):
             self.delete(key)
             count += 1
+        self._prune(prefix)
         return count
+
+    def _prune(self, prefix: str) -> None:
+        """Remove the directories a deleted account leaves empty."""
+        start = self._walk_start(prefix)
+        if start is None or start == self.root:
+            return
+        for dirpath, _dirs, _files in os.walk(start, topdown=False):
+            with contextlib.suppress(OSError):  # not empty: something else lives there
+                os.rmdir(dirpath)
 
     def exists(self, key: str) -> bool:
         return self.path_for(key).is_file()
 
     def keys(self, prefix: str = "") -> Iterator[str]:
-        for dirpath, _dirs, files in os.walk(self.root):
+        start = self._walk_start(prefix)
+        if start is None:
+            return
+        for dirpath, _dirs, files in os.walk(start):
             for name in files:
-                if name.startswith(".tmp-"):
+                if name.startswith(_TMP_PREFIX):
                     continue
                 key = Path(dirpath, name).relative_to(self.root).as_posix()
                 if key.startswith(prefix):
                     yield key
+
+    def _walk_start(self, prefix: str) -> Path | None:
+        """The deepest directory that holds every key under the prefix (None: no such keys),
+        so listing one account does not walk every account."""
+        folder = prefix.rpartition("/")[0]
+        start = self.path_for(folder) if folder else self.root
+        return start if start.is_dir() else None

@@ -1,19 +1,37 @@
 """The storage the rest of mailbeat uses: put returns the backend that holds the object,
 and reads go to the backend a row names.
 
-Until the object-storage issue lands this is local files only; S3 and the fallback
-plug in here without changing callers.
+S3 (or OSS / MinIO) when configured; local files when it is not, and for any write S3
+fails, so nothing is lost while it is down. `sync_fallback_objects` (the storage.sync
+task) moves those fallback objects up once S3 answers again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from backend.config import get_settings
-from backend.storage.base import Storage, StorageError
+from backend.models import Attachment, Message
+from backend.storage.base import ObjectNotFound, Storage, StorageError
 from backend.storage.local import LocalStorage
+from backend.storage.s3 import S3Storage, build_client
+
+log = logging.getLogger(__name__)
+
+MESSAGE_CONTENT_TYPE = "message/rfc822"
+SYNC_BATCH_SIZE = 100
+# /health must answer quickly even when S3 hangs.
+HEALTH_TIMEOUT_SECONDS = 2.0
+
+T = TypeVar("T")
 
 
 @lru_cache
@@ -21,25 +39,123 @@ def local_storage() -> LocalStorage:
     return LocalStorage(get_settings().local_storage_dir)
 
 
+@lru_cache
+def s3_storage() -> S3Storage | None:
+    """The configured bucket, or None (said once in the log) when S3 is not configured."""
+    settings = get_settings()
+    if not settings.s3_bucket:
+        log.log(
+            logging.WARNING if settings.environment == "production" else logging.INFO,
+            "object storage is not configured (S3_BUCKET is empty): objects are kept as "
+            "local files under %s",
+            settings.local_storage_dir,
+        )
+        return None
+    return S3Storage(build_client(settings), settings.s3_bucket)
+
+
+@lru_cache
+def _s3_probe() -> S3Storage | None:
+    settings = get_settings()
+    if not settings.s3_bucket:
+        return None
+    client = build_client(
+        settings,
+        connect_timeout=HEALTH_TIMEOUT_SECONDS,
+        read_timeout=HEALTH_TIMEOUT_SECONDS,
+        max_attempts=1,
+    )
+    return S3Storage(client, settings.s3_bucket)
+
+
+class _Breaker:
+    """After an S3 write fails, writes go straight to local files for a while instead of
+    each one waiting out S3's timeouts and retries again. Per process; plain on purpose."""
+
+    def __init__(self) -> None:
+        self.open_until = 0.0
+
+    def closed(self) -> bool:
+        return time.monotonic() >= self.open_until
+
+    def trip(self, seconds: float) -> None:
+        self.open_until = time.monotonic() + seconds
+
+    def reset(self) -> None:
+        self.open_until = 0.0
+
+
+_breaker = _Breaker()
+
+
 def backend(name: str) -> Storage:
     if name == "local":
         return local_storage()
+    if name == "s3":
+        s3 = s3_storage()
+        if s3 is None:
+            raise StorageError("the object is in S3, but S3 is not configured (S3_BUCKET)")
+        return s3
     raise StorageError(f"unknown storage backend {name!r}")
 
 
+def backends() -> list[Storage]:
+    s3 = s3_storage()
+    return [local_storage()] if s3 is None else [s3, local_storage()]
+
+
 def put_object(key: str, data: bytes | BinaryIO, content_type: str) -> str:
-    """Store an object; returns the name of the backend that now holds it."""
-    store = local_storage()
-    store.put(key, data, content_type)
-    return store.name
+    """Store an object; returns the name of the backend that now holds it ("s3" or
+    "local"), which the caller records on the row."""
+    s3 = s3_storage()
+    if s3 is not None and _breaker.closed():
+        if not isinstance(data, bytes | bytearray | memoryview) and not data.seekable():
+            # A failed upload must be able to start over on local files.
+            data = data.read()
+        start = None if isinstance(data, bytes | bytearray | memoryview) else data.tell()
+        try:
+            s3.put(key, data, content_type)
+            return s3.name
+        except StorageError as exc:
+            seconds = get_settings().s3_retry_after_seconds
+            _breaker.trip(seconds)
+            log.warning(
+                "S3 write failed; objects go to local files for the next %ss and the "
+                "storage.sync task moves them up later: %s",
+                seconds,
+                exc,
+            )
+            if start is not None and not isinstance(data, bytes | bytearray | memoryview):
+                data.seek(start)
+    local = local_storage()
+    local.put(key, data, content_type)
+    return local.name
+
+
+def _read(backend_name: str, key: str, read: Callable[[Storage], T]) -> T:
+    """Read from the backend the row names; if the object is not there, from the other
+    one: a sync run may have moved it and failed to commit the row."""
+    named = backend(backend_name)
+    try:
+        return read(named)
+    except ObjectNotFound:
+        for other in backends():
+            if other.name != named.name:
+                try:
+                    return read(other)
+                except StorageError:
+                    pass
+        raise
 
 
 def get_object(backend_name: str, key: str) -> bytes:
-    return backend(backend_name).get(key)
+    return _read(backend_name, key, lambda store: store.get(key))
 
 
 def iter_object(backend_name: str, key: str) -> Iterator[bytes]:
-    return backend(backend_name).iter_chunks(key)
+    """The object in chunks; a missing object raises ObjectNotFound here, before the
+    first chunk, so an endpoint can still answer 404."""
+    return _read(backend_name, key, lambda store: store.iter_chunks(key))
 
 
 def delete_object(backend_name: str, key: str) -> None:
@@ -47,9 +163,127 @@ def delete_object(backend_name: str, key: str) -> None:
 
 
 def delete_prefix(prefix: str) -> int:
-    """Delete everything under a prefix in every backend (an account's objects)."""
-    return local_storage().delete_prefix(prefix)
+    """Delete everything under a prefix in every backend (an account's objects); returns
+    how many objects went. Raises StorageError if a backend failed (after trying all)."""
+    if not prefix.strip("/"):
+        raise StorageError("refusing to delete every object (empty prefix)")
+    count = 0
+    errors: list[StorageError] = []
+    for store in backends():
+        try:
+            count += store.delete_prefix(prefix)
+        except StorageError as exc:
+            errors.append(exc)
+    if errors:
+        raise StorageError(f"objects under {prefix!r} not all deleted: {errors[0]}")
+    return count
+
+
+def health() -> tuple[bool, str]:
+    """(healthy, what): which backend writes go to, and whether S3 answers."""
+    probe = _s3_probe()
+    if probe is None:
+        return True, "local files (object storage not configured)"
+    try:
+        probe.check()
+    except StorageError as exc:
+        return False, f"S3 bucket {probe.bucket} not answering, writes go to local files: {exc}"
+    if not _breaker.closed():
+        return True, f"S3 bucket {probe.bucket} answers; writes go to local files until retry"
+    return True, f"S3 bucket {probe.bucket}"
+
+
+@dataclass
+class SyncProgress:
+    moved: int = 0  # now in S3, row updated, local copy gone
+    missing: int = 0  # the row says local, but no backend holds the object
+    failed: int = 0  # S3 refused; left on local files for the next run
+    # The next batch starts after these ids.
+    message_id: int = 0
+    attachment_id: int = 0
+    done: bool = False
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: int(v) for k, v in asdict(self).items() if k in ("moved", "missing", "failed")}
+
+
+def sync_fallback_objects(
+    session: Session, progress: SyncProgress | None = None, *, batch_size: int = SYNC_BATCH_SIZE
+) -> SyncProgress:
+    """Move one batch of objects that fell back to local files up to S3, and point their
+    rows at S3. Only flushes: the caller commits, then calls again with the returned
+    progress until `.done`. Stops early when S3 fails (it is down again)."""
+    progress = progress or SyncProgress()
+    s3 = s3_storage()
+    if s3 is None:
+        progress.done = True
+        return progress
+    # Rows are locked for the batch, so two runs never move the same object and an
+    # account deleted meanwhile waits, then deletes the objects where they landed.
+    messages = session.scalars(
+        select(Message)
+        .where(Message.storage_backend == "local", Message.id > progress.message_id)
+        .order_by(Message.id)
+        .limit(batch_size)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for message in messages:
+        progress.message_id = message.id
+        if message.storage_key and not _sync_row(s3, message, MESSAGE_CONTENT_TYPE, progress):
+            progress.done = True
+            break
+    else:
+        attachments = session.scalars(
+            select(Attachment)
+            .where(Attachment.storage_backend == "local", Attachment.id > progress.attachment_id)
+            .order_by(Attachment.id)
+            .limit(batch_size)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for attachment in attachments:
+            progress.attachment_id = attachment.id
+            if not _sync_row(s3, attachment, attachment.content_type, progress):
+                progress.done = True
+                break
+        else:
+            progress.done = len(messages) < batch_size and len(attachments) < batch_size
+    session.flush()
+    return progress
+
+
+def _sync_row(
+    s3: S3Storage, row: Message | Attachment, content_type: str, progress: SyncProgress
+) -> bool:
+    """Move one row's object; False when S3 failed and the run should stop."""
+    local = local_storage()
+    key = row.storage_key
+    assert key is not None
+    try:
+        try:
+            with local.open(key) as handle:
+                s3.put(key, handle, content_type)
+        except ObjectNotFound:
+            # An earlier run moved it but its row update was not committed.
+            if not s3.exists(key):
+                log.error("object %s (%s %s) is in no backend", key, type(row).__name__, row.id)
+                progress.missing += 1
+                return True
+        # Deleted locally only once S3 shows it.
+        if not s3.exists(key):
+            raise StorageError(f"S3 accepted {key} but does not show it")
+    except StorageError as exc:
+        log.warning("moving fallback objects to S3 stopped, will retry next run: %s", exc)
+        progress.failed += 1
+        return False
+    _breaker.reset()
+    row.storage_backend = s3.name
+    local.delete(key)
+    progress.moved += 1
+    return True
 
 
 def reset_cache() -> None:
     local_storage.cache_clear()
+    s3_storage.cache_clear()
+    _s3_probe.cache_clear()
+    _breaker.reset()

@@ -1,0 +1,194 @@
+"""Prometheus metrics.
+
+Poll numbers are recorded by whichever process polls (Celery workers, the local scheduler,
+the CLI) through prometheus-client's multiprocess mode: each process writes its own mmap
+files under one directory and `/metrics` merges them, so workers' polls show up in the
+API's scrape. Gauges that describe the state (mailboxes by status, ingestion lag, queue
+lengths, schedule entries) are computed at scrape time from the database and Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, values
+from prometheus_client import generate_latest as _generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from backend.config import get_settings
+from backend.models import Account, utcnow
+from backend.models.poll_run import POLL_OUTCOMES
+
+log = logging.getLogger(__name__)
+
+POLL_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+def multiproc_dir() -> Path:
+    path = get_settings().effective_prometheus_multiproc_dir
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class _PollMetrics:
+    polls: Counter
+    messages: Counter
+    bytes: Counter
+    duration: Histogram
+
+
+@lru_cache
+def _poll_metrics() -> _PollMetrics:
+    path = multiproc_dir()
+    # prometheus-client finds its multiprocess directory only in this variable, read when
+    # a metric's value is created; setting it here keeps the setting in Settings.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        # The library picks its value class when first imported; switch it to the
+        # mmap-backed one in case the variable was not set that early.
+        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    metrics = _PollMetrics(
+        polls=Counter(
+            "mailbeat_polls",
+            "Mailbox polls finished, by outcome.",
+            ["outcome"],
+            registry=None,
+        ),
+        messages=Counter("mailbeat_messages_ingested", "Messages stored by polls.", registry=None),
+        bytes=Counter(
+            "mailbeat_bytes_ingested", "Raw message bytes stored by polls.", registry=None
+        ),
+        duration=Histogram(
+            "mailbeat_poll_duration_seconds",
+            "How long a poll took, by outcome.",
+            ["outcome"],
+            buckets=POLL_DURATION_BUCKETS,
+            registry=None,
+        ),
+    )
+    # Every outcome shows from the start (at 0), so rate() and alerts work before the first.
+    for outcome in POLL_OUTCOMES:
+        if outcome != "running":
+            metrics.polls.labels(outcome=outcome)
+    return metrics
+
+
+def record_poll(outcome: str, messages: int, bytes_: int, duration_seconds: float) -> None:
+    """Count one finished poll. Never raises: a metrics problem must not fail a poll."""
+    try:
+        metrics = _poll_metrics()
+        metrics.polls.labels(outcome=outcome).inc()
+        if messages:
+            metrics.messages.inc(messages)
+        if bytes_:
+            metrics.bytes.inc(bytes_)
+        metrics.duration.labels(outcome=outcome).observe(max(duration_seconds, 0.0))
+    except Exception:
+        log.exception("could not record poll metrics")
+
+
+def _database_gauges() -> Iterator[GaugeMetricFamily]:
+    from backend.db import get_sessionmaker
+    from backend.models.account import ACCOUNT_STATUSES
+
+    with get_sessionmaker()() as session:
+        counts = dict(
+            session.execute(select(Account.status, func.count()).group_by(Account.status)).all()
+        )
+        # A mailbox never polled successfully has been waiting since it was created.
+        oldest = session.scalar(
+            select(func.min(func.coalesce(Account.last_success_at, Account.created_at))).where(
+                Account.enabled.is_(True)
+            )
+        )
+    by_status = GaugeMetricFamily("mailbeat_mailboxes", "Mailboxes by status.", labels=["status"])
+    for status in sorted(set(ACCOUNT_STATUSES) | set(counts)):
+        by_status.add_metric([status], counts.get(status, 0))
+    yield by_status
+    lag = 0.0
+    if oldest is not None:
+        lag = max((utcnow() - oldest).total_seconds(), 0.0)
+    yield GaugeMetricFamily(
+        "mailbeat_ingestion_lag_seconds",
+        "Age of the oldest last successful poll among enabled mailboxes (0 when none).",
+        value=lag,
+    )
+
+
+def _redis_gauges() -> Iterator[GaugeMetricFamily]:
+    from backend.admin.redis_client import redis_client
+    from backend.celery_app import app
+
+    names = [queue.name for queue in app.conf.task_queues]
+    client = redis_client(get_settings().health_check_timeout_seconds)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            pipe.llen(name)
+        lengths = pipe.execute()
+    finally:
+        client.close()
+    family = GaugeMetricFamily(
+        "mailbeat_queue_length", "Tasks waiting in each Celery queue.", labels=["queue"]
+    )
+    for name, length in zip(names, lengths, strict=True):
+        family.add_metric([name], int(length))
+    yield family
+
+
+# Each source of scrape-time gauges; one that fails is reported down, the rest still show.
+STATE_SOURCES: dict[str, Callable[[], Iterator[GaugeMetricFamily]]] = {
+    "database": _database_gauges,
+    "redis": _redis_gauges,
+}
+
+
+class _StateCollector(Collector):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            "mailbeat_metrics_source_up",
+            "1 when the scrape could read this source, 0 when it failed.",
+            labels=["source"],
+        )
+        for name, source in STATE_SOURCES.items():
+            try:
+                families = list(source())
+            except Exception as exc:
+                log.warning("metrics: %s unavailable: %s", name, type(exc).__name__)
+                up.add_metric([name], 0)
+                continue
+            up.add_metric([name], 1)
+            yield from families
+        yield up
+
+
+def generate_latest() -> bytes:
+    _poll_metrics()  # so a scrape before any poll already lists the poll metrics at 0
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(multiproc_dir()))  # type: ignore[no-untyped-call]
+    registry.register(_StateCollector())
+    return _generate_latest(registry)
+
+
+router = APIRouter(tags=["health"])
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+)
+def metrics() -> Response:
+    """Prometheus text: polls by outcome, messages and bytes ingested, poll durations,
+    mailboxes by status, ingestion lag, queue lengths and schedule entries."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,106 @@
+"""The compose services' own commands, run as local processes (there is no Docker engine).
+
+Each command is read from docker-compose.yml; only what lets several copies share one
+host changes: ports, worker node names, and the program's path in this virtualenv.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from tests.deploy.files import command, service
+
+BIN = Path(sys.executable).parent
+T = TypeVar("T")
+
+
+def compose_command(name: str, replace: dict[str, str] | None = None, *extra: str) -> list[str]:
+    """The service's command with `replace`d arguments and `extra` ones appended."""
+    argv = [(replace or {}).get(arg, arg) for arg in command(name)]
+    missing = set(replace or {}) - set(command(name))
+    assert not missing, f"{name}'s command has no {missing}"
+    return [str(BIN / argv[0]), *argv[1:], *extra]
+
+
+def compose_environment(name: str) -> dict[str, str]:
+    """The variables compose sets for the service (values are replaced by the caller)."""
+    env = service(name).get("environment", {})
+    assert isinstance(env, dict)
+    return {str(key): str(value) for key, value in env.items()}
+
+
+class ServiceProcess:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.log_path = log_dir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServiceProcess:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: stop() reaches prefork children
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait(self, timeout: float) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (what `docker compose stop` sends), then SIGKILL after `timeout`."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def wait_until(
+    what: str, probe: Callable[[], T | None], timeout: float, *logs: ServiceProcess
+) -> T:
+    """Call `probe` until it returns something truthy; on timeout fail with the logs."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        dead = [p for p in logs if not p.running()]
+        if dead:
+            tails = "\n".join(f"--- {p.name}\n{p.log()[-4000:]}" for p in dead)
+            raise AssertionError(f"exited while waiting for {what}:\n{tails}")
+        try:
+            value = probe()
+        except Exception as exc:  # a service still starting answers oddly
+            value, last = None, exc
+        if value:
+            return value
+        time.sleep(0.5)
+    tails = "\n".join(f"--- {p.name}\n" + "\n".join(p.log().splitlines()[-40:]) for p in logs)
+    raise AssertionError(f"not seen within {timeout:.0f}s: {what} (last error: {last!r})\n{tails}")

@@ -1,0 +1,399 @@
+"""poll_account against the real Dovecot fixture."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from backend import crypto
+from backend.mailbox.service import PollResult, clear_backoff, poll_account
+from backend.models import Account, Attachment, FolderCursor, Message, PollRun
+from backend.storage import service as storage
+from tests.mailbox.conftest import MakeAccount, corpus, generated
+from tests.support.dovecot import Dovecot
+
+
+def server_bodies(dovecot: Dovecot, username: str, folder: str = "INBOX") -> dict[int, bytes]:
+    """Every message in a folder as the server hands it out, by UID."""
+    with dovecot.client(username) as client:
+        client.select_folder(folder, readonly=True)
+        data = client.fetch(client.search("ALL"), ["BODY.PEEK[]"])
+        client.logout()
+    return {uid: bytes(item[b"BODY[]"]) for uid, item in data.items()}
+
+
+def messages(db: Session, account_id: int) -> list[Message]:
+    db.expire_all()
+    return list(
+        db.scalars(select(Message).where(Message.account_id == account_id).order_by(Message.uid))
+    )
+
+
+def nested_multipart(depth: int) -> bytes:
+    """A message nested deeper than any parser's recursion allows."""
+    raw = b"Subject: deep\r\nContent-Type: multipart/mixed; boundary=b0\r\n\r\n"
+    for level in range(depth):
+        raw += b"--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n" % (level, level + 1)
+    return raw + b"--b%d\r\nContent-Type: text/plain\r\n\r\nhi\r\n" % depth
+
+
+def test_corpus_and_generated_mail_ingested_once_and_byte_identical(
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+) -> None:
+    username, _ = mail_user
+    raws = [
+        *corpus(),
+        generated(1, attachment=b"%PDF-1.4 fake"),
+        generated(2, message_id=False),
+        nested_multipart(1500),
+    ]
+    dovecot.append_many(username, raws)
+    account = make_account()
+
+    result = poll_account(account.id, task_id="task-1")
+
+    assert result.outcome == "success"
+    assert result.error is None
+    assert result.messages == len(raws)
+    held = messages(db, account.id)
+    assert [m.id for m in held] == sorted(result.new_message_ids)
+    on_server = server_bodies(dovecot, username)
+    assert sorted(m.uid for m in held) == sorted(on_server)
+    for message in held:
+        assert message.storage_backend == "local"
+        assert message.storage_key is not None
+        raw = storage.get_object(message.storage_backend, message.storage_key)
+        assert raw == on_server[message.uid]
+        assert message.size == len(raw)
+    assert result.bytes == sum(len(body) for body in on_server.values())
+
+    # Real mailboxes repeat Message-IDs; each copy is its own message.
+    shared = "<15090.61304.110929.45684@aaa.zzz.org>"
+    assert sum(m.message_id == shared for m in held) == 5
+
+    by_uid = {m.uid: m for m in held}
+    first_generated = by_uid[len(corpus()) + 1]
+    assert first_generated.subject == "Grüße Nr. 1 — 東京"
+    assert first_generated.from_addr == "Zoë Ünïcode <zoe@example.org>"
+    assert first_generated.to_addrs == ["Ingest <ingest@example.org>", "other@example.org"]
+    assert first_generated.date == datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+    assert first_generated.text_body is not None and "schöne Grüße" in first_generated.text_body
+    assert first_generated.html_body is not None and "<p>Hallo 1</p>" in first_generated.html_body
+    assert first_generated.parse_error is None
+    (attachment,) = db.scalars(
+        select(Attachment).where(Attachment.message_id == first_generated.id)
+    ).all()
+    assert attachment.filename == "../../etc/Bericht ä.pdf"
+    assert attachment.safe_name == "Bericht ä.pdf"
+    assert storage.get_object(attachment.storage_backend, attachment.storage_key) == (
+        b"%PDF-1.4 fake"
+    )
+    assert by_uid[len(corpus()) + 2].message_id is None
+
+    # The parser chokes on this one: stored raw and flagged, and it stopped nothing.
+    deep = by_uid[len(raws)]
+    assert deep.parse_error is not None and "RecursionError" in deep.parse_error
+    assert deep.storage_key is not None
+
+    db.refresh(account)
+    assert account.message_count == len(raws)
+    assert account.status == "active"
+    assert account.last_success_at is not None
+    cursor = db.scalars(select(FolderCursor).where(FolderCursor.account_id == account.id)).one()
+    assert cursor.last_uid == max(on_server)
+    run = db.scalars(select(PollRun).where(PollRun.account_id == account.id)).one()
+    assert (run.outcome, run.messages_count, run.bytes_count, run.task_id) == (
+        "success",
+        len(raws),
+        result.bytes,
+        "task-1",
+    )
+    assert run.duration_seconds is not None
+
+
+def test_new_mail_between_polls_is_picked_up_and_nothing_is_stored_twice(
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+) -> None:
+    username, _ = mail_user
+    dovecot.append_many(username, [generated(i) for i in range(3)])
+    account = make_account()
+    assert poll_account(account.id).messages == 3
+
+    # `UID 4:*` matches the newest message even when nothing is new.
+    nothing = poll_account(account.id)
+    assert (nothing.outcome, nothing.messages, nothing.new_message_ids) == ("success", 0, [])
+
+    dovecot.append_many(username, [generated(i) for i in range(3, 5)])
+    second = poll_account(account.id)
+    assert second.messages == 2
+    held = messages(db, account.id)
+    assert [m.uid for m in held] == [1, 2, 3, 4, 5]
+    assert sorted(second.new_message_ids) == [m.id for m in held[3:]]
+    db.refresh(account)
+    assert account.message_count == 5
+
+
+def test_batches_commit_the_cursor_with_their_rows(
+    db: Session,
+    dovecot: Dovecot,
+    mail_user: tuple[str, str],
+    make_account: MakeAccount,
+    set_env: Callable[..., None],
+) -> None:
+    set_env(IMAP_FETCH_BATCH_SIZE=3)
+    username, _ = mail_user
+    dovecot.append_many(username, [generated(i) for i in range(8)])
+    account = make_account()
+    result = poll_account(account.id)
+    assert result.messages == 8
+    assert len(messages(db, account.id)) == 8
+
+
+def test_two_concurrent_polls_store_each_message_once(
+    db: Session,
+    dovecot: Dovecot,
+    mail_user: tuple[str, str],
+    make_account: MakeAccount,
+    set_env: Callable[..., None],
+) -> None:
+    set_env(IMAP_FETCH_BATCH_SIZE=2)
+    username, _ = mail_user
+    raws = [generated(i, attachment=b"x" * i) for i in range(1, 21)]
+    dovecot.append_many(username, raws)
+    account = make_account()
+    results: list[PollResult] = []
+    barrier = threading.Barrier(2)
+
+    def poll() -> None:
+        barrier.wait()
+        results.append(poll_account(account.id))
+
+    threads = [threading.Thread(target=poll) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert [r.outcome for r in results] == ["success", "success"]
+    handed_on = results[0].new_message_ids + results[1].new_message_ids
+    held = messages(db, account.id)
+    assert sorted(handed_on) == [m.id for m in held]  # each new message handed on once
+    assert [m.uid for m in held] == list(range(1, 21))
+    assert db.scalar(select(func.count()).select_from(Attachment)) == 20
+    db.refresh(account)
+    assert account.message_count == 20
+
+
+def test_uidvalidity_reset_stores_nothing_twice_and_loses_nothing(
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+) -> None:
+    username, _ = mail_user
+    # Two messages with the same Message-ID but different content, and one without any.
+    twins = [generated(1), generated(1).replace(b"Hallo 1,", b"Hello 1,")]
+    dovecot.append_many(username, [*twins, generated(2, message_id=False)])
+    account = make_account()
+    assert poll_account(account.id).messages == 3
+    old_validity = dovecot.folder_status(username)[b"UIDVALIDITY"]
+
+    dovecot.reset_uidvalidity(username)
+    dovecot.append(username, generated(3))
+    result = poll_account(account.id)
+
+    assert result.outcome == "success"
+    assert result.messages == 1
+    held = messages(db, account.id)
+    assert len(held) == 4
+    (new,) = [m for m in held if m.uidvalidity != old_validity]
+    assert new.message_id == "<gen-3@example.org>"
+    assert sorted(result.new_message_ids) == [new.id]
+    cursor = db.scalars(select(FolderCursor).where(FolderCursor.account_id == account.id)).one()
+    assert cursor.uidvalidity == dovecot.folder_status(username)[b"UIDVALIDITY"]
+    assert cursor.last_uid == new.uid
+    # And the next poll finds nothing new.
+    assert poll_account(account.id).messages == 0
+
+
+def test_oversized_message_is_recorded_without_its_body(
+    db: Session,
+    dovecot: Dovecot,
+    mail_user: tuple[str, str],
+    make_account: MakeAccount,
+    set_env: Callable[..., None],
+) -> None:
+    set_env(MAX_MESSAGE_BYTES=5000)
+    username, _ = mail_user
+    big = generated(1, attachment=b"y" * 20_000)
+    dovecot.append_many(username, [big, generated(2)])
+    account = make_account()
+    result = poll_account(account.id)
+    assert result.outcome == "success"
+    first, second = messages(db, account.id)
+    assert first.storage_key is None and first.storage_backend is None
+    assert first.size == server_size(dovecot, username, first.uid)
+    assert first.skipped_reason is not None and "MAX_MESSAGE_BYTES" in first.skipped_reason
+    assert second.storage_key is not None and second.skipped_reason is None
+    assert len(result.new_message_ids) == 2
+
+
+def server_size(dovecot: Dovecot, username: str, uid: int) -> int:
+    with dovecot.client(username) as client:
+        client.select_folder("INBOX", readonly=True)
+        size = int(client.fetch([uid], ["RFC822.SIZE"])[uid][b"RFC822.SIZE"])
+        client.logout()
+    return size
+
+
+def test_initial_sync_newest_takes_only_the_newest_then_everything_new(
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+) -> None:
+    username, _ = mail_user
+    dovecot.append_many(username, [generated(i) for i in range(10)])
+    account = make_account(initial_sync="newest", initial_sync_count=3)
+    assert poll_account(account.id).messages == 3
+    assert [m.uid for m in messages(db, account.id)] == [8, 9, 10]
+    dovecot.append(username, generated(10))
+    assert poll_account(account.id).messages == 1
+    assert [m.uid for m in messages(db, account.id)] == [8, 9, 10, 11]
+
+
+def test_initial_sync_newest_zero_starts_from_now(
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+) -> None:
+    username, _ = mail_user
+    dovecot.append_many(username, [generated(i) for i in range(4)])
+    account = make_account(initial_sync="newest", initial_sync_count=0)
+    assert poll_account(account.id).messages == 0
+    dovecot.append(username, generated(9))
+    assert [m.uid for m in messages(db, account.id)] == []
+    assert poll_account(account.id).messages == 1
+    assert [m.uid for m in messages(db, account.id)] == [5]
+
+
+def test_initial_sync_since_a_date(
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+) -> None:
+    username, _ = mail_user
+    old = datetime(2020, 1, 1, 12, tzinfo=UTC)
+    dovecot.append_many(username, [generated(1), generated(2)], when=old)
+    dovecot.append(username, generated(3), when=datetime.now(UTC))
+    account = make_account(initial_sync="since", initial_sync_since=date(2024, 1, 1))
+    assert poll_account(account.id).messages == 1
+    (only,) = messages(db, account.id)
+    assert only.uid == 3
+    assert only.internal_date is not None and only.internal_date.year >= 2024
+
+
+def test_flags_are_recorded_and_left_untouched(
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+) -> None:
+    username, _ = mail_user
+    dovecot.append(username, generated(1), flags=[r"\Flagged"])
+    account = make_account()
+    poll_account(account.id)
+    (message,) = messages(db, account.id)
+    assert message.flags == [r"\Flagged"]
+    with dovecot.client(username) as client:
+        client.select_folder("INBOX", readonly=True)
+        flags = client.get_flags([1])[1]
+        client.logout()
+    assert b"\\Seen" not in flags
+
+
+def test_several_folders_and_a_missing_one(
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+) -> None:
+    username, _ = mail_user
+    dovecot.append(username, generated(1))
+    dovecot.append(username, generated(2), folder="Archive")
+    account = make_account(folders=["INBOX", "Nope", "Archive"])
+    result = poll_account(account.id)
+    # The missing folder is a protocol error; the others are still ingested.
+    assert result.outcome == "protocol_error"
+    assert result.error is not None and "Nope" in result.error
+    assert sorted(m.folder for m in messages(db, account.id)) == ["Archive", "INBOX"]
+
+
+def test_wrong_password_is_an_auth_failure_with_backoff(
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+) -> None:
+    username, password = mail_user
+    dovecot.append(username, generated(1))
+    account = make_account(credentials={"password": password + "-wrong"})
+
+    result = poll_account(account.id)
+
+    assert result.outcome == "auth_error"
+    assert result.account_event == "account.error"
+    assert result.messages == 0
+    db.refresh(account)
+    assert account.status == "error"
+    assert account.last_error_kind == "auth"
+    assert account.last_error is not None and "authentication failed" in account.last_error
+    assert password not in account.last_error
+    assert account.consecutive_failures == 1
+    assert account.backoff_until is not None
+    assert account.last_polled_at is not None
+    assert account.backoff_until - account.last_polled_at <= timedelta(seconds=60)
+    run = db.scalars(select(PollRun).where(PollRun.account_id == account.id)).one()
+    assert run.outcome == "auth_error" and run.error == account.last_error
+
+    # Not retried while backing off...
+    skipped = poll_account(account.id)
+    assert skipped.outcome == "skipped"
+    assert skipped.error is not None and "backing off" in skipped.error
+    # ...until the credentials change.
+    account.credentials_encrypted = crypto.encrypt_json({"password": password})
+    clear_backoff(account)
+    db.commit()
+    recovered = poll_account(account.id)
+    assert recovered.outcome == "success"
+    assert recovered.account_event == "account.recovered"
+    assert recovered.messages == 1
+    db.refresh(account)
+    assert (account.status, account.consecutive_failures) == ("active", 0)
+    assert account.backoff_until is None
+    assert account.last_error is None
+
+
+def test_failures_back_off_exponentially_then_disable(
+    db: Session,
+    make_account: MakeAccount,
+    mail_user: tuple[str, str],
+    set_env: Callable[..., None],
+) -> None:
+    set_env(MAX_CONSECUTIVE_FAILURES=4, BACKOFF_MAX_SECONDS=200)
+    account = make_account(credentials={"password": "wrong"}, poll_interval_seconds=60)
+    delays = []
+    events = []
+    for _ in range(4):
+        result = poll_account(account.id)
+        events.append(result.account_event)
+        db.refresh(account)
+        if account.backoff_until is not None:
+            delays.append(
+                account.backoff_until
+                - db.scalars(
+                    select(PollRun.started_at)
+                    .where(PollRun.account_id == account.id)
+                    .order_by(PollRun.id.desc())
+                    .limit(1)
+                ).one()
+            )
+        db.execute(update(Account).where(Account.id == account.id).values(backoff_until=None))
+        db.commit()
+    assert [d.total_seconds() for d in delays] == [60, 120, 200]
+    assert events == ["account.error", None, None, "account.disabled"]
+    db.refresh(account)
+    assert (account.enabled, account.status, account.consecutive_failures) == (False, "disabled", 4)
+    assert account.disabled_reason is not None and "4 consecutive" in account.disabled_reason
+    skipped = poll_account(account.id)
+    assert (skipped.outcome, skipped.error) == ("skipped", "account is disabled")
+
+
+def test_missing_account_is_skipped() -> None:
+    result = poll_account(999_999)
+    assert (result.outcome, result.new_message_ids) == ("skipped", [])

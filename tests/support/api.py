@@ -1,0 +1,66 @@
+"""The admin API under test: a TestClient on the real app, and the admin token header.
+
+Loaded as a pytest plugin by tests/conftest.py, before the test bed sets the environment,
+so the app is imported only inside the fixtures.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+if TYPE_CHECKING:
+    from backend.models import Account
+
+
+def auth_headers() -> dict[str, str]:
+    from tests.conftest import ADMIN_TOKEN
+
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def _client(headers: dict[str, str]) -> TestClient:
+    from backend.main import create_app
+
+    return TestClient(create_app(), headers=headers, raise_server_exceptions=False)
+
+
+@pytest.fixture
+def api() -> Iterator[TestClient]:
+    """The real app (lifespan included); requests carry the admin token."""
+    with _client(auth_headers()) as client:
+        yield client
+
+
+@pytest.fixture
+def anonymous() -> Iterator[TestClient]:
+    """The real app without the admin token."""
+    with _client({}) as client:
+        yield client
+
+
+def insert_account(session: Session, **fields: Any) -> Account:
+    """An account row written straight to the database (no API, no schedule), committed."""
+    from backend import crypto
+    from backend.models import Account
+
+    values: dict[str, Any] = {
+        "email": f"{uuid.uuid4().hex[:8]}@example.com",
+        "imap_host": "imap.example.com",
+        "imap_port": 993,
+        "imap_security": "ssl",
+        "username": uuid.uuid4().hex[:12],
+        "credentials_encrypted": crypto.encrypt_json({"password": "secret-pw"}),
+        "folders": ["INBOX"],
+        "poll_interval_seconds": 300,
+    }
+    values.update(fields)
+    account = Account(**values)
+    session.add(account)
+    session.commit()
+    return account
