@@ -8,7 +8,6 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -16,9 +15,7 @@ from cryptography.fernet import Fernet
 
 from backend.cli import stack_commands
 from tests.deploy.files import DESIGN_COMMANDS, ROOT
-from tests.deploy.stack import wait_until
 from tests.support.net import free_port, wait_for_port
-from tests.support.redis_db import RedisDb
 
 
 def _fresh_machine_env(home: Path, **extra: str) -> dict[str, str]:
@@ -107,53 +104,3 @@ def test_with_redis_it_runs_the_compose_commands() -> None:
     assert commands["api"] == ["-m", *DESIGN_COMMANDS["api"].split()]
     assert commands["beat"] == ["-m", *DESIGN_COMMANDS["celery-beat"].split()]
     assert commands["worker"] == ["-m", *DESIGN_COMMANDS["celery-worker"].split()]
-
-
-def _children(pid: int) -> set[int]:
-    children = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            children.add(int(stat.parent.name))
-    return children
-
-
-@pytest.mark.e2e
-def test_with_redis_it_starts_api_beat_and_a_worker_and_stops_them_together(
-    tmp_path: Path, redis_db: RedisDb
-) -> None:
-    port = free_port()
-    log_path = tmp_path / "run.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "backend.cli", "run", "--port", str(port)],
-            cwd=tmp_path,
-            env=_fresh_machine_env(tmp_path, REDIS_URL=redis_db.url),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for_port(port, timeout=120)
-        children = _children(process.pid)
-        health = wait_until_worker_seen(port)
-    finally:
-        # Ctrl-C on the parent alone: it stops its children itself.
-        process.send_signal(signal.SIGINT)
-        code = process.wait(timeout=60)
-    output = log_path.read_text()
-    assert len(children) == 3, output
-    assert not any(Path(f"/proc/{pid}").exists() for pid in children), output
-    assert "API, Celery beat and a worker" in output
-    assert health["checks"]["celery_worker"] == "ok (1 workers)", health
-    assert code == 0, output
-
-
-def wait_until_worker_seen(port: int) -> dict[str, Any]:
-    def probe() -> dict[str, Any] | None:
-        body: dict[str, Any] = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()
-        return body if str(body["checks"]["celery_worker"]).startswith("ok") else None
-
-    return wait_until("the worker in /health", probe, 120)
