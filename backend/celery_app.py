@@ -39,6 +39,7 @@ app.conf.update(
     task_routes={
         "mailbox.*": {"queue": "email"},
         "message.*": {"queue": "workflow"},
+        "webhook.*": {"queue": "workflow"},
     },
     # RedBeat: its own Redis; a tick of ~1 s keeps dispatch lateness low; the lock must
     # outlive the slowest tick, or a second beat takes over mid-tick and sends duplicates.
@@ -47,7 +48,7 @@ app.conf.update(
     redbeat_key_prefix="redbeat:",
     redbeat_lock_timeout=300,
     beat_max_loop_interval=1,
-    imports=("backend.processing.tasks", "backend.storage.tasks"),
+    imports=("backend.processing.tasks", "backend.storage.tasks", "backend.webhooks.tasks"),
     beat_schedule={
         # Objects that fell back to local files while S3 was down go up once it answers.
         "storage-sync": {

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from backend import metrics
 from backend.errors import MailbeatError
+from backend.webhooks.endpoints import router as webhooks_router
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def create_app() -> FastAPI:
             },
         )
 
+    app.include_router(webhooks_router)
     return app
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 def reset_caches() -> None:
     from backend import crypto, db
     from backend.storage import service as storage
+    from backend.webhooks import client as webhook_client
 
     db.reset_caches()
     crypto.reset_cache()
     storage.reset_cache()
+    webhook_client.reset_cache()
