@@ -31,6 +31,7 @@ def migrate() -> None:
     config = Config(str(ROOT / "alembic.ini"))
     # alembic.ini's logging setup would silence mailbeat's own INFO lines for the rest of `run`.
     config.attributes["configure_logger"] = False
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # start-up noise
     command.upgrade(config, "head")
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from tests.deploy.files import command, service
+from tests.deploy.files import ROOT, command, service
 
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
@@ -49,6 +49,8 @@ class ServiceProcess:
             self.process = subprocess.Popen(
                 self.argv,
                 env=self.env,
+                # The checkout stands for the image's /app: code, alembic.ini, migrations.
+                cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own group: stop() reaches prefork children
@@ -82,6 +84,12 @@ class ServiceProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def top_level_files() -> set[str]:
+    """What is in the checkout's top level: in the image /app is read-only to the service
+    user, so a process that writes there (a beat schedule file, a pid file) would fail."""
+    return {path.name for path in ROOT.iterdir()} - {".pytest_cache", ".mypy_cache", ".ruff_cache"}
 
 
 def wait_until(
