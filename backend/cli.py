@@ -35,21 +35,12 @@ def migrate() -> None:
     command.upgrade(config, "head")
 
 
-def use_celery(settings: Settings) -> bool:
-    """Celery when Redis answers (SCHEDULER_MODE=auto), else the in-process scheduler."""
-    if settings.scheduler_mode != "auto":
-        return settings.scheduler_mode == "celery"
-    import redis
+def use_celery() -> bool:
+    """Celery when Redis answers (SCHEDULER_MODE=auto), else the in-process scheduler; the
+    same decision the API makes, which logs it."""
+    from backend.schedules import service as schedules
 
-    from backend.admin.redis_client import redis_client
-
-    client = redis_client(timeout=min(settings.redis_socket_timeout, 2.0))
-    try:
-        return bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
-    finally:
-        client.close()
+    return schedules.mode() == "celery"
 
 
 def stack_commands(host: str, port: int) -> dict[str, list[str]]:
@@ -150,7 +141,7 @@ def run(host: str, port: int) -> None:
         reset_caches()
     settings = get_settings()
     migrate()
-    if use_celery(settings):
+    if use_celery():
         print(banner(settings, host, port, "API, Celery beat and a worker on Redis"), flush=True)
         sys.exit(supervise(stack_commands(host, port)))
     import uvicorn
