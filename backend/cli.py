@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import subprocess
@@ -150,7 +151,9 @@ def run(host: str, port: int) -> None:
         banner(settings, host, port, "local mode: no Redis answers, polls run in the API process"),
         flush=True,
     )
-    uvicorn.run("backend.main:app", host=host, port=port)
+    # uvicorn shuts down cleanly, then re-raises Ctrl-C; a traceback would only alarm.
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.run("backend.main:app", host=host, port=port)
 
 
 def poll(account_id: int) -> int:

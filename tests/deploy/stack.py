@@ -11,11 +11,16 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
+from email.message import EmailMessage
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import httpx
 
 from tests.deploy.files import ROOT, command, service
+from tests.support.dovecot import Dovecot
 
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
@@ -112,3 +117,55 @@ def wait_until(
         time.sleep(0.5)
     tails = "\n".join(f"--- {p.name}\n" + "\n".join(p.log().splitlines()[-40:]) for p in logs)
     raise AssertionError(f"not seen within {timeout:.0f}s: {what} (last error: {last!r})\n{tails}")
+
+
+def email(subject: str) -> bytes:
+    message = EmailMessage()
+    message["From"] = "sender@example.com"
+    message["To"] = "inbox@example.com"
+    message["Subject"] = subject
+    message["Message-ID"] = f"<{uuid.uuid4().hex}@example.com>"
+    message.set_content(f"body of {subject}\n")
+    return message.as_bytes()
+
+
+def account_body(
+    dovecot: Dovecot, username: str, *, ssl: bool, interval: int = 10
+) -> dict[str, object]:
+    """POST /accounts for a Dovecot fixture user: implicit TLS, or plain IMAP."""
+    return {
+        "email": f"{username}@example.com",
+        "imap_host": dovecot.host,
+        "imap_port": dovecot.imaps_port if ssl else dovecot.imap_port,
+        "imap_security": "ssl" if ssl else "none",
+        "username": username,
+        "password": dovecot.passwords[username],
+        "folders": ["INBOX"],
+        "poll_interval_seconds": interval,
+    }
+
+
+class Api:
+    """The admin API of a running process, with the admin token."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url
+        self.token = token
+
+    def __call__(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        return httpx.request(method, self.url + path, headers=headers, timeout=30, **kwargs)
+
+    def create_account(self, body: dict[str, object]) -> int:
+        response = self("POST", "/accounts", json=body)
+        assert response.status_code == 201, response.text
+        return int(response.json()["id"])
+
+    def message_total(self, account_id: int) -> int:
+        response = self("GET", f"/accounts/{account_id}/messages", params={"limit": 100})
+        assert response.status_code == 200, response.text
+        return int(response.json()["total"])
+
+    def subjects(self, account_id: int) -> list[str]:
+        response = self("GET", f"/accounts/{account_id}/messages", params={"limit": 100})
+        return sorted(str(item["subject"]) for item in response.json()["items"])
