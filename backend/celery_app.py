@@ -81,6 +81,7 @@ app.conf.update(
         "backend.processing.tasks",
         "backend.storage.tasks",
         "backend.webhooks.tasks",
+        "backend.mailbox.tasks",
         "backend.schedules.tasks",
     ),
 )

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from backend.db import session_scope
+from backend.mailbox.service import PollResult, poll_account
 from backend.metrics import record_poll
 from backend.models import Account, PollRun, utcnow
 from backend.processing.service import after_poll
@@ -50,7 +50,9 @@ def record_skip(account_id: int, *, task_id: str | None, reason: str) -> None:
     log.info("poll of mailbox %s skipped: %s", account_id, reason)
 
 
-def finish(account_id: int, result: Any, duration_seconds: float, *, use_celery: bool) -> None:
+def finish(
+    account_id: int, result: PollResult, duration_seconds: float, *, use_celery: bool
+) -> None:
     """After the poll committed: hand on, count, and unschedule an account it disabled."""
     log.info(
         "poll of mailbox %s: %s, %d new messages in %.2fs",
@@ -70,9 +72,6 @@ def run_local_poll(account_id: int, task_id: str) -> None:
     """One poll from the local scheduler (which already keeps it one at a time)."""
     if not pollable(account_id):
         return
-    # Imported here until the ingestion module lands on main.
-    from backend.mailbox.service import poll_account  # type: ignore[import-not-found]
-
     started = time.monotonic()
     result = poll_account(account_id, task_id=task_id)
     finish(account_id, result, time.monotonic() - started, use_celery=False)
