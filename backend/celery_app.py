@@ -76,6 +76,12 @@ app.conf.update(
             "schedule": settings.storage_sync_interval_seconds,
             "options": {"expires": settings.storage_sync_interval_seconds},
         },
+        # Processing and deliveries whose task was lost (Redis flushed, a worker killed).
+        "processing-sweep": {
+            "task": "message.sweep",
+            "schedule": settings.processing_sweep_interval_seconds,
+            "options": {"expires": settings.processing_sweep_interval_seconds},
+        },
     },
     imports=(
         "backend.processing.tasks",

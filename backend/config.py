@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     webhook_body_max_bytes: int = Field(default=256 * 1024, ge=0)
     # Receivers should refuse a signature older than this (the replay window).
     webhook_signature_tolerance_seconds: int = 300
+    # How often work whose task was lost (Redis flushed, a worker killed) is picked up:
+    # messages never processed, deliveries past due.
+    processing_sweep_interval_seconds: int = Field(default=300, ge=10)
     public_base_url: str = "http://127.0.0.1:8000"
 
     # Metrics: prometheus-client multiprocess files, shared by the API and the workers on

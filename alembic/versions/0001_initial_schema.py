@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 18:36:57.544697
+Create Date: 2026-11-23 18:51:08.910638
 """
 
 from collections.abc import Sequence
@@ -127,6 +127,13 @@ def upgrade() -> None:
         )
         batch_op.create_index("ix_messages_account_id_id", ["account_id", "id"], unique=False)
         batch_op.create_index(batch_op.f("ix_messages_message_id"), ["message_id"], unique=False)
+        batch_op.create_index(
+            "ix_messages_unprocessed",
+            ["id"],
+            unique=False,
+            postgresql_where=sa.text("processed_at IS NULL"),
+            sqlite_where=sa.text("processed_at IS NULL"),
+        )
 
     op.create_table(
         "poll_runs",
@@ -254,6 +261,11 @@ def downgrade() -> None:
 
     op.drop_table("poll_runs")
     with op.batch_alter_table("messages", schema=None) as batch_op:
+        batch_op.drop_index(
+            "ix_messages_unprocessed",
+            postgresql_where=sa.text("processed_at IS NULL"),
+            sqlite_where=sa.text("processed_at IS NULL"),
+        )
         batch_op.drop_index(batch_op.f("ix_messages_message_id"))
         batch_op.drop_index("ix_messages_account_id_id")
         batch_op.drop_index("ix_messages_account_folder_hash")

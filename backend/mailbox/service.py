@@ -17,6 +17,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -465,7 +466,13 @@ class _Poller:
         return kept
 
     def _store_batch(
-        self, folder: str, uidvalidity: int, batch: list[_Fetched], *, dedupe: bool
+        self,
+        folder: str,
+        uidvalidity: int,
+        batch: list[_Fetched],
+        *,
+        dedupe: bool,
+        advance_cursor: bool = True,
     ) -> None:
         if not batch:
             return
@@ -512,7 +519,8 @@ class _Poller:
                     .where(Account.id == self.account_id)
                     .values(message_count=Account.message_count + len(inserted))
                 )
-            self._advance_cursor(session, folder, uidvalidity, last_uid)
+            if advance_cursor:
+                self._advance_cursor(session, folder, uidvalidity, last_uid)
         self.new_ids.extend(sorted(message_id for message_id, _uid, _size in inserted))
         self.new_bytes += sum(size for _id, _uid, size in inserted)
 
@@ -645,6 +653,35 @@ def _aware(value: Any) -> datetime | None:
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+# -- backfill (backend/processing/backfill.py) ---------------------------------------------
+
+
+@contextmanager
+def open_mailbox(account: Account) -> Iterator[IMAPClient]:
+    """A logged-in connection to the account's server, made as a poll makes it."""
+    client = imap.open_account(
+        account, credentials=_credential_loader(account, _save_credentials(account.id))
+    )
+    try:
+        yield client
+    finally:
+        imap.close(client)
+
+
+def store_uids(
+    client: IMAPClient, account: Account, folder: str, uidvalidity: int, uids: Sequence[int]
+) -> list[int]:
+    """Fetch and store these UIDs of the selected folder as a poll does (what is held
+    already is not stored again), without moving the folder cursor: UIDs picked out of
+    order must not make the next poll skip the ones between. Returns the new message ids
+    for the caller to hand on."""
+    poller = _Poller(account)
+    dedupe = poller._has_other_generations(folder, uidvalidity)
+    for batch in poller._fetch(client, sorted(uids)):
+        poller._store_batch(folder, uidvalidity, batch, dedupe=dedupe, advance_cursor=False)
+    return poller.new_ids
 
 
 # -- checking an account -----------------------------------------------------------------

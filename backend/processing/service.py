@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.db import session_scope
@@ -66,6 +67,32 @@ def emit_account_event(account_id: int, event_type: str, *, use_celery: bool) ->
             return
         delivery_ids = webhooks.create_account_event(session, account, event_type)
     webhooks.dispatch(delivery_ids, use_celery=use_celery)
+
+
+def sweep(*, use_celery: bool, limit: int = 500) -> dict[str, int]:
+    """Pick up work whose task was lost (Redis flushed, a worker killed before acking):
+    messages never processed and deliveries well past due. Run periodically; what it
+    sends twice is harmless (processing and delivery attempts are idempotent)."""
+    cutoff = utcnow() - webhooks.SWEEP_GRACE
+    with session_scope() as session:
+        message_ids = list(
+            session.scalars(
+                select(Message.id)
+                .where(Message.processed_at.is_(None), Message.ingested_at < cutoff)
+                .order_by(Message.id)
+                .limit(limit)
+            )
+        )
+        delivery_ids = webhooks.due_for_sweep(session, limit=limit)
+    if message_ids or delivery_ids:
+        log.warning(
+            "sweep: %d messages never processed, %d deliveries past due: sending them again",
+            len(message_ids),
+            len(delivery_ids),
+        )
+    hand_on(message_ids, use_celery=use_celery)
+    webhooks.dispatch(delivery_ids, use_celery=use_celery)
+    return {"messages": len(message_ids), "deliveries": len(delivery_ids)}
 
 
 def hand_on(message_ids: Sequence[int], *, use_celery: bool) -> None:

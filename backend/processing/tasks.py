@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from backend.celery_app import app
 from backend.processing.service import process_and_send
+from backend.processing.service import sweep as sweep_lost_work
 
 
 # A step that fails (the database away for a moment) is tried again; the message stays
@@ -16,3 +17,9 @@ from backend.processing.service import process_and_send
 )
 def process(message_id: int) -> bool:
     return process_and_send(message_id, use_celery=True)
+
+
+@app.task(name="message.sweep")
+def sweep() -> dict[str, int]:
+    """Periodic (beat_schedule in backend/celery_app.py)."""
+    return sweep_lost_work(use_celery=True)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from email import message_from_bytes, policy
-from email.message import EmailMessage
+from email.parser import BytesHeaderParser
 from typing import Any
 
 from backend.config import get_settings
+from backend.mailbox.parser import decode_words
 from backend.models import Account, Message, WebhookDelivery
 from backend.storage import service as storage
 from backend.storage.base import StorageError
@@ -86,62 +86,31 @@ def message_data(message: Message, account: Account) -> dict[str, Any]:
 
 
 def _content(message: Message, max_bytes: int) -> dict[str, Any]:
-    """Headers and bodies, parsed again from the stored raw bytes."""
-    content: dict[str, Any] = {
-        "headers": [],
-        "text": None,
-        "text_truncated": False,
-        "html": None,
-        "html_truncated": False,
-        "body_error": None,
-    }
+    """Bodies as ingestion decoded them; headers decoded from the stored raw bytes."""
+    content: dict[str, Any] = {"headers": [], "raw_error": None}
+    for key, text in (("text", message.text_body), ("html", message.html_body)):
+        content[key], content[f"{key}_truncated"] = _cut(text, max_bytes)
     if not (message.storage_backend and message.storage_key):
         return content
     try:
         raw = storage.get_object(message.storage_backend, message.storage_key)
     except StorageError as exc:
         # The event still goes out: the receiver learns the message exists and why the
-        # bodies are missing, and can fetch raw_url later.
-        content["body_error"] = f"the stored message could not be read: {exc}"
+        # headers are missing, and can fetch raw_url later.
+        content["raw_error"] = f"the stored message could not be read: {exc}"
         return content
-    parsed = message_from_bytes(raw, policy=policy.default)
-    assert isinstance(parsed, EmailMessage)
+    # Headers only: the body is not parsed again.
+    headers = BytesHeaderParser().parsebytes(raw)
     content["headers"] = [
-        {"name": name, "value": _header_value(name, value)} for name, value in parsed.raw_items()
+        {"name": name, "value": " ".join(decode_words(value).split())}
+        for name, value in headers.items()
     ]
-    for subtype in ("plain", "html"):
-        key = "text" if subtype == "plain" else "html"
-        text = _body(parsed, subtype)
-        if text is not None:
-            content[key], content[f"{key}_truncated"] = _cut(text, max_bytes)
     return content
 
 
-def _header_value(name: str, value: str) -> str:
-    try:
-        return str(policy.default.header_fetch_parse(name, value))
-    except Exception:  # malformed header: the raw text is better than nothing
-        return value
-
-
-def _body(parsed: EmailMessage, subtype: str) -> str | None:
-    try:
-        part = parsed.get_body(preferencelist=(subtype,))
-    except Exception:
-        return None
-    if part is None:
-        return None
-    try:
-        text = part.get_content()
-    except Exception:  # unknown charset or broken transfer encoding
-        payload = part.get_payload(decode=True)
-        if not isinstance(payload, bytes):
-            return None
-        text = payload.decode("utf-8", errors="replace")
-    return text if isinstance(text, str) else None
-
-
-def _cut(text: str, max_bytes: int) -> tuple[str, bool]:
+def _cut(text: str | None, max_bytes: int) -> tuple[str | None, bool]:
+    if text is None:
+        return None, False
     encoded = text.encode("utf-8")
     if len(encoded) <= max_bytes:
         return text, False

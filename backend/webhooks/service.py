@@ -75,13 +75,6 @@ def resolve_target(kind: str, account: Account) -> Target | None:
     return Target("account", account.webhook_url, secret or None)
 
 
-def set_account_target(account: Account, url: str | None, secret: str | None) -> None:
-    """How the accounts API stores an account's own webhook (the secret encrypted)."""
-    account.webhook_url = url or None
-    if secret is not None:
-        account.webhook_secret_encrypted = crypto.encrypt(secret) if secret else None
-
-
 def _create(
     session: Session,
     account: Account,
@@ -144,11 +137,6 @@ def pending_for_message(session: Session, message_id: int) -> list[int]:
             )
         )
     )
-
-
-def use_celery() -> bool:
-    """Whether deliveries started by the API go to Celery or run in this process."""
-    return get_settings().scheduler_mode == "celery"
 
 
 def dispatch(delivery_ids: Sequence[int], *, use_celery: bool, delay: float = 0.0) -> None:

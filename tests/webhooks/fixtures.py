@@ -12,6 +12,7 @@ from email.message import EmailMessage
 import pytest
 from sqlalchemy.orm import Session
 
+from backend.mailbox.parser import parse_message
 from backend.models import Account, Attachment, Message
 from backend.storage import service as storage
 from backend.storage.base import attachment_key, message_key
@@ -63,15 +64,18 @@ def store_message(db: Session, account: Account, uid: int, raw: bytes | None = N
     """A message as ingestion leaves it: raw bytes stored, rows committed, not processed."""
     raw = raw if raw is not None else sample_email(uid)
     key = message_key(account.id, "INBOX", 1, uid)
+    parsed = parse_message(raw)
     message = Message(
         account_id=account.id,
         folder="INBOX",
         uidvalidity=1,
         uid=uid,
-        message_id=f"<m{uid}@example.org>",
-        subject=f"Grüße {uid}",
-        from_addr="Zoë Sender <zoe@example.org>",
-        to_addrs=["inbox@example.com"],
+        message_id=parsed.message_id,
+        subject=parsed.subject,
+        from_addr=parsed.from_addr,
+        to_addrs=parsed.to_addrs,
+        text_body=parsed.text_body,
+        html_body=parsed.html_body,
         size=len(raw),
         content_hash=hashlib.sha256(raw).hexdigest(),
         storage_backend=storage.put_object(key, raw, "message/rfc822"),
