@@ -9,10 +9,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend import crypto
-from backend.models import Message, WebhookDelivery
+from backend.models import Account, Message, WebhookDelivery
 from backend.processing.service import after_poll, hand_on, process_and_send
 from backend.webhooks import signing
-from tests.support.api import insert_account
+from tests.support.api import account_payload, insert_account
 from tests.webhooks.fixtures import SECRET, store_message
 from tests.webhooks.receiver import Receiver, Reply, wait_until
 
@@ -114,6 +114,25 @@ def test_account_target_gets_its_own_signed_copy(
         assert request.headers["x-mailbeat-event-id"] != receiver.event_ids()[0]
     finally:
         own.down()
+
+
+def test_an_account_webhook_set_through_the_api_is_used(
+    db: Session, api: TestClient, receiver: Receiver, webhooks_on: Callable[..., None]
+) -> None:
+    webhooks_on(WEBHOOK_URL=None)
+    payload = account_payload(webhook_url=receiver.url, webhook_secret=SECRET)
+    created = api.post("/accounts", json=payload)
+    assert created.status_code == 201, created.text
+    assert SECRET not in created.text
+    account = db.get(Account, created.json()["id"])
+    assert account is not None
+    message = store_message(db, account, 1)
+
+    hand_on([message.id], use_celery=False)
+
+    [request] = receiver.delivered()
+    assert request.json()["data"]["account"]["id"] == account.id
+    _assert_signed(receiver)
 
 
 def test_a_receiver_that_fails_then_recovers_gets_everything(
