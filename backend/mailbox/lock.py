@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "mailbeat:lock:mailbox:"
 # How long the lock outlives the poll's hard time limit (the worker kills the poll then).
-EXPIRY_MARGIN_SECONDS = 60
+EXPIRY_MARGIN_SECONDS = 30
 
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then

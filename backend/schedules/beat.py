@@ -4,7 +4,8 @@ everything needs.
 - At start, the schedule is reconciled with the database.
 - Every few seconds the tick checks (one EXISTS) that the schedule is still in Redis;
   when it is gone (FLUSHALL, a failover to an empty replica) the static entries are put
-  back and, if the database has mailboxes, the schedule is rebuilt at once.
+  back and the schedule is rebuilt from the database at once. (Celery sends tasks to
+  their queue by name, so the queues need no re-declaring.)
 - RedBeat's lock (one active beat) vanishes with the data, and RedBeat would then crash
   on its next tick: the lock is taken again, or, if another beat took it meanwhile, this
   beat stands by until it is free.
