@@ -127,6 +127,10 @@ def connect(
         raise translate(exc, stage=stage) from exc
     # Aware datetimes from INTERNALDATE (imapclient otherwise converts to naive local time).
     client.normalise_times = False
+    # imapclient turns imaplib's debug output up to 5, and imaplib then formats the repr
+    # of every response, message bodies included, whether or not anything is logged:
+    # that costs more than parsing the messages.
+    client._imap.debug = 0
     return client
 
 

@@ -13,17 +13,21 @@ on the account and a PollRun row. Its caller hands the new messages on afterward
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
-from sqlalchemy import ColumnElement, func, insert, select, update
+from sqlalchemy import ColumnElement, Table, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -47,6 +51,13 @@ METADATA_CHUNK = 1000
 # Bodies fetched in one round trip stay under this many bytes (one larger message is
 # fetched alone), so a batch of big messages cannot exhaust a worker's memory.
 BATCH_MAX_BYTES = 32 * 1024 * 1024
+# Objects are written by this many threads while the poll parses the next message: a
+# write is mostly waiting (fsync, or an S3 round trip), not Python.
+STORE_THREADS = 8
+
+# Core tables: rows are inserted in bulk without ORM objects.
+MESSAGES = cast(Table, Message.__table__)
+ATTACHMENTS = cast(Table, Attachment.__table__)
 
 OUTCOME_BY_KIND = {
     "auth": "auth_error",
@@ -93,6 +104,7 @@ class _Fetched:
     internal_date: datetime | None
     flags: list[str]
     body: bytes | None = None  # None: larger than MAX_MESSAGE_BYTES, not fetched
+    content_hash: str | None = None  # sha256 hex of body
 
 
 # -- credentials -------------------------------------------------------------------------
@@ -294,10 +306,16 @@ class _Poller:
         self.max_bytes = settings.max_message_bytes
         self.new_ids: list[int] = []
         self.new_bytes = 0
+        self.uploads: list[tuple[dict[str, Any], Future[str]]] = []
 
     def poll_folders(self, client: IMAPClient) -> ImapError | None:
         """Poll each folder; a folder the server refuses does not stop the others, but a
         lost connection does. Returns the first folder error, if any."""
+        with ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="mailbox-store") as pool:
+            self.pool = pool
+            return self._poll_folders(client)
+
+    def _poll_folders(self, client: IMAPClient) -> ImapError | None:
         first_error: ImapError | None = None
         for folder in self.account.folders or ["INBOX"]:
             try:
@@ -324,7 +342,7 @@ class _Poller:
             uids = sorted(uid for uid in found if uid > cursor)
             ceiling = max(uids, default=cursor)
         dedupe = self._has_other_generations(folder, uidvalidity)
-        for batch in self._fetch(client, uids):
+        for batch in _prefetched(self._fetch(client, uids)):
             self._store_batch(folder, uidvalidity, batch, dedupe=dedupe)
         if ceiling > (cursor or 0):
             # Messages the initial-sync policy left out stay behind the cursor for good.
@@ -461,6 +479,8 @@ class _Poller:
                 continue  # expunged between the two fetches
             item.body = bytes(body)
             item.size = len(item.body)
+            # Hashed here, in the fetching thread, off the storing thread's path.
+            item.content_hash = hashlib.sha256(item.body).hexdigest()
             kept.append(item)
         return kept
 
@@ -469,34 +489,32 @@ class _Poller:
     ) -> None:
         if not batch:
             return
-        hashes = {
-            item.uid: hashlib.sha256(item.body).hexdigest()
-            for item in batch
-            if item.body is not None
-        }
-        held = self._held_hashes(folder, uidvalidity, set(hashes.values())) if dedupe else set()
+        hashes = {item.content_hash for item in batch if item.content_hash is not None}
+        held = self._held_hashes(folder, uidvalidity, hashes) if dedupe else set()
         rows: list[dict[str, Any]] = []
         attachments: dict[int, list[dict[str, Any]]] = {}
         for item in batch:
-            content_hash = hashes.get(item.uid)
-            if content_hash is not None and content_hash in held:
+            if item.content_hash is not None and item.content_hash in held:
                 continue  # held from before the UIDVALIDITY change
-            row, parts = self._prepare(folder, uidvalidity, item, content_hash)
+            row, parts = self._prepare(folder, uidvalidity, item)
             rows.append(row)
             attachments[item.uid] = parts
+        self._wait_for_uploads()
         last_uid = max(item.uid for item in batch)
         with session_scope() as session:
             inserted: list[tuple[int, int, int]] = []
             if rows:
+                # executemany: the statement is compiled once and cached, and the driver
+                # sends the rows in multi-row INSERTs (insertmanyvalues).
                 inserted = [
                     (row.id, row.uid, row.size)
-                    for row in session.execute(
-                        _insert(session, Message)
-                        .values(rows)
+                    for row in session.connection().execute(
+                        _insert(session, MESSAGES)
                         .on_conflict_do_nothing(
                             index_elements=["account_id", "folder", "uidvalidity", "uid"]
                         )
-                        .returning(Message.id, Message.uid, Message.size)
+                        .returning(Message.id, Message.uid, Message.size),
+                        rows,
                     )
                 ]
             attachment_rows = [
@@ -505,7 +523,7 @@ class _Poller:
                 for part in attachments[uid]
             ]
             if attachment_rows:
-                session.execute(insert(Attachment), attachment_rows)
+                session.connection().execute(insert(ATTACHMENTS), attachment_rows)
             if inserted:
                 session.execute(
                     update(Account)
@@ -532,7 +550,7 @@ class _Poller:
             )
 
     def _prepare(
-        self, folder: str, uidvalidity: int, item: _Fetched, content_hash: str | None
+        self, folder: str, uidvalidity: int, item: _Fetched
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Store the message's objects; return its row and its attachment rows."""
         row: dict[str, Any] = {
@@ -549,7 +567,7 @@ class _Poller:
             "internal_date": item.internal_date,
             "flags": item.flags,
             "size": item.size,
-            "content_hash": content_hash,
+            "content_hash": item.content_hash,
             "text_body": None,
             "html_body": None,
             "storage_backend": None,
@@ -564,8 +582,7 @@ class _Poller:
             )
             return row, []
         key = message_key(self.account_id, folder, uidvalidity, item.uid)
-        row["storage_backend"] = storage.put_object(key, item.body, "message/rfc822")
-        row["storage_key"] = key
+        self._upload(row, key, item.body, "message/rfc822")
         try:
             parsed = parse_message(item.body)
         except Exception as exc:
@@ -582,21 +599,28 @@ class _Poller:
                 index=index,
                 safe_name=attachment.safe_name,
             )
-            parts.append(
-                {
-                    "filename": attachment.filename,
-                    "safe_name": attachment.safe_name,
-                    "content_type": attachment.content_type,
-                    "content_id": attachment.content_id,
-                    "size": len(attachment.data),
-                    "content_hash": hashlib.sha256(attachment.data).hexdigest(),
-                    "storage_backend": storage.put_object(
-                        part_key, attachment.data, attachment.content_type
-                    ),
-                    "storage_key": part_key,
-                }
-            )
+            part = {
+                "filename": attachment.filename,
+                "safe_name": attachment.safe_name,
+                "content_type": attachment.content_type,
+                "content_id": attachment.content_id,
+                "size": len(attachment.data),
+                "content_hash": hashlib.sha256(attachment.data).hexdigest(),
+            }
+            self._upload(part, part_key, attachment.data, attachment.content_type)
+            parts.append(part)
         return row, parts
+
+    def _upload(self, row: dict[str, Any], key: str, data: bytes, content_type: str) -> None:
+        row["storage_key"] = key
+        self.uploads.append((row, self.pool.submit(storage.put_object, key, data, content_type)))
+
+    def _wait_for_uploads(self) -> None:
+        """Every object of the batch is stored before its rows are written; a failed
+        write fails the batch (nothing committed, the cursor stays)."""
+        uploads, self.uploads = self.uploads, []
+        for row, future in uploads:
+            row["storage_backend"] = future.result()
 
     def _advance_cursor(self, session: Session, folder: str, uidvalidity: int, uid: int) -> None:
         # Never backwards (a concurrent poll may be ahead); never under another UIDVALIDITY.
@@ -609,6 +633,42 @@ class _Poller:
             )
             .values(last_uid=_greatest(session, FolderCursor.last_uid, uid), updated_at=utcnow())
         )
+
+
+def _prefetched(batches: Iterator[list[_Fetched]]) -> Iterator[list[_Fetched]]:
+    """Fetch the next batch in a thread while the caller stores this one: the server, the
+    socket and the parser then work at the same time. Errors reach the caller in order."""
+    ready: queue.Queue[list[_Fetched] | BaseException | None] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        ready.put(batch, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(None)
+        except BaseException as exc:  # handed to the consumer, raised there
+            ready.put(exc)
+
+    producer = threading.Thread(target=produce, name="mailbox-fetch", daemon=True)
+    producer.start()
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while producer.is_alive():
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.5)
+        producer.join()
 
 
 def _parsed_fields(parsed: ParsedMessage) -> dict[str, Any]:
@@ -624,7 +684,7 @@ def _parsed_fields(parsed: ParsedMessage) -> dict[str, Any]:
     }
 
 
-def _insert(session: Session, table: type[Any]) -> Any:
+def _insert(session: Session, table: type[Any] | Table) -> Any:
     """INSERT with ON CONFLICT for the session's database (PostgreSQL or SQLite)."""
     if session.get_bind().dialect.name == "postgresql":
         return postgresql.insert(table)
