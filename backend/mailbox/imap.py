@@ -74,12 +74,16 @@ def translate(exc: BaseException, *, stage: Stage = "folder") -> ImapError:
         return ImapDnsError(f"cannot resolve the IMAP host: {exc}")
     if isinstance(exc, ssl.SSLError | ssl.CertificateError):
         return ImapTlsError(f"TLS failed: {exc}")
-    if isinstance(exc, TimeoutError):
-        return ImapConnectionError(f"timed out ({stage}): {exc or 'no answer'}")
+    # Not a TLS error: while connecting (even on an implicit-TLS port) it is the network.
+    network_stage: Stage = "connect" if stage in ("dns", "tls") else stage
     error: ImapError
+    if isinstance(exc, TimeoutError):
+        error = ImapConnectionError(f"timed out ({network_stage}): {exc or 'no answer'}")
+        error.stage = network_stage
+        return error
     if isinstance(exc, IMAPClientAbortError | OSError | EOFError):
-        error = ImapConnectionError(f"connection lost ({stage}): {_text(exc)}")
-        error.stage = "connect" if stage == "dns" else stage
+        error = ImapConnectionError(f"connection failed ({network_stage}): {_text(exc)}")
+        error.stage = network_stage
         return error
     if isinstance(exc, IMAPClientError):
         error = ImapProtocolError(f"server refused ({stage}): {_text(exc)}")

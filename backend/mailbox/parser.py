@@ -8,6 +8,7 @@ Text going to the database is made valid UTF-8 without NUL (PostgreSQL refuses b
 
 from __future__ import annotations
 
+import codecs
 import email
 import email.parser
 import mimetypes
@@ -163,14 +164,21 @@ def decode_words(value: Any) -> str:
 
 
 def _bytes_to_text(data: bytes, charset: str | None) -> str:
-    for candidate in (charset, "utf-8"):
-        if not candidate or candidate == "unknown-8bit":
+    """Text in its declared charset; mislabelled UTF-8 (common) is still read as UTF-8."""
+    codec = charset if charset and charset != "unknown-8bit" else None
+    if codec is not None:
+        try:
+            codecs.lookup(codec)
+        except LookupError:
+            codec = None
+    for candidate in (codec, "utf-8"):
+        if candidate is None:
             continue
         try:
             return data.decode(candidate)
-        except (LookupError, UnicodeDecodeError):
+        except UnicodeDecodeError:
             continue
-    return data.decode("latin-1")
+    return data.decode(codec or "latin-1", "replace")
 
 
 def _header_text(msg: EmailMessage, name: str, *, limit: int | None = None) -> str | None:
@@ -217,7 +225,8 @@ def _date(value: Any) -> datetime | None:
 
 
 def _walk(part: EmailMessage, parsed: ParsedMessage) -> None:
-    if part.is_multipart():
+    # An attached message (message/rfc822) is one attachment, not more bodies.
+    if part.is_multipart() and part.get_content_maintype() != "message":
         for child in part.get_payload():
             if isinstance(child, EmailMessage):
                 _walk(child, parsed)
@@ -254,10 +263,9 @@ def _walk(part: EmailMessage, parsed: ParsedMessage) -> None:
 
 
 def _part_bytes(part: EmailMessage) -> bytes:
-    if part.get_content_maintype() == "message":
-        inner = part.get_payload()
-        if isinstance(inner, list) and inner and isinstance(inner[0], EmailMessage):
-            return inner[0].as_bytes()
+    inner = part.get_payload()
+    if isinstance(inner, list):  # message/rfc822 (one message), message/delivery-status
+        return b"\n".join(m.as_bytes() for m in inner if isinstance(m, EmailMessage))
     payload = part.get_payload(decode=True)
     if isinstance(payload, bytes):
         return payload

@@ -107,6 +107,22 @@ class _Fetched:
     content_hash: str | None = None  # sha256 hex of body
 
 
+# A row and the write of its object (the row's storage_backend comes from it).
+_Upload = tuple[dict[str, Any], Future[str]]
+
+
+@dataclass
+class _Prepared:
+    """A parsed batch whose objects are being written."""
+
+    folder: str
+    uidvalidity: int
+    last_uid: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    attachments: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    uploads: list[_Upload] = field(default_factory=list)
+
+
 # -- credentials -------------------------------------------------------------------------
 
 
@@ -306,7 +322,6 @@ class _Poller:
         self.max_bytes = settings.max_message_bytes
         self.new_ids: list[int] = []
         self.new_bytes = 0
-        self.uploads: list[tuple[dict[str, Any], Future[str]]] = []
 
     def poll_folders(self, client: IMAPClient) -> ImapError | None:
         """Poll each folder; a folder the server refuses does not stop the others, but a
@@ -342,8 +357,16 @@ class _Poller:
             uids = sorted(uid for uid in found if uid > cursor)
             ceiling = max(uids, default=cursor)
         dedupe = self._has_other_generations(folder, uidvalidity)
+        # A batch is committed once the next one is parsed: its objects are written
+        # meanwhile. Batches still commit in order, each with its cursor.
+        pending: _Prepared | None = None
         for batch in _prefetched(self._fetch(client, uids)):
-            self._store_batch(folder, uidvalidity, batch, dedupe=dedupe)
+            prepared = self._prepare_batch(folder, uidvalidity, batch, dedupe=dedupe)
+            if pending is not None:
+                self._commit_batch(pending)
+            pending = prepared
+        if pending is not None:
+            self._commit_batch(pending)
         if ceiling > (cursor or 0):
             # Messages the initial-sync policy left out stay behind the cursor for good.
             with session_scope() as session:
@@ -484,23 +507,32 @@ class _Poller:
             kept.append(item)
         return kept
 
-    def _store_batch(
+    def _prepare_batch(
         self, folder: str, uidvalidity: int, batch: list[_Fetched], *, dedupe: bool
-    ) -> None:
+    ) -> _Prepared | None:
+        """Parse a batch and start writing its objects."""
         if not batch:
-            return
+            return None
         hashes = {item.content_hash for item in batch if item.content_hash is not None}
         held = self._held_hashes(folder, uidvalidity, hashes) if dedupe else set()
-        rows: list[dict[str, Any]] = []
-        attachments: dict[int, list[dict[str, Any]]] = {}
+        prepared = _Prepared(folder=folder, uidvalidity=uidvalidity, last_uid=batch[-1].uid)
         for item in batch:
             if item.content_hash is not None and item.content_hash in held:
                 continue  # held from before the UIDVALIDITY change
-            row, parts = self._prepare(folder, uidvalidity, item)
-            rows.append(row)
-            attachments[item.uid] = parts
-        self._wait_for_uploads()
-        last_uid = max(item.uid for item in batch)
+            row, parts = self._prepare(folder, uidvalidity, item, prepared.uploads)
+            prepared.rows.append(row)
+            prepared.attachments[item.uid] = parts
+        return prepared
+
+    def _commit_batch(self, prepared: _Prepared | None) -> None:
+        """Once every object of the batch is written, insert its rows and move the cursor
+        in one transaction. A failed write fails the batch: nothing is committed."""
+        if prepared is None:
+            return
+        for row, future in prepared.uploads:
+            row["storage_backend"] = future.result()
+        folder, uidvalidity, last_uid = prepared.folder, prepared.uidvalidity, prepared.last_uid
+        rows, attachments = prepared.rows, prepared.attachments
         with session_scope() as session:
             inserted: list[tuple[int, int, int]] = []
             if rows:
@@ -550,7 +582,7 @@ class _Poller:
             )
 
     def _prepare(
-        self, folder: str, uidvalidity: int, item: _Fetched
+        self, folder: str, uidvalidity: int, item: _Fetched, uploads: list[_Upload]
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Store the message's objects; return its row and its attachment rows."""
         row: dict[str, Any] = {
@@ -582,7 +614,7 @@ class _Poller:
             )
             return row, []
         key = message_key(self.account_id, folder, uidvalidity, item.uid)
-        self._upload(row, key, item.body, "message/rfc822")
+        self._upload(uploads, row, key, item.body, "message/rfc822")
         try:
             parsed = parse_message(item.body)
         except Exception as exc:
@@ -607,20 +639,20 @@ class _Poller:
                 "size": len(attachment.data),
                 "content_hash": hashlib.sha256(attachment.data).hexdigest(),
             }
-            self._upload(part, part_key, attachment.data, attachment.content_type)
+            self._upload(uploads, part, part_key, attachment.data, attachment.content_type)
             parts.append(part)
         return row, parts
 
-    def _upload(self, row: dict[str, Any], key: str, data: bytes, content_type: str) -> None:
+    def _upload(
+        self,
+        uploads: list[_Upload],
+        row: dict[str, Any],
+        key: str,
+        data: bytes,
+        content_type: str,
+    ) -> None:
         row["storage_key"] = key
-        self.uploads.append((row, self.pool.submit(storage.put_object, key, data, content_type)))
-
-    def _wait_for_uploads(self) -> None:
-        """Every object of the batch is stored before its rows are written; a failed
-        write fails the batch (nothing committed, the cursor stays)."""
-        uploads, self.uploads = self.uploads, []
-        for row, future in uploads:
-            row["storage_backend"] = future.result()
+        uploads.append((row, self.pool.submit(storage.put_object, key, data, content_type)))
 
     def _advance_cursor(self, session: Session, folder: str, uidvalidity: int, uid: int) -> None:
         # Never backwards (a concurrent poll may be ahead); never under another UIDVALIDITY.
