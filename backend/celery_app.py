@@ -39,21 +39,55 @@ app.conf.update(
     task_routes={
         "mailbox.*": {"queue": "email"},
         "message.*": {"queue": "workflow"},
+        "webhook.*": {"queue": "workflow"},
     },
-    # RedBeat: its own Redis; a tick of ~1 s keeps dispatch lateness low; the lock must
+    # A poll's limits sit above the IMAP timeouts: IMAP notices a stuck server first, the
+    # soft limit lets a hung poll record its failure, the hard limit kills it.
+    task_annotations={
+        "mailbox.poll": {
+            "soft_time_limit": settings.poll_soft_time_limit_seconds,
+            "time_limit": settings.poll_time_limit_seconds,
+        }
+    },
+    # RedBeat (with mailbeat's reconcile on top, backend/schedules/beat.py): its own
+    # Redis, with timeouts; a tick of ~1 s keeps dispatch lateness low; the lock must
     # outlive the slowest tick, or a second beat takes over mid-tick and sends duplicates.
-    beat_scheduler="redbeat.RedBeatScheduler",
+    beat_scheduler="backend.schedules.beat:MailbeatScheduler",
     redbeat_redis_url=settings.effective_redbeat_redis_url,
+    redbeat_redis_options={
+        "socket_timeout": settings.redis_socket_timeout,
+        "socket_connect_timeout": settings.redis_socket_timeout,
+        "health_check_interval": 30,
+    },
     redbeat_key_prefix="redbeat:",
     redbeat_lock_timeout=300,
     beat_max_loop_interval=1,
-    imports=("backend.processing.tasks", "backend.storage.tasks"),
     beat_schedule={
+        # The database is the truth: beat rebuilds the schedule from it now and then,
+        # which also repairs an entry whose update after a commit failed.
+        "schedules.reconcile": {
+            "task": "schedules.reconcile",
+            "schedule": settings.reconcile_interval_seconds,
+            "options": {"expires": settings.reconcile_interval_seconds},
+        },
         # Objects that fell back to local files while S3 was down go up once it answers.
         "storage-sync": {
             "task": "storage.sync",
             "schedule": settings.storage_sync_interval_seconds,
             "options": {"expires": settings.storage_sync_interval_seconds},
         },
+        # Processing and deliveries whose task was lost (Redis flushed, a worker killed).
+        "processing-sweep": {
+            "task": "message.sweep",
+            "schedule": settings.processing_sweep_interval_seconds,
+            "options": {"expires": settings.processing_sweep_interval_seconds},
+        },
     },
+    imports=(
+        "backend.processing.tasks",
+        "backend.storage.tasks",
+        "backend.webhooks.tasks",
+        "backend.mailbox.tasks",
+        "backend.schedules.tasks",
+    ),
 )

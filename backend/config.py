@@ -80,7 +80,18 @@ class Settings(BaseSettings):
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
     webhook_timeout_seconds: float = 10.0
-    webhook_max_attempts: int = 8
+    webhook_connect_timeout_seconds: float = 5.0
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    # Retry n waits about base * 2**(n-1) seconds (with jitter), at most the maximum.
+    webhook_backoff_base_seconds: float = Field(default=10.0, ge=0)
+    webhook_backoff_max_seconds: float = Field(default=3600.0, ge=0)
+    # Text and HTML bodies in a message.received event are cut to this many bytes each.
+    webhook_body_max_bytes: int = Field(default=256 * 1024, ge=0)
+    # Receivers should refuse a signature older than this (the replay window).
+    webhook_signature_tolerance_seconds: int = 300
+    # How often work whose task was lost (Redis flushed, a worker killed) is picked up:
+    # messages never processed, deliveries past due.
+    processing_sweep_interval_seconds: int = Field(default=300, ge=10)
     public_base_url: str = "http://127.0.0.1:8000"
 
     # Metrics: prometheus-client multiprocess files, shared by the API and the workers on

@@ -3,38 +3,106 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend import metrics
-from backend.errors import MailbeatError
+from backend.accounts.endpoints import router as accounts_router
+from backend.admin.endpoints import health_router
+from backend.admin.endpoints import router as admin_router
+from backend.config import get_settings
+from backend.errors import MailbeatError, error_responses
+from backend.messages.endpoints import router as messages_router
+from backend.processing.endpoints import router as processing_router
+from backend.schedules import service as schedules
+from backend.webhooks.endpoints import router as webhooks_router
 
 log = logging.getLogger(__name__)
+
+DESCRIPTION = """Admin API for mailbeat, the IMAP ingestion service.
+
+Every route but `/health` and `/metrics` needs `Authorization: Bearer $ADMIN_API_TOKEN`.
+Errors are `{"error": "<Name>", "detail": "..."}`; validation errors (422) also list each
+problem in `errors`. Passwords and tokens are write-only: no response carries them.
+"""
 
 
 @asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     metrics.multiproc_dir()
-    yield
+    # Without Redis the API process runs the polls itself (local mode).
+    if schedules.start_local_scheduler_if_needed():
+        log.info("local mode: this process runs the in-process poll scheduler")
+    try:
+        yield
+    finally:
+        schedules.stop_local_scheduler()
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """Where and what, without pydantic's `input` and `ctx`: the input may be a password."""
+    return [
+        {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type")}
+        for error in exc.errors()
+    ]
 
 
 def create_app() -> FastAPI:
     app = FastAPI(
         title="mailbeat",
         version="0.1.0",
-        description="Admin API for mailbeat, the IMAP ingestion service.",
+        description=DESCRIPTION,
         lifespan=lifespan,
     )
+    app.include_router(accounts_router)
+    app.include_router(messages_router)
+    app.include_router(admin_router)
+    app.include_router(health_router)
+    # These routers answer in our error shapes too; documented here for all their routes.
+    app.include_router(webhooks_router, responses=error_responses(401, 404))
+    app.include_router(processing_router, responses=error_responses(401, 404, 409, 503))
     app.include_router(metrics.router)
 
     @app.exception_handler(MailbeatError)
     async def _mailbeat_error(_request: Request, exc: MailbeatError) -> JSONResponse:
         return JSONResponse(
-            status_code=exc.status_code, content={"error": exc.name, "detail": exc.message}
+            status_code=exc.status_code,
+            content={"error": exc.name, "detail": exc.message},
+            headers={"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = _validation_errors(exc)
+        detail = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc'] if part != 'body') or 'body'}: {e['msg']}"
+            for e in errors
+        )
+        return JSONResponse(
+            status_code=422,
+            content={"error": "ValidationError", "detail": detail, "errors": errors},
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Routing errors (404 unknown path, 405 method) in the same shape as ours.
+        names = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed"}
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette lists the methods of the first route that matched the path only.
+            headers["Allow"] = ", ".join(_allowed_methods(app, request.url.path))
+        return JSONResponse(
+            status_code=exc.status_code,
+            content={"error": names.get(exc.status_code, "HTTPError"), "detail": str(exc.detail)},
+            headers=headers or None,
         )
 
     @app.exception_handler(Exception)
@@ -51,7 +119,41 @@ def create_app() -> FastAPI:
             },
         )
 
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        return _with_interval_bounds(default_openapi())
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _with_interval_bounds(schema: dict[str, Any]) -> dict[str, Any]:
+    """The poll interval's bounds are settings, so they are written into the schema when
+    it is served rather than fixed in the models at import."""
+    settings = get_settings()
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("AccountCreate", "AccountUpdate"):
+        field = components.get(name, {}).get("properties", {}).get("poll_interval_seconds", {})
+        for option in field.get("anyOf", [field]):
+            if option.get("type") == "integer":
+                option["minimum"] = settings.min_poll_interval_seconds
+                option["maximum"] = settings.max_poll_interval_seconds
+    return schema
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods the schema lists for this path. A literal path (/admin/celery/tasks/sync)
+    is its own resource even where a template (/admin/celery/tasks/{task_id}) matches too."""
+    paths: dict[str, dict[str, Any]] = app.openapi().get("paths", {})
+    if path in paths:
+        return sorted(method.upper() for method in paths[path])
+    methods: set[str] = set()
+    for template, operations in paths.items():
+        pattern = "^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, path):
+            methods.update(method.upper() for method in operations)
+    return sorted(methods)
 
 
 app = create_app()

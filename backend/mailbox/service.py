@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
@@ -121,6 +122,7 @@ class _Prepared:
     rows: list[dict[str, Any]] = field(default_factory=list)
     attachments: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     uploads: list[_Upload] = field(default_factory=list)
+    advance_cursor: bool = True
 
 
 # -- credentials -------------------------------------------------------------------------
@@ -323,11 +325,17 @@ class _Poller:
         self.new_ids: list[int] = []
         self.new_bytes = 0
 
+    @contextmanager
+    def storing(self) -> Iterator[None]:
+        """The threads that write objects, for the duration of a poll (or a backfill)."""
+        with ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="mailbox-store") as pool:
+            self.pool = pool
+            yield
+
     def poll_folders(self, client: IMAPClient) -> ImapError | None:
         """Poll each folder; a folder the server refuses does not stop the others, but a
         lost connection does. Returns the first folder error, if any."""
-        with ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="mailbox-store") as pool:
-            self.pool = pool
+        with self.storing():
             return self._poll_folders(client)
 
     def _poll_folders(self, client: IMAPClient) -> ImapError | None:
@@ -357,20 +365,35 @@ class _Poller:
             uids = sorted(uid for uid in found if uid > cursor)
             ceiling = max(uids, default=cursor)
         dedupe = self._has_other_generations(folder, uidvalidity)
-        # A batch is committed once the next one is parsed: its objects are written
-        # meanwhile. Batches still commit in order, each with its cursor.
+        self.ingest(client, folder, uidvalidity, uids, dedupe=dedupe)
+        if ceiling > (cursor or 0):
+            # Messages the initial-sync policy left out stay behind the cursor for good.
+            with session_scope() as session:
+                self._advance_cursor(session, folder, uidvalidity, ceiling)
+
+    def ingest(
+        self,
+        client: IMAPClient,
+        folder: str,
+        uidvalidity: int,
+        uids: Sequence[int],
+        *,
+        dedupe: bool,
+        advance_cursor: bool = True,
+    ) -> None:
+        """Fetch and store these UIDs (ascending) of the selected folder, batch by batch.
+        A batch is committed once the next one is parsed: its objects are written
+        meanwhile. Batches still commit in order, each with its cursor."""
         pending: _Prepared | None = None
         for batch in _prefetched(self._fetch(client, uids)):
             prepared = self._prepare_batch(folder, uidvalidity, batch, dedupe=dedupe)
+            if prepared is not None:
+                prepared.advance_cursor = advance_cursor
             if pending is not None:
                 self._commit_batch(pending)
             pending = prepared
         if pending is not None:
             self._commit_batch(pending)
-        if ceiling > (cursor or 0):
-            # Messages the initial-sync policy left out stay behind the cursor for good.
-            with session_scope() as session:
-                self._advance_cursor(session, folder, uidvalidity, ceiling)
 
     def _cursor(self, folder: str, uidvalidity: int) -> int | None:
         """The last UID stored under this UIDVALIDITY, or None when the folder is new or
@@ -562,7 +585,8 @@ class _Poller:
                     .where(Account.id == self.account_id)
                     .values(message_count=Account.message_count + len(inserted))
                 )
-            self._advance_cursor(session, folder, uidvalidity, last_uid)
+            if prepared.advance_cursor:
+                self._advance_cursor(session, folder, uidvalidity, last_uid)
         self.new_ids.extend(sorted(message_id for message_id, _uid, _size in inserted))
         self.new_bytes += sum(size for _id, _uid, size in inserted)
 
@@ -737,6 +761,37 @@ def _aware(value: Any) -> datetime | None:
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+# -- backfill (backend/processing/backfill.py) ---------------------------------------------
+
+
+@contextmanager
+def open_mailbox(account: Account) -> Iterator[IMAPClient]:
+    """A logged-in connection to the account's server, made as a poll makes it."""
+    client = imap.open_account(
+        account, credentials=_credential_loader(account, _save_credentials(account.id))
+    )
+    try:
+        yield client
+    finally:
+        imap.close(client)
+
+
+def store_uids(
+    client: IMAPClient, account: Account, folder: str, uidvalidity: int, uids: Sequence[int]
+) -> list[int]:
+    """Fetch and store these UIDs of the selected folder as a poll does (what is held
+    already is not stored again), without moving the folder cursor: UIDs picked out of
+    order must not make the next poll skip the ones between. Returns the new message ids
+    for the caller to hand on."""
+    poller = _Poller(account)
+    with poller.storing():
+        dedupe = poller._has_other_generations(folder, uidvalidity)
+        poller.ingest(
+            client, folder, uidvalidity, sorted(uids), dedupe=dedupe, advance_cursor=False
+        )
+    return poller.new_ids
 
 
 # -- checking an account -----------------------------------------------------------------

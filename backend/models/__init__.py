@@ -4,5 +4,15 @@ from backend.models.account import Account, FolderCursor
 from backend.models.base import Base, utcnow
 from backend.models.message import Attachment, Message
 from backend.models.poll_run import PollRun
+from backend.models.webhook import WebhookDelivery
 
-__all__ = ["Account", "Attachment", "Base", "FolderCursor", "Message", "PollRun", "utcnow"]
+__all__ = [
+    "Account",
+    "Attachment",
+    "Base",
+    "FolderCursor",
+    "Message",
+    "PollRun",
+    "WebhookDelivery",
+    "utcnow",
+]

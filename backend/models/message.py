@@ -12,6 +12,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -32,6 +33,13 @@ class Message(Base):
         # Re-scan after a UIDVALIDITY change looks messages up by content hash.
         Index("ix_messages_account_folder_hash", "account_id", "folder", "content_hash"),
         Index("ix_messages_account_id_id", "account_id", "id"),
+        # The processing sweep looks for messages whose task was lost; only those are indexed.
+        Index(
+            "ix_messages_unprocessed",
+            "id",
+            postgresql_where=text("processed_at IS NULL"),
+            sqlite_where=text("processed_at IS NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)

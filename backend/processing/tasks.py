@@ -1,11 +1,25 @@
 from __future__ import annotations
 
 from backend.celery_app import app
-from backend.db import session_scope
-from backend.processing.service import process_message
+from backend.processing.service import process_and_send
+from backend.processing.service import sweep as sweep_lost_work
 
 
-@app.task(name="message.process", acks_late=True)
+# A step that fails (the database away for a moment) is tried again; the message stays
+# unprocessed until every step has run in one committed transaction.
+@app.task(
+    name="message.process",
+    acks_late=True,
+    autoretry_for=(Exception,),
+    retry_backoff=True,
+    retry_backoff_max=600,
+    max_retries=10,
+)
 def process(message_id: int) -> bool:
-    with session_scope() as session:
-        return process_message(session, message_id)
+    return process_and_send(message_id, use_celery=True)
+
+
+@app.task(name="message.sweep")
+def sweep() -> dict[str, int]:
+    """Periodic (beat_schedule in backend/celery_app.py)."""
+    return sweep_lost_work(use_celery=True)

@@ -10,8 +10,6 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import boto3
-from boto3.exceptions import Boto3Error
-from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -26,8 +24,6 @@ if TYPE_CHECKING:
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 # DeleteObjects takes at most 1000 keys per request.
 _DELETE_BATCH = 1000
-# Threads would only add contention to a worker that already runs one task at a time.
-_TRANSFER = TransferConfig(use_threads=False)
 
 
 def build_client(
@@ -85,7 +81,7 @@ def _errors(what: str) -> Iterator[None]:
         if code in _NOT_FOUND_CODES:
             raise ObjectNotFound(what) from exc
         raise StorageError(f"S3 {code or 'error'} on {what}: {error.get('Message', exc)}") from exc
-    except (BotoCoreError, Boto3Error) as exc:
+    except BotoCoreError as exc:
         raise StorageError(f"S3 unavailable on {what}: {exc}") from exc
 
 
@@ -97,21 +93,15 @@ class S3Storage:
         self.bucket = bucket
 
     def put(self, key: str, data: bytes | BinaryIO, content_type: str) -> None:
+        if isinstance(data, bytearray | memoryview):
+            data = bytes(data)
+        elif not isinstance(data, bytes) and not data.seekable():
+            data = data.read()  # botocore rewinds the body to retry, and needs its length
+        # One PUT takes up to 5 GB; a seekable stream is read as it is sent, not held whole.
+        # (upload_fileobj would also do multipart, but it closes the caller's stream, which
+        # the fallback to local files still needs.)
         with _errors(key):
-            if isinstance(data, bytes | bytearray | memoryview):
-                self.client.put_object(
-                    Bucket=self.bucket, Key=key, Body=bytes(data), ContentType=content_type
-                )
-            else:
-                # upload_fileobj reads a stream in parts, so a large message never has to
-                # sit in memory whole.
-                self.client.upload_fileobj(
-                    data,
-                    self.bucket,
-                    key,
-                    ExtraArgs={"ContentType": content_type},
-                    Config=_TRANSFER,
-                )
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
 
     def get(self, key: str) -> bytes:
         with _errors(key):

@@ -32,6 +32,7 @@ SYNC_BATCH_SIZE = 100
 HEALTH_TIMEOUT_SECONDS = 2.0
 
 T = TypeVar("T")
+_BYTES = (bytes, bytearray, memoryview)
 
 
 @lru_cache
@@ -109,10 +110,9 @@ def put_object(key: str, data: bytes | BinaryIO, content_type: str) -> str:
     "local"), which the caller records on the row."""
     s3 = s3_storage()
     if s3 is not None and _breaker.closed():
-        if not isinstance(data, bytes | bytearray | memoryview) and not data.seekable():
-            # A failed upload must be able to start over on local files.
-            data = data.read()
-        start = None if isinstance(data, bytes | bytearray | memoryview) else data.tell()
+        if not isinstance(data, _BYTES) and not data.seekable():
+            data = data.read()  # a failed upload must be able to start over on local files
+        start = 0 if isinstance(data, _BYTES) else data.tell()
         try:
             s3.put(key, data, content_type)
             return s3.name
@@ -125,7 +125,7 @@ def put_object(key: str, data: bytes | BinaryIO, content_type: str) -> str:
                 seconds,
                 exc,
             )
-            if start is not None and not isinstance(data, bytes | bytearray | memoryview):
+            if not isinstance(data, _BYTES):
                 data.seek(start)
     local = local_storage()
     local.put(key, data, content_type)
@@ -153,9 +153,10 @@ def get_object(backend_name: str, key: str) -> bytes:
 
 
 def iter_object(backend_name: str, key: str) -> Iterator[bytes]:
-    """The object in chunks; a missing object raises ObjectNotFound here, before the
-    first chunk, so an endpoint can still answer 404."""
-    return _read(backend_name, key, lambda store: store.iter_chunks(key))
+    """The object in chunks. Nothing is asked before the first next(), which raises
+    ObjectNotFound or StorageError, so a caller can read one chunk before it commits to
+    a response."""
+    yield from _read(backend_name, key, lambda store: store.iter_chunks(key))
 
 
 def delete_object(backend_name: str, key: str) -> None:
@@ -164,19 +165,11 @@ def delete_object(backend_name: str, key: str) -> None:
 
 def delete_prefix(prefix: str) -> int:
     """Delete everything under a prefix in every backend (an account's objects); returns
-    how many objects went. Raises StorageError if a backend failed (after trying all)."""
+    how many objects went. S3 goes first: when it fails (StorageError) the local files
+    are still there too, and the whole delete can simply be repeated."""
     if not prefix.strip("/"):
         raise StorageError("refusing to delete every object (empty prefix)")
-    count = 0
-    errors: list[StorageError] = []
-    for store in backends():
-        try:
-            count += store.delete_prefix(prefix)
-        except StorageError as exc:
-            errors.append(exc)
-    if errors:
-        raise StorageError(f"objects under {prefix!r} not all deleted: {errors[0]}")
-    return count
+    return sum(store.delete_prefix(prefix) for store in backends())
 
 
 def health() -> tuple[bool, str]:

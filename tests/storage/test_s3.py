@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import os
 from typing import Any
@@ -95,3 +97,19 @@ def test_client_follows_the_settings(set_env, style: str) -> None:
     assert (config.connect_timeout, config.read_timeout) == (3, 7)
     # total attempts, the first included (botocore's max_attempts counts retries only)
     assert config.retries == {"total_max_attempts": 4, "mode": "standard"}
+
+
+def test_delete_objects_carries_content_md5(store: S3Storage) -> None:
+    """OSS and older MinIO refuse DeleteObjects without it; botocore no longer adds it."""
+    seen: list[tuple[dict[str, str], bytes]] = []
+
+    def capture(request: Any, **_: Any) -> None:
+        seen.append((dict(request.headers), request.body))
+
+    store.client.meta.events.register("before-send.s3.DeleteObjects", capture)
+    store.put("p/a", b"x", "text/plain")
+    assert store.delete_prefix("p/") == 1
+    assert len(seen) == 1
+    headers, body = seen[0]
+    assert b"<Key>p/a</Key>" in body
+    assert base64.b64decode(headers["Content-MD5"]) == hashlib.md5(body).digest()

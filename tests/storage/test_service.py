@@ -50,8 +50,9 @@ def test_with_s3_objects_go_to_the_bucket(s3_bucket: str, moto_s3: MotoS3) -> No
     service.delete_object("s3", key)
     with pytest.raises(ObjectNotFound):
         service.get_object("s3", key)
+    chunks = service.iter_object("s3", key)  # asks nothing yet
     with pytest.raises(ObjectNotFound):
-        service.iter_object("s3", key)
+        next(chunks)
     ok, detail = service.health()
     assert ok
     assert detail == f"S3 bucket {s3_bucket}"
@@ -74,6 +75,15 @@ def test_unseekable_stream_survives_a_failed_upload(s3_outage: Outage) -> None:
     with os.fdopen(read, "rb", buffering=0) as pipe:
         assert service.put_object("p", pipe, "text/plain") == "local"
     assert service.get_object("local", "p") == b"from a pipe"
+
+
+def test_stream_is_rewound_for_the_local_copy(set_env, s3_outage: Outage) -> None:
+    set_env(S3_RETRY_AFTER_SECONDS=0)  # every put tries S3 first
+    s3_outage.begin()
+    stream = io.BytesIO(b"header|payload of a large message")
+    stream.seek(7)
+    assert service.put_object("s", stream, "text/plain") == "local"
+    assert service.get_object("local", "s") == b"payload of a large message"
 
 
 def test_s3_down_then_back(db: Session, s3_outage: Outage, moto_s3: MotoS3) -> None:
@@ -122,6 +132,9 @@ def test_s3_down_then_back(db: Session, s3_outage: Outage, moto_s3: MotoS3) -> N
     s3_outage.end()  # moto forgets everything: the bucket is new and empty
     # Within the retry window writes still go to local files, without waiting on S3.
     assert ingest(6).storage_backend == "local"
+    ok, detail = service.health()
+    assert ok
+    assert "answers; writes go to local files" in detail
     from backend.storage.tasks import sync_all
 
     assert sync_all() == {"moved": 10, "missing": 0, "failed": 0}
@@ -159,9 +172,13 @@ def test_delete_prefix_empties_both_backends(db: Session, s3_bucket: str, moto_s
         service.delete_prefix("/")
 
 
-def test_delete_prefix_with_s3_down_deletes_local_and_says_so(s3_outage: Outage) -> None:
+def test_delete_prefix_with_s3_down_deletes_nothing(s3_outage: Outage) -> None:
+    """S3 goes first: when it fails the local files stay too, and the delete is repeated."""
     service.local_storage().put("accounts/1/x", b"x", "text/plain")
     s3_outage.begin()
     with pytest.raises(StorageError):
         service.delete_prefix(account_prefix(1))
+    assert list(service.local_storage().keys()) == ["accounts/1/x"]
+    s3_outage.end()
+    assert service.delete_prefix(account_prefix(1)) == 1
     assert list(service.local_storage().keys()) == []

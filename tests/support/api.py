@@ -24,7 +24,7 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-def _client(headers: dict[str, str]) -> TestClient:
+def make_client(headers: dict[str, str]) -> TestClient:
     from backend.main import create_app
 
     return TestClient(create_app(), headers=headers, raise_server_exceptions=False)
@@ -33,14 +33,14 @@ def _client(headers: dict[str, str]) -> TestClient:
 @pytest.fixture
 def api() -> Iterator[TestClient]:
     """The real app (lifespan included); requests carry the admin token."""
-    with _client(auth_headers()) as client:
+    with make_client(auth_headers()) as client:
         yield client
 
 
 @pytest.fixture
 def anonymous() -> Iterator[TestClient]:
     """The real app without the admin token."""
-    with _client({}) as client:
+    with make_client({}) as client:
         yield client
 
 
@@ -64,3 +64,20 @@ def insert_account(session: Session, **fields: Any) -> Account:
     session.add(account)
     session.commit()
     return account
+
+
+def account_payload(**fields: Any) -> dict[str, Any]:
+    """A valid POST /accounts body for a mailbox nobody else uses; fields override."""
+    name = uuid.uuid4().hex[:10]
+    payload: dict[str, Any] = {
+        "email": f"{name}@example.com",
+        "imap_host": "imap.example.com",
+        "imap_port": 993,
+        "imap_security": "ssl",
+        "username": name,
+        "password": f"pw-{name}",
+        "folders": ["INBOX"],
+        "poll_interval_seconds": 300,
+    }
+    payload.update(fields)
+    return payload

@@ -1,0 +1,111 @@
+"""/accounts: the mailboxes mailbeat polls. Each change is committed, then the schedule
+follows at once."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Response, status
+
+from backend.accounts import service
+from backend.accounts.schemas import (
+    AccountCheckRead,
+    AccountCreate,
+    AccountList,
+    AccountRead,
+    AccountStatus,
+    AccountUpdate,
+    FolderCheckRead,
+    PollQueued,
+)
+from backend.config import get_settings
+from backend.deps import AdminDep, SessionDep
+from backend.errors import error_responses
+from backend.mailbox.service import check_account
+from backend.schedules import service as schedules
+
+router = APIRouter(
+    prefix="/accounts", tags=["accounts"], dependencies=[AdminDep], responses=error_responses(401)
+)
+
+AccountId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+Limit = Annotated[int, Query(ge=1, le=500, description="at most this many items")]
+Offset = Annotated[int, Query(ge=0, le=2**31 - 1, description="skip this many items")]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, responses=error_responses(400, 409))
+def create_account(data: AccountCreate, session: SessionDep) -> AccountRead:
+    """Add a mailbox; its schedule entry is created at once (when enabled)."""
+    account = service.create_account(session, data)
+    session.commit()
+    schedules.sync_account(account)
+    return AccountRead.model_validate(account)
+
+
+@router.get("")
+def list_accounts(
+    session: SessionDep,
+    limit: Limit = 50,
+    offset: Offset = 0,
+    status: AccountStatus | None = None,
+) -> AccountList:
+    items, total = service.list_accounts(session, status=status, limit=limit, offset=offset)
+    return AccountList(items=[AccountRead.model_validate(a) for a in items], total=total)
+
+
+@router.get("/{account_id}", responses=error_responses(404))
+def get_account(account_id: AccountId, session: SessionDep) -> AccountRead:
+    return AccountRead.model_validate(service.get_account(session, account_id))
+
+
+@router.patch("/{account_id}", responses=error_responses(400, 404, 409))
+def update_account(account_id: AccountId, data: AccountUpdate, session: SessionDep) -> AccountRead:
+    """Change a mailbox; the schedule follows at once (an interval change keeps its phase,
+    disabling removes the entry, re-enabling restores it with status active)."""
+    account = service.update_account(session, service.get_account(session, account_id), data)
+    session.commit()
+    schedules.sync_account(account)
+    return AccountRead.model_validate(account)
+
+
+@router.delete(
+    "/{account_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404, 503)
+)
+def delete_account(account_id: AccountId, session: SessionDep) -> Response:
+    """Delete a mailbox with everything it owns: messages, attachments, stored objects,
+    cursors, poll history and its schedule entry."""
+    service.delete_account(session, service.get_account(session, account_id))
+    session.commit()
+    schedules.remove_account(account_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/{account_id}/poll",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=error_responses(404, 409, 503),
+)
+def poll_account(account_id: AccountId, session: SessionDep) -> PollQueued:
+    """Poll the mailbox now, outside its schedule. Its outcome shows on the account
+    (last_polled_at, last_error) and in the poll run with this task id."""
+    task_id = service.queue_poll(session, account_id)
+    return PollQueued(account_id=account_id, task_id=task_id, mode=schedules.mode())
+
+
+@router.post("/{account_id}/test", responses=error_responses(404))
+def test_account(account_id: AccountId, session: SessionDep) -> AccountCheckRead:
+    """Log in and open every folder now. `stage` says which step failed (dns, connect,
+    tls, auth or folder) and `detail` what the server said; gives up within about
+    IMAP_CONNECT_TIMEOUT seconds per step."""
+    account = service.get_account(session, account_id)
+    result = check_account(account, timeout=get_settings().imap_connect_timeout)
+    session.commit()  # keeps an XOAUTH2 token the check refreshed
+    return AccountCheckRead(
+        ok=result.ok,
+        stage=None if result.ok else result.stage,
+        detail=result.detail,
+        folders=[
+            FolderCheckRead(name=f.name, ok=f.ok, detail=f.detail, messages=f.messages)
+            for f in result.folders
+        ],
+    )

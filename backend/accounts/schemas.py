@@ -1,0 +1,363 @@
+"""What the accounts API accepts and returns. Secrets are write-only: requests carry them as
+SecretStr (never printed), and no response model has a field that could hold one."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, date, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    model_validator,
+)
+from pydantic.config import JsonDict
+
+from backend.config import get_settings
+
+ImapSecurity = Literal["ssl", "starttls", "none"]
+AccountStatus = Literal["active", "error", "disabled"]
+InitialSync = Literal["all", "newest", "since"]
+
+# Explicit characters rather than \s, which means more in Python than in JSON Schema.
+_EMAIL = re.compile(r"^[^@ \t\r\n]+@[^@ \t\r\n]+$")
+_HOST = re.compile(r"^[A-Za-z0-9.\-:\[\]_]+$")
+
+
+def _email(value: str) -> str:
+    if not _EMAIL.match(value):
+        raise ValueError("must be an email address like 'name@example.com'")
+    return value
+
+
+def _host(value: str) -> str:
+    if not _HOST.match(value):
+        raise ValueError(
+            "must be a host name or IP address like 'imap.example.com' (no scheme, "
+            "no spaces, no port)"
+        )
+    # DNS names are case-insensitive; one spelling keeps the duplicate check honest.
+    return value.lower()
+
+
+def _interval(value: int) -> int:
+    settings = get_settings()
+    low, high = settings.min_poll_interval_seconds, settings.max_poll_interval_seconds
+    if value < low:
+        raise ValueError(f"must be at least {low} seconds (MIN_POLL_INTERVAL_SECONDS)")
+    if value > high:
+        raise ValueError(f"must be at most {high} seconds (MAX_POLL_INTERVAL_SECONDS)")
+    return value
+
+
+def _folders(value: list[str]) -> list[str]:
+    if not value:
+        raise ValueError("must name at least one folder, e.g. ['INBOX']")
+    seen: set[str] = set()
+    for folder in value:
+        if folder in seen:
+            raise ValueError(f"names folder {folder!r} twice")
+        seen.add(folder)
+    return value
+
+
+def _secret(value: SecretStr) -> SecretStr:
+    if not value.get_secret_value().strip(" \t\r\n"):
+        raise ValueError("must not be empty")
+    return value
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL; refuse it here instead of failing at insert.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+# The patterns repeat the validators in the schema, so clients (and the fuzzer) know them.
+_NO_NUL = "^[^\\u0000]*$"
+Text = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=320),
+    AfterValidator(_no_nul),
+    Field(json_schema_extra={"pattern": _NO_NUL}),
+]
+Email = Annotated[
+    str,
+    StringConstraints(max_length=320),
+    AfterValidator(_email),
+    Field(json_schema_extra={"pattern": _EMAIL.pattern}),
+]
+Host = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=255),
+    AfterValidator(_host),
+    Field(json_schema_extra={"pattern": _HOST.pattern}),
+]
+Port = Annotated[int, Field(ge=1, le=65535, description="1 to 65535; 993 for ssl, 143 else")]
+# Bounds come from the settings; the app writes them into the OpenAPI schema (main.py).
+Interval = Annotated[int, AfterValidator(_interval)]
+Folder = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=1024),
+    AfterValidator(_no_nul),
+    Field(json_schema_extra={"pattern": _NO_NUL}),
+]
+Folders = Annotated[
+    list[Folder],
+    Field(max_length=200, json_schema_extra={"minItems": 1, "uniqueItems": True}),
+    AfterValidator(_folders),
+]
+Secret = Annotated[
+    SecretStr,
+    Field(min_length=1, max_length=8192, json_schema_extra={"pattern": "[^ \\t\\r\\n]"}),
+    AfterValidator(_secret),
+]
+Url = Annotated[AnyHttpUrl, Field(description="http(s) URL")]
+
+
+_OAUTH2_EXAMPLE: JsonDict = {
+    "access_token": "ya29.a0...",
+    "refresh_token": "1//0g...",
+    "expires_at": "2030-01-01T00:00:00Z",
+    "client_id": "1234.apps.googleusercontent.com",
+    "client_secret": "GOCSPX-...",
+    "token_url": "https://oauth2.googleapis.com/token",
+}
+
+
+class OAuth2Credentials(BaseModel):
+    """XOAUTH2: an access token, and what is needed to refresh it when it expires."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_OAUTH2_EXAMPLE]})
+
+    access_token: Secret
+    refresh_token: Secret | None = None
+    expires_at: datetime | None = Field(
+        default=None, description="when the access token expires (ISO 8601)"
+    )
+    client_id: Text | None = None
+    client_secret: Secret | None = None
+    token_url: Url | None = None
+
+    @model_validator(mode="after")
+    def _refreshable(self) -> OAuth2Credentials:
+        if self.refresh_token is not None and (self.client_id is None or self.token_url is None):
+            raise ValueError(
+                "a refresh_token needs client_id and token_url to be usable "
+                "(and client_secret when the provider requires one)"
+            )
+        return self
+
+    def stored(self) -> dict[str, Any]:
+        """The credentials as kept (encrypted): plain values, expires_at as epoch seconds."""
+
+        def plain(secret: SecretStr | None) -> str | None:
+            return None if secret is None else secret.get_secret_value()
+
+        expires = self.expires_at
+        if expires is not None and expires.tzinfo is None:
+            expires = expires.replace(tzinfo=UTC)
+        return {
+            "access_token": plain(self.access_token),
+            "refresh_token": plain(self.refresh_token),
+            "expires_at": None if expires is None else int(expires.timestamp()),
+            "client_id": self.client_id,
+            "client_secret": plain(self.client_secret),
+            "token_url": None if self.token_url is None else str(self.token_url),
+        }
+
+
+def check_initial_sync(policy: str, count: int | None, since: date | None) -> None:
+    """The initial-sync fields must fit together; raises ValueError saying how."""
+    if policy == "newest" and count is None:
+        raise ValueError("initial_sync 'newest' needs initial_sync_count (e.g. 100)")
+    if policy == "since" and since is None:
+        raise ValueError("initial_sync 'since' needs initial_sync_since (e.g. '2024-01-01')")
+    if count is not None and policy != "newest":
+        raise ValueError("initial_sync_count goes only with initial_sync 'newest'")
+    if since is not None and policy != "since":
+        raise ValueError("initial_sync_since goes only with initial_sync 'since'")
+
+
+class _InitialSyncFields(BaseModel):
+    initial_sync: InitialSync | None = Field(
+        default=None,
+        description=(
+            "what the first poll of a folder ingests: 'all' (default), 'newest' (the newest "
+            "initial_sync_count messages) or 'since' (messages since initial_sync_since)"
+        ),
+    )
+    initial_sync_count: int | None = Field(default=None, ge=1, le=1_000_000)
+    initial_sync_since: date | None = None
+
+
+_CREATE_EXAMPLE: JsonDict = {
+    "email": "support@example.com",
+    "imap_host": "imap.example.com",
+    "imap_port": 993,
+    "imap_security": "ssl",
+    "username": "support@example.com",
+    "password": "app-password",
+    "folders": ["INBOX"],
+    "poll_interval_seconds": 300,
+    "enabled": True,
+    "initial_sync": "newest",
+    "initial_sync_count": 100,
+}
+
+
+class AccountCreate(_InitialSyncFields):
+    """A mailbox to poll. Give exactly one of `password` and `oauth2`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                _CREATE_EXAMPLE,
+                {
+                    "email": "ops@example.org",
+                    "imap_host": "imap.gmail.com",
+                    "imap_port": 993,
+                    "username": "ops@example.org",
+                    "oauth2": _OAUTH2_EXAMPLE,
+                    "folders": ["INBOX", "Support"],
+                    "initial_sync": "since",
+                    "initial_sync_since": "2024-01-01",
+                },
+            ]
+        },
+    )
+
+    email: Email
+    imap_host: Host
+    imap_port: Port = 993
+    imap_security: ImapSecurity = "ssl"
+    username: Text
+    password: Secret | None = None
+    oauth2: OAuth2Credentials | None = None
+    folders: Folders = Field(default_factory=lambda: ["INBOX"])
+    poll_interval_seconds: Interval | None = Field(
+        default=None, description="seconds between polls (default DEFAULT_POLL_INTERVAL_SECONDS)"
+    )
+    enabled: bool = True
+    webhook_url: Url | None = Field(default=None, description="this mailbox's own webhook")
+    webhook_secret: Secret | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AccountCreate:
+        if (self.password is None) == (self.oauth2 is None):
+            raise ValueError("give exactly one of 'password' and 'oauth2'")
+        check_initial_sync(
+            self.initial_sync or "all", self.initial_sync_count, self.initial_sync_since
+        )
+        return self
+
+
+# Null clears these; any other field sent as null is a mistake.
+NULLABLE_ON_UPDATE = {"initial_sync_count", "initial_sync_since", "webhook_url", "webhook_secret"}
+
+
+class AccountUpdate(_InitialSyncFields):
+    """Only the fields given change. A new `password` or `oauth2` replaces the credentials
+    (and switches the method); credentials or server changes clear the failure backoff."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"poll_interval_seconds": 60},
+                {"password": "new-app-password"},
+                {"enabled": True},
+                {"folders": ["INBOX", "Archive"]},
+            ]
+        },
+    )
+
+    email: Email | None = None
+    imap_host: Host | None = None
+    imap_port: Port | None = None
+    imap_security: ImapSecurity | None = None
+    username: Text | None = None
+    password: Secret | None = None
+    oauth2: OAuth2Credentials | None = None
+    folders: Folders | None = None
+    poll_interval_seconds: Interval | None = None
+    enabled: bool | None = None
+    webhook_url: Url | None = None
+    webhook_secret: Secret | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AccountUpdate:
+        if self.password is not None and self.oauth2 is not None:
+            raise ValueError("give at most one of 'password' and 'oauth2'")
+        for name in self.model_fields_set - NULLABLE_ON_UPDATE:
+            if getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null")
+        return self
+
+
+class AccountRead(BaseModel):
+    """A mailbox and its polling state. Credentials never appear here."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    email: str
+    imap_host: str
+    imap_port: int
+    imap_security: str
+    username: str
+    auth_method: Literal["password", "oauth2"]
+    folders: list[str]
+    poll_interval_seconds: int
+    enabled: bool
+    initial_sync: str
+    initial_sync_count: int | None
+    initial_sync_since: date | None
+    webhook_url: str | None
+    status: AccountStatus
+    last_polled_at: datetime | None
+    last_success_at: datetime | None
+    last_error: str | None
+    last_error_kind: str | None
+    consecutive_failures: int
+    backoff_until: datetime | None
+    disabled_reason: str | None
+    message_count: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class AccountList(BaseModel):
+    items: list[AccountRead]
+    total: int
+
+
+class PollQueued(BaseModel):
+    account_id: int
+    task_id: str
+    mode: Literal["celery", "local"]
+
+
+class FolderCheckRead(BaseModel):
+    name: str
+    ok: bool
+    detail: str
+    messages: int | None = None
+
+
+class AccountCheckRead(BaseModel):
+    """The outcome of trying the account now. `stage` names the step that failed:
+    dns, connect, tls, auth or folder (None when everything worked)."""
+
+    ok: bool
+    stage: str | None
+    detail: str
+    folders: list[FolderCheckRead]

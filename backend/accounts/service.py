@@ -1,0 +1,241 @@
+"""Accounts: create, read, change and delete mailboxes.
+
+Only flushes. The endpoint commits, then brings the schedule along
+(`schedules.service.sync_account` / `remove_account`), so Redis never holds an entry for
+an account the database does not have.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import SecretStr
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from backend import crypto
+from backend.accounts.schemas import (
+    AccountCreate,
+    AccountUpdate,
+    OAuth2Credentials,
+    check_initial_sync,
+)
+from backend.config import get_settings
+from backend.errors import Conflict, NotFound, ServiceUnavailable, ValidationError
+from backend.models import Account
+from backend.schedules import service as schedules
+from backend.storage import service as storage
+from backend.storage.base import account_prefix
+
+log = logging.getLogger(__name__)
+
+# A change to any of these means the failures so far say nothing about the next poll.
+CONNECTION_FIELDS = ("imap_host", "imap_port", "imap_security", "username")
+# Plain columns a PATCH copies as given.
+PLAIN_FIELDS = (
+    "email",
+    *CONNECTION_FIELDS,
+    "folders",
+    "poll_interval_seconds",
+    "initial_sync",
+    "initial_sync_count",
+    "initial_sync_since",
+)
+
+
+def get_account(session: Session, account_id: int) -> Account:
+    account = session.get(Account, account_id)
+    if account is None:
+        raise NotFound(f"account {account_id} does not exist")
+    return account
+
+
+def list_accounts(
+    session: Session, *, status: str | None, limit: int, offset: int
+) -> tuple[list[Account], int]:
+    query = select(Account)
+    if status is not None:
+        query = query.where(Account.status == status)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    items = session.scalars(query.order_by(Account.id).limit(limit).offset(offset)).all()
+    return list(items), total
+
+
+def create_account(session: Session, data: AccountCreate) -> Account:
+    _ensure_unique(session, data.imap_host, data.imap_port, data.username)
+    auth_method, credentials = _credentials(data.password, data.oauth2)
+    account = Account(
+        email=data.email,
+        imap_host=data.imap_host,
+        imap_port=data.imap_port,
+        imap_security=data.imap_security,
+        username=data.username,
+        auth_method=auth_method,
+        credentials_encrypted=crypto.encrypt_json(credentials),
+        folders=list(data.folders),
+        poll_interval_seconds=(
+            data.poll_interval_seconds or get_settings().default_poll_interval_seconds
+        ),
+        enabled=data.enabled,
+        status="active" if data.enabled else "disabled",
+        disabled_reason=None if data.enabled else "created disabled",
+        initial_sync=data.initial_sync or "all",
+        initial_sync_count=data.initial_sync_count,
+        initial_sync_since=data.initial_sync_since,
+        webhook_url=None if data.webhook_url is None else str(data.webhook_url),
+        webhook_secret_encrypted=(
+            None
+            if data.webhook_secret is None
+            else crypto.encrypt(data.webhook_secret.get_secret_value())
+        ),
+        consecutive_failures=0,
+        message_count=0,
+    )
+    session.add(account)
+    _flush(session, account)
+    return account
+
+
+def update_account(session: Session, account: Account, data: AccountUpdate) -> Account:
+    given = data.model_fields_set
+    changes: dict[str, Any] = {name: getattr(data, name) for name in PLAIN_FIELDS if name in given}
+    if "webhook_url" in given:
+        changes["webhook_url"] = None if data.webhook_url is None else str(data.webhook_url)
+    _check_initial_sync(account, changes)
+
+    new_server = {
+        name: changes.get(name, getattr(account, name))
+        for name in ("imap_host", "imap_port", "username")
+    }
+    if any(new_server[name] != getattr(account, name) for name in new_server):
+        _ensure_unique(session, *new_server.values(), exclude_id=account.id)
+
+    connection_changed = any(
+        name in changes and changes[name] != getattr(account, name) for name in CONNECTION_FIELDS
+    )
+    for name, value in changes.items():
+        setattr(account, name, value)
+
+    if data.password is not None or data.oauth2 is not None:
+        account.auth_method, credentials = _credentials(data.password, data.oauth2)
+        account.credentials_encrypted = crypto.encrypt_json(credentials)
+        connection_changed = True
+    if "webhook_secret" in given:
+        account.webhook_secret_encrypted = (
+            None
+            if data.webhook_secret is None
+            else crypto.encrypt(data.webhook_secret.get_secret_value())
+        )
+
+    if connection_changed:
+        # New credentials or server: the failures so far say nothing about the next poll.
+        account.consecutive_failures = 0
+        account.backoff_until = None
+        if account.status == "error":
+            account.status = "active"
+    if data.enabled is not None and data.enabled != account.enabled:
+        _set_enabled(account, data.enabled)
+
+    _flush(session, account)
+    return account
+
+
+def delete_account(session: Session, account: Account) -> None:
+    """Delete the stored objects, then the rows (messages, attachments, cursors and poll
+    runs go with the account through ON DELETE CASCADE). Objects go first: when storage
+    fails the account is still there and the delete can be repeated; the other way round
+    a failure would leave objects that nothing points to any more."""
+    try:
+        removed = storage.delete_prefix(account_prefix(account.id))
+    except Exception as exc:
+        log.warning("deleting account %s: storage failed: %s", account.id, type(exc).__name__)
+        raise ServiceUnavailable(
+            f"could not delete the stored messages of account {account.id} "
+            f"({type(exc).__name__}); nothing was deleted, try again when storage answers"
+        ) from exc
+    log.info("account %s: deleted %s stored objects", account.id, removed)
+    session.delete(account)
+    session.flush()
+
+
+def queue_poll(session: Session, account_id: int) -> str:
+    """Poll the account now, outside its schedule; returns the task id."""
+    from backend.admin.service import require_scheduler
+
+    account = get_account(session, account_id)
+    if not account.enabled:
+        raise Conflict(
+            f"account {account_id} is disabled ({account.disabled_reason or 'no reason'}); "
+            "enable it first (PATCH enabled=true)"
+        )
+    require_scheduler()
+    return schedules.enqueue_poll(account_id)
+
+
+def _set_enabled(account: Account, enabled: bool) -> None:
+    account.enabled = enabled
+    if enabled:
+        # Re-enabling starts afresh: whatever disabled it is taken as dealt with.
+        account.status = "active"
+        account.disabled_reason = None
+        account.consecutive_failures = 0
+        account.backoff_until = None
+    else:
+        account.status = "disabled"
+        account.disabled_reason = "disabled through the API"
+
+
+def _credentials(
+    password: SecretStr | None, oauth2: OAuth2Credentials | None
+) -> tuple[str, dict[str, Any]]:
+    if oauth2 is not None:
+        return "oauth2", oauth2.stored()
+    assert password is not None
+    return "password", {"password": password.get_secret_value()}
+
+
+def _check_initial_sync(account: Account, changes: dict[str, Any]) -> None:
+    """The initial-sync fields must fit together once the change is applied."""
+    policy = changes.get("initial_sync", account.initial_sync)
+    count = changes.get("initial_sync_count", account.initial_sync_count)
+    since = changes.get("initial_sync_since", account.initial_sync_since)
+    # Switching policy drops the other policy's parameter unless it was sent explicitly.
+    if policy != "newest" and "initial_sync_count" not in changes:
+        changes["initial_sync_count"] = count = None
+    if policy != "since" and "initial_sync_since" not in changes:
+        changes["initial_sync_since"] = since = None
+    try:
+        check_initial_sync(policy, count, since)
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from exc
+
+
+def _ensure_unique(
+    session: Session, host: str, port: int, username: str, *, exclude_id: int | None = None
+) -> None:
+    query = select(Account.id).where(
+        Account.imap_host == host, Account.imap_port == port, Account.username == username
+    )
+    if exclude_id is not None:
+        query = query.where(Account.id != exclude_id)
+    existing = session.scalar(query.limit(1))
+    if existing is not None:
+        raise Conflict(_duplicate_message(host, port, username, existing))
+
+
+def _duplicate_message(host: str, port: int, username: str, existing: int | None) -> str:
+    which = f"account {existing}" if existing is not None else "another account"
+    return f"{which} already polls {username!r} on {host}:{port}"
+
+
+def _flush(session: Session, account: Account) -> None:
+    # The unique constraint still decides when two requests race past the check above.
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        session.rollback()
+        raise Conflict(
+            _duplicate_message(account.imap_host, account.imap_port, account.username, None)
+        ) from exc

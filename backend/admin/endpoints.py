@@ -1,0 +1,90 @@
+"""/admin: the schedule and Celery; /health for load balancers and monitors."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, status
+from fastapi.responses import JSONResponse
+
+from backend.admin import service
+from backend.admin.schemas import (
+    HealthRead,
+    ReconcileRead,
+    RetryRead,
+    ScheduleList,
+    TaskList,
+    TaskStateRead,
+    WorkerList,
+)
+from backend.deps import AdminDep, SessionDep
+from backend.errors import error_responses
+
+router = APIRouter(
+    prefix="/admin", tags=["admin"], dependencies=[AdminDep], responses=error_responses(401, 503)
+)
+health_router = APIRouter(tags=["health"])
+
+TaskId = Annotated[
+    str, Path(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9._:@-]+$", description="a task id")
+]
+
+
+@router.post("/email-worker/sync")
+def sync_schedule(session: SessionDep) -> ReconcileRead:
+    """Rebuild the schedule from the database: create missing entries, fix changed ones,
+    delete orphans."""
+    return service.sync_schedule(session)
+
+
+@router.post("/celery/tasks/sync")
+def sync_celery_tasks(session: SessionDep) -> ReconcileRead:
+    """The same as POST /admin/email-worker/sync."""
+    return service.sync_schedule(session)
+
+
+@router.get("/schedules")
+def list_schedules() -> ScheduleList:
+    """Every schedule entry with its interval and its last and next run."""
+    return service.list_schedule()
+
+
+@router.get("/celery/workers")
+def list_workers() -> WorkerList:
+    """The workers that answer within CELERY_INSPECT_TIMEOUT_SECONDS: queues and load."""
+    return service.list_workers()
+
+
+@router.get("/celery/tasks")
+def list_tasks() -> TaskList:
+    """Tasks the workers are running (active), hold (reserved) or wait to run (scheduled)."""
+    return service.list_tasks()
+
+
+@router.get("/celery/tasks/{task_id}", responses=error_responses(404))
+def get_task(task_id: TaskId, session: SessionDep) -> TaskStateRead:
+    """Where a task is: in a worker, waiting in its queue, or (a finished poll) its outcome."""
+    return service.task_state(session, task_id)
+
+
+@router.post(
+    "/celery/tasks/{task_id}/retry",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=error_responses(404, 409),
+)
+def retry_task(task_id: TaskId, session: SessionDep) -> RetryRead:
+    """Run a finished or failed poll again (a new task for the same mailbox). Other tasks
+    cannot be retried here: without a result backend their arguments are not kept."""
+    return service.retry_task(session, task_id)
+
+
+@health_router.get(
+    "/health",
+    response_model=HealthRead,
+    responses={503: {"model": HealthRead, "description": "the database is unreachable"}},
+)
+def health() -> JSONResponse:
+    """healthy: everything answers; degraded (200): Redis, the workers or storage do not;
+    unhealthy (503): the database does not."""
+    result, ok = service.health()
+    return JSONResponse(result.model_dump(), status_code=200 if ok else 503)

@@ -1,0 +1,100 @@
+"""What the admin routes return."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+HealthStatus = Literal["healthy", "degraded", "unhealthy"]
+
+
+class ReconcileRead(BaseModel):
+    """What the sync changed in the schedule."""
+
+    created: int
+    updated: int
+    deleted: int
+    unchanged: int
+
+
+class ScheduleEntryRead(BaseModel):
+    account_id: int
+    name: str
+    interval: int = Field(description="seconds between polls")
+    last_run_at: datetime | None
+    next_run_at: datetime | None
+
+
+class ScheduleList(BaseModel):
+    mode: Literal["celery", "local"]
+    items: list[ScheduleEntryRead]
+    total: int
+
+
+class WorkerRead(BaseModel):
+    name: str
+    queues: list[str]
+    active: int = Field(description="tasks running now")
+    concurrency: int | None = Field(description="pool processes")
+    processed: int = Field(description="tasks received since the worker started")
+    pid: int | None
+
+
+class WorkerList(BaseModel):
+    workers: list[WorkerRead]
+    total: int
+
+
+class TaskRead(BaseModel):
+    id: str
+    name: str | None
+    worker: str
+    args: list[Any]
+    state: Literal["active", "reserved", "scheduled"]
+    time_start: datetime | None = None
+    eta: datetime | None = None
+
+
+class TaskList(BaseModel):
+    active: list[TaskRead]
+    reserved: list[TaskRead]
+    scheduled: list[TaskRead]
+
+
+class PollRunRead(BaseModel):
+    model_config = {"from_attributes": True}
+
+    id: int
+    account_id: int
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str
+    messages_count: int
+    bytes_count: int
+    error: str | None
+
+
+class TaskStateRead(BaseModel):
+    """Where the task is now. `state`: active / reserved / scheduled (a worker holds it),
+    queued (waiting in Redis), or the recorded outcome of a finished poll."""
+
+    task_id: str
+    state: str
+    source: Literal["worker", "queue", "database"]
+    worker: str | None = None
+    queue: str | None = None
+    name: str | None = None
+    poll_run: PollRunRead | None = None
+
+
+class RetryRead(BaseModel):
+    task_id: str = Field(description="the new task")
+    retry_of: str
+    account_id: int
+
+
+class HealthRead(BaseModel):
+    status: HealthStatus
+    checks: dict[str, str]

@@ -1,0 +1,366 @@
+"""Admin: the schedule, the Celery workers and their tasks, and the service's health.
+
+Celery has no result backend here (outcomes are written to SQL), so a task is found
+either in a worker (inspect), waiting in its Redis queue, or through the poll run that
+recorded it. Every call that needs Redis first checks that it answers, so a dead Redis
+is a quick 503 rather than Celery's connection retries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from backend.admin.redis_client import ensure_redis, redis_client
+from backend.admin.schemas import (
+    HealthRead,
+    PollRunRead,
+    ReconcileRead,
+    RetryRead,
+    ScheduleEntryRead,
+    ScheduleList,
+    TaskList,
+    TaskRead,
+    TaskStateRead,
+    WorkerList,
+    WorkerRead,
+)
+from backend.config import get_settings
+from backend.errors import Conflict, NotFound, ServiceUnavailable
+from backend.models import Account, PollRun, utcnow
+from backend.schedules import service as schedules
+from backend.storage import service as storage
+
+log = logging.getLogger(__name__)
+
+WORKERS = "the Celery workers"
+# How far into each queue a task lookup reads (LRANGE), so a huge backlog stays cheap.
+QUEUE_SCAN_LIMIT = 50_000
+
+
+# -- the schedule ----------------------------------------------------------------------
+
+
+def require_scheduler() -> None:
+    """In Celery mode the schedule and the queues are in Redis: 503 when it is gone."""
+    if schedules.mode() == "celery":
+        ensure_redis("the schedule and the poll queue")
+
+
+def sync_schedule(session: Session) -> ReconcileRead:
+    require_scheduler()
+    return ReconcileRead(**schedules.reconcile(session).as_dict())
+
+
+def list_schedule() -> ScheduleList:
+    require_scheduler()
+    entries = [
+        ScheduleEntryRead(
+            account_id=e.account_id,
+            name=e.name,
+            interval=e.interval,
+            last_run_at=e.last_run_at,
+            next_run_at=e.next_run_at,
+        )
+        for e in schedules.list_entries()
+    ]
+    entries.sort(key=lambda e: e.account_id)
+    return ScheduleList(mode=schedules.mode(), items=entries, total=len(entries))
+
+
+# -- Celery ------------------------------------------------------------------------------
+
+
+def _inspect(names: list[str] | None = None) -> Any:
+    from backend.celery_app import app
+
+    timeout = get_settings().celery_inspect_timeout_seconds
+    if names is None:
+        return app.control.inspect(timeout=timeout)
+    # Asking known workers with a reply limit returns as soon as they all answered.
+    return app.control.inspect(timeout=timeout, destination=names, limit=len(names))
+
+
+def _worker_names() -> list[str]:
+    """The workers that answer a ping within the inspect timeout."""
+    ensure_redis(WORKERS)
+    try:
+        replies = _inspect().ping() or {}
+    except Exception as exc:
+        raise ServiceUnavailable(
+            f"{WORKERS} could not be asked ({type(exc).__name__}: {exc})"
+        ) from exc
+    return sorted(replies)
+
+
+def _ask(names: list[str], command: str, *args: Any) -> dict[str, Any]:
+    if not names:
+        return {}
+    try:
+        replies = getattr(_inspect(names), command)(*args)
+    except Exception as exc:
+        raise ServiceUnavailable(
+            f"{WORKERS} could not be asked ({type(exc).__name__}: {exc})"
+        ) from exc
+    return dict(replies or {})
+
+
+def list_workers() -> WorkerList:
+    names = _worker_names()
+    stats = _ask(names, "stats")
+    queues = _ask(names, "active_queues")
+    active = _ask(names, "active")
+    workers = []
+    for name in names:
+        stat = stats.get(name) or {}
+        workers.append(
+            WorkerRead(
+                name=name,
+                queues=sorted(q.get("name", "?") for q in queues.get(name) or []),
+                active=len(active.get(name) or []),
+                concurrency=(stat.get("pool") or {}).get("max-concurrency"),
+                processed=sum((stat.get("total") or {}).values()),
+                pid=stat.get("pid"),
+            )
+        )
+    return WorkerList(workers=workers, total=len(workers))
+
+
+def list_tasks() -> TaskList:
+    names = _worker_names()
+    return TaskList(
+        active=_tasks(_ask(names, "active"), "active"),
+        reserved=_tasks(_ask(names, "reserved"), "reserved"),
+        scheduled=_tasks(_ask(names, "scheduled"), "scheduled"),
+    )
+
+
+def _tasks(replies: dict[str, Any], state: str) -> list[TaskRead]:
+    tasks = []
+    for worker, entries in sorted(replies.items()):
+        for entry in entries or []:
+            # Scheduled (eta) tasks come wrapped: {"eta", "priority", "request": {...}}.
+            request = entry.get("request", entry)
+            tasks.append(
+                TaskRead(
+                    id=str(request.get("id")),
+                    name=request.get("name"),
+                    worker=worker,
+                    args=_as_list(request.get("args")),
+                    state=state,
+                    time_start=_timestamp(request.get("time_start")),
+                    eta=entry.get("eta"),
+                )
+            )
+    return tasks
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [] if value is None else [value]
+
+
+def _timestamp(value: Any) -> datetime | None:
+    # Workers report time_start as a Unix timestamp.
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    return None
+
+
+def task_state(session: Session, task_id: str) -> TaskStateRead:
+    names = _worker_names()
+    for worker, found in sorted(_ask(names, "query_task", task_id).items()):
+        if found and task_id in found:
+            state, info = found[task_id]
+            return TaskStateRead(
+                task_id=task_id,
+                state=str(state),
+                source="worker",
+                worker=worker,
+                name=(info or {}).get("name"),
+                poll_run=_poll_run_read(_poll_run(session, task_id)),
+            )
+    queued = _find_queued(task_id)
+    if queued is not None:
+        queue, name = queued
+        return TaskStateRead(
+            task_id=task_id, state="queued", source="queue", queue=queue, name=name
+        )
+    run = _poll_run(session, task_id)
+    if run is None:
+        raise NotFound(
+            f"task {task_id} is not held by any worker, not waiting in a queue and not "
+            "recorded by any poll run (only polls record their outcome: there is no result "
+            "backend)"
+        )
+    return TaskStateRead(
+        task_id=task_id,
+        state=run.outcome,
+        source="database",
+        name="mailbox.poll",
+        poll_run=_poll_run_read(run),
+    )
+
+
+def _find_queued(task_id: str) -> tuple[str, str | None] | None:
+    from backend.celery_app import app
+
+    needle = task_id.encode()
+    client = redis_client(get_settings().health_check_timeout_seconds)
+    try:
+        for queue in app.conf.task_queues:
+            for raw in client.lrange(queue.name, 0, QUEUE_SCAN_LIMIT - 1):
+                if needle not in raw:
+                    continue
+                headers = json.loads(raw).get("headers") or {}
+                if headers.get("id") == task_id:
+                    return queue.name, headers.get("task")
+    except Exception as exc:
+        raise ServiceUnavailable(
+            f"the Celery queues could not be read ({type(exc).__name__})"
+        ) from exc
+    finally:
+        client.close()
+    return None
+
+
+def _poll_run(session: Session, task_id: str) -> PollRun | None:
+    return session.scalar(
+        select(PollRun).where(PollRun.task_id == task_id).order_by(PollRun.id.desc()).limit(1)
+    )
+
+
+def _poll_run_read(run: PollRun | None) -> PollRunRead | None:
+    return None if run is None else PollRunRead.model_validate(run)
+
+
+def retry_task(session: Session, task_id: str) -> RetryRead:
+    """Run a finished poll again: its account is polled now, under a new task id.
+    A poll is the only task whose arguments SQL keeps (its poll run names the account)."""
+    run = _poll_run(session, task_id)
+    if run is None:
+        raise NotFound(
+            f"task {task_id} cannot be retried: no poll run records it. Only polls can be "
+            "retried (there is no result backend, so other tasks' arguments are not kept; "
+            "failed webhook deliveries are replayed through the processing routes)"
+        )
+    stale_after = timedelta(seconds=get_settings().poll_time_limit_seconds)
+    if run.outcome == "running" and utcnow() - run.started_at < stale_after:
+        raise Conflict(
+            f"task {task_id} is still running (poll run {run.id} started at "
+            f"{run.started_at.isoformat()}); retry it once it has finished"
+        )
+    account = session.get(Account, run.account_id)
+    if account is None or not account.enabled:
+        raise Conflict(
+            f"task {task_id} polled account {run.account_id}, which is disabled or gone; "
+            "enable it first"
+        )
+    require_scheduler()
+    new_id = schedules.enqueue_poll(account.id)
+    return RetryRead(task_id=new_id, retry_of=task_id, account_id=account.id)
+
+
+# -- health ------------------------------------------------------------------------------
+
+
+class CheckFailed(Exception):
+    """A health check's own verdict, shown as it is."""
+
+
+def _check_database() -> str:
+    from backend.db import get_engine
+
+    with get_engine().connect() as conn:
+        conn.execute(text("SELECT 1"))
+    return "ok"
+
+
+def _check_redis() -> str:
+    client = redis_client(get_settings().health_check_timeout_seconds)
+    try:
+        client.ping()
+    finally:
+        client.close()
+    return "ok"
+
+
+def _check_storage() -> str:
+    ok, detail = storage.health()
+    if not ok:
+        raise CheckFailed(detail)
+    return "ok" if detail in ("", "ok") else f"ok: {detail}"
+
+
+def _check_workers() -> str:
+    from backend.celery_app import app
+
+    try:
+        _check_redis()
+    except Exception as exc:
+        # Celery would retry its connection for a long while; say why at once instead.
+        raise CheckFailed("Redis does not answer, so no worker can be asked") from exc
+    timeout = get_settings().celery_inspect_timeout_seconds
+    replies = app.control.inspect(timeout=timeout).ping()
+    count = len(replies or {})
+    if not count:
+        raise CheckFailed(f"no worker answered a ping within {timeout:g}s")
+    return f"ok ({count} worker{'s' if count != 1 else ''})"
+
+
+def health() -> tuple[HealthRead, bool]:
+    """Every check runs at once, each bounded by HEALTH_CHECK_TIMEOUT_SECONDS. The database
+    down is unhealthy (503); anything else failing is degraded: the API still answers and
+    the stored data is safe, but polling or storage needs attention."""
+    settings = get_settings()
+    local = schedules.mode() == "local"
+    checks: dict[str, Callable[[], str]] = {
+        "database": _check_database,
+        "storage": _check_storage,
+    }
+    if not local:
+        checks["redis"] = _check_redis
+        checks["celery_worker"] = _check_workers
+    timeout = settings.health_check_timeout_seconds + settings.celery_inspect_timeout_seconds
+    pool = ThreadPoolExecutor(max_workers=len(checks), thread_name_prefix="health")
+    try:
+        futures = {name: pool.submit(check) for name, check in checks.items()}
+        results: dict[str, str] = {}
+        failed: set[str] = set()
+        for name, future in futures.items():
+            try:
+                results[name] = future.result(timeout=timeout)
+            except FutureTimeout:
+                results[name] = f"error: no answer within {timeout:g}s"
+                failed.add(name)
+            except Exception as exc:
+                results[name] = f"error: {_reason(exc)}"
+                failed.add(name)
+    finally:
+        # A hung check keeps its thread until its own socket timeout; nobody waits for it.
+        pool.shutdown(wait=False, cancel_futures=True)
+    if local:
+        results["redis"] = "not used (local mode)"
+        results["celery_worker"] = "not used (local mode: polls run in the API process)"
+    if "database" in failed:
+        status = "unhealthy"
+    elif failed:
+        status = "degraded"
+    else:
+        status = "healthy"
+    ordered = {name: results[name] for name in ("database", "redis", "celery_worker", "storage")}
+    return HealthRead(status=status, checks=ordered), status != "unhealthy"
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, CheckFailed):
+        return str(exc)
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {message}"[:300] if message else type(exc).__name__

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from backend.models.base import Base, UTCDateTime, utcnow
+
+EVENT_TYPES = ("message.received", "account.error", "account.disabled", "account.recovered")
+# global: WEBHOOK_URL / WEBHOOK_SECRET; account: the account's own webhook_url and secret.
+TARGETS = ("global", "account")
+# pending: waiting for its next attempt; delivered: the receiver answered 2xx;
+# dead: retries exhausted or refused (4xx): kept with its last error until replayed.
+DELIVERY_STATUSES = ("pending", "delivered", "dead")
+
+
+class WebhookDelivery(Base):
+    """One event for one target. The event id stays the same across retries and replays,
+    so a receiver can drop what it has already seen."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        # A message processed twice creates its deliveries once.
+        UniqueConstraint("dedupe_key", "target"),
+        Index("ix_webhook_deliveries_status_account_id", "status", "account_id"),
+        Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    event_type: Mapped[str] = mapped_column(String(32))
+    dedupe_key: Mapped[str] = mapped_column(String(255))
+    target: Mapped[str] = mapped_column(String(16))
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), index=True
+    )
+    message_id: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("messages.id", ondelete="CASCADE"),
+        index=True,
+    )
+    # Account events describe a state that changes later, so their data is kept as it
+    # was; a message event is built from the stored message when it is sent.
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    url: Mapped[str | None] = mapped_column(String(2048))  # where the last attempt went
+
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Set while an attempt is in flight, so a duplicate task does not send it twice;
+    # a worker that dies mid-attempt leaves it to expire.
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

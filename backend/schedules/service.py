@@ -1,0 +1,270 @@
+"""Schedules: one poll entry per pollable mailbox, kept in step with the database.
+
+With Redis (mode "celery") the entries are RedBeat's, named `mailbox:{id}`, and Celery
+beat dispatches `mailbox.poll` to the `email` queue; without it (mode "local") an
+in-process scheduler runs the same polls. The database is the truth: `sync_account` is
+called right after a commit that changes an account, and `reconcile` rebuilds everything
+from the database (at beat start, periodically, from the admin API, and when Redis is
+found empty).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from functools import lru_cache
+from typing import TYPE_CHECKING, Literal
+
+import redis
+from kombu.utils.url import maybe_sanitize_url
+from sqlalchemy import ColumnElement, select
+from sqlalchemy.orm import Session
+
+from backend.config import get_settings
+from backend.errors import ServiceUnavailable
+from backend.models import Account, utcnow
+from backend.schedules import store
+
+if TYPE_CHECKING:
+    from backend.schedules.local import LocalScheduler
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["celery", "local"]
+
+
+@dataclass(frozen=True)
+class ScheduleEntry:
+    account_id: int
+    name: str
+    interval: int
+    last_run_at: datetime | None
+    next_run_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    created: int
+    updated: int
+    deleted: int
+    unchanged: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def wants_schedule(account: Account) -> bool:
+    """Whether an account should have a schedule entry. One failing with status "error"
+    keeps it: its poll skips while the account's backoff lasts."""
+    return account.enabled and account.status != "disabled"
+
+
+def _wanted_clause() -> ColumnElement[bool]:
+    return Account.enabled.is_(True) & (Account.status != "disabled")
+
+
+# -- mode ----------------------------------------------------------------------------
+
+
+def redis_reachable(timeout: float) -> bool:
+    from backend.admin.redis_client import redis_client
+
+    conn = redis_client(timeout)
+    try:
+        return bool(conn.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        conn.close()
+
+
+_celery_process = False
+
+
+def assume_celery_mode() -> None:
+    """Celery workers and beat run only with Redis: they never take the local mode, even
+    if Redis blinks when they first ask."""
+    global _celery_process  # noqa: PLW0603 - a fact about this process
+    _celery_process = True
+    mode.cache_clear()
+
+
+@lru_cache
+def mode() -> Mode:
+    """ "celery" or "local", decided once per process (SCHEDULER_MODE=auto asks Redis)."""
+    settings = get_settings()
+    if _celery_process:
+        return "celery"
+    if settings.scheduler_mode != "auto":
+        return settings.scheduler_mode
+    url = maybe_sanitize_url(settings.redis_url)
+    if redis_reachable(settings.redis_socket_timeout):
+        log.info("scheduler: Redis at %s answers: polls run on Celery workers", url)
+        return "celery"
+    log.warning(
+        "scheduler: Redis at %s cannot be reached: running the local in-process scheduler "
+        "(polls run in this process; start Redis and restart to use Celery workers)",
+        url,
+    )
+    return "local"
+
+
+# -- one account ---------------------------------------------------------------------
+
+
+def sync_account(account: Account) -> None:
+    """Bring the account's entry in line with the committed account: create it, update it
+    in place (an interval change keeps the phase) or remove it. Redis trouble is logged,
+    not raised: the commit stands and the next reconcile repairs the entry."""
+    if mode() == "local":
+        scheduler = _local_scheduler()
+        if scheduler is not None:
+            if wants_schedule(account):
+                scheduler.put(account.id, account.poll_interval_seconds, account.last_polled_at)
+            else:
+                scheduler.remove(account.id)
+        return
+    wanted = {}
+    if wants_schedule(account):
+        wanted[account.id] = store.Wanted(
+            account.id, account.poll_interval_seconds, account.last_polled_at
+        )
+    try:
+        store.apply(wanted, [store.entry_key(account.id)], utcnow())
+    except redis.RedisError as exc:
+        log.warning(
+            "schedule entry for mailbox %s not updated (%s); the next reconcile will fix it",
+            account.id,
+            exc,
+        )
+
+
+def remove_account(account_id: int) -> None:
+    """Remove the account's entry (deleted or disabled account). Never raises for Redis."""
+    if mode() == "local":
+        scheduler = _local_scheduler()
+        if scheduler is not None:
+            scheduler.remove(account_id)
+        return
+    try:
+        store.delete(account_id)
+    except redis.RedisError as exc:
+        log.warning(
+            "schedule entry for mailbox %s not removed (%s); the next reconcile will remove it",
+            account_id,
+            exc,
+        )
+
+
+def enqueue_poll(account_id: int) -> str:
+    """Poll a mailbox now; returns the task id."""
+    if mode() == "local":
+        scheduler = _local_scheduler()
+        if scheduler is None:
+            raise ServiceUnavailable(
+                "the local scheduler is not running in this process; polls run in the API "
+                "process when Redis is unavailable"
+            )
+        return scheduler.run_now(account_id)
+    # By name: the API need not import the task module (and its ingestion imports).
+    result = store.celery_app().send_task(
+        store.POLL_TASK, args=[account_id], queue=store.POLL_QUEUE
+    )
+    return str(result.id)
+
+
+# -- all accounts --------------------------------------------------------------------
+
+
+def wanted_accounts(session: Session) -> dict[int, store.Wanted]:
+    rows = session.execute(
+        select(Account.id, Account.poll_interval_seconds, Account.last_polled_at).where(
+            _wanted_clause()
+        )
+    )
+    return {
+        row.id: store.Wanted(row.id, row.poll_interval_seconds, row.last_polled_at) for row in rows
+    }
+
+
+def has_wanted_accounts(session: Session) -> bool:
+    return session.scalar(select(Account.id).where(_wanted_clause()).limit(1)) is not None
+
+
+def reconcile(session: Session) -> ReconcileResult:
+    """Rebuild the schedule from the database: create the missing entries, fix the
+    changed, delete the orphans. Reads only; the caller's boundary closes the session."""
+    wanted = wanted_accounts(session)
+    if mode() == "local":
+        scheduler = _local_scheduler()
+        counts = scheduler.replace_all(wanted) if scheduler is not None else store.Counts()
+    else:
+        counts = store.apply(wanted, store.mailbox_members(store.client()), utcnow())
+    result = ReconcileResult(counts.created, counts.updated, counts.deleted, counts.unchanged)
+    if result.created or result.updated or result.deleted:
+        log.info("schedule reconciled: %s", result.as_dict())
+    return result
+
+
+def list_entries() -> list[ScheduleEntry]:
+    if mode() == "local":
+        scheduler = _local_scheduler()
+        stored = scheduler.entries() if scheduler is not None else []
+    else:
+        stored = store.read_entries()
+    return [ScheduleEntry(**asdict(entry)) for entry in stored]
+
+
+# -- the local scheduler -------------------------------------------------------------
+
+_local: LocalScheduler | None = None
+_local_guard = threading.Lock()
+
+
+def _local_scheduler() -> LocalScheduler | None:
+    return _local
+
+
+def start_local_scheduler_if_needed() -> bool:
+    """In local mode, start the in-process scheduler (once per process); True if it runs."""
+    global _local  # noqa: PLW0603 - one scheduler per process
+    if mode() != "local":
+        return False
+    from backend.schedules.local import LocalScheduler
+    from backend.schedules.polling import run_local_poll
+
+    with _local_guard:
+        if _local is None:
+            scheduler = LocalScheduler(
+                poll=run_local_poll,
+                load=_load_wanted,
+                refresh_seconds=get_settings().reconcile_interval_seconds,
+            )
+            scheduler.start()
+            _local = scheduler
+    return True
+
+
+def stop_local_scheduler(timeout: float = 30.0) -> None:
+    global _local
+    with _local_guard:
+        scheduler, _local = _local, None
+    if scheduler is not None:
+        scheduler.stop(timeout)
+
+
+def _load_wanted() -> dict[int, store.Wanted]:
+    from backend.db import session_scope
+
+    with session_scope() as session:
+        return wanted_accounts(session)
+
+
+def reset_cache() -> None:
+    """Forget the mode and stop a local scheduler (tests change the environment)."""
+    global _celery_process  # noqa: PLW0603 - a fact about this process
+    stop_local_scheduler()
+    _celery_process = False
+    mode.cache_clear()

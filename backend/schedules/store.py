@@ -1,0 +1,241 @@
+"""The RedBeat schedule in Redis: one hash `redbeat:mailbox:{id}` per mailbox (fields
+`definition` and `meta`) and its score (the next run, epoch seconds) in the sorted set
+`redbeat::schedule`, the layout RedBeat 2.4 reads on every tick.
+
+Entries are read and written here in pipelines rather than through
+`RedBeatSchedulerEntry.save()`, which costs a round trip per entry: 10,000 entries are
+compared and fixed in a handful of round trips. The JSON is RedBeat's own encoding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+import redis
+from celery import Celery
+from celery.schedules import schedule as interval_schedule
+from redbeat.decoder import RedBeatJSONDecoder, RedBeatJSONEncoder, to_timestamp
+from redbeat.schedulers import ensure_conf, get_redis
+
+from backend.schedules.phase import initial_last_run
+
+log = logging.getLogger(__name__)
+
+ENTRY_PREFIX = "mailbox:"
+POLL_TASK = "mailbox.poll"
+POLL_QUEUE = "email"
+# Commands per pipeline execute: bounds the memory of one round trip.
+PIPELINE_CHUNK = 20_000
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What the database says a mailbox's entry should be."""
+
+    account_id: int
+    interval_seconds: int
+    last_polled_at: datetime | None
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    account_id: int
+    name: str
+    interval: int
+    last_run_at: datetime | None
+    next_run_at: datetime | None
+
+
+@dataclass
+class Counts:
+    created: int = 0
+    updated: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+
+
+def celery_app() -> Celery:
+    from backend.celery_app import app
+
+    ensure_conf(app)
+    return app
+
+
+def client() -> redis.Redis:
+    return cast(redis.Redis, get_redis(celery_app()))
+
+
+def schedule_key() -> str:
+    return cast(str, celery_app().redbeat_conf.schedule_key)
+
+
+def entry_name(account_id: int) -> str:
+    return f"{ENTRY_PREFIX}{account_id}"
+
+
+def entry_key(account_id: int) -> str:
+    return f"{celery_app().redbeat_conf.key_prefix}{entry_name(account_id)}"
+
+
+def _key_prefix() -> str:
+    return f"{celery_app().redbeat_conf.key_prefix}{ENTRY_PREFIX}"
+
+
+def definition_json(account_id: int, interval_seconds: int) -> str:
+    """The entry's definition, in the field order RedBeat's `save()` writes."""
+    return json.dumps(
+        {
+            "name": entry_name(account_id),
+            "task": POLL_TASK,
+            "args": [account_id],
+            "kwargs": {},
+            # A poll still queued when the next one is due is dropped, not run late.
+            "options": {"queue": POLL_QUEUE, "expires": interval_seconds},
+            "schedule": interval_schedule(run_every=timedelta(seconds=interval_seconds)),
+            "enabled": True,
+        },
+        cls=RedBeatJSONEncoder,
+    )
+
+
+def _same_definition(stored: str, expected: str) -> bool:
+    # Written by us the strings match; anything else (another writer's field order) is
+    # compared as data.
+    if stored == expected:
+        return True
+    try:
+        return bool(json.loads(stored) == json.loads(expected))
+    except ValueError:
+        return False
+
+
+def _last_run_at(meta: str | None) -> datetime | None:
+    if not meta:
+        return None
+    try:
+        decoded = json.loads(meta, cls=RedBeatJSONDecoder)
+    except ValueError:
+        return None
+    value = decoded.get("last_run_at")
+    return value if isinstance(value, datetime) else None
+
+
+def _score(last_run_at: datetime, interval_seconds: int, now: datetime) -> int:
+    # RedBeat's own rule: an overdue entry is due now.
+    due = max(last_run_at + timedelta(seconds=interval_seconds), now)
+    return cast(int, to_timestamp(due))
+
+
+def _execute_chunks(conn: redis.Redis, commands: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+    results: list[Any] = []
+    for start in range(0, len(commands), PIPELINE_CHUNK):
+        with conn.pipeline(transaction=False) as pipe:
+            for name, args in commands[start : start + PIPELINE_CHUNK]:
+                getattr(pipe, name)(*args)
+            results.extend(pipe.execute())
+    return results
+
+
+def mailbox_members(conn: redis.Redis) -> dict[str, float]:
+    """Every mailbox entry in the schedule's sorted set, with its score: one round trip."""
+    prefix = _key_prefix()
+    members = conn.zrange(schedule_key(), 0, -1, withscores=True)
+    return {
+        key: score
+        for key, score in cast(list[tuple[str, float]], members)
+        if key.startswith(prefix)
+    }
+
+
+def apply(wanted: Mapping[int, Wanted], check_keys: Iterable[str], now: datetime) -> Counts:
+    """Make the entries under `check_keys` match `wanted`: an entry wanted but missing is
+    created, one whose definition differs (or which fell out of the sorted set) is
+    rewritten in place keeping its `last_run_at`, one not wanted is deleted.
+
+    One round trip to read every hash and its score, one to write.
+    """
+    conn = client()
+    zset = schedule_key()
+    by_key = {entry_key(account_id): want for account_id, want in wanted.items()}
+    keys = sorted(set(by_key) | set(check_keys))
+    reads: list[tuple[str, tuple[Any, ...]]] = []
+    for key in keys:
+        reads += [("hmget", (key, "definition", "meta")), ("zscore", (zset, key))]
+    stored = _execute_chunks(conn, reads)
+    counts = Counts()
+    writes: list[tuple[str, tuple[Any, ...]]] = []
+    for index, key in enumerate(keys):
+        (definition, meta), score = stored[2 * index], stored[2 * index + 1]
+        want = by_key.get(key)
+        if want is None:
+            if definition is not None or meta is not None or score is not None:
+                writes += [("zrem", (zset, key)), ("delete", (key,))]
+                counts.deleted += 1
+            continue
+        expected = definition_json(want.account_id, want.interval_seconds)
+        if definition is not None and score is not None and _same_definition(definition, expected):
+            counts.unchanged += 1
+            continue
+        if definition is None:
+            counts.created += 1
+        else:
+            counts.updated += 1
+        last_run_at = _last_run_at(meta)
+        writes.append(("hset", (key, "definition", expected)))
+        if last_run_at is None:
+            last_run_at = initial_last_run(
+                want.account_id, want.interval_seconds, want.last_polled_at, now
+            )
+            # NX: beat may have dispatched it a moment ago and written its own meta.
+            meta_json = json.dumps({"last_run_at": last_run_at}, cls=RedBeatJSONEncoder)
+            writes.append(("hsetnx", (key, "meta", meta_json)))
+        writes.append(("zadd", (zset, {key: _score(last_run_at, want.interval_seconds, now)})))
+    if writes:
+        _execute_chunks(conn, writes)
+    return counts
+
+
+def read_entries() -> list[StoredEntry]:
+    """Every mailbox entry with its last and next run, sorted by account id."""
+    conn = client()
+    members = mailbox_members(conn)
+    keys = list(members)
+    stored = _execute_chunks(conn, [("hmget", (key, "definition", "meta")) for key in keys])
+    entries = []
+    prefix = _key_prefix()
+    for key, (definition, meta) in zip(keys, stored, strict=True):
+        if not definition:
+            continue
+        try:
+            account_id = int(key[len(prefix) :])
+            decoded = json.loads(definition)
+            interval = int(decoded["schedule"]["every"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("schedule entry %s cannot be read; reconcile will replace it", key)
+            continue
+        last_run_at = _last_run_at(meta)
+        next_run_at = None if last_run_at is None else last_run_at + timedelta(seconds=interval)
+        entries.append(
+            StoredEntry(
+                account_id=account_id,
+                name=entry_name(account_id),
+                interval=interval,
+                last_run_at=last_run_at,
+                next_run_at=next_run_at,
+            )
+        )
+    entries.sort(key=lambda entry: entry.account_id)
+    return entries
+
+
+def delete(account_id: int) -> None:
+    key = entry_key(account_id)
+    with client().pipeline(transaction=False) as pipe:
+        pipe.zrem(schedule_key(), key)
+        pipe.delete(key)
+        pipe.execute()

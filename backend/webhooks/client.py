@@ -1,0 +1,105 @@
+"""The one HTTP client for webhooks, and what one attempt's answer means for retrying."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from functools import lru_cache
+
+import httpx
+
+from backend.config import Settings, get_settings
+
+USER_AGENT = "mailbeat-webhooks/1"
+# Receivers' error pages are kept in the dead letter only this far.
+ERROR_SNIPPET_CHARS = 500
+
+
+@lru_cache
+def http_client() -> httpx.Client:
+    settings = get_settings()
+    return httpx.Client(
+        timeout=httpx.Timeout(
+            settings.webhook_timeout_seconds, connect=settings.webhook_connect_timeout_seconds
+        ),
+        # A redirect would resend the signed body somewhere the operator did not name.
+        follow_redirects=False,
+        headers={"User-Agent": USER_AGENT},
+    )
+
+
+def reset_cache() -> None:
+    if http_client.cache_info().currsize:
+        http_client().close()
+    http_client.cache_clear()
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    ok: bool
+    retryable: bool
+    status_code: int | None = None
+    error: str | None = None
+    retry_after: float | None = None  # seconds, from the receiver's Retry-After
+
+
+def post(url: str, body: bytes, headers: dict[str, str]) -> AttemptResult:
+    try:
+        response = http_client().post(url, content=body, headers=headers)
+    except httpx.TimeoutException as exc:
+        return AttemptResult(ok=False, retryable=True, error=f"timed out: {exc!r}")
+    except httpx.TransportError as exc:
+        # Connection refused or reset, DNS, TLS: the receiver may come back.
+        return AttemptResult(ok=False, retryable=True, error=f"connection failed: {exc!r}")
+    except httpx.HTTPError as exc:  # an unusable URL: retrying cannot help
+        return AttemptResult(ok=False, retryable=False, error=f"request failed: {exc!r}")
+    return classify(response)
+
+
+def classify(response: httpx.Response) -> AttemptResult:
+    code = response.status_code
+    if 200 <= code < 300:
+        return AttemptResult(ok=True, retryable=False, status_code=code)
+    # 408 and 429 ask to come back later; other 4xx say the request itself is refused,
+    # and 3xx is not followed (see http_client), so neither would change on a retry.
+    retryable = code >= 500 or code in (408, 429)
+    snippet = response.text[:ERROR_SNIPPET_CHARS].strip()
+    return AttemptResult(
+        ok=False,
+        retryable=retryable,
+        status_code=code,
+        error=f"HTTP {code}" + (f": {snippet}" if snippet else ""),
+        retry_after=parse_retry_after(response.headers.get("Retry-After")) if retryable else None,
+    )
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Retry-After is either seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+def retry_delay(attempts: int, retry_after: float | None, settings: Settings) -> float:
+    """Seconds before the next attempt after `attempts` failed ones: exponential with
+    jitter (so receivers coming back are not hit by every retry at once), and never
+    sooner than the receiver asked."""
+    ceiling = min(
+        settings.webhook_backoff_max_seconds,
+        settings.webhook_backoff_base_seconds * 2.0 ** max(0, attempts - 1),
+    )
+    delay = ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - not a secret
+    return max(delay, retry_after or 0.0)

@@ -1,0 +1,52 @@
+"""Dead letters: list them, replay one, replay all of an account's."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+from sqlalchemy.orm import Session
+
+from backend.deps import AdminDep, SessionDep
+from backend.schedules import service as schedules
+from backend.webhooks import service
+from backend.webhooks.schemas import DeadLetter, DeadLetterPage, Replayed
+
+router = APIRouter(dependencies=[AdminDep], tags=["webhooks"])
+
+# Ids beyond the columns' range would be a database error, not a 404.
+AccountId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+DeliveryId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+
+
+@router.get("/admin/dead-letters", response_model=DeadLetterPage)
+def list_dead_letters(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    account_id: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
+) -> DeadLetterPage:
+    """Deliveries that exhausted their retries or were refused, newest first."""
+    items, total = service.list_dead_letters(
+        session, limit=limit, offset=offset, account_id=account_id
+    )
+    return DeadLetterPage(items=[DeadLetter.model_validate(item) for item in items], total=total)
+
+
+@router.post("/admin/dead-letters/{delivery_id}/replay", response_model=Replayed, status_code=202)
+def replay_dead_letter(delivery_id: DeliveryId, session: SessionDep) -> Replayed:
+    """Queue one dead letter again: a full set of attempts, the same event id."""
+    return _send(session, service.replay_dead_letter(session, delivery_id))
+
+
+@router.post("/accounts/{account_id}/dead-letters/replay", response_model=Replayed, status_code=202)
+def replay_account_dead_letters(account_id: AccountId, session: SessionDep) -> Replayed:
+    """Every dead letter of the account, queued again."""
+    return _send(session, service.replay_account_dead_letters(session, account_id))
+
+
+def _send(session: Session, delivery_ids: list[int]) -> Replayed:
+    # Sent only once the requeue is committed, or a fast worker would find them dead.
+    session.commit()
+    service.dispatch(delivery_ids, use_celery=schedules.mode() == "celery")
+    return Replayed(replayed=len(delivery_ids), delivery_ids=delivery_ids)

@@ -1,0 +1,122 @@
+"""The JSON events mailbeat sends (docs/webhooks.md describes them for receivers)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from email.parser import BytesHeaderParser
+from typing import Any
+
+from backend.config import get_settings
+from backend.mailbox.parser import decode_words
+from backend.models import Account, Message, WebhookDelivery
+from backend.storage import service as storage
+from backend.storage.base import StorageError
+
+
+def envelope(delivery: WebhookDelivery, data: dict[str, Any]) -> bytes:
+    event = {
+        "id": delivery.event_id,
+        "type": delivery.event_type,
+        "created_at": _iso(delivery.created_at),
+        "data": data,
+    }
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def account_data(account: Account) -> dict[str, Any]:
+    """The account as the state change left it (kept with the delivery: it changes later)."""
+    return {
+        "account": {
+            "id": account.id,
+            "email": account.email,
+            "status": account.status,
+            "enabled": account.enabled,
+            "last_error": account.last_error,
+            "last_error_kind": account.last_error_kind,
+            "consecutive_failures": account.consecutive_failures,
+            "disabled_reason": account.disabled_reason,
+            "last_polled_at": _iso(account.last_polled_at),
+            "last_success_at": _iso(account.last_success_at),
+        }
+    }
+
+
+def message_data(message: Message, account: Account) -> dict[str, Any]:
+    settings = get_settings()
+    base = settings.public_base_url.rstrip("/")
+    content = _content(message, settings.webhook_body_max_bytes)
+    return {
+        "account": {"id": account.id, "email": account.email},
+        "message": {
+            "id": message.id,
+            "folder": message.folder,
+            "uidvalidity": message.uidvalidity,
+            "uid": message.uid,
+            "message_id": message.message_id,
+            "subject": message.subject,
+            "from": message.from_addr,
+            "to": message.to_addrs,
+            "cc": message.cc_addrs,
+            "date": _iso(message.date),
+            "internal_date": _iso(message.internal_date),
+            "flags": message.flags,
+            "size": message.size,
+            "content_hash": message.content_hash,
+            "ingested_at": _iso(message.ingested_at),
+            "parse_error": message.parse_error,
+            "skipped_reason": message.skipped_reason,
+            **content,
+            "raw_url": f"{base}/messages/{message.id}/raw" if message.storage_key else None,
+            "attachments": [
+                {
+                    "id": attachment.id,
+                    "filename": attachment.filename,
+                    "safe_name": attachment.safe_name,
+                    "content_type": attachment.content_type,
+                    "content_id": attachment.content_id,
+                    "size": attachment.size,
+                    "content_hash": attachment.content_hash,
+                    "url": f"{base}/messages/{message.id}/attachments/{attachment.id}",
+                }
+                for attachment in message.attachments
+            ],
+        },
+    }
+
+
+def _content(message: Message, max_bytes: int) -> dict[str, Any]:
+    """Bodies as ingestion decoded them; headers decoded from the stored raw bytes."""
+    content: dict[str, Any] = {"headers": [], "raw_error": None}
+    for key, text in (("text", message.text_body), ("html", message.html_body)):
+        content[key], content[f"{key}_truncated"] = _cut(text, max_bytes)
+    if not (message.storage_backend and message.storage_key):
+        return content
+    try:
+        raw = storage.get_object(message.storage_backend, message.storage_key)
+    except StorageError as exc:
+        # The event still goes out: the receiver learns the message exists and why the
+        # headers are missing, and can fetch raw_url later.
+        content["raw_error"] = f"the stored message could not be read: {exc}"
+        return content
+    # Headers only: the body is not parsed again.
+    headers = BytesHeaderParser().parsebytes(raw)
+    content["headers"] = [
+        {"name": name, "value": " ".join(decode_words(value).split())}
+        for name, value in headers.items()
+    ]
+    return content
+
+
+def _cut(text: str | None, max_bytes: int) -> tuple[str | None, bool]:
+    if text is None:
+        return None, False
+    encoded = text.encode("utf-8")
+    if len(encoded) <= max_bytes:
+        return text, False
+    # Dropping the partial character at the cut keeps the JSON valid UTF-8.
+    return encoded[:max_bytes].decode("utf-8", errors="ignore"), True
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None

@@ -1,0 +1,139 @@
+"""The admin routes against a live `celery worker` started from this checkout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.api import account_payload
+from tests.support.dovecot import Dovecot
+
+ROOT = Path(__file__).resolve().parents[2]
+CELERY = shutil.which("celery", path=str(Path(sys.executable).parent)) or "celery"
+
+pytestmark = pytest.mark.e2e
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[str]:
+    """A live worker on every queue; yields its name."""
+    name = f"api-{uuid.uuid4().hex[:6]}@test"
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                CELERY,
+                "-A",
+                "backend.celery_app",
+                "worker",
+                "-Q",
+                "email,workflow,default",
+                "-n",
+                name,
+                "--concurrency=1",
+                "--without-gossip",
+                "--without-mingle",
+                "-l",
+                "INFO",
+            ],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield name
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        if process.returncode not in (0, -signal.SIGTERM):
+            print(log_path.read_text(errors="replace")[-4000:])
+
+
+def polls_total(api: TestClient) -> float:
+    text = api.get("/metrics").text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "mailbeat_polls_total"
+    )
+
+
+def test_admin_routes_against_a_live_worker(
+    api: TestClient, worker: str, dovecot: Dovecot, mail_user
+):
+    wait_for(lambda: api.get("/admin/celery/workers").json()["total"] == 1, "the worker")
+    [info] = api.get("/admin/celery/workers").json()["workers"]
+    assert info["name"] == worker
+    assert info["queues"] == ["default", "email", "workflow"]
+    assert info["concurrency"] == 1
+    assert info["active"] == 0
+
+    health = api.get("/health")
+    assert health.status_code == 200
+    assert health.json()["status"] == "healthy"
+    assert health.json()["checks"]["celery_worker"] == "ok (1 worker)"
+
+    tasks = api.get("/admin/celery/tasks").json()
+    assert set(tasks) == {"active", "reserved", "scheduled"}
+
+    # A poll through the API runs on the worker and is recorded with its task id.
+    user, password = mail_user
+    dovecot.append(user, b"Subject: via the worker\r\n\r\nhello\r\n")
+    account_id = api.post(
+        "/accounts",
+        json=account_payload(
+            imap_host=dovecot.host,
+            imap_port=dovecot.imap_port,
+            imap_security="none",
+            username=user,
+            password=password,
+            poll_interval_seconds=3600,
+        ),
+    ).json()["id"]
+    before = polls_total(api)
+    task_id = api.post(f"/accounts/{account_id}/poll").json()["task_id"]
+
+    def finished(task: str) -> bool:
+        body = api.get(f"/admin/celery/tasks/{task}").json()
+        return bool(body.get("source") == "database" and body["state"] != "running")
+
+    wait_for(lambda: finished(task_id), "the poll to finish")
+    state = api.get(f"/admin/celery/tasks/{task_id}").json()
+    assert state["state"] == "success"
+    assert state["poll_run"]["messages_count"] == 1
+    assert api.get(f"/accounts/{account_id}").json()["message_count"] == 1
+    # The worker's poll reached this process's /metrics (multiprocess files).
+    assert polls_total(api) >= before + 1
+
+    retried = api.post(f"/admin/celery/tasks/{task_id}/retry")
+    assert retried.status_code == 202
+    new_task = retried.json()["task_id"]
+    wait_for(lambda: finished(new_task), "the retried poll to finish")
+    assert api.get(f"/admin/celery/tasks/{new_task}").json()["state"] == "success"
+    assert api.get(f"/accounts/{account_id}/messages").json()["total"] == 1

@@ -1,0 +1,345 @@
+"""Scheduling end to end: real `celery beat` and `celery worker` processes, real Redis,
+the Dovecot fixture. Intervals are a few seconds; every wait is a loop with a generous
+deadline, never a sleep that asserts timing."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from backend import crypto
+from backend.models import Account, Message, PollRun, utcnow
+from backend.schedules import service
+from tests.mailbox.conftest import generated
+from tests.schedules.processes import Celery, running_celery, wait_for
+from tests.support.dovecot import Dovecot
+from tests.support.redis_db import RedisDb
+
+pytestmark = pytest.mark.e2e
+
+INTERVAL = 2
+
+
+@pytest.fixture
+def celery(tmp_path: Path, set_env: Callable[..., None]) -> Iterator[Celery]:
+    set_env(MIN_POLL_INTERVAL_SECONDS=1)
+    with running_celery(tmp_path) as processes:
+        yield processes
+
+
+class Mailboxes:
+    """Mailboxes on the Dovecot fixture with their accounts, created as the account
+    service does: commit, then sync the schedule."""
+
+    def __init__(self, db: Session, dovecot: Dovecot) -> None:
+        self.db = db
+        self.dovecot = dovecot
+        self.usernames: dict[int, str] = {}
+        self.sent: dict[int, int] = defaultdict(int)
+
+    def add(
+        self,
+        *,
+        interval: int = INTERVAL,
+        wrong_password: bool = False,
+        last_polled_at: datetime | None = None,
+    ) -> Account:
+        username = f"sched-{uuid.uuid4().hex[:10]}"
+        password = self.dovecot.add_user(username, f"pw-{uuid.uuid4().hex[:8]}")
+        account = Account(
+            email=f"{username}@example.org",
+            imap_host=self.dovecot.host,
+            imap_port=self.dovecot.imap_port,
+            imap_security="none",
+            username=username,
+            credentials_encrypted=crypto.encrypt_json(
+                {"password": "wrong" if wrong_password else password}
+            ),
+            folders=["INBOX"],
+            poll_interval_seconds=interval,
+            last_polled_at=last_polled_at,
+        )
+        self.db.add(account)
+        self.db.commit()
+        service.sync_account(account)
+        self.usernames[account.id] = username
+        return account
+
+    def deliver(self, account: Account, count: int) -> int:
+        """Put `count` new messages in the mailbox; returns how many it holds now."""
+        start = self.sent[account.id]
+        raws = [generated(start + index) for index in range(count)]
+        if count > 50:
+            self.dovecot.write_maildir(self.usernames[account.id], raws)
+        else:
+            self.dovecot.append_many(self.usernames[account.id], raws)
+        self.sent[account.id] += count
+        return self.sent[account.id]
+
+    def ingested(self, account: Account) -> int:
+        self.db.rollback()  # a fresh snapshot
+        return int(
+            self.db.scalar(select(func.count(Message.id)).where(Message.account_id == account.id))
+            or 0
+        )
+
+    def runs(self, account: Account, outcome: str | None = None) -> list[PollRun]:
+        self.db.rollback()
+        query = select(PollRun).where(PollRun.account_id == account.id)
+        if outcome is not None:
+            query = query.where(PollRun.outcome == outcome)
+        return list(self.db.scalars(query.order_by(PollRun.id)))
+
+    def assert_held_once(self, account: Account) -> None:
+        """Every message in the mailbox is held exactly once."""
+        self.db.rollback()
+        uids = list(self.db.scalars(select(Message.uid).where(Message.account_id == account.id)))
+        assert len(uids) == len(set(uids)) == self.sent[account.id]
+        on_server = self.dovecot.folder_status(self.usernames[account.id])[b"MESSAGES"]
+        assert on_server == len(uids)
+
+
+@pytest.fixture
+def mailboxes(db: Session, dovecot: Dovecot) -> Mailboxes:
+    return Mailboxes(db, dovecot)
+
+
+def sends(log: str, account: Account) -> int:
+    """How many polls of the account beat's log says it sent."""
+    return log.count(f"Sending due task mailbox:{account.id} (")
+
+
+def queued_polls(redis_db: RedisDb) -> dict[int, list[datetime]]:
+    """The polls waiting in the email queue, by account: when each was sent (a poll's
+    `expires` is its send time plus the interval)."""
+    by_account: dict[int, list[datetime]] = defaultdict(list)
+    for raw in redis_db.client().lrange("email", 0, -1):
+        headers: dict[str, Any] = json.loads(raw)["headers"]
+        if headers["task"] != "mailbox.poll":
+            continue
+        [account_id] = json.loads(headers["argsrepr"])
+        sent = datetime.fromisoformat(headers["expires"]) - timedelta(seconds=INTERVAL)
+        by_account[account_id].append(sent)
+    return {account_id: sorted(times) for account_id, times in by_account.items()}
+
+
+def test_accounts_are_polled_on_their_intervals_and_mail_ingested(
+    celery: Celery, mailboxes: Mailboxes
+) -> None:
+    first, second = mailboxes.add(), mailboxes.add()
+    mailboxes.deliver(first, 3)
+    mailboxes.deliver(second, 2)
+    celery.beat()
+    celery.worker()
+
+    wait_for(
+        lambda: mailboxes.ingested(first) == 3 and mailboxes.ingested(second) == 2,
+        "the first messages",
+    )
+    # Later mail arrives with later polls.
+    mailboxes.deliver(first, 2)
+    mailboxes.deliver(second, 2)
+    wait_for(
+        lambda: mailboxes.ingested(first) == 5 and mailboxes.ingested(second) == 4,
+        "the later messages",
+    )
+    wait_for(
+        lambda: all(len(mailboxes.runs(a, "success")) >= 3 for a in (first, second)),
+        "repeated polls",
+    )
+    for account in (first, second):
+        mailboxes.assert_held_once(account)
+
+
+def test_an_interval_change_takes_effect_without_restarting_beat(
+    celery: Celery, mailboxes: Mailboxes
+) -> None:
+    # Polled a moment ago, hourly: the next poll is an hour away.
+    account = mailboxes.add(interval=3600, last_polled_at=utcnow())
+    mailboxes.deliver(account, 2)
+    beat = celery.beat()
+    celery.worker()
+    wait_for(lambda: "beat: Acquired lock" in beat.log(), "beat to run")
+    assert sends(beat.log(), account) == 0
+
+    account.poll_interval_seconds = INTERVAL
+    mailboxes.db.commit()
+    service.sync_account(account)
+
+    wait_for(lambda: mailboxes.ingested(account) == 2, "the poll at the new interval")
+    assert beat.running()
+    assert beat.log().count("beat: Starting") == 1
+
+
+def test_deleting_an_account_stops_its_polls(
+    celery: Celery, mailboxes: Mailboxes, redis_db: RedisDb
+) -> None:
+    gone, staying = mailboxes.add(), mailboxes.add()
+    beat = celery.beat()
+    celery.worker()
+    wait_for(
+        lambda: len(mailboxes.runs(gone, "success")) >= 2 and mailboxes.runs(staying),
+        "both polled",
+    )
+
+    mailboxes.db.delete(gone)
+    mailboxes.db.commit()
+    service.remove_account(gone.id)
+    sent_before = sends(beat.log(), gone)
+    polls_of_staying = len(mailboxes.runs(staying))
+
+    # Three more polls of the other mailbox: several intervals have passed.
+    wait_for(lambda: len(mailboxes.runs(staying)) >= polls_of_staying + 3, "the other's polls")
+    # At most the one beat was sending as the entry went.
+    assert sends(beat.log(), gone) <= sent_before + 1
+    assert gone.id not in {entry.account_id for entry in service.list_entries()}
+    assert not redis_db.client().exists(f"redbeat:mailbox:{gone.id}")
+
+
+def test_two_beats_at_once_dispatch_each_poll_once(
+    celery: Celery, mailboxes: Mailboxes, redis_db: RedisDb
+) -> None:
+    accounts = [mailboxes.add() for _ in range(3)]
+    # No worker: the polls stay in the queue, where every dispatch can be counted.
+    first = celery.beat("beat1")
+    wait_for(lambda: "beat: Acquired lock" in first.log(), "the first beat")
+    second = celery.beat("beat2")
+    wait_for(lambda: "beat: reconciled the schedule" in second.log(), "the second beat")
+
+    wait_for(
+        lambda: all(len(queued_polls(redis_db).get(a.id, [])) >= 4 for a in accounts),
+        "four dispatches of every mailbox",
+    )
+    assert "Sending due task mailbox:" not in second.log()
+
+    # The active beat stops; the other takes over, still without duplicates.
+    first.stop()
+    counts = {a.id: len(queued_polls(redis_db)[a.id]) for a in accounts}
+    wait_for(
+        lambda: all(len(queued_polls(redis_db)[a.id]) >= counts[a.id] + 3 for a in accounts),
+        "dispatches from the second beat",
+    )
+    assert "Sending due task mailbox:" in second.log()
+    for account in accounts:
+        times = queued_polls(redis_db)[account.id]
+        gaps = [(later - earlier).total_seconds() for earlier, later in pairwise(times)]
+        # A duplicate would be milliseconds after the poll it repeats.
+        assert min(gaps) >= INTERVAL / 2, (account.id, gaps)
+        assert sends(first.log(), account) + sends(second.log(), account) == len(times)
+
+
+def test_two_workers_never_poll_one_mailbox_at_once(
+    celery: Celery, mailboxes: Mailboxes, set_env: Callable[..., None]
+) -> None:
+    set_env(IMAP_FETCH_BATCH_SIZE=20)
+    account = mailboxes.add(interval=3600, last_polled_at=utcnow())
+    mailboxes.deliver(account, 400)
+    workers = [celery.worker("w1", concurrency=2), celery.worker("w2", concurrency=2)]
+    wait_for(lambda: all(" ready." in worker.log() for worker in workers), "the workers")
+
+    task_ids = {service.enqueue_poll(account.id) for _ in range(8)}
+    wait_for(
+        lambda: {run.task_id for run in mailboxes.runs(account) if run.finished_at} == task_ids,
+        "every requested poll to finish",
+    )
+
+    runs = mailboxes.runs(account)
+    held = [run for run in runs if run.error != "another poll of this mailbox is running"]
+    assert len(held) < len(runs)  # some polls found the mailbox busy and stepped aside
+    spans = sorted((run.started_at, run.finished_at) for run in held)
+    for (_, end), (start, _) in pairwise(spans):
+        assert end is not None and end <= start, spans
+    mailboxes.assert_held_once(account)
+
+
+def test_after_flushall_the_schedule_is_rebuilt_and_polling_resumes(
+    celery: Celery, mailboxes: Mailboxes, redis_db: RedisDb
+) -> None:
+    account = mailboxes.add()
+    mailboxes.deliver(account, 2)
+    beat = celery.beat()
+    celery.worker()
+    wait_for(lambda: mailboxes.ingested(account) == 2, "the first messages")
+
+    redis_db.client().flushdb()  # this test's Redis database only
+    mailboxes.deliver(account, 2)
+
+    wait_for(lambda: mailboxes.ingested(account) == 4, "polling to resume")
+    assert "the schedule is missing from Redis" in beat.log()
+    assert [entry.account_id for entry in service.list_entries()] == [account.id]
+    assert beat.running()
+    mailboxes.assert_held_once(account)
+
+
+def test_a_worker_killed_mid_poll_loses_and_duplicates_nothing(
+    celery: Celery, mailboxes: Mailboxes, set_env: Callable[..., None]
+) -> None:
+    # Short limits, so the dead worker's lock expires within the test.
+    set_env(
+        IMAP_FETCH_BATCH_SIZE=10,
+        IMAP_CONNECT_TIMEOUT=3,
+        IMAP_READ_TIMEOUT=5,
+        POLL_SOFT_TIME_LIMIT_SECONDS=8,
+        POLL_TIME_LIMIT_SECONDS=10,
+    )
+    account = mailboxes.add()
+    total = mailboxes.deliver(account, 1500)
+    celery.beat()
+    worker = celery.worker("doomed")
+    wait_for(lambda: mailboxes.ingested(account) > 0, "the poll to be under way")
+
+    worker.kill()
+    held_at_kill = mailboxes.ingested(account)
+    assert held_at_kill < total, "the poll ended before the kill; use more mail"
+
+    celery.worker("survivor")
+    wait_for(lambda: mailboxes.ingested(account) == total, "the rest of the mailbox")
+    mailboxes.assert_held_once(account)
+
+
+def test_a_bad_password_backs_off_and_ends_disabled_while_others_flow(
+    celery: Celery, mailboxes: Mailboxes, set_env: Callable[..., None]
+) -> None:
+    # Dovecot answers a wrong password after seconds; backoffs of 4, 8 and 16 s (counted
+    # from each failed poll's start) outlast that; the fourth failure disables.
+    set_env(MAX_CONSECUTIVE_FAILURES=4, BACKOFF_MAX_SECONDS=16)
+    bad = mailboxes.add(interval=4, wrong_password=True)
+    good = mailboxes.add()
+    mailboxes.deliver(good, 2)
+    celery.beat()
+    celery.worker(concurrency=2)
+
+    def disabled() -> bool:
+        mailboxes.db.rollback()
+        mailboxes.db.refresh(bad)
+        return bad.status == "disabled"
+
+    wait_for(disabled, "the bad mailbox to be disabled")
+    assert bad.enabled is False
+    assert bad.disabled_reason
+    assert len(mailboxes.runs(bad, "auth_error")) == 4
+    # Between failures, polls were skipped while the backoff lasted.
+    runs = [(r.started_at, r.finished_at, r.outcome, r.error) for r in mailboxes.runs(bad)]
+    assert any((error or "").startswith("backing off") for *_, error in runs), "\n".join(
+        map(str, runs)
+    )
+    wait_for(
+        lambda: bad.id not in {entry.account_id for entry in service.list_entries()},
+        "the bad mailbox's entry to go",
+    )
+
+    # The other mailbox kept flowing, and still does.
+    wait_for(lambda: mailboxes.ingested(good) == 2, "the good mailbox's mail")
+    mailboxes.deliver(good, 2)
+    wait_for(lambda: mailboxes.ingested(good) == 4, "the good mailbox's later mail")
+    assert len(mailboxes.runs(bad, "auth_error")) == 4

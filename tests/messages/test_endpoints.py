@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+from email.message import EmailMessage
+from urllib.parse import unquote
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from backend.mailbox.service import poll_account
+from backend.models import Message
+from backend.storage import service as storage
+from tests.support.api import account_payload, insert_account
+from tests.support.dovecot import Dovecot
+
+
+def mail(subject: str, *, attachment: tuple[str, bytes] | None = None) -> bytes:
+    message = EmailMessage()
+    message["From"] = "Alice <alice@example.com>"
+    message["To"] = "bob@example.com"
+    message["Subject"] = subject
+    message["Message-ID"] = f"<{subject.replace(' ', '-')}@example.com>"
+    message.set_content("Hello,\r\nthis is the body.\r\n")
+    if attachment is not None:
+        name, data = attachment
+        message.add_attachment(data, maintype="application", subtype="octet-stream", filename=name)
+    return bytes(message)
+
+
+@pytest.fixture
+def polled(api: TestClient, dovecot: Dovecot, mail_user) -> tuple[int, str, list[int]]:
+    """An account on Dovecot with three messages (the last with an attachment), polled."""
+    user, password = mail_user
+    uids = dovecot.append_many(user, [mail("first"), mail("second")])
+    uids += [
+        dovecot.append(
+            user, mail("third", attachment=('re"port\r\n"; x=..\\..ö.pdf', b"%PDF-1.4 \x00\xff"))
+        )
+    ]
+    payload = account_payload(
+        imap_host=dovecot.host,
+        imap_port=dovecot.imap_port,
+        imap_security="none",
+        username=user,
+        password=password,
+    )
+    account_id = api.post("/accounts", json=payload).json()["id"]
+    result = poll_account(account_id)
+    assert result.outcome == "success", result.error
+    assert result.messages == 3
+    return account_id, user, uids
+
+
+def test_list_is_newest_first_and_paginated(api: TestClient, polled):
+    account_id, _, _ = polled
+    page = api.get(f"/accounts/{account_id}/messages").json()
+    assert page["total"] == 3
+    assert [m["subject"] for m in page["items"]] == ["third", "second", "first"]
+    second_page = api.get(
+        f"/accounts/{account_id}/messages", params={"limit": 2, "offset": 2}
+    ).json()
+    assert second_page["total"] == 3
+    assert [m["subject"] for m in second_page["items"]] == ["first"]
+    assert api.get(f"/accounts/{account_id}", params={}).json()["message_count"] == 3
+
+
+def test_list_of_an_unknown_account_is_404(api: TestClient):
+    response = api.get("/accounts/31337/messages")
+    assert response.status_code == 404
+    assert response.json()["detail"] == "account 31337 does not exist"
+
+
+def test_message_with_attachments(api: TestClient, polled):
+    account_id, _, _ = polled
+    newest = api.get(f"/accounts/{account_id}/messages", params={"limit": 1}).json()["items"][0]
+    body = api.get(f"/messages/{newest['id']}").json()
+    assert body["subject"] == "third"
+    assert body["from_addr"].endswith("alice@example.com>")
+    assert body["message_id"] == "<third@example.com>"
+    assert body["storage_backend"] == "local"
+    [attachment] = body["attachments"]
+    assert attachment["size"] == len(b"%PDF-1.4 \x00\xff")
+    assert attachment["content_type"] == "application/octet-stream"
+    assert "storage_key" not in attachment
+
+
+def test_raw_is_byte_identical_to_what_dovecot_holds(api: TestClient, dovecot: Dovecot, polled):
+    account_id, user, uids = polled
+    with dovecot.client(user) as client:
+        client.select_folder("INBOX", readonly=True)
+        held = {uid: data[b"BODY[]"] for uid, data in client.fetch(uids, ["BODY.PEEK[]"]).items()}
+        client.logout()
+    items = api.get(f"/accounts/{account_id}/messages").json()["items"]
+    assert {m["uid"] for m in items} == set(uids)
+    for item in items:
+        response = api.get(f"/messages/{item['id']}/raw")
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "message/rfc822"
+        assert response.headers["content-disposition"] == (
+            f'attachment; filename="message-{item["id"]}.eml"'
+        )
+        assert response.content == held[item["uid"]]
+
+
+def test_attachment_download_has_a_safe_content_disposition(api: TestClient, polled):
+    account_id, _, _ = polled
+    newest = api.get(f"/accounts/{account_id}/messages", params={"limit": 1}).json()["items"][0]
+    message = api.get(f"/messages/{newest['id']}").json()
+    [attachment] = message["attachments"]
+    response = api.get(f"/messages/{message['id']}/attachments/{attachment['id']}")
+    assert response.status_code == 200
+    assert response.content == b"%PDF-1.4 \x00\xff"
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    disposition = response.headers["content-disposition"]
+    plain = disposition.split('filename="', 1)[1].split('"', 1)[0]
+    assert all(c.isalnum() or c in "._ ()+-" for c in plain), disposition
+    assert "\r" not in disposition and "\n" not in disposition
+    encoded = disposition.split("filename*=UTF-8''", 1)[1]
+    assert unquote(encoded) == attachment["filename"]
+    assert ";" not in encoded and '"' not in encoded
+
+    other = api.get(f"/messages/{message['id']}/attachments/{attachment['id'] + 1000}")
+    assert other.status_code == 404
+
+
+def test_missing_message_body_and_object(api: TestClient, db: Session):
+    account = insert_account(db)
+    skipped = Message(
+        account_id=account.id,
+        folder="INBOX",
+        uidvalidity=1,
+        uid=1,
+        size=10**9,
+        skipped_reason="larger than MAX_MESSAGE_BYTES",
+    )
+    lost = Message(
+        account_id=account.id,
+        folder="INBOX",
+        uidvalidity=1,
+        uid=2,
+        storage_backend="local",
+        storage_key="accounts/1/INBOX/1/2.eml",
+    )
+    db.add_all([skipped, lost])
+    db.commit()
+    response = api.get(f"/messages/{skipped.id}/raw")
+    assert response.status_code == 404
+    assert "larger than MAX_MESSAGE_BYTES" in response.json()["detail"]
+    response = api.get(f"/messages/{lost.id}/raw")
+    assert response.status_code == 404
+    assert "missing from local storage" in response.json()["detail"]
+    assert api.get("/messages/99999").status_code == 404
+    assert api.get("/messages/99999/raw").status_code == 404
+
+
+def test_empty_stored_object_downloads_empty(api: TestClient, db: Session):
+    account = insert_account(db)
+    key = f"accounts/{account.id}/INBOX/1/1.eml"
+    backend = storage.put_object(key, b"", "message/rfc822")
+    message = Message(
+        account_id=account.id,
+        folder="INBOX",
+        uidvalidity=1,
+        uid=1,
+        storage_backend=backend,
+        storage_key=key,
+    )
+    db.add(message)
+    db.commit()
+    response = api.get(f"/messages/{message.id}/raw")
+    assert response.status_code == 200
+    assert response.content == b""

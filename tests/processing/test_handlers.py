@@ -1,0 +1,82 @@
+"""The registry of processing steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from backend.models import Message, WebhookDelivery
+from backend.processing import handlers
+from backend.processing.service import hand_on, process_and_send
+from tests.support.api import insert_account
+from tests.webhooks.fixtures import store_message
+from tests.webhooks.receiver import Receiver
+
+
+@pytest.fixture
+def registry() -> Iterator[None]:
+    saved = handlers.registered()
+    yield
+    for handler in handlers.registered():
+        handlers.unregister(handler.name)
+    for handler in saved:
+        handlers.register(handler)
+
+
+def test_steps_run_in_order_after_the_builtin_webhook(
+    db: Session, registry: None, receiver: Receiver, webhooks_on: Callable[..., None]
+) -> None:
+    calls: list[tuple[str, int]] = []
+
+    def step(name: str) -> Callable[[Session, Message], None]:
+        def run(session: Session, message: Message) -> None:
+            # Inside the processing transaction: the webhook step's rows are there.
+            assert session.scalar(select(WebhookDelivery).filter_by(message_id=message.id))
+            calls.append((name, message.id))
+
+        return run
+
+    handlers.register(handlers.Handler("tag", step("tag")))
+    handlers.register(
+        handlers.Handler("crm", step("crm"), lambda mid, _: calls.append(("sent", mid)))
+    )
+    handlers.register(handlers.Handler("tag", step("tag2")))  # replaced in place
+    assert [h.name for h in handlers.registered()] == ["webhook", "tag", "crm"]
+    message = store_message(db, insert_account(db), 1)
+
+    assert process_and_send(message.id, use_celery=False) is True
+    assert process_and_send(message.id, use_celery=False) is False
+
+    assert calls == [
+        ("tag2", message.id),
+        ("crm", message.id),
+        ("sent", message.id),
+        ("sent", message.id),
+    ]
+    assert len(receiver.delivered()) == 1
+
+
+def test_a_failing_step_leaves_the_message_unprocessed(
+    db: Session, registry: None, receiver: Receiver, webhooks_on: Callable[..., None]
+) -> None:
+    def broken(session: Session, message: Message) -> None:
+        raise RuntimeError("CRM is down")
+
+    handlers.register(handlers.Handler("crm", broken))
+    account = insert_account(db)
+    first, second = store_message(db, account, 1), store_message(db, account, 2)
+
+    hand_on([first.id, second.id], use_celery=False)  # logged; the others still run
+
+    db.expire_all()
+    assert db.get(Message, first.id).processed_at is None  # type: ignore[union-attr]
+    # The webhook step's rows went with the failed transaction: nothing was sent.
+    assert db.scalars(select(WebhookDelivery)).all() == []
+    assert receiver.requests == []
+
+    handlers.unregister("crm")
+    hand_on([first.id, second.id], use_celery=False)
+    assert len(receiver.delivered()) == 2

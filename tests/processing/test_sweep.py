@@ -1,0 +1,41 @@
+"""Work whose task was lost is picked up by the sweep."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from backend.models import Message, WebhookDelivery, utcnow
+from backend.processing.service import process_message, sweep
+from tests.support.api import insert_account
+from tests.webhooks.fixtures import store_message
+from tests.webhooks.receiver import Receiver
+
+
+def test_lost_processing_and_lost_deliveries_are_sent(
+    db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
+) -> None:
+    account = insert_account(db)
+    lost_task = store_message(db, account, 1)  # its message.process task was lost
+    fresh = store_message(db, account, 2)  # its task may still be on its way
+    lost_delivery = store_message(db, account, 3)
+    process_message(db, lost_delivery.id)  # committed, then the worker died before sending
+    db.commit()
+    long_ago = utcnow() - timedelta(hours=1)
+    db.execute(update(Message).where(Message.id != fresh.id).values(ingested_at=long_ago))
+    db.execute(update(WebhookDelivery).values(next_attempt_at=long_ago))
+    db.commit()
+
+    assert sweep(use_celery=False) == {"messages": 1, "deliveries": 1}
+
+    assert sorted(r.json()["data"]["message"]["id"] for r in receiver.delivered()) == [
+        lost_task.id,
+        lost_delivery.id,
+    ]
+    db.expire_all()
+    assert db.get(Message, fresh.id).processed_at is None  # type: ignore[union-attr]
+    assert set(db.scalars(select(WebhookDelivery.status))) == {"delivered"}
+    assert sweep(use_celery=False) == {"messages": 0, "deliveries": 0}

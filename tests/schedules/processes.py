@@ -1,0 +1,143 @@
+"""Real `celery worker` and `celery beat` processes for the scheduling tests, started
+from this checkout with the test environment and stopped by the fixture that started
+them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CELERY = shutil.which("celery", path=str(Path(sys.executable).parent)) or "celery"
+DEADLINE_SECONDS = 90.0
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = DEADLINE_SECONDS) -> None:
+    """Poll `condition` until it is true; fail with `what` after a generous deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.1)
+
+
+class CeleryProcess:
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> CeleryProcess:
+        # The environment as it is now: the test bed's settings plus the test's set_env.
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.argv,
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: signals reach the pool children
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the machine died, nothing is cleaned up."""
+        if self.running():
+            os.killpg(self.pid, signal.SIGKILL)
+        if self.process is not None:
+            self.process.wait()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if not self.running():
+            return
+        assert self.process is not None
+        os.killpg(self.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+class Celery:
+    """Starts workers and beats; everything it started is stopped at the end of the test."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.started: list[CeleryProcess] = []
+
+    def _start(self, name: str, argv: list[str]) -> CeleryProcess:
+        process = CeleryProcess(name, argv, self.log_dir / f"{name}.log").start()
+        self.started.append(process)
+        return process
+
+    def worker(self, name: str = "w1", concurrency: int = 1) -> CeleryProcess:
+        return self._start(
+            name,
+            [
+                CELERY,
+                "-A",
+                "backend.celery_app",
+                "worker",
+                "-Q",
+                "email,workflow,default",
+                "-n",
+                f"{name}@%h",
+                f"--concurrency={concurrency}",
+                "--without-gossip",
+                "--without-mingle",
+                "-l",
+                "INFO",
+            ],
+        )
+
+    def beat(self, name: str = "beat") -> CeleryProcess:
+        return self._start(
+            name,
+            [
+                CELERY,
+                "-A",
+                "backend.celery_app",
+                "beat",
+                "-l",
+                "INFO",
+                "-s",
+                str(self.log_dir / f"{name}-schedule"),
+            ],
+        )
+
+    def stop_all(self) -> None:
+        for process in reversed(self.started):
+            process.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.log()[-4000:]}" for p in self.started)
+
+
+@contextmanager
+def running_celery(log_dir: Path) -> Iterator[Celery]:
+    """For a test module's fixture: `with running_celery(tmp_path) as celery: yield celery`."""
+    processes = Celery(log_dir)
+    try:
+        yield processes
+    finally:
+        processes.stop_all()

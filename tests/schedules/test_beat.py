@@ -1,0 +1,73 @@
+"""The beat scheduler in this process (the real beat runs in tests/e2e)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from redbeat.schedulers import acquire_distributed_beat_lock
+from sqlalchemy.orm import Session
+
+from backend.celery_app import app
+from backend.schedules import service, store
+from backend.schedules.beat import MailbeatScheduler, _Sender
+from tests.schedules.accounts import make_accounts
+from tests.support.redis_db import RedisDb
+
+
+@pytest.fixture
+def scheduler() -> Iterator[MailbeatScheduler]:
+    instance = MailbeatScheduler(app=app)
+    yield instance
+    instance.close()
+
+
+def _mailbox_entries() -> set[int]:
+    return {entry.account_id for entry in service.list_entries()}
+
+
+def test_beat_start_reconciles(db: Session, redis_db: RedisDb) -> None:
+    accounts = make_accounts(db, 3)
+    instance = MailbeatScheduler(app=app)
+    try:
+        assert _mailbox_entries() == {account.id for account in accounts}
+        # The periodic reconcile is a static entry of the same schedule.
+        assert redis_db.client().zscore(store.schedule_key(), "redbeat:schedules.reconcile")
+    finally:
+        instance.close()
+
+
+def test_an_emptied_redis_is_rebuilt_on_the_next_check(
+    db: Session, redis_db: RedisDb, scheduler: MailbeatScheduler
+) -> None:
+    accounts = make_accounts(db, 3)
+    scheduler._reconcile("test")
+    redis_db.client().flushdb()
+
+    scheduler._rebuild_if_empty()
+
+    assert _mailbox_entries() == {account.id for account in accounts}
+    assert redis_db.client().zscore(store.schedule_key(), "redbeat:schedules.reconcile")
+
+
+def test_a_lost_beat_lock_is_taken_again(
+    db: Session, redis_db: RedisDb, scheduler: MailbeatScheduler
+) -> None:
+    make_accounts(db, 2)
+    acquire_distributed_beat_lock(sender=_Sender(scheduler))
+    assert scheduler.lock is not None and scheduler.lock.owned()
+    redis_db.client().flushdb()
+
+    scheduler.tick()  # RedBeat alone raises LockNotOwnedError here
+
+    assert scheduler.lock.owned()
+    assert len(_mailbox_entries()) == 2
+
+
+def test_a_beat_without_the_lock_takes_it_before_dispatching(
+    db: Session, redis_db: RedisDb, scheduler: MailbeatScheduler
+) -> None:
+    # beat_init could not take the lock (Redis was down): the first tick takes it.
+    assert scheduler.lock is None
+    scheduler.tick()
+    assert scheduler.lock is not None and scheduler.lock.owned()

@@ -1,0 +1,182 @@
+"""The local scheduler's own rules, with a recording poll function (the real poll runs in
+tests/e2e/test_scheduling_local.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from datetime import timedelta
+
+import pytest
+from sqlalchemy.orm import Session
+
+from backend.errors import ServiceUnavailable
+from backend.models import utcnow
+from backend.schedules import service
+from backend.schedules.local import LocalScheduler
+from backend.schedules.store import Wanted
+from tests.schedules.accounts import make_account
+
+DEADLINE_SECONDS = 30.0
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Recorder:
+    """A poll that takes `duration` seconds and notes overlaps per mailbox."""
+
+    def __init__(self, duration: float = 0.0) -> None:
+        self.duration = duration
+        self.calls: dict[int, list[str]] = defaultdict(list)
+        self.active: dict[int, int] = defaultdict(int)
+        self.overlaps = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, account_id: int, task_id: str) -> None:
+        with self._lock:
+            self.active[account_id] += 1
+            if self.active[account_id] > 1:
+                self.overlaps += 1
+            self.calls[account_id].append(task_id)
+        time.sleep(self.duration)
+        with self._lock:
+            self.active[account_id] -= 1
+
+    def count(self, account_id: int) -> int:
+        with self._lock:
+            return len(self.calls[account_id])
+
+
+def _wanted(*pairs: tuple[int, int]) -> dict[int, Wanted]:
+    return {account_id: Wanted(account_id, interval, None) for account_id, interval in pairs}
+
+
+@pytest.fixture
+def run_scheduler() -> Iterator[Callable[..., LocalScheduler]]:
+    started: list[LocalScheduler] = []
+
+    def _run(
+        poll: Recorder, load: Callable[[], Mapping[int, Wanted]], refresh: float = 60.0
+    ) -> LocalScheduler:
+        scheduler = LocalScheduler(poll=poll, load=load, refresh_seconds=refresh)
+        scheduler.start()
+        started.append(scheduler)
+        return scheduler
+
+    yield _run
+    for scheduler in started:
+        scheduler.stop()
+
+
+def test_polls_every_account_on_its_interval(run_scheduler: Callable[..., LocalScheduler]) -> None:
+    recorder = Recorder()
+    run_scheduler(recorder, lambda: _wanted((1, 1), (2, 1)))
+    wait_for(lambda: recorder.count(1) >= 3 and recorder.count(2) >= 3, "three polls each")
+    assert recorder.overlaps == 0
+
+
+def test_one_poll_at_a_time_per_mailbox(run_scheduler: Callable[..., LocalScheduler]) -> None:
+    recorder = Recorder(duration=0.5)
+    scheduler = run_scheduler(recorder, lambda: _wanted((1, 1)))
+    for _ in range(5):
+        scheduler.run_now(1)
+    wait_for(lambda: recorder.count(1) >= 4, "four polls")
+    assert recorder.overlaps == 0
+
+
+def test_run_now_and_changes(run_scheduler: Callable[..., LocalScheduler]) -> None:
+    recorder = Recorder()
+    scheduler = run_scheduler(recorder, dict)
+    assert scheduler.entries() == []
+
+    task_id = scheduler.run_now(5)  # an account without an entry is still polled on request
+    wait_for(lambda: recorder.count(5) == 1, "the requested poll")
+    assert recorder.calls[5] == [task_id]
+
+    assert scheduler.put(6, 3600, None)
+    assert not scheduler.put(6, 3600, None)
+    [entry] = scheduler.entries()
+    assert (entry.account_id, entry.name, entry.interval) == (6, "mailbox:6", 3600)
+    next_run = entry.next_run_at
+    assert next_run is not None
+
+    # An interval change keeps the phase: the next run moves by the difference only.
+    assert scheduler.put(6, 7200, None)
+    [changed] = scheduler.entries()
+    assert changed.next_run_at == next_run + timedelta(seconds=3600)
+
+    assert scheduler.remove(6)
+    assert scheduler.entries() == []
+
+
+def test_replace_all_counts(run_scheduler: Callable[..., LocalScheduler]) -> None:
+    scheduler = run_scheduler(Recorder(), dict)
+    scheduler.replace_all(_wanted((1, 600), (2, 600), (3, 600)))
+    counts = scheduler.replace_all(_wanted((1, 600), (2, 900), (4, 600)))
+    assert (counts.created, counts.updated, counts.deleted, counts.unchanged) == (1, 1, 1, 1)
+    assert [entry.account_id for entry in scheduler.entries()] == [1, 2, 4]
+
+
+def test_a_poll_that_raises_does_not_stop_the_scheduler(
+    run_scheduler: Callable[..., LocalScheduler],
+) -> None:
+    recorder = Recorder()
+
+    def failing(account_id: int, task_id: str) -> None:
+        recorder(account_id, task_id)
+        raise RuntimeError("boom")
+
+    run_scheduler(failing, lambda: _wanted((1, 1)))
+    wait_for(lambda: recorder.count(1) >= 2, "a poll after the failure")
+
+
+def test_rereads_the_database(
+    db: Session, set_env: Callable[..., None], run_scheduler: Callable[..., LocalScheduler]
+) -> None:
+    set_env(SCHEDULER_MODE="local")
+    recorder = Recorder()
+    scheduler = run_scheduler(recorder, service._load_wanted, refresh=0.2)
+    account = make_account(db, poll_interval_seconds=3600, last_polled_at=utcnow())
+    wait_for(lambda: [e.account_id for e in scheduler.entries()] == [account.id], "the account")
+    account.enabled = False
+    db.commit()
+    wait_for(lambda: scheduler.entries() == [], "the account to go")
+    assert recorder.count(account.id) == 0
+
+
+def test_service_in_local_mode(db: Session, set_env: Callable[..., None]) -> None:
+    set_env(SCHEDULER_MODE="local", RECONCILE_INTERVAL_SECONDS=3600)
+    assert service.list_entries() == []
+    with pytest.raises(ServiceUnavailable):
+        service.enqueue_poll(1)
+    assert service.start_local_scheduler_if_needed()
+    try:
+        assert service.start_local_scheduler_if_needed()  # once per process
+        account = make_account(db, poll_interval_seconds=3600, last_polled_at=utcnow())
+        service.sync_account(account)
+        assert [entry.account_id for entry in service.list_entries()] == [account.id]
+        account.poll_interval_seconds = 7200
+        db.commit()
+        assert service.reconcile(db).as_dict() == {
+            "created": 0,
+            "updated": 1,
+            "deleted": 0,
+            "unchanged": 0,
+        }
+        service.remove_account(account.id)
+        assert service.list_entries() == []
+    finally:
+        service.stop_local_scheduler()
+
+
+def test_celery_mode_starts_no_local_scheduler() -> None:
+    assert service.mode() == "celery"
+    assert service.start_local_scheduler_if_needed() is False
