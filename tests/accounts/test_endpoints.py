@@ -14,7 +14,7 @@ from backend.models import Account, Attachment, FolderCursor, Message, PollRun, 
 from backend.schedules import service as schedules
 from backend.storage import service as storage
 from backend.storage.base import account_prefix, message_key
-from tests.support.api import account_payload, insert_account
+from tests.support.api import account_payload, insert_account, silent_server
 from tests.support.dovecot import Dovecot
 from tests.support.net import free_port
 from tests.support.redis_db import RedisDb
@@ -445,6 +445,21 @@ def test_test_endpoint_connect_and_dns_failures(api: TestClient, dovecot: Doveco
     ]
     body = api.post(f"/accounts/{unknown}/test").json()
     assert (body["ok"], body["stage"]) == (False, "dns")
+
+
+def test_test_endpoint_gives_up_on_a_server_that_never_answers(
+    api: TestClient, set_env: Callable[..., None]
+):
+    set_env(IMAP_CONNECT_TIMEOUT="1")
+    with silent_server() as port:
+        account_id = api.post(
+            "/accounts",
+            json=account_payload(imap_host="127.0.0.1", imap_port=port, imap_security="none"),
+        ).json()["id"]
+        body = api.post(f"/accounts/{account_id}/test").json()
+    assert body["ok"] is False
+    assert body["stage"] == "connect"
+    assert "timed out" in body["detail"].lower()
 
 
 def test_no_secret_in_any_response_or_log(
