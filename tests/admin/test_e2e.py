@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,68 +11,25 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.api import account_payload, silent_server
+from tests.schedules.processes import Celery, running_celery, wait_for
+from tests.support.api import account_payload, create_dovecot_account, silent_server
 from tests.support.dovecot import Dovecot
-
-ROOT = Path(__file__).resolve().parents[2]
-CELERY = shutil.which("celery", path=str(Path(sys.executable).parent)) or "celery"
 
 pytestmark = pytest.mark.e2e
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
-
-
 @pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[Callable[[], str]]:
-    """Starts a live worker on every queue (with the environment as it is then); returns
-    its name. Every worker started is stopped at the end of the test."""
-    started: list[tuple[subprocess.Popen[bytes], Path]] = []
+def celery(tmp_path: Path) -> Iterator[Celery]:
+    """Starts live workers (with the environment as it is then); all stopped at the end."""
+    with running_celery(tmp_path) as processes:
+        yield processes
 
-    def start() -> str:
-        name = f"api-{uuid.uuid4().hex[:6]}@test"
-        log_path = tmp_path / f"{name}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [
-                    CELERY,
-                    "-A",
-                    "backend.celery_app",
-                    "worker",
-                    "-Q",
-                    "email,workflow,default",
-                    "-n",
-                    name,
-                    "--concurrency=1",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "-l",
-                    "INFO",
-                ],
-                cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        started.append((process, log_path))
-        return name
 
-    yield start
-    for process, log_path in started:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        if process.returncode not in (0, -signal.SIGTERM):
-            print(log_path.read_text(errors="replace")[-4000:])
+def start_worker(celery: Celery) -> str:
+    """One worker on every queue; returns the name the API will show for it."""
+    name = f"api-{uuid.uuid4().hex[:6]}"
+    celery.worker(name)
+    return f"{name}@{socket.gethostname()}"
 
 
 def wait_for_workers(api: TestClient, count: int) -> None:
@@ -100,9 +52,9 @@ def polls_total(api: TestClient) -> float:
 
 
 def test_admin_routes_against_a_live_worker(
-    api: TestClient, start_worker: Callable[[], str], dovecot: Dovecot, mail_user
+    api: TestClient, celery: Celery, dovecot: Dovecot, mail_user
 ):
-    worker = start_worker()
+    worker = start_worker(celery)
     wait_for_workers(api, 1)
     [info] = api.get("/admin/celery/workers").json()["workers"]
     assert info["name"] == worker
@@ -121,17 +73,7 @@ def test_admin_routes_against_a_live_worker(
     # A poll through the API runs on the worker and is recorded with its task id.
     user, password = mail_user
     dovecot.append(user, b"Subject: via the worker\r\n\r\nhello\r\n")
-    account_id = api.post(
-        "/accounts",
-        json=account_payload(
-            imap_host=dovecot.host,
-            imap_port=dovecot.imap_port,
-            imap_security="none",
-            username=user,
-            password=password,
-            poll_interval_seconds=3600,
-        ),
-    ).json()["id"]
+    account_id = create_dovecot_account(api, dovecot, user, password, poll_interval_seconds=3600)
     before = polls_total(api)
     task_id = api.post(f"/accounts/{account_id}/poll").json()["task_id"]
 
@@ -152,12 +94,12 @@ def test_admin_routes_against_a_live_worker(
 
 
 def test_a_running_poll_is_listed_active_and_cannot_be_retried_yet(
-    api: TestClient, start_worker: Callable[[], str], set_env: Callable[..., None]
+    api: TestClient, celery: Celery, set_env: Callable[..., None]
 ):
     # The worker waits this long for a greeting the silent server never sends.
     set_env(IMAP_CONNECT_TIMEOUT="20", IMAP_READ_TIMEOUT="20")
     with silent_server() as port:
-        worker = start_worker()
+        worker = start_worker(celery)
         wait_for_workers(api, 1)
         account_id = api.post(
             "/accounts",

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
     from backend.models import Account
+    from tests.support.dovecot import Dovecot
 
 
 def auth_headers() -> dict[str, str]:
@@ -84,6 +85,23 @@ def account_payload(**fields: Any) -> dict[str, Any]:
     }
     payload.update(fields)
     return payload
+
+
+def create_dovecot_account(
+    api: TestClient, dovecot: Dovecot, user: str, password: str, **fields: Any
+) -> int:
+    """POST /accounts for a mailbox on the Dovecot fixture (plain IMAP); returns its id."""
+    payload = account_payload(
+        imap_host=dovecot.host,
+        imap_port=dovecot.imap_port,
+        imap_security="none",
+        username=user,
+        password=password,
+    )
+    payload.update(fields)
+    response = api.post("/accounts", json=payload)
+    assert response.status_code == 201, response.text
+    return int(response.json()["id"])
 
 
 @contextmanager
