@@ -14,7 +14,7 @@ import json
 import statistics
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from datetime import datetime, timedelta
 
 from bench.stack import Stack, cpu_seconds, load_average, percentile
@@ -118,6 +118,7 @@ def main() -> None:
 
         sends = _sends(stack, interval)
         lateness: list[float] = []
+        late_at: list[tuple[datetime, float]] = []
         steady: list[float] = []  # due after the first interval: start-up backlog gone
         steady_from = started_at + timedelta(seconds=interval)
         duplicates = 0
@@ -136,6 +137,7 @@ def main() -> None:
                     previous_due = times[index - 1] + timedelta(seconds=interval)
                 if previous_due is not None and previous_due >= started_at:
                     lateness.append((sent - previous_due).total_seconds())
+                    late_at.append((sent, lateness[-1]))
                     if previous_due >= steady_from:
                         steady.append(lateness[-1])
         total = sum(len(times) for times in sends.values())
@@ -151,6 +153,15 @@ def main() -> None:
             f"p99 {p99:.3f} s, max {worst:.3f} s"
         )
         print(f"duplicates: {duplicates}; entries due but never sent: {missed}")
+        late = sorted(
+            ((sent, late) for sent, late in late_at if late > 1.0), key=lambda pair: pair[0]
+        )
+        if late:
+            print(
+                f"over 1 s late: {len(late)}, sent between {late[0][0]:%H:%M:%S.%f} and "
+                f"{late[-1][0]:%H:%M:%S.%f}; per second: "
+                f"{sorted(Counter(f'{s:%H:%M:%S}' for s, _ in late).items())[:12]}"
+            )
         print(
             f"beat CPU: {cpu_used:.1f} s over {seconds} s = {100 * cpu_used / seconds:.1f} % "
             "of one core"

@@ -102,6 +102,7 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
         """Send every due entry. Their next runs are recorded first, in one pipeline,
         then the tasks are sent: a beat that dies in between skips those polls once
         rather than sending them twice."""
+        started = time.monotonic()
         due: list[Any] = []
         waits: list[float] = [float(self.max_interval)]
         for entry in self.schedule.values():
@@ -125,7 +126,8 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
                 self.apply_async(entry, producer=self.producer, advance=False)
             except Exception:
                 log.exception("Scheduler: could not send %s", entry.name)
-        return min(waits)
+        # The waits were measured before sending: sending took part of them already.
+        return max(min(waits) - (time.monotonic() - started), 0.0)
 
     def _hold_lock(self) -> None:
         if not self.lock_key:
