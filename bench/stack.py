@@ -45,6 +45,7 @@ class Stack:
         self.want_dovecot = dovecot
         self.settings = settings
         self.root = Path(tempfile.mkdtemp(prefix="mailbeat-bench-"))
+        self.root.chmod(0o755)  # Dovecot's own users must reach the users and homes below
         self.redis_db = RedisDb()
         self.database_url = ""
         self.dovecot: Dovecot | None = None
