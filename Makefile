@@ -1,10 +1,12 @@
-# make run   - the service on this machine (creates .venv from requirements.txt)
+# make run   - the service on this machine (creates .venv from requirements.txt, and .env
+#              with generated secrets if there is none); RUN_ARGS="--host 0.0.0.0 --port 8080"
+# make env   - only write .env (for docker compose); an existing .env is never touched
 # make test  - lint, type-check and the whole test suite (creates .venv with dev tools)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test pytest lint format clean
+.PHONY: run env test pytest lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +21,11 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
 	touch $@ $(VENV)/.runtime
 
 run: $(VENV)/.runtime
-	$(BIN)/python -m backend.cli run
+	$(BIN)/python -m backend.cli run $(RUN_ARGS)
+
+# Standard library only: works before any dependency is installed.
+env:
+	$(PYTHON) -m backend.envfile .env
 
 test: lint pytest
 

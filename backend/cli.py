@@ -3,26 +3,157 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import FrameType
+from typing import NoReturn
 
-from backend.config import get_settings
+from backend.config import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
+ENV_FILE = Path(".env")  # where Settings reads it: the working directory
+
+# The compose services' commands (DESIGN.md), run by `run` when Redis answers.
+WORKER_QUEUES = "email,workflow,default"
+STOP_TIMEOUT_SECONDS = 30.0
+
+log = logging.getLogger("mailbeat")
 
 
 def migrate() -> None:
     from alembic import command
     from alembic.config import Config
 
-    command.upgrade(Config(str(ROOT / "alembic.ini")), "head")
+    config = Config(str(ROOT / "alembic.ini"))
+    # alembic.ini's logging setup would silence mailbeat's own INFO lines for the rest of `run`.
+    config.attributes["configure_logger"] = False
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # start-up noise
+    command.upgrade(config, "head")
+
+
+def use_celery() -> bool:
+    """Celery when Redis answers (SCHEDULER_MODE=auto), else the in-process scheduler; the
+    same decision the API makes, which logs it."""
+    from backend.schedules import service as schedules
+
+    return schedules.mode() == "celery"
+
+
+def stack_commands(host: str, port: int) -> dict[str, list[str]]:
+    python = sys.executable
+    return {
+        "api": [python, "-m", "uvicorn", "backend.main:app", "--host", host, "--port", str(port)],
+        "beat": [python, "-m", "celery", "-A", "backend.celery_app", "beat"],
+        "worker": [
+            python,
+            "-m",
+            "celery",
+            "-A",
+            "backend.celery_app",
+            "worker",
+            "-Q",
+            WORKER_QUEUES,
+        ],
+    }
+
+
+def banner(settings: Settings, host: str, port: int, mode: str) -> str:
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104 - compared, not bound
+    url = f"http://{shown_host}:{port}"
+    if settings.admin_api_token is not None and settings.admin_api_token.get_secret_value():
+        where = f"ADMIN_API_TOKEN in {ENV_FILE.resolve()}"
+        token = f"$(sed -n 's/^ADMIN_API_TOKEN=//p' {ENV_FILE})"
+    else:
+        path = settings.data_dir / "dev-admin-token"
+        where = f"{path.resolve()} (ADMIN_API_TOKEN is not set)"
+        token = f"$(cat {path})"
+    body = (
+        '{"email": "me@example.com", "imap_host": "imap.example.com", "imap_port": 993, '
+        '"imap_security": "ssl", "username": "me@example.com", "password": "app-password"}'
+    )
+    return "\n".join(
+        [
+            "",
+            f"mailbeat is starting ({mode})",
+            f"  API:        {url}   (docs: {url}/docs, health: {url}/health)",
+            f"  admin token: {where}",
+            "  add a first mailbox:",
+            f'    curl -X POST {url}/accounts -H "Authorization: Bearer {token}" \\',
+            f"      -H 'Content-Type: application/json' -d '{body}'",
+            "  stop: Ctrl-C",
+            "",
+        ]
+    )
+
+
+def _stop_on_sigterm(_signum: int, _frame: FrameType | None) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def supervise(commands: dict[str, list[str]]) -> int:
+    """Run the processes until one exits or we are interrupted; then stop them all."""
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    code = 0
+    try:
+        for name, command in commands.items():
+            processes[name] = subprocess.Popen(command)  # noqa: S603 - our own commands
+        while True:
+            exited = {name: p.returncode for name, p in processes.items() if p.poll() is not None}
+            if exited:
+                log.error("%s exited (%s); stopping the others", ", ".join(exited), exited)
+                code = 1
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        log.info("stopping %s", ", ".join(processes))
+    finally:
+        stop_all(list(processes.values()))
+    return code
+
+
+def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
+    # SIGTERM is a warm shutdown for Celery (running polls finish) and a graceful one for
+    # uvicorn; only what ignores it for STOP_TIMEOUT_SECONDS is killed.
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def run(host: str, port: int) -> None:
+    """`make run`: a working service from a fresh checkout."""
+    from backend.db import reset_caches
+    from backend.envfile import ensure_env_file
+
+    if ensure_env_file(ENV_FILE):
+        log.info("wrote %s with a generated admin token and encryption key", ENV_FILE.resolve())
+        reset_caches()
+    settings = get_settings()
+    migrate()
+    if use_celery():
+        print(banner(settings, host, port, "API, Celery beat and a worker on Redis"), flush=True)
+        sys.exit(supervise(stack_commands(host, port)))
     import uvicorn
 
-    migrate()
-    uvicorn.run("backend.main:app", host=host, port=port)
+    print(
+        banner(settings, host, port, "local mode: no Redis answers, polls run in the API process"),
+        flush=True,
+    )
+    # uvicorn shuts down cleanly, then re-raises Ctrl-C; a traceback would only alarm.
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.run("backend.main:app", host=host, port=port)
 
 
 def poll(account_id: int) -> int:
@@ -53,7 +184,9 @@ def poll(account_id: int) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mailbeat")
     sub = parser.add_subparsers(dest="command", required=True)
-    run_parser = sub.add_parser("run", help="migrate the database and serve the API")
+    run_parser = sub.add_parser(
+        "run", help="write .env if missing, migrate, serve the API (and Celery when Redis answers)"
+    )
     run_parser.add_argument("--host", default="127.0.0.1")
     run_parser.add_argument("--port", type=int, default=8000)
     sub.add_parser("migrate", help="alembic upgrade head")

@@ -146,10 +146,21 @@ def _redis_gauges() -> Iterator[GaugeMetricFamily]:
     yield family
 
 
+def _schedule_gauges() -> Iterator[GaugeMetricFamily]:
+    from backend.schedules import service as schedules
+
+    yield GaugeMetricFamily(
+        "mailbeat_schedule_entries",
+        "Mailbox entries in the schedule (RedBeat, or the local scheduler in local mode).",
+        value=len(schedules.list_entries()),
+    )
+
+
 # Each source of scrape-time gauges; one that fails is reported down, the rest still show.
 STATE_SOURCES: dict[str, Callable[[], Iterator[GaugeMetricFamily]]] = {
     "database": _database_gauges,
     "redis": _redis_gauges,
+    "schedule": _schedule_gauges,
 }
 
 

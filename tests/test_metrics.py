@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from backend.metrics import record_poll
 from backend.models import utcnow
-from tests.support.api import insert_account
+from tests.support.api import auth_headers, insert_account
 from tests.support.net import free_port
 from tests.support.redis_db import RedisDb
 
@@ -92,6 +92,11 @@ def test_state_gauges_from_the_database_and_redis(anonymous, db: Session, redis_
     assert samples[("mailbeat_queue_length", (("queue", "workflow"),))] == 1
     assert samples[("mailbeat_queue_length", (("queue", "default"),))] == 0
     assert samples[("mailbeat_metrics_source_up", (("source", "redis"),))] == 1
+    # Rows written straight to the database have no schedule entry until a sync.
+    assert samples[("mailbeat_schedule_entries", ())] == 0
+    anonymous.post("/admin/email-worker/sync", headers=auth_headers())
+    # The two active mailboxes and the failing one (it keeps its entry and backs off).
+    assert scrape(anonymous)[("mailbeat_schedule_entries", ())] == 3
 
 
 def test_scrape_still_answers_with_redis_unreachable(anonymous, set_env: Callable[..., None]):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, status
+from fastapi import APIRouter, Path, Query, status
 from fastapi.responses import JSONResponse
 
 from backend.admin import service
@@ -44,9 +44,13 @@ def sync_celery_tasks(session: SessionDep) -> ReconcileRead:
 
 
 @router.get("/schedules")
-def list_schedules() -> ScheduleList:
-    """Every schedule entry with its interval and its last and next run."""
-    return service.list_schedule()
+def list_schedules(
+    limit: Annotated[int, Query(ge=1, le=10_000, description="at most this many")] = 1000,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1, description="skip this many")] = 0,
+) -> ScheduleList:
+    """The schedule entries by account id, with interval and last and next run;
+    `total` counts them all."""
+    return service.list_schedule(limit=limit, offset=offset)
 
 
 @router.get("/celery/workers")

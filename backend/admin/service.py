@@ -60,7 +60,7 @@ def sync_schedule(session: Session) -> ReconcileRead:
     return ReconcileRead(**schedules.reconcile(session).as_dict())
 
 
-def list_schedule() -> ScheduleList:
+def list_schedule(*, limit: int, offset: int) -> ScheduleList:
     require_scheduler()
     entries = [
         ScheduleEntryRead(
@@ -73,7 +73,9 @@ def list_schedule() -> ScheduleList:
         for e in schedules.list_entries()
     ]
     entries.sort(key=lambda e: e.account_id)
-    return ScheduleList(mode=schedules.mode(), items=entries, total=len(entries))
+    return ScheduleList(
+        mode=schedules.mode(), items=entries[offset : offset + limit], total=len(entries)
+    )
 
 
 # -- Celery ------------------------------------------------------------------------------

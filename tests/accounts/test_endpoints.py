@@ -14,10 +14,16 @@ from backend.models import Account, Attachment, FolderCursor, Message, PollRun, 
 from backend.schedules import service as schedules
 from backend.storage import service as storage
 from backend.storage.base import account_prefix, message_key
-from tests.support.api import account_payload, insert_account
+from tests.support.api import (
+    account_payload,
+    create_dovecot_account,
+    insert_account,
+    silent_server,
+)
 from tests.support.dovecot import Dovecot
 from tests.support.net import free_port
 from tests.support.redis_db import RedisDb
+from tests.support.s3 import MotoS3
 
 
 def entry_ids() -> set[int]:
@@ -352,6 +358,25 @@ def test_delete_cascades_rows_objects_and_schedule(api: TestClient, db: Session)
     assert api.delete(f"/accounts/{account_id}").status_code == 404
 
 
+def test_delete_with_storage_down_keeps_everything_to_try_again(
+    api: TestClient, db: Session, s3_bucket: str, moto_s3: MotoS3
+):
+    account_id = api.post("/accounts", json=account_payload()).json()["id"]
+    assert storage.put_object(message_key(account_id, "INBOX", 1, 1), b"raw", "x/y") == "s3"
+    moto_s3.stop()
+    try:
+        response = api.delete(f"/accounts/{account_id}")
+        assert response.status_code == 503
+        assert "nothing was deleted, try again" in response.json()["detail"]
+        assert api.get(f"/accounts/{account_id}").status_code == 200
+        assert account_id in entry_ids()
+    finally:
+        moto_s3.start()
+        moto_s3.create_bucket(s3_bucket)
+    assert api.delete(f"/accounts/{account_id}").status_code == 204
+    assert api.get(f"/accounts/{account_id}").status_code == 404
+
+
 def test_poll_now_queues_a_task(api: TestClient, redis_db: RedisDb):
     account_id = api.post("/accounts", json=account_payload()).json()["id"]
     response = api.post(f"/accounts/{account_id}/poll")
@@ -381,25 +406,11 @@ def test_poll_now_without_redis_is_a_quick_503(api: TestClient, set_env: Callabl
     assert "did not answer" in response.json()["detail"]
 
 
-def dovecot_account(api: TestClient, dovecot: Dovecot, user: str, password: str, **fields):
-    payload = account_payload(
-        imap_host=dovecot.host,
-        imap_port=dovecot.imap_port,
-        imap_security="none",
-        username=user,
-        password=password,
-    )
-    payload.update(fields)
-    response = api.post("/accounts", json=payload)
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
-
-
 def test_test_endpoint_succeeds_and_counts_messages(api, dovecot: Dovecot, mail_user):
     user, password = mail_user
     dovecot.append(user, b"Subject: hi\r\n\r\nbody\r\n")
     dovecot.create_folder(user, "Archive")
-    account_id = dovecot_account(api, dovecot, user, password, folders=["INBOX", "Archive"])
+    account_id = create_dovecot_account(api, dovecot, user, password, folders=["INBOX", "Archive"])
     body = api.post(f"/accounts/{account_id}/test").json()
     assert body["ok"] is True
     assert body["stage"] is None
@@ -411,13 +422,13 @@ def test_test_endpoint_succeeds_and_counts_messages(api, dovecot: Dovecot, mail_
 
 def test_test_endpoint_names_the_failing_stage(api, dovecot: Dovecot, mail_user):
     user, password = mail_user
-    wrong_pw = dovecot_account(api, dovecot, user, "wrong-SECRET")
+    wrong_pw = create_dovecot_account(api, dovecot, user, "wrong-SECRET")
     body = api.post(f"/accounts/{wrong_pw}/test").json()
     assert (body["ok"], body["stage"]) == (False, "auth")
     assert "wrong-SECRET" not in str(body)
 
     # The Dovecot certificate is self-signed and IMAP_CA_BUNDLE is not set.
-    untrusted = dovecot_account(
+    untrusted = create_dovecot_account(
         api, dovecot, user, password, imap_port=dovecot.imaps_port, imap_security="ssl"
     )
     body = api.post(f"/accounts/{untrusted}/test").json()
@@ -426,7 +437,7 @@ def test_test_endpoint_names_the_failing_stage(api, dovecot: Dovecot, mail_user)
 
 def test_test_endpoint_missing_folder(api, dovecot: Dovecot, mail_user):
     user, password = mail_user
-    account_id = dovecot_account(api, dovecot, user, password, folders=["INBOX", "Nope"])
+    account_id = create_dovecot_account(api, dovecot, user, password, folders=["INBOX", "Nope"])
     body = api.post(f"/accounts/{account_id}/test").json()
     assert (body["ok"], body["stage"]) == (False, "folder")
     assert "Nope" in body["detail"]
@@ -447,13 +458,28 @@ def test_test_endpoint_connect_and_dns_failures(api: TestClient, dovecot: Doveco
     assert (body["ok"], body["stage"]) == (False, "dns")
 
 
+def test_test_endpoint_gives_up_on_a_server_that_never_answers(
+    api: TestClient, set_env: Callable[..., None]
+):
+    set_env(IMAP_CONNECT_TIMEOUT="1")
+    with silent_server() as port:
+        account_id = api.post(
+            "/accounts",
+            json=account_payload(imap_host="127.0.0.1", imap_port=port, imap_security="none"),
+        ).json()["id"]
+        body = api.post(f"/accounts/{account_id}/test").json()
+    assert body["ok"] is False
+    assert body["stage"] == "connect"
+    assert "timed out" in body["detail"].lower()
+
+
 def test_no_secret_in_any_response_or_log(
     api: TestClient, dovecot: Dovecot, mail_user, caplog: pytest.LogCaptureFixture
 ):
     caplog.set_level(logging.DEBUG)
     user, password = mail_user
     seen: list[str] = []
-    account_id = dovecot_account(api, dovecot, user, password)
+    account_id = create_dovecot_account(api, dovecot, user, password)
     for response in (
         api.get("/accounts"),
         api.get(f"/accounts/{account_id}"),

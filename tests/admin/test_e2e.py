@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,62 +11,34 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.api import account_payload
+from tests.schedules.processes import Celery, running_celery, wait_for
+from tests.support.api import account_payload, create_dovecot_account, silent_server
 from tests.support.dovecot import Dovecot
-
-ROOT = Path(__file__).resolve().parents[2]
-CELERY = shutil.which("celery", path=str(Path(sys.executable).parent)) or "celery"
 
 pytestmark = pytest.mark.e2e
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
-
-
 @pytest.fixture
-def worker(tmp_path: Path) -> Iterator[str]:
-    """A live worker on every queue; yields its name."""
-    name = f"api-{uuid.uuid4().hex[:6]}@test"
-    log_path = tmp_path / "worker.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                CELERY,
-                "-A",
-                "backend.celery_app",
-                "worker",
-                "-Q",
-                "email,workflow,default",
-                "-n",
-                name,
-                "--concurrency=1",
-                "--without-gossip",
-                "--without-mingle",
-                "-l",
-                "INFO",
-            ],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        yield name
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        if process.returncode not in (0, -signal.SIGTERM):
-            print(log_path.read_text(errors="replace")[-4000:])
+def celery(tmp_path: Path) -> Iterator[Celery]:
+    """Starts live workers (with the environment as it is then); all stopped at the end."""
+    with running_celery(tmp_path) as processes:
+        yield processes
+
+
+def start_worker(celery: Celery) -> str:
+    """One worker on every queue; returns the name the API will show for it."""
+    name = f"api-{uuid.uuid4().hex[:6]}"
+    celery.worker(name)
+    return f"{name}@{socket.gethostname()}"
+
+
+def wait_for_workers(api: TestClient, count: int) -> None:
+    wait_for(lambda: api.get("/admin/celery/workers").json()["total"] == count, "the worker")
+
+
+def finished(api: TestClient, task_id: str) -> bool:
+    body = api.get(f"/admin/celery/tasks/{task_id}").json()
+    return bool(body.get("source") == "database" and body["state"] != "running")
 
 
 def polls_total(api: TestClient) -> float:
@@ -85,9 +52,10 @@ def polls_total(api: TestClient) -> float:
 
 
 def test_admin_routes_against_a_live_worker(
-    api: TestClient, worker: str, dovecot: Dovecot, mail_user
+    api: TestClient, celery: Celery, dovecot: Dovecot, mail_user
 ):
-    wait_for(lambda: api.get("/admin/celery/workers").json()["total"] == 1, "the worker")
+    worker = start_worker(celery)
+    wait_for_workers(api, 1)
     [info] = api.get("/admin/celery/workers").json()["workers"]
     assert info["name"] == worker
     assert info["queues"] == ["default", "email", "workflow"]
@@ -105,25 +73,11 @@ def test_admin_routes_against_a_live_worker(
     # A poll through the API runs on the worker and is recorded with its task id.
     user, password = mail_user
     dovecot.append(user, b"Subject: via the worker\r\n\r\nhello\r\n")
-    account_id = api.post(
-        "/accounts",
-        json=account_payload(
-            imap_host=dovecot.host,
-            imap_port=dovecot.imap_port,
-            imap_security="none",
-            username=user,
-            password=password,
-            poll_interval_seconds=3600,
-        ),
-    ).json()["id"]
+    account_id = create_dovecot_account(api, dovecot, user, password, poll_interval_seconds=3600)
     before = polls_total(api)
     task_id = api.post(f"/accounts/{account_id}/poll").json()["task_id"]
 
-    def finished(task: str) -> bool:
-        body = api.get(f"/admin/celery/tasks/{task}").json()
-        return bool(body.get("source") == "database" and body["state"] != "running")
-
-    wait_for(lambda: finished(task_id), "the poll to finish")
+    wait_for(lambda: finished(api, task_id), "the poll to finish")
     state = api.get(f"/admin/celery/tasks/{task_id}").json()
     assert state["state"] == "success"
     assert state["poll_run"]["messages_count"] == 1
@@ -134,6 +88,45 @@ def test_admin_routes_against_a_live_worker(
     retried = api.post(f"/admin/celery/tasks/{task_id}/retry")
     assert retried.status_code == 202
     new_task = retried.json()["task_id"]
-    wait_for(lambda: finished(new_task), "the retried poll to finish")
+    wait_for(lambda: finished(api, new_task), "the retried poll to finish")
     assert api.get(f"/admin/celery/tasks/{new_task}").json()["state"] == "success"
     assert api.get(f"/accounts/{account_id}/messages").json()["total"] == 1
+
+
+def test_a_running_poll_is_listed_active_and_cannot_be_retried_yet(
+    api: TestClient, celery: Celery, set_env: Callable[..., None]
+):
+    # The worker waits this long for a greeting the silent server never sends.
+    set_env(IMAP_CONNECT_TIMEOUT="20", IMAP_READ_TIMEOUT="20")
+    with silent_server() as port:
+        worker = start_worker(celery)
+        wait_for_workers(api, 1)
+        account_id = api.post(
+            "/accounts",
+            json=account_payload(imap_host="127.0.0.1", imap_port=port, imap_security="none"),
+        ).json()["id"]
+        task_id = api.post(f"/accounts/{account_id}/poll").json()["task_id"]
+
+        def active() -> list[dict[str, object]]:
+            return [
+                t for t in api.get("/admin/celery/tasks").json()["active"] if t["id"] == task_id
+            ]
+
+        wait_for(active, "the poll to be active")
+        [task] = active()
+        assert task["name"] == "mailbox.poll"
+        assert task["worker"] == worker
+        assert task["args"] == [account_id]
+        assert task["time_start"] is not None
+
+        state = api.get(f"/admin/celery/tasks/{task_id}").json()
+        assert (state["state"], state["source"], state["worker"]) == ("active", "worker", worker)
+        assert state["poll_run"]["outcome"] == "running"
+        assert api.get("/admin/celery/workers").json()["workers"][0]["active"] == 1
+
+        refused = api.post(f"/admin/celery/tasks/{task_id}/retry")
+        assert refused.status_code == 409
+        assert "still running" in refused.json()["detail"]
+
+        wait_for(lambda: finished(api, task_id), "the poll to give up")
+    assert api.get(f"/admin/celery/tasks/{task_id}").json()["state"] == "connection_error"

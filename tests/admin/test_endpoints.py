@@ -45,6 +45,9 @@ def test_schedules_lists_entries_with_next_run(api: TestClient):
         (ids[1], f"mailbox:{ids[1]}", 120),
     ]
     assert all(e["next_run_at"] is not None for e in body["items"])
+    page = api.get("/admin/schedules", params={"limit": 1, "offset": 1}).json()
+    assert page["total"] == 2
+    assert [e["account_id"] for e in page["items"]] == [ids[1]]
 
 
 def test_no_worker_means_empty_lists_and_a_degraded_health(api: TestClient):

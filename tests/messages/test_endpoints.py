@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from backend.mailbox.service import poll_account
 from backend.models import Message
 from backend.storage import service as storage
-from tests.support.api import account_payload, insert_account
+from tests.support.api import create_dovecot_account, insert_account
 from tests.support.dovecot import Dovecot
 
 
@@ -37,14 +37,7 @@ def polled(api: TestClient, dovecot: Dovecot, mail_user) -> tuple[int, str, list
             user, mail("third", attachment=('re"port\r\n"; x=..\\..ö.pdf', b"%PDF-1.4 \x00\xff"))
         )
     ]
-    payload = account_payload(
-        imap_host=dovecot.host,
-        imap_port=dovecot.imap_port,
-        imap_security="none",
-        username=user,
-        password=password,
-    )
-    account_id = api.post("/accounts", json=payload).json()["id"]
+    account_id = create_dovecot_account(api, dovecot, user, password)
     result = poll_account(account_id)
     assert result.outcome == "success", result.error
     assert result.messages == 3

@@ -6,8 +6,11 @@ so the app is imported only inside the fixtures.
 
 from __future__ import annotations
 
+import socket
+import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -16,6 +19,7 @@ from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
     from backend.models import Account
+    from tests.support.dovecot import Dovecot
 
 
 def auth_headers() -> dict[str, str]:
@@ -81,3 +85,50 @@ def account_payload(**fields: Any) -> dict[str, Any]:
     }
     payload.update(fields)
     return payload
+
+
+def create_dovecot_account(
+    api: TestClient, dovecot: Dovecot, user: str, password: str, **fields: Any
+) -> int:
+    """POST /accounts for a mailbox on the Dovecot fixture (plain IMAP); returns its id."""
+    payload = account_payload(
+        imap_host=dovecot.host,
+        imap_port=dovecot.imap_port,
+        imap_security="none",
+        username=user,
+        password=password,
+    )
+    payload.update(fields)
+    response = api.post("/accounts", json=payload)
+    assert response.status_code == 201, response.text
+    return int(response.json()["id"])
+
+
+@contextmanager
+def silent_server() -> Iterator[int]:
+    """A TCP port that accepts connections and never says a word (a hung IMAP server);
+    yields the port. Connections are held until the block ends."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        listener.close()

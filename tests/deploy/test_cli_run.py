@@ -1,0 +1,169 @@
+"""`make run` (python -m backend.cli run) on a fresh checkout, as a real process: it
+writes .env, migrates SQLite, and serves mailbeat with or without Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.fernet import Fernet
+
+from backend.cli import stack_commands
+from tests.deploy.files import DESIGN_COMMANDS, ROOT
+from tests.deploy.stack import Api, account_body, email, wait_until
+from tests.support.dovecot import Dovecot
+from tests.support.net import free_port, wait_for_port
+from tests.support.redis_db import RedisDb
+
+
+@dataclass
+class Run:
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    code: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def cli_run(cwd: Path, **env: str) -> Iterator[Run]:
+    """`python -m backend.cli run` in `cwd` with only what a shell on a new laptop has
+    (none of the test bed's settings); Ctrl-C (SIGINT) on the way out."""
+    port = free_port()
+    log_path = cwd / "run.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "backend.cli", "run", "--port", str(port)],
+            cwd=cwd,
+            env={"PATH": os.environ["PATH"], "HOME": str(cwd), "PYTHONPATH": str(ROOT), **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    run = Run(process, port, log_path)
+    try:
+        wait_for_port(port, timeout=120)
+        yield run
+    finally:
+        process.send_signal(signal.SIGINT)
+        run.code = process.wait(timeout=60)
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    lines = path.read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def _ingests_mail(api: Api, dovecot: Dovecot, *, ssl: bool = False) -> list[str]:
+    username = f"run-{uuid.uuid4().hex[:8]}"
+    dovecot.add_user(username, "pw-" + username)
+    dovecot.append_many(username, [email(f"{username} {i}") for i in range(2)])
+    account_id = api.create_account(account_body(dovecot, username, ssl=ssl))
+    # Poll now rather than wait for the first tick: the same path in both modes.
+    assert api("POST", f"/accounts/{account_id}/poll").status_code == 202
+    wait_until("the mail ingested", lambda: api.message_total(account_id) == 2, 120)
+    return api.subjects(account_id)
+
+
+@pytest.mark.e2e
+def test_without_redis_it_serves_the_api_and_polls_in_process(
+    tmp_path: Path, dovecot: Dovecot
+) -> None:
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    with cli_run(tmp_path, REDIS_URL=closed) as run:
+        health = httpx.get(run.url + "/health", timeout=30)
+        token = _env_file(tmp_path / ".env")["ADMIN_API_TOKEN"]
+        unauthorized = httpx.get(run.url + "/accounts", timeout=30)
+        subjects = _ingests_mail(Api(run.url, token), dovecot)
+    output = run.output()
+
+    assert health.status_code == 200, health.text
+    assert health.json()["checks"]["database"] == "ok"
+    assert health.json()["checks"]["redis"].startswith("not used (local mode")
+    assert unauthorized.status_code == 401
+    assert len(subjects) == 2
+    # The .env a fresh machine gets, and what the banner says.
+    Fernet(_env_file(tmp_path / ".env")["ENCRYPTION_KEY"].encode())
+    assert "local mode" in output
+    assert f"{run.url}/docs" in output
+    assert f"curl -X POST {run.url}/accounts" in output
+    assert str(tmp_path / ".env") in output  # where the token is
+    assert token not in output  # but never the token itself
+    with sqlite3.connect(tmp_path / "data" / "mailbeat.db") as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall()
+    assert "Traceback" not in output
+    assert run.code == 0, output
+
+
+@pytest.mark.e2e
+def test_with_redis_it_runs_api_beat_and_a_worker_and_stops_them_together(
+    tmp_path: Path, redis_db: RedisDb, dovecot: Dovecot
+) -> None:
+    with cli_run(tmp_path, REDIS_URL=redis_db.url) as run:
+        children = _children(run.process.pid)
+        api = Api(run.url, _env_file(tmp_path / ".env")["ADMIN_API_TOKEN"])
+
+        def worker_seen() -> dict[str, str] | None:
+            checks: dict[str, str] = api("GET", "/health").json()["checks"]
+            return checks if checks["celery_worker"].startswith("ok") else None
+
+        checks = wait_until("the worker in /health", worker_seen, 120)
+        subjects = _ingests_mail(api, dovecot)
+    output = run.output()
+
+    assert checks["celery_worker"] == "ok (1 worker)"
+    assert checks["redis"] == "ok"
+    assert len(subjects) == 2
+    assert "API, Celery beat and a worker" in output
+    # Ctrl-C stopped all three children, not just the parent.
+    assert len(children) == 3, output
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], output
+    assert run.code == 0, output
+
+
+@pytest.mark.e2e
+def test_an_existing_env_file_is_kept(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    key = Fernet.generate_key().decode()
+    env_file.write_text(f"ADMIN_API_TOKEN=mine-{key[:8]}\nENCRYPTION_KEY={key}\n")
+    before = env_file.read_text()
+    with cli_run(tmp_path, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0") as run:
+        response = httpx.get(
+            run.url + "/accounts", headers={"Authorization": f"Bearer mine-{key[:8]}"}, timeout=30
+        )
+    assert response.status_code == 200
+    assert env_file.read_text() == before
+
+
+def test_with_redis_it_runs_the_compose_commands() -> None:
+    commands = {name: argv[1:] for name, argv in stack_commands("0.0.0.0", 8000).items()}
+    assert commands["api"] == ["-m", *DESIGN_COMMANDS["api"].split()]
+    assert commands["beat"] == ["-m", *DESIGN_COMMANDS["celery-beat"].split()]
+    assert commands["worker"] == ["-m", *DESIGN_COMMANDS["celery-worker"].split()]
+
+
+def _children(pid: int) -> set[int]:
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.add(int(stat.parent.name))
+    return children

@@ -1,0 +1,188 @@
+"""docker-compose.yml, checked for what a Docker engine would only reveal in production."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from backend.config import Settings
+from tests.deploy.files import (
+    DESIGN_COMMANDS,
+    ROOT,
+    command,
+    compose,
+    example_names,
+    example_values,
+    interpolated_names,
+    service,
+)
+
+APP_SERVICES = ("migrate", "api", "celery-beat", "celery-worker", "flower")
+LONG_RUNNING = ("redis", "postgres", "minio", "api", "celery-beat", "celery-worker", "flower")
+ONE_SHOT = ("migrate", "minio-init")
+
+
+def _duration_seconds(value: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", value)
+    assert parts and "".join(n + u for n, u in parts) == value, f"not a duration: {value}"
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def test_every_service_of_the_design_is_there() -> None:
+    assert set(compose()["services"]) == {
+        "redis",
+        "postgres",
+        "minio",
+        "minio-init",
+        "migrate",
+        "api",
+        "celery-beat",
+        "celery-worker",
+        "flower",
+    }
+
+
+@pytest.mark.parametrize("name", sorted(DESIGN_COMMANDS))
+def test_commands_are_the_designs(name: str) -> None:
+    assert command(name) == DESIGN_COMMANDS[name].split()
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_services_run_the_image_with_the_env_file(name: str) -> None:
+    spec = service(name)
+    assert spec["build"] == "."
+    assert spec["image"] == "mailbeat:latest"
+    assert spec["env_file"] == ".env"
+    assert spec["environment"]["ENVIRONMENT"] == "production"
+    assert spec["init"] is True  # SIGTERM reaches Celery, so a scale-down is a warm shutdown
+
+
+def test_the_worker_scales() -> None:
+    worker = service("celery-worker")
+    assert "container_name" not in worker
+    assert "ports" not in worker
+    assert "hostname" not in worker  # each replica is named after its own container id
+    assert worker.get("deploy", {}).get("replicas") is None
+
+
+def test_a_scaled_down_worker_finishes_its_poll() -> None:
+    grace = _duration_seconds(service("celery-worker")["stop_grace_period"])
+    assert grace > int(example_values()["POLL_TIME_LIMIT_SECONDS"])
+    assert Settings().poll_time_limit_seconds < grace
+
+
+def test_beat_cannot_be_scaled_by_mistake() -> None:
+    beat = service("celery-beat")
+    # Compose refuses to scale a service with a fixed container name.
+    assert beat["container_name"]
+    assert beat.get("deploy", {}).get("replicas", 1) == 1
+    text = (ROOT / "docker-compose.yml").read_text()
+    comment = text.split("\n  celery-beat:")[0].rsplit("\n\n", 1)[1]
+    assert "Exactly one beat" in comment
+
+
+def test_redis_never_evicts_and_persists() -> None:
+    redis = service("redis")
+    args = command("redis")
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert any(volume.endswith(":/data") for volume in redis["volumes"])
+
+
+def test_postgres_keeps_its_data_in_a_volume() -> None:
+    volumes = service("postgres")["volumes"]
+    assert "postgres-data:/var/lib/postgresql/data" in volumes
+    assert "postgres-data" in compose()["volumes"]
+
+
+@pytest.mark.parametrize("name", ["redis", "postgres", "minio", "api"])
+def test_health_checks(name: str) -> None:
+    check = service(name)["healthcheck"]
+    assert check["test"][0] in ("CMD", "CMD-SHELL")
+    assert check["interval"] and check["timeout"] and check["retries"]
+
+
+def test_services_wait_for_what_they_need() -> None:
+    def conditions(name: str) -> dict[str, str]:
+        return {dep: spec["condition"] for dep, spec in service(name)["depends_on"].items()}
+
+    assert conditions("migrate") == {"postgres": "service_healthy"}
+    assert conditions("minio-init") == {"minio": "service_healthy"}
+    backend = {
+        "redis": "service_healthy",
+        "postgres": "service_healthy",
+        "migrate": "service_completed_successfully",
+        "minio-init": "service_completed_successfully",
+    }
+    assert conditions("api") == backend
+    assert conditions("celery-worker") == backend
+    assert conditions("celery-beat") == {
+        "redis": "service_healthy",
+        "postgres": "service_healthy",
+        "migrate": "service_completed_successfully",
+    }
+    assert conditions("flower") == {"redis": "service_healthy"}
+    # Removing minio from the file leaves a working stack on local files.
+    assert service("api")["depends_on"]["minio-init"]["required"] is False
+    # Whatever is waited on as healthy has a health check to wait on.
+    for name in compose()["services"]:
+        for dep, condition in conditions(name).items() if "depends_on" in service(name) else []:
+            if condition == "service_healthy":
+                assert "healthcheck" in service(dep), f"{name} waits for {dep}'s health"
+
+
+def test_restart_policies() -> None:
+    for name in LONG_RUNNING:
+        assert service(name)["restart"] == "on-failure", name
+    for name in ONE_SHOT:
+        assert service(name)["restart"] == "no", name
+
+
+def test_minio_creates_the_bucket_the_app_uses() -> None:
+    init = " ".join(str(part) for part in service("minio-init")["command"])
+    assert "mc mb --ignore-existing" in init
+    assert service("minio-init")["environment"]["S3_BUCKET"] == "${S3_BUCKET:-mailbeat}"
+    env = service("api")["environment"]
+    assert env["S3_BUCKET"] == "${S3_BUCKET:-mailbeat}"
+    assert env["S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert env["S3_ADDRESSING_STYLE"] == "path"
+    assert env["S3_ACCESS_KEY_ID"] == service("minio")["environment"]["MINIO_ROOT_USER"]
+    assert env["S3_SECRET_ACCESS_KEY"] == service("minio")["environment"]["MINIO_ROOT_PASSWORD"]
+
+
+def test_api_and_workers_share_the_data_volume() -> None:
+    # Local-fallback objects written by a worker are read by the API; metrics files too.
+    for name in ("api", "celery-worker"):
+        assert "app-data:/app/data" in service(name)["volumes"]
+        assert service(name)["environment"]["DATA_DIR"] == "/app/data"
+
+
+def test_flower_has_a_login_and_its_port() -> None:
+    flower = service("flower")
+    assert flower["ports"] == ["5555:5555"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
+
+
+def test_secrets_are_required_not_defaulted() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    for name in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "FLOWER_BASIC_AUTH"):
+        uses = re.findall(r"\$\{" + name + r"([^}]*)\}", text)
+        assert uses, name
+        assert all(use.startswith(":?") for use in uses), f"{name} must not have a default"
+
+
+def test_every_variable_compose_uses_is_in_env_example() -> None:
+    listed = set(example_names())
+    assert interpolated_names() - listed == set()
+    for name in APP_SERVICES:
+        assert set(service(name)["environment"]) - listed == set(), name
+
+
+def test_env_example_lists_every_setting_and_only_settings_or_compose_variables() -> None:
+    listed = example_names()
+    assert len(listed) == len(set(listed)), "a name appears twice in .env.example"
+    settings = {name.upper() for name in Settings.model_fields}
+    assert settings - set(listed) == set(), "settings missing from .env.example"
+    assert set(listed) - settings - interpolated_names() == set(), "unknown names"

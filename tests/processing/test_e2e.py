@@ -1,0 +1,67 @@
+"""Processing through a real `celery worker`: message.process and webhook.deliver tasks
+on the workflow queue, retries as countdown tasks, replay from the API."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from backend.models import WebhookDelivery
+from backend.processing.service import hand_on
+from tests.schedules.processes import Celery, running_celery, wait_for
+from tests.support.api import insert_account
+from tests.webhooks.fixtures import store_message
+from tests.webhooks.receiver import Receiver
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def worker(tmp_path: Path, webhooks_on: Callable[..., None]) -> Iterator[Celery]:
+    webhooks_on(SCHEDULER_MODE="celery")
+    with running_celery(tmp_path) as celery:
+        celery.worker(concurrency=2)
+        yield celery
+
+
+def _statuses(db: Session) -> list[str]:
+    db.expire_all()
+    return list(db.scalars(select(WebhookDelivery.status).order_by(WebhookDelivery.id)))
+
+
+def test_through_a_worker_every_message_is_delivered_once(
+    db: Session, receiver: Receiver, worker: Celery
+) -> None:
+    account = insert_account(db)
+    ids = [store_message(db, account, uid).id for uid in range(1, 5)]
+    receiver.fail(3, status=503)
+
+    hand_on(ids, use_celery=True)
+    hand_on(ids, use_celery=True)  # duplicate tasks (a redelivery) change nothing
+
+    wait_for(lambda: _statuses(db) == ["delivered"] * 4, f"all delivered\n{worker.logs()}")
+    assert len(receiver.delivered()) == 4
+    assert sorted(r.json()["data"]["message"]["id"] for r in receiver.delivered()) == ids
+    assert len(receiver.requests) == 7
+
+
+def test_dead_letters_replayed_from_the_api_go_through_the_worker(
+    db: Session, api: TestClient, receiver: Receiver, worker: Celery
+) -> None:
+    account = insert_account(db)
+    ids = [store_message(db, account, uid).id for uid in range(1, 3)]
+    receiver.down()
+
+    hand_on(ids, use_celery=True)
+    wait_for(lambda: _statuses(db) == ["dead"] * 2, f"dead letters\n{worker.logs()}")
+    receiver.up()
+    response = api.post(f"/accounts/{account.id}/dead-letters/replay")
+    assert response.status_code == 202 and response.json()["replayed"] == 2
+
+    wait_for(lambda: _statuses(db) == ["delivered"] * 2, f"replayed\n{worker.logs()}")
+    assert sorted(r.json()["data"]["message"]["id"] for r in receiver.delivered()) == ids
