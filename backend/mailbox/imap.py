@@ -74,12 +74,16 @@ def translate(exc: BaseException, *, stage: Stage = "folder") -> ImapError:
         return ImapDnsError(f"cannot resolve the IMAP host: {exc}")
     if isinstance(exc, ssl.SSLError | ssl.CertificateError):
         return ImapTlsError(f"TLS failed: {exc}")
-    if isinstance(exc, TimeoutError):
-        return ImapConnectionError(f"timed out ({stage}): {exc or 'no answer'}")
+    # Not a TLS error: while connecting (even on an implicit-TLS port) it is the network.
+    network_stage: Stage = "connect" if stage in ("dns", "tls") else stage
     error: ImapError
+    if isinstance(exc, TimeoutError):
+        error = ImapConnectionError(f"timed out ({network_stage}): {exc or 'no answer'}")
+        error.stage = network_stage
+        return error
     if isinstance(exc, IMAPClientAbortError | OSError | EOFError):
-        error = ImapConnectionError(f"connection lost ({stage}): {_text(exc)}")
-        error.stage = "connect" if stage == "dns" else stage
+        error = ImapConnectionError(f"connection failed ({network_stage}): {_text(exc)}")
+        error.stage = network_stage
         return error
     if isinstance(exc, IMAPClientError):
         error = ImapProtocolError(f"server refused ({stage}): {_text(exc)}")
@@ -127,6 +131,10 @@ def connect(
         raise translate(exc, stage=stage) from exc
     # Aware datetimes from INTERNALDATE (imapclient otherwise converts to naive local time).
     client.normalise_times = False
+    # imapclient turns imaplib's debug output up to 5, and imaplib then formats the repr
+    # of every response, message bodies included, whether or not anything is logged:
+    # that costs more than parsing the messages.
+    client._imap.debug = 0
     return client
 
 

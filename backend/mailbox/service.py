@@ -13,18 +13,22 @@ on the account and a PollRun row. Its caller hands the new messages on afterward
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
-from sqlalchemy import ColumnElement, func, insert, select, update
+from sqlalchemy import ColumnElement, Table, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -48,6 +52,13 @@ METADATA_CHUNK = 1000
 # Bodies fetched in one round trip stay under this many bytes (one larger message is
 # fetched alone), so a batch of big messages cannot exhaust a worker's memory.
 BATCH_MAX_BYTES = 32 * 1024 * 1024
+# Objects are written by this many threads while the poll parses the next message: a
+# write is mostly waiting (fsync, or an S3 round trip), not Python.
+STORE_THREADS = 8
+
+# Core tables: rows are inserted in bulk without ORM objects.
+MESSAGES = cast(Table, Message.__table__)
+ATTACHMENTS = cast(Table, Attachment.__table__)
 
 OUTCOME_BY_KIND = {
     "auth": "auth_error",
@@ -94,6 +105,24 @@ class _Fetched:
     internal_date: datetime | None
     flags: list[str]
     body: bytes | None = None  # None: larger than MAX_MESSAGE_BYTES, not fetched
+    content_hash: str | None = None  # sha256 hex of body
+
+
+# A row and the write of its object (the row's storage_backend comes from it).
+_Upload = tuple[dict[str, Any], Future[str]]
+
+
+@dataclass
+class _Prepared:
+    """A parsed batch whose objects are being written."""
+
+    folder: str
+    uidvalidity: int
+    last_uid: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    attachments: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    uploads: list[_Upload] = field(default_factory=list)
+    advance_cursor: bool = True
 
 
 # -- credentials -------------------------------------------------------------------------
@@ -296,9 +325,20 @@ class _Poller:
         self.new_ids: list[int] = []
         self.new_bytes = 0
 
+    @contextmanager
+    def storing(self) -> Iterator[None]:
+        """The threads that write objects, for the duration of a poll (or a backfill)."""
+        with ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="mailbox-store") as pool:
+            self.pool = pool
+            yield
+
     def poll_folders(self, client: IMAPClient) -> ImapError | None:
         """Poll each folder; a folder the server refuses does not stop the others, but a
         lost connection does. Returns the first folder error, if any."""
+        with self.storing():
+            return self._poll_folders(client)
+
+    def _poll_folders(self, client: IMAPClient) -> ImapError | None:
         first_error: ImapError | None = None
         for folder in self.account.folders or ["INBOX"]:
             try:
@@ -325,12 +365,35 @@ class _Poller:
             uids = sorted(uid for uid in found if uid > cursor)
             ceiling = max(uids, default=cursor)
         dedupe = self._has_other_generations(folder, uidvalidity)
-        for batch in self._fetch(client, uids):
-            self._store_batch(folder, uidvalidity, batch, dedupe=dedupe)
+        self.ingest(client, folder, uidvalidity, uids, dedupe=dedupe)
         if ceiling > (cursor or 0):
             # Messages the initial-sync policy left out stay behind the cursor for good.
             with session_scope() as session:
                 self._advance_cursor(session, folder, uidvalidity, ceiling)
+
+    def ingest(
+        self,
+        client: IMAPClient,
+        folder: str,
+        uidvalidity: int,
+        uids: Sequence[int],
+        *,
+        dedupe: bool,
+        advance_cursor: bool = True,
+    ) -> None:
+        """Fetch and store these UIDs (ascending) of the selected folder, batch by batch.
+        A batch is committed once the next one is parsed: its objects are written
+        meanwhile. Batches still commit in order, each with its cursor."""
+        pending: _Prepared | None = None
+        for batch in _prefetched(self._fetch(client, uids)):
+            prepared = self._prepare_batch(folder, uidvalidity, batch, dedupe=dedupe)
+            if prepared is not None:
+                prepared.advance_cursor = advance_cursor
+            if pending is not None:
+                self._commit_batch(pending)
+            pending = prepared
+        if pending is not None:
+            self._commit_batch(pending)
 
     def _cursor(self, folder: str, uidvalidity: int) -> int | None:
         """The last UID stored under this UIDVALIDITY, or None when the folder is new or
@@ -462,48 +525,51 @@ class _Poller:
                 continue  # expunged between the two fetches
             item.body = bytes(body)
             item.size = len(item.body)
+            # Hashed here, in the fetching thread, off the storing thread's path.
+            item.content_hash = hashlib.sha256(item.body).hexdigest()
             kept.append(item)
         return kept
 
-    def _store_batch(
-        self,
-        folder: str,
-        uidvalidity: int,
-        batch: list[_Fetched],
-        *,
-        dedupe: bool,
-        advance_cursor: bool = True,
-    ) -> None:
+    def _prepare_batch(
+        self, folder: str, uidvalidity: int, batch: list[_Fetched], *, dedupe: bool
+    ) -> _Prepared | None:
+        """Parse a batch and start writing its objects."""
         if not batch:
-            return
-        hashes = {
-            item.uid: hashlib.sha256(item.body).hexdigest()
-            for item in batch
-            if item.body is not None
-        }
-        held = self._held_hashes(folder, uidvalidity, set(hashes.values())) if dedupe else set()
-        rows: list[dict[str, Any]] = []
-        attachments: dict[int, list[dict[str, Any]]] = {}
+            return None
+        hashes = {item.content_hash for item in batch if item.content_hash is not None}
+        held = self._held_hashes(folder, uidvalidity, hashes) if dedupe else set()
+        prepared = _Prepared(folder=folder, uidvalidity=uidvalidity, last_uid=batch[-1].uid)
         for item in batch:
-            content_hash = hashes.get(item.uid)
-            if content_hash is not None and content_hash in held:
+            if item.content_hash is not None and item.content_hash in held:
                 continue  # held from before the UIDVALIDITY change
-            row, parts = self._prepare(folder, uidvalidity, item, content_hash)
-            rows.append(row)
-            attachments[item.uid] = parts
-        last_uid = max(item.uid for item in batch)
+            row, parts = self._prepare(folder, uidvalidity, item, prepared.uploads)
+            prepared.rows.append(row)
+            prepared.attachments[item.uid] = parts
+        return prepared
+
+    def _commit_batch(self, prepared: _Prepared | None) -> None:
+        """Once every object of the batch is written, insert its rows and move the cursor
+        in one transaction. A failed write fails the batch: nothing is committed."""
+        if prepared is None:
+            return
+        for row, future in prepared.uploads:
+            row["storage_backend"] = future.result()
+        folder, uidvalidity, last_uid = prepared.folder, prepared.uidvalidity, prepared.last_uid
+        rows, attachments = prepared.rows, prepared.attachments
         with session_scope() as session:
             inserted: list[tuple[int, int, int]] = []
             if rows:
+                # executemany: the statement is compiled once and cached, and the driver
+                # sends the rows in multi-row INSERTs (insertmanyvalues).
                 inserted = [
                     (row.id, row.uid, row.size)
-                    for row in session.execute(
-                        _insert(session, Message)
-                        .values(rows)
+                    for row in session.connection().execute(
+                        _insert(session, MESSAGES)
                         .on_conflict_do_nothing(
                             index_elements=["account_id", "folder", "uidvalidity", "uid"]
                         )
-                        .returning(Message.id, Message.uid, Message.size)
+                        .returning(Message.id, Message.uid, Message.size),
+                        rows,
                     )
                 ]
             attachment_rows = [
@@ -512,14 +578,14 @@ class _Poller:
                 for part in attachments[uid]
             ]
             if attachment_rows:
-                session.execute(insert(Attachment), attachment_rows)
+                session.connection().execute(insert(ATTACHMENTS), attachment_rows)
             if inserted:
                 session.execute(
                     update(Account)
                     .where(Account.id == self.account_id)
                     .values(message_count=Account.message_count + len(inserted))
                 )
-            if advance_cursor:
+            if prepared.advance_cursor:
                 self._advance_cursor(session, folder, uidvalidity, last_uid)
         self.new_ids.extend(sorted(message_id for message_id, _uid, _size in inserted))
         self.new_bytes += sum(size for _id, _uid, size in inserted)
@@ -540,7 +606,7 @@ class _Poller:
             )
 
     def _prepare(
-        self, folder: str, uidvalidity: int, item: _Fetched, content_hash: str | None
+        self, folder: str, uidvalidity: int, item: _Fetched, uploads: list[_Upload]
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Store the message's objects; return its row and its attachment rows."""
         row: dict[str, Any] = {
@@ -557,7 +623,7 @@ class _Poller:
             "internal_date": item.internal_date,
             "flags": item.flags,
             "size": item.size,
-            "content_hash": content_hash,
+            "content_hash": item.content_hash,
             "text_body": None,
             "html_body": None,
             "storage_backend": None,
@@ -572,8 +638,7 @@ class _Poller:
             )
             return row, []
         key = message_key(self.account_id, folder, uidvalidity, item.uid)
-        row["storage_backend"] = storage.put_object(key, item.body, "message/rfc822")
-        row["storage_key"] = key
+        self._upload(uploads, row, key, item.body, "message/rfc822")
         try:
             parsed = parse_message(item.body)
         except Exception as exc:
@@ -590,21 +655,28 @@ class _Poller:
                 index=index,
                 safe_name=attachment.safe_name,
             )
-            parts.append(
-                {
-                    "filename": attachment.filename,
-                    "safe_name": attachment.safe_name,
-                    "content_type": attachment.content_type,
-                    "content_id": attachment.content_id,
-                    "size": len(attachment.data),
-                    "content_hash": hashlib.sha256(attachment.data).hexdigest(),
-                    "storage_backend": storage.put_object(
-                        part_key, attachment.data, attachment.content_type
-                    ),
-                    "storage_key": part_key,
-                }
-            )
+            part = {
+                "filename": attachment.filename,
+                "safe_name": attachment.safe_name,
+                "content_type": attachment.content_type,
+                "content_id": attachment.content_id,
+                "size": len(attachment.data),
+                "content_hash": hashlib.sha256(attachment.data).hexdigest(),
+            }
+            self._upload(uploads, part, part_key, attachment.data, attachment.content_type)
+            parts.append(part)
         return row, parts
+
+    def _upload(
+        self,
+        uploads: list[_Upload],
+        row: dict[str, Any],
+        key: str,
+        data: bytes,
+        content_type: str,
+    ) -> None:
+        row["storage_key"] = key
+        uploads.append((row, self.pool.submit(storage.put_object, key, data, content_type)))
 
     def _advance_cursor(self, session: Session, folder: str, uidvalidity: int, uid: int) -> None:
         # Never backwards (a concurrent poll may be ahead); never under another UIDVALIDITY.
@@ -617,6 +689,42 @@ class _Poller:
             )
             .values(last_uid=_greatest(session, FolderCursor.last_uid, uid), updated_at=utcnow())
         )
+
+
+def _prefetched(batches: Iterator[list[_Fetched]]) -> Iterator[list[_Fetched]]:
+    """Fetch the next batch in a thread while the caller stores this one: the server, the
+    socket and the parser then work at the same time. Errors reach the caller in order."""
+    ready: queue.Queue[list[_Fetched] | BaseException | None] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        ready.put(batch, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(None)
+        except BaseException as exc:  # handed to the consumer, raised there
+            ready.put(exc)
+
+    producer = threading.Thread(target=produce, name="mailbox-fetch", daemon=True)
+    producer.start()
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while producer.is_alive():
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.5)
+        producer.join()
 
 
 def _parsed_fields(parsed: ParsedMessage) -> dict[str, Any]:
@@ -632,7 +740,7 @@ def _parsed_fields(parsed: ParsedMessage) -> dict[str, Any]:
     }
 
 
-def _insert(session: Session, table: type[Any]) -> Any:
+def _insert(session: Session, table: type[Any] | Table) -> Any:
     """INSERT with ON CONFLICT for the session's database (PostgreSQL or SQLite)."""
     if session.get_bind().dialect.name == "postgresql":
         return postgresql.insert(table)
@@ -678,9 +786,11 @@ def store_uids(
     order must not make the next poll skip the ones between. Returns the new message ids
     for the caller to hand on."""
     poller = _Poller(account)
-    dedupe = poller._has_other_generations(folder, uidvalidity)
-    for batch in poller._fetch(client, sorted(uids)):
-        poller._store_batch(folder, uidvalidity, batch, dedupe=dedupe, advance_cursor=False)
+    with poller.storing():
+        dedupe = poller._has_other_generations(folder, uidvalidity)
+        poller.ingest(
+            client, folder, uidvalidity, sorted(uids), dedupe=dedupe, advance_cursor=False
+        )
     return poller.new_ids
 
 

@@ -39,7 +39,7 @@ ssl = yes
 ssl_cert = <{root}/cert.pem
 ssl_key = <{root}/key.pem
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login{oauth2_mechanisms}
 mail_location = maildir:~/Maildir
 mail_uid = {mail_uid}
 mail_gid = {mail_gid}
@@ -52,7 +52,7 @@ passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {root}/users/%u
 }}
-userdb {{
+{oauth2_passdb}userdb {{
   driver = static
   args = uid={mail_uid} gid={mail_gid} home={root}/home/%u
 }}
@@ -88,9 +88,32 @@ service stats {{
 """
 
 
+# XOAUTH2 / OAUTHBEARER, with tokens checked at an RFC 7662 introspection endpoint.
+OAUTH2_PASSDB = """\
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {root}/dovecot-oauth2.conf.ext
+}}
+"""
+OAUTH2_CONFIG = """\
+introspection_mode = post
+introspection_url = {url}
+force_introspection = yes
+username_attribute = username
+active_attribute = active
+active_value = true
+"""
+
+
 class Dovecot:
-    def __init__(self, root: Path, name: str | None = None) -> None:
+    def __init__(
+        self, root: Path, name: str | None = None, *, oauth2_introspection_url: str | None = None
+    ) -> None:
+        """With `oauth2_introspection_url`, users can also log in with XOAUTH2; Dovecot
+        posts each token to that URL (`token=...`) and wants {"active": true, "username"}."""
         self.root = root
+        self.oauth2_introspection_url = oauth2_introspection_url
         self.name = name or uuid.uuid4().hex[:8]
         self.host = "127.0.0.1"
         self.imap_port = 0
@@ -123,6 +146,12 @@ class Dovecot:
         (self.root / "users").mkdir(exist_ok=True)
         self.imap_port, self.imaps_port = free_port(), free_port()
         internal, login, group_line = self._internal
+        oauth2_passdb = ""
+        if self.oauth2_introspection_url:
+            (self.root / "dovecot-oauth2.conf.ext").write_text(
+                OAUTH2_CONFIG.format(url=self.oauth2_introspection_url)
+            )
+            oauth2_passdb = OAUTH2_PASSDB.format(root=self.root)
         (self.root / "dovecot.conf").write_text(
             CONFIG.format(
                 root=self.root,
@@ -134,6 +163,8 @@ class Dovecot:
                 mail_gid=self.mail_gid,
                 imap_port=self.imap_port,
                 imaps_port=self.imaps_port,
+                oauth2_mechanisms=" xoauth2 oauthbearer" if oauth2_passdb else "",
+                oauth2_passdb=oauth2_passdb,
             )
         )
         self._process = subprocess.Popen(

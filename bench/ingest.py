@@ -1,0 +1,268 @@
+"""Ingestion speed: one 10,000-message mailbox from a local Dovecot into PostgreSQL and
+local files, beside mbsync (isync) syncing the same mailbox to a local maildir.
+
+    python -m bench.ingest [--messages 10000] [--runs 2] [--security ssl|none]
+
+Both clients talk to the same Dovecot over the same transport (implicit TLS by default)
+after one warm-up pass, so Dovecot's index and the page cache are equally warm. Each
+run starts from an empty database / an empty maildir. Prints messages/s for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+from cryptography.fernet import Fernet
+from sqlalchemy import text
+
+from tests.support import postgres
+from tests.support.dovecot import Dovecot
+
+MBSYNC = shutil.which("mbsync") or "/usr/bin/mbsync"
+WORDS = [
+    "mail",
+    "beat",
+    "poll",
+    "folder",
+    "cursor",
+    "batch",
+    "message",
+    "account",
+    "server",
+    "schedule",
+    "worker",
+    "queue",
+    "storage",
+    "bucket",
+    "object",
+    "parse",
+    "header",
+    "body",
+    "attachment",
+    "invoice",
+    "report",
+    "meeting",
+    "agenda",
+]
+
+
+def message_size(rng: random.Random) -> int:
+    """Median about 10 KB; about 1 in 100 between 300 KB and 2 MB."""
+    roll = rng.random()
+    if roll < 0.01:
+        return rng.randint(300_000, 2_000_000)
+    if roll < 0.08:
+        return rng.randint(30_000, 300_000)
+    return int(rng.lognormvariate(9.2, 0.45))  # e^9.2 ~ 9,900 bytes
+
+
+def build_message(index: int, rng: random.Random) -> bytes:
+    size = message_size(rng)
+    msg = EmailMessage()
+    msg["From"] = f"Sender {index % 97} <sender{index % 97}@example.org>"
+    msg["To"] = "Bench <bench@example.org>"
+    msg["Subject"] = f"Benchmark message {index}: " + " ".join(rng.choices(WORDS, k=6))
+    msg["Date"] = "Mon, 23 Nov 2026 10:00:00 +0000"
+    msg["Message-ID"] = f"<bench-{index}@example.org>"
+    text_size = min(size, 8_000 + rng.randint(0, 4_000))
+    lines = []
+    length = 0
+    while length < text_size:
+        line = " ".join(rng.choices(WORDS, k=12))
+        lines.append(line)
+        length += len(line) + 1
+    msg.set_content("\n".join(lines) + "\n")
+    if size > text_size + 1_000:
+        # Base64 grows by 4/3; aim the encoded attachment at the rest of the size.
+        payload = rng.randbytes((size - text_size) * 3 // 4)
+        msg.add_attachment(
+            payload, maintype="application", subtype="octet-stream", filename=f"data-{index}.bin"
+        )
+    return msg.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def warm_up(dovecot: Dovecot, username: str) -> None:
+    """Let Dovecot build its index and the page cache hold the mail, before timing."""
+    with dovecot.client(username) as client:
+        client.select_folder("INBOX", readonly=True)
+        uids = client.search("ALL")
+        for start in range(0, len(uids), 500):
+            client.fetch(uids[start : start + 500], ["BODY.PEEK[]"])
+        client.logout()
+
+
+def run_mbsync(dovecot: Dovecot, username: str, security: str, work: Path) -> float:
+    target = work / "mbsync-maildir"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    state = work / "mbsync-state"
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir()
+    port = dovecot.imaps_port if security == "ssl" else dovecot.imap_port
+    tls = (
+        f"SSLType IMAPS\nCertificateFile {dovecot.cert_path}\n"
+        if security == "ssl"
+        else "SSLType None\nAuthMechs LOGIN\n"
+    )
+    config = work / "mbsyncrc"
+    config.write_text(
+        # The certificate names localhost and 127.0.0.1; mbsync checks DNS names only.
+        "IMAPAccount bench\nHost localhost\n"
+        f"Port {port}\nUser {username}\n"
+        f"Pass {dovecot.passwords[username]}\n{tls}PipelineDepth 50\n\n"
+        "IMAPStore remote\nAccount bench\n\n"
+        f"MaildirStore local\nPath {target}/\nInbox {target}/INBOX\n\n"
+        "Channel bench\nFar :remote:\nNear :local:\nPatterns INBOX\nSync Pull\nCreate Near\n"
+        f"SyncState {state}/\n"
+    )
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    subprocess.run([MBSYNC, "-c", str(config), "bench"], check=True)
+    elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    user = after.ru_utime - before.ru_utime
+    system = after.ru_stime - before.ru_stime
+    count = len(list((target / "INBOX" / "new").iterdir())) + len(
+        list((target / "INBOX" / "cur").iterdir())
+    )
+    print(
+        f"  mbsync: {count} messages in {elapsed:.2f} s "
+        f"(CPU user {user:.2f} s, system {system:.2f} s)"
+    )
+    return elapsed
+
+
+def run_mailbeat(
+    dovecot: Dovecot, username: str, security: str, storage_dir: Path, *, profile: bool
+) -> float:
+    from backend import crypto
+    from backend.db import get_engine, session_scope
+    from backend.mailbox.service import poll_account
+    from backend.models import Account, Base
+
+    with get_engine().begin() as conn:
+        tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    shutil.rmtree(storage_dir, ignore_errors=True)
+    with session_scope() as session:
+        account = Account(
+            email=f"{username}@example.org",
+            imap_host=dovecot.host,
+            imap_port=dovecot.imaps_port if security == "ssl" else dovecot.imap_port,
+            imap_security=security,
+            username=username,
+            auth_method="password",
+            credentials_encrypted=crypto.encrypt_json({"password": dovecot.passwords[username]}),
+            folders=["INBOX"],
+        )
+        session.add(account)
+        session.flush()
+        account_id = account.id
+    profiler = cProfile.Profile() if profile else None
+    usage_started = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
+    result = poll_account(account_id)
+    elapsed = time.perf_counter() - started
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    user = usage.ru_utime - usage_started.ru_utime
+    system = usage.ru_stime - usage_started.ru_stime
+    if profiler is not None:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
+    assert result.outcome == "success", result
+    print(
+        f"  mailbeat: {result.messages} messages, {result.bytes:,} bytes in {elapsed:.2f} s "
+        f"(CPU user {user:.2f} s, system {system:.2f} s)"
+    )
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=10_000)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--security", choices=("ssl", "none"), default="ssl")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--profile", action="store_true", help="cProfile the mailbeat runs")
+    parser.add_argument("--skip-mbsync", action="store_true")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="mailbeat-bench-"))
+    work.chmod(0o755)  # Dovecot's processes must reach the users and homes below it
+    dovecot = Dovecot(work / "dovecot")
+    database_url = postgres.create_database("mailbeat_bench")
+    try:
+        dovecot.start()
+        username = "bench"
+        dovecot.add_user(username, "bench-password")
+        rng = random.Random(42)
+        raws = [build_message(i, rng) for i in range(args.messages)]
+        sizes = sorted(len(raw) for raw in raws)
+        print(
+            f"mailbox: {len(raws)} messages, {sum(sizes):,} bytes, "
+            f"median {sizes[len(sizes) // 2]:,} B, largest {sizes[-1]:,} B"
+        )
+        dovecot.write_maildir(username, raws)
+        del raws
+        warm_up(dovecot, username)
+
+        os.environ.update(
+            ENVIRONMENT="test",
+            DATABASE_URL=database_url,
+            DATA_DIR=str(work / "data"),
+            LOCAL_STORAGE_DIR=str(work / "storage"),
+            ENCRYPTION_KEY=Fernet.generate_key().decode(),
+            S3_BUCKET="",
+            IMAP_CA_BUNDLE=str(dovecot.cert_path),
+        )
+        if args.batch_size:
+            os.environ["IMAP_FETCH_BATCH_SIZE"] = str(args.batch_size)
+        from alembic import command
+        from alembic.config import Config
+
+        command.upgrade(Config(str(Path(__file__).parent.parent / "alembic.ini")), "head")
+
+        ours: list[float] = []
+        theirs: list[float] = []
+        for run in range(args.runs):
+            print(f"run {run + 1}:")
+            if not args.skip_mbsync:
+                theirs.append(run_mbsync(dovecot, username, args.security, work))
+            ours.append(
+                run_mailbeat(
+                    dovecot, username, args.security, work / "storage", profile=args.profile
+                )
+            )
+        mbsync_rate = args.messages / statistics.median(theirs) if theirs else float("nan")
+        ours_rate = args.messages / statistics.median(ours)
+        print(
+            f"median of {args.runs}: mailbeat {ours_rate:,.0f} messages/s, "
+            f"mbsync {mbsync_rate:,.0f} messages/s ({ours_rate / mbsync_rate:.2f}x)"
+        )
+        print(f"load: {os.getloadavg()}")
+    finally:
+        from backend import db
+
+        db.reset_caches()
+        dovecot.stop()
+        postgres.drop_database(database_url)
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Connections: TLS modes and trust, timeouts against a server that never answers, and
+check_account's stages."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+from sqlalchemy.orm import Session
+
+from backend.mailbox import imap
+from backend.mailbox.service import check_account, poll_account
+from tests.mailbox.conftest import MakeAccount, generated
+from tests.support.dovecot import Dovecot
+from tests.support.net import free_port
+
+
+class SilentServer:
+    """Accepts connections and then says nothing, or only the greeting."""
+
+    def __init__(self, *, greet: bool) -> None:
+        self.greet = greet
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = int(self.sock.getsockname()[1])
+        self.connections: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            if self.greet:
+                conn.sendall(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n")
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.connections:
+            conn.close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def silent_server() -> Iterator[Callable[..., SilentServer]]:
+    servers: list[SilentServer] = []
+
+    def make(*, greet: bool) -> SilentServer:
+        server = SilentServer(greet=greet)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def test_a_server_that_never_answers_times_out(
+    db: Session,
+    make_account: MakeAccount,
+    silent_server: Callable[..., SilentServer],
+    set_env: Callable[..., None],
+) -> None:
+    set_env(IMAP_CONNECT_TIMEOUT=1, IMAP_READ_TIMEOUT=1)
+    server = silent_server(greet=False)
+    account = make_account(imap_port=server.port)
+
+    result = poll_account(account.id)
+
+    assert result.outcome == "connection_error"
+    assert result.error is not None and "timed out" in result.error
+    db.refresh(account)
+    assert account.last_error_kind == "connection"
+    assert account.status == "error"
+    assert account.backoff_until is not None
+
+
+def test_a_server_that_stops_answering_after_the_greeting_times_out(
+    make_account: MakeAccount,
+    silent_server: Callable[..., SilentServer],
+    set_env: Callable[..., None],
+) -> None:
+    set_env(IMAP_CONNECT_TIMEOUT=1, IMAP_READ_TIMEOUT=1)
+    server = silent_server(greet=True)
+    account = make_account(imap_port=server.port)
+    result = poll_account(account.id)
+    assert result.outcome == "connection_error"
+    assert result.error is not None and "timed out" in result.error
+
+
+def test_implicit_tls_trusted_through_imap_ca_bundle(
+    db: Session,
+    dovecot: Dovecot,
+    mail_user: tuple[str, str],
+    make_account: MakeAccount,
+    set_env: Callable[..., None],
+) -> None:
+    set_env(IMAP_CA_BUNDLE=dovecot.cert_path)
+    dovecot.append(mail_user[0], generated(1))
+    account = make_account(imap_security="ssl", imap_port=dovecot.imaps_port)
+    result = poll_account(account.id)
+    assert (result.outcome, result.messages) == ("success", 1)
+
+
+def test_implicit_tls_refused_without_the_ca(
+    db: Session,
+    dovecot: Dovecot,
+    make_account: MakeAccount,
+    set_env: Callable[..., None],
+) -> None:
+    set_env(IMAP_CA_BUNDLE=None)
+    account = make_account(imap_security="ssl", imap_port=dovecot.imaps_port)
+    result = poll_account(account.id)
+    assert result.outcome == "connection_error"
+    assert result.error is not None and "CERTIFICATE_VERIFY_FAILED" in result.error
+    check = check_account(account, timeout=5)
+    assert (check.ok, check.stage) == (False, "tls")
+
+
+def test_starttls_trusted_through_imap_ca_bundle_and_refused_without(
+    dovecot: Dovecot,
+    mail_user: tuple[str, str],
+    make_account: MakeAccount,
+    set_env: Callable[..., None],
+) -> None:
+    set_env(IMAP_CA_BUNDLE=dovecot.cert_path)
+    dovecot.append(mail_user[0], generated(1))
+    account = make_account(imap_security="starttls", imap_port=dovecot.imap_port)
+    client = imap.connect(dovecot.host, dovecot.imap_port, "starttls")
+    try:
+        assert client.socket().version() is not None  # an SSLSocket after STARTTLS
+    finally:
+        imap.close(client)
+    assert poll_account(account.id).messages == 1
+
+    set_env(IMAP_CA_BUNDLE=None)
+    with pytest.raises(imap.ImapTlsError):
+        imap.connect(dovecot.host, dovecot.imap_port, "starttls")
+
+
+def test_check_account_reports_folders(
+    dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+) -> None:
+    dovecot.append_many(mail_user[0], [generated(1), generated(2)])
+    account = make_account(folders=["INBOX", "Missing"])
+    check = check_account(account, timeout=5)
+    assert not check.ok
+    assert check.stage == "folder"
+    assert [(f.name, f.ok, f.messages) for f in check.folders] == [
+        ("INBOX", True, 2),
+        ("Missing", False, None),
+    ]
+    assert "Missing" in check.detail
+
+    account.folders = ["INBOX"]
+    ok = check_account(account, timeout=5)
+    assert (ok.ok, ok.stage, ok.detail) == (True, "folder", "ok")
+
+
+def test_check_account_stages(mail_user: tuple[str, str], make_account: MakeAccount) -> None:
+    _, password = mail_user
+    account = make_account(credentials={"password": password + "-wrong"})
+    auth = check_account(account, timeout=5)
+    assert (auth.ok, auth.stage) == (False, "auth")
+    assert password not in auth.detail
+
+    account.imap_port = free_port()  # nothing listens there
+    refused = check_account(account, timeout=5)
+    assert (refused.ok, refused.stage) == (False, "connect")
+    account.imap_security = "ssl"  # refused before any TLS: still the connect stage
+    assert check_account(account, timeout=5).stage == "connect"
+
+    account.imap_host = "no-such-host.invalid"
+    unknown = check_account(account, timeout=5)
+    assert (unknown.ok, unknown.stage) == (False, "dns")
