@@ -182,7 +182,7 @@ def run_mailbeat(
     system = usage.ru_stime - usage_started.ru_stime
     if profiler is not None:
         profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(40)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
     assert result.outcome == "success", result
     print(
         f"  mailbeat: {result.messages} messages, {result.bytes:,} bytes in {elapsed:.2f} s "
