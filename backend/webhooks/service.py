@@ -37,6 +37,10 @@ EARLY_GRACE = timedelta(seconds=1)
 # A pending delivery this far past its due time has lost its task (Redis was flushed,
 # a worker died); the sweep sends it again.
 SWEEP_GRACE = timedelta(minutes=5)
+# Longer waits are split: a task arriving early sends itself on again (see deliver). A
+# worker holds countdown tasks unacknowledged, and Redis hands out again any kept past
+# its visibility timeout, so an hour-long countdown would be a pile of duplicates.
+MAX_COUNTDOWN_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,11 @@ def dispatch(delivery_ids: Sequence[int], *, use_celery: bool, delay: float = 0.
         from backend.webhooks.tasks import deliver as deliver_task
 
         for delivery_id in delivery_ids:
-            deliver_task.apply_async((delivery_id,), countdown=delay or None, queue="workflow")
+            deliver_task.apply_async(
+                (delivery_id,),
+                countdown=min(delay, MAX_COUNTDOWN_SECONDS) or None,
+                queue="workflow",
+            )
         return
     for delivery_id in delivery_ids:
         if delay <= 0:

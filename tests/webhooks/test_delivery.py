@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend import crypto
-from backend.models import Account, Message, WebhookDelivery
-from backend.processing.service import after_poll, hand_on, process_and_send
+from backend.db import session_scope
+from backend.models import Account, Message, WebhookDelivery, utcnow
+from backend.processing.service import after_poll, hand_on, process_and_send, process_message
+from backend.webhooks import service as webhooks
 from backend.webhooks import signing
 from tests.support.api import account_payload, insert_account
 from tests.webhooks.fixtures import SECRET, store_message
@@ -329,3 +332,24 @@ def test_dead_letter_routes_need_the_token(anonymous: TestClient) -> None:
     assert anonymous.get("/admin/dead-letters").status_code == 401
     assert anonymous.post("/admin/dead-letters/1/replay").status_code == 401
     assert anonymous.post("/accounts/1/dead-letters/replay").status_code == 401
+
+
+def test_an_attempt_that_arrives_early_waits_for_its_time(
+    db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
+) -> None:
+    account = insert_account(db)
+    message = store_message(db, account, 1)
+    with session_scope() as session:
+        assert process_message(session, message.id)
+    [delivery] = _deliveries(db)
+    delivery.next_attempt_at = utcnow() + timedelta(seconds=2)
+    db.commit()
+
+    # A duplicate task, or one part of a countdown longer than MAX_COUNTDOWN_SECONDS.
+    assert webhooks.deliver(delivery.id, use_celery=False) == "not_due"
+    assert receiver.requests == []
+    wait_until(lambda: _settled(db))
+
+    assert [d.status for d in _deliveries(db)] == ["delivered"]
+    assert len(receiver.requests) == 1
+    assert webhooks.deliver(delivery.id, use_celery=False) == "skipped"
