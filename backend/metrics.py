@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -53,10 +54,12 @@ def _poll_metrics() -> _PollMetrics:
     # prometheus-client finds its multiprocess directory only in this variable, read when
     # a metric's value is created; setting it here keeps the setting in Settings.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
-    if not getattr(values.ValueClass, "_multiprocess", False):
-        # The library picks its value class when first imported; switch it to the
-        # mmap-backed one in case the variable was not set that early.
-        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    # The mmap files are named after the process. A pid alone repeats across containers
+    # sharing this directory (every worker container has a pid 8), so two processes would
+    # write one file and lose counts: the host name goes in too.
+    values.ValueClass = values.MultiProcessValue(  # type: ignore[no-untyped-call]
+        process_identifier=lambda: f"{socket.gethostname()}-{os.getpid()}"
+    )
     metrics = _PollMetrics(
         polls=Counter(
             "mailbeat_polls",
@@ -152,7 +155,7 @@ def _schedule_gauges() -> Iterator[GaugeMetricFamily]:
     yield GaugeMetricFamily(
         "mailbeat_schedule_entries",
         "Mailbox entries in the schedule (RedBeat, or the local scheduler in local mode).",
-        value=len(schedules.list_entries()),
+        value=schedules.count_entries(),
     )
 
 

@@ -105,3 +105,14 @@ def test_scrape_still_answers_with_redis_unreachable(anonymous, set_env: Callabl
     assert samples[("mailbeat_metrics_source_up", (("source", "redis"),))] == 0
     assert samples[("mailbeat_metrics_source_up", (("source", "database"),))] == 1
     assert not any(name == "mailbeat_queue_length" for name, _ in samples)
+
+
+def test_metric_files_are_named_by_host_and_pid():
+    # Containers sharing the directory repeat pids; the host name keeps their files apart.
+    import socket
+
+    from backend.metrics import multiproc_dir
+
+    record_poll("success", 1, 10, 0.1)
+    names = [p.name for p in multiproc_dir().glob("*.db")]
+    assert any(f"{socket.gethostname()}-{os.getpid()}" in name for name in names), names

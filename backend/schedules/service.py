@@ -215,7 +215,16 @@ def list_entries() -> list[ScheduleEntry]:
         stored = scheduler.entries() if scheduler is not None else []
     else:
         stored = store.read_entries()
-    return [ScheduleEntry(**asdict(entry)) for entry in stored]
+    # vars(), not asdict(): asdict deep-copies every datetime, 1 s for 10,000 entries.
+    return [ScheduleEntry(**vars(entry)) for entry in stored]
+
+
+def count_entries() -> int:
+    """How many mailbox entries the schedule holds: one ZRANGE, no entry is read."""
+    if mode() == "local":
+        scheduler = _local_scheduler()
+        return len(scheduler.entries()) if scheduler is not None else 0
+    return len(store.mailbox_members(store.client()))
 
 
 # -- the local scheduler -------------------------------------------------------------
