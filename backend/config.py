@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
@@ -22,7 +23,11 @@ class UnsafeSettingsError(RuntimeError):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+    # An empty value (`IMAP_CA_BUNDLE=` copied from .env.example) means "not set", not
+    # Path("."), which would break TLS.
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", case_sensitive=False, env_ignore_empty=True
+    )
 
     environment: Literal["development", "test", "production"] = "development"
     log_level: str = "INFO"
@@ -162,4 +167,6 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    # MAILBEAT_ENV_FILE lets the test suite (and its child processes) ignore a developer's
+    # .env in the checkout; everything else reads ./.env.
+    return Settings(_env_file=os.environ.get("MAILBEAT_ENV_FILE", ".env"))

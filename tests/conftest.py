@@ -55,6 +55,8 @@ def pytest_configure(config: pytest.Config) -> None:
     for name in SERVICE_ENV:
         os.environ.pop(name, None)
     os.environ.update(
+        # A developer's .env (written by `make run`) must not leak into the tests.
+        MAILBEAT_ENV_FILE=str(data_dir / "no-such.env"),
         ENVIRONMENT="test",
         DATA_DIR=str(data_dir),
         LOCAL_STORAGE_DIR=str(data_dir / "storage"),

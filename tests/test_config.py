@@ -65,3 +65,11 @@ def test_redbeat_url_defaults_to_redis_url() -> None:
     assert settings.effective_redbeat_redis_url == "redis://example:6379/3"
     settings = Settings(redis_url="redis://a/1", redbeat_redis_url="redis://b/2")
     assert settings.effective_redbeat_redis_url == "redis://b/2"
+
+
+def test_empty_values_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAP_CA_BUNDLE", "")
+    monkeypatch.setenv("S3_BUCKET", "")
+    settings = Settings()
+    assert settings.imap_ca_bundle is None
+    assert not settings.s3_enabled

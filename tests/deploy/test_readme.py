@@ -61,3 +61,18 @@ def test_the_routes_named_exist() -> None:
         normalized = re.sub(r"/(?:\d+|N)(?=/|$)", "/{id}", path)
         candidates = {p for p in paths if re.sub(r"\{[^}]+\}", "{id}", p) == normalized}
         assert candidates, f"README names {path}, which the API does not have"
+
+
+def test_the_troubleshooting_messages_are_mailbeats() -> None:
+    """Every log line quoted in Troubleshooting is one the code can write (compose's and
+    Redis's own messages aside)."""
+    section = README.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
+    source = "\n".join(path.read_text() for path in (ROOT / "backend").rglob("*.py"))
+    quoted = re.findall(r"^\| [^|`]*`([^`]+)`", section, flags=re.MULTILINE)
+    foreign = ("required variable", "OOM command not allowed")
+    checked = [text for text in quoted if not text.startswith(foreign)]
+    assert len(checked) >= 8
+    for text in checked:
+        # "..." and a lone N stand for what the message fills in.
+        for fragment in (part.strip(" .:") for part in re.split(r"\.\.\.|\bN\b", text)):
+            assert fragment in source, f"README quotes {text!r}; the code never says {fragment!r}"

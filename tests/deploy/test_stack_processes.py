@@ -235,3 +235,12 @@ def test_the_compose_services_ingest_mail_end_to_end(
         if line.startswith("mailbeat_messages_ingested_total")
     ]
     assert ingested == [sum(sizes.values())], ingested
+
+    # A scale-down: one worker gets SIGTERM (what `--scale celery-worker=1` sends), stops
+    # cleanly, and the other carries on alone.
+    assert stack.processes["worker1"].stop() == 0, stack.processes["worker1"].log()[-3000:]
+    dovecot.append(first, email(f"{first} after scale-down"))
+    sizes[first] += 1
+    remaining = [p for p in logs if p.name != "worker1"]
+    wait_until("mail after the scale-down", all_ingested, START_TIMEOUT, *remaining)
+    assert api("GET", "/health").json()["checks"]["celery_worker"] == "ok (1 worker)"
