@@ -6,7 +6,9 @@ import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
 from backend.config import get_settings
@@ -40,3 +42,37 @@ def require_admin_token(authorization: Annotated[str | None, Header()] = None) -
 
 SessionDep = Annotated[Session, Depends(get_session)]
 AdminDep = Depends(require_admin_token)
+
+
+def reject_unknown_query(request: Request) -> None:
+    """A misspelt query parameter (`?stauts=error`) would otherwise be ignored and the
+    caller would get everything back: name it in a 422 instead."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known = _query_names(dependant)
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        expected = ", ".join(sorted(known)) or "none"
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("query", name),
+                    "msg": f"unknown query parameter (this route takes: {expected})",
+                    "type": "extra_forbidden",
+                }
+                for name in unknown
+            ]
+        )
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+# After AdminDep in a router's dependencies, so a caller without the token learns nothing.
+KnownQueryDep = Depends(reject_unknown_query)

@@ -34,10 +34,14 @@ class ServiceUnavailable(MailbeatError):
 
 
 class ValidationError(MailbeatError):
-    """The request is well-formed but its values do not fit together (422, like the
-    schema's own validation errors)."""
+    """The request is well-formed but its values do not fit together (422, answered in the
+    same shape as the schema's own validation errors)."""
 
     status_code = 422
+
+    def __init__(self, message: str, *, loc: tuple[str | int, ...] = ("body",)) -> None:
+        super().__init__(message)
+        self.loc = loc
 
 
 class ErrorBody(BaseModel):
@@ -66,6 +70,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         401: "missing or wrong admin token",
         404: "no such object",
         409: "conflicts with the current state",
+        502: "the IMAP server failed",
         503: "a service it needs (Redis, storage, the workers) does not answer",
     }
     responses: dict[int | str, dict[str, Any]] = {

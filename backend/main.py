@@ -19,7 +19,8 @@ from backend.accounts.endpoints import router as accounts_router
 from backend.admin.endpoints import health_router
 from backend.admin.endpoints import router as admin_router
 from backend.config import get_settings
-from backend.errors import MailbeatError, error_responses
+from backend.deps import KnownQueryDep
+from backend.errors import MailbeatError, ValidationError, error_responses
 from backend.messages.endpoints import router as messages_router
 from backend.processing.endpoints import router as processing_router
 from backend.schedules import service as schedules
@@ -67,15 +68,25 @@ def create_app() -> FastAPI:
     app.include_router(admin_router)
     app.include_router(health_router)
     # These routers answer in our error shapes too; documented here for all their routes.
-    app.include_router(webhooks_router, responses=error_responses(401, 404))
-    app.include_router(processing_router, responses=error_responses(401, 404, 409, 503))
+    for router, statuses in (
+        (webhooks_router, (401, 404)),
+        (processing_router, (400, 401, 404, 409, 502, 503)),
+    ):
+        app.include_router(
+            router, dependencies=[KnownQueryDep], responses=error_responses(*statuses)
+        )
     app.include_router(metrics.router)
 
     @app.exception_handler(MailbeatError)
     async def _mailbeat_error(_request: Request, exc: MailbeatError) -> JSONResponse:
+        content: dict[str, Any] = {"error": exc.name, "detail": exc.message}
+        if exc.status_code == 422:
+            # Every 422 has the shape of the schema's own validation errors.
+            loc = list(exc.loc) if isinstance(exc, ValidationError) else ["body"]
+            content["errors"] = [{"loc": loc, "msg": exc.message, "type": "value_error"}]
         return JSONResponse(
             status_code=exc.status_code,
-            content={"error": exc.name, "detail": exc.message},
+            content=content,
             headers={"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None,
         )
 

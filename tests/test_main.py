@@ -108,3 +108,20 @@ def test_openapi_docs_with_examples(anonymous: TestClient):
             assert not {"password", "oauth2", "credentials_encrypted", "webhook_secret"} & set(
                 component.get("properties", {})
             ), name
+
+
+def test_a_misspelt_query_parameter_is_named_not_ignored(api: TestClient, anonymous: TestClient):
+    response = api.get("/accounts", params={"stauts": "error"})
+    assert response.status_code == 422
+    body = response.json()
+    assert body["errors"] == [
+        {
+            "loc": ["query", "stauts"],
+            "msg": "unknown query parameter (this route takes: limit, offset, status)",
+            "type": "extra_forbidden",
+        }
+    ]
+    # Without the token the answer is still 401: nothing about the route is told.
+    assert anonymous.get("/accounts", params={"stauts": "error"}).status_code == 401
+    # Monitoring endpoints take whatever a scraper adds.
+    assert anonymous.get("/metrics", params={"x": "1"}).status_code == 200

@@ -19,13 +19,16 @@ from backend.accounts.schemas import (
     PollQueued,
 )
 from backend.config import get_settings
-from backend.deps import AdminDep, SessionDep
+from backend.deps import AdminDep, KnownQueryDep, SessionDep
 from backend.errors import error_responses
 from backend.mailbox.service import check_account
 from backend.schedules import service as schedules
 
 router = APIRouter(
-    prefix="/accounts", tags=["accounts"], dependencies=[AdminDep], responses=error_responses(401)
+    prefix="/accounts",
+    tags=["accounts"],
+    dependencies=[AdminDep, KnownQueryDep],
+    responses=error_responses(401),
 )
 
 AccountId = Annotated[int, Path(ge=1, le=2**31 - 1)]

@@ -26,7 +26,8 @@ AccountStatus = Literal["active", "error", "disabled"]
 InitialSync = Literal["all", "newest", "since"]
 
 # Explicit characters rather than \s, which means more in Python than in JSON Schema.
-_EMAIL = re.compile(r"^[^@ \t\r\n]+@[^@ \t\r\n]+$")
+# NUL too: PostgreSQL text cannot hold it.
+_EMAIL = re.compile(r"^[^@ \t\r\n\x00]+@[^@ \t\r\n\x00]+$")
 _HOST = re.compile(r"^[A-Za-z0-9.\-:\[\]_]+$")
 
 

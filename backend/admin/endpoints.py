@@ -17,11 +17,14 @@ from backend.admin.schemas import (
     TaskStateRead,
     WorkerList,
 )
-from backend.deps import AdminDep, SessionDep
+from backend.deps import AdminDep, KnownQueryDep, SessionDep
 from backend.errors import error_responses
 
 router = APIRouter(
-    prefix="/admin", tags=["admin"], dependencies=[AdminDep], responses=error_responses(401, 503)
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[AdminDep, KnownQueryDep],
+    responses=error_responses(401, 503),
 )
 health_router = APIRouter(tags=["health"])
 

@@ -108,8 +108,14 @@ class _Fetched:
     content_hash: str | None = None  # sha256 hex of body
 
 
-# A row and the write of its object (the row's storage_backend comes from it).
-_Upload = tuple[dict[str, Any], Future[str]]
+# A row and the write of its object: (storage backend, sha256 hex when asked for).
+_Upload = tuple[dict[str, Any], Future[tuple[str, str | None]]]
+
+
+def _put(key: str, data: bytes, content_type: str, *, hashed: bool) -> tuple[str, str | None]:
+    """Write an object (and hash it, here in a writing thread rather than the parsing one)."""
+    content_hash = hashlib.sha256(data).hexdigest() if hashed else None
+    return storage.put_object(key, data, content_type), content_hash
 
 
 @dataclass
@@ -382,18 +388,24 @@ class _Poller:
         advance_cursor: bool = True,
     ) -> None:
         """Fetch and store these UIDs (ascending) of the selected folder, batch by batch.
-        A batch is committed once the next one is parsed: its objects are written
-        meanwhile. Batches still commit in order, each with its cursor."""
-        pending: _Prepared | None = None
-        for batch in _prefetched(self._fetch(client, uids)):
-            prepared = self._prepare_batch(folder, uidvalidity, batch, dedupe=dedupe)
-            if prepared is not None:
-                prepared.advance_cursor = advance_cursor
-            if pending is not None:
-                self._commit_batch(pending)
-            pending = prepared
-        if pending is not None:
-            self._commit_batch(pending)
+
+        Three stages overlap: a thread fetches batch N+1, this thread parses batch N,
+        and one committing thread waits for batch N-1's objects, then inserts its rows
+        and moves the cursor. Batches commit one at a time, in order."""
+        committing: Future[None] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="mailbox-commit") as committer:
+            try:
+                for batch in _prefetched(self._fetch(client, uids)):
+                    prepared = self._prepare_batch(folder, uidvalidity, batch, dedupe=dedupe)
+                    if committing is not None:
+                        committing.result()  # at most one batch waits: bounded memory
+                        committing = None
+                    if prepared is not None:
+                        prepared.advance_cursor = advance_cursor
+                        committing = committer.submit(self._commit_batch, prepared)
+            finally:
+                if committing is not None:
+                    committing.result()
 
     def _cursor(self, folder: str, uidvalidity: int) -> int | None:
         """The last UID stored under this UIDVALIDITY, or None when the folder is new or
@@ -553,7 +565,9 @@ class _Poller:
         if prepared is None:
             return
         for row, future in prepared.uploads:
-            row["storage_backend"] = future.result()
+            row["storage_backend"], content_hash = future.result()
+            if content_hash is not None:
+                row["content_hash"] = content_hash
         folder, uidvalidity, last_uid = prepared.folder, prepared.uidvalidity, prepared.last_uid
         rows, attachments = prepared.rows, prepared.attachments
         with session_scope() as session:
@@ -638,7 +652,7 @@ class _Poller:
             )
             return row, []
         key = message_key(self.account_id, folder, uidvalidity, item.uid)
-        self._upload(uploads, row, key, item.body, "message/rfc822")
+        self._upload(uploads, row, key, item.body, "message/rfc822", hash_it=False)
         try:
             parsed = parse_message(item.body)
         except Exception as exc:
@@ -661,9 +675,10 @@ class _Poller:
                 "content_type": attachment.content_type,
                 "content_id": attachment.content_id,
                 "size": len(attachment.data),
-                "content_hash": hashlib.sha256(attachment.data).hexdigest(),
             }
-            self._upload(uploads, part, part_key, attachment.data, attachment.content_type)
+            self._upload(
+                uploads, part, part_key, attachment.data, attachment.content_type, hash_it=True
+            )
             parts.append(part)
         return row, parts
 
@@ -674,9 +689,13 @@ class _Poller:
         key: str,
         data: bytes,
         content_type: str,
+        *,
+        hash_it: bool,
     ) -> None:
+        """Write an object in a writing thread; `hash_it`: also set the row's content
+        hash there (messages are hashed by the fetching thread already)."""
         row["storage_key"] = key
-        uploads.append((row, self.pool.submit(storage.put_object, key, data, content_type)))
+        uploads.append((row, self.pool.submit(_put, key, data, content_type, hashed=hash_it)))
 
     def _advance_cursor(self, session: Session, folder: str, uidvalidity: int, uid: int) -> None:
         # Never backwards (a concurrent poll may be ahead); never under another UIDVALIDITY.

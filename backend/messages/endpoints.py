@@ -9,12 +9,14 @@ from urllib.parse import quote
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
 
-from backend.deps import AdminDep, SessionDep
+from backend.deps import AdminDep, KnownQueryDep, SessionDep
 from backend.errors import error_responses
 from backend.messages import service
 from backend.messages.schemas import MessageList, MessageRead, MessageSummary
 
-router = APIRouter(tags=["messages"], dependencies=[AdminDep], responses=error_responses(401, 404))
+router = APIRouter(
+    tags=["messages"], dependencies=[AdminDep, KnownQueryDep], responses=error_responses(401, 404)
+)
 
 AccountId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 MessageId = Annotated[int, Path(ge=1, le=2**63 - 1)]
@@ -64,7 +66,10 @@ def get_raw(message_id: MessageId, session: SessionDep) -> StreamingResponse:
     "/messages/{message_id}/attachments/{attachment_id}",
     response_class=StreamingResponse,
     responses={
-        200: {"content": {"application/octet-stream": {}}, "description": "the file"},
+        200: {
+            "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "the file, with the content type it was sent with",
+        },
         **error_responses(503),
     },
 )

@@ -10,15 +10,20 @@ everything needs.
   on its next tick: the lock is taken again, or, if another beat took it meanwhile, this
   beat stands by until it is free.
 - A Redis that stops answering makes the tick wait and retry instead of ending beat.
+- Due entries are read in one pipeline and their next runs written in another, instead
+  of two round trips per entry: beat keeps up with 10,000 mailboxes a minute.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
 
 import redis
+from celery.beat import ScheduleEntry
+from redbeat.decoder import RedBeatJSONEncoder, to_timestamp
 from redbeat.schedulers import RedBeatScheduler, get_redis
 
 from backend.db import session_scope
@@ -35,9 +40,13 @@ REDIS_RETRY_SECONDS = 5.0
 class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
     _next_empty_check = 0.0
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
         service.assume_celery_mode()
-        super().__init__(*args, **kwargs)
+        # A "task-sent" event per dispatch would double beat's Redis traffic (and halve
+        # the polls it can send per second); Flower still sees every poll from the
+        # worker's events (received, started, succeeded, revoked when expired).
+        app.conf.task_send_sent_event = False
+        super().__init__(app, *args, **kwargs)
 
     def setup_schedule(self) -> None:
         super().setup_schedule()
@@ -47,12 +56,78 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
         try:
             self._hold_lock()
             self._rebuild_if_empty()
-            return float(super().tick(min=min, **kwargs))
+            if self.lock_key:
+                self.lock.extend(int(self.lock_timeout))
+            return self._dispatch_due()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.warning(
                 "beat: Redis is not answering (%s); retrying in %ss", exc, REDIS_RETRY_SECONDS
             )
             return REDIS_RETRY_SECONDS
+
+    @property
+    def schedule(self) -> dict[str, Any]:
+        """The entries due now (and the next one, to time the sleep), read in one
+        pipeline; RedBeat reads them one round trip each."""
+        client = get_redis(self.app)
+        key = self.app.redbeat_conf.schedule_key
+        now = to_timestamp(self.app.now())
+        with client.pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(key, 0, now)
+            pipe.zrangebyscore(key, f"({now}", now + self.max_interval, start=0, num=1)
+            due, upcoming = pipe.execute()
+        keys = due + upcoming
+        with client.pipeline(transaction=False) as pipe:
+            for entry_key in keys:
+                pipe.hmget(entry_key, "definition", "meta")
+            stored = pipe.execute()
+        entries = {}
+        for entry_key, (definition, meta) in zip(keys, stored, strict=True):
+            if not definition:
+                log.warning("beat: schedule entry %s has no definition; dropping it", entry_key)
+                client.zrem(key, entry_key)
+                continue
+            try:
+                fields = self.Entry.decode_definition(definition)
+                last_run_at = self.Entry.decode_meta(meta)["last_run_at"]
+                entry = self.Entry(app=self.app, **fields)
+            except Exception:
+                log.exception("beat: schedule entry %s cannot be read; skipping it", entry_key)
+                continue
+            entry.last_run_at = last_run_at
+            entries[entry.name] = entry
+        return entries
+
+    def _dispatch_due(self) -> float:
+        """Send every due entry. Their next runs are recorded first, in one pipeline,
+        then the tasks are sent: a beat that dies in between skips those polls once
+        rather than sending them twice."""
+        started = time.monotonic()
+        due: list[Any] = []
+        waits: list[float] = [float(self.max_interval)]
+        for entry in self.schedule.values():
+            is_due, next_check = entry.is_due()
+            if is_due:
+                due.append(entry)
+            if next_check:
+                waits.append(float(next_check))
+        if not due:
+            return min(waits)
+        reserved = [ScheduleEntry._next_instance(entry) for entry in due]
+        with get_redis(self.app).pipeline(transaction=False) as pipe:
+            for entry in reserved:
+                meta = {"last_run_at": entry.last_run_at, "total_run_count": entry.total_run_count}
+                pipe.hset(entry.key, "meta", json.dumps(meta, cls=RedBeatJSONEncoder))
+                pipe.zadd(self.app.redbeat_conf.schedule_key, {entry.key: entry.score})
+            pipe.execute()
+        for entry in reserved:
+            log.info("Scheduler: Sending due task %s (%s)", entry.name, entry.task)
+            try:
+                self.apply_async(entry, producer=self.producer, advance=False)
+            except Exception:
+                log.exception("Scheduler: could not send %s", entry.name)
+        # The waits were measured before sending: sending took part of them already.
+        return max(min(waits) - (time.monotonic() - started), 0.0)
 
     def _hold_lock(self) -> None:
         if not self.lock_key:

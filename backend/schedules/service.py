@@ -201,7 +201,8 @@ def reconcile(session: Session) -> ReconcileResult:
         scheduler = _local_scheduler()
         counts = scheduler.replace_all(wanted) if scheduler is not None else store.Counts()
     else:
-        counts = store.apply(wanted, store.mailbox_members(store.client()), utcnow())
+        members = store.mailbox_members(store.client())
+        counts = store.apply(wanted, members, utcnow(), scores=members)
     result = ReconcileResult(counts.created, counts.updated, counts.deleted, counts.unchanged)
     if result.created or result.updated or result.deleted:
         log.info("schedule reconciled: %s", result.as_dict())

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import redis
 from celery import Celery
-from celery.schedules import schedule as interval_schedule
-from redbeat.decoder import RedBeatJSONDecoder, RedBeatJSONEncoder, to_timestamp
+from redbeat.decoder import RedBeatJSONDecoder, to_timestamp
 from redbeat.schedulers import ensure_conf, get_redis
 
 from backend.schedules.phase import initial_last_run
@@ -87,7 +86,9 @@ def _key_prefix() -> str:
 
 
 def definition_json(account_id: int, interval_seconds: int) -> str:
-    """The entry's definition, in the field order RedBeat's `save()` writes."""
+    """The entry's definition as RedBeat encodes it, in the field order of its `save()`.
+    Plain dicts rather than RedBeat's encoder class: the C encoder is many times faster,
+    which counts when 10,000 entries are written at once."""
     return json.dumps(
         {
             "name": entry_name(account_id),
@@ -96,10 +97,33 @@ def definition_json(account_id: int, interval_seconds: int) -> str:
             "kwargs": {},
             # A poll still queued when the next one is due is dropped, not run late.
             "options": {"queue": POLL_QUEUE, "expires": interval_seconds},
-            "schedule": interval_schedule(run_every=timedelta(seconds=interval_seconds)),
+            "schedule": {
+                "__type__": "interval",
+                "every": float(interval_seconds),
+                "relative": False,
+            },
             "enabled": True,
-        },
-        cls=RedBeatJSONEncoder,
+        }
+    )
+
+
+def meta_json(last_run_at: datetime) -> str:
+    """An entry's `meta` as RedBeat encodes it (a UTC datetime)."""
+    when = last_run_at.astimezone(UTC)
+    return json.dumps(
+        {
+            "last_run_at": {
+                "__type__": "datetime",
+                "year": when.year,
+                "month": when.month,
+                "day": when.day,
+                "hour": when.hour,
+                "minute": when.minute,
+                "second": when.second,
+                "microsecond": when.microsecond,
+                "timezone": 0.0,
+            }
+        }
     )
 
 
@@ -131,12 +155,16 @@ def _score(last_run_at: datetime, interval_seconds: int, now: datetime) -> int:
     return cast(int, to_timestamp(due))
 
 
-def _execute_chunks(conn: redis.Redis, commands: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+Command = tuple[str, tuple[Any, ...]] | tuple[str, tuple[Any, ...], dict[str, Any]]
+
+
+def _execute_chunks(conn: redis.Redis, commands: Sequence[Command]) -> list[Any]:
     results: list[Any] = []
     for start in range(0, len(commands), PIPELINE_CHUNK):
         with conn.pipeline(transaction=False) as pipe:
-            for name, args in commands[start : start + PIPELINE_CHUNK]:
-                getattr(pipe, name)(*args)
+            for command in commands[start : start + PIPELINE_CHUNK]:
+                name, args, kwargs = command[0], command[1], command[2] if len(command) > 2 else {}
+                getattr(pipe, name)(*args, **kwargs)
             results.extend(pipe.execute())
     return results
 
@@ -152,33 +180,49 @@ def mailbox_members(conn: redis.Redis) -> dict[str, float]:
     }
 
 
-def apply(wanted: Mapping[int, Wanted], check_keys: Iterable[str], now: datetime) -> Counts:
+def apply(
+    wanted: Mapping[int, Wanted],
+    check_keys: Iterable[str],
+    now: datetime,
+    *,
+    scores: Mapping[str, float] | None = None,
+) -> Counts:
     """Make the entries under `check_keys` match `wanted`: an entry wanted but missing is
     created, one whose definition differs (or which fell out of the sorted set) is
     rewritten in place keeping its `last_run_at`, one not wanted is deleted.
 
-    One round trip to read every hash and its score, one to write.
+    `scores` are the sorted set's mailbox members when the caller read them all
+    (reconcile); without them each key's score is read with its hash. One round trip to
+    read, one to write, and as few commands as possible: one HSET per changed entry and a
+    single ZADD / ZREM / DEL for all of them.
     """
     conn = client()
     zset = schedule_key()
     by_key = {entry_key(account_id): want for account_id, want in wanted.items()}
     keys = sorted(set(by_key) | set(check_keys))
-    reads: list[tuple[str, tuple[Any, ...]]] = []
-    for key in keys:
-        reads += [("hmget", (key, "definition", "meta")), ("zscore", (zset, key))]
+    reads: list[Command] = [("hmget", (key, "definition", "meta")) for key in keys]
+    if scores is None:
+        reads += [("zscore", (zset, key)) for key in keys]
     stored = _execute_chunks(conn, reads)
+    if scores is None:
+        scores = {
+            key: score
+            for key, score in zip(keys, stored[len(keys) :], strict=True)
+            if score is not None
+        }
     counts = Counts()
-    writes: list[tuple[str, tuple[Any, ...]]] = []
-    for index, key in enumerate(keys):
-        (definition, meta), score = stored[2 * index], stored[2 * index + 1]
+    writes: list[Command] = []
+    new_scores: dict[str, int] = {}
+    gone: list[str] = []
+    for key, (definition, meta) in zip(keys, stored[: len(keys)], strict=True):
         want = by_key.get(key)
         if want is None:
-            if definition is not None or meta is not None or score is not None:
-                writes += [("zrem", (zset, key)), ("delete", (key,))]
+            if definition is not None or meta is not None or key in scores:
+                gone.append(key)
                 counts.deleted += 1
             continue
         expected = definition_json(want.account_id, want.interval_seconds)
-        if definition is not None and score is not None and _same_definition(definition, expected):
+        if definition is not None and key in scores and _same_definition(definition, expected):
             counts.unchanged += 1
             continue
         if definition is None:
@@ -186,15 +230,22 @@ def apply(wanted: Mapping[int, Wanted], check_keys: Iterable[str], now: datetime
         else:
             counts.updated += 1
         last_run_at = _last_run_at(meta)
-        writes.append(("hset", (key, "definition", expected)))
+        fields = {"definition": expected}
         if last_run_at is None:
             last_run_at = initial_last_run(
                 want.account_id, want.interval_seconds, want.last_polled_at, now
             )
-            # NX: beat may have dispatched it a moment ago and written its own meta.
-            meta_json = json.dumps({"last_run_at": last_run_at}, cls=RedBeatJSONEncoder)
-            writes.append(("hsetnx", (key, "meta", meta_json)))
-        writes.append(("zadd", (zset, {key: _score(last_run_at, want.interval_seconds, now)})))
+            if definition is None:
+                fields["meta"] = meta_json(last_run_at)
+            else:
+                # NX: beat may have just sent this entry and written its own meta.
+                writes.append(("hsetnx", (key, "meta", meta_json(last_run_at))))
+        writes.append(("hset", (key,), {"mapping": fields}))
+        new_scores[key] = _score(last_run_at, want.interval_seconds, now)
+    if new_scores:
+        writes.append(("zadd", (zset, new_scores)))
+    if gone:
+        writes += [("zrem", (zset, *gone)), ("delete", tuple(gone))]
     if writes:
         _execute_chunks(conn, writes)
     return counts

@@ -81,8 +81,9 @@ class CeleryProcess:
 class Celery:
     """Starts workers and beats; everything it started is stopped at the end of the test."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, loglevel: str = "INFO") -> None:
         self.log_dir = log_dir
+        self.loglevel = loglevel
         self.started: list[CeleryProcess] = []
 
     def _start(self, name: str, argv: list[str]) -> CeleryProcess:
@@ -106,7 +107,7 @@ class Celery:
                 "--without-gossip",
                 "--without-mingle",
                 "-l",
-                "INFO",
+                self.loglevel,
             ],
         )
 
@@ -119,7 +120,7 @@ class Celery:
                 "backend.celery_app",
                 "beat",
                 "-l",
-                "INFO",
+                self.loglevel,
                 "-s",
                 str(self.log_dir / f"{name}-schedule"),
             ],

@@ -15,6 +15,14 @@ from tests.schedules.accounts import make_accounts
 from tests.support.redis_db import RedisDb
 
 
+@pytest.fixture(autouse=True)
+def _keep_sent_events() -> Iterator[None]:
+    # The scheduler turns task-sent events off in its (beat) process; not in this one.
+    before = app.conf.task_send_sent_event
+    yield
+    app.conf.task_send_sent_event = before
+
+
 @pytest.fixture
 def scheduler() -> Iterator[MailbeatScheduler]:
     instance = MailbeatScheduler(app=app)

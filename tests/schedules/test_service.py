@@ -256,3 +256,13 @@ def test_initial_phase_is_fixed_by_the_id() -> None:
     assert now - timedelta(seconds=60) <= first < now
     # Polled long ago: no phase to keep.
     assert initial_last_run(7, 60, now - timedelta(hours=1), now) == first
+
+
+def test_entries_are_written_in_redbeats_own_encoding() -> None:
+    from celery.schedules import schedule
+
+    when = datetime(2026, 11, 23, 18, 30, 5, 123456, tzinfo=UTC)
+    assert store.meta_json(when) == json.dumps({"last_run_at": when}, cls=RedBeatJSONEncoder)
+    definition = json.loads(store.definition_json(7, 90))
+    definition["schedule"] = schedule(run_every=timedelta(seconds=90))
+    assert store.definition_json(7, 90) == json.dumps(definition, cls=RedBeatJSONEncoder)

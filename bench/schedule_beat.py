@@ -1,0 +1,173 @@
+"""Beat at scale: `python -m bench.schedule_beat [ENTRIES] [INTERVAL] [SECONDS]`
+(default 10,000 entries, 60 s, 180 s).
+
+Creates the accounts in a fresh database, times `reconcile` (cold, unchanged, 10 % of the
+intervals changed), then runs a real `celery beat` for SECONDS with no worker, so every
+poll it sends stays in the `email` queue. A poll's send time is its `expires` header minus
+the interval; a poll is due one interval after the previous send of the same mailbox (or
+at the entry's first run). Reports dispatch lateness, duplicates, missed polls and beat CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+from datetime import datetime, timedelta
+
+from bench.stack import Stack, cpu_seconds, load_average, percentile
+
+
+def _insert_accounts(count: int, interval: int) -> None:
+    from sqlalchemy import insert
+
+    from backend.db import session_scope
+    from backend.models import Account
+
+    rows = [
+        {
+            "email": f"bench-{index}@example.test",
+            "imap_host": "127.0.0.1",
+            "imap_port": 993,
+            "imap_security": "ssl",
+            "username": f"bench-{index}",
+            "auth_method": "password",
+            "credentials_encrypted": "unused",
+            "folders": ["INBOX"],
+            "poll_interval_seconds": interval,
+            "enabled": True,
+            "status": "active",
+            "initial_sync": "all",
+            "consecutive_failures": 0,
+            "message_count": 0,
+        }
+        for index in range(count)
+    ]
+    with session_scope() as session:
+        session.execute(insert(Account), rows)
+
+
+def _set_interval(first_ids: int, interval: int) -> None:
+    from sqlalchemy import update
+
+    from backend.db import session_scope
+    from backend.models import Account
+
+    with session_scope() as session:
+        session.execute(
+            update(Account).where(Account.id <= first_ids).values(poll_interval_seconds=interval)
+        )
+
+
+def _reconcile() -> tuple[float, dict[str, int]]:
+    from backend.db import session_scope
+    from backend.schedules import service
+
+    start = time.perf_counter()
+    with session_scope() as session:
+        result = service.reconcile(session)
+    return time.perf_counter() - start, result.as_dict()
+
+
+def _sends(stack: Stack, interval: int) -> dict[int, list[datetime]]:
+    by_account: dict[int, list[datetime]] = defaultdict(list)
+    for raw in stack.redis_db.client().lrange("email", 0, -1):
+        headers = json.loads(raw)["headers"]
+        [account_id] = json.loads(headers["argsrepr"])
+        sent = datetime.fromisoformat(headers["expires"]) - timedelta(seconds=interval)
+        by_account[account_id].append(sent)
+    return {account_id: sorted(times) for account_id, times in by_account.items()}
+
+
+def main() -> None:
+    entries = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
+    interval = int(sys.argv[2]) if len(sys.argv) > 2 else 60
+    seconds = int(sys.argv[3]) if len(sys.argv) > 3 else 180
+    print(f"{entries} entries, {interval} s interval, beat for {seconds} s; {load_average()}")
+
+    with Stack() as stack:
+        _insert_accounts(entries, interval)
+        for label in ("cold (all created)", "unchanged"):
+            took, counts = _reconcile()
+            print(f"reconcile {label}: {took:.3f} s {counts}")
+        _set_interval(entries // 10, interval * 2)
+        took, counts = _reconcile()
+        print(f"reconcile 10 % intervals changed: {took:.3f} s {counts}")
+        _set_interval(entries // 10, interval)
+        took, counts = _reconcile()
+        print(f"reconcile changed back: {took:.3f} s {counts}")
+
+        from backend.models import utcnow
+        from backend.schedules import service
+
+        first_due = {e.account_id: e.next_run_at for e in service.list_entries()}
+        beat = stack.celery.beat()
+        deadline = time.monotonic() + 120
+        while "beat: Acquired lock" not in beat.log():
+            if time.monotonic() > deadline or not beat.running():
+                raise SystemExit(f"beat did not start:\n{beat.log()[-3000:]}")
+            time.sleep(0.2)
+        started_at, cpu_before = utcnow(), cpu_seconds(beat.pid)
+        time.sleep(seconds)
+        cpu_used = cpu_seconds(beat.pid) - cpu_before
+        ended_at = utcnow()
+        beat.stop()
+        print(f"after the run: {load_average()}")
+
+        sends = _sends(stack, interval)
+        lateness: list[float] = []
+        late_at: list[tuple[datetime, float]] = []
+        steady: list[float] = []  # due after the first interval: start-up backlog gone
+        steady_from = started_at + timedelta(seconds=interval)
+        duplicates = 0
+        missed = 0
+        for account_id, due in first_due.items():
+            times = sends.get(account_id, [])
+            if due is not None and due < ended_at - timedelta(seconds=2) and not times:
+                missed += 1
+            previous_due = due
+            for index, sent in enumerate(times):
+                if index:
+                    gap = (sent - times[index - 1]).total_seconds()
+                    if gap < interval / 2:
+                        duplicates += 1
+                        continue
+                    previous_due = times[index - 1] + timedelta(seconds=interval)
+                if previous_due is not None and previous_due >= started_at:
+                    lateness.append((sent - previous_due).total_seconds())
+                    late_at.append((sent, lateness[-1]))
+                    if previous_due >= steady_from:
+                        steady.append(lateness[-1])
+        total = sum(len(times) for times in sends.values())
+        print(
+            f"dispatches: {total} ({total / seconds:.0f}/s); measured lateness on {len(lateness)}"
+        )
+        p50, p99 = percentile(lateness, 0.5), percentile(lateness, 0.99)
+        worst, mean = max(lateness), statistics.mean(lateness)
+        print(f"lateness: p50 {p50:.3f} s, p99 {p99:.3f} s, max {worst:.3f} s, mean {mean:.3f} s")
+        p50, p99, worst = percentile(steady, 0.5), percentile(steady, 0.99), max(steady)
+        print(
+            f"after the first interval ({len(steady)} dispatches): p50 {p50:.3f} s, "
+            f"p99 {p99:.3f} s, max {worst:.3f} s"
+        )
+        print(f"duplicates: {duplicates}; entries due but never sent: {missed}")
+        late = sorted(
+            ((sent, late) for sent, late in late_at if late > 1.0), key=lambda pair: pair[0]
+        )
+        if late:
+            print(
+                f"over 1 s late: {len(late)}, sent between {late[0][0]:%H:%M:%S.%f} and "
+                f"{late[-1][0]:%H:%M:%S.%f}; per second: "
+                f"{sorted(Counter(f'{s:%H:%M:%S}' for s, _ in late).items())[:12]}"
+            )
+        print(
+            f"beat CPU: {cpu_used:.1f} s over {seconds} s = {100 * cpu_used / seconds:.1f} % "
+            "of one core"
+        )
+        print(f"window {started_at:%H:%M:%S}-{ended_at:%H:%M:%S} UTC")
+
+
+if __name__ == "__main__":
+    main()
