@@ -96,10 +96,11 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 def retry_delay(attempts: int, retry_after: float | None, settings: Settings) -> float:
     """Seconds before the next attempt after `attempts` failed ones: exponential with
     jitter (so receivers coming back are not hit by every retry at once), and never
-    sooner than the receiver asked."""
+    sooner than the receiver asked, up to the maximum (a receiver cannot park its
+    events for days)."""
     ceiling = min(
         settings.webhook_backoff_max_seconds,
         settings.webhook_backoff_base_seconds * 2.0 ** max(0, attempts - 1),
     )
     delay = ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - not a secret
-    return max(delay, retry_after or 0.0)
+    return max(delay, min(retry_after or 0.0, settings.webhook_backoff_max_seconds))

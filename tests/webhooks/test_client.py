@@ -52,5 +52,6 @@ def test_backoff_grows_with_jitter_up_to_the_maximum() -> None:
         delays = {retry_delay(attempts, None, settings) for _ in range(50)}
         assert all(low <= d <= high for d in delays)
         assert len(delays) > 1  # jittered
-    # Never sooner than the receiver asked, even beyond the usual maximum.
-    assert retry_delay(1, 500.0, settings) == 500.0
+    # Never sooner than the receiver asked, up to the maximum.
+    assert retry_delay(1, 70.0, settings) == 70.0
+    assert retry_delay(1, 500.0, settings) == 100.0

@@ -239,6 +239,7 @@ def test_a_4xx_is_not_retried(
 def test_408_and_429_are_retried_honouring_retry_after(
     db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
+    webhooks_on(WEBHOOK_BACKOFF_MAX_SECONDS=5)  # Retry-After is honoured up to this
     account = insert_account(db)
     message = store_message(db, account, 1)
     receiver.reply(Reply(status=429, headers={"Retry-After": "1"}), Reply(status=408))
