@@ -28,6 +28,7 @@ MAX_SLEEP_SECONDS = 1.0
 
 PollFunction = Callable[[int, str], None]
 LoadFunction = Callable[[], Mapping[int, Wanted]]
+HousekeepingFunction = Callable[[], None]
 
 
 @dataclass
@@ -50,9 +51,11 @@ class LocalScheduler:
         load: LoadFunction,
         refresh_seconds: float,
         workers: int = 4,
+        housekeeping: HousekeepingFunction | None = None,
     ) -> None:
         self._poll = poll
         self._load = load
+        self._housekeeping = housekeeping
         self._refresh_seconds = refresh_seconds
         self._jobs: dict[int, _Job] = {}
         self._running: set[int] = set()
@@ -166,6 +169,10 @@ class LocalScheduler:
             self.replace_all(self._load())
         except Exception:
             log.exception("local scheduler: could not read the accounts; trying again later")
+        if self._housekeeping is not None:
+            # What beat's periodic tasks do in Celery mode; on the pool, so a slow S3
+            # upload never delays a due poll.
+            self._executor.submit(self._run_housekeeping)
         with self._cond:
             self._refresh_at = time.monotonic() + self._refresh_seconds
 
@@ -192,6 +199,13 @@ class LocalScheduler:
             job.anchor = job.started_at = now
         self._running.add(account_id)
         self._executor.submit(self._run, account_id, task_id)
+
+    def _run_housekeeping(self) -> None:
+        assert self._housekeeping is not None
+        try:
+            self._housekeeping()
+        except Exception:
+            log.exception("local scheduler: housekeeping failed; trying again at the next refresh")
 
     def _run(self, account_id: int, task_id: str) -> None:
         try:

@@ -251,10 +251,22 @@ def start_local_scheduler_if_needed() -> bool:
                 poll=run_local_poll,
                 load=_load_wanted,
                 refresh_seconds=get_settings().reconcile_interval_seconds,
+                housekeeping=_local_housekeeping,
             )
             scheduler.start()
             _local = scheduler
     return True
+
+
+def _local_housekeeping() -> None:
+    """Beat's periodic work, for local mode: pick up lost processing and deliveries, and
+    move objects that fell back to local files up to S3 once it answers."""
+    from backend.processing.service import sweep
+    from backend.storage import tasks as storage_tasks
+
+    sweep(use_celery=False)
+    if get_settings().s3_enabled:
+        storage_tasks.sync_all()
 
 
 def stop_local_scheduler(timeout: float = 30.0) -> None:

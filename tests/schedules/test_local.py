@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 from backend.errors import ServiceUnavailable
-from backend.models import utcnow
+from backend.models import Message, utcnow
 from backend.schedules import service
 from backend.schedules.local import LocalScheduler
 from backend.schedules.store import Wanted
@@ -180,3 +180,44 @@ def test_service_in_local_mode(db: Session, set_env: Callable[..., None]) -> Non
 def test_celery_mode_starts_no_local_scheduler() -> None:
     assert service.mode() == "celery"
     assert service.start_local_scheduler_if_needed() is False
+
+
+def test_housekeeping_runs_at_start_and_on_every_refresh() -> None:
+    runs: list[float] = []
+
+    def housekeeping() -> None:
+        runs.append(time.monotonic())
+        if len(runs) == 2:
+            raise RuntimeError("one failure must not stop the next run")
+
+    scheduler = LocalScheduler(
+        poll=Recorder(), load=dict, refresh_seconds=0.2, housekeeping=housekeeping
+    )
+    scheduler.start()
+    try:
+        wait_for(lambda: len(runs) >= 4, "four housekeeping runs")
+    finally:
+        scheduler.stop()
+
+
+def test_local_mode_housekeeping_processes_lost_messages(
+    db: Session, set_env: Callable[..., None]
+) -> None:
+    """A message whose processing never happened (the process died after the poll
+    committed) is picked up by the local scheduler's housekeeping."""
+    set_env(SCHEDULER_MODE="local", RECONCILE_INTERVAL_SECONDS=3600)
+    account = make_account(db, poll_interval_seconds=3600, last_polled_at=utcnow())
+    message = Message(account_id=account.id, folder="INBOX", uidvalidity=1, uid=1)
+    message.ingested_at = utcnow() - timedelta(hours=1)
+    db.add(message)
+    db.commit()
+    assert service.start_local_scheduler_if_needed()
+    try:
+
+        def processed() -> bool:
+            db.expire_all()
+            return db.get(Message, message.id).processed_at is not None  # type: ignore[union-attr]
+
+        wait_for(processed, "the sweep to process the lost message")
+    finally:
+        service.stop_local_scheduler()
