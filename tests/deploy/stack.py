@@ -6,8 +6,6 @@ host changes: ports, worker node names, and the program's path in this virtualen
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ import httpx
 
 from tests.deploy.files import ROOT, command, service
 from tests.support.dovecot import Dovecot
+from tests.support.processes import stop_group
 
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
@@ -78,14 +77,7 @@ class ServiceProcess:
         """SIGTERM (what `docker compose stop` sends), then SIGKILL after `timeout`."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        return self.process.returncode
+        return stop_group(self.process, timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.support.processes import stop_group
+
 ROOT = Path(__file__).resolve().parents[2]
 CELERY = shutil.which("celery", path=str(Path(sys.executable).parent)) or "celery"
 DEADLINE_SECONDS = 90.0
@@ -71,11 +73,7 @@ class CeleryProcess:
         if not self.running():
             return
         assert self.process is not None
-        os.killpg(self.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        stop_group(self.process, timeout)
 
 
 class Celery:

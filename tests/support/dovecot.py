@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import time
 import uuid
@@ -20,6 +19,7 @@ from pathlib import Path
 from imapclient import IMAPClient
 
 from tests.support.net import free_port, wait_for_port
+from tests.support.processes import stop_group
 from tests.support.tls import self_signed_cert
 
 DOVECOT_BIN = shutil.which("dovecot") or "/usr/sbin/dovecot"
@@ -183,13 +183,7 @@ class Dovecot:
     def stop(self) -> None:
         if self._process is None:
             return
-        if self._process.poll() is None:
-            os.killpg(self._process.pid, signal.SIGTERM)
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._process.pid, signal.SIGKILL)
-                self._process.wait()
+        stop_group(self._process)
         self._process = None
 
     def log_tail(self, lines: int = 30) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from typing import TYPE_CHECKING
@@ -12,6 +10,7 @@ import boto3
 from botocore.config import Config
 
 from tests.support.net import free_port, wait_for_port
+from tests.support.processes import stop_group
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -45,13 +44,7 @@ class MotoS3:
         """Stop the server; `start()` again brings it back on the same port (its data is gone)."""
         if self._process is None:
             return
-        if self._process.poll() is None:
-            os.killpg(self._process.pid, signal.SIGTERM)
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._process.pid, signal.SIGKILL)
-                self._process.wait()
+        stop_group(self._process)
         self._process = None
 
     def client(self) -> S3Client:
