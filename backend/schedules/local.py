@@ -56,6 +56,7 @@ class LocalScheduler:
         self._poll = poll
         self._load = load
         self._housekeeping = housekeeping
+        self._housekeeping_running = False
         self._refresh_seconds = refresh_seconds
         self._jobs: dict[int, _Job] = {}
         self._running: set[int] = set()
@@ -169,9 +170,13 @@ class LocalScheduler:
             self.replace_all(self._load())
         except Exception:
             log.exception("local scheduler: could not read the accounts; trying again later")
-        if self._housekeeping is not None:
-            # What beat's periodic tasks do in Celery mode; on the pool, so a slow S3
-            # upload never delays a due poll.
+        with self._cond:
+            # One run at a time: a slow S3 upload must not pile runs onto the poll threads.
+            start = self._housekeeping is not None and not self._housekeeping_running
+            self._housekeeping_running = self._housekeeping_running or start
+        if start:
+            # What beat's periodic tasks do in Celery mode; on the pool, so it never
+            # delays a due poll.
             self._executor.submit(self._run_housekeeping)
         with self._cond:
             self._refresh_at = time.monotonic() + self._refresh_seconds
@@ -206,6 +211,9 @@ class LocalScheduler:
             self._housekeeping()
         except Exception:
             log.exception("local scheduler: housekeeping failed; trying again at the next refresh")
+        finally:
+            with self._cond:
+                self._housekeeping_running = False
 
     def _run(self, account_id: int, task_id: str) -> None:
         try:

@@ -221,3 +221,29 @@ def test_local_mode_housekeeping_processes_lost_messages(
         wait_for(processed, "the sweep to process the lost message")
     finally:
         service.stop_local_scheduler()
+
+
+def test_housekeeping_never_runs_twice_at_once() -> None:
+    release = threading.Event()
+    active: list[int] = []
+    overlaps: list[int] = []
+
+    def slow_housekeeping() -> None:
+        active.append(1)
+        if len(active) > 1:
+            overlaps.append(len(active))
+        release.wait(timeout=30)
+        active.pop()
+
+    scheduler = LocalScheduler(
+        poll=Recorder(), load=dict, refresh_seconds=0.05, housekeeping=slow_housekeeping
+    )
+    scheduler.start()
+    try:
+        wait_for(lambda: len(active) == 1, "the first housekeeping run")
+        time.sleep(0.5)  # ten refreshes while it is still running
+        assert len(active) == 1
+        release.set()
+    finally:
+        scheduler.stop()
+    assert overlaps == []
