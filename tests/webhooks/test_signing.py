@@ -50,6 +50,7 @@ def test_the_docs_verify_and_signing_verify_agree() -> None:
         ("s3cret", str(now + 1), BODY, good, False),
         ("s3cret", f"0{now}", BODY, good, True),  # the same second, written differently
         ("s3cret", "soon", BODY, good, False),
+        ("s3cret", f"{now}.0", BODY, good, False),  # whole seconds only
         ("s3cret", "", BODY, good, False),
         ("s3cret", str(now), BODY, f"v1=deadbeef, {good}", True),
         ("s3cret", str(now), BODY, good.upper(), False),
