@@ -14,6 +14,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from backend.config import Settings
+from backend.models.enums import StorageBackend
 from backend.storage.base import ObjectNotFound, StorageError
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ def _errors(what: str) -> Iterator[None]:
 
 
 class S3Storage:
-    name = "s3"
+    name = StorageBackend.S3
 
     def __init__(self, client: S3Client, bucket: str) -> None:
         self.client = client
