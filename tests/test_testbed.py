@@ -78,8 +78,12 @@ def _run_pytest(tmp_path: Path, files: dict[str, str]) -> subprocess.CompletedPr
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
     env.pop("PYTEST_ADDOPTS", None)
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "tests.support.no_skips"]
-        + ["-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path), *files],
+        [
+            *(sys.executable, "-m", "pytest", "-p", "no:cacheprovider"),
+            *("-p", "tests.support.no_skips", "-c", str(ROOT / "pyproject.toml")),
+            *("--rootdir", str(tmp_path), *files),
+        ],
+        check=False,
         cwd=tmp_path,
         env=env,
         capture_output=True,

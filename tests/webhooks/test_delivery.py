@@ -11,12 +11,12 @@ from sqlalchemy.orm import Session
 
 from backend import crypto
 from backend.db import session_scope
-from backend.models import Account, Message, WebhookDelivery, utcnow
+from backend.models import Account, AccountStatus, Message, WebhookDelivery, utcnow
 from backend.processing.service import after_poll, hand_on, process_and_send, process_message
 from backend.webhooks import service as webhooks
 from tests.support.api import account_payload, insert_account
-from tests.webhooks.fixtures import SECRET, store_message
-from tests.webhooks.receiver import Receiver, Reply, wait_until
+from tests.webhooks.fixtures import store_message
+from tests.webhooks.receiver import SECRET, Receiver, Reply, wait_until
 
 
 def _deliveries(db: Session) -> list[WebhookDelivery]:
@@ -270,7 +270,7 @@ def test_account_events_are_delivered_once_per_change(
     assert event["data"]["account"]["last_error"] == "LOGIN failed"
     _assert_signed(receiver)
 
-    account.status = "active"
+    account.status = AccountStatus.ACTIVE
     db.commit()
     after_poll(account.id, [], "account.recovered", use_celery=False)
     assert receiver.delivered()[-1].json()["data"]["account"]["status"] == "active"
