@@ -15,7 +15,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from backend.models.base import Base, UTCDateTime, utcnow
+from backend.models.base import NO_ID_REUSE, Base, UTCDateTime, utcnow
 
 EVENT_TYPES = ("message.received", "account.error", "account.disabled", "account.recovered")
 # global: WEBHOOK_URL / WEBHOOK_SECRET; account: the account's own webhook_url and secret.
@@ -35,6 +35,7 @@ class WebhookDelivery(Base):
         UniqueConstraint("dedupe_key", "target"),
         Index("ix_webhook_deliveries_status_account_id", "status", "account_id"),
         Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        NO_ID_REUSE,
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
