@@ -5,7 +5,11 @@ Settings follow DESIGN.md's settled choices; each comment says what goes wrong w
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from celery import Celery
+from celery.signals import after_setup_logger
 from kombu.entity import Queue
 
 from backend.config import get_settings
@@ -124,3 +128,11 @@ app.conf.update(
         "backend.schedules.tasks",
     ),
 )
+
+
+@after_setup_logger.connect
+def _log_level(logger: logging.Logger, loglevel: int, **_: Any) -> None:
+    """`celery worker`'s -l defaults to WARNING, which hides the one INFO line per poll:
+    LOG_LEVEL applies too, and the more verbose of the two wins."""
+    wanted = logging.getLevelNamesMapping().get(settings.log_level.upper(), logging.INFO)
+    logger.setLevel(min(loglevel, wanted))
