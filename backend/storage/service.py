@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.config import get_settings
-from backend.models import AccountCleanup, Attachment, Message, utcnow
+from backend.models import AccountCleanup, Attachment, Message, StorageBackend, utcnow
 from backend.storage.base import ObjectNotFound, Storage, StorageError, account_prefix
 from backend.storage.local import LocalStorage
 from backend.storage.s3 import S3Storage, build_client, build_writer
@@ -158,9 +158,9 @@ _breaker = _Breaker()
 
 
 def backend(name: str) -> Storage:
-    if name == "local":
+    if name == StorageBackend.LOCAL:
         return local_storage()
-    if name == "s3":
+    if name == StorageBackend.S3:
         s3 = s3_storage()
         if s3 is None:
             raise StorageError("the object is in S3, but S3 is not configured (S3_BUCKET)")
@@ -173,9 +173,9 @@ def backends() -> list[Storage]:
     return [local_storage()] if s3 is None else [s3, local_storage()]
 
 
-def put_object(key: str, data: bytes | BinaryIO, content_type: str) -> str:
-    """Store an object; returns the name of the backend that now holds it ("s3" or
-    "local"), which the caller records on the row."""
+def put_object(key: str, data: bytes | BinaryIO, content_type: str) -> StorageBackend:
+    """Store an object; returns the backend that now holds it, which the caller records
+    on the row."""
     s3 = s3_storage()
     if s3 is not None and _breaker.closed():
         if not isinstance(data, _BYTES) and not data.seekable():
@@ -316,7 +316,7 @@ def sync_fallback_objects(
     # account deleted meanwhile waits, then deletes the objects where they landed.
     messages = session.scalars(
         select(Message)
-        .where(Message.storage_backend == "local", Message.id > progress.message_id)
+        .where(Message.storage_backend == StorageBackend.LOCAL, Message.id > progress.message_id)
         .order_by(Message.id)
         .limit(batch_size)
         .with_for_update(skip_locked=True)
@@ -329,7 +329,10 @@ def sync_fallback_objects(
     else:
         attachments = session.scalars(
             select(Attachment)
-            .where(Attachment.storage_backend == "local", Attachment.id > progress.attachment_id)
+            .where(
+                Attachment.storage_backend == StorageBackend.LOCAL,
+                Attachment.id > progress.attachment_id,
+            )
             .order_by(Attachment.id)
             .limit(batch_size)
             .with_for_update(skip_locked=True)

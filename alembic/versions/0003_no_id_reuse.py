@@ -4,8 +4,8 @@ On SQLite every table is rebuilt with AUTOINCREMENT (PostgreSQL sequences never 
 id). Ids deleted before this migration (the highest ones) can still come back once; none
 after it.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003_no_id_reuse
+Revises: 0002_account_priority
 Create Date: 2026-11-29 17:30:00
 """
 
@@ -16,8 +16,8 @@ from alembic import op
 
 import backend.models.base
 
-revision: str = "0002"
-down_revision: str | None = "0001"
+revision: str = "0003_no_id_reuse"
+down_revision: str | None = "0002_account_priority"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -57,17 +57,10 @@ def _rebuild_sqlite_tables(*, autoincrement: bool) -> None:
     if bind.dialect.name != "sqlite":
         return
     # A rebuild drops the old table; with foreign keys on, that drop would first cascade
-    # to every child row. SQLite only switches them off outside a transaction, which is
-    # the case when this migration runs on its own (upgrading a database with data).
+    # to every child row. SQLite switches them off only outside a transaction: commit
+    # what the migrations before this one did (their version row included) first.
+    _commit(bind)
     bind.exec_driver_sql("PRAGMA foreign_keys=OFF")
-    if (
-        bind.exec_driver_sql("PRAGMA foreign_keys").scalar()
-        and bind.exec_driver_sql("SELECT 1 FROM accounts LIMIT 1").first()
-    ):
-        raise RuntimeError(
-            "cannot rebuild the tables while foreign keys are on (the migration runs inside a "
-            "transaction that already wrote): run `alembic upgrade 0002` on its own"
-        )
     for table in TABLES:
         with op.batch_alter_table(
             table, recreate="always", table_kwargs={"sqlite_autoincrement": autoincrement}
@@ -76,4 +69,10 @@ def _rebuild_sqlite_tables(*, autoincrement: bool) -> None:
     problems = bind.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
     if problems:
         raise RuntimeError(f"foreign keys broken after the rebuild: {problems[:5]}")
+    _commit(bind)
     bind.exec_driver_sql("PRAGMA foreign_keys=ON")
+
+
+def _commit(bind: sa.Connection) -> None:
+    if bind.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+        bind.exec_driver_sql("COMMIT")
