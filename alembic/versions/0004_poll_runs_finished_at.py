@@ -1,7 +1,7 @@
 """index poll_runs.finished_at (polls completed per second)
 
-Revision ID: 0003_poll_runs_finished_at
-Revises: 0002_account_priority
+Revision ID: 0004_poll_runs_finished_at
+Revises: 0003_no_id_reuse
 Create Date: 2026-11-29 17:40:00
 """
 
@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0003_poll_runs_finished_at"
-down_revision: str | None = "0002_account_priority"
+revision: str = "0004_poll_runs_finished_at"
+down_revision: str | None = "0003_no_id_reuse"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
