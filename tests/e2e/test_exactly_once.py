@@ -98,7 +98,8 @@ def _lock_waiters(db: Session) -> int:
 def _start_after_visibility_timeout(celery: Celery, redis_db: RedisDb, name: str) -> None:
     """Start a worker once the dead worker's task is past the visibility timeout: a new
     worker puts such tasks back in their queue as it starts."""
-    [(_tag, delivered_at)] = redis_db.client().zrange("unacked_index", 0, -1, withscores=True)
+    [(_tag, score)] = redis_db.client().zrange("unacked_index", 0, -1, withscores=True)
+    delivered_at = float(score)  # when the dead worker took the task
     time.sleep(max(0.0, delivered_at + VISIBILITY_TIMEOUT + 0.5 - time.time()))
     celery.worker(name, queues="workflow")
 
