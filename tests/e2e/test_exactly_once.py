@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text
@@ -98,8 +99,9 @@ def _lock_waiters(db: Session) -> int:
 def _start_after_visibility_timeout(celery: Celery, redis_db: RedisDb, name: str) -> None:
     """Start a worker once the dead worker's task is past the visibility timeout: a new
     worker puts such tasks back in their queue as it starts."""
-    [(_tag, score)] = redis_db.client().zrange("unacked_index", 0, -1, withscores=True)
-    delivered_at = float(score)  # when the dead worker took the task
+    # Kombu scores each unacknowledged task with the time a worker took it.
+    unacked: Any = redis_db.client().zrange("unacked_index", 0, -1, withscores=True)
+    [(_tag, delivered_at)] = unacked
     time.sleep(max(0.0, delivered_at + VISIBILITY_TIMEOUT + 0.5 - time.time()))
     celery.worker(name, queues="workflow")
 
