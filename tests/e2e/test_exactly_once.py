@@ -54,6 +54,13 @@ def celery(tmp_path: Path, webhooks_on: Callable[..., None]) -> Iterator[Celery]
         yield processes
 
 
+def _wait(condition: Callable[[], object], what: str, celery: Celery) -> None:
+    try:
+        wait_for(condition, what)
+    except AssertionError as timeout:
+        raise AssertionError(f"{timeout}\n{celery.logs()}") from None
+
+
 def _ingested(db: Session, dovecot: Dovecot, celery: Celery, redis_db: RedisDb) -> list[int]:
     """A mailbox with MESSAGES new messages, polled by a worker that only polls: the
     messages are stored and their `message.process` tasks wait in the workflow queue."""
@@ -74,9 +81,10 @@ def _ingested(db: Session, dovecot: Dovecot, celery: Celery, redis_db: RedisDb) 
     db.commit()
     poller = celery.worker("poller", queues="email")
     service.enqueue_poll(account.id)
-    wait_for(
+    _wait(
         lambda: redis_db.client().llen("workflow") == MESSAGES,
-        f"the poll to hand on {MESSAGES} messages\n{celery.logs()}",
+        f"the poll to hand on {MESSAGES} messages",
+        celery,
     )
     poller.stop()
     db.rollback()
@@ -119,10 +127,7 @@ def _handed_on_exactly_once(
         processed = db.scalar(select(func.count()).where(Message.processed_at.is_not(None)))
         return processed == MESSAGES and list(statuses) == ["delivered"] * MESSAGES
 
-    try:
-        wait_for(settled, "every message processed and delivered")
-    except AssertionError as timeout:
-        raise AssertionError(f"{timeout}\n{celery.logs()}") from None
+    _wait(settled, "every message processed and delivered", celery)
     deliveries = list(db.scalars(select(WebhookDelivery).order_by(WebhookDelivery.message_id)))
     assert [d.message_id for d in deliveries] == message_ids
     arrivals = receiver.accepted()
@@ -143,7 +148,7 @@ def test_a_worker_killed_inside_message_process(
         lock = conn.begin()
         conn.execute(select(Message.id).with_for_update())
         doomed = celery.worker("doomed", queues="workflow")
-        wait_for(lambda: _lock_waiters(db) == 1, f"message.process to wait\n{celery.logs()}")
+        _wait(lambda: _lock_waiters(db) == 1, "message.process to wait on its row", celery)
         doomed.kill()
         lock.rollback()
     assert receiver.requests == []
@@ -160,7 +165,7 @@ def test_a_worker_killed_while_its_webhook_request_is_in_flight(
     celery.beat()  # its processing sweep sends again what a dead attempt left claimed
     receiver.hold_next()
     doomed = celery.worker("doomed", queues="workflow")
-    wait_for(receiver.holding.is_set, f"the first webhook request\n{celery.logs()}")
+    _wait(receiver.holding.is_set, "the first webhook request", celery)
     doomed.kill()
     receiver.release()  # the receiver got it; its answer reaches nobody
     wait_for(lambda: len(receiver.requests) == 1, "the held request to be recorded")
