@@ -104,6 +104,8 @@ class Settings(BaseSettings):
     prometheus_multiproc_dir: Path | None = None  # defaults to data_dir / "prometheus"
     # Bound on each /health check and on Celery's inspect broadcasts.
     health_check_timeout_seconds: float = 2.0
+    # /health answers from its last result for this long (it needs no token).
+    health_cache_seconds: float = Field(default=2.0, ge=0)
     celery_inspect_timeout_seconds: float = 1.0
 
     @model_validator(mode="after")

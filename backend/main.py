@@ -18,6 +18,7 @@ from backend import metrics
 from backend.accounts.endpoints import router as accounts_router
 from backend.admin.endpoints import health_router
 from backend.admin.endpoints import router as admin_router
+from backend.admin.service import HealthCache
 from backend.config import get_settings
 from backend.deps import KnownQueryDep
 from backend.errors import MailbeatError, ValidationError, error_responses
@@ -63,6 +64,7 @@ def create_app() -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
     )
+    app.state.health = HealthCache()
     app.include_router(accounts_router)
     app.include_router(messages_router)
     app.include_router(admin_router)
