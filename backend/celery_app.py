@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from celery import Celery
-from kombu import Connection
+from kombu.connection import Connection
 from kombu.entity import Queue
 
 from backend.config import get_settings
