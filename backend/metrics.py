@@ -130,22 +130,23 @@ def _database_gauges() -> Iterator[GaugeMetricFamily]:
 
 def _redis_gauges() -> Iterator[GaugeMetricFamily]:
     from backend.admin.redis_client import redis_client
-    from backend.celery_app import app
+    from backend.celery_app import app, queue_keys
 
     names = [queue.name for queue in app.conf.task_queues]
     client = redis_client(get_settings().health_check_timeout_seconds)
     try:
         pipe = client.pipeline(transaction=False)
         for name in names:
-            pipe.llen(name)
-        lengths = pipe.execute()
+            for key in queue_keys(name):
+                pipe.llen(key)
+        lengths = iter(pipe.execute())
     finally:
         client.close()
     family = GaugeMetricFamily(
         "mailbeat_queue_length", "Tasks waiting in each Celery queue.", labels=["queue"]
     )
-    for name, length in zip(names, lengths, strict=True):
-        family.add_metric([name], int(length))
+    for name in names:
+        family.add_metric([name], sum(int(next(lengths)) for _ in queue_keys(name)))
     yield family
 
 

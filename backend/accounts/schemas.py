@@ -163,6 +163,15 @@ Host = Annotated[
 Port = Annotated[int, Field(ge=1, le=65535, description="1 to 65535; 993 for ssl, 143 else")]
 # Bounds come from the settings; the app writes them into the OpenAPI schema (main.py).
 Interval = Annotated[int, AfterValidator(_interval)]
+Priority = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=9,
+        description="0 to 9, higher is more urgent: when polls queue up, higher-priority "
+        "mailboxes are polled first (default 5)",
+    ),
+]
 Folder = Annotated[
     str,
     StringConstraints(min_length=1, max_length=1024),
@@ -323,6 +332,7 @@ class AccountCreate(_InitialSyncFields):
     poll_interval_seconds: Interval | None = Field(
         default=None, description="seconds between polls (default DEFAULT_POLL_INTERVAL_SECONDS)"
     )
+    priority: Priority = 5
     enabled: bool = True
     webhook_url: Url | None = Field(default=None, description="this mailbox's own webhook")
     webhook_secret: Secret | None = None
@@ -366,6 +376,7 @@ class AccountUpdate(_InitialSyncFields):
     oauth2: OAuth2Credentials | None = None
     folders: Folders | None = None
     poll_interval_seconds: Interval | None = None
+    priority: Priority | None = None
     enabled: bool | None = None
     webhook_url: Url | None = None
     webhook_secret: Secret | None = None
@@ -398,6 +409,7 @@ class AccountRead(BaseModel):
     auth_method: Literal["password", "oauth2"]
     folders: list[str]
     poll_interval_seconds: int
+    priority: int
     enabled: bool
     initial_sync: str
     initial_sync_count: int | None

@@ -39,6 +39,7 @@ PLAIN_FIELDS = (
     *CONNECTION_FIELDS,
     "folders",
     "poll_interval_seconds",
+    "priority",
     "initial_sync",
     "initial_sync_count",
     "initial_sync_since",
@@ -78,6 +79,7 @@ def create_account(session: Session, data: AccountCreate) -> Account:
         poll_interval_seconds=(
             data.poll_interval_seconds or get_settings().default_poll_interval_seconds
         ),
+        priority=data.priority,
         enabled=data.enabled,
         status="active" if data.enabled else "disabled",
         disabled_reason=None if data.enabled else "created disabled",

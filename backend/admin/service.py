@@ -216,18 +216,19 @@ def task_state(session: Session, task_id: str) -> TaskStateRead:
 
 
 def _find_queued(task_id: str) -> tuple[str, str | None] | None:
-    from backend.celery_app import app
+    from backend.celery_app import app, queue_keys
 
     needle = task_id.encode()
     client = redis_client(get_settings().health_check_timeout_seconds)
     try:
         for queue in app.conf.task_queues:
-            for raw in client.lrange(queue.name, 0, QUEUE_SCAN_LIMIT - 1):
-                if needle not in raw:
-                    continue
-                headers = json.loads(raw).get("headers") or {}
-                if headers.get("id") == task_id:
-                    return queue.name, headers.get("task")
+            for key in queue_keys(queue.name):
+                for raw in client.lrange(key, 0, QUEUE_SCAN_LIMIT - 1):
+                    if needle not in raw:
+                        continue
+                    headers = json.loads(raw).get("headers") or {}
+                    if headers.get("id") == task_id:
+                        return queue.name, headers.get("task")
     except Exception as exc:
         raise ServiceUnavailable(
             f"the Celery queues could not be read ({type(exc).__name__})"

@@ -48,6 +48,9 @@ class Account(TimestampMixin, Base):
     credentials_encrypted: Mapped[str] = mapped_column(Text)
     folders: Mapped[list[str]] = mapped_column(JSON, default=lambda: ["INBOX"])
     poll_interval_seconds: Mapped[int] = mapped_column(Integer, default=300)
+    # 0-9, higher is more urgent: the order in which queued polls are taken (see
+    # docs/architecture.md, "Priorities").
+    priority: Mapped[int] = mapped_column(Integer, default=5, server_default="5")
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
 
     initial_sync: Mapped[str] = mapped_column(String(16), default="all")

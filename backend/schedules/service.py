@@ -22,6 +22,7 @@ from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
+from backend.celery_app import TOP_PRIORITY, broker_priority
 from backend.config import get_settings
 from backend.errors import ServiceUnavailable
 from backend.models import Account, utcnow
@@ -122,17 +123,22 @@ def sync_account(account: Account) -> None:
         scheduler = _local_scheduler()
         if scheduler is not None:
             if wants_schedule(account):
-                scheduler.put(account.id, account.poll_interval_seconds, account.last_polled_at)
+                scheduler.put(
+                    account.id,
+                    account.poll_interval_seconds,
+                    account.last_polled_at,
+                    first_poll_now=True,
+                )
             else:
                 scheduler.remove(account.id)
         return
     wanted = {}
     if wants_schedule(account):
         wanted[account.id] = store.Wanted(
-            account.id, account.poll_interval_seconds, account.last_polled_at
+            account.id, account.poll_interval_seconds, account.last_polled_at, account.priority
         )
     try:
-        store.apply(wanted, [store.entry_key(account.id)], utcnow())
+        store.apply(wanted, [store.entry_key(account.id)], utcnow(), first_poll_now=True)
     except redis.RedisError as exc:
         log.warning(
             "schedule entry for mailbox %s not updated (%s); the next reconcile will fix it",
@@ -170,7 +176,11 @@ def enqueue_poll(account_id: int) -> str:
         return scheduler.run_now(account_id)
     # By name: the API need not import the task module (and its ingestion imports).
     result = store.celery_app().send_task(
-        store.POLL_TASK, args=[account_id], queue=store.POLL_QUEUE
+        store.POLL_TASK,
+        args=[account_id],
+        queue=store.POLL_QUEUE,
+        # Asked for by hand: ahead of every scheduled poll in the queue.
+        priority=broker_priority(TOP_PRIORITY),
     )
     return str(result.id)
 
@@ -180,12 +190,13 @@ def enqueue_poll(account_id: int) -> str:
 
 def wanted_accounts(session: Session) -> dict[int, store.Wanted]:
     rows = session.execute(
-        select(Account.id, Account.poll_interval_seconds, Account.last_polled_at).where(
-            _wanted_clause()
-        )
+        select(
+            Account.id, Account.poll_interval_seconds, Account.last_polled_at, Account.priority
+        ).where(_wanted_clause())
     )
     return {
-        row.id: store.Wanted(row.id, row.poll_interval_seconds, row.last_polled_at) for row in rows
+        row.id: store.Wanted(row.id, row.poll_interval_seconds, row.last_polled_at, row.priority)
+        for row in rows
     }
 
 
