@@ -5,10 +5,13 @@ Settings follow DESIGN.md's settled choices; each comment says what goes wrong w
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from celery import Celery
+from celery.signals import after_setup_logger
 from kombu.connection import Connection
 from kombu.entity import Queue
 
@@ -107,7 +110,8 @@ app.conf.update(
             "schedule": settings.reconcile_interval_seconds,
             "options": {"expires": settings.reconcile_interval_seconds},
         },
-        # Objects that fell back to local files while S3 was down go up once it answers.
+        # Objects that fell back to local files while S3 was down go up once it answers;
+        # deleted accounts' objects that their deletion could not remove go.
         "storage-sync": {
             "task": "storage.sync",
             "schedule": settings.storage_sync_interval_seconds,
@@ -143,3 +147,11 @@ def broker_connection(timeout: float) -> Iterator[Connection]:
         yield connection
     finally:
         connection.release()
+
+
+@after_setup_logger.connect
+def _log_level(logger: logging.Logger, loglevel: int, **_: Any) -> None:
+    """`celery worker`'s -l defaults to WARNING, which hides the one INFO line per poll:
+    LOG_LEVEL applies too, and the more verbose of the two wins."""
+    wanted = logging.getLevelNamesMapping().get(settings.log_level.upper(), logging.INFO)
+    logger.setLevel(min(loglevel, wanted))

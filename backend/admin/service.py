@@ -18,11 +18,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import redis
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from backend.admin.redis_client import ensure_redis, redis_client
+from backend.admin.redis_client import ensure_redis, redis_client, redis_location
 from backend.admin.schemas import (
+    CapacityRead,
     HealthRead,
     PollRunRead,
     ReconcileRead,
@@ -36,8 +38,9 @@ from backend.admin.schemas import (
     WorkerRead,
 )
 from backend.config import get_settings
+from backend.db import session_scope
 from backend.errors import Conflict, NotFound, ServiceUnavailable
-from backend.models import Account, PollRun, utcnow
+from backend.models import Account, HealthStatus, PollOutcome, PollRun, SchedulerMode, utcnow
 from backend.schedules import service as schedules
 from backend.storage import service as storage
 
@@ -53,7 +56,7 @@ QUEUE_SCAN_LIMIT = 50_000
 
 def require_scheduler() -> None:
     """In Celery mode the schedule and the queues are in Redis: 503 when it is gone."""
-    if schedules.mode() == "celery":
+    if schedules.mode() == SchedulerMode.CELERY:
         ensure_redis("the schedule and the poll queue")
 
 
@@ -117,6 +120,17 @@ def _ask(names: list[str], command: str, *args: Any) -> dict[str, Any]:
         return _inspect(command, *args, names=names)
     except Exception as exc:
         raise ServiceUnavailable(f"{WORKERS} could not be asked ({type(exc).__name__})") from exc
+
+
+def capacity(session: Session) -> CapacityRead:
+    try:
+        result = schedules.capacity(session)
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(
+            f"the poll queue could not be read: Redis at {redis_location()} did not answer "
+            f"({type(exc).__name__})"
+        ) from exc
+    return CapacityRead(**vars(result))
 
 
 def list_workers() -> WorkerList:
@@ -259,7 +273,7 @@ def retry_task(session: Session, task_id: str) -> RetryRead:
             "failed webhook deliveries are replayed through the processing routes)"
         )
     stale_after = timedelta(seconds=get_settings().poll_time_limit_seconds)
-    if run.outcome == "running" and utcnow() - run.started_at < stale_after:
+    if run.outcome == PollOutcome.RUNNING and utcnow() - run.started_at < stale_after:
         raise Conflict(
             f"task {task_id} is still running (poll run {run.id} started at "
             f"{run.started_at.isoformat()}); retry it once it has finished"
@@ -320,7 +334,22 @@ def _check_workers() -> str:
     return f"ok ({count} worker{'s' if count != 1 else ''})"
 
 
-CHECK_NAMES = ("database", "redis", "celery_worker", "storage")
+def _check_polls() -> str:
+    """Degraded when the workers fall behind the schedule: the oldest queued poll has
+    waited longer than POLL_LAG_DEGRADED_SECONDS."""
+    with session_scope() as session:
+        result = schedules.capacity(session)
+    if result.behind:
+        raise CheckFailed(
+            f"behind: the oldest queued poll has waited {result.oldest_pending_seconds:g}s "
+            f"(POLL_LAG_DEGRADED_SECONDS={get_settings().poll_lag_degraded_seconds}); "
+            f"{result.completed_polls_per_second:g} polls/s completed of "
+            f"{result.demanded_polls_per_second:g} demanded: add workers"
+        )
+    return "ok"
+
+
+CHECK_NAMES = ("database", "redis", "celery_worker", "polls", "storage")
 
 
 class HealthCache:
@@ -368,14 +397,14 @@ def _checks_timeout() -> float:
 
 def _still_checking() -> tuple[HealthRead, bool]:
     checks = {name: "error: the check in progress has not finished" for name in CHECK_NAMES}
-    return HealthRead(status="unhealthy", checks=checks), False
+    return HealthRead(status=HealthStatus.UNHEALTHY, checks=checks), False
 
 
 def run_checks() -> tuple[HealthRead, bool]:
     """Every check runs at once, each bounded by HEALTH_CHECK_TIMEOUT_SECONDS. The database
     down is unhealthy (503); anything else failing is degraded: the API still answers and
     the stored data is safe, but polling or storage needs attention."""
-    local = schedules.mode() == "local"
+    local = schedules.mode() == SchedulerMode.LOCAL
     checks: dict[str, Callable[[], str]] = {
         "database": _check_database,
         "storage": _check_storage,
@@ -383,6 +412,7 @@ def run_checks() -> tuple[HealthRead, bool]:
     if not local:
         checks["redis"] = _check_redis
         checks["celery_worker"] = _check_workers
+        checks["polls"] = _check_polls
     timeout = _checks_timeout()
     pool = ThreadPoolExecutor(max_workers=len(checks), thread_name_prefix="health")
     try:
@@ -404,14 +434,15 @@ def run_checks() -> tuple[HealthRead, bool]:
     if local:
         results["redis"] = "not used (local mode)"
         results["celery_worker"] = "not used (local mode: polls run in the API process)"
+        results["polls"] = "not measured (local mode)"
     if "database" in failed:
-        status = "unhealthy"
+        status = HealthStatus.UNHEALTHY
     elif failed:
-        status = "degraded"
+        status = HealthStatus.DEGRADED
     else:
-        status = "healthy"
+        status = HealthStatus.HEALTHY
     ordered = {name: results[name] for name in CHECK_NAMES}
-    return HealthRead(status=status, checks=ordered), status != "unhealthy"
+    return HealthRead(status=status, checks=ordered), status != HealthStatus.UNHEALTHY
 
 
 def _reason(name: str, exc: Exception) -> str:

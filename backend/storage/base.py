@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from typing import BinaryIO, Protocol
 from urllib.parse import quote
 
+from backend.models.enums import StorageBackend
+
 
 class StorageError(Exception):
     """A backend could not do what was asked (unreachable, refused, timed out)."""
@@ -18,7 +20,7 @@ class ObjectNotFound(StorageError):
 
 
 class Storage(Protocol):
-    name: str  # "s3" or "local": recorded on each row so reads find the object
+    name: StorageBackend  # recorded on each row so reads find the object
 
     def put(self, key: str, data: bytes | BinaryIO, content_type: str) -> None: ...
 

@@ -13,7 +13,7 @@ from redbeat.schedulers import RedBeatSchedulerEntry
 from sqlalchemy.orm import Session
 
 from backend.celery_app import app
-from backend.models import utcnow
+from backend.models import AccountStatus, utcnow
 from backend.schedules import service, store
 from tests.schedules.accounts import make_account, make_accounts
 from tests.support.net import free_port
@@ -129,7 +129,7 @@ def test_disabling_removes_and_reenabling_restores(
     assert _score(redis_db, account.id) is None
     assert not redis_db.client().exists(store.entry_key(account.id))
 
-    account.enabled, account.status = True, "active"
+    account.enabled, account.status = True, AccountStatus.ACTIVE
     db.commit()
     service.sync_account(account)
     assert _score(redis_db, account.id) is not None
