@@ -125,3 +125,19 @@ def test_a_misspelt_query_parameter_is_named_not_ignored(api: TestClient, anonym
     assert anonymous.get("/accounts", params={"stauts": "error"}).status_code == 401
     # Monitoring endpoints take whatever a scraper adds.
     assert anonymous.get("/metrics", params={"x": "1"}).status_code == 200
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_load_nothing_from_outside(anonymous: TestClient, page: str):
+    """Swagger UI and ReDoc work offline: every script, style and icon is served here."""
+    response = anonymous.get(page)
+    assert response.status_code == 200
+    urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", response.text)
+    assets = [url for url in urls if url != "/openapi.json"]
+    assert assets, response.text
+    for url in assets:
+        assert url.startswith("/docs-static/"), url
+        asset = anonymous.get(url)
+        assert asset.status_code == 200, url
+        assert len(asset.content) > 1000, url
+    assert "//cdn" not in response.text and "fonts.googleapis" not in response.text

@@ -15,6 +15,7 @@ from pydantic import (
     Field,
     SecretStr,
     StringConstraints,
+    field_validator,
     model_validator,
 )
 from pydantic.config import JsonDict
@@ -43,6 +44,9 @@ def _host(value: str) -> str:
             "must be a host name or IP address like 'imap.example.com' (no scheme, "
             "no spaces, no port)"
         )
+    # DNS limits; a longer name fails in the resolver's IDNA codec instead.
+    if len(value) > 253 or any(len(label) > 63 for label in value.split(".")):
+        raise ValueError("must be a valid host name: at most 63 characters between dots")
     # DNS names are case-insensitive; one spelling keeps the duplicate check honest.
     return value.lower()
 
@@ -147,6 +151,14 @@ class OAuth2Credentials(BaseModel):
     client_secret: Secret | None = None
     token_url: Url | None = None
 
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _date_time_text(cls, value: object) -> object:
+        # The schema promises an ISO 8601 string; pydantic alone would take epoch numbers.
+        if isinstance(value, int | float):
+            raise ValueError("must be an ISO 8601 date-time like '2030-01-01T00:00:00Z'")
+        return value
+
     @model_validator(mode="after")
     def _refreshable(self) -> OAuth2Credentials:
         if self.refresh_token is not None and (self.client_id is None or self.token_url is None):
@@ -214,7 +226,42 @@ _CREATE_EXAMPLE: JsonDict = {
 }
 
 
-class AccountCreate(_InitialSyncFields):
+class AccountConnection(BaseModel):
+    """How to reach and log in to a mailbox: all that POST /accounts/test needs. Give
+    exactly one of `password` and `oauth2`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "imap_host": "imap.example.com",
+                    "imap_port": 993,
+                    "imap_security": "ssl",
+                    "username": "support@example.com",
+                    "password": "app-password",
+                    "folders": ["INBOX"],
+                }
+            ]
+        },
+    )
+
+    imap_host: Host
+    imap_port: Port = 993
+    imap_security: ImapSecurity = "ssl"
+    username: Text
+    password: Secret | None = None
+    oauth2: OAuth2Credentials | None = None
+    folders: Folders = Field(default_factory=lambda: ["INBOX"])
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> AccountConnection:
+        if (self.password is None) == (self.oauth2 is None):
+            raise ValueError("give exactly one of 'password' and 'oauth2'")
+        return self
+
+
+class AccountCreate(_InitialSyncFields, AccountConnection):
     """A mailbox to poll. Give exactly one of `password` and `oauth2`."""
 
     model_config = ConfigDict(
@@ -237,13 +284,6 @@ class AccountCreate(_InitialSyncFields):
     )
 
     email: Email
-    imap_host: Host
-    imap_port: Port = 993
-    imap_security: ImapSecurity = "ssl"
-    username: Text
-    password: Secret | None = None
-    oauth2: OAuth2Credentials | None = None
-    folders: Folders = Field(default_factory=lambda: ["INBOX"])
     poll_interval_seconds: Interval | None = Field(
         default=None, description="seconds between polls (default DEFAULT_POLL_INTERVAL_SECONDS)"
     )
@@ -253,8 +293,6 @@ class AccountCreate(_InitialSyncFields):
 
     @model_validator(mode="after")
     def _consistent(self) -> AccountCreate:
-        if (self.password is None) == (self.oauth2 is None):
-            raise ValueError("give exactly one of 'password' and 'oauth2'")
         check_initial_sync(
             self.initial_sync or "all", self.initial_sync_count, self.initial_sync_since
         )
@@ -362,3 +400,17 @@ class AccountCheckRead(BaseModel):
     stage: str | None
     detail: str
     folders: list[FolderCheckRead]
+
+
+class FolderRead(BaseModel):
+    """A configured folder and how far it is ingested. The cursor fields are null until
+    its first poll."""
+
+    name: str
+    uidvalidity: int | None
+    last_uid: int | None
+    updated_at: datetime | None
+
+
+class FolderList(BaseModel):
+    items: list[FolderRead]

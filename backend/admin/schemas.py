@@ -74,6 +74,31 @@ class PollRunRead(BaseModel):
     messages_count: int
     bytes_count: int
     error: str | None
+    task_id: str | None = None
+    duration_seconds: float | None = None
+
+
+class PollRunList(BaseModel):
+    items: list[PollRunRead]
+    total: int
+
+
+class ActivityBucket(BaseModel):
+    start: datetime
+    polls: int = Field(description="polls started in this bucket")
+    failed: int = Field(description="of those, polls that failed")
+    messages: int = Field(description="messages those polls stored")
+
+
+class ActivityRead(BaseModel):
+    """Polls and messages over time, and the load right now."""
+
+    bucket_seconds: int
+    buckets: list[ActivityBucket]
+    polls_per_second: float = Field(description="polls finished in the last minute, per second")
+    queue_length: int | None = Field(
+        description="polls waiting in the email queue (null in local mode or without Redis)"
+    )
 
 
 class TaskStateRead(BaseModel):
