@@ -14,7 +14,6 @@ from backend.accounts.schemas import (
     AccountCreate,
     AccountList,
     AccountRead,
-    AccountStatus,
     AccountUpdate,
     FolderCheckRead,
     FolderList,
@@ -26,6 +25,7 @@ from backend.config import get_settings
 from backend.deps import AdminDep, KnownQueryDep, SessionDep
 from backend.errors import error_responses
 from backend.mailbox.service import CheckResult, check_account
+from backend.models import AccountStatus
 from backend.schedules import service as schedules
 
 router = APIRouter(
