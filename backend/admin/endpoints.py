@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from backend.admin import service
 from backend.admin.schemas import (
     ActivityRead,
+    CapacityRead,
     HealthRead,
     ReconcileRead,
     RetryRead,
@@ -57,6 +58,13 @@ def list_schedules(
     return service.list_schedule(limit=limit, offset=offset)
 
 
+@router.get("/capacity")
+def capacity(session: SessionDep) -> CapacityRead:
+    """Can the workers keep up? Polls per second the schedule demands and the workers
+    complete, the poll queue and the wait of its oldest poll."""
+    return service.capacity(session)
+
+
 @router.get("/celery/workers")
 def list_workers() -> WorkerList:
     """The workers that answer within CELERY_INSPECT_TIMEOUT_SECONDS: queues and load."""
@@ -93,8 +101,7 @@ def activity(
         int, Query(ge=30, le=10_080, description="how far back, in 30 buckets")
     ] = 60,
 ) -> ActivityRead:
-    """Polls, failed polls and messages over time; polls/s over the last minute and the
-    email queue's length now."""
+    """Polls, failed polls and messages over time, in 30 buckets."""
     return service.activity(session, minutes=minutes)
 
 

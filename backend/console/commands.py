@@ -338,7 +338,11 @@ def status(args: argparse.Namespace) -> int:
     lag = data["lag_seconds"]
     print(f"lag:        {'-' if lag is None else human_seconds(lag)} (oldest last success)")
     print(f"queue:      {'-' if data['queue_length'] is None else data['queue_length']} waiting")
-    print(f"polls/s:    {data['polls_per_second']} (last minute)")
+    print(
+        f"polls/s:    {data['completed_polls_per_second']:.2f} done (last minute), "
+        f"{data['demanded_polls_per_second']:.2f} asked"
+        + (" - falling behind: add workers or lengthen intervals" if data["behind"] else "")
+    )
     workers = data["workers"]
     if isinstance(workers, str):
         print(f"workers:    {workers}")
@@ -372,7 +376,7 @@ def _status(session: Session) -> dict[str, Any]:
     failing = session.scalars(
         select(Account).where(Account.status != "active").order_by(Account.id).limit(20)
     ).all()
-    activity = admin.activity(session, minutes=60)
+    capacity = admin.capacity(session)
     mode = schedules.mode()
     workers: list[dict[str, Any]] | str
     if mode == "local":
@@ -386,8 +390,11 @@ def _status(session: Session) -> dict[str, Any]:
         "mode": str(mode),
         "mailboxes": counts,
         "lag_seconds": None if oldest is None else round((utcnow() - oldest).total_seconds()),
-        "queue_length": activity.queue_length,
-        "polls_per_second": activity.polls_per_second,
+        "queue_length": capacity.queue_length,
+        "oldest_pending_seconds": capacity.oldest_pending_seconds,
+        "demanded_polls_per_second": capacity.demanded_polls_per_second,
+        "completed_polls_per_second": capacity.completed_polls_per_second,
+        "behind": capacity.behind,
         "workers": workers,
         "failing": [
             {"id": a.id, "email": a.email, "status": str(a.status), "last_error": a.last_error}

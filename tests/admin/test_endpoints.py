@@ -204,9 +204,7 @@ def test_local_mode_runs_polls_in_the_api_process(set_env: Callable[..., None], 
         assert api.get("/admin/celery/workers").status_code == 503
 
 
-def test_activity_counts_polls_and_messages_per_bucket(
-    api: TestClient, db: Session, redis_db: RedisDb
-):
+def test_activity_counts_polls_and_messages_per_bucket(api: TestClient, db: Session):
     account = insert_account(db)
     now = utcnow()
     runs = [
@@ -229,8 +227,6 @@ def test_activity_counts_polls_and_messages_per_bucket(
             )
         )
     db.commit()
-    for _ in range(3):
-        redis_db.client().lpush("email", b"{}")
 
     body = api.get("/admin/activity", params={"minutes": 60}).json()
     assert body["bucket_seconds"] == 120
@@ -241,6 +237,4 @@ def test_activity_counts_polls_and_messages_per_bucket(
     assert buckets[-1] == {**buckets[-1], "polls": 2, "failed": 1, "messages": 4}
     assert buckets[0]["messages"] == 1  # 59 minutes ago: the first bucket
     assert buckets[14]["messages"] == 2  # 29 minutes after the start, in 2-minute buckets
-    assert body["polls_per_second"] == round(2 / 60, 2)
-    assert body["queue_length"] == 3
     assert api.get("/admin/activity", params={"minutes": 5}).status_code == 422

@@ -19,6 +19,7 @@ from backend.schedules import service as schedules
 from tests.mailbox.conftest import generated
 from tests.support.api import insert_account
 from tests.support.dovecot import Dovecot
+from tests.webhooks.fixtures import SECRET
 from tests.webhooks.receiver import Receiver
 
 
@@ -208,7 +209,7 @@ def test_dead_letters_list_and_replay(
     receiver: Receiver,
     set_env: Any,
 ):
-    set_env(WEBHOOK_URL=receiver.url, WEBHOOK_SECRET="whsec-cli", SCHEDULER_MODE="local")
+    set_env(WEBHOOK_URL=receiver.url, WEBHOOK_SECRET=SECRET, SCHEDULER_MODE="local")
     account = insert_account(db)
     dead = []
     for index in range(2):

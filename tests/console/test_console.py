@@ -16,6 +16,7 @@ from tests.console.conftest import Server, screenshot
 from tests.mailbox.conftest import generated
 from tests.support.api import insert_account
 from tests.support.dovecot import Dovecot
+from tests.webhooks.fixtures import SECRET
 from tests.webhooks.receiver import Receiver
 
 
@@ -165,7 +166,7 @@ def test_dead_letters_replay_and_the_activity_chart(
     db: Session,
     receiver: Receiver,
 ):
-    server = serve(WEBHOOK_URL=receiver.url, WEBHOOK_SECRET="whsec-console")
+    server = serve(WEBHOOK_URL=receiver.url, WEBHOOK_SECRET=SECRET)
     account = insert_account(db, email="dead@example.org")
     delivery = WebhookDelivery(
         event_id=f"evt_{uuid.uuid4().hex}",

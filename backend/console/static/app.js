@@ -819,17 +819,23 @@ function systemView() {
     h("div", { class: "grid" }, h("div", {}, h("h2", {}, "Health"), health), h("div", {}, h("h2", {}, "Workers"), workers)),
   );
   show("system", "Schedule and workers", async () => {
-    const [activity, schedule, status] = await Promise.all([
+    const [activity, capacity, status] = await Promise.all([
       api("GET", "/admin/activity?minutes=60"),
-      api("GET", "/admin/schedules?limit=1").catch((e) => ({ error: e.message })),
+      api("GET", "/admin/capacity").catch((e) => ({ error: e.message })),
       fetch("/health").then((r) => r.json()),
     ]);
+    const number = (value, digits) => (value === null || value === undefined ? "n/a" : Number(value).toFixed(digits));
     stats.replaceChildren(
-      stat("mode", schedule.mode || "unknown"),
-      stat("scheduled mailboxes", schedule.total ?? "?"),
-      stat("queue length", activity.queue_length ?? "n/a"),
-      stat("polls/s (last minute)", activity.polls_per_second),
+      stat("mode", capacity.mode || "unknown"),
+      stat("scheduled mailboxes", capacity.mailboxes ?? "?"),
+      stat("queue length", capacity.queue_length ?? "n/a"),
+      stat("oldest waiting poll", capacity.oldest_pending_seconds ? duration(capacity.oldest_pending_seconds) : "none"),
+      stat("polls/s asked", number(capacity.demanded_polls_per_second, 2)),
+      stat("polls/s done (last minute)", number(capacity.completed_polls_per_second, 2)),
+      stat("interval stretch", capacity.interval_stretch ? `x${number(capacity.interval_stretch, 1)}` : "n/a"),
     );
+    if (capacity.behind) stats.append(message("bad", "Polls are falling behind: add workers or lengthen intervals."));
+    if (capacity.error) stats.append(message("bad", capacity.error));
     chart.replaceChildren(activityChart(activity), legend());
     health.replaceChildren(
       h("p", {}, badge(status.status)),
@@ -839,7 +845,7 @@ function systemView() {
         Object.entries(status.checks).map(([name, value]) => fact(name, value)),
       ),
     );
-    if (schedule.mode === "local") {
+    if (capacity.mode === "local") {
       workers.replaceChildren(
         h("p", { class: "muted" }, "Local mode: polls run inside the API process; there are no Celery workers."),
       );
@@ -896,8 +902,8 @@ function activityChart(activity) {
     el.append(...children);
     return el;
   };
-  const width = 720;
-  const height = 160;
+  const width = 1200;
+  const height = 180;
   const pad = { left: 36, right: 36, top: 10, bottom: 20 };
   const buckets = activity.buckets;
   const step = (width - pad.left - pad.right) / buckets.length;
