@@ -19,8 +19,7 @@ from backend.schedules import service as schedules
 from tests.mailbox.conftest import generated
 from tests.support.api import insert_account
 from tests.support.dovecot import Dovecot
-from tests.webhooks.fixtures import SECRET
-from tests.webhooks.receiver import Receiver
+from tests.webhooks.receiver import SECRET, Receiver
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

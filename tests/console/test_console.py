@@ -16,8 +16,7 @@ from tests.console.conftest import Server, screenshot
 from tests.mailbox.conftest import generated
 from tests.support.api import insert_account
 from tests.support.dovecot import Dovecot
-from tests.webhooks.fixtures import SECRET
-from tests.webhooks.receiver import Receiver
+from tests.webhooks.receiver import SECRET, Receiver
 
 
 def sign_in(page: Page, server: Server) -> None:

@@ -608,7 +608,8 @@ function rawLink(m) {
 
 async function accountFields() {
   if (schemaFields === null) {
-    const schema = await (await fetch("/openapi.json")).json();
+    // The schema needs the token too unless API_DOCS_PUBLIC is on.
+    const schema = await api("GET", "/openapi.json");
     schemaFields = Object.keys(schema.components.schemas.AccountCreate.properties);
   }
   return schemaFields;
