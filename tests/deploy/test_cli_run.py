@@ -25,7 +25,7 @@ from tests.deploy.stack import Api, account_body, email, wait_until
 from tests.support.dovecot import Dovecot
 from tests.support.net import free_port, wait_for_port
 from tests.support.redis_db import RedisDb
-from tests.webhooks.receiver import Receiver
+from tests.webhooks.receiver import SECRET, Receiver
 
 
 @dataclass
@@ -90,7 +90,9 @@ def test_without_redis_it_serves_the_api_and_polls_in_process(
     receiver = Receiver()
     receiver.up()
     try:
-        with cli_run(tmp_path, REDIS_URL=closed, WEBHOOK_URL=receiver.url) as run:
+        with cli_run(
+            tmp_path, REDIS_URL=closed, WEBHOOK_URL=receiver.url, WEBHOOK_SECRET=SECRET
+        ) as run:
             health = httpx.get(run.url + "/health", timeout=30)
             token = _env_file(tmp_path / ".env")["ADMIN_API_TOKEN"]
             unauthorized = httpx.get(run.url + "/accounts", timeout=30)
