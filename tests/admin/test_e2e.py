@@ -11,9 +11,10 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.schedules.processes import Celery, running_celery, wait_for
+from tests.schedules.processes import Celery, running_celery
 from tests.support.api import account_payload, create_dovecot_account, silent_server
 from tests.support.dovecot import Dovecot
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -18,14 +17,15 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from backend import crypto
 from backend.celery_app import queue_keys
 from backend.models import Account, Message, PollRun, utcnow
 from backend.schedules import service
-from tests.mailbox.conftest import generated
-from tests.schedules.processes import Celery, running_celery, wait_for
+from tests.schedules.processes import Celery, running_celery
+from tests.support.accounts import make_account
 from tests.support.dovecot import Dovecot
+from tests.support.mail import generated
 from tests.support.redis_db import RedisDb
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -56,25 +56,15 @@ class Mailboxes:
         wrong_password: bool = False,
         last_polled_at: datetime | None = None,
     ) -> Account:
-        username = f"sched-{uuid.uuid4().hex[:10]}"
-        password = self.dovecot.add_user(username, f"pw-{uuid.uuid4().hex[:8]}")
-        account = Account(
-            email=f"{username}@example.org",
-            imap_host=self.dovecot.host,
-            imap_port=self.dovecot.imap_port,
-            imap_security="none",
-            username=username,
-            credentials_encrypted=crypto.encrypt_json(
-                {"password": "wrong" if wrong_password else password}
-            ),
-            folders=["INBOX"],
+        account = make_account(
+            self.db,
+            self.dovecot,
             poll_interval_seconds=interval,
             last_polled_at=last_polled_at,
+            credentials={"password": "wrong"} if wrong_password else None,
         )
-        self.db.add(account)
-        self.db.commit()
         service.sync_account(account)
-        self.usernames[account.id] = username
+        self.usernames[account.id] = account.username
         return account
 
     def deliver(self, account: Account, count: int) -> int:

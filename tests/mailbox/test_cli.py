@@ -10,19 +10,20 @@ from sqlalchemy.orm import Session
 
 from backend.cli import main
 from backend.models import Message
-from tests.mailbox.conftest import MakeAccount, generated
+from tests.support.accounts import MailAccount
 from tests.support.dovecot import Dovecot
+from tests.support.mail import generated
 
 
 def test_poll_command(
     db: Session,
     dovecot: Dovecot,
     mail_user: tuple[str, str],
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     dovecot.append_many(mail_user[0], [generated(1), generated(2)])
-    account = make_account()
+    account = mail_account()
     with pytest.raises(SystemExit) as exit_info:
         main(["poll", str(account.id)])
     assert exit_info.value.code == 0
@@ -34,7 +35,7 @@ def test_poll_command(
     assert len(processed) == 2
     assert None not in processed  # handed on in-process
 
-    account_with_bad_password = make_account(
+    account_with_bad_password = mail_account(
         username=mail_user[0],
         credentials={"password": "no"},
         email="other@example.org",

@@ -13,8 +13,9 @@ from sqlalchemy.orm import Session
 from backend.mailbox import imap
 from backend.mailbox.service import check_account, poll_account
 from backend.models import ImapSecurity
-from tests.mailbox.conftest import MakeAccount, generated
+from tests.support.accounts import MailAccount
 from tests.support.dovecot import Dovecot
+from tests.support.mail import generated
 from tests.support.net import free_port
 
 
@@ -64,13 +65,13 @@ def silent_server() -> Iterator[Callable[..., SilentServer]]:
 
 def test_a_server_that_never_answers_times_out(
     db: Session,
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     silent_server: Callable[..., SilentServer],
     set_env: Callable[..., None],
 ) -> None:
     set_env(IMAP_CONNECT_TIMEOUT=1, IMAP_READ_TIMEOUT=1)
     server = silent_server(greet=False)
-    account = make_account(imap_port=server.port)
+    account = mail_account(imap_port=server.port)
 
     result = poll_account(account.id)
 
@@ -83,13 +84,13 @@ def test_a_server_that_never_answers_times_out(
 
 
 def test_a_server_that_stops_answering_after_the_greeting_times_out(
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     silent_server: Callable[..., SilentServer],
     set_env: Callable[..., None],
 ) -> None:
     set_env(IMAP_CONNECT_TIMEOUT=1, IMAP_READ_TIMEOUT=1)
     server = silent_server(greet=True)
-    account = make_account(imap_port=server.port)
+    account = mail_account(imap_port=server.port)
     result = poll_account(account.id)
     assert result.outcome == "connection_error"
     assert result.error is not None and "timed out" in result.error
@@ -99,12 +100,12 @@ def test_implicit_tls_trusted_through_imap_ca_bundle(
     db: Session,
     dovecot: Dovecot,
     mail_user: tuple[str, str],
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     set_env: Callable[..., None],
 ) -> None:
     set_env(IMAP_CA_BUNDLE=dovecot.cert_path)
     dovecot.append(mail_user[0], generated(1))
-    account = make_account(imap_security="ssl", imap_port=dovecot.imaps_port)
+    account = mail_account(imap_security="ssl", imap_port=dovecot.imaps_port)
     result = poll_account(account.id)
     assert (result.outcome, result.messages) == ("success", 1)
 
@@ -112,11 +113,11 @@ def test_implicit_tls_trusted_through_imap_ca_bundle(
 def test_implicit_tls_refused_without_the_ca(
     db: Session,
     dovecot: Dovecot,
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     set_env: Callable[..., None],
 ) -> None:
     set_env(IMAP_CA_BUNDLE=None)
-    account = make_account(imap_security="ssl", imap_port=dovecot.imaps_port)
+    account = mail_account(imap_security="ssl", imap_port=dovecot.imaps_port)
     result = poll_account(account.id)
     assert result.outcome == "connection_error"
     assert result.error is not None and "CERTIFICATE_VERIFY_FAILED" in result.error
@@ -127,12 +128,12 @@ def test_implicit_tls_refused_without_the_ca(
 def test_starttls_trusted_through_imap_ca_bundle_and_refused_without(
     dovecot: Dovecot,
     mail_user: tuple[str, str],
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     set_env: Callable[..., None],
 ) -> None:
     set_env(IMAP_CA_BUNDLE=dovecot.cert_path)
     dovecot.append(mail_user[0], generated(1))
-    account = make_account(imap_security="starttls", imap_port=dovecot.imap_port)
+    account = mail_account(imap_security="starttls", imap_port=dovecot.imap_port)
     client = imap.connect(dovecot.host, dovecot.imap_port, "starttls")
     try:
         assert client.socket().version() is not None  # an SSLSocket after STARTTLS
@@ -146,10 +147,10 @@ def test_starttls_trusted_through_imap_ca_bundle_and_refused_without(
 
 
 def test_check_account_reports_folders(
-    dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+    dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
 ) -> None:
     dovecot.append_many(mail_user[0], [generated(1), generated(2)])
-    account = make_account(folders=["INBOX", "Missing"])
+    account = mail_account(folders=["INBOX", "Missing"])
     check = check_account(account, timeout=5)
     assert not check.ok
     assert check.stage == "folder"
@@ -164,9 +165,9 @@ def test_check_account_reports_folders(
     assert (ok.ok, ok.stage, ok.detail) == (True, "folder", "ok")
 
 
-def test_check_account_stages(mail_user: tuple[str, str], make_account: MakeAccount) -> None:
+def test_check_account_stages(mail_user: tuple[str, str], mail_account: MailAccount) -> None:
     _, password = mail_user
-    account = make_account(credentials={"password": password + "-wrong"})
+    account = mail_account(credentials={"password": password + "-wrong"})
     auth = check_account(account, timeout=5)
     assert (auth.ok, auth.stage) == (False, "auth")
     assert password not in auth.detail

@@ -18,17 +18,8 @@ from backend.models import Message, utcnow
 from backend.schedules import service
 from backend.schedules.local import LocalScheduler
 from backend.schedules.store import Wanted
-from tests.schedules.accounts import make_account
-
-DEADLINE_SECONDS = 30.0
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+from tests.support.accounts import make_account
+from tests.support.wait import wait_for
 
 
 class Recorder:

@@ -15,9 +15,10 @@ from backend.mailbox import oauth
 from backend.mailbox.imap import ImapAuthError
 from backend.models import WebhookDelivery
 from backend.processing.service import hand_on
-from tests.support.api import account_payload, auth_headers, insert_account, make_client
-from tests.webhooks.fixtures import store_message
-from tests.webhooks.receiver import Receiver, Reply
+from tests.support.accounts import make_account
+from tests.support.api import account_payload, auth_headers, make_client
+from tests.support.receiver import Receiver, Reply
+from tests.support.webhooks import store_message
 
 REFUSED = "refused by the outbound policy (name the host or its network in OUTBOUND_ALLOWLIST"
 
@@ -118,7 +119,7 @@ def test_production_webhooks_do_not_reach_internal_receivers(
 ) -> None:
     # WEBHOOK_URL is a setting, so the check that matters is the one at connect time.
     webhooks_on(ENVIRONMENT="production")
-    account = insert_account(db)
+    account = make_account(db)
     message = store_message(db, account, 1)
 
     hand_on([message.id], use_celery=False)
@@ -141,7 +142,7 @@ def test_dead_letters_do_not_echo_the_receivers_answer(
     db: Session, api: TestClient, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
     receiver.default = Reply(status=403, body=b"internal-admin-console v2.1: access denied")
-    account = insert_account(db)
+    account = make_account(db)
     hand_on([store_message(db, account, 1).id], use_celery=False)
 
     letters = api.get("/admin/dead-letters")

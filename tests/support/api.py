@@ -15,10 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
-    from backend.models import Account
     from tests.support.dovecot import Dovecot
 
 
@@ -46,28 +44,6 @@ def anonymous() -> Iterator[TestClient]:
     """The real app without the admin token."""
     with make_client({}) as client:
         yield client
-
-
-def insert_account(session: Session, **fields: Any) -> Account:
-    """An account row written straight to the database (no API, no schedule), committed."""
-    from backend import crypto
-    from backend.models import Account
-
-    values: dict[str, Any] = {
-        "email": f"{uuid.uuid4().hex[:8]}@example.com",
-        "imap_host": "imap.example.com",
-        "imap_port": 993,
-        "imap_security": "ssl",
-        "username": uuid.uuid4().hex[:12],
-        "credentials_encrypted": crypto.encrypt_json({"password": "secret-pw"}),
-        "folders": ["INBOX"],
-        "poll_interval_seconds": 300,
-    }
-    values.update(fields)
-    account = Account(**values)
-    session.add(account)
-    session.commit()
-    return account
 
 
 def account_payload(**fields: Any) -> dict[str, Any]:
