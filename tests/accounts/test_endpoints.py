@@ -25,8 +25,9 @@ from backend.storage import service as storage
 from backend.storage.base import account_prefix, message_key
 from backend.storage.tasks import purge_deleted
 from tests.support.accounts import make_account
-from tests.support.api import account_payload, create_dovecot_account, silent_server
+from tests.support.api import account_payload, create_dovecot_account
 from tests.support.dovecot import Dovecot
+from tests.support.imap_server import FakeImapServer
 from tests.support.net import free_port
 from tests.support.redis_db import RedisDb
 from tests.support.s3 import MotoS3
@@ -510,7 +511,8 @@ def test_test_endpoint_gives_up_on_a_server_that_never_answers(
     api: TestClient, set_env: Callable[..., None]
 ):
     set_env(IMAP_CONNECT_TIMEOUT="1")
-    with silent_server() as port:
+    with FakeImapServer(greeting=None) as silent:
+        port = silent.port
         account_id = api.post(
             "/accounts",
             json=account_payload(imap_host="127.0.0.1", imap_port=port, imap_security="none"),

@@ -3,9 +3,7 @@ check_account's stages."""
 
 from __future__ import annotations
 
-import socket
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy.orm import Session
@@ -15,65 +13,20 @@ from backend.mailbox.service import check_account, poll_account
 from backend.models import ImapSecurity
 from tests.support.accounts import MailAccount
 from tests.support.dovecot import Dovecot
+from tests.support.imap_server import FakeImapServer
 from tests.support.mail import generated
 from tests.support.net import free_port
-
-
-class SilentServer:
-    """Accepts connections and then says nothing, or only the greeting."""
-
-    def __init__(self, *, greet: bool) -> None:
-        self.greet = greet
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = int(self.sock.getsockname()[1])
-        self.connections: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections.append(conn)
-            if self.greet:
-                conn.sendall(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n")
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.connections:
-            conn.close()
-        self.thread.join(timeout=5)
-
-
-@pytest.fixture
-def silent_server() -> Iterator[Callable[..., SilentServer]]:
-    servers: list[SilentServer] = []
-
-    def make(*, greet: bool) -> SilentServer:
-        server = SilentServer(greet=greet)
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.close()
 
 
 def test_a_server_that_never_answers_times_out(
     db: Session,
     mail_account: MailAccount,
-    silent_server: Callable[..., SilentServer],
     set_env: Callable[..., None],
 ) -> None:
     set_env(IMAP_CONNECT_TIMEOUT=1, IMAP_READ_TIMEOUT=1)
-    server = silent_server(greet=False)
-    account = mail_account(imap_port=server.port)
-
-    result = poll_account(account.id)
+    with FakeImapServer(greeting=None) as server:
+        account = mail_account(imap_port=server.port)
+        result = poll_account(account.id)
 
     assert result.outcome == "connection_error"
     assert result.error is not None and "timed out" in result.error
@@ -85,13 +38,13 @@ def test_a_server_that_never_answers_times_out(
 
 def test_a_server_that_stops_answering_after_the_greeting_times_out(
     mail_account: MailAccount,
-    silent_server: Callable[..., SilentServer],
     set_env: Callable[..., None],
 ) -> None:
     set_env(IMAP_CONNECT_TIMEOUT=1, IMAP_READ_TIMEOUT=1)
-    server = silent_server(greet=True)
-    account = mail_account(imap_port=server.port)
-    result = poll_account(account.id)
+    with FakeImapServer() as server:  # greets, then answers nothing
+        account = mail_account(imap_port=server.port)
+        result = poll_account(account.id)
+        assert server.commands  # the client did get past the greeting
     assert result.outcome == "connection_error"
     assert result.error is not None and "timed out" in result.error
 

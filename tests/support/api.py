@@ -6,11 +6,8 @@ so the app is imported only inside the fixtures.
 
 from __future__ import annotations
 
-import socket
-import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -78,33 +75,3 @@ def create_dovecot_account(
     response = api.post("/accounts", json=payload)
     assert response.status_code == 201, response.text
     return int(response.json()["id"])
-
-
-@contextmanager
-def silent_server() -> Iterator[int]:
-    """A TCP port that accepts connections and never says a word (a hung IMAP server);
-    yields the port. Connections are held until the block ends."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield int(listener.getsockname()[1])
-    finally:
-        stop.set()
-        thread.join()
-        for conn in held:
-            conn.close()
-        listener.close()
