@@ -17,11 +17,11 @@ from datetime import datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-import redis
 from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
+from backend import redis
 from backend.celery_app import TOP_PRIORITY, broker_priority
 from backend.config import get_settings
 from backend.errors import ServiceUnavailable
@@ -68,15 +68,11 @@ def _wanted_clause() -> ColumnElement[bool]:
 
 
 def redis_reachable(timeout: float) -> bool:
-    from backend.admin.redis_client import redis_client
-
-    conn = redis_client(timeout)
     try:
-        return bool(conn.ping())
+        with redis.probe(timeout) as conn:
+            return bool(conn.ping())
     except redis.RedisError:
         return False
-    finally:
-        conn.close()
 
 
 _celery_process = False
