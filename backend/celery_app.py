@@ -132,6 +132,7 @@ app.conf.update(
 # RedBeat reads keys and JSON as text, so this client decodes.
 app.redbeat_redis = redis.connect(settings.effective_redbeat_redis_url, decode_responses=True)
 
+
 @after_setup_logger.connect
 def _log_level(logger: logging.Logger, loglevel: int, **_: Any) -> None:
     """`celery worker`'s -l defaults to WARNING, which hides the one INFO line per poll:
