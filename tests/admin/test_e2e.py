@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.schedules.processes import Celery, running_celery
 from tests.support.api import account_payload, create_dovecot_account
+from tests.support.celery import Celery, running_celery
 from tests.support.dovecot import Dovecot
 from tests.support.imap_server import FakeImapServer
 from tests.support.wait import wait_for

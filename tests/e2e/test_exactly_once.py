@@ -23,8 +23,8 @@ from sqlalchemy.orm import Session
 from backend.db import get_engine
 from backend.models import Message, WebhookDelivery
 from backend.schedules import service
-from tests.schedules.processes import Celery, running_celery
 from tests.support.accounts import make_account
+from tests.support.celery import Celery, running_celery
 from tests.support.dovecot import Dovecot
 from tests.support.mail import generated
 from tests.support.receiver import Receiver

@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session
 from backend.celery_app import queue_keys
 from backend.models import Account, Message, PollRun, utcnow
 from backend.schedules import service
-from tests.schedules.processes import Celery, running_celery
 from tests.support.accounts import make_account
+from tests.support.celery import Celery, running_celery
 from tests.support.dovecot import Dovecot
 from tests.support.mail import generated
 from tests.support.redis_db import RedisDb
@@ -318,12 +318,27 @@ def test_a_worker_killed_mid_poll_loses_and_duplicates_nothing(
     wait_for(lambda: mailboxes.ingested(account) > 0, "the poll to be under way")
 
     worker.kill()
+    time.sleep(1)  # a COMMIT the dead worker had sent completes without it
     held_at_kill = mailboxes.ingested(account)
     assert held_at_kill < total, "the poll ended before the kill; use more mail"
 
     celery.worker("survivor")
     wait_for(lambda: mailboxes.ingested(account) == total, "the rest of the mailbox")
     mailboxes.assert_held_once(account)
+    # What a finished poll reports new is what it hands on: the survivor's polls hand on
+    # exactly what the dead poll had not stored, none of it twice. (What the dead poll
+    # stored is handed on by the processing sweep, SWEEP_GRACE later.)
+    wait_for(
+        lambda: not any(run.finished_at is None for run in _later_runs(mailboxes, account)),
+        "the survivor's polls to finish",
+    )
+    handed_on = sum(run.messages_count for run in mailboxes.runs(account) if run.finished_at)
+    assert handed_on == total - held_at_kill
+
+
+def _later_runs(mailboxes: Mailboxes, account: Account) -> list[PollRun]:
+    """The polls after the first (the one the dead worker left running)."""
+    return mailboxes.runs(account)[1:]
 
 
 def test_a_bad_password_backs_off_and_ends_disabled_while_others_flow(

@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from backend.models import WebhookDelivery
 from backend.processing.service import hand_on
-from tests.schedules.processes import Celery, running_celery
 from tests.support.accounts import make_account
+from tests.support.celery import Celery, running_celery
 from tests.support.receiver import Receiver
 from tests.support.wait import wait_for
 from tests.support.webhooks import store_message

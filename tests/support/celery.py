@@ -1,4 +1,4 @@
-"""Real `celery worker` and `celery beat` processes for the scheduling tests, started
+"""Real `celery worker` and `celery beat` processes for end-to-end tests, started
 from this checkout with the test environment and stopped by the fixture that started
 them."""
 
