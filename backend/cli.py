@@ -13,6 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
+from backend import dispatch
 from backend.config import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,14 +35,6 @@ def migrate() -> None:
     config.attributes["configure_logger"] = False
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # start-up noise
     command.upgrade(config, "head")
-
-
-def use_celery() -> bool:
-    """Celery when Redis answers (SCHEDULER_MODE=auto), else the in-process scheduler; the
-    same decision the API makes, which logs it."""
-    from backend.schedules import service as schedules
-
-    return schedules.mode() == "celery"
 
 
 def stack_commands(host: str, port: int) -> dict[str, list[str]]:
@@ -142,7 +135,9 @@ def run(host: str, port: int) -> None:
         reset_caches()
     settings = get_settings()
     migrate()
-    if use_celery():
+    # Celery when Redis answers (SCHEDULER_MODE=auto), else the in-process scheduler: the
+    # same decision the API makes, which logs it.
+    if dispatch.mode() == "celery":
         print(banner(settings, host, port, "API, Celery beat and a worker on Redis"), flush=True)
         sys.exit(supervise(stack_commands(host, port)))
     import uvicorn
@@ -165,8 +160,9 @@ def poll(account_id: int) -> int:
     from backend.mailbox import service
     from backend.processing.service import after_poll
 
+    dispatch.run_in_process()
     result = service.poll_account(account_id, task_id=None)
-    after_poll(account_id, result.new_message_ids, result.account_event, use_celery=False)
+    after_poll(account_id, result.new_message_ids, result.account_event)
     metrics.record_poll(result.outcome, result.messages, result.bytes, result.duration_seconds)
     summary = {
         "account_id": account_id,

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from backend import dispatch
 from backend.admin.redis_client import ensure_redis, redis_client
 from backend.admin.schemas import (
     HealthRead,
@@ -51,7 +52,7 @@ QUEUE_SCAN_LIMIT = 50_000
 
 def require_scheduler() -> None:
     """In Celery mode the schedule and the queues are in Redis: 503 when it is gone."""
-    if schedules.mode() == "celery":
+    if dispatch.mode() == "celery":
         ensure_redis("the schedule and the poll queue")
 
 
@@ -74,7 +75,7 @@ def list_schedule(*, limit: int, offset: int) -> ScheduleList:
     ]
     entries.sort(key=lambda e: e.account_id)
     return ScheduleList(
-        mode=schedules.mode(), items=entries[offset : offset + limit], total=len(entries)
+        mode=dispatch.mode(), items=entries[offset : offset + limit], total=len(entries)
     )
 
 
@@ -322,7 +323,7 @@ def health() -> tuple[HealthRead, bool]:
     down is unhealthy (503); anything else failing is degraded: the API still answers and
     the stored data is safe, but polling or storage needs attention."""
     settings = get_settings()
-    local = schedules.mode() == "local"
+    local = dispatch.mode() == "local"
     checks: dict[str, Callable[[], str]] = {
         "database": _check_database,
         "storage": _check_storage,

@@ -30,5 +30,5 @@ def poll(self: Any, account_id: int) -> str:
             )
             return "locked"
         result = poll_account(account_id, task_id=task_id)
-    polling.finish(account_id, result, time.monotonic() - started, use_celery=True)
+    polling.finish(account_id, result, time.monotonic() - started)
     return str(result.outcome)

@@ -26,6 +26,7 @@ from celery.beat import ScheduleEntry
 from redbeat.decoder import RedBeatJSONEncoder, to_timestamp
 from redbeat.schedulers import RedBeatScheduler, get_redis
 
+from backend import dispatch
 from backend.db import session_scope
 from backend.schedules import service
 
@@ -41,7 +42,7 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
     _next_empty_check = 0.0
 
     def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
-        service.assume_celery_mode()
+        dispatch.assume_celery_mode()
         # A "task-sent" event per dispatch would double beat's Redis traffic (and halve
         # the polls it can send per second); Flower still sees every poll from the
         # worker's events (received, started, succeeded, revoked when expired).

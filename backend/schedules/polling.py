@@ -50,9 +50,7 @@ def record_skip(account_id: int, *, task_id: str | None, reason: str) -> None:
     log.info("poll of mailbox %s skipped: %s", account_id, reason)
 
 
-def finish(
-    account_id: int, result: PollResult, duration_seconds: float, *, use_celery: bool
-) -> None:
+def finish(account_id: int, result: PollResult, duration_seconds: float) -> None:
     """After the poll committed: hand on, count, and unschedule an account it disabled."""
     log.info(
         "poll of mailbox %s: %s, %d new messages in %.2fs",
@@ -61,7 +59,7 @@ def finish(
         len(result.new_message_ids),
         duration_seconds,
     )
-    after_poll(account_id, result.new_message_ids, result.account_event, use_celery=use_celery)
+    after_poll(account_id, result.new_message_ids, result.account_event)
     record_poll(result.outcome, result.messages, result.bytes, duration_seconds)
     if result.account_event == "account.disabled":
         log.warning("mailbox %s disabled after repeated failures: removing its entry", account_id)
@@ -74,4 +72,4 @@ def run_local_poll(account_id: int, task_id: str) -> None:
         return
     started = time.monotonic()
     result = poll_account(account_id, task_id=task_id)
-    finish(account_id, result, time.monotonic() - started, use_celery=False)
+    finish(account_id, result, time.monotonic() - started)

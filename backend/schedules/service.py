@@ -14,14 +14,13 @@ import logging
 import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from functools import lru_cache
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import redis
-from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
+from backend import dispatch
 from backend.config import get_settings
 from backend.errors import ServiceUnavailable
 from backend.models import Account, utcnow
@@ -31,8 +30,6 @@ if TYPE_CHECKING:
     from backend.schedules.local import LocalScheduler
 
 log = logging.getLogger(__name__)
-
-Mode = Literal["celery", "local"]
 
 
 @dataclass(frozen=True)
@@ -65,52 +62,6 @@ def _wanted_clause() -> ColumnElement[bool]:
     return Account.enabled.is_(True) & (Account.status != "disabled")
 
 
-# -- mode ----------------------------------------------------------------------------
-
-
-def redis_reachable(timeout: float) -> bool:
-    from backend.admin.redis_client import redis_client
-
-    conn = redis_client(timeout)
-    try:
-        return bool(conn.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        conn.close()
-
-
-_celery_process = False
-
-
-def assume_celery_mode() -> None:
-    """Celery workers and beat run only with Redis: they never take the local mode, even
-    if Redis blinks when they first ask."""
-    global _celery_process  # noqa: PLW0603 - a fact about this process
-    _celery_process = True
-    mode.cache_clear()
-
-
-@lru_cache
-def mode() -> Mode:
-    """ "celery" or "local", decided once per process (SCHEDULER_MODE=auto asks Redis)."""
-    settings = get_settings()
-    if _celery_process:
-        return "celery"
-    if settings.scheduler_mode != "auto":
-        return settings.scheduler_mode
-    url = maybe_sanitize_url(settings.redis_url)
-    if redis_reachable(settings.redis_socket_timeout):
-        log.info("scheduler: Redis at %s answers: polls run on Celery workers", url)
-        return "celery"
-    log.warning(
-        "scheduler: Redis at %s cannot be reached: running the local in-process scheduler "
-        "(polls run in this process; start Redis and restart to use Celery workers)",
-        url,
-    )
-    return "local"
-
-
 # -- one account ---------------------------------------------------------------------
 
 
@@ -118,7 +69,7 @@ def sync_account(account: Account) -> None:
     """Bring the account's entry in line with the committed account: create it, update it
     in place (an interval change keeps the phase) or remove it. Redis trouble is logged,
     not raised: the commit stands and the next reconcile repairs the entry."""
-    if mode() == "local":
+    if dispatch.mode() == "local":
         scheduler = _local_scheduler()
         if scheduler is not None:
             if wants_schedule(account):
@@ -143,7 +94,7 @@ def sync_account(account: Account) -> None:
 
 def remove_account(account_id: int) -> None:
     """Remove the account's entry (deleted or disabled account). Never raises for Redis."""
-    if mode() == "local":
+    if dispatch.mode() == "local":
         scheduler = _local_scheduler()
         if scheduler is not None:
             scheduler.remove(account_id)
@@ -160,7 +111,7 @@ def remove_account(account_id: int) -> None:
 
 def enqueue_poll(account_id: int) -> str:
     """Poll a mailbox now; returns the task id."""
-    if mode() == "local":
+    if dispatch.mode() == "local":
         scheduler = _local_scheduler()
         if scheduler is None:
             raise ServiceUnavailable(
@@ -169,10 +120,9 @@ def enqueue_poll(account_id: int) -> str:
             )
         return scheduler.run_now(account_id)
     # By name: the API need not import the task module (and its ingestion imports).
-    result = store.celery_app().send_task(
-        store.POLL_TASK, args=[account_id], queue=store.POLL_QUEUE
-    )
-    return str(result.id)
+    task_id = dispatch.enqueue(store.POLL_TASK, account_id)
+    assert task_id is not None  # not coalesced
+    return task_id
 
 
 # -- all accounts --------------------------------------------------------------------
@@ -197,7 +147,7 @@ def reconcile(session: Session) -> ReconcileResult:
     """Rebuild the schedule from the database: create the missing entries, fix the
     changed, delete the orphans. Reads only; the caller's boundary closes the session."""
     wanted = wanted_accounts(session)
-    if mode() == "local":
+    if dispatch.mode() == "local":
         scheduler = _local_scheduler()
         counts = scheduler.replace_all(wanted) if scheduler is not None else store.Counts()
     else:
@@ -210,7 +160,7 @@ def reconcile(session: Session) -> ReconcileResult:
 
 
 def list_entries() -> list[ScheduleEntry]:
-    if mode() == "local":
+    if dispatch.mode() == "local":
         scheduler = _local_scheduler()
         stored = scheduler.entries() if scheduler is not None else []
     else:
@@ -221,7 +171,7 @@ def list_entries() -> list[ScheduleEntry]:
 
 def count_entries() -> int:
     """How many mailbox entries the schedule holds: one ZRANGE, no entry is read."""
-    if mode() == "local":
+    if dispatch.mode() == "local":
         scheduler = _local_scheduler()
         return len(scheduler.entries()) if scheduler is not None else 0
     return len(store.mailbox_members(store.client()))
@@ -240,7 +190,7 @@ def _local_scheduler() -> LocalScheduler | None:
 def start_local_scheduler_if_needed() -> bool:
     """In local mode, start the in-process scheduler (once per process); True if it runs."""
     global _local  # noqa: PLW0603 - one scheduler per process
-    if mode() != "local":
+    if dispatch.mode() != "local":
         return False
     from backend.schedules.local import LocalScheduler
     from backend.schedules.polling import run_local_poll
@@ -264,7 +214,7 @@ def _local_housekeeping() -> None:
     from backend.processing.service import sweep
     from backend.storage import tasks as storage_tasks
 
-    sweep(use_celery=False)
+    sweep()
     if get_settings().s3_enabled:
         storage_tasks.sync_all()
 
@@ -285,8 +235,5 @@ def _load_wanted() -> dict[int, store.Wanted]:
 
 
 def reset_cache() -> None:
-    """Forget the mode and stop a local scheduler (tests change the environment)."""
-    global _celery_process  # noqa: PLW0603 - a fact about this process
+    """Stop a local scheduler (tests change the environment)."""
     stop_local_scheduler()
-    _celery_process = False
-    mode.cache_clear()

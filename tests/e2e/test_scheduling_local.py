@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from backend import crypto
+from backend import crypto, dispatch
 from backend.models import Account, Message
 from backend.schedules import service
 from tests.mailbox.conftest import generated
@@ -42,9 +42,9 @@ def _count(db: Session, account: Account) -> int:
 def test_local_mode_polls_without_redis(
     db: Session, dovecot: Dovecot, without_redis: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="backend.schedules.service"):
+    with caplog.at_level(logging.WARNING, logger="backend.dispatch"):
         assert service.start_local_scheduler_if_needed()
-    assert service.mode() == "local"
+    assert dispatch.mode() == "local"
     assert "cannot be reached" in caplog.text
 
     username = f"local-{uuid.uuid4().hex[:10]}"

@@ -12,6 +12,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy.orm import Session
 
+from backend import dispatch
 from backend.errors import ServiceUnavailable
 from backend.models import Message, utcnow
 from backend.schedules import service
@@ -178,7 +179,7 @@ def test_service_in_local_mode(db: Session, set_env: Callable[..., None]) -> Non
 
 
 def test_celery_mode_starts_no_local_scheduler() -> None:
-    assert service.mode() == "celery"
+    assert dispatch.mode() == "celery"
     assert service.start_local_scheduler_if_needed() is False
 
 

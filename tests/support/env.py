@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def reset_caches() -> None:
-    from backend import crypto, db
+    from backend import crypto, db, dispatch
     from backend.mailbox import lock
     from backend.schedules import service as schedules
     from backend.storage import service as storage
@@ -16,3 +16,4 @@ def reset_caches() -> None:
     webhook_client.reset_cache()
     lock.reset_cache()
     schedules.reset_cache()
+    dispatch.reset()
