@@ -12,6 +12,9 @@ from backend.config import get_settings
 
 settings = get_settings()
 
+# Outlasts a tick's sleep (1 s) plus one Redis call stuck until its socket timeout.
+BEAT_LOCK_SECONDS = int(settings.redis_socket_timeout) + 5
+
 app = Celery("mailbeat", broker=settings.redis_url)
 app.conf.update(
     timezone="UTC",
@@ -50,8 +53,9 @@ app.conf.update(
         }
     },
     # RedBeat (with mailbeat's reconcile on top, backend/schedules/beat.py): its own
-    # Redis, with timeouts; a tick of ~1 s keeps dispatch lateness low; the lock must
-    # outlive the slowest tick, or a second beat takes over mid-tick and sends duplicates.
+    # Redis, with timeouts; a tick of ~1 s keeps dispatch lateness low. The lock is
+    # renewed every tick and while a long dispatch runs, so it can be short: a beat that
+    # dies (SIGKILL, a lost host) is replaced within BEAT_LOCK_SECONDS, not minutes.
     beat_scheduler="backend.schedules.beat:MailbeatScheduler",
     redbeat_redis_url=settings.effective_redbeat_redis_url,
     redbeat_redis_options={
@@ -60,7 +64,7 @@ app.conf.update(
         "health_check_interval": 30,
     },
     redbeat_key_prefix="redbeat:",
-    redbeat_lock_timeout=300,
+    redbeat_lock_timeout=BEAT_LOCK_SECONDS,
     beat_max_loop_interval=1,
     beat_schedule={
         # The database is the truth: beat rebuilds the schedule from it now and then,

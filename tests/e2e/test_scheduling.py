@@ -5,6 +5,7 @@ deadline, never a sleep that asserts timing."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -236,6 +237,32 @@ def test_two_beats_at_once_dispatch_each_poll_once(
         # A duplicate would be milliseconds after the poll it repeats.
         assert min(gaps) >= INTERVAL / 2, (account.id, gaps)
         assert sends(first.log(), account) + sends(second.log(), account) == len(times)
+
+
+def test_a_beat_killed_outright_is_replaced_within_seconds(
+    celery: Celery, mailboxes: Mailboxes, redis_db: RedisDb
+) -> None:
+    accounts = [mailboxes.add() for _ in range(2)]
+    first = celery.beat("beat1")
+    wait_for(
+        lambda: all(queued_polls(redis_db).get(a.id) for a in accounts), "the first dispatches"
+    )
+
+    first.kill()  # SIGKILL: the lock is not released
+    assert redis_db.client().exists("redbeat::lock")
+    killed = time.monotonic()
+    second = celery.beat("beat2")
+    counts = {a.id: len(queued_polls(redis_db)[a.id]) for a in accounts}
+
+    # The old lock runs out in seconds (it was 300 s), and the new beat says it waits.
+    wait_for(
+        lambda: all(len(queued_polls(redis_db)[a.id]) > counts[a.id] for a in accounts),
+        "dispatches from the new beat",
+        timeout=30,
+    )
+    print(f"beat failover: {time.monotonic() - killed:.1f}s from SIGKILL to dispatch")
+    assert "beat: waiting for the beat lock" in second.log()
+    assert "Sending due task mailbox:" in second.log()
 
 
 def test_two_workers_never_poll_one_mailbox_at_once(
