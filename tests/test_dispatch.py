@@ -24,8 +24,7 @@ def _queued(redis_db: RedisDb, queue: str) -> list[dict[str, Any]]:
     """The messages waiting in a queue, every priority level (kombu keeps one list per
     level: the queue's name, then a separator and the level)."""
     conn = redis_db.client()
-    keys = [key for key in conn.keys(f"{queue}*") if key.decode().startswith(queue)]
-    return [json.loads(raw) for key in keys for raw in conn.lrange(key, 0, -1)]
+    return [json.loads(raw) for key in conn.keys(f"{queue}*") for raw in conn.lrange(key, 0, -1)]
 
 
 @pytest.fixture
