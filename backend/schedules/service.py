@@ -14,7 +14,6 @@ import logging
 import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 import redis
 from sqlalchemy import ColumnElement, select
@@ -22,12 +21,11 @@ from sqlalchemy.orm import Session
 
 from backend import dispatch
 from backend.config import get_settings
+from backend.db import session_scope
 from backend.errors import ServiceUnavailable
 from backend.models import Account, utcnow
 from backend.schedules import store
-
-if TYPE_CHECKING:
-    from backend.schedules.local import LocalScheduler
+from backend.schedules.local import HousekeepingFunction, LocalScheduler, PollFunction
 
 log = logging.getLogger(__name__)
 
@@ -187,36 +185,26 @@ def _local_scheduler() -> LocalScheduler | None:
     return _local
 
 
-def start_local_scheduler_if_needed() -> bool:
-    """In local mode, start the in-process scheduler (once per process); True if it runs."""
+def start_local_scheduler_if_needed(
+    *, poll: PollFunction, housekeeping: HousekeepingFunction
+) -> bool:
+    """In local mode, start the in-process scheduler (once per process); True if it runs.
+    The composition root (backend/main.py) passes what it runs: a poll of one mailbox, and
+    beat's periodic work."""
     global _local  # noqa: PLW0603 - one scheduler per process
     if dispatch.mode() != "local":
         return False
-    from backend.schedules.local import LocalScheduler
-    from backend.schedules.polling import run_local_poll
-
     with _local_guard:
         if _local is None:
             scheduler = LocalScheduler(
-                poll=run_local_poll,
+                poll=poll,
                 load=_load_wanted,
                 refresh_seconds=get_settings().reconcile_interval_seconds,
-                housekeeping=_local_housekeeping,
+                housekeeping=housekeeping,
             )
             scheduler.start()
             _local = scheduler
     return True
-
-
-def _local_housekeeping() -> None:
-    """Beat's periodic work, for local mode: pick up lost processing and deliveries, and
-    move objects that fell back to local files up to S3 once it answers."""
-    from backend.processing.service import sweep
-    from backend.storage import tasks as storage_tasks
-
-    sweep()
-    if get_settings().s3_enabled:
-        storage_tasks.sync_all()
 
 
 def stop_local_scheduler(timeout: float = 30.0) -> None:
@@ -228,8 +216,6 @@ def stop_local_scheduler(timeout: float = 30.0) -> None:
 
 
 def _load_wanted() -> dict[int, store.Wanted]:
-    from backend.db import session_scope
-
     with session_scope() as session:
         return wanted_accounts(session)
 

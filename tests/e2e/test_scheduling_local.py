@@ -11,6 +11,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from backend import crypto, dispatch
+from backend.mailbox.polling import run_poll
+from backend.main import local_housekeeping
 from backend.models import Account, Message
 from backend.schedules import service
 from tests.mailbox.conftest import generated
@@ -43,7 +45,9 @@ def test_local_mode_polls_without_redis(
     db: Session, dovecot: Dovecot, without_redis: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="backend.dispatch"):
-        assert service.start_local_scheduler_if_needed()
+        assert service.start_local_scheduler_if_needed(
+            poll=run_poll, housekeeping=local_housekeeping
+        )
     assert dispatch.mode() == "local"
     assert "cannot be reached" in caplog.text
 
