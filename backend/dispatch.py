@@ -134,11 +134,17 @@ def enqueue(
     """Run the task `name` with `args` (JSON-serialisable), once what it reads is
     committed. Returns its task id, or None when coalesced away.
 
-    countdown: seconds to wait first. priority: 0-9, passed to Celery as it is (queues
-    take their route from the task name, backend/celery_app.py). coalesce_key: at most
-    one pending task per key; an enqueue while one is pending (sent, not yet started)
-    is dropped. The task frees the key when it starts; the key expires by itself
-    `coalesce_expiry` seconds after the countdown, so a lost task cannot block it."""
+    countdown: seconds to wait first (in local mode, on a timer thread).
+    priority: 0-9, higher is more urgent; for now passed to Celery unchanged (local mode
+    ignores it). On Redis, kombu serves the LOWER number first, in steps 0/3/6/9, so it
+    must be mapped before anything relies on it.
+    coalesce_key: at most one pending task per key; an enqueue while one is pending
+    (sent, not yet started) is dropped. The task frees the key as it starts; the key
+    expires by itself `coalesce_expiry` seconds after the countdown, so a task lost with
+    its worker cannot block it for ever.
+
+    The queue follows from the name (task_routes in backend/celery_app.py). In Celery
+    mode a Redis failure raises to the caller, as sending any task does."""
     expiry = (countdown or 0.0) + coalesce_expiry
     if _in_process or mode() == "local":
         if coalesce_key is not None and not _claim_local(coalesce_key, expiry):
