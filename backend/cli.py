@@ -16,6 +16,7 @@ from typing import NoReturn
 
 from backend import dispatch
 from backend.config import Settings, get_settings
+from backend.models.enums import SchedulerMode
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = Path(".env")  # where Settings reads it: the working directory
@@ -138,7 +139,7 @@ def run(host: str, port: int) -> None:
     migrate()
     # Celery when Redis answers (SCHEDULER_MODE=auto), else the in-process scheduler: the
     # same decision the API makes, which logs it.
-    if dispatch.mode() == "celery":
+    if dispatch.mode() == SchedulerMode.CELERY:
         print(banner(settings, host, port, "API, Celery beat and a worker on Redis"), flush=True)
         sys.exit(supervise(stack_commands(host, port)))
     import uvicorn

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any
 
 import redis
 from celery.signals import task_prerun
@@ -33,11 +33,11 @@ from kombu.utils.url import maybe_sanitize_url
 
 from backend.admin.redis_client import redis_client
 from backend.celery_app import app as celery_app
+from backend.celery_app import broker_priority
 from backend.config import get_settings
+from backend.models.enums import SchedulerMode
 
 log = logging.getLogger(__name__)
-
-Mode = Literal["celery", "local"]
 
 # How long a coalescing key outlives the task's countdown: a worker that died before
 # starting the task cannot block its key for longer than this.
@@ -85,23 +85,23 @@ def run_in_process() -> None:
 
 
 @lru_cache
-def mode() -> Mode:
+def mode() -> SchedulerMode:
     """ "celery" or "local", decided once per process (SCHEDULER_MODE=auto asks Redis)."""
     settings = get_settings()
     if _celery_process:
-        return "celery"
+        return SchedulerMode.CELERY
     if settings.scheduler_mode != "auto":
-        return settings.scheduler_mode
+        return SchedulerMode(settings.scheduler_mode)
     url = maybe_sanitize_url(settings.redis_url)
     if redis_reachable(settings.redis_socket_timeout):
         log.info("scheduler: Redis at %s answers: polls run on Celery workers", url)
-        return "celery"
+        return SchedulerMode.CELERY
     log.warning(
         "scheduler: Redis at %s cannot be reached: running the local in-process scheduler "
         "(polls run in this process; start Redis and restart to use Celery workers)",
         url,
     )
-    return "local"
+    return SchedulerMode.LOCAL
 
 
 def reset() -> None:
@@ -135,9 +135,8 @@ def enqueue(
     committed. Returns its task id, or None when coalesced away.
 
     countdown: seconds to wait first (in local mode, on a timer thread).
-    priority: 0-9, higher is more urgent; for now passed to Celery unchanged (local mode
-    ignores it). On Redis, kombu serves the LOWER number first, in steps 0/3/6/9, so it
-    must be mapped before anything relies on it.
+    priority: 0-9, higher is more urgent (broker_priority in backend/celery_app.py turns
+    it into kombu's level); without one, the task's route decides. Local mode ignores it.
     coalesce_key: at most one pending task per key; an enqueue while one is pending
     (sent, not yet started) is dropped. The task frees the key as it starts; the key
     expires by itself `coalesce_expiry` seconds after the countdown, so a task lost with
@@ -146,7 +145,7 @@ def enqueue(
     The queue follows from the name (task_routes in backend/celery_app.py). In Celery
     mode a Redis failure raises to the caller, as sending any task does."""
     expiry = (countdown or 0.0) + coalesce_expiry
-    if _in_process or mode() == "local":
+    if _in_process or mode() == SchedulerMode.LOCAL:
         if coalesce_key is not None and not _claim_local(coalesce_key, expiry):
             return None
         return _run_local(name, args, countdown, coalesce_key)
@@ -156,7 +155,7 @@ def enqueue(
     if countdown:
         options["countdown"] = countdown
     if priority is not None:
-        options["priority"] = priority
+        options["priority"] = broker_priority(priority)
     if coalesce_key is not None:
         options["headers"] = {COALESCE_HEADER: coalesce_key}
     result = celery_app.send_task(name, args=list(args), **options)
@@ -177,7 +176,7 @@ def _claim_redis(key: str, expiry: float) -> bool:
 
 
 def _release(key: str) -> None:
-    if _in_process or mode() == "local":
+    if _in_process or mode() == SchedulerMode.LOCAL:
         with _local_guard:
             _local_pending.pop(key, None)
         return

@@ -18,7 +18,7 @@ from backend.db import session_scope
 from backend.mailbox.lock import mailbox_lock
 from backend.mailbox.service import PollResult, poll_account
 from backend.metrics import record_poll
-from backend.models import Account, PollRun, utcnow
+from backend.models import Account, PollRun, SchedulerMode, utcnow
 from backend.processing.service import after_poll
 from backend.schedules import service as schedules
 
@@ -63,7 +63,7 @@ def run_poll(account_id: int, task_id: str | None) -> PollResult | NotRun:
 
 def _lock(account_id: int) -> AbstractContextManager[bool]:
     # Local mode has no Redis, and its scheduler runs one poll per mailbox at a time.
-    if dispatch.mode() == "local":
+    if dispatch.mode() == SchedulerMode.LOCAL:
         return nullcontext(True)
     return mailbox_lock(account_id)
 

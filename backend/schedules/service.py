@@ -20,10 +20,11 @@ from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from backend import dispatch
+from backend.celery_app import TOP_PRIORITY
 from backend.config import get_settings
 from backend.db import session_scope
 from backend.errors import ServiceUnavailable
-from backend.models import Account, utcnow
+from backend.models import Account, AccountStatus, SchedulerMode, utcnow
 from backend.schedules import store
 from backend.schedules.local import HousekeepingFunction, LocalScheduler, PollFunction
 
@@ -53,11 +54,11 @@ class ReconcileResult:
 def wants_schedule(account: Account) -> bool:
     """Whether an account should have a schedule entry. One failing with status "error"
     keeps it: its poll skips while the account's backoff lasts."""
-    return account.enabled and account.status != "disabled"
+    return account.enabled and account.status != AccountStatus.DISABLED
 
 
 def _wanted_clause() -> ColumnElement[bool]:
-    return Account.enabled.is_(True) & (Account.status != "disabled")
+    return Account.enabled.is_(True) & (Account.status != AccountStatus.DISABLED)
 
 
 # -- one account ---------------------------------------------------------------------
@@ -67,21 +68,26 @@ def sync_account(account: Account) -> None:
     """Bring the account's entry in line with the committed account: create it, update it
     in place (an interval change keeps the phase) or remove it. Redis trouble is logged,
     not raised: the commit stands and the next reconcile repairs the entry."""
-    if dispatch.mode() == "local":
+    if dispatch.mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         if scheduler is not None:
             if wants_schedule(account):
-                scheduler.put(account.id, account.poll_interval_seconds, account.last_polled_at)
+                scheduler.put(
+                    account.id,
+                    account.poll_interval_seconds,
+                    account.last_polled_at,
+                    first_poll_now=True,
+                )
             else:
                 scheduler.remove(account.id)
         return
     wanted = {}
     if wants_schedule(account):
         wanted[account.id] = store.Wanted(
-            account.id, account.poll_interval_seconds, account.last_polled_at
+            account.id, account.poll_interval_seconds, account.last_polled_at, account.priority
         )
     try:
-        store.apply(wanted, [store.entry_key(account.id)], utcnow())
+        store.apply(wanted, [store.entry_key(account.id)], utcnow(), first_poll_now=True)
     except redis.RedisError as exc:
         log.warning(
             "schedule entry for mailbox %s not updated (%s); the next reconcile will fix it",
@@ -92,7 +98,7 @@ def sync_account(account: Account) -> None:
 
 def remove_account(account_id: int) -> None:
     """Remove the account's entry (deleted or disabled account). Never raises for Redis."""
-    if dispatch.mode() == "local":
+    if dispatch.mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         if scheduler is not None:
             scheduler.remove(account_id)
@@ -109,7 +115,7 @@ def remove_account(account_id: int) -> None:
 
 def enqueue_poll(account_id: int) -> str:
     """Poll a mailbox now; returns the task id."""
-    if dispatch.mode() == "local":
+    if dispatch.mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         if scheduler is None:
             raise ServiceUnavailable(
@@ -117,8 +123,9 @@ def enqueue_poll(account_id: int) -> str:
                 "process when Redis is unavailable"
             )
         return scheduler.run_now(account_id)
-    # By name: the API need not import the task module (and its ingestion imports).
-    task_id = dispatch.enqueue(store.POLL_TASK, account_id)
+    # Asked for by hand: ahead of every scheduled poll in the queue. By name: the API
+    # need not import the task module (and its ingestion imports).
+    task_id = dispatch.enqueue(store.POLL_TASK, account_id, priority=TOP_PRIORITY)
     assert task_id is not None  # not coalesced
     return task_id
 
@@ -128,12 +135,13 @@ def enqueue_poll(account_id: int) -> str:
 
 def wanted_accounts(session: Session) -> dict[int, store.Wanted]:
     rows = session.execute(
-        select(Account.id, Account.poll_interval_seconds, Account.last_polled_at).where(
-            _wanted_clause()
-        )
+        select(
+            Account.id, Account.poll_interval_seconds, Account.last_polled_at, Account.priority
+        ).where(_wanted_clause())
     )
     return {
-        row.id: store.Wanted(row.id, row.poll_interval_seconds, row.last_polled_at) for row in rows
+        row.id: store.Wanted(row.id, row.poll_interval_seconds, row.last_polled_at, row.priority)
+        for row in rows
     }
 
 
@@ -145,7 +153,7 @@ def reconcile(session: Session) -> ReconcileResult:
     """Rebuild the schedule from the database: create the missing entries, fix the
     changed, delete the orphans. Reads only; the caller's boundary closes the session."""
     wanted = wanted_accounts(session)
-    if dispatch.mode() == "local":
+    if dispatch.mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         counts = scheduler.replace_all(wanted) if scheduler is not None else store.Counts()
     else:
@@ -158,7 +166,7 @@ def reconcile(session: Session) -> ReconcileResult:
 
 
 def list_entries() -> list[ScheduleEntry]:
-    if dispatch.mode() == "local":
+    if dispatch.mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         stored = scheduler.entries() if scheduler is not None else []
     else:
@@ -169,7 +177,7 @@ def list_entries() -> list[ScheduleEntry]:
 
 def count_entries() -> int:
     """How many mailbox entries the schedule holds: one ZRANGE, no entry is read."""
-    if dispatch.mode() == "local":
+    if dispatch.mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         return len(scheduler.entries()) if scheduler is not None else 0
     return len(store.mailbox_members(store.client()))
@@ -192,7 +200,7 @@ def start_local_scheduler_if_needed(
     The composition root (backend/main.py) passes what it runs: a poll of one mailbox, and
     beat's periodic work."""
     global _local  # noqa: PLW0603 - one scheduler per process
-    if dispatch.mode() != "local":
+    if dispatch.mode() != SchedulerMode.LOCAL:
         return False
     with _local_guard:
         if _local is None:
