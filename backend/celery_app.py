@@ -107,7 +107,8 @@ app.conf.update(
             "schedule": settings.reconcile_interval_seconds,
             "options": {"expires": settings.reconcile_interval_seconds},
         },
-        # Objects that fell back to local files while S3 was down go up once it answers.
+        # Objects that fell back to local files while S3 was down go up once it answers;
+        # deleted accounts' objects that their deletion could not remove go.
         "storage-sync": {
             "task": "storage.sync",
             "schedule": settings.storage_sync_interval_seconds,

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: int = 300
     poll_soft_time_limit_seconds: int = 600
     poll_time_limit_seconds: int = 660
+    # /health says "degraded" when the oldest queued poll has waited longer than this:
+    # the workers complete fewer polls than the schedule asks for.
+    poll_lag_degraded_seconds: int = Field(default=300, ge=1)
 
     # Webhooks (processing).
     webhook_url: str | None = None

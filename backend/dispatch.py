@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -130,6 +130,7 @@ def enqueue(
     priority: int | None = None,
     coalesce_key: str | None = None,
     coalesce_expiry: float = COALESCE_EXPIRY_SECONDS,
+    headers: Mapping[str, Any] | None = None,
 ) -> str | None:
     """Run the task `name` with `args` (JSON-serialisable), once what it reads is
     committed. Returns its task id, or None when coalesced away.
@@ -141,6 +142,8 @@ def enqueue(
     (sent, not yet started) is dropped. The task frees the key as it starts; the key
     expires by itself `coalesce_expiry` seconds after the countdown, so a task lost with
     its worker cannot block it for ever.
+
+    headers: extra message headers for whoever reads the queue (Celery mode only).
 
     The queue follows from the name (task_routes in backend/celery_app.py). In Celery
     mode a Redis failure raises to the caller, as sending any task does."""
@@ -156,8 +159,10 @@ def enqueue(
         options["countdown"] = countdown
     if priority is not None:
         options["priority"] = broker_priority(priority)
-    if coalesce_key is not None:
-        options["headers"] = {COALESCE_HEADER: coalesce_key}
+    if headers or coalesce_key is not None:
+        options["headers"] = dict(headers or {})
+        if coalesce_key is not None:
+            options["headers"][COALESCE_HEADER] = coalesce_key
     result = celery_app.send_task(name, args=list(args), **options)
     return str(result.id)
 

@@ -44,8 +44,10 @@ problem in `errors`. Passwords and tokens are write-only: no response carries th
 def local_housekeeping() -> None:
     """Beat's periodic work (beat_schedule in backend/celery_app.py), for local mode: pick
     up lost processing and deliveries, and move objects that fell back to local files up
-    to S3 once it answers. (Beat's reconcile is the local scheduler's own re-read.)"""
+    to S3 once it answers, and remove the stored objects of deleted accounts. (Beat's
+    reconcile is the local scheduler's own re-read.)"""
     sweep()
+    storage_tasks.purge_deleted()
     if get_settings().s3_enabled:
         storage_tasks.sync_all()
 

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from backend.admin import service
 from backend.admin.schemas import (
+    CapacityRead,
     HealthRead,
     ReconcileRead,
     RetryRead,
@@ -54,6 +55,13 @@ def list_schedules(
     """The schedule entries by account id, with interval and last and next run;
     `total` counts them all."""
     return service.list_schedule(limit=limit, offset=offset)
+
+
+@router.get("/capacity")
+def capacity(session: SessionDep) -> CapacityRead:
+    """Can the workers keep up? Polls per second the schedule demands and the workers
+    complete, the poll queue and the wait of its oldest poll."""
+    return service.capacity(session)
 
 
 @router.get("/celery/workers")

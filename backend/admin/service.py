@@ -16,12 +16,14 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import redis
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from backend import dispatch
-from backend.admin.redis_client import ensure_redis, redis_client
+from backend.admin.redis_client import ensure_redis, redis_client, redis_location
 from backend.admin.schemas import (
+    CapacityRead,
     HealthRead,
     PollRunRead,
     ReconcileRead,
@@ -35,6 +37,7 @@ from backend.admin.schemas import (
     WorkerRead,
 )
 from backend.config import get_settings
+from backend.db import session_scope
 from backend.errors import Conflict, NotFound, ServiceUnavailable
 from backend.models import Account, HealthStatus, PollOutcome, PollRun, SchedulerMode, utcnow
 from backend.schedules import service as schedules
@@ -114,6 +117,17 @@ def _ask(names: list[str], command: str, *args: Any) -> dict[str, Any]:
             f"{WORKERS} could not be asked ({type(exc).__name__}: {exc})"
         ) from exc
     return dict(replies or {})
+
+
+def capacity(session: Session) -> CapacityRead:
+    try:
+        result = schedules.capacity(session)
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(
+            f"the poll queue could not be read: Redis at {redis_location()} did not answer "
+            f"({type(exc).__name__})"
+        ) from exc
+    return CapacityRead(**vars(result))
 
 
 def list_workers() -> WorkerList:
@@ -319,6 +333,21 @@ def _check_workers() -> str:
     return f"ok ({count} worker{'s' if count != 1 else ''})"
 
 
+def _check_polls() -> str:
+    """Degraded when the workers fall behind the schedule: the oldest queued poll has
+    waited longer than POLL_LAG_DEGRADED_SECONDS."""
+    with session_scope() as session:
+        result = schedules.capacity(session)
+    if result.behind:
+        raise CheckFailed(
+            f"behind: the oldest queued poll has waited {result.oldest_pending_seconds:g}s "
+            f"(POLL_LAG_DEGRADED_SECONDS={get_settings().poll_lag_degraded_seconds}); "
+            f"{result.completed_polls_per_second:g} polls/s completed of "
+            f"{result.demanded_polls_per_second:g} demanded: add workers"
+        )
+    return "ok"
+
+
 def health() -> tuple[HealthRead, bool]:
     """Every check runs at once, each bounded by HEALTH_CHECK_TIMEOUT_SECONDS. The database
     down is unhealthy (503); anything else failing is degraded: the API still answers and
@@ -332,6 +361,7 @@ def health() -> tuple[HealthRead, bool]:
     if not local:
         checks["redis"] = _check_redis
         checks["celery_worker"] = _check_workers
+        checks["polls"] = _check_polls
     timeout = settings.health_check_timeout_seconds + settings.celery_inspect_timeout_seconds
     pool = ThreadPoolExecutor(max_workers=len(checks), thread_name_prefix="health")
     try:
@@ -353,13 +383,16 @@ def health() -> tuple[HealthRead, bool]:
     if local:
         results["redis"] = "not used (local mode)"
         results["celery_worker"] = "not used (local mode: polls run in the API process)"
+        results["polls"] = "not measured (local mode)"
     if "database" in failed:
         status = HealthStatus.UNHEALTHY
     elif failed:
         status = HealthStatus.DEGRADED
     else:
         status = HealthStatus.HEALTHY
-    ordered = {name: results[name] for name in ("database", "redis", "celery_worker", "storage")}
+    ordered = {
+        name: results[name] for name in ("database", "redis", "celery_worker", "polls", "storage")
+    }
     return HealthRead(status=status, checks=ordered), status != HealthStatus.UNHEALTHY
 
 

@@ -10,21 +10,24 @@ found empty).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import redis
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from backend import dispatch
-from backend.celery_app import TOP_PRIORITY
+from backend.admin.redis_client import redis_client
+from backend.celery_app import TOP_PRIORITY, queue_keys
 from backend.config import get_settings
 from backend.db import session_scope
 from backend.errors import ServiceUnavailable
-from backend.models import Account, AccountStatus, SchedulerMode, utcnow
+from backend.models import Account, AccountStatus, PollRun, SchedulerMode, utcnow
 from backend.schedules import store
 from backend.schedules.local import HousekeepingFunction, LocalScheduler, PollFunction
 
@@ -125,7 +128,12 @@ def enqueue_poll(account_id: int) -> str:
         return scheduler.run_now(account_id)
     # Asked for by hand: ahead of every scheduled poll in the queue. By name: the API
     # need not import the task module (and its ingestion imports).
-    task_id = dispatch.enqueue(store.POLL_TASK, account_id, priority=TOP_PRIORITY)
+    task_id = dispatch.enqueue(
+        store.POLL_TASK,
+        account_id,
+        priority=TOP_PRIORITY,
+        headers={SENT_AT_HEADER: time.time()},
+    )
     assert task_id is not None  # not coalesced
     return task_id
 
@@ -231,3 +239,84 @@ def _load_wanted() -> dict[int, store.Wanted]:
 def reset_cache() -> None:
     """Stop a local scheduler (tests change the environment)."""
     stop_local_scheduler()
+
+
+# -- capacity ------------------------------------------------------------------------
+
+# Completed polls are counted over this window.
+CAPACITY_WINDOW_SECONDS = 60
+# The header every queued poll carries with the moment it was sent (epoch seconds).
+SENT_AT_HEADER = "mailbeat_sent_at"
+
+
+@dataclass
+class Capacity:
+    mode: SchedulerMode
+    mailboxes: int
+    demanded_polls_per_second: float
+    completed_polls_per_second: float
+    queue_length: int | None
+    oldest_pending_seconds: float | None
+    # demanded / completed: 1.0 keeps up, 2.0 every interval takes twice as long.
+    interval_stretch: float | None
+    behind: bool
+
+
+def capacity(session: Session) -> Capacity:
+    """What the schedule asks for against what the workers do: polls per second demanded
+    (the sum of 1/interval over scheduled mailboxes) and completed (over the last
+    CAPACITY_WINDOW_SECONDS), the poll queue, and how long its oldest poll has waited.
+    Two aggregate queries and one pipelined Redis round trip, whatever the size."""
+    mailboxes, demanded = session.execute(
+        select(
+            func.count(Account.id),
+            func.coalesce(func.sum(1.0 / Account.poll_interval_seconds), 0.0),
+        ).where(_wanted_clause())
+    ).one()
+    since = utcnow() - timedelta(seconds=CAPACITY_WINDOW_SECONDS)
+    completed = session.scalar(select(func.count(PollRun.id)).where(PollRun.finished_at >= since))
+    completed_rate = (completed or 0) / CAPACITY_WINDOW_SECONDS
+    queue_length: int | None = None
+    oldest: float | None = None
+    if dispatch.mode() == SchedulerMode.CELERY:
+        queue_length, oldest = _poll_queue()
+    stretch = None if not completed_rate else max(float(demanded) / completed_rate, 1.0)
+    lag_limit = get_settings().poll_lag_degraded_seconds
+    return Capacity(
+        mode=dispatch.mode(),
+        mailboxes=int(mailboxes),
+        demanded_polls_per_second=round(float(demanded), 3),
+        completed_polls_per_second=round(completed_rate, 3),
+        queue_length=queue_length,
+        oldest_pending_seconds=None if oldest is None else round(oldest, 1),
+        interval_stretch=None if stretch is None else round(stretch, 2),
+        behind=oldest is not None and oldest > lag_limit,
+    )
+
+
+def _poll_queue() -> tuple[int, float | None]:
+    """The polls waiting in the email queue and the age of the oldest. Each priority
+    level is a list consumed from its tail, so the oldest poll of a level is its last
+    element: one LLEN and one LINDEX per level."""
+    keys = queue_keys(store.POLL_QUEUE)
+    conn = redis_client(get_settings().health_check_timeout_seconds)
+    try:
+        with conn.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.llen(key)
+                pipe.lindex(key, -1)
+            replies = pipe.execute()
+    finally:
+        conn.close()
+    length = sum(int(n) for n in replies[0::2])
+    sent = [t for t in (_sent_at(raw) for raw in replies[1::2] if raw) if t is not None]
+    oldest = max(time.time() - min(sent), 0.0) if sent else None
+    return length, oldest
+
+
+def _sent_at(raw: bytes) -> float | None:
+    try:
+        value = json.loads(raw)["headers"].get(SENT_AT_HEADER)
+        return None if value is None else float(value)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
