@@ -142,16 +142,16 @@ def enqueue(
     (sent, not yet started) is dropped. The task frees the key as it starts; the key
     expires by itself `coalesce_expiry` seconds after the countdown, so a task lost with
     its worker cannot block it for ever.
-
     headers: extra message headers for whoever reads the queue (Celery mode only).
 
     The queue follows from the name (task_routes in backend/celery_app.py). In Celery
     mode a Redis failure raises to the caller, as sending any task does."""
     expiry = (countdown or 0.0) + coalesce_expiry
     if _in_process or mode() == SchedulerMode.LOCAL:
+        function = _registered(name)
         if coalesce_key is not None and not _claim_local(coalesce_key, expiry):
             return None
-        return _run_local(name, args, countdown, coalesce_key)
+        return _run_local(name, function, args, countdown, coalesce_key)
     if coalesce_key is not None and not _claim_redis(coalesce_key, expiry):
         return None
     options: dict[str, Any] = {}
@@ -214,14 +214,21 @@ task_prerun.connect(_started)
 # -- local mode ----------------------------------------------------------------------
 
 
-def _run_local(
-    name: str, args: tuple[Any, ...], countdown: float | None, coalesce_key: str | None
-) -> str:
-    task_id = str(uuid.uuid4())
+def _registered(name: str) -> TaskFunction:
     try:
-        function = _functions[name]
+        return _functions[name]
     except KeyError:
         raise LookupError(f"no function registered for task {name!r} (local mode)") from None
+
+
+def _run_local(
+    name: str,
+    function: TaskFunction,
+    args: tuple[Any, ...],
+    countdown: float | None,
+    coalesce_key: str | None,
+) -> str:
+    task_id = str(uuid.uuid4())
     if countdown:
         timer = threading.Timer(countdown, _call, args=(name, function, args, coalesce_key))
         timer.daemon = True
