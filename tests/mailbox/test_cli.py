@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from backend import dispatch
 from backend.cli import main
 from backend.mailbox.lock import MailboxLock
 from backend.models import Message, PollRun
 from backend.schedules import service as schedules
 from tests.mailbox.conftest import MakeAccount, generated
 from tests.support.dovecot import Dovecot
-
-
-@pytest.fixture(autouse=True)
-def _forget_the_pinned_runner() -> Iterator[None]:
-    """`poll` pins its process to run tasks in-process, as the command's own process
-    would be; later tests in this process must not inherit that."""
-    yield
-    dispatch.reset()
 
 
 def test_poll_command(
