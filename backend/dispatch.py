@@ -27,11 +27,10 @@ from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
 
-import redis
 from celery.signals import task_prerun
 from kombu.utils.url import maybe_sanitize_url
 
-from backend.admin.redis_client import redis_client
+from backend import redis
 from backend.celery_app import app as celery_app
 from backend.celery_app import broker_priority
 from backend.config import get_settings
@@ -59,13 +58,11 @@ _local_guard = threading.Lock()
 
 
 def redis_reachable(timeout: float) -> bool:
-    conn = redis_client(timeout)
     try:
-        return bool(conn.ping())
+        with redis.probe(timeout) as conn:
+            return bool(conn.ping())
     except redis.RedisError:
         return False
-    finally:
-        conn.close()
 
 
 def assume_celery_mode() -> None:
@@ -109,7 +106,6 @@ def reset() -> None:
     global _celery_process, _in_process  # noqa: PLW0603 - facts about this process
     _celery_process = _in_process = False
     mode.cache_clear()
-    _coalesce_client.cache_clear()
     with _local_guard:
         _local_pending.clear()
 
@@ -170,14 +166,9 @@ def enqueue(
 # -- coalescing ----------------------------------------------------------------------
 
 
-@lru_cache
-def _coalesce_client() -> redis.Redis:
-    return redis_client()
-
-
 def _claim_redis(key: str, expiry: float) -> bool:
     milliseconds = max(1, round(expiry * 1000))
-    return bool(_coalesce_client().set(COALESCE_PREFIX + key, 1, nx=True, px=milliseconds))
+    return bool(redis.shared().set(COALESCE_PREFIX + key, 1, nx=True, px=milliseconds))
 
 
 def _release(key: str) -> None:
@@ -185,7 +176,7 @@ def _release(key: str) -> None:
         with _local_guard:
             _local_pending.pop(key, None)
         return
-    _coalesce_client().delete(COALESCE_PREFIX + key)
+    redis.shared().delete(COALESCE_PREFIX + key)
 
 
 def _claim_local(key: str, expiry: float) -> bool:

@@ -17,12 +17,10 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
-import redis
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
-from backend import dispatch
-from backend.admin.redis_client import redis_client
+from backend import dispatch, redis
 from backend.celery_app import TOP_PRIORITY, queue_keys
 from backend.config import get_settings
 from backend.db import session_scope
@@ -299,15 +297,11 @@ def _poll_queue() -> tuple[int, float | None]:
     level is a list consumed from its tail, so the oldest poll of a level is its last
     element: one LLEN and one LINDEX per level."""
     keys = queue_keys(store.POLL_QUEUE)
-    conn = redis_client(get_settings().health_check_timeout_seconds)
-    try:
-        with conn.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.llen(key)
-                pipe.lindex(key, -1)
-            replies = pipe.execute()
-    finally:
-        conn.close()
+    with redis.probe() as conn, conn.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.llen(key)
+            pipe.lindex(key, -1)
+        replies = pipe.execute()
     length = sum(int(n) for n in replies[0::2])
     sent = [t for t in (_sent_at(raw) for raw in replies[1::2] if raw) if t is not None]
     oldest = max(time.time() - min(sent), 0.0) if sent else None
