@@ -10,7 +10,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from backend import crypto
-from backend.mailbox.service import PollResult, clear_backoff, poll_account
+from backend.accounts.state import clear_backoff
+from backend.mailbox.service import PollResult, poll_account
 from backend.models import Account, Attachment, FolderCursor, Message, PollRun
 from backend.storage import service as storage
 from tests.mailbox.conftest import MakeAccount, corpus, generated
