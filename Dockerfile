@@ -11,9 +11,21 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# Builds behind a proxy that re-signs TLS, or with a private index (docker-compose.yml
+# passes them from the shell): pip's index, and CA certificates (PEM text) added to the
+# image's trust store, which pip is pointed at. Empty, pip uses PyPI and the usual CAs.
+ARG PIP_INDEX_URL=""
+ARG PIP_EXTRA_INDEX_URL=""
+ARG PIP_TRUSTED_HOST=""
+ARG EXTRA_CA_CERTS=""
+
 # Dependencies in their own layer, so a code change does not reinstall them.
 COPY requirements.txt ./
-RUN pip install -r requirements.txt
+RUN if [ -n "$EXTRA_CA_CERTS" ]; then \
+      printf '%s\n' "$EXTRA_CA_CERTS" > /usr/local/share/ca-certificates/build-extra.crt \
+      && update-ca-certificates; \
+    fi \
+ && PIP_CERT=/etc/ssl/certs/ca-certificates.crt pip install -r requirements.txt
 
 # The code stays root-owned (the service cannot change it); only /app/data is writable:
 # local-fallback objects and metrics files, a volume shared by the API and the workers.

@@ -12,6 +12,31 @@ from backend.config import get_settings
 
 settings = get_settings()
 
+# mailbeat's priorities run 0-9, higher more urgent (an account's `priority`; a poll asked
+# for by hand goes at TOP_PRIORITY). Kombu's Redis transport keeps one list per level and
+# pops the LOWEST level first, so a mailbeat priority p travels as 9 - p. A message sent
+# without a priority would land on kombu's level 0, ahead of everything: the route of
+# the polls below sets DEFAULT_PRIORITY's level. (Other queues use one level.)
+DEFAULT_PRIORITY = 5
+TOP_PRIORITY = 9
+PRIORITY_LEVELS = range(10)
+QUEUE_SEPARATOR = ":"
+
+
+def broker_priority(priority: int) -> int:
+    """The kombu priority that carries a mailbeat priority (0-9, higher more urgent)."""
+    return TOP_PRIORITY - max(0, min(TOP_PRIORITY, priority))
+
+
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists that hold a queue's messages: one per priority level, the first
+    (kombu level 0, mailbeat's most urgent) under the queue's own name."""
+    return [queue] + [f"{queue}{QUEUE_SEPARATOR}{level}" for level in PRIORITY_LEVELS if level]
+
+
+# Outlasts a tick's sleep (1 s) plus one Redis call stuck until its socket timeout.
+BEAT_LOCK_SECONDS = int(settings.redis_socket_timeout) + 5
+
 app = Celery("mailbeat", broker=settings.redis_url)
 app.conf.update(
     timezone="UTC",
@@ -20,7 +45,8 @@ app.conf.update(
     task_ignore_result=True,
     result_backend=None,
     # A poll killed mid-way is redelivered, not lost; one task at a time per process so
-    # a long poll does not sit on prefetched polls for other mailboxes.
+    # a long poll does not sit on prefetched polls for other mailboxes, and so a worker
+    # takes the most urgent queued poll when it is free rather than one it reserved before.
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
@@ -29,6 +55,10 @@ app.conf.update(
         "visibility_timeout": settings.poll_time_limit_seconds * 2,
         "socket_timeout": settings.redis_socket_timeout,
         "socket_connect_timeout": settings.redis_socket_timeout,
+        # Ten levels, one list each, so every mailbeat priority is its own level
+        # (kombu's default folds them into four); a readable separator in the key names.
+        "priority_steps": list(PRIORITY_LEVELS),
+        "sep": QUEUE_SEPARATOR,
     },
     broker_connection_retry_on_startup=True,
     # Flower sees every task only with events on.
@@ -37,7 +67,9 @@ app.conf.update(
     task_queues=(Queue("email"), Queue("workflow"), Queue("default")),
     task_default_queue="default",
     task_routes={
-        "mailbox.*": {"queue": "email"},
+        # A poll sent without a priority of its own counts as DEFAULT_PRIORITY, not as
+        # kombu's level 0 (mailbeat's most urgent).
+        "mailbox.*": {"queue": "email", "priority": broker_priority(DEFAULT_PRIORITY)},
         "message.*": {"queue": "workflow"},
         "webhook.*": {"queue": "workflow"},
     },
@@ -50,8 +82,9 @@ app.conf.update(
         }
     },
     # RedBeat (with mailbeat's reconcile on top, backend/schedules/beat.py): its own
-    # Redis, with timeouts; a tick of ~1 s keeps dispatch lateness low; the lock must
-    # outlive the slowest tick, or a second beat takes over mid-tick and sends duplicates.
+    # Redis, with timeouts; a tick of ~1 s keeps dispatch lateness low. The lock is
+    # renewed every tick and while a long dispatch runs, so it can be short: a beat that
+    # dies (SIGKILL, a lost host) is replaced within BEAT_LOCK_SECONDS, not minutes.
     beat_scheduler="backend.schedules.beat:MailbeatScheduler",
     redbeat_redis_url=settings.effective_redbeat_redis_url,
     redbeat_redis_options={
@@ -60,7 +93,7 @@ app.conf.update(
         "health_check_interval": 30,
     },
     redbeat_key_prefix="redbeat:",
-    redbeat_lock_timeout=300,
+    redbeat_lock_timeout=BEAT_LOCK_SECONDS,
     beat_max_loop_interval=1,
     beat_schedule={
         # The database is the truth: beat rebuilds the schedule from it now and then,

@@ -59,7 +59,10 @@ class Settings(BaseSettings):
     s3_connect_timeout: float = 5.0
     s3_read_timeout: float = 30.0
     s3_max_attempts: int = 3
-    # After a failed S3 write, writes go straight to local files for this long.
+    # A write (one attempt) fails when no byte moves for this long; it goes to local files.
+    s3_write_timeout_seconds: float = Field(default=5.0, gt=0)
+    # After a failed S3 write, writes go straight to local files for this long, in every
+    # process (the state is shared through Redis).
     s3_retry_after_seconds: float = 30.0
     local_storage_dir: Path = DEFAULT_DATA_DIR / "storage"
     storage_sync_interval_seconds: int = 300

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -46,6 +48,16 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         schedules.stop_local_scheduler()
+        _keep_sigterm_pending()
+
+
+def _keep_sigterm_pending() -> None:
+    """uvicorn re-raises the SIGTERM that stopped it once its graceful shutdown is done, and
+    SIGTERM's default action then ends the process as if killed: exit 143, which docker and
+    compose show as a failure. Blocked now, at the end of shutdown, it stays pending and the
+    process exits 0. Only uvicorn's main thread: a test client runs the lifespan elsewhere."""
+    if threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 
 def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:

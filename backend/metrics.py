@@ -26,8 +26,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from backend.config import get_settings
-from backend.models import Account, utcnow
-from backend.models.poll_run import POLL_OUTCOMES
+from backend.models import Account, AccountStatus, PollOutcome, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +79,8 @@ def _poll_metrics() -> _PollMetrics:
         ),
     )
     # Every outcome shows from the start (at 0), so rate() and alerts work before the first.
-    for outcome in POLL_OUTCOMES:
-        if outcome != "running":
+    for outcome in PollOutcome:
+        if outcome != PollOutcome.RUNNING:
             metrics.polls.labels(outcome=outcome)
     return metrics
 
@@ -102,7 +101,6 @@ def record_poll(outcome: str, messages: int, bytes_: int, duration_seconds: floa
 
 def _database_gauges() -> Iterator[GaugeMetricFamily]:
     from backend.db import get_sessionmaker
-    from backend.models.account import ACCOUNT_STATUSES
 
     with get_sessionmaker()() as session:
         counts = dict(
@@ -115,7 +113,7 @@ def _database_gauges() -> Iterator[GaugeMetricFamily]:
             )
         )
     by_status = GaugeMetricFamily("mailbeat_mailboxes", "Mailboxes by status.", labels=["status"])
-    for status in sorted(set(ACCOUNT_STATUSES) | set(counts)):
+    for status in sorted(set(AccountStatus) | set(counts)):
         by_status.add_metric([status], counts.get(status, 0))
     yield by_status
     lag = 0.0
@@ -130,22 +128,23 @@ def _database_gauges() -> Iterator[GaugeMetricFamily]:
 
 def _redis_gauges() -> Iterator[GaugeMetricFamily]:
     from backend.admin.redis_client import redis_client
-    from backend.celery_app import app
+    from backend.celery_app import app, queue_keys
 
     names = [queue.name for queue in app.conf.task_queues]
     client = redis_client(get_settings().health_check_timeout_seconds)
     try:
         pipe = client.pipeline(transaction=False)
         for name in names:
-            pipe.llen(name)
-        lengths = pipe.execute()
+            for key in queue_keys(name):
+                pipe.llen(key)
+        lengths = iter(pipe.execute())
     finally:
         client.close()
     family = GaugeMetricFamily(
         "mailbeat_queue_length", "Tasks waiting in each Celery queue.", labels=["queue"]
     )
-    for name, length in zip(names, lengths, strict=True):
-        family.add_metric([name], int(length))
+    for name in names:
+        family.add_metric([name], sum(int(next(lengths)) for _ in queue_keys(name)))
     yield family
 
 

@@ -13,7 +13,6 @@ from backend.accounts.schemas import (
     AccountCreate,
     AccountList,
     AccountRead,
-    AccountStatus,
     AccountUpdate,
     FolderCheckRead,
     PollQueued,
@@ -22,6 +21,7 @@ from backend.config import get_settings
 from backend.deps import AdminDep, KnownQueryDep, SessionDep
 from backend.errors import error_responses
 from backend.mailbox.check import check_account
+from backend.models import AccountStatus
 from backend.schedules import service as schedules
 
 router = APIRouter(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, date, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -20,10 +20,7 @@ from pydantic import (
 from pydantic.config import JsonDict
 
 from backend.config import get_settings
-
-ImapSecurity = Literal["ssl", "starttls", "none"]
-AccountStatus = Literal["active", "error", "disabled"]
-InitialSync = Literal["all", "newest", "since"]
+from backend.models.enums import AccountStatus, AuthMethod, ImapSecurity, InitialSync, SchedulerMode
 
 # Explicit characters rather than \s, which means more in Python than in JSON Schema.
 # NUL too: PostgreSQL text cannot hold it.
@@ -104,6 +101,15 @@ Host = Annotated[
 Port = Annotated[int, Field(ge=1, le=65535, description="1 to 65535; 993 for ssl, 143 else")]
 # Bounds come from the settings; the app writes them into the OpenAPI schema (main.py).
 Interval = Annotated[int, AfterValidator(_interval)]
+Priority = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=9,
+        description="0 to 9, higher is more urgent: when polls queue up, higher-priority "
+        "mailboxes are polled first (default 5)",
+    ),
+]
 Folder = Annotated[
     str,
     StringConstraints(min_length=1, max_length=1024),
@@ -177,13 +183,13 @@ class OAuth2Credentials(BaseModel):
 
 def check_initial_sync(policy: str, count: int | None, since: date | None) -> None:
     """The initial-sync fields must fit together; raises ValueError saying how."""
-    if policy == "newest" and count is None:
+    if policy == InitialSync.NEWEST and count is None:
         raise ValueError("initial_sync 'newest' needs initial_sync_count (e.g. 100)")
-    if policy == "since" and since is None:
+    if policy == InitialSync.SINCE and since is None:
         raise ValueError("initial_sync 'since' needs initial_sync_since (e.g. '2024-01-01')")
-    if count is not None and policy != "newest":
+    if count is not None and policy != InitialSync.NEWEST:
         raise ValueError("initial_sync_count goes only with initial_sync 'newest'")
-    if since is not None and policy != "since":
+    if since is not None and policy != InitialSync.SINCE:
         raise ValueError("initial_sync_since goes only with initial_sync 'since'")
 
 
@@ -239,7 +245,7 @@ class AccountCreate(_InitialSyncFields):
     email: Email
     imap_host: Host
     imap_port: Port = 993
-    imap_security: ImapSecurity = "ssl"
+    imap_security: ImapSecurity = ImapSecurity.SSL
     username: Text
     password: Secret | None = None
     oauth2: OAuth2Credentials | None = None
@@ -247,6 +253,7 @@ class AccountCreate(_InitialSyncFields):
     poll_interval_seconds: Interval | None = Field(
         default=None, description="seconds between polls (default DEFAULT_POLL_INTERVAL_SECONDS)"
     )
+    priority: Priority = 5
     enabled: bool = True
     webhook_url: Url | None = Field(default=None, description="this mailbox's own webhook")
     webhook_secret: Secret | None = None
@@ -256,7 +263,7 @@ class AccountCreate(_InitialSyncFields):
         if (self.password is None) == (self.oauth2 is None):
             raise ValueError("give exactly one of 'password' and 'oauth2'")
         check_initial_sync(
-            self.initial_sync or "all", self.initial_sync_count, self.initial_sync_since
+            self.initial_sync or InitialSync.ALL, self.initial_sync_count, self.initial_sync_since
         )
         return self
 
@@ -290,6 +297,7 @@ class AccountUpdate(_InitialSyncFields):
     oauth2: OAuth2Credentials | None = None
     folders: Folders | None = None
     poll_interval_seconds: Interval | None = None
+    priority: Priority | None = None
     enabled: bool | None = None
     webhook_url: Url | None = None
     webhook_secret: Secret | None = None
@@ -315,9 +323,10 @@ class AccountRead(BaseModel):
     imap_port: int
     imap_security: str
     username: str
-    auth_method: Literal["password", "oauth2"]
+    auth_method: AuthMethod
     folders: list[str]
     poll_interval_seconds: int
+    priority: int
     enabled: bool
     initial_sync: str
     initial_sync_count: int | None
@@ -344,7 +353,7 @@ class AccountList(BaseModel):
 class PollQueued(BaseModel):
     account_id: int
     task_id: str
-    mode: Literal["celery", "local"]
+    mode: SchedulerMode
 
 
 class FolderCheckRead(BaseModel):

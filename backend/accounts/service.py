@@ -25,7 +25,7 @@ from backend.accounts.schemas import (
 )
 from backend.config import get_settings
 from backend.errors import Conflict, NotFound, ServiceUnavailable, ValidationError
-from backend.models import Account
+from backend.models import Account, AccountStatus, AuthMethod, InitialSync
 from backend.schedules import service as schedules
 from backend.storage import service as storage
 from backend.storage.base import account_prefix
@@ -40,6 +40,7 @@ PLAIN_FIELDS = (
     *CONNECTION_FIELDS,
     "folders",
     "poll_interval_seconds",
+    "priority",
     "initial_sync",
     "initial_sync_count",
     "initial_sync_since",
@@ -79,10 +80,11 @@ def create_account(session: Session, data: AccountCreate) -> Account:
         poll_interval_seconds=(
             data.poll_interval_seconds or get_settings().default_poll_interval_seconds
         ),
+        priority=data.priority,
         enabled=data.enabled,
-        status="active" if data.enabled else "disabled",
+        status=AccountStatus.ACTIVE if data.enabled else AccountStatus.DISABLED,
         disabled_reason=None if data.enabled else "created disabled",
-        initial_sync=data.initial_sync or "all",
+        initial_sync=data.initial_sync or InitialSync.ALL,
         initial_sync_count=data.initial_sync_count,
         initial_sync_since=data.initial_sync_since,
         webhook_url=None if data.webhook_url is None else str(data.webhook_url),
@@ -173,11 +175,11 @@ def queue_poll(session: Session, account_id: int) -> str:
 
 def _credentials(
     password: SecretStr | None, oauth2: OAuth2Credentials | None
-) -> tuple[str, dict[str, Any]]:
+) -> tuple[AuthMethod, dict[str, Any]]:
     if oauth2 is not None:
-        return "oauth2", oauth2.stored()
+        return AuthMethod.OAUTH2, oauth2.stored()
     assert password is not None
-    return "password", {"password": password.get_secret_value()}
+    return AuthMethod.PASSWORD, {"password": password.get_secret_value()}
 
 
 def _check_initial_sync(account: Account, changes: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from backend.config import get_settings
 from backend.mailbox.imap import ImapError
-from backend.models import Account
+from backend.models import Account, AccountStatus, EventType
 
 # A scheduled poll may run this much before backoff_until and still count as due:
 # beat ticks about once a second, and backoff is measured from the failed poll's start.
@@ -31,7 +31,7 @@ BACKOFF_SLACK = timedelta(seconds=2)
 
 def skip_reason(account: Account, now: datetime) -> str | None:
     """Why a poll starting now must not run, or None when it may."""
-    if not account.enabled or account.status == "disabled":
+    if not account.enabled or account.status == AccountStatus.DISABLED:
         return "account is disabled"
     if account.backoff_until is not None and account.backoff_until - BACKOFF_SLACK > now:
         return f"backing off until {account.backoff_until.isoformat()}"
@@ -54,8 +54,8 @@ def forget_failures(account: Account) -> None:
     """New credentials or server: the failures so far say nothing about the next poll."""
     account.consecutive_failures = 0
     clear_backoff(account)
-    if account.status == "error":
-        account.status = "active"
+    if account.status == AccountStatus.ERROR:
+        account.status = AccountStatus.ACTIVE
 
 
 def set_enabled(account: Account, enabled: bool) -> None:
@@ -63,12 +63,12 @@ def set_enabled(account: Account, enabled: bool) -> None:
     account.enabled = enabled
     if enabled:
         # Re-enabling starts afresh: whatever disabled it is taken as dealt with.
-        account.status = "active"
+        account.status = AccountStatus.ACTIVE
         account.disabled_reason = None
         account.consecutive_failures = 0
         clear_backoff(account)
     else:
-        account.status = "disabled"
+        account.status = AccountStatus.DISABLED
         account.disabled_reason = "disabled through the API"
 
 
@@ -79,19 +79,19 @@ def record_poll(
     started_at: datetime,
     now: datetime,
     error: ImapError | None,
-) -> str | None:
+) -> EventType | None:
     """The account's state after a poll that started at `started_at` and failed with
     `error` (None: succeeded). Returns the account event when its status changed."""
     account = session.get(Account, account_id, with_for_update=True)
     if account is None:  # deleted while we polled
         return None
     account.last_polled_at = now
-    event: str | None = None
+    event: EventType | None = None
     if error is None:
-        if account.status == "error":
-            event = "account.recovered"
-        if account.status != "disabled":
-            account.status = "active"
+        if account.status == AccountStatus.ERROR:
+            event = EventType.ACCOUNT_RECOVERED
+        if account.status != AccountStatus.DISABLED:
+            account.status = AccountStatus.ACTIVE
         account.last_success_at = now
         account.consecutive_failures = 0
         account.backoff_until = None
@@ -103,15 +103,15 @@ def record_poll(
     account.last_error = error.message
     account.last_error_kind = error.kind
     if failures >= get_settings().max_consecutive_failures:
-        if account.status != "disabled":
-            event = "account.disabled"
+        if account.status != AccountStatus.DISABLED:
+            event = EventType.ACCOUNT_DISABLED
         account.enabled = False
-        account.status = "disabled"
+        account.status = AccountStatus.DISABLED
         account.backoff_until = None
         account.disabled_reason = f"{failures} consecutive failed polls; the last: {error.message}"
     else:
-        if account.status == "active":
-            event = "account.error"
-            account.status = "error"
+        if account.status == AccountStatus.ACTIVE:
+            event = EventType.ACCOUNT_ERROR
+            account.status = AccountStatus.ERROR
         account.backoff_until = started_at + backoff_delay(account, failures)
     return event

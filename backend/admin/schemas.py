@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-HealthStatus = Literal["healthy", "degraded", "unhealthy"]
+from backend.models.enums import HealthStatus, SchedulerMode
 
 
 class ReconcileRead(BaseModel):
@@ -28,7 +28,7 @@ class ScheduleEntryRead(BaseModel):
 
 
 class ScheduleList(BaseModel):
-    mode: Literal["celery", "local"]
+    mode: SchedulerMode
     items: list[ScheduleEntryRead]
     total: int
 

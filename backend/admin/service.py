@@ -35,7 +35,7 @@ from backend.admin.schemas import (
 )
 from backend.config import get_settings
 from backend.errors import Conflict, NotFound, ServiceUnavailable
-from backend.models import Account, PollRun, utcnow
+from backend.models import Account, HealthStatus, PollOutcome, PollRun, SchedulerMode, utcnow
 from backend.schedules import service as schedules
 from backend.storage import service as storage
 
@@ -51,7 +51,7 @@ QUEUE_SCAN_LIMIT = 50_000
 
 def require_scheduler() -> None:
     """In Celery mode the schedule and the queues are in Redis: 503 when it is gone."""
-    if schedules.mode() == "celery":
+    if schedules.mode() == SchedulerMode.CELERY:
         ensure_redis("the schedule and the poll queue")
 
 
@@ -212,18 +212,19 @@ def task_state(session: Session, task_id: str) -> TaskStateRead:
 
 
 def _find_queued(task_id: str) -> tuple[str, str | None] | None:
-    from backend.celery_app import app
+    from backend.celery_app import app, queue_keys
 
     needle = task_id.encode()
     client = redis_client(get_settings().health_check_timeout_seconds)
     try:
         for queue in app.conf.task_queues:
-            for raw in client.lrange(queue.name, 0, QUEUE_SCAN_LIMIT - 1):
-                if needle not in raw:
-                    continue
-                headers = json.loads(raw).get("headers") or {}
-                if headers.get("id") == task_id:
-                    return queue.name, headers.get("task")
+            for key in queue_keys(queue.name):
+                for raw in client.lrange(key, 0, QUEUE_SCAN_LIMIT - 1):
+                    if needle not in raw:
+                        continue
+                    headers = json.loads(raw).get("headers") or {}
+                    if headers.get("id") == task_id:
+                        return queue.name, headers.get("task")
     except Exception as exc:
         raise ServiceUnavailable(
             f"the Celery queues could not be read ({type(exc).__name__})"
@@ -254,7 +255,7 @@ def retry_task(session: Session, task_id: str) -> RetryRead:
             "failed webhook deliveries are replayed through the processing routes)"
         )
     stale_after = timedelta(seconds=get_settings().poll_time_limit_seconds)
-    if run.outcome == "running" and utcnow() - run.started_at < stale_after:
+    if run.outcome == PollOutcome.RUNNING and utcnow() - run.started_at < stale_after:
         raise Conflict(
             f"task {task_id} is still running (poll run {run.id} started at "
             f"{run.started_at.isoformat()}); retry it once it has finished"
@@ -322,7 +323,7 @@ def health() -> tuple[HealthRead, bool]:
     down is unhealthy (503); anything else failing is degraded: the API still answers and
     the stored data is safe, but polling or storage needs attention."""
     settings = get_settings()
-    local = schedules.mode() == "local"
+    local = schedules.mode() == SchedulerMode.LOCAL
     checks: dict[str, Callable[[], str]] = {
         "database": _check_database,
         "storage": _check_storage,
@@ -352,13 +353,13 @@ def health() -> tuple[HealthRead, bool]:
         results["redis"] = "not used (local mode)"
         results["celery_worker"] = "not used (local mode: polls run in the API process)"
     if "database" in failed:
-        status = "unhealthy"
+        status = HealthStatus.UNHEALTHY
     elif failed:
-        status = "degraded"
+        status = HealthStatus.DEGRADED
     else:
-        status = "healthy"
+        status = HealthStatus.HEALTHY
     ordered = {name: results[name] for name in ("database", "redis", "celery_worker", "storage")}
-    return HealthRead(status=status, checks=ordered), status != "unhealthy"
+    return HealthRead(status=status, checks=ordered), status != HealthStatus.UNHEALTHY
 
 
 def _reason(exc: Exception) -> str:

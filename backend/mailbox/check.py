@@ -8,7 +8,7 @@ from typing import Any
 from backend import crypto
 from backend.mailbox import credentials, imap
 from backend.mailbox.imap import ImapError
-from backend.models import Account
+from backend.models import Account, ErrorKind
 
 
 @dataclass
@@ -50,7 +50,7 @@ def check_account(account: Account, *, timeout: float) -> CheckResult:
                 count = session.select(folder).exists
             except ImapError as error:
                 folders.append(FolderCheck(name=folder, ok=False, detail=error.message))
-                if error.kind != "protocol":
+                if error.kind != ErrorKind.PROTOCOL:
                     break
                 continue
             folders.append(

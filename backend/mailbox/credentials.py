@@ -11,7 +11,7 @@ from backend import crypto
 from backend.db import session_scope
 from backend.mailbox import oauth
 from backend.mailbox.imap import ImapAuthError
-from backend.models import Account
+from backend.models import Account, AuthMethod
 
 Save = Callable[[dict[str, Any]], None]
 
@@ -27,7 +27,9 @@ def loader(account: Account, *, save: Save | None = None) -> Callable[[bool], di
             credentials = crypto.decrypt_json(account.credentials_encrypted)
         except crypto.SecretDecryptError as exc:
             raise ImapAuthError(str(exc)) from exc
-        if account.auth_method == "oauth2" and (force_refresh or oauth.needs_refresh(credentials)):
+        if account.auth_method == AuthMethod.OAUTH2 and (
+            force_refresh or oauth.needs_refresh(credentials)
+        ):
             credentials = oauth.refresh(credentials)
             keep(credentials)
         return credentials

@@ -27,29 +27,32 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginEr
 
 from backend.config import get_settings
 from backend.errors import MailbeatError
-from backend.models import Account
+from backend.models import Account, AuthMethod, ErrorKind, ImapSecurity
 
-ErrorKind = Literal["auth", "connection", "protocol", "internal"]
 Stage = Literal["dns", "connect", "tls", "auth", "folder"]
 
-DEFAULT_PORTS = {"ssl": 993, "starttls": 143, "none": 143}
+DEFAULT_PORTS: dict[str, int] = {
+    ImapSecurity.SSL: 993,
+    ImapSecurity.STARTTLS: 143,
+    ImapSecurity.NONE: 143,
+}
 
 _T = TypeVar("_T")
 
 
 class ImapError(MailbeatError):
     status_code = 502
-    kind: ErrorKind = "protocol"
+    kind: ErrorKind = ErrorKind.PROTOCOL
     stage: Stage = "folder"
 
 
 class ImapAuthError(ImapError):
-    kind: ErrorKind = "auth"
+    kind: ErrorKind = ErrorKind.AUTH
     stage: Stage = "auth"
 
 
 class ImapConnectionError(ImapError):
-    kind: ErrorKind = "connection"
+    kind: ErrorKind = ErrorKind.CONNECTION
     stage: Stage = "connect"
 
 
@@ -62,7 +65,7 @@ class ImapTlsError(ImapConnectionError):
 
 
 class ImapProtocolError(ImapError):
-    kind: ErrorKind = "protocol"
+    kind: ErrorKind = ErrorKind.PROTOCOL
     stage: Stage = "folder"
 
 
@@ -172,7 +175,7 @@ class ImapSession:
     def login(self, account: Account, credentials: Mapping[str, Any]) -> None:
         """LOGIN, or AUTHENTICATE XOAUTH2 for an oauth2 account."""
         try:
-            if account.auth_method == "oauth2":
+            if account.auth_method == AuthMethod.OAUTH2:
                 token = str(credentials["access_token"])
                 self._command(
                     lambda: self._client.oauth2_login(account.username, token), stage="auth"
@@ -303,14 +306,14 @@ def connect(
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         stage = "connect"
-        if security == "ssl":
+        if security == ImapSecurity.SSL:
             stage = "tls"  # the handshake is part of connecting on an implicit-TLS port
             client = IMAPClient(
                 host, port=port, ssl=True, ssl_context=ssl_context(), timeout=timeout
             )
         else:
             client = IMAPClient(host, port=port, ssl=False, timeout=timeout)
-            if security == "starttls":
+            if security == ImapSecurity.STARTTLS:
                 stage = "tls"
                 client.starttls(ssl_context())
     except (IMAPClientError, OSError, EOFError) as exc:
@@ -347,7 +350,7 @@ def open_account(
         try:
             session.login(account, credentials(False))
         except ImapAuthError:
-            if account.auth_method != "oauth2":
+            if account.auth_method != AuthMethod.OAUTH2:
                 raise
             # A failed AUTHENTICATE leaves the connection unauthenticated: try again on it.
             session.login(account, credentials(True))

@@ -34,7 +34,17 @@ from backend.db import insert_for, session_scope
 from backend.mailbox import credentials, cursors, imap
 from backend.mailbox.imap import ImapError, ImapProtocolError, ImapSession
 from backend.mailbox.parser import ParsedMessage, parse_message
-from backend.models import Account, Attachment, Message, PollRun, utcnow
+from backend.models import (
+    Account,
+    Attachment,
+    ErrorKind,
+    EventType,
+    InitialSync,
+    Message,
+    PollOutcome,
+    PollRun,
+    utcnow,
+)
 from backend.storage import service as storage
 from backend.storage.base import attachment_key, message_key
 
@@ -53,24 +63,16 @@ STORE_THREADS = 8
 MESSAGES = cast(Table, Message.__table__)
 ATTACHMENTS = cast(Table, Attachment.__table__)
 
-OUTCOME_BY_KIND = {
-    "auth": "auth_error",
-    "connection": "connection_error",
-    "protocol": "protocol_error",
-    "internal": "internal_error",
-}
-
 
 @dataclass
 class PollResult:
-    outcome: str  # a PollRun outcome
+    outcome: PollOutcome
     new_message_ids: list[int] = field(default_factory=list)
     messages: int = 0
     bytes: int = 0
     error: str | None = None
-    # "account.error" | "account.disabled" | "account.recovered": only when this poll
-    # changed the account's status.
-    account_event: str | None = None
+    # Only when this poll changed the account's status (see backend/accounts/state.py).
+    account_event: EventType | None = None
     duration_seconds: float = 0.0
     poll_run_id: int | None = None
 
@@ -124,13 +126,13 @@ def poll_account(account_id: int, *, task_id: str | None = None) -> PollResult:
     with session_scope() as session:
         account = session.get(Account, account_id)
         if account is None:
-            return PollResult(outcome="skipped", error="no such account")
+            return PollResult(outcome=PollOutcome.SKIPPED, error="no such account")
         reason = state.skip_reason(account, started_at)
         run = PollRun(
             account_id=account_id,
             started_at=started_at,
             task_id=task_id,
-            outcome="skipped" if reason else "running",
+            outcome=PollOutcome.SKIPPED if reason else PollOutcome.RUNNING,
             error=reason,
             finished_at=started_at if reason else None,
         )
@@ -139,7 +141,7 @@ def poll_account(account_id: int, *, task_id: str | None = None) -> PollResult:
         run_id = run.id
     if reason:
         return PollResult(
-            outcome="skipped",
+            outcome=PollOutcome.SKIPPED,
             error=reason,
             duration_seconds=time.monotonic() - started,
             poll_run_id=run_id,
@@ -155,9 +157,9 @@ def poll_account(account_id: int, *, task_id: str | None = None) -> PollResult:
     except Exception as exc:
         log.exception("poll of account %s failed", account_id)
         error = ImapError(f"internal error: {type(exc).__name__}: {exc}")
-        error.kind = "internal"
+        error.kind = ErrorKind.INTERNAL
 
-    outcome = "success" if error is None else OUTCOME_BY_KIND[error.kind]
+    outcome = PollOutcome.SUCCESS if error is None else PollOutcome.for_error(error.kind)
     event = _finish(
         account_id,
         run_id,
@@ -186,11 +188,11 @@ def _finish(
     run_id: int,
     *,
     started_at: datetime,
-    outcome: str,
+    outcome: PollOutcome,
     error: ImapError | None,
     messages: int,
     bytes_: int,
-) -> str | None:
+) -> EventType | None:
     """Record the poll on its PollRun row and the account's state, in one transaction;
     returns the account event when the account's status changed."""
     now = utcnow()
@@ -212,9 +214,10 @@ def store_uids(
     selected folder as a poll does (what is held already is not stored again), without
     moving the folder cursor: UIDs picked out of order must not make the next poll skip
     the ones between. Returns the new message ids for the caller to hand on."""
+    with session_scope() as session:
+        dedupe = cursors.has_other_generations(session, account.id, folder, uidvalidity)
     poller = _Poller(account)
     with poller.storing():
-        dedupe = poller.has_other_generations(folder, uidvalidity)
         poller.ingest(
             mailbox, folder, uidvalidity, sorted(uids), dedupe=dedupe, advance_cursor=False
         )
@@ -249,7 +252,7 @@ class _Poller:
                 try:
                     self.poll_folder(mailbox, folder)
                 except ImapError as exc:
-                    if exc.kind != "protocol":
+                    if exc.kind != ErrorKind.PROTOCOL:
                         raise
                     log.warning("account %s folder %r: %s", self.account_id, folder, exc.message)
                     first_error = first_error or ImapProtocolError(f"folder {folder!r}: {exc}")
@@ -259,12 +262,12 @@ class _Poller:
         uidvalidity = mailbox.select(folder).uidvalidity
         with session_scope() as session:
             cursor = cursors.resume_after(session, self.account_id, folder, uidvalidity)
+            dedupe = cursors.has_other_generations(session, self.account_id, folder, uidvalidity)
         if cursor is None:
             uids, ceiling = self._first_sync_selection(mailbox, folder)
         else:
             uids = mailbox.search(uid_from=cursor + 1)
             ceiling = max(uids, default=cursor)
-        dedupe = self.has_other_generations(folder, uidvalidity)
         self.ingest(mailbox, folder, uidvalidity, uids, dedupe=dedupe)
         if ceiling > (cursor or 0):
             # Messages the initial-sync policy left out stay behind the cursor for good.
@@ -306,9 +309,9 @@ class _Poller:
         everything = mailbox.search()
         ceiling = max(everything, default=0)
         policy = self.account.initial_sync
-        if policy == "all":
+        if policy == InitialSync.ALL:
             return everything, ceiling
-        if policy == "newest":
+        if policy == InitialSync.NEWEST:
             count = self.account.initial_sync_count or 0
             selected = set(everything[-count:] if count > 0 else [])
         else:
@@ -323,10 +326,6 @@ class _Poller:
             held_since = (oldest.astimezone(UTC) - timedelta(days=1)).date()
             selected |= set(mailbox.search(since=held_since))
         return sorted(uid for uid in selected if uid <= ceiling), ceiling
-
-    def has_other_generations(self, folder: str, uidvalidity: int) -> bool:
-        with session_scope() as session:
-            return cursors.has_other_generations(session, self.account_id, folder, uidvalidity)
 
     def _fetch(self, mailbox: ImapSession, uids: Sequence[int]) -> Iterator[list[_Fetched]]:
         """Batches of fetched messages: sizes first, so an oversized message is recorded

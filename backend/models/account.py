@@ -16,18 +16,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from backend.models.base import Base, TimestampMixin, UTCDateTime
+from backend.models.base import Base, EnumString, TimestampMixin, UTCDateTime
+from backend.models.enums import AccountStatus, AuthMethod, ErrorKind, ImapSecurity, InitialSync
 
 if TYPE_CHECKING:
     from backend.models.message import Message
     from backend.models.poll_run import PollRun
-
-# String enums kept as plain strings: readable in SQL, no ALTER TYPE to add a value.
-IMAP_SECURITY = ("ssl", "starttls", "none")
-AUTH_METHODS = ("password", "oauth2")
-ACCOUNT_STATUSES = ("active", "error", "disabled")
-INITIAL_SYNC_POLICIES = ("all", "newest", "since")
-ERROR_KINDS = ("auth", "connection", "protocol", "internal")
 
 
 class Account(TimestampMixin, Base):
@@ -40,28 +34,39 @@ class Account(TimestampMixin, Base):
     email: Mapped[str] = mapped_column(String(320))
     imap_host: Mapped[str] = mapped_column(String(255))
     imap_port: Mapped[int] = mapped_column(Integer)
-    imap_security: Mapped[str] = mapped_column(String(16), default="ssl")
+    imap_security: Mapped[ImapSecurity] = mapped_column(
+        EnumString(ImapSecurity, 16), default=ImapSecurity.SSL
+    )
     username: Mapped[str] = mapped_column(String(320))
-    auth_method: Mapped[str] = mapped_column(String(16), default="password")
+    auth_method: Mapped[AuthMethod] = mapped_column(
+        EnumString(AuthMethod, 16), default=AuthMethod.PASSWORD
+    )
     # {"password": ...} or {"access_token", "refresh_token", "expires_at", "client_id",
     # "client_secret", "token_url"}; see backend/crypto.py.
     credentials_encrypted: Mapped[str] = mapped_column(Text)
     folders: Mapped[list[str]] = mapped_column(JSON, default=lambda: ["INBOX"])
     poll_interval_seconds: Mapped[int] = mapped_column(Integer, default=300)
+    # 0-9, higher is more urgent: the order in which queued polls are taken (see
+    # docs/architecture.md, "Priorities").
+    priority: Mapped[int] = mapped_column(Integer, default=5, server_default="5")
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
 
-    initial_sync: Mapped[str] = mapped_column(String(16), default="all")
+    initial_sync: Mapped[InitialSync] = mapped_column(
+        EnumString(InitialSync, 16), default=InitialSync.ALL
+    )
     initial_sync_count: Mapped[int | None] = mapped_column(Integer)
     initial_sync_since: Mapped[date | None] = mapped_column(Date)
 
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
     webhook_secret_encrypted: Mapped[str | None] = mapped_column(Text)
 
-    status: Mapped[str] = mapped_column(String(16), default="active", index=True)
+    status: Mapped[AccountStatus] = mapped_column(
+        EnumString(AccountStatus, 16), default=AccountStatus.ACTIVE, index=True
+    )
     last_polled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_success_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)
-    last_error_kind: Mapped[str | None] = mapped_column(String(16))
+    last_error_kind: Mapped[ErrorKind | None] = mapped_column(EnumString(ErrorKind, 16))
     consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
     # Set from consecutive failures; a poll before this moment is skipped.
     backoff_until: Mapped[datetime | None] = mapped_column(UTCDateTime())

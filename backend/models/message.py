@@ -16,12 +16,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from backend.models.base import Base, UTCDateTime, utcnow
+from backend.models.base import Base, EnumString, UTCDateTime, utcnow
+from backend.models.enums import StorageBackend
 
 if TYPE_CHECKING:
     from backend.models.account import Account
-
-STORAGE_BACKENDS = ("s3", "local")
 
 
 class Message(Base):
@@ -62,7 +61,8 @@ class Message(Base):
     text_body: Mapped[str | None] = mapped_column(Text)
     html_body: Mapped[str | None] = mapped_column(Text)
 
-    storage_backend: Mapped[str | None] = mapped_column(String(16))  # None: body not stored
+    # None: the body was not stored (see skipped_reason).
+    storage_backend: Mapped[StorageBackend | None] = mapped_column(EnumString(StorageBackend, 16))
     storage_key: Mapped[str | None] = mapped_column(String(1024))
     parse_error: Mapped[str | None] = mapped_column(Text)
     skipped_reason: Mapped[str | None] = mapped_column(Text)  # e.g. larger than the maximum
@@ -92,7 +92,7 @@ class Attachment(Base):
     content_id: Mapped[str | None] = mapped_column(String(998))
     size: Mapped[int] = mapped_column(BigInteger)
     content_hash: Mapped[str] = mapped_column(String(64))
-    storage_backend: Mapped[str] = mapped_column(String(16))
+    storage_backend: Mapped[StorageBackend] = mapped_column(EnumString(StorageBackend, 16))
     storage_key: Mapped[str] = mapped_column(String(1024))
 
     message: Mapped[Message] = relationship(back_populates="attachments")

@@ -6,22 +6,11 @@ from typing import TYPE_CHECKING
 from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from backend.models.base import Base, UTCDateTime, utcnow
+from backend.models.base import Base, EnumString, UTCDateTime, utcnow
+from backend.models.enums import PollOutcome
 
 if TYPE_CHECKING:
     from backend.models.account import Account
-
-# success: polled; skipped: another poll held the lock or backoff applies;
-# auth_error / connection_error / protocol_error / internal_error: failed, see `error`.
-POLL_OUTCOMES = (
-    "running",
-    "success",
-    "skipped",
-    "auth_error",
-    "connection_error",
-    "protocol_error",
-    "internal_error",
-)
 
 
 class PollRun(Base):
@@ -32,7 +21,9 @@ class PollRun(Base):
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    outcome: Mapped[str] = mapped_column(String(32), default="running")
+    outcome: Mapped[PollOutcome] = mapped_column(
+        EnumString(PollOutcome, 32), default=PollOutcome.RUNNING
+    )
     messages_count: Mapped[int] = mapped_column(Integer, default=0)
     bytes_count: Mapped[int] = mapped_column(BigInteger, default=0)
     error: Mapped[str | None] = mapped_column(Text)

@@ -6,9 +6,12 @@ everything needs.
   when it is gone (FLUSHALL, a failover to an empty replica) the static entries are put
   back and the schedule is rebuilt from the database at once. (Celery sends tasks to
   their queue by name, so the queues need no re-declaring.)
-- RedBeat's lock (one active beat) vanishes with the data, and RedBeat would then crash
-  on its next tick: the lock is taken again, or, if another beat took it meanwhile, this
-  beat stands by until it is free.
+- RedBeat's lock (one active beat) is short-lived and renewed on every tick and during a
+  long dispatch, so a beat killed outright is replaced within seconds. A beat waiting for
+  the lock says so in its log every few seconds (RedBeat waits silently).
+- The lock vanishes with the data, and RedBeat would then crash on its next tick: the
+  lock is taken again, or, if another beat took it meanwhile, this beat stands by until
+  it is free.
 - A Redis that stops answering makes the tick wait and retry instead of ending beat.
 - Due entries are read in one pipeline and their next runs written in another, instead
   of two round trips per entry: beat keeps up with 10,000 mailboxes a minute.
@@ -23,8 +26,14 @@ from typing import Any
 
 import redis
 from celery.beat import ScheduleEntry
+from celery.signals import beat_init
 from redbeat.decoder import RedBeatJSONEncoder, to_timestamp
-from redbeat.schedulers import RedBeatScheduler, get_redis
+from redbeat.schedulers import (
+    LUA_EXTEND_TO_SCRIPT,
+    RedBeatScheduler,
+    acquire_distributed_beat_lock,
+    get_redis,
+)
 
 from backend.db import session_scope
 from backend.schedules import service
@@ -35,6 +44,10 @@ log = logging.getLogger(__name__)
 EMPTY_CHECK_SECONDS = 5.0
 # How long the tick waits when Redis does not answer.
 REDIS_RETRY_SECONDS = 5.0
+# While another beat holds the lock, a line in the log this often.
+LOCK_WAIT_LOG_SECONDS = 5.0
+# During a long dispatch, the lock is renewed this often.
+LOCK_RENEW_SECONDS = 1.0
 
 
 class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
@@ -56,8 +69,7 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
         try:
             self._hold_lock()
             self._rebuild_if_empty()
-            if self.lock_key:
-                self.lock.extend(int(self.lock_timeout))
+            self._renew_lock()
             return self._dispatch_due()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.warning(
@@ -120,7 +132,11 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
                 pipe.hset(entry.key, "meta", json.dumps(meta, cls=RedBeatJSONEncoder))
                 pipe.zadd(self.app.redbeat_conf.schedule_key, {entry.key: entry.score})
             pipe.execute()
+        renewed = time.monotonic()
         for entry in reserved:
+            if time.monotonic() - renewed > LOCK_RENEW_SECONDS:
+                self._renew_lock()
+                renewed = time.monotonic()
             log.info("Scheduler: Sending due task %s (%s)", entry.name, entry.task)
             try:
                 self.apply_async(entry, producer=self.producer, advance=False)
@@ -129,14 +145,16 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
         # The waits were measured before sending: sending took part of them already.
         return max(min(waits) - (time.monotonic() - started), 0.0)
 
+    def _renew_lock(self) -> None:
+        if self.lock_key and self.lock is not None:
+            self.lock.extend(int(self.lock_timeout))
+
     def _hold_lock(self) -> None:
         if not self.lock_key:
             return
         if self.lock is None:
             # beat_init could not take it (Redis down at start): take it before dispatching.
-            from redbeat.schedulers import acquire_distributed_beat_lock
-
-            acquire_distributed_beat_lock(sender=_Sender(self))
+            take_lock(self)
             return
         if self.lock.owned():
             return
@@ -144,7 +162,7 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
             log.warning("beat: the beat lock had vanished (Redis lost its data?); took it again")
             return
         log.warning("beat: another beat holds the lock now; standing by until it is free")
-        self.lock.acquire()
+        _wait_for(self.lock, self)
         log.info("beat: acquired the lock; dispatching again")
 
     def _rebuild_if_empty(self) -> None:
@@ -169,8 +187,40 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
         log.info("beat: reconciled the schedule (%s): %s", why, result.as_dict())
 
 
-class _Sender:
-    """What RedBeat's beat_init handler reads from its sender: the scheduler."""
+def take_lock(scheduler: MailbeatScheduler) -> None:
+    """RedBeat's start-up lock, taken as RedBeat does but saying in the log, every few
+    seconds, that this beat is waiting and for how long the holder's lock still runs."""
+    client = get_redis(scheduler.app)
+    lock = client.lock(
+        scheduler.lock_key, timeout=scheduler.lock_timeout, sleep=scheduler.max_interval
+    )
+    # RedBeat's extend sets the lock's expiry instead of adding to it.
+    lock.lua_extend = client.register_script(LUA_EXTEND_TO_SCRIPT)
+    _wait_for(lock, scheduler)
+    log.info("beat: Acquired lock")
+    scheduler.lock = lock
 
-    def __init__(self, scheduler: MailbeatScheduler) -> None:
-        self.scheduler = scheduler
+
+def _wait_for(lock: Any, scheduler: MailbeatScheduler) -> None:
+    if lock.acquire(blocking=False):
+        return
+    while True:
+        expires = get_redis(scheduler.app).pttl(scheduler.lock_key)
+        log.warning(
+            "beat: waiting for the beat lock %s: another beat holds it (it expires in %.1fs "
+            "unless that beat renews it); this beat sends nothing meanwhile",
+            scheduler.lock_key,
+            max(expires, 0) / 1000,
+        )
+        if lock.acquire(blocking_timeout=LOCK_WAIT_LOG_SECONDS):
+            return
+
+
+@beat_init.connect
+def _take_lock_at_start(sender: Any = None, **_: Any) -> None:
+    if isinstance(sender.scheduler, MailbeatScheduler) and sender.scheduler.lock_key:
+        take_lock(sender.scheduler)
+
+
+# Ours replaces RedBeat's handler, which waits for the lock without a word.
+beat_init.disconnect(acquire_distributed_beat_lock)

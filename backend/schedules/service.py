@@ -15,24 +15,23 @@ import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from functools import lru_cache
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import redis
 from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
+from backend.celery_app import TOP_PRIORITY, broker_priority
 from backend.config import get_settings
 from backend.errors import ServiceUnavailable
-from backend.models import Account, utcnow
+from backend.models import Account, AccountStatus, SchedulerMode, utcnow
 from backend.schedules import store
 
 if TYPE_CHECKING:
     from backend.schedules.local import LocalScheduler
 
 log = logging.getLogger(__name__)
-
-Mode = Literal["celery", "local"]
 
 
 @dataclass(frozen=True)
@@ -58,11 +57,11 @@ class ReconcileResult:
 def wants_schedule(account: Account) -> bool:
     """Whether an account should have a schedule entry. One failing with status "error"
     keeps it: its poll skips while the account's backoff lasts."""
-    return account.enabled and account.status != "disabled"
+    return account.enabled and account.status != AccountStatus.DISABLED
 
 
 def _wanted_clause() -> ColumnElement[bool]:
-    return Account.enabled.is_(True) & (Account.status != "disabled")
+    return Account.enabled.is_(True) & (Account.status != AccountStatus.DISABLED)
 
 
 # -- mode ----------------------------------------------------------------------------
@@ -92,23 +91,23 @@ def assume_celery_mode() -> None:
 
 
 @lru_cache
-def mode() -> Mode:
+def mode() -> SchedulerMode:
     """ "celery" or "local", decided once per process (SCHEDULER_MODE=auto asks Redis)."""
     settings = get_settings()
     if _celery_process:
-        return "celery"
+        return SchedulerMode.CELERY
     if settings.scheduler_mode != "auto":
-        return settings.scheduler_mode
+        return SchedulerMode(settings.scheduler_mode)
     url = maybe_sanitize_url(settings.redis_url)
     if redis_reachable(settings.redis_socket_timeout):
         log.info("scheduler: Redis at %s answers: polls run on Celery workers", url)
-        return "celery"
+        return SchedulerMode.CELERY
     log.warning(
         "scheduler: Redis at %s cannot be reached: running the local in-process scheduler "
         "(polls run in this process; start Redis and restart to use Celery workers)",
         url,
     )
-    return "local"
+    return SchedulerMode.LOCAL
 
 
 # -- one account ---------------------------------------------------------------------
@@ -118,21 +117,26 @@ def sync_account(account: Account) -> None:
     """Bring the account's entry in line with the committed account: create it, update it
     in place (an interval change keeps the phase) or remove it. Redis trouble is logged,
     not raised: the commit stands and the next reconcile repairs the entry."""
-    if mode() == "local":
+    if mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         if scheduler is not None:
             if wants_schedule(account):
-                scheduler.put(account.id, account.poll_interval_seconds, account.last_polled_at)
+                scheduler.put(
+                    account.id,
+                    account.poll_interval_seconds,
+                    account.last_polled_at,
+                    first_poll_now=True,
+                )
             else:
                 scheduler.remove(account.id)
         return
     wanted = {}
     if wants_schedule(account):
         wanted[account.id] = store.Wanted(
-            account.id, account.poll_interval_seconds, account.last_polled_at
+            account.id, account.poll_interval_seconds, account.last_polled_at, account.priority
         )
     try:
-        store.apply(wanted, [store.entry_key(account.id)], utcnow())
+        store.apply(wanted, [store.entry_key(account.id)], utcnow(), first_poll_now=True)
     except redis.RedisError as exc:
         log.warning(
             "schedule entry for mailbox %s not updated (%s); the next reconcile will fix it",
@@ -143,7 +147,7 @@ def sync_account(account: Account) -> None:
 
 def remove_account(account_id: int) -> None:
     """Remove the account's entry (deleted or disabled account). Never raises for Redis."""
-    if mode() == "local":
+    if mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         if scheduler is not None:
             scheduler.remove(account_id)
@@ -160,7 +164,7 @@ def remove_account(account_id: int) -> None:
 
 def enqueue_poll(account_id: int) -> str:
     """Poll a mailbox now; returns the task id."""
-    if mode() == "local":
+    if mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         if scheduler is None:
             raise ServiceUnavailable(
@@ -170,7 +174,11 @@ def enqueue_poll(account_id: int) -> str:
         return scheduler.run_now(account_id)
     # By name: the API need not import the task module (and its ingestion imports).
     result = store.celery_app().send_task(
-        store.POLL_TASK, args=[account_id], queue=store.POLL_QUEUE
+        store.POLL_TASK,
+        args=[account_id],
+        queue=store.POLL_QUEUE,
+        # Asked for by hand: ahead of every scheduled poll in the queue.
+        priority=broker_priority(TOP_PRIORITY),
     )
     return str(result.id)
 
@@ -180,12 +188,13 @@ def enqueue_poll(account_id: int) -> str:
 
 def wanted_accounts(session: Session) -> dict[int, store.Wanted]:
     rows = session.execute(
-        select(Account.id, Account.poll_interval_seconds, Account.last_polled_at).where(
-            _wanted_clause()
-        )
+        select(
+            Account.id, Account.poll_interval_seconds, Account.last_polled_at, Account.priority
+        ).where(_wanted_clause())
     )
     return {
-        row.id: store.Wanted(row.id, row.poll_interval_seconds, row.last_polled_at) for row in rows
+        row.id: store.Wanted(row.id, row.poll_interval_seconds, row.last_polled_at, row.priority)
+        for row in rows
     }
 
 
@@ -197,7 +206,7 @@ def reconcile(session: Session) -> ReconcileResult:
     """Rebuild the schedule from the database: create the missing entries, fix the
     changed, delete the orphans. Reads only; the caller's boundary closes the session."""
     wanted = wanted_accounts(session)
-    if mode() == "local":
+    if mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         counts = scheduler.replace_all(wanted) if scheduler is not None else store.Counts()
     else:
@@ -210,7 +219,7 @@ def reconcile(session: Session) -> ReconcileResult:
 
 
 def list_entries() -> list[ScheduleEntry]:
-    if mode() == "local":
+    if mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         stored = scheduler.entries() if scheduler is not None else []
     else:
@@ -221,7 +230,7 @@ def list_entries() -> list[ScheduleEntry]:
 
 def count_entries() -> int:
     """How many mailbox entries the schedule holds: one ZRANGE, no entry is read."""
-    if mode() == "local":
+    if mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         return len(scheduler.entries()) if scheduler is not None else 0
     return len(store.mailbox_members(store.client()))
@@ -240,7 +249,7 @@ def _local_scheduler() -> LocalScheduler | None:
 def start_local_scheduler_if_needed() -> bool:
     """In local mode, start the in-process scheduler (once per process); True if it runs."""
     global _local  # noqa: PLW0603 - one scheduler per process
-    if mode() != "local":
+    if mode() != SchedulerMode.LOCAL:
         return False
     from backend.schedules.local import LocalScheduler
     from backend.schedules.polling import run_local_poll

@@ -14,6 +14,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from backend.config import Settings
+from backend.models.enums import StorageBackend
 from backend.storage.base import ObjectNotFound, StorageError
 
 if TYPE_CHECKING:
@@ -85,11 +86,20 @@ def _errors(what: str) -> Iterator[None]:
         raise StorageError(f"S3 unavailable on {what}: {exc}") from exc
 
 
-class S3Storage:
-    name = "s3"
+def build_writer(settings: Settings) -> S3Client:
+    """The client for puts: one attempt, and no byte moving for S3_WRITE_TIMEOUT_SECONDS
+    ends it. An S3 that accepts connections and never answers then costs a write seconds,
+    not read timeout x attempts; the write goes to local files and is moved up later."""
+    seconds = settings.s3_write_timeout_seconds
+    return build_client(settings, connect_timeout=seconds, read_timeout=seconds, max_attempts=1)
 
-    def __init__(self, client: S3Client, bucket: str) -> None:
+
+class S3Storage:
+    name = StorageBackend.S3
+
+    def __init__(self, client: S3Client, bucket: str, writer: S3Client | None = None) -> None:
         self.client = client
+        self.writer = writer or client
         self.bucket = bucket
 
     def put(self, key: str, data: bytes | BinaryIO, content_type: str) -> None:
@@ -101,7 +111,7 @@ class S3Storage:
         # (upload_fileobj would also do multipart, but it closes the caller's stream, which
         # the fallback to local files still needs.)
         with _errors(key):
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+            self.writer.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
 
     def get(self, key: str) -> bytes:
         with _errors(key):

@@ -13,16 +13,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.config import get_settings
-from backend.models import Attachment, Message
+from backend.models import Attachment, Message, StorageBackend
 from backend.storage.base import ObjectNotFound, Storage, StorageError
 from backend.storage.local import LocalStorage
-from backend.storage.s3 import S3Storage, build_client
+from backend.storage.s3 import S3Storage, build_client, build_writer
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,12 @@ MESSAGE_CONTENT_TYPE = "message/rfc822"
 SYNC_BATCH_SIZE = 100
 # /health must answer quickly even when S3 hangs.
 HEALTH_TIMEOUT_SECONDS = 2.0
+# The shared breaker: a write asks Redis whether another process found S3 failing. A
+# breaker that waits on Redis would defeat its purpose: a short timeout, no retries, and
+# a Redis that did not answer is left alone for a while.
+BREAKER_KEY = "mailbeat:storage:s3-failing"
+BREAKER_REDIS_TIMEOUT_SECONDS = 0.5
+REDIS_QUIET_SECONDS = 30.0
 
 T = TypeVar("T")
 _BYTES = (bytes, bytearray, memoryview)
@@ -52,7 +61,7 @@ def s3_storage() -> S3Storage | None:
             settings.local_storage_dir,
         )
         return None
-    return S3Storage(build_client(settings), settings.s3_bucket)
+    return S3Storage(build_client(settings), settings.s3_bucket, build_writer(settings))
 
 
 @lru_cache
@@ -71,28 +80,84 @@ def _s3_probe() -> S3Storage | None:
 
 class _Breaker:
     """After an S3 write fails, writes go straight to local files for a while instead of
-    each one waiting out S3's timeouts and retries again. Per process; plain on purpose."""
+    each one waiting out S3's timeouts again. The open state is kept in Redis too, so the
+    process that finds S3 failing spares every other process (each worker process, the
+    API) that wait; while Redis does not answer, each process keeps its own."""
 
     def __init__(self) -> None:
         self.open_until = 0.0
+        self._redis_quiet_until = 0.0
 
     def closed(self) -> bool:
-        return time.monotonic() >= self.open_until
+        now = time.monotonic()
+        if now < self.open_until:
+            return False
+        shared = self._shared(lambda client: _pipeline(client, "pttl", "get"))
+        if shared is None or shared[0] <= 0:
+            return True
+        ttl_ms, reason = shared
+        self.open_until = now + ttl_ms / 1000
+        log.warning(
+            "S3 writes go to local files for the next %.0fs: another process found S3 "
+            "failing (%s); the storage.sync task moves them up later",
+            ttl_ms / 1000,
+            (reason or b"").decode(errors="replace"),
+        )
+        return False
 
-    def trip(self, seconds: float) -> None:
+    def trip(self, seconds: float, reason: str) -> None:
         self.open_until = time.monotonic() + seconds
+        self._shared(lambda client: client.set(BREAKER_KEY, reason[:300], px=int(seconds * 1000)))
 
     def reset(self) -> None:
         self.open_until = 0.0
+        self._shared(lambda client: client.delete(BREAKER_KEY))
+
+    def forget(self) -> None:
+        """This process's state only (settings changed)."""
+        self.open_until = 0.0
+        self._redis_quiet_until = 0.0
+
+    def _shared(self, call: Callable[[redis.Redis], T]) -> T | None:
+        if time.monotonic() < self._redis_quiet_until:
+            return None
+        try:
+            return call(_redis())
+        except redis.RedisError as exc:
+            self._redis_quiet_until = time.monotonic() + REDIS_QUIET_SECONDS
+            log.warning(
+                "S3 breaker: Redis does not answer (%s); this process keeps its own for %.0fs",
+                type(exc).__name__,
+                REDIS_QUIET_SECONDS,
+            )
+            return None
+
+
+def _pipeline(client: redis.Redis, *commands: str) -> list[Any]:
+    with client.pipeline(transaction=False) as pipe:
+        for command in commands:
+            getattr(pipe, command)(BREAKER_KEY)
+        return pipe.execute()
+
+
+@lru_cache
+def _redis() -> redis.Redis:
+    settings = get_settings()
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=BREAKER_REDIS_TIMEOUT_SECONDS,
+        socket_connect_timeout=BREAKER_REDIS_TIMEOUT_SECONDS,
+        retry=Retry(NoBackoff(), 0),
+    )
 
 
 _breaker = _Breaker()
 
 
 def backend(name: str) -> Storage:
-    if name == "local":
+    if name == StorageBackend.LOCAL:
         return local_storage()
-    if name == "s3":
+    if name == StorageBackend.S3:
         s3 = s3_storage()
         if s3 is None:
             raise StorageError("the object is in S3, but S3 is not configured (S3_BUCKET)")
@@ -105,9 +170,9 @@ def backends() -> list[Storage]:
     return [local_storage()] if s3 is None else [s3, local_storage()]
 
 
-def put_object(key: str, data: bytes | BinaryIO, content_type: str) -> str:
-    """Store an object; returns the name of the backend that now holds it ("s3" or
-    "local"), which the caller records on the row."""
+def put_object(key: str, data: bytes | BinaryIO, content_type: str) -> StorageBackend:
+    """Store an object; returns the backend that now holds it, which the caller records
+    on the row."""
     s3 = s3_storage()
     if s3 is not None and _breaker.closed():
         if not isinstance(data, _BYTES) and not data.seekable():
@@ -118,7 +183,7 @@ def put_object(key: str, data: bytes | BinaryIO, content_type: str) -> str:
             return s3.name
         except StorageError as exc:
             seconds = get_settings().s3_retry_after_seconds
-            _breaker.trip(seconds)
+            _breaker.trip(seconds, str(exc))
             log.warning(
                 "S3 write failed; objects go to local files for the next %ss and the "
                 "storage.sync task moves them up later: %s",
@@ -215,7 +280,7 @@ def sync_fallback_objects(
     # account deleted meanwhile waits, then deletes the objects where they landed.
     messages = session.scalars(
         select(Message)
-        .where(Message.storage_backend == "local", Message.id > progress.message_id)
+        .where(Message.storage_backend == StorageBackend.LOCAL, Message.id > progress.message_id)
         .order_by(Message.id)
         .limit(batch_size)
         .with_for_update(skip_locked=True)
@@ -228,7 +293,10 @@ def sync_fallback_objects(
     else:
         attachments = session.scalars(
             select(Attachment)
-            .where(Attachment.storage_backend == "local", Attachment.id > progress.attachment_id)
+            .where(
+                Attachment.storage_backend == StorageBackend.LOCAL,
+                Attachment.id > progress.attachment_id,
+            )
             .order_by(Attachment.id)
             .limit(batch_size)
             .with_for_update(skip_locked=True)
@@ -279,4 +347,7 @@ def reset_cache() -> None:
     local_storage.cache_clear()
     s3_storage.cache_clear()
     _s3_probe.cache_clear()
-    _breaker.reset()
+    if _redis.cache_info().currsize:
+        _redis().close()
+    _redis.cache_clear()
+    _breaker.forget()

@@ -9,11 +9,11 @@ from tests.deploy.files import DESIGN_COMMANDS, ROOT, dockerfile, exec_form
 SECRET_NAMES = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|BASIC_AUTH", re.IGNORECASE)
 
 
-def _index(keyword: str, startswith: str = "") -> int:
+def _index(keyword: str, startswith: str = "", contains: str = "") -> int:
     for i, (kw, args) in enumerate(dockerfile()):
-        if kw == keyword and args.startswith(startswith):
+        if kw == keyword and args.startswith(startswith) and contains in args:
             return i
-    raise AssertionError(f"no {keyword} {startswith}")
+    raise AssertionError(f"no {keyword} {startswith}{contains}")
 
 
 def test_slim_python_base() -> None:
@@ -24,7 +24,7 @@ def test_slim_python_base() -> None:
 
 def test_dependencies_are_their_own_layer() -> None:
     copy_requirements = _index("COPY", "requirements.txt ")
-    install = _index("RUN", "pip install -r requirements.txt")
+    install = _index("RUN", contains="pip install -r requirements.txt")
     copy_code = _index("COPY", "backend ")
     assert copy_requirements < install < copy_code
 
@@ -59,3 +59,13 @@ def test_image_has_what_the_commands_need() -> None:
     copied = {args.split()[0] for kw, args in dockerfile() if kw == "COPY"}
     # alembic upgrade head (migrate) needs alembic.ini and the migrations beside the code.
     assert {"requirements.txt", "alembic.ini", "alembic", "backend"} <= copied
+
+
+def test_pip_can_build_behind_a_proxy() -> None:
+    # Build arguments for a private index and a proxy's CA, declared before the install.
+    install = _index("RUN", contains="pip install -r requirements.txt")
+    for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "EXTRA_CA_CERTS"):
+        assert _index("ARG", name + "=") < install, name
+    run = dockerfile()[install][1]
+    assert "update-ca-certificates" in run
+    assert "PIP_CERT=/etc/ssl/certs/ca-certificates.crt pip install" in run

@@ -5,6 +5,7 @@ deadline, never a sleep that asserts timing."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from backend import crypto
+from backend.celery_app import queue_keys
 from backend.models import Account, Message, PollRun, utcnow
 from backend.schedules import service
 from tests.mailbox.conftest import generated
@@ -123,7 +125,8 @@ def queued_polls(redis_db: RedisDb) -> dict[int, list[datetime]]:
     """The polls waiting in the email queue, by account: when each was sent (a poll's
     `expires` is its send time plus the interval)."""
     by_account: dict[int, list[datetime]] = defaultdict(list)
-    for raw in redis_db.client().lrange("email", 0, -1):
+    queued = [raw for key in queue_keys("email") for raw in redis_db.client().lrange(key, 0, -1)]
+    for raw in queued:
         headers: dict[str, Any] = json.loads(raw)["headers"]
         if headers["task"] != "mailbox.poll":
             continue
@@ -238,6 +241,32 @@ def test_two_beats_at_once_dispatch_each_poll_once(
         assert sends(first.log(), account) + sends(second.log(), account) == len(times)
 
 
+def test_a_beat_killed_outright_is_replaced_within_seconds(
+    celery: Celery, mailboxes: Mailboxes, redis_db: RedisDb
+) -> None:
+    accounts = [mailboxes.add() for _ in range(2)]
+    first = celery.beat("beat1")
+    wait_for(
+        lambda: all(queued_polls(redis_db).get(a.id) for a in accounts), "the first dispatches"
+    )
+
+    first.kill()  # SIGKILL: the lock is not released
+    assert redis_db.client().exists("redbeat::lock")
+    killed = time.monotonic()
+    second = celery.beat("beat2")
+    counts = {a.id: len(queued_polls(redis_db)[a.id]) for a in accounts}
+
+    # The old lock runs out in seconds (it was 300 s), and the new beat says it waits.
+    wait_for(
+        lambda: all(len(queued_polls(redis_db)[a.id]) > counts[a.id] for a in accounts),
+        "dispatches from the new beat",
+        timeout=30,
+    )
+    print(f"beat failover: {time.monotonic() - killed:.1f}s from SIGKILL to dispatch")
+    assert "beat: waiting for the beat lock" in second.log()
+    assert "Sending due task mailbox:" in second.log()
+
+
 def test_two_workers_never_poll_one_mailbox_at_once(
     celery: Celery, mailboxes: Mailboxes, set_env: Callable[..., None]
 ) -> None:
@@ -343,3 +372,44 @@ def test_a_bad_password_backs_off_and_ends_disabled_while_others_flow(
     mailboxes.deliver(good, 2)
     wait_for(lambda: mailboxes.ingested(good) == 4, "the good mailbox's later mail")
     assert len(mailboxes.runs(bad, "auth_error")) == 4
+
+
+def queued_poll_count(redis_db: RedisDb) -> int:
+    return sum(int(redis_db.client().llen(key)) for key in queue_keys("email"))
+
+
+def test_urgent_mailboxes_and_a_poll_now_overtake_a_long_queue(
+    celery: Celery, mailboxes: Mailboxes, redis_db: RedisDb
+) -> None:
+    # Twenty ordinary mailboxes queue up ahead of an urgent one (created last) while no
+    # worker runs; a poll asked for by hand comes after all of them.
+    ordinary = [mailboxes.add(interval=3600) for _ in range(20)]
+    for account in ordinary:
+        account.priority = 1
+    mailboxes.db.commit()
+    for account in ordinary:
+        service.sync_account(account)
+    urgent = mailboxes.add(interval=3600)
+    urgent.priority = 9
+    mailboxes.db.commit()
+    service.sync_account(urgent)
+    by_hand = mailboxes.add(interval=3600, last_polled_at=utcnow())  # not due for an hour
+
+    beat = celery.beat()
+    wait_for(lambda: queued_poll_count(redis_db) == 21, "beat to queue the 21 due polls")
+    beat.stop()
+    service.enqueue_poll(by_hand.id)
+
+    celery.worker(concurrency=1)  # one poll at a time: the order is the queue's
+    everyone = [*ordinary, urgent, by_hand]
+    wait_for(lambda: all(mailboxes.runs(account) for account in everyone), "every poll")
+    mailboxes.db.rollback()
+    order = list(
+        mailboxes.db.scalars(
+            select(PollRun.account_id)
+            .where(PollRun.account_id.in_([a.id for a in everyone]))
+            .order_by(PollRun.id)
+        )
+    )
+    # Both went to the top level; among them, first queued, first polled.
+    assert order[:2] == [urgent.id, by_hand.id], order

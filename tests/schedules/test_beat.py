@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from redbeat.schedulers import acquire_distributed_beat_lock
 from sqlalchemy.orm import Session
 
 from backend.celery_app import app
 from backend.schedules import service, store
-from backend.schedules.beat import MailbeatScheduler, _Sender
+from backend.schedules.beat import MailbeatScheduler, take_lock
 from tests.schedules.accounts import make_accounts
 from tests.support.redis_db import RedisDb
 
@@ -62,7 +61,7 @@ def test_a_lost_beat_lock_is_taken_again(
     db: Session, redis_db: RedisDb, scheduler: MailbeatScheduler
 ) -> None:
     make_accounts(db, 2)
-    acquire_distributed_beat_lock(sender=_Sender(scheduler))
+    take_lock(scheduler)
     assert scheduler.lock is not None and scheduler.lock.owned()
     redis_db.client().flushdb()
 
@@ -79,3 +78,19 @@ def test_a_beat_without_the_lock_takes_it_before_dispatching(
     assert scheduler.lock is None
     scheduler.tick()
     assert scheduler.lock is not None and scheduler.lock.owned()
+
+
+def test_a_waiting_beat_says_so_and_takes_over_once_the_lock_runs_out(
+    db: Session, redis_db: RedisDb, scheduler: MailbeatScheduler, caplog: pytest.LogCaptureFixture
+) -> None:
+    take_lock(scheduler)
+    ttl = redis_db.client().ttl("redbeat::lock")
+    assert 0 < ttl <= 15  # short: a dead beat's lock runs out in seconds
+    redis_db.client().pexpire("redbeat::lock", 1500)  # as if its holder had died a while ago
+    other = MailbeatScheduler(app=app)
+    try:
+        take_lock(other)
+        assert other.lock is not None and other.lock.owned()
+        assert "waiting for the beat lock redbeat::lock" in caplog.text
+    finally:
+        other.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from typing import TYPE_CHECKING
@@ -46,6 +48,15 @@ class MotoS3:
             return
         stop_group(self._process)
         self._process = None
+
+    def freeze(self) -> None:
+        """SIGSTOP: the kernel still accepts connections on the port, nothing answers."""
+        assert self._process is not None
+        os.killpg(self._process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self._process is not None
+        os.killpg(self._process.pid, signal.SIGCONT)
 
     def client(self) -> S3Client:
         return boto3.client(

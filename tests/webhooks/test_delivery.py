@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from backend import crypto
 from backend.db import session_scope
-from backend.models import Account, Message, WebhookDelivery, utcnow
+from backend.models import Account, AccountStatus, Message, WebhookDelivery, utcnow
 from backend.processing.service import after_poll, hand_on, process_and_send, process_message
 from backend.webhooks import service as webhooks
 from backend.webhooks import signing
@@ -273,7 +273,7 @@ def test_account_events_are_delivered_once_per_change(
     assert event["data"]["account"]["last_error"] == "LOGIN failed"
     _assert_signed(receiver)
 
-    account.status = "active"
+    account.status = AccountStatus.ACTIVE
     db.commit()
     after_poll(account.id, [], "account.recovered", use_celery=False)
     assert receiver.delivered()[-1].json()["data"]["account"]["status"] == "active"
