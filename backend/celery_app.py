@@ -5,7 +5,11 @@ Settings follow DESIGN.md's settled choices; each comment says what goes wrong w
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from celery import Celery
+from celery.signals import after_setup_logger
 from kombu.entity import Queue
 
 from backend.config import get_settings
@@ -103,7 +107,8 @@ app.conf.update(
             "schedule": settings.reconcile_interval_seconds,
             "options": {"expires": settings.reconcile_interval_seconds},
         },
-        # Objects that fell back to local files while S3 was down go up once it answers.
+        # Objects that fell back to local files while S3 was down go up once it answers;
+        # deleted accounts' objects that their deletion could not remove go.
         "storage-sync": {
             "task": "storage.sync",
             "schedule": settings.storage_sync_interval_seconds,
@@ -124,3 +129,11 @@ app.conf.update(
         "backend.schedules.tasks",
     ),
 )
+
+
+@after_setup_logger.connect
+def _log_level(logger: logging.Logger, loglevel: int, **_: Any) -> None:
+    """`celery worker`'s -l defaults to WARNING, which hides the one INFO line per poll:
+    LOG_LEVEL applies too, and the more verbose of the two wins."""
+    wanted = logging.getLevelNamesMapping().get(settings.log_level.upper(), logging.INFO)
+    logger.setLevel(min(loglevel, wanted))

@@ -72,14 +72,16 @@ def update_account(account_id: AccountId, data: AccountUpdate, session: SessionD
 
 
 @router.delete(
-    "/{account_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404, 503)
+    "/{account_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404)
 )
 def delete_account(account_id: AccountId, session: SessionDep) -> Response:
     """Delete a mailbox with everything it owns: messages, attachments, stored objects,
-    cursors, poll history and its schedule entry."""
+    cursors, poll history and its schedule entry. Stored objects that cannot be deleted
+    now (storage down) go with the next storage sweep."""
     service.delete_account(session, service.get_account(session, account_id))
     session.commit()
     schedules.remove_account(account_id)
+    service.delete_objects(account_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -24,11 +24,11 @@ from backend.accounts.schemas import (
     check_initial_sync,
 )
 from backend.config import get_settings
-from backend.errors import Conflict, NotFound, ServiceUnavailable, ValidationError
-from backend.models import Account, AccountStatus, AuthMethod, InitialSync
+from backend.errors import Conflict, NotFound, ValidationError
+from backend.models import Account, AccountCleanup, AccountStatus, AuthMethod, InitialSync
 from backend.schedules import service as schedules
 from backend.storage import service as storage
-from backend.storage.base import account_prefix
+from backend.storage.base import StorageError, account_prefix
 
 log = logging.getLogger(__name__)
 
@@ -142,21 +142,28 @@ def update_account(session: Session, account: Account, data: AccountUpdate) -> A
 
 
 def delete_account(session: Session, account: Account) -> None:
-    """Delete the stored objects, then the rows (messages, attachments, cursors and poll
-    runs go with the account through ON DELETE CASCADE). Objects go first: when storage
-    fails the account is still there and the delete can be repeated; the other way round
-    a failure would leave objects that nothing points to any more."""
-    try:
-        removed = storage.delete_prefix(account_prefix(account.id))
-    except Exception as exc:
-        log.warning("deleting account %s: storage failed: %s", account.id, type(exc).__name__)
-        raise ServiceUnavailable(
-            f"could not delete the stored messages of account {account.id} "
-            f"({type(exc).__name__}); nothing was deleted, try again when storage answers"
-        ) from exc
-    log.info("account %s: deleted %s stored objects", account.id, removed)
+    """Delete the rows (messages, attachments, cursors and poll runs go with the account
+    through ON DELETE CASCADE) and record that its stored objects must go. After the
+    commit the endpoint deletes them (`delete_objects`); whatever that leaves (storage
+    down, a crash, a poll that was still running) the storage sweep deletes later. Ids
+    are never reused, so a new account never meets a deleted one's leftovers."""
+    session.add(AccountCleanup(account_id=account.id))
     session.delete(account)
     session.flush()
+
+
+def delete_objects(account_id: int) -> None:
+    """The deleted account's stored objects, now if storage answers; else the sweep."""
+    try:
+        removed = storage.delete_prefix(account_prefix(account_id))
+    except StorageError as exc:
+        log.warning(
+            "deleted account %s: its stored objects go on the next storage sweep: %s",
+            account_id,
+            str(exc)[:300],
+        )
+        return
+    log.info("account %s: deleted %s stored objects", account_id, removed)
 
 
 def queue_poll(session: Session, account_id: int) -> str:

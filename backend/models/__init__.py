@@ -1,6 +1,6 @@
 """All tables. Import from here so Alembic and the app see the same metadata."""
 
-from backend.models.account import Account, FolderCursor
+from backend.models.account import Account, AccountCleanup, FolderCursor
 from backend.models.base import Base, utcnow
 from backend.models.enums import (
     ACCOUNT_EVENTS,
@@ -24,6 +24,7 @@ from backend.models.webhook import WebhookDelivery
 __all__ = [
     "ACCOUNT_EVENTS",
     "Account",
+    "AccountCleanup",
     "AccountStatus",
     "Attachment",
     "AuthMethod",

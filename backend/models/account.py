@@ -16,7 +16,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from backend.models.base import Base, EnumString, TimestampMixin, UTCDateTime
+from backend.models.base import NO_ID_REUSE, Base, EnumString, TimestampMixin, UTCDateTime, utcnow
 from backend.models.enums import AccountStatus, AuthMethod, ErrorKind, ImapSecurity, InitialSync
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ class Account(TimestampMixin, Base):
     """A mailbox to poll. Secrets live only in `credentials_encrypted` (Fernet JSON)."""
 
     __tablename__ = "accounts"
-    __table_args__ = (UniqueConstraint("imap_host", "imap_port", "username"),)
+    __table_args__ = (UniqueConstraint("imap_host", "imap_port", "username"), NO_ID_REUSE)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     email: Mapped[str] = mapped_column(String(320))
@@ -89,7 +89,7 @@ class FolderCursor(Base):
     """How far a folder has been ingested: the last UID stored under one UIDVALIDITY."""
 
     __tablename__ = "folder_cursors"
-    __table_args__ = (UniqueConstraint("account_id", "folder"),)
+    __table_args__ = (UniqueConstraint("account_id", "folder"), NO_ID_REUSE)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
@@ -99,3 +99,20 @@ class FolderCursor(Base):
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     account: Mapped[Account] = relationship(back_populates="cursors")
+
+
+class AccountCleanup(Base):
+    """An account deleted whose stored objects may not all be gone yet: its removal and
+    this record are committed together, and the storage sweep deletes the objects under
+    `accounts/{id}/` until a pass after the last poll that could still write there (one
+    running at deletion time) found nothing left. So a crash after the commit, storage
+    down, or a poll finishing late leaves no objects behind for good."""
+
+    __tablename__ = "account_cleanups"
+    __table_args__ = NO_ID_REUSE
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(Integer, unique=True)  # the account is gone
+    deleted_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)

@@ -41,6 +41,11 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+# SQLite hands a deleted row's id (the highest) to the next insert unless the table says
+# AUTOINCREMENT; a new account must never get a deleted account's id (object keys and
+# webhook receivers know accounts and messages by id). PostgreSQL sequences never reuse.
+NO_ID_REUSE = {"sqlite_autoincrement": True}
+
 E = TypeVar("E", bound=StrEnum)
 
 

@@ -16,7 +16,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from backend.models.base import Base, EnumString, UTCDateTime, utcnow
+from backend.models.base import NO_ID_REUSE, Base, EnumString, UTCDateTime, utcnow
 from backend.models.enums import StorageBackend
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ class Message(Base):
             postgresql_where=text("processed_at IS NULL"),
             sqlite_where=text("processed_at IS NULL"),
         ),
+        NO_ID_REUSE,
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -81,6 +82,7 @@ class Message(Base):
 
 class Attachment(Base):
     __tablename__ = "attachments"
+    __table_args__ = NO_ID_REUSE
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     message_id: Mapped[int] = mapped_column(

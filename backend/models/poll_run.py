@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from backend.models.base import Base, EnumString, UTCDateTime, utcnow
+from backend.models.base import NO_ID_REUSE, Base, EnumString, UTCDateTime, utcnow
 from backend.models.enums import PollOutcome
 
 if TYPE_CHECKING:
@@ -15,7 +15,10 @@ if TYPE_CHECKING:
 
 class PollRun(Base):
     __tablename__ = "poll_runs"
-    __table_args__ = (Index("ix_poll_runs_account_id_started_at", "account_id", "started_at"),)
+    __table_args__ = (
+        Index("ix_poll_runs_account_id_started_at", "account_id", "started_at"),
+        NO_ID_REUSE,
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))

@@ -15,7 +15,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from backend.models.base import Base, EnumString, UTCDateTime, utcnow
+from backend.models.base import NO_ID_REUSE, Base, EnumString, UTCDateTime, utcnow
 from backend.models.enums import DeliveryStatus, DeliveryTarget, EventType
 
 
@@ -29,6 +29,7 @@ class WebhookDelivery(Base):
         UniqueConstraint("dedupe_key", "target"),
         Index("ix_webhook_deliveries_status_account_id", "status", "account_id"),
         Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        NO_ID_REUSE,
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)

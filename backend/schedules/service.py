@@ -274,6 +274,7 @@ def _local_housekeeping() -> None:
     from backend.storage import tasks as storage_tasks
 
     sweep(use_celery=False)
+    storage_tasks.purge_deleted()
     if get_settings().s3_enabled:
         storage_tasks.sync_all()
 

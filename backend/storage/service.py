@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from functools import lru_cache
 from typing import Any, BinaryIO, TypeVar
 
@@ -22,14 +23,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.config import get_settings
-from backend.models import Attachment, Message, StorageBackend
-from backend.storage.base import ObjectNotFound, Storage, StorageError
+from backend.models import AccountCleanup, Attachment, Message, StorageBackend, utcnow
+from backend.storage.base import ObjectNotFound, Storage, StorageError, account_prefix
 from backend.storage.local import LocalStorage
 from backend.storage.s3 import S3Storage, build_client, build_writer
 
 log = logging.getLogger(__name__)
 
 MESSAGE_CONTENT_TYPE = "message/rfc822"
+# A deleted account's objects are looked for until this long after its polls' time limit.
+CLEANUP_MARGIN_SECONDS = 60
 SYNC_BATCH_SIZE = 100
 # /health must answer quickly even when S3 hangs.
 HEALTH_TIMEOUT_SECONDS = 2.0
@@ -249,6 +252,39 @@ def health() -> tuple[bool, str]:
     if not _breaker.closed():
         return True, f"S3 bucket {probe.bucket} answers; writes go to local files until retry"
     return True, f"S3 bucket {probe.bucket}"
+
+
+def purge_deleted_accounts(session: Session) -> int:
+    """Delete the stored objects of deleted accounts (AccountCleanup records). A record
+    stays until a pass after the poll time limit: a poll running when its account was
+    deleted may still write an object, and only a later pass deletes that. Returns how
+    many objects went. Only flushes."""
+    settings = get_settings()
+    grace = timedelta(seconds=settings.poll_time_limit_seconds + CLEANUP_MARGIN_SECONDS)
+    removed = 0
+    cleanups = session.scalars(
+        select(AccountCleanup).order_by(AccountCleanup.id).with_for_update(skip_locked=True)
+    ).all()
+    for cleanup in cleanups:
+        started = utcnow()
+        try:
+            removed += delete_prefix(account_prefix(cleanup.account_id))
+        except StorageError as exc:
+            cleanup.attempts += 1
+            cleanup.last_error = str(exc)[:300]
+            log.warning(
+                "deleted account %s: its objects could not be deleted yet (attempt %s): %s",
+                cleanup.account_id,
+                cleanup.attempts,
+                cleanup.last_error,
+            )
+            continue
+        if started - cleanup.deleted_at > grace:
+            session.delete(cleanup)
+    session.flush()
+    if removed:
+        log.info("deleted %s stored objects of deleted accounts", removed)
+    return removed
 
 
 @dataclass

@@ -10,10 +10,19 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from backend import crypto
-from backend.models import Account, Attachment, FolderCursor, Message, PollRun, utcnow
+from backend.models import (
+    Account,
+    AccountCleanup,
+    Attachment,
+    FolderCursor,
+    Message,
+    PollRun,
+    utcnow,
+)
 from backend.schedules import service as schedules
 from backend.storage import service as storage
 from backend.storage.base import account_prefix, message_key
+from backend.storage.tasks import purge_deleted
 from tests.support.api import (
     account_payload,
     create_dovecot_account,
@@ -361,23 +370,33 @@ def test_delete_cascades_rows_objects_and_schedule(api: TestClient, db: Session)
     assert api.delete(f"/accounts/{account_id}").status_code == 404
 
 
-def test_delete_with_storage_down_keeps_everything_to_try_again(
+def test_delete_with_storage_down_deletes_the_account_and_a_sweep_its_objects(
     api: TestClient, db: Session, s3_bucket: str, moto_s3: MotoS3
 ):
     account_id = api.post("/accounts", json=account_payload()).json()["id"]
-    assert storage.put_object(message_key(account_id, "INBOX", 1, 1), b"raw", "x/y") == "s3"
+    key = message_key(account_id, "INBOX", 1, 1)
+    assert storage.put_object(key, b"raw", "x/y") == "s3"
+    storage.local_storage().put(f"{key}.fallback", b"raw", "x/y")
     moto_s3.stop()
     try:
-        response = api.delete(f"/accounts/{account_id}")
-        assert response.status_code == 503
-        assert "nothing was deleted, try again" in response.json()["detail"]
-        assert api.get(f"/accounts/{account_id}").status_code == 200
-        assert account_id in entry_ids()
+        assert api.delete(f"/accounts/{account_id}").status_code == 204
+        assert api.get(f"/accounts/{account_id}").status_code == 404
+        assert account_id not in entry_ids()
+        # Storage was down: the objects are still there, and so is the record of them.
+        assert list(storage.local_storage().keys(account_prefix(account_id)))
+        cleanup = db.scalar(select(AccountCleanup))
+        assert cleanup is not None and cleanup.account_id == account_id
     finally:
         moto_s3.start()
         moto_s3.create_bucket(s3_bucket)
-    assert api.delete(f"/accounts/{account_id}").status_code == 204
-    assert api.get(f"/accounts/{account_id}").status_code == 404
+    # moto forgot its objects on restart: put back the one S3 would still hold.
+    assert storage.put_object(key, b"raw", "x/y") == "s3"
+
+    purge_deleted()  # the storage sweep (beat's storage.sync, local housekeeping)
+
+    assert list(storage.local_storage().keys(account_prefix(account_id))) == []
+    assert not moto_s3.client().list_objects_v2(Bucket=s3_bucket).get("Contents")
+    assert api.post("/accounts", json=account_payload()).json()["id"] > account_id
 
 
 def test_poll_now_queues_a_task(api: TestClient, redis_db: RedisDb):

@@ -413,3 +413,16 @@ def test_urgent_mailboxes_and_a_poll_now_overtake_a_long_queue(
     )
     # Both went to the top level; among them, first queued, first polled.
     assert order[:2] == [urgent.id, by_hand.id], order
+
+
+def test_a_worker_logs_one_info_line_per_poll_without_being_asked(
+    celery: Celery, mailboxes: Mailboxes
+) -> None:
+    account = mailboxes.add(interval=3600, last_polled_at=utcnow())
+    mailboxes.deliver(account, 2)
+    # As compose and `make run` start it: no -l, so celery's own default (WARNING).
+    worker = celery.worker(loglevel=None)
+    service.enqueue_poll(account.id)
+    line = f"poll of mailbox {account.id}: success, 2 new messages in"
+    wait_for(lambda: line in worker.log(), "the poll's INFO line")
+    assert worker.log().count(f"poll of mailbox {account.id}:") == 1
