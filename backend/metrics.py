@@ -158,11 +158,41 @@ def _schedule_gauges() -> Iterator[GaugeMetricFamily]:
     )
 
 
+def _capacity_gauges() -> Iterator[GaugeMetricFamily]:
+    from backend.db import session_scope
+    from backend.schedules import service as schedules
+
+    with session_scope() as session:
+        result = schedules.capacity(session)
+    yield GaugeMetricFamily(
+        "mailbeat_polls_demanded_per_second",
+        "Polls per second the schedule asks for: the sum of 1/interval over its mailboxes.",
+        value=result.demanded_polls_per_second,
+    )
+    yield GaugeMetricFamily(
+        "mailbeat_polls_completed_per_second",
+        "Polls finished per second over the last minute.",
+        value=result.completed_polls_per_second,
+    )
+    yield GaugeMetricFamily(
+        "mailbeat_poll_queue_oldest_seconds",
+        "How long the oldest queued poll has waited (0 when none waits).",
+        value=result.oldest_pending_seconds or 0.0,
+    )
+    yield GaugeMetricFamily(
+        "mailbeat_poll_interval_stretch",
+        "Demanded / completed polls per second, at least 1: how much longer every "
+        "interval really is (1 when nothing completed yet).",
+        value=result.interval_stretch or 1.0,
+    )
+
+
 # Each source of scrape-time gauges; one that fails is reported down, the rest still show.
 STATE_SOURCES: dict[str, Callable[[], Iterator[GaugeMetricFamily]]] = {
     "database": _database_gauges,
     "redis": _redis_gauges,
     "schedule": _schedule_gauges,
+    "capacity": _capacity_gauges,
 }
 
 
@@ -203,5 +233,6 @@ router = APIRouter(tags=["health"])
 )
 def metrics() -> Response:
     """Prometheus text: polls by outcome, messages and bytes ingested, poll durations,
-    mailboxes by status, ingestion lag, queue lengths and schedule entries."""
+    mailboxes by status, ingestion lag, queue lengths, schedule entries and capacity
+    (polls demanded and completed per second, the oldest queued poll's wait)."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

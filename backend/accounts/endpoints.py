@@ -64,7 +64,9 @@ def get_account(account_id: AccountId, session: SessionDep) -> AccountRead:
 @router.patch("/{account_id}", responses=error_responses(400, 404, 409))
 def update_account(account_id: AccountId, data: AccountUpdate, session: SessionDep) -> AccountRead:
     """Change a mailbox; the schedule follows at once (an interval change keeps its phase,
-    disabling removes the entry, re-enabling restores it with status active)."""
+    disabling removes the entry, re-enabling restores it with status active). Once it
+    holds mail, its mailbox (username, imap_host, imap_port) cannot change: 409, create
+    a new account instead."""
     account = service.update_account(session, service.get_account(session, account_id), data)
     session.commit()
     schedules.sync_account(account)

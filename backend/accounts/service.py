@@ -25,7 +25,14 @@ from backend.accounts.schemas import (
 )
 from backend.config import get_settings
 from backend.errors import Conflict, NotFound, ValidationError
-from backend.models import Account, AccountCleanup, AccountStatus, AuthMethod, InitialSync
+from backend.models import (
+    Account,
+    AccountCleanup,
+    AccountStatus,
+    AuthMethod,
+    FolderCursor,
+    InitialSync,
+)
 from backend.schedules import service as schedules
 from backend.storage import service as storage
 from backend.storage.base import StorageError, account_prefix
@@ -114,6 +121,7 @@ def update_account(session: Session, account: Account, data: AccountUpdate) -> A
     }
     if any(new_server[name] != getattr(account, name) for name in new_server):
         _ensure_unique(session, *new_server.values(), exclude_id=account.id)
+        _refuse_another_mailbox(session, account, **new_server)
 
     connection_changed = any(
         name in changes and changes[name] != getattr(account, name) for name in CONNECTION_FIELDS
@@ -216,6 +224,30 @@ def _ensure_unique(
     existing = session.scalar(query.limit(1))
     if existing is not None:
         raise Conflict(_duplicate_message(host, port, username, existing))
+
+
+def _refuse_another_mailbox(
+    session: Session, account: Account, *, imap_host: str, imap_port: int, username: str
+) -> None:
+    """An account that has taken mail stays with its mailbox. Its cursors (last UID per
+    folder) and messages belong to that mailbox: polling another with them would report
+    success and skip the other's mail for good, and the old messages would pass as the
+    new mailbox's. Before any mail was taken (a typo fixed), the change is fine. A host
+    differing only in case is the same server."""
+    same_host = imap_host.lower() == account.imap_host.lower()
+    if same_host and (imap_port, username) == (account.imap_port, account.username):
+        return
+    has_cursor = session.scalar(
+        select(FolderCursor.id).where(FolderCursor.account_id == account.id).limit(1)
+    )
+    if has_cursor is None and not account.message_count:
+        return
+    raise Conflict(
+        f"account {account.id} already holds mail of {account.username!r} on "
+        f"{account.imap_host}:{account.imap_port}; pointing it at {username!r} on "
+        f"{imap_host}:{imap_port} would mix two mailboxes. To poll that mailbox, create a "
+        "new account for it (POST /accounts), and delete this one if it is no longer wanted"
+    )
 
 
 def _duplicate_message(host: str, port: int, username: str, existing: int | None) -> str:

@@ -17,6 +17,9 @@ class PollRun(Base):
     __tablename__ = "poll_runs"
     __table_args__ = (
         Index("ix_poll_runs_account_id_started_at", "account_id", "started_at"),
+        # Polls completed per second (the capacity route, /metrics, /health) count the
+        # runs finished in the last minute.
+        Index("ix_poll_runs_finished_at", "finished_at"),
         NO_ID_REUSE,
     )
 

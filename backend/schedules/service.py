@@ -10,22 +10,25 @@ found empty).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import redis
 from kombu.utils.url import maybe_sanitize_url
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
-from backend.celery_app import TOP_PRIORITY, broker_priority
+from backend.admin.redis_client import redis_client
+from backend.celery_app import TOP_PRIORITY, broker_priority, queue_keys
 from backend.config import get_settings
 from backend.errors import ServiceUnavailable
-from backend.models import Account, AccountStatus, SchedulerMode, utcnow
+from backend.models import Account, AccountStatus, PollRun, SchedulerMode, utcnow
 from backend.schedules import store
 
 if TYPE_CHECKING:
@@ -68,8 +71,6 @@ def _wanted_clause() -> ColumnElement[bool]:
 
 
 def redis_reachable(timeout: float) -> bool:
-    from backend.admin.redis_client import redis_client
-
     conn = redis_client(timeout)
     try:
         return bool(conn.ping())
@@ -179,6 +180,7 @@ def enqueue_poll(account_id: int) -> str:
         queue=store.POLL_QUEUE,
         # Asked for by hand: ahead of every scheduled poll in the queue.
         priority=broker_priority(TOP_PRIORITY),
+        headers={SENT_AT_HEADER: time.time()},
     )
     return str(result.id)
 
@@ -300,3 +302,84 @@ def reset_cache() -> None:
     stop_local_scheduler()
     _celery_process = False
     mode.cache_clear()
+
+
+# -- capacity ------------------------------------------------------------------------
+
+# Completed polls are counted over this window.
+CAPACITY_WINDOW_SECONDS = 60
+# The header every queued poll carries with the moment it was sent (epoch seconds).
+SENT_AT_HEADER = "mailbeat_sent_at"
+
+
+@dataclass
+class Capacity:
+    mode: SchedulerMode
+    mailboxes: int
+    demanded_polls_per_second: float
+    completed_polls_per_second: float
+    queue_length: int | None
+    oldest_pending_seconds: float | None
+    # demanded / completed: 1.0 keeps up, 2.0 every interval takes twice as long.
+    interval_stretch: float | None
+    behind: bool
+
+
+def capacity(session: Session) -> Capacity:
+    """What the schedule asks for against what the workers do: polls per second demanded
+    (the sum of 1/interval over scheduled mailboxes) and completed (over the last
+    CAPACITY_WINDOW_SECONDS), the poll queue, and how long its oldest poll has waited.
+    Two aggregate queries and one pipelined Redis round trip, whatever the size."""
+    mailboxes, demanded = session.execute(
+        select(
+            func.count(Account.id),
+            func.coalesce(func.sum(1.0 / Account.poll_interval_seconds), 0.0),
+        ).where(_wanted_clause())
+    ).one()
+    since = utcnow() - timedelta(seconds=CAPACITY_WINDOW_SECONDS)
+    completed = session.scalar(select(func.count(PollRun.id)).where(PollRun.finished_at >= since))
+    completed_rate = (completed or 0) / CAPACITY_WINDOW_SECONDS
+    queue_length: int | None = None
+    oldest: float | None = None
+    if mode() == SchedulerMode.CELERY:
+        queue_length, oldest = _poll_queue()
+    stretch = None if not completed_rate else max(float(demanded) / completed_rate, 1.0)
+    lag_limit = get_settings().poll_lag_degraded_seconds
+    return Capacity(
+        mode=mode(),
+        mailboxes=int(mailboxes),
+        demanded_polls_per_second=round(float(demanded), 3),
+        completed_polls_per_second=round(completed_rate, 3),
+        queue_length=queue_length,
+        oldest_pending_seconds=None if oldest is None else round(oldest, 1),
+        interval_stretch=None if stretch is None else round(stretch, 2),
+        behind=oldest is not None and oldest > lag_limit,
+    )
+
+
+def _poll_queue() -> tuple[int, float | None]:
+    """The polls waiting in the email queue and the age of the oldest. Each priority
+    level is a list consumed from its tail, so the oldest poll of a level is its last
+    element: one LLEN and one LINDEX per level."""
+    keys = queue_keys(store.POLL_QUEUE)
+    conn = redis_client(get_settings().health_check_timeout_seconds)
+    try:
+        with conn.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.llen(key)
+                pipe.lindex(key, -1)
+            replies = pipe.execute()
+    finally:
+        conn.close()
+    length = sum(int(n) for n in replies[0::2])
+    sent = [t for t in (_sent_at(raw) for raw in replies[1::2] if raw) if t is not None]
+    oldest = max(time.time() - min(sent), 0.0) if sent else None
+    return length, oldest
+
+
+def _sent_at(raw: bytes) -> float | None:
+    try:
+        value = json.loads(raw)["headers"].get(SENT_AT_HEADER)
+        return None if value is None else float(value)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None

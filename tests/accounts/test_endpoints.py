@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from backend import crypto
+from backend.mailbox.service import poll_account
 from backend.models import (
     Account,
     AccountCleanup,
@@ -116,8 +117,8 @@ def test_create_disabled_has_no_schedule_entry(api: TestClient):
         ({"folders": ["INBOX", "INBOX"]}, "folders", "twice"),
         ({"email": "not-an-address"}, "email", "email address"),
         ({"email": "a\u0000b@example.com"}, "email", "email address"),
-        ({"username": "a\u0000b"}, "username", "must not contain NUL"),
-        ({"folders": ["IN\u0000BOX"]}, "folders", "must not contain NUL"),
+        ({"username": "a\u0000b"}, "username", "must not contain control characters"),
+        ({"folders": ["IN\u0000BOX"]}, "folders", "must not contain control characters"),
         ({"imap_host": "imaps://x.example.com"}, "imap_host", "no scheme"),
         ({"password": None}, "body", "exactly one of 'password' and 'oauth2'"),
         ({"oauth2": {"access_token": "t"}}, "body", "exactly one of 'password' and 'oauth2'"),
@@ -519,3 +520,40 @@ def test_no_secret_in_any_response_or_log(
     for secret in (password, "other-SECRET", "tok-SECRET"):
         assert not any(secret in text for text in seen)
         assert secret not in caplog.text
+
+
+def test_pointing_an_account_that_holds_mail_at_another_mailbox_is_refused(
+    api: TestClient, db: Session, dovecot: Dovecot, mail_user: tuple[str, str]
+):
+    """Its cursors and messages belong to the first mailbox: polling the second with them
+    would skip its mail for good. A new account is the way; before any mail was taken
+    (a typo in the username) the change is fine."""
+    user, password = mail_user
+    other_user = f"{user}-other"
+    other_password = dovecot.add_user(other_user, "other-pw")
+    dovecot.append(user, b"Subject: first mailbox\r\n\r\nbody\r\n")
+    dovecot.append(other_user, b"Subject: second mailbox\r\n\r\nbody\r\n")
+    typo = create_dovecot_account(api, dovecot, f"{user}-typo", password)
+    response = api.patch(f"/accounts/{typo}", json={"username": user})
+    assert response.status_code == 200, response.text  # nothing taken yet: fine
+
+    assert poll_account(typo).outcome == "success"
+    for change in (
+        {"username": other_user, "password": other_password},
+        {"imap_host": "localhost"},
+        {"imap_port": dovecot.imaps_port, "imap_security": "ssl"},
+    ):
+        response = api.patch(f"/accounts/{typo}", json=change)
+        assert response.status_code == 409, (change, response.text)
+        detail = response.json()["detail"]
+        assert f"already holds mail of {user!r}" in detail
+        assert "create a new account" in detail
+    body = api.get(f"/accounts/{typo}").json()
+    assert (body["username"], body["imap_host"], body["imap_port"]) == (
+        user,
+        dovecot.host,
+        dovecot.imap_port,
+    )
+    # The other mailbox, as a new account, gets its own mail.
+    other = create_dovecot_account(api, dovecot, other_user, other_password)
+    assert poll_account(other).messages == 1
