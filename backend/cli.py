@@ -20,7 +20,7 @@ from typing import NoReturn
 from backend import dispatch
 from backend.config import Settings, get_settings
 from backend.console.commands import add_commands, run_command
-from backend.models.enums import SchedulerMode
+from backend.models.enums import PollOutcome, SchedulerMode
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = Path(".env")  # where Settings reads it: the working directory
@@ -237,7 +237,8 @@ def poll(account_id: int) -> int:
         "account_event": done.account_event,
     }
     print(json.dumps(summary))
-    return 0 if done.outcome in ("success", "skipped") and done.error is None else 1
+    ok = done.outcome in (PollOutcome.SUCCESS, PollOutcome.SKIPPED) and done.error is None
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ from backend.db import session_scope
 from backend.mailbox.lock import mailbox_lock
 from backend.mailbox.service import PollResult, poll_account
 from backend.metrics import record_poll
-from backend.models import Account, PollRun, SchedulerMode, utcnow
+from backend.models import Account, EventType, PollOutcome, PollRun, SchedulerMode, utcnow
 from backend.processing.service import after_poll
 from backend.schedules import service as schedules
 
@@ -48,7 +48,7 @@ def run_poll(account_id: int, task_id: str | None) -> PollResult | NotRun:
     duration = time.monotonic() - started
     after_poll(account_id, result.new_message_ids, result.account_event)
     record_poll(result.outcome, result.messages, result.bytes, duration)
-    if result.account_event == "account.disabled":
+    if result.account_event == EventType.ACCOUNT_DISABLED:
         log.warning("mailbox %s disabled after repeated failures: removing its entry", account_id)
         schedules.remove_account(account_id)
     log.info(
@@ -91,10 +91,10 @@ def record_skip(account_id: int, *, task_id: str | None, reason: str) -> None:
                 account_id=account_id,
                 started_at=now,
                 finished_at=now,
-                outcome="skipped",
+                outcome=PollOutcome.SKIPPED,
                 error=reason,
                 task_id=task_id,
             )
         )
-    record_poll("skipped", 0, 0, 0.0)
+    record_poll(PollOutcome.SKIPPED, 0, 0, 0.0)
     log.info("poll of mailbox %s skipped: %s", account_id, reason)
