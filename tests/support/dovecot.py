@@ -26,7 +26,7 @@ DOVECOT_BIN = shutil.which("dovecot") or "/usr/sbin/dovecot"
 
 CONFIG = """\
 protocols = imap
-listen = 127.0.0.1
+listen = {listen}
 base_dir = {root}/run
 state_dir = {root}/state
 log_path = {root}/dovecot.log
@@ -58,11 +58,11 @@ passdb {{
 }}
 service imap-login {{
   inet_listener imap {{
-    address = 127.0.0.1
+    address = {listen}
     port = {imap_port}
   }}
   inet_listener imaps {{
-    address = 127.0.0.1
+    address = {listen}
     port = {imaps_port}
     ssl = yes
   }}
@@ -108,11 +108,19 @@ active_value = true
 
 class Dovecot:
     def __init__(
-        self, root: Path, name: str | None = None, *, oauth2_introspection_url: str | None = None
+        self,
+        root: Path,
+        name: str | None = None,
+        *,
+        oauth2_introspection_url: str | None = None,
+        also_listen: str | None = None,
     ) -> None:
         """With `oauth2_introspection_url`, users can also log in with XOAUTH2; Dovecot
-        posts each token to that URL (`token=...`) and wants {"active": true, "username"}."""
+        posts each token to that URL (`token=...`) and wants {"active": true, "username"}.
+        `also_listen`: one more address to listen on besides loopback (the docker bridge's,
+        for containers); the same ports there."""
         self.root = root
+        self.also_listen = also_listen
         self.oauth2_introspection_url = oauth2_introspection_url
         self.name = name or uuid.uuid4().hex[:8]
         self.host = "127.0.0.1"
@@ -156,6 +164,7 @@ class Dovecot:
             CONFIG.format(
                 root=self.root,
                 name=self.name,
+                listen=", ".join(["127.0.0.1", *filter(None, [self.also_listen])]),
                 internal_user=internal,
                 login_user=login,
                 internal_group_line=group_line,
