@@ -5,12 +5,41 @@ Settings follow DESIGN.md's settled choices; each comment says what goes wrong w
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 from celery import Celery
+from celery.signals import after_setup_logger
+from kombu.connection import Connection
 from kombu.entity import Queue
 
 from backend.config import get_settings
 
 settings = get_settings()
+
+# mailbeat's priorities run 0-9, higher more urgent (an account's `priority`; a poll asked
+# for by hand goes at TOP_PRIORITY). Kombu's Redis transport keeps one list per level and
+# pops the LOWEST level first, so a mailbeat priority p travels as 9 - p. A message sent
+# without a priority would land on kombu's level 0, ahead of everything: the route of
+# the polls below sets DEFAULT_PRIORITY's level. (Other queues use one level.)
+DEFAULT_PRIORITY = 5
+TOP_PRIORITY = 9
+PRIORITY_LEVELS = range(10)
+QUEUE_SEPARATOR = ":"
+
+
+def broker_priority(priority: int) -> int:
+    """The kombu priority that carries a mailbeat priority (0-9, higher more urgent)."""
+    return TOP_PRIORITY - max(0, min(TOP_PRIORITY, priority))
+
+
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists that hold a queue's messages: one per priority level, the first
+    (kombu level 0, mailbeat's most urgent) under the queue's own name."""
+    return [queue] + [f"{queue}{QUEUE_SEPARATOR}{level}" for level in PRIORITY_LEVELS if level]
+
 
 # Outlasts a tick's sleep (1 s) plus one Redis call stuck until its socket timeout.
 BEAT_LOCK_SECONDS = int(settings.redis_socket_timeout) + 5
@@ -23,7 +52,8 @@ app.conf.update(
     task_ignore_result=True,
     result_backend=None,
     # A poll killed mid-way is redelivered, not lost; one task at a time per process so
-    # a long poll does not sit on prefetched polls for other mailboxes.
+    # a long poll does not sit on prefetched polls for other mailboxes, and so a worker
+    # takes the most urgent queued poll when it is free rather than one it reserved before.
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
@@ -32,6 +62,10 @@ app.conf.update(
         "visibility_timeout": settings.poll_time_limit_seconds * 2,
         "socket_timeout": settings.redis_socket_timeout,
         "socket_connect_timeout": settings.redis_socket_timeout,
+        # Ten levels, one list each, so every mailbeat priority is its own level
+        # (kombu's default folds them into four); a readable separator in the key names.
+        "priority_steps": list(PRIORITY_LEVELS),
+        "sep": QUEUE_SEPARATOR,
     },
     broker_connection_retry_on_startup=True,
     # Flower sees every task only with events on.
@@ -40,7 +74,9 @@ app.conf.update(
     task_queues=(Queue("email"), Queue("workflow"), Queue("default")),
     task_default_queue="default",
     task_routes={
-        "mailbox.*": {"queue": "email"},
+        # A poll sent without a priority of its own counts as DEFAULT_PRIORITY, not as
+        # kombu's level 0 (mailbeat's most urgent).
+        "mailbox.*": {"queue": "email", "priority": broker_priority(DEFAULT_PRIORITY)},
         "message.*": {"queue": "workflow"},
         "webhook.*": {"queue": "workflow"},
     },
@@ -74,7 +110,8 @@ app.conf.update(
             "schedule": settings.reconcile_interval_seconds,
             "options": {"expires": settings.reconcile_interval_seconds},
         },
-        # Objects that fell back to local files while S3 was down go up once it answers.
+        # Objects that fell back to local files while S3 was down go up once it answers;
+        # deleted accounts' objects that their deletion could not remove go.
         "storage-sync": {
             "task": "storage.sync",
             "schedule": settings.storage_sync_interval_seconds,
@@ -95,3 +132,26 @@ app.conf.update(
         "backend.schedules.tasks",
     ),
 )
+
+
+@contextmanager
+def broker_connection(timeout: float) -> Iterator[Connection]:
+    """A connection from the shared broker pool, waiting at most `timeout` seconds for one
+    (kombu's default is to wait forever), for control commands (inspect, ping)."""
+    # Control commands then publish on this connection. Through the producer pool they
+    # would take a second pool connection with no timeout, and callers holding one each
+    # would wait for each other forever once the pool is exhausted.
+    app.control.mailbox.producer_pool = None
+    connection = app.pool.acquire(block=True, timeout=timeout)
+    try:
+        yield connection
+    finally:
+        connection.release()
+
+
+@after_setup_logger.connect
+def _log_level(logger: logging.Logger, loglevel: int, **_: Any) -> None:
+    """`celery worker`'s -l defaults to WARNING, which hides the one INFO line per poll:
+    LOG_LEVEL applies too, and the more verbose of the two wins."""
+    wanted = logging.getLevelNamesMapping().get(settings.log_level.upper(), logging.INFO)
+    logger.setLevel(min(loglevel, wanted))

@@ -26,8 +26,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from backend.config import get_settings
-from backend.models import Account, utcnow
-from backend.models.poll_run import POLL_OUTCOMES
+from backend.models import Account, AccountStatus, PollOutcome, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +79,8 @@ def _poll_metrics() -> _PollMetrics:
         ),
     )
     # Every outcome shows from the start (at 0), so rate() and alerts work before the first.
-    for outcome in POLL_OUTCOMES:
-        if outcome != "running":
+    for outcome in PollOutcome:
+        if outcome != PollOutcome.RUNNING:
             metrics.polls.labels(outcome=outcome)
     return metrics
 
@@ -102,7 +101,6 @@ def record_poll(outcome: str, messages: int, bytes_: int, duration_seconds: floa
 
 def _database_gauges() -> Iterator[GaugeMetricFamily]:
     from backend.db import get_sessionmaker
-    from backend.models.account import ACCOUNT_STATUSES
 
     with get_sessionmaker()() as session:
         counts = dict(
@@ -115,7 +113,7 @@ def _database_gauges() -> Iterator[GaugeMetricFamily]:
             )
         )
     by_status = GaugeMetricFamily("mailbeat_mailboxes", "Mailboxes by status.", labels=["status"])
-    for status in sorted(set(ACCOUNT_STATUSES) | set(counts)):
+    for status in sorted(set(AccountStatus) | set(counts)):
         by_status.add_metric([status], counts.get(status, 0))
     yield by_status
     lag = 0.0
@@ -130,22 +128,23 @@ def _database_gauges() -> Iterator[GaugeMetricFamily]:
 
 def _redis_gauges() -> Iterator[GaugeMetricFamily]:
     from backend.admin.redis_client import redis_client
-    from backend.celery_app import app
+    from backend.celery_app import app, queue_keys
 
     names = [queue.name for queue in app.conf.task_queues]
     client = redis_client(get_settings().health_check_timeout_seconds)
     try:
         pipe = client.pipeline(transaction=False)
         for name in names:
-            pipe.llen(name)
-        lengths = pipe.execute()
+            for key in queue_keys(name):
+                pipe.llen(key)
+        lengths = iter(pipe.execute())
     finally:
         client.close()
     family = GaugeMetricFamily(
         "mailbeat_queue_length", "Tasks waiting in each Celery queue.", labels=["queue"]
     )
-    for name, length in zip(names, lengths, strict=True):
-        family.add_metric([name], int(length))
+    for name in names:
+        family.add_metric([name], sum(int(next(lengths)) for _ in queue_keys(name)))
     yield family
 
 
@@ -159,11 +158,41 @@ def _schedule_gauges() -> Iterator[GaugeMetricFamily]:
     )
 
 
+def _capacity_gauges() -> Iterator[GaugeMetricFamily]:
+    from backend.db import session_scope
+    from backend.schedules import service as schedules
+
+    with session_scope() as session:
+        result = schedules.capacity(session)
+    yield GaugeMetricFamily(
+        "mailbeat_polls_demanded_per_second",
+        "Polls per second the schedule asks for: the sum of 1/interval over its mailboxes.",
+        value=result.demanded_polls_per_second,
+    )
+    yield GaugeMetricFamily(
+        "mailbeat_polls_completed_per_second",
+        "Polls finished per second over the last minute.",
+        value=result.completed_polls_per_second,
+    )
+    yield GaugeMetricFamily(
+        "mailbeat_poll_queue_oldest_seconds",
+        "How long the oldest queued poll has waited (0 when none waits).",
+        value=result.oldest_pending_seconds or 0.0,
+    )
+    yield GaugeMetricFamily(
+        "mailbeat_poll_interval_stretch",
+        "Demanded / completed polls per second, at least 1: how much longer every "
+        "interval really is (1 when nothing completed yet).",
+        value=result.interval_stretch or 1.0,
+    )
+
+
 # Each source of scrape-time gauges; one that fails is reported down, the rest still show.
 STATE_SOURCES: dict[str, Callable[[], Iterator[GaugeMetricFamily]]] = {
     "database": _database_gauges,
     "redis": _redis_gauges,
     "schedule": _schedule_gauges,
+    "capacity": _capacity_gauges,
 }
 
 
@@ -204,5 +233,6 @@ router = APIRouter(tags=["health"])
 )
 def metrics() -> Response:
     """Prometheus text: polls by outcome, messages and bytes ingested, poll durations,
-    mailboxes by status, ingestion lag, queue lengths and schedule entries."""
+    mailboxes by status, ingestion lag, queue lengths, schedule entries and capacity
+    (polls demanded and completed per second, the oldest queued poll's wait)."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -28,7 +28,7 @@ from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoS3
 ADMIN_TOKEN = "test-admin-token-" + uuid.uuid4().hex
 
 # The `api` and `anonymous` fixtures: the real FastAPI app through a TestClient.
-pytest_plugins = ["tests.support.api"]
+pytest_plugins = ["tests.support.api", "tests.support.no_skips"]
 
 _state: dict[str, object] = {}
 

@@ -13,7 +13,6 @@ from backend.accounts.schemas import (
     AccountCreate,
     AccountList,
     AccountRead,
-    AccountStatus,
     AccountUpdate,
     FolderCheckRead,
     PollQueued,
@@ -22,6 +21,7 @@ from backend.config import get_settings
 from backend.deps import AdminDep, KnownQueryDep, SessionDep
 from backend.errors import error_responses
 from backend.mailbox.service import check_account
+from backend.models import AccountStatus
 from backend.schedules import service as schedules
 
 router = APIRouter(
@@ -64,7 +64,9 @@ def get_account(account_id: AccountId, session: SessionDep) -> AccountRead:
 @router.patch("/{account_id}", responses=error_responses(400, 404, 409))
 def update_account(account_id: AccountId, data: AccountUpdate, session: SessionDep) -> AccountRead:
     """Change a mailbox; the schedule follows at once (an interval change keeps its phase,
-    disabling removes the entry, re-enabling restores it with status active)."""
+    disabling removes the entry, re-enabling restores it with status active). Once it
+    holds mail, its mailbox (username, imap_host, imap_port) cannot change: 409, create
+    a new account instead."""
     account = service.update_account(session, service.get_account(session, account_id), data)
     session.commit()
     schedules.sync_account(account)
@@ -72,14 +74,16 @@ def update_account(account_id: AccountId, data: AccountUpdate, session: SessionD
 
 
 @router.delete(
-    "/{account_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404, 503)
+    "/{account_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404)
 )
 def delete_account(account_id: AccountId, session: SessionDep) -> Response:
     """Delete a mailbox with everything it owns: messages, attachments, stored objects,
-    cursors, poll history and its schedule entry."""
+    cursors, poll history and its schedule entry. Stored objects that cannot be deleted
+    now (storage down) go with the next storage sweep."""
     service.delete_account(session, service.get_account(session, account_id))
     session.commit()
     schedules.remove_account(account_id)
+    service.delete_objects(account_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -23,11 +23,18 @@ from backend.accounts.schemas import (
     check_initial_sync,
 )
 from backend.config import get_settings
-from backend.errors import Conflict, NotFound, ServiceUnavailable, ValidationError
-from backend.models import Account
+from backend.errors import Conflict, NotFound, ValidationError
+from backend.models import (
+    Account,
+    AccountCleanup,
+    AccountStatus,
+    AuthMethod,
+    FolderCursor,
+    InitialSync,
+)
 from backend.schedules import service as schedules
 from backend.storage import service as storage
-from backend.storage.base import account_prefix
+from backend.storage.base import StorageError, account_prefix
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,7 @@ PLAIN_FIELDS = (
     *CONNECTION_FIELDS,
     "folders",
     "poll_interval_seconds",
+    "priority",
     "initial_sync",
     "initial_sync_count",
     "initial_sync_since",
@@ -78,10 +86,11 @@ def create_account(session: Session, data: AccountCreate) -> Account:
         poll_interval_seconds=(
             data.poll_interval_seconds or get_settings().default_poll_interval_seconds
         ),
+        priority=data.priority,
         enabled=data.enabled,
-        status="active" if data.enabled else "disabled",
+        status=AccountStatus.ACTIVE if data.enabled else AccountStatus.DISABLED,
         disabled_reason=None if data.enabled else "created disabled",
-        initial_sync=data.initial_sync or "all",
+        initial_sync=data.initial_sync or InitialSync.ALL,
         initial_sync_count=data.initial_sync_count,
         initial_sync_since=data.initial_sync_since,
         webhook_url=None if data.webhook_url is None else str(data.webhook_url),
@@ -111,6 +120,7 @@ def update_account(session: Session, account: Account, data: AccountUpdate) -> A
     }
     if any(new_server[name] != getattr(account, name) for name in new_server):
         _ensure_unique(session, *new_server.values(), exclude_id=account.id)
+        _refuse_another_mailbox(session, account, **new_server)
 
     connection_changed = any(
         name in changes and changes[name] != getattr(account, name) for name in CONNECTION_FIELDS
@@ -133,8 +143,8 @@ def update_account(session: Session, account: Account, data: AccountUpdate) -> A
         # New credentials or server: the failures so far say nothing about the next poll.
         account.consecutive_failures = 0
         account.backoff_until = None
-        if account.status == "error":
-            account.status = "active"
+        if account.status == AccountStatus.ERROR:
+            account.status = AccountStatus.ACTIVE
     if data.enabled is not None and data.enabled != account.enabled:
         _set_enabled(account, data.enabled)
 
@@ -143,21 +153,28 @@ def update_account(session: Session, account: Account, data: AccountUpdate) -> A
 
 
 def delete_account(session: Session, account: Account) -> None:
-    """Delete the stored objects, then the rows (messages, attachments, cursors and poll
-    runs go with the account through ON DELETE CASCADE). Objects go first: when storage
-    fails the account is still there and the delete can be repeated; the other way round
-    a failure would leave objects that nothing points to any more."""
-    try:
-        removed = storage.delete_prefix(account_prefix(account.id))
-    except Exception as exc:
-        log.warning("deleting account %s: storage failed: %s", account.id, type(exc).__name__)
-        raise ServiceUnavailable(
-            f"could not delete the stored messages of account {account.id} "
-            f"({type(exc).__name__}); nothing was deleted, try again when storage answers"
-        ) from exc
-    log.info("account %s: deleted %s stored objects", account.id, removed)
+    """Delete the rows (messages, attachments, cursors and poll runs go with the account
+    through ON DELETE CASCADE) and record that its stored objects must go. After the
+    commit the endpoint deletes them (`delete_objects`); whatever that leaves (storage
+    down, a crash, a poll that was still running) the storage sweep deletes later. Ids
+    are never reused, so a new account never meets a deleted one's leftovers."""
+    session.add(AccountCleanup(account_id=account.id))
     session.delete(account)
     session.flush()
+
+
+def delete_objects(account_id: int) -> None:
+    """The deleted account's stored objects, now if storage answers; else the sweep."""
+    try:
+        removed = storage.delete_prefix(account_prefix(account_id))
+    except StorageError as exc:
+        log.warning(
+            "deleted account %s: its stored objects go on the next storage sweep: %s",
+            account_id,
+            str(exc)[:300],
+        )
+        return
+    log.info("account %s: deleted %s stored objects", account_id, removed)
 
 
 def queue_poll(session: Session, account_id: int) -> str:
@@ -178,22 +195,22 @@ def _set_enabled(account: Account, enabled: bool) -> None:
     account.enabled = enabled
     if enabled:
         # Re-enabling starts afresh: whatever disabled it is taken as dealt with.
-        account.status = "active"
+        account.status = AccountStatus.ACTIVE
         account.disabled_reason = None
         account.consecutive_failures = 0
         account.backoff_until = None
     else:
-        account.status = "disabled"
+        account.status = AccountStatus.DISABLED
         account.disabled_reason = "disabled through the API"
 
 
 def _credentials(
     password: SecretStr | None, oauth2: OAuth2Credentials | None
-) -> tuple[str, dict[str, Any]]:
+) -> tuple[AuthMethod, dict[str, Any]]:
     if oauth2 is not None:
-        return "oauth2", oauth2.stored()
+        return AuthMethod.OAUTH2, oauth2.stored()
     assert password is not None
-    return "password", {"password": password.get_secret_value()}
+    return AuthMethod.PASSWORD, {"password": password.get_secret_value()}
 
 
 def _check_initial_sync(account: Account, changes: dict[str, Any]) -> None:
@@ -223,6 +240,30 @@ def _ensure_unique(
     existing = session.scalar(query.limit(1))
     if existing is not None:
         raise Conflict(_duplicate_message(host, port, username, existing))
+
+
+def _refuse_another_mailbox(
+    session: Session, account: Account, *, imap_host: str, imap_port: int, username: str
+) -> None:
+    """An account that has taken mail stays with its mailbox. Its cursors (last UID per
+    folder) and messages belong to that mailbox: polling another with them would report
+    success and skip the other's mail for good, and the old messages would pass as the
+    new mailbox's. Before any mail was taken (a typo fixed), the change is fine. A host
+    differing only in case is the same server."""
+    same_host = imap_host.lower() == account.imap_host.lower()
+    if same_host and (imap_port, username) == (account.imap_port, account.username):
+        return
+    has_cursor = session.scalar(
+        select(FolderCursor.id).where(FolderCursor.account_id == account.id).limit(1)
+    )
+    if has_cursor is None and not account.message_count:
+        return
+    raise Conflict(
+        f"account {account.id} already holds mail of {account.username!r} on "
+        f"{account.imap_host}:{account.imap_port}; pointing it at {username!r} on "
+        f"{imap_host}:{imap_port} would mix two mailboxes. To poll that mailbox, create a "
+        "new account for it (POST /accounts), and delete this one if it is no longer wanted"
+    )
 
 
 def _duplicate_message(host: str, port: int, username: str, existing: int | None) -> str:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-HealthStatus = Literal["healthy", "degraded", "unhealthy"]
+from backend.models.enums import HealthStatus, SchedulerMode
 
 
 class ReconcileRead(BaseModel):
@@ -28,9 +28,29 @@ class ScheduleEntryRead(BaseModel):
 
 
 class ScheduleList(BaseModel):
-    mode: Literal["celery", "local"]
+    mode: SchedulerMode
     items: list[ScheduleEntryRead]
     total: int
+
+
+class CapacityRead(BaseModel):
+    """Polls demanded by the schedule against polls completed by the workers."""
+
+    mode: SchedulerMode
+    mailboxes: int = Field(description="mailboxes on the schedule")
+    demanded_polls_per_second: float = Field(description="the sum of 1/interval")
+    completed_polls_per_second: float = Field(description="polls finished, last minute")
+    queue_length: int | None = Field(description="polls waiting (null in local mode)")
+    oldest_pending_seconds: float | None = Field(
+        description="how long the oldest waiting poll has waited (null: none waiting)"
+    )
+    interval_stretch: float | None = Field(
+        description="demanded / completed, at least 1: how much longer every interval "
+        "really is (null: nothing completed yet)"
+    )
+    behind: bool = Field(
+        description="the oldest waiting poll is older than POLL_LAG_DEGRADED_SECONDS"
+    )
 
 
 class WorkerRead(BaseModel):

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import redis
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from backend.admin.redis_client import ensure_redis, redis_client
+from backend.admin.redis_client import ensure_redis, redis_client, redis_location
 from backend.admin.schemas import (
+    CapacityRead,
     HealthRead,
     PollRunRead,
     ReconcileRead,
@@ -34,8 +38,9 @@ from backend.admin.schemas import (
     WorkerRead,
 )
 from backend.config import get_settings
+from backend.db import session_scope
 from backend.errors import Conflict, NotFound, ServiceUnavailable
-from backend.models import Account, PollRun, utcnow
+from backend.models import Account, HealthStatus, PollOutcome, PollRun, SchedulerMode, utcnow
 from backend.schedules import service as schedules
 from backend.storage import service as storage
 
@@ -51,7 +56,7 @@ QUEUE_SCAN_LIMIT = 50_000
 
 def require_scheduler() -> None:
     """In Celery mode the schedule and the queues are in Redis: 503 when it is gone."""
-    if schedules.mode() == "celery":
+    if schedules.mode() == SchedulerMode.CELERY:
         ensure_redis("the schedule and the poll queue")
 
 
@@ -81,25 +86,30 @@ def list_schedule(*, limit: int, offset: int) -> ScheduleList:
 # -- Celery ------------------------------------------------------------------------------
 
 
-def _inspect(names: list[str] | None = None) -> Any:
-    from backend.celery_app import app
+def _inspect(command: str, *args: Any, names: list[str] | None = None) -> dict[str, Any]:
+    """Ask the workers (all, or `names`) and wait CELERY_INSPECT_TIMEOUT_SECONDS for their
+    replies, on a broker connection taken from the shared pool with a timeout."""
+    from backend.celery_app import app, broker_connection
 
-    timeout = get_settings().celery_inspect_timeout_seconds
-    if names is None:
-        return app.control.inspect(timeout=timeout)
-    # Asking known workers with a reply limit returns as soon as they all answered.
-    return app.control.inspect(timeout=timeout, destination=names, limit=len(names))
+    settings = get_settings()
+    with broker_connection(settings.health_check_timeout_seconds) as connection:
+        # Asking known workers with a reply limit returns as soon as they all answered.
+        inspect = app.control.inspect(
+            timeout=settings.celery_inspect_timeout_seconds,
+            connection=connection,
+            destination=names,
+            limit=None if names is None else len(names),
+        )
+        return dict(getattr(inspect, command)(*args) or {})
 
 
 def _worker_names() -> list[str]:
     """The workers that answer a ping within the inspect timeout."""
     ensure_redis(WORKERS)
     try:
-        replies = _inspect().ping() or {}
+        replies = _inspect("ping")
     except Exception as exc:
-        raise ServiceUnavailable(
-            f"{WORKERS} could not be asked ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise ServiceUnavailable(f"{WORKERS} could not be asked ({type(exc).__name__})") from exc
     return sorted(replies)
 
 
@@ -107,12 +117,20 @@ def _ask(names: list[str], command: str, *args: Any) -> dict[str, Any]:
     if not names:
         return {}
     try:
-        replies = getattr(_inspect(names), command)(*args)
+        return _inspect(command, *args, names=names)
     except Exception as exc:
+        raise ServiceUnavailable(f"{WORKERS} could not be asked ({type(exc).__name__})") from exc
+
+
+def capacity(session: Session) -> CapacityRead:
+    try:
+        result = schedules.capacity(session)
+    except redis.RedisError as exc:
         raise ServiceUnavailable(
-            f"{WORKERS} could not be asked ({type(exc).__name__}: {exc})"
+            f"the poll queue could not be read: Redis at {redis_location()} did not answer "
+            f"({type(exc).__name__})"
         ) from exc
-    return dict(replies or {})
+    return CapacityRead(**vars(result))
 
 
 def list_workers() -> WorkerList:
@@ -212,18 +230,19 @@ def task_state(session: Session, task_id: str) -> TaskStateRead:
 
 
 def _find_queued(task_id: str) -> tuple[str, str | None] | None:
-    from backend.celery_app import app
+    from backend.celery_app import app, queue_keys
 
     needle = task_id.encode()
     client = redis_client(get_settings().health_check_timeout_seconds)
     try:
         for queue in app.conf.task_queues:
-            for raw in client.lrange(queue.name, 0, QUEUE_SCAN_LIMIT - 1):
-                if needle not in raw:
-                    continue
-                headers = json.loads(raw).get("headers") or {}
-                if headers.get("id") == task_id:
-                    return queue.name, headers.get("task")
+            for key in queue_keys(queue.name):
+                for raw in client.lrange(key, 0, QUEUE_SCAN_LIMIT - 1):
+                    if needle not in raw:
+                        continue
+                    headers = json.loads(raw).get("headers") or {}
+                    if headers.get("id") == task_id:
+                        return queue.name, headers.get("task")
     except Exception as exc:
         raise ServiceUnavailable(
             f"the Celery queues could not be read ({type(exc).__name__})"
@@ -254,7 +273,7 @@ def retry_task(session: Session, task_id: str) -> RetryRead:
             "failed webhook deliveries are replayed through the processing routes)"
         )
     stale_after = timedelta(seconds=get_settings().poll_time_limit_seconds)
-    if run.outcome == "running" and utcnow() - run.started_at < stale_after:
+    if run.outcome == PollOutcome.RUNNING and utcnow() - run.started_at < stale_after:
         raise Conflict(
             f"task {task_id} is still running (poll run {run.id} started at "
             f"{run.started_at.isoformat()}); retry it once it has finished"
@@ -297,32 +316,95 @@ def _check_redis() -> str:
 def _check_storage() -> str:
     ok, detail = storage.health()
     if not ok:
-        raise CheckFailed(detail)
+        log.warning("health: storage: %s", detail)
+        raise CheckFailed("object storage does not answer; writes go to local files")
     return "ok" if detail in ("", "ok") else f"ok: {detail}"
 
 
 def _check_workers() -> str:
-    from backend.celery_app import app
-
     try:
         _check_redis()
     except Exception as exc:
         # Celery would retry its connection for a long while; say why at once instead.
         raise CheckFailed("Redis does not answer, so no worker can be asked") from exc
-    timeout = get_settings().celery_inspect_timeout_seconds
-    replies = app.control.inspect(timeout=timeout).ping()
-    count = len(replies or {})
+    count = len(_inspect("ping"))
     if not count:
+        timeout = get_settings().celery_inspect_timeout_seconds
         raise CheckFailed(f"no worker answered a ping within {timeout:g}s")
     return f"ok ({count} worker{'s' if count != 1 else ''})"
 
 
-def health() -> tuple[HealthRead, bool]:
+def _check_polls() -> str:
+    """Degraded when the workers fall behind the schedule: the oldest queued poll has
+    waited longer than POLL_LAG_DEGRADED_SECONDS."""
+    with session_scope() as session:
+        result = schedules.capacity(session)
+    if result.behind:
+        raise CheckFailed(
+            f"behind: the oldest queued poll has waited {result.oldest_pending_seconds:g}s "
+            f"(POLL_LAG_DEGRADED_SECONDS={get_settings().poll_lag_degraded_seconds}); "
+            f"{result.completed_polls_per_second:g} polls/s completed of "
+            f"{result.demanded_polls_per_second:g} demanded: add workers"
+        )
+    return "ok"
+
+
+CHECK_NAMES = ("database", "redis", "celery_worker", "polls", "storage")
+
+
+class HealthCache:
+    """/health answers without a token, so a burst of it must cost no more than one
+    check: a result is reused for HEALTH_CACHE_SECONDS, and while a check runs the
+    other callers get the last result instead of starting (or queueing for) their own."""
+
+    def __init__(self) -> None:
+        self._running = threading.Lock()
+        self._last: tuple[HealthRead, bool] | None = None
+        self._at = 0.0
+
+    def _fresh(self) -> tuple[HealthRead, bool] | None:
+        if self._last is not None and time.monotonic() - self._at < _cache_seconds():
+            return self._last
+        return None
+
+    def get(self) -> tuple[HealthRead, bool]:
+        cached = self._fresh()
+        if cached is not None:
+            return cached
+        last = self._last
+        if last is not None:
+            acquired = self._running.acquire(blocking=False)
+        else:  # nothing to show yet: wait for the check in flight, as long as it may take
+            acquired = self._running.acquire(timeout=_checks_timeout() + 1)
+        if not acquired:
+            return last or _still_checking()
+        try:
+            result = self._fresh() or run_checks()
+            self._last, self._at = result, time.monotonic()
+            return result
+        finally:
+            self._running.release()
+
+
+def _cache_seconds() -> float:
+    return get_settings().health_cache_seconds
+
+
+def _checks_timeout() -> float:
+    settings = get_settings()
+    return settings.health_check_timeout_seconds + settings.celery_inspect_timeout_seconds
+
+
+def _still_checking() -> tuple[HealthRead, bool]:
+    checks = {name: "error: the check in progress has not finished" for name in CHECK_NAMES}
+    return HealthRead(status=HealthStatus.UNHEALTHY, checks=checks), False
+
+
+def run_checks() -> tuple[HealthRead, bool]:
     """Every check runs at once, each bounded by HEALTH_CHECK_TIMEOUT_SECONDS. The database
     down is unhealthy (503); anything else failing is degraded: the API still answers and
     the stored data is safe, but polling or storage needs attention."""
-    settings = get_settings()
-    local = schedules.mode() == "local"
+    local = schedules.mode() == SchedulerMode.LOCAL
     checks: dict[str, Callable[[], str]] = {
         "database": _check_database,
         "storage": _check_storage,
@@ -330,7 +412,8 @@ def health() -> tuple[HealthRead, bool]:
     if not local:
         checks["redis"] = _check_redis
         checks["celery_worker"] = _check_workers
-    timeout = settings.health_check_timeout_seconds + settings.celery_inspect_timeout_seconds
+        checks["polls"] = _check_polls
+    timeout = _checks_timeout()
     pool = ThreadPoolExecutor(max_workers=len(checks), thread_name_prefix="health")
     try:
         futures = {name: pool.submit(check) for name, check in checks.items()}
@@ -343,7 +426,7 @@ def health() -> tuple[HealthRead, bool]:
                 results[name] = f"error: no answer within {timeout:g}s"
                 failed.add(name)
             except Exception as exc:
-                results[name] = f"error: {_reason(exc)}"
+                results[name] = f"error: {_reason(name, exc)}"
                 failed.add(name)
     finally:
         # A hung check keeps its thread until its own socket timeout; nobody waits for it.
@@ -351,18 +434,22 @@ def health() -> tuple[HealthRead, bool]:
     if local:
         results["redis"] = "not used (local mode)"
         results["celery_worker"] = "not used (local mode: polls run in the API process)"
+        results["polls"] = "not measured (local mode)"
     if "database" in failed:
-        status = "unhealthy"
+        status = HealthStatus.UNHEALTHY
     elif failed:
-        status = "degraded"
+        status = HealthStatus.DEGRADED
     else:
-        status = "healthy"
-    ordered = {name: results[name] for name in ("database", "redis", "celery_worker", "storage")}
-    return HealthRead(status=status, checks=ordered), status != "unhealthy"
+        status = HealthStatus.HEALTHY
+    ordered = {name: results[name] for name in CHECK_NAMES}
+    return HealthRead(status=status, checks=ordered), status != HealthStatus.UNHEALTHY
 
 
-def _reason(exc: Exception) -> str:
+def _reason(name: str, exc: Exception) -> str:
+    """What an unauthenticated caller may see. A driver's message names hosts, ports and
+    roles (`connection to server at "db" (10.0.0.5), port 5432 failed: FATAL: role ...`),
+    so it goes to the log only."""
     if isinstance(exc, CheckFailed):
         return str(exc)
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {message}"[:300] if message else type(exc).__name__
+    log.warning("health: %s: %s: %s", name, type(exc).__name__, exc)
+    return "cannot connect"

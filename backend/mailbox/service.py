@@ -38,7 +38,18 @@ from backend.db import session_scope
 from backend.mailbox import imap, oauth
 from backend.mailbox.imap import ImapAuthError, ImapError, ImapProtocolError
 from backend.mailbox.parser import ParsedMessage, parse_message
-from backend.models import Account, Attachment, FolderCursor, Message, PollRun, utcnow
+from backend.models import (
+    Account,
+    AccountStatus,
+    Attachment,
+    ErrorKind,
+    EventType,
+    FolderCursor,
+    Message,
+    PollOutcome,
+    PollRun,
+    utcnow,
+)
 from backend.storage import service as storage
 from backend.storage.base import attachment_key, message_key
 
@@ -59,13 +70,6 @@ STORE_THREADS = 8
 # Core tables: rows are inserted in bulk without ORM objects.
 MESSAGES = cast(Table, Message.__table__)
 ATTACHMENTS = cast(Table, Attachment.__table__)
-
-OUTCOME_BY_KIND = {
-    "auth": "auth_error",
-    "connection": "connection_error",
-    "protocol": "protocol_error",
-    "internal": "internal_error",
-}
 
 
 @dataclass
@@ -215,7 +219,7 @@ def poll_account(account_id: int, *, task_id: str | None = None) -> PollResult:
         error = ImapError(f"internal error: {type(exc).__name__}: {exc}")
         error.kind = "internal"
 
-    outcome = "success" if error is None else OUTCOME_BY_KIND[error.kind]
+    outcome = PollOutcome.SUCCESS if error is None else PollOutcome.for_error(ErrorKind(error.kind))
     event = _finish(
         account_id,
         run_id,
@@ -278,7 +282,7 @@ def _finish(
     with session_scope() as session:
         run = session.get(PollRun, run_id)
         if run is not None:
-            run.outcome = outcome
+            run.outcome = PollOutcome(outcome)
             run.finished_at = now
             run.messages_count = messages
             run.bytes_count = bytes_
@@ -288,10 +292,10 @@ def _finish(
             return None
         account.last_polled_at = now
         if error is None:
-            if account.status == "error":
-                event = "account.recovered"
-            if account.status != "disabled":
-                account.status = "active"
+            if account.status == AccountStatus.ERROR:
+                event = EventType.ACCOUNT_RECOVERED
+            if account.status != AccountStatus.DISABLED:
+                account.status = AccountStatus.ACTIVE
             account.last_success_at = now
             account.consecutive_failures = 0
             account.backoff_until = None
@@ -301,20 +305,20 @@ def _finish(
         failures = account.consecutive_failures + 1
         account.consecutive_failures = failures
         account.last_error = error.message
-        account.last_error_kind = error.kind
+        account.last_error_kind = ErrorKind(error.kind)
         if failures >= settings.max_consecutive_failures:
-            if account.status != "disabled":
-                event = "account.disabled"
+            if account.status != AccountStatus.DISABLED:
+                event = EventType.ACCOUNT_DISABLED
             account.enabled = False
-            account.status = "disabled"
+            account.status = AccountStatus.DISABLED
             account.backoff_until = None
             account.disabled_reason = (
                 f"{failures} consecutive failed polls; the last: {error.message}"
             )
         else:
-            if account.status == "active":
-                event = "account.error"
-                account.status = "error"
+            if account.status == AccountStatus.ACTIVE:
+                event = EventType.ACCOUNT_ERROR
+                account.status = AccountStatus.ERROR
             account.backoff_until = started_at + backoff_delay(account, failures)
     return event
 

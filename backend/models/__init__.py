@@ -1,18 +1,47 @@
 """All tables. Import from here so Alembic and the app see the same metadata."""
 
-from backend.models.account import Account, FolderCursor
+from backend.models.account import Account, AccountCleanup, FolderCursor
 from backend.models.base import Base, utcnow
+from backend.models.enums import (
+    ACCOUNT_EVENTS,
+    AccountStatus,
+    AuthMethod,
+    DeliveryStatus,
+    DeliveryTarget,
+    ErrorKind,
+    EventType,
+    HealthStatus,
+    ImapSecurity,
+    InitialSync,
+    PollOutcome,
+    SchedulerMode,
+    StorageBackend,
+)
 from backend.models.message import Attachment, Message
 from backend.models.poll_run import PollRun
 from backend.models.webhook import WebhookDelivery
 
 __all__ = [
+    "ACCOUNT_EVENTS",
     "Account",
+    "AccountCleanup",
+    "AccountStatus",
     "Attachment",
+    "AuthMethod",
     "Base",
+    "DeliveryStatus",
+    "DeliveryTarget",
+    "ErrorKind",
+    "EventType",
     "FolderCursor",
+    "HealthStatus",
+    "ImapSecurity",
+    "InitialSync",
     "Message",
+    "PollOutcome",
     "PollRun",
+    "SchedulerMode",
+    "StorageBackend",
     "WebhookDelivery",
     "utcnow",
 ]

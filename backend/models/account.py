@@ -16,52 +16,57 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from backend.models.base import Base, TimestampMixin, UTCDateTime
+from backend.models.base import NO_ID_REUSE, Base, EnumString, TimestampMixin, UTCDateTime, utcnow
+from backend.models.enums import AccountStatus, AuthMethod, ErrorKind, ImapSecurity, InitialSync
 
 if TYPE_CHECKING:
     from backend.models.message import Message
     from backend.models.poll_run import PollRun
-
-# String enums kept as plain strings: readable in SQL, no ALTER TYPE to add a value.
-IMAP_SECURITY = ("ssl", "starttls", "none")
-AUTH_METHODS = ("password", "oauth2")
-ACCOUNT_STATUSES = ("active", "error", "disabled")
-INITIAL_SYNC_POLICIES = ("all", "newest", "since")
-ERROR_KINDS = ("auth", "connection", "protocol", "internal")
 
 
 class Account(TimestampMixin, Base):
     """A mailbox to poll. Secrets live only in `credentials_encrypted` (Fernet JSON)."""
 
     __tablename__ = "accounts"
-    __table_args__ = (UniqueConstraint("imap_host", "imap_port", "username"),)
+    __table_args__ = (UniqueConstraint("imap_host", "imap_port", "username"), NO_ID_REUSE)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     email: Mapped[str] = mapped_column(String(320))
     imap_host: Mapped[str] = mapped_column(String(255))
     imap_port: Mapped[int] = mapped_column(Integer)
-    imap_security: Mapped[str] = mapped_column(String(16), default="ssl")
+    imap_security: Mapped[ImapSecurity] = mapped_column(
+        EnumString(ImapSecurity, 16), default=ImapSecurity.SSL
+    )
     username: Mapped[str] = mapped_column(String(320))
-    auth_method: Mapped[str] = mapped_column(String(16), default="password")
+    auth_method: Mapped[AuthMethod] = mapped_column(
+        EnumString(AuthMethod, 16), default=AuthMethod.PASSWORD
+    )
     # {"password": ...} or {"access_token", "refresh_token", "expires_at", "client_id",
     # "client_secret", "token_url"}; see backend/crypto.py.
     credentials_encrypted: Mapped[str] = mapped_column(Text)
     folders: Mapped[list[str]] = mapped_column(JSON, default=lambda: ["INBOX"])
     poll_interval_seconds: Mapped[int] = mapped_column(Integer, default=300)
+    # 0-9, higher is more urgent: the order in which queued polls are taken (see
+    # docs/architecture.md, "Priorities").
+    priority: Mapped[int] = mapped_column(Integer, default=5, server_default="5")
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
 
-    initial_sync: Mapped[str] = mapped_column(String(16), default="all")
+    initial_sync: Mapped[InitialSync] = mapped_column(
+        EnumString(InitialSync, 16), default=InitialSync.ALL
+    )
     initial_sync_count: Mapped[int | None] = mapped_column(Integer)
     initial_sync_since: Mapped[date | None] = mapped_column(Date)
 
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
     webhook_secret_encrypted: Mapped[str | None] = mapped_column(Text)
 
-    status: Mapped[str] = mapped_column(String(16), default="active", index=True)
+    status: Mapped[AccountStatus] = mapped_column(
+        EnumString(AccountStatus, 16), default=AccountStatus.ACTIVE, index=True
+    )
     last_polled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_success_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)
-    last_error_kind: Mapped[str | None] = mapped_column(String(16))
+    last_error_kind: Mapped[ErrorKind | None] = mapped_column(EnumString(ErrorKind, 16))
     consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
     # Set from consecutive failures; a poll before this moment is skipped.
     backoff_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -84,7 +89,7 @@ class FolderCursor(Base):
     """How far a folder has been ingested: the last UID stored under one UIDVALIDITY."""
 
     __tablename__ = "folder_cursors"
-    __table_args__ = (UniqueConstraint("account_id", "folder"),)
+    __table_args__ = (UniqueConstraint("account_id", "folder"), NO_ID_REUSE)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
@@ -94,3 +99,20 @@ class FolderCursor(Base):
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     account: Mapped[Account] = relationship(back_populates="cursors")
+
+
+class AccountCleanup(Base):
+    """An account deleted whose stored objects may not all be gone yet: its removal and
+    this record are committed together, and the storage sweep deletes the objects under
+    `accounts/{id}/` until a pass after the last poll that could still write there (one
+    running at deletion time) found nothing left. So a crash after the commit, storage
+    down, or a poll finishing late leaves no objects behind for good."""
+
+    __tablename__ = "account_cleanups"
+    __table_args__ = NO_ID_REUSE
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(Integer, unique=True)  # the account is gone
+    deleted_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)

@@ -16,12 +16,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from backend.models.base import Base, UTCDateTime, utcnow
+from backend.models.base import NO_ID_REUSE, Base, EnumString, UTCDateTime, utcnow
+from backend.models.enums import StorageBackend
 
 if TYPE_CHECKING:
     from backend.models.account import Account
-
-STORAGE_BACKENDS = ("s3", "local")
 
 
 class Message(Base):
@@ -40,6 +39,7 @@ class Message(Base):
             postgresql_where=text("processed_at IS NULL"),
             sqlite_where=text("processed_at IS NULL"),
         ),
+        NO_ID_REUSE,
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -62,7 +62,8 @@ class Message(Base):
     text_body: Mapped[str | None] = mapped_column(Text)
     html_body: Mapped[str | None] = mapped_column(Text)
 
-    storage_backend: Mapped[str | None] = mapped_column(String(16))  # None: body not stored
+    # None: the body was not stored (see skipped_reason).
+    storage_backend: Mapped[StorageBackend | None] = mapped_column(EnumString(StorageBackend, 16))
     storage_key: Mapped[str | None] = mapped_column(String(1024))
     parse_error: Mapped[str | None] = mapped_column(Text)
     skipped_reason: Mapped[str | None] = mapped_column(Text)  # e.g. larger than the maximum
@@ -81,6 +82,7 @@ class Message(Base):
 
 class Attachment(Base):
     __tablename__ = "attachments"
+    __table_args__ = NO_ID_REUSE
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     message_id: Mapped[int] = mapped_column(
@@ -92,7 +94,7 @@ class Attachment(Base):
     content_id: Mapped[str | None] = mapped_column(String(998))
     size: Mapped[int] = mapped_column(BigInteger)
     content_hash: Mapped[str] = mapped_column(String(64))
-    storage_backend: Mapped[str] = mapped_column(String(16))
+    storage_backend: Mapped[StorageBackend] = mapped_column(EnumString(StorageBackend, 16))
     storage_key: Mapped[str] = mapped_column(String(1024))
 
     message: Mapped[Message] = relationship(back_populates="attachments")

@@ -15,14 +15,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from backend.models.base import Base, UTCDateTime, utcnow
-
-EVENT_TYPES = ("message.received", "account.error", "account.disabled", "account.recovered")
-# global: WEBHOOK_URL / WEBHOOK_SECRET; account: the account's own webhook_url and secret.
-TARGETS = ("global", "account")
-# pending: waiting for its next attempt; delivered: the receiver answered 2xx;
-# dead: retries exhausted or refused (4xx): kept with its last error until replayed.
-DELIVERY_STATUSES = ("pending", "delivered", "dead")
+from backend.models.base import NO_ID_REUSE, Base, EnumString, UTCDateTime, utcnow
+from backend.models.enums import DeliveryStatus, DeliveryTarget, EventType
 
 
 class WebhookDelivery(Base):
@@ -35,13 +29,14 @@ class WebhookDelivery(Base):
         UniqueConstraint("dedupe_key", "target"),
         Index("ix_webhook_deliveries_status_account_id", "status", "account_id"),
         Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        NO_ID_REUSE,
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     event_id: Mapped[str] = mapped_column(String(64), unique=True)
-    event_type: Mapped[str] = mapped_column(String(32))
+    event_type: Mapped[EventType] = mapped_column(EnumString(EventType, 32))
     dedupe_key: Mapped[str] = mapped_column(String(255))
-    target: Mapped[str] = mapped_column(String(16))
+    target: Mapped[DeliveryTarget] = mapped_column(EnumString(DeliveryTarget, 16))
     account_id: Mapped[int] = mapped_column(
         ForeignKey("accounts.id", ondelete="CASCADE"), index=True
     )
@@ -55,7 +50,9 @@ class WebhookDelivery(Base):
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     url: Mapped[str | None] = mapped_column(String(2048))  # where the last attempt went
 
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[DeliveryStatus] = mapped_column(
+        EnumString(DeliveryStatus, 16), default=DeliveryStatus.PENDING
+    )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     # Set while an attempt is in flight, so a duplicate task does not send it twice;

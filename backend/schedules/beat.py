@@ -138,6 +138,8 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
                 self._renew_lock()
                 renewed = time.monotonic()
             log.info("Scheduler: Sending due task %s (%s)", entry.name, entry.task)
+            # When it was sent, for the age of the oldest queued poll (capacity).
+            entry.options = {**entry.options, "headers": {service.SENT_AT_HEADER: time.time()}}
             try:
                 self.apply_async(entry, producer=self.producer, advance=False)
             except Exception:

@@ -87,8 +87,16 @@ class LocalScheduler:
 
     # -- changes -------------------------------------------------------------------
 
-    def put(self, account_id: int, interval: int, last_polled_at: datetime | None) -> bool:
-        """Add an account or change its interval (keeping its phase). True if it changed."""
+    def put(
+        self,
+        account_id: int,
+        interval: int,
+        last_polled_at: datetime | None,
+        *,
+        first_poll_now: bool = False,
+    ) -> bool:
+        """Add an account or change its interval (keeping its phase). True if it changed.
+        `first_poll_now`: see `initial_last_run`."""
         with self._cond:
             job = self._jobs.get(account_id)
             if job is not None:
@@ -96,7 +104,9 @@ class LocalScheduler:
                     return False
                 job.interval = interval
             else:
-                anchor = initial_last_run(account_id, interval, last_polled_at, utcnow())
+                anchor = initial_last_run(
+                    account_id, interval, last_polled_at, utcnow(), first_poll_now=first_poll_now
+                )
                 self._jobs[account_id] = _Job(interval=interval, anchor=anchor)
             self._cond.notify_all()
             return True

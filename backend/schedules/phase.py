@@ -20,15 +20,24 @@ def spread(account_id: int) -> float:
 
 
 def initial_last_run(
-    account_id: int, interval_seconds: int, last_polled_at: datetime | None, now: datetime
+    account_id: int,
+    interval_seconds: int,
+    last_polled_at: datetime | None,
+    now: datetime,
+    *,
+    first_poll_now: bool = False,
 ) -> datetime:
     """The `last_run_at` a new entry starts from.
 
     A mailbox polled less than an interval ago keeps that phase (its next poll is one
-    interval after the last one, as if the entry had never gone). Otherwise its first
-    poll falls at a point of the coming interval fixed by its id.
+    interval after the last one, as if the entry had never gone). A mailbox never polled
+    is due at once when `first_poll_now` (an account just created: nobody should wait an
+    interval for the first mail; its phase is then the moment of that first poll).
+    Otherwise its first poll falls at a point of the coming interval fixed by its id.
     """
     interval = timedelta(seconds=interval_seconds)
     if last_polled_at is not None and now - interval < last_polled_at <= now:
         return last_polled_at
+    if first_poll_now and last_polled_at is None:
+        return now - interval
     return now - interval + interval * spread(account_id)

@@ -10,29 +10,31 @@ found empty).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import redis
 from kombu.utils.url import maybe_sanitize_url
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
+from backend.admin.redis_client import redis_client
+from backend.celery_app import TOP_PRIORITY, broker_priority, queue_keys
 from backend.config import get_settings
 from backend.errors import ServiceUnavailable
-from backend.models import Account, utcnow
+from backend.models import Account, AccountStatus, PollRun, SchedulerMode, utcnow
 from backend.schedules import store
 
 if TYPE_CHECKING:
     from backend.schedules.local import LocalScheduler
 
 log = logging.getLogger(__name__)
-
-Mode = Literal["celery", "local"]
 
 
 @dataclass(frozen=True)
@@ -58,19 +60,17 @@ class ReconcileResult:
 def wants_schedule(account: Account) -> bool:
     """Whether an account should have a schedule entry. One failing with status "error"
     keeps it: its poll skips while the account's backoff lasts."""
-    return account.enabled and account.status != "disabled"
+    return account.enabled and account.status != AccountStatus.DISABLED
 
 
 def _wanted_clause() -> ColumnElement[bool]:
-    return Account.enabled.is_(True) & (Account.status != "disabled")
+    return Account.enabled.is_(True) & (Account.status != AccountStatus.DISABLED)
 
 
 # -- mode ----------------------------------------------------------------------------
 
 
 def redis_reachable(timeout: float) -> bool:
-    from backend.admin.redis_client import redis_client
-
     conn = redis_client(timeout)
     try:
         return bool(conn.ping())
@@ -92,23 +92,23 @@ def assume_celery_mode() -> None:
 
 
 @lru_cache
-def mode() -> Mode:
+def mode() -> SchedulerMode:
     """ "celery" or "local", decided once per process (SCHEDULER_MODE=auto asks Redis)."""
     settings = get_settings()
     if _celery_process:
-        return "celery"
+        return SchedulerMode.CELERY
     if settings.scheduler_mode != "auto":
-        return settings.scheduler_mode
+        return SchedulerMode(settings.scheduler_mode)
     url = maybe_sanitize_url(settings.redis_url)
     if redis_reachable(settings.redis_socket_timeout):
         log.info("scheduler: Redis at %s answers: polls run on Celery workers", url)
-        return "celery"
+        return SchedulerMode.CELERY
     log.warning(
         "scheduler: Redis at %s cannot be reached: running the local in-process scheduler "
         "(polls run in this process; start Redis and restart to use Celery workers)",
         url,
     )
-    return "local"
+    return SchedulerMode.LOCAL
 
 
 # -- one account ---------------------------------------------------------------------
@@ -118,21 +118,26 @@ def sync_account(account: Account) -> None:
     """Bring the account's entry in line with the committed account: create it, update it
     in place (an interval change keeps the phase) or remove it. Redis trouble is logged,
     not raised: the commit stands and the next reconcile repairs the entry."""
-    if mode() == "local":
+    if mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         if scheduler is not None:
             if wants_schedule(account):
-                scheduler.put(account.id, account.poll_interval_seconds, account.last_polled_at)
+                scheduler.put(
+                    account.id,
+                    account.poll_interval_seconds,
+                    account.last_polled_at,
+                    first_poll_now=True,
+                )
             else:
                 scheduler.remove(account.id)
         return
     wanted = {}
     if wants_schedule(account):
         wanted[account.id] = store.Wanted(
-            account.id, account.poll_interval_seconds, account.last_polled_at
+            account.id, account.poll_interval_seconds, account.last_polled_at, account.priority
         )
     try:
-        store.apply(wanted, [store.entry_key(account.id)], utcnow())
+        store.apply(wanted, [store.entry_key(account.id)], utcnow(), first_poll_now=True)
     except redis.RedisError as exc:
         log.warning(
             "schedule entry for mailbox %s not updated (%s); the next reconcile will fix it",
@@ -143,7 +148,7 @@ def sync_account(account: Account) -> None:
 
 def remove_account(account_id: int) -> None:
     """Remove the account's entry (deleted or disabled account). Never raises for Redis."""
-    if mode() == "local":
+    if mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         if scheduler is not None:
             scheduler.remove(account_id)
@@ -160,7 +165,7 @@ def remove_account(account_id: int) -> None:
 
 def enqueue_poll(account_id: int) -> str:
     """Poll a mailbox now; returns the task id."""
-    if mode() == "local":
+    if mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         if scheduler is None:
             raise ServiceUnavailable(
@@ -170,7 +175,12 @@ def enqueue_poll(account_id: int) -> str:
         return scheduler.run_now(account_id)
     # By name: the API need not import the task module (and its ingestion imports).
     result = store.celery_app().send_task(
-        store.POLL_TASK, args=[account_id], queue=store.POLL_QUEUE
+        store.POLL_TASK,
+        args=[account_id],
+        queue=store.POLL_QUEUE,
+        # Asked for by hand: ahead of every scheduled poll in the queue.
+        priority=broker_priority(TOP_PRIORITY),
+        headers={SENT_AT_HEADER: time.time()},
     )
     return str(result.id)
 
@@ -180,12 +190,13 @@ def enqueue_poll(account_id: int) -> str:
 
 def wanted_accounts(session: Session) -> dict[int, store.Wanted]:
     rows = session.execute(
-        select(Account.id, Account.poll_interval_seconds, Account.last_polled_at).where(
-            _wanted_clause()
-        )
+        select(
+            Account.id, Account.poll_interval_seconds, Account.last_polled_at, Account.priority
+        ).where(_wanted_clause())
     )
     return {
-        row.id: store.Wanted(row.id, row.poll_interval_seconds, row.last_polled_at) for row in rows
+        row.id: store.Wanted(row.id, row.poll_interval_seconds, row.last_polled_at, row.priority)
+        for row in rows
     }
 
 
@@ -197,7 +208,7 @@ def reconcile(session: Session) -> ReconcileResult:
     """Rebuild the schedule from the database: create the missing entries, fix the
     changed, delete the orphans. Reads only; the caller's boundary closes the session."""
     wanted = wanted_accounts(session)
-    if mode() == "local":
+    if mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         counts = scheduler.replace_all(wanted) if scheduler is not None else store.Counts()
     else:
@@ -210,7 +221,7 @@ def reconcile(session: Session) -> ReconcileResult:
 
 
 def list_entries() -> list[ScheduleEntry]:
-    if mode() == "local":
+    if mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         stored = scheduler.entries() if scheduler is not None else []
     else:
@@ -221,7 +232,7 @@ def list_entries() -> list[ScheduleEntry]:
 
 def count_entries() -> int:
     """How many mailbox entries the schedule holds: one ZRANGE, no entry is read."""
-    if mode() == "local":
+    if mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         return len(scheduler.entries()) if scheduler is not None else 0
     return len(store.mailbox_members(store.client()))
@@ -240,7 +251,7 @@ def _local_scheduler() -> LocalScheduler | None:
 def start_local_scheduler_if_needed() -> bool:
     """In local mode, start the in-process scheduler (once per process); True if it runs."""
     global _local  # noqa: PLW0603 - one scheduler per process
-    if mode() != "local":
+    if mode() != SchedulerMode.LOCAL:
         return False
     from backend.schedules.local import LocalScheduler
     from backend.schedules.polling import run_local_poll
@@ -265,6 +276,7 @@ def _local_housekeeping() -> None:
     from backend.storage import tasks as storage_tasks
 
     sweep(use_celery=False)
+    storage_tasks.purge_deleted()
     if get_settings().s3_enabled:
         storage_tasks.sync_all()
 
@@ -290,3 +302,84 @@ def reset_cache() -> None:
     stop_local_scheduler()
     _celery_process = False
     mode.cache_clear()
+
+
+# -- capacity ------------------------------------------------------------------------
+
+# Completed polls are counted over this window.
+CAPACITY_WINDOW_SECONDS = 60
+# The header every queued poll carries with the moment it was sent (epoch seconds).
+SENT_AT_HEADER = "mailbeat_sent_at"
+
+
+@dataclass
+class Capacity:
+    mode: SchedulerMode
+    mailboxes: int
+    demanded_polls_per_second: float
+    completed_polls_per_second: float
+    queue_length: int | None
+    oldest_pending_seconds: float | None
+    # demanded / completed: 1.0 keeps up, 2.0 every interval takes twice as long.
+    interval_stretch: float | None
+    behind: bool
+
+
+def capacity(session: Session) -> Capacity:
+    """What the schedule asks for against what the workers do: polls per second demanded
+    (the sum of 1/interval over scheduled mailboxes) and completed (over the last
+    CAPACITY_WINDOW_SECONDS), the poll queue, and how long its oldest poll has waited.
+    Two aggregate queries and one pipelined Redis round trip, whatever the size."""
+    mailboxes, demanded = session.execute(
+        select(
+            func.count(Account.id),
+            func.coalesce(func.sum(1.0 / Account.poll_interval_seconds), 0.0),
+        ).where(_wanted_clause())
+    ).one()
+    since = utcnow() - timedelta(seconds=CAPACITY_WINDOW_SECONDS)
+    completed = session.scalar(select(func.count(PollRun.id)).where(PollRun.finished_at >= since))
+    completed_rate = (completed or 0) / CAPACITY_WINDOW_SECONDS
+    queue_length: int | None = None
+    oldest: float | None = None
+    if mode() == SchedulerMode.CELERY:
+        queue_length, oldest = _poll_queue()
+    stretch = None if not completed_rate else max(float(demanded) / completed_rate, 1.0)
+    lag_limit = get_settings().poll_lag_degraded_seconds
+    return Capacity(
+        mode=mode(),
+        mailboxes=int(mailboxes),
+        demanded_polls_per_second=round(float(demanded), 3),
+        completed_polls_per_second=round(completed_rate, 3),
+        queue_length=queue_length,
+        oldest_pending_seconds=None if oldest is None else round(oldest, 1),
+        interval_stretch=None if stretch is None else round(stretch, 2),
+        behind=oldest is not None and oldest > lag_limit,
+    )
+
+
+def _poll_queue() -> tuple[int, float | None]:
+    """The polls waiting in the email queue and the age of the oldest. Each priority
+    level is a list consumed from its tail, so the oldest poll of a level is its last
+    element: one LLEN and one LINDEX per level."""
+    keys = queue_keys(store.POLL_QUEUE)
+    conn = redis_client(get_settings().health_check_timeout_seconds)
+    try:
+        with conn.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.llen(key)
+                pipe.lindex(key, -1)
+            replies = pipe.execute()
+    finally:
+        conn.close()
+    length = sum(int(n) for n in replies[0::2])
+    sent = [t for t in (_sent_at(raw) for raw in replies[1::2] if raw) if t is not None]
+    oldest = max(time.time() - min(sent), 0.0) if sent else None
+    return length, oldest
+
+
+def _sent_at(raw: bytes) -> float | None:
+    try:
+        value = json.loads(raw)["headers"].get(SENT_AT_HEADER)
+        return None if value is None else float(value)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None

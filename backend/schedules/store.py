@@ -21,6 +21,7 @@ from celery import Celery
 from redbeat.decoder import RedBeatJSONDecoder, to_timestamp
 from redbeat.schedulers import ensure_conf, get_redis
 
+from backend.celery_app import DEFAULT_PRIORITY, broker_priority
 from backend.schedules.phase import initial_last_run
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class Wanted:
     account_id: int
     interval_seconds: int
     last_polled_at: datetime | None
+    priority: int = DEFAULT_PRIORITY
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,9 @@ def _key_prefix() -> str:
     return f"{celery_app().redbeat_conf.key_prefix}{ENTRY_PREFIX}"
 
 
-def definition_json(account_id: int, interval_seconds: int) -> str:
+def definition_json(
+    account_id: int, interval_seconds: int, priority: int = DEFAULT_PRIORITY
+) -> str:
     """The entry's definition as RedBeat encodes it, in the field order of its `save()`.
     Plain dicts rather than RedBeat's encoder class: the C encoder is many times faster,
     which counts when 10,000 entries are written at once."""
@@ -96,7 +100,11 @@ def definition_json(account_id: int, interval_seconds: int) -> str:
             "args": [account_id],
             "kwargs": {},
             # A poll still queued when the next one is due is dropped, not run late.
-            "options": {"queue": POLL_QUEUE, "expires": interval_seconds},
+            "options": {
+                "queue": POLL_QUEUE,
+                "expires": interval_seconds,
+                "priority": broker_priority(priority),
+            },
             "schedule": {
                 "__type__": "interval",
                 "every": float(interval_seconds),
@@ -186,10 +194,15 @@ def apply(
     now: datetime,
     *,
     scores: Mapping[str, float] | None = None,
+    first_poll_now: bool = False,
 ) -> Counts:
     """Make the entries under `check_keys` match `wanted`: an entry wanted but missing is
     created, one whose definition differs (or which fell out of the sorted set) is
     rewritten in place keeping its `last_run_at`, one not wanted is deleted.
+
+    `first_poll_now`: a new entry for a mailbox never polled is due at once (an account
+    just created); otherwise new entries are spread over their interval (a rebuild of
+    thousands must not fire in the same second).
 
     `scores` are the sorted set's mailbox members when the caller read them all
     (reconcile); without them each key's score is read with its hash. One round trip to
@@ -221,7 +234,7 @@ def apply(
                 gone.append(key)
                 counts.deleted += 1
             continue
-        expected = definition_json(want.account_id, want.interval_seconds)
+        expected = definition_json(want.account_id, want.interval_seconds, want.priority)
         if definition is not None and key in scores and _same_definition(definition, expected):
             counts.unchanged += 1
             continue
@@ -233,7 +246,11 @@ def apply(
         fields = {"definition": expected}
         if last_run_at is None:
             last_run_at = initial_last_run(
-                want.account_id, want.interval_seconds, want.last_polled_at, now
+                want.account_id,
+                want.interval_seconds,
+                want.last_polled_at,
+                now,
+                first_poll_now=first_poll_now,
             )
             if definition is None:
                 fields["meta"] = meta_json(last_run_at)

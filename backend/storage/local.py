@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from backend.models.enums import StorageBackend
 from backend.storage.base import ObjectNotFound, StorageError
 
 # A key naming a directory, or running through a file, names no object.
@@ -18,7 +19,7 @@ _TMP_PREFIX = ".tmp-"
 
 
 class LocalStorage:
-    name = "local"
+    name = StorageBackend.LOCAL
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()

@@ -14,6 +14,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from backend.config import Settings
+from backend.models.enums import StorageBackend
 from backend.storage.base import ObjectNotFound, StorageError
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ def build_writer(settings: Settings) -> S3Client:
 
 
 class S3Storage:
-    name = "s3"
+    name = StorageBackend.S3
 
     def __init__(self, client: S3Client, bucket: str, writer: S3Client | None = None) -> None:
         self.client = client

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from functools import lru_cache
 from typing import Any, BinaryIO, TypeVar
 
@@ -22,14 +23,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.config import get_settings
-from backend.models import Attachment, Message
-from backend.storage.base import ObjectNotFound, Storage, StorageError
+from backend.models import AccountCleanup, Attachment, Message, StorageBackend, utcnow
+from backend.storage.base import ObjectNotFound, Storage, StorageError, account_prefix
 from backend.storage.local import LocalStorage
 from backend.storage.s3 import S3Storage, build_client, build_writer
 
 log = logging.getLogger(__name__)
 
 MESSAGE_CONTENT_TYPE = "message/rfc822"
+# A deleted account's objects are looked for until this long after its polls' time limit.
+CLEANUP_MARGIN_SECONDS = 60
 SYNC_BATCH_SIZE = 100
 # /health must answer quickly even when S3 hangs.
 HEALTH_TIMEOUT_SECONDS = 2.0
@@ -155,9 +158,9 @@ _breaker = _Breaker()
 
 
 def backend(name: str) -> Storage:
-    if name == "local":
+    if name == StorageBackend.LOCAL:
         return local_storage()
-    if name == "s3":
+    if name == StorageBackend.S3:
         s3 = s3_storage()
         if s3 is None:
             raise StorageError("the object is in S3, but S3 is not configured (S3_BUCKET)")
@@ -170,9 +173,9 @@ def backends() -> list[Storage]:
     return [local_storage()] if s3 is None else [s3, local_storage()]
 
 
-def put_object(key: str, data: bytes | BinaryIO, content_type: str) -> str:
-    """Store an object; returns the name of the backend that now holds it ("s3" or
-    "local"), which the caller records on the row."""
+def put_object(key: str, data: bytes | BinaryIO, content_type: str) -> StorageBackend:
+    """Store an object; returns the backend that now holds it, which the caller records
+    on the row."""
     s3 = s3_storage()
     if s3 is not None and _breaker.closed():
         if not isinstance(data, _BYTES) and not data.seekable():
@@ -251,6 +254,39 @@ def health() -> tuple[bool, str]:
     return True, f"S3 bucket {probe.bucket}"
 
 
+def purge_deleted_accounts(session: Session) -> int:
+    """Delete the stored objects of deleted accounts (AccountCleanup records). A record
+    stays until a pass after the poll time limit: a poll running when its account was
+    deleted may still write an object, and only a later pass deletes that. Returns how
+    many objects went. Only flushes."""
+    settings = get_settings()
+    grace = timedelta(seconds=settings.poll_time_limit_seconds + CLEANUP_MARGIN_SECONDS)
+    removed = 0
+    cleanups = session.scalars(
+        select(AccountCleanup).order_by(AccountCleanup.id).with_for_update(skip_locked=True)
+    ).all()
+    for cleanup in cleanups:
+        started = utcnow()
+        try:
+            removed += delete_prefix(account_prefix(cleanup.account_id))
+        except StorageError as exc:
+            cleanup.attempts += 1
+            cleanup.last_error = str(exc)[:300]
+            log.warning(
+                "deleted account %s: its objects could not be deleted yet (attempt %s): %s",
+                cleanup.account_id,
+                cleanup.attempts,
+                cleanup.last_error,
+            )
+            continue
+        if started - cleanup.deleted_at > grace:
+            session.delete(cleanup)
+    session.flush()
+    if removed:
+        log.info("deleted %s stored objects of deleted accounts", removed)
+    return removed
+
+
 @dataclass
 class SyncProgress:
     moved: int = 0  # now in S3, row updated, local copy gone
@@ -280,7 +316,7 @@ def sync_fallback_objects(
     # account deleted meanwhile waits, then deletes the objects where they landed.
     messages = session.scalars(
         select(Message)
-        .where(Message.storage_backend == "local", Message.id > progress.message_id)
+        .where(Message.storage_backend == StorageBackend.LOCAL, Message.id > progress.message_id)
         .order_by(Message.id)
         .limit(batch_size)
         .with_for_update(skip_locked=True)
@@ -293,7 +329,10 @@ def sync_fallback_objects(
     else:
         attachments = session.scalars(
             select(Attachment)
-            .where(Attachment.storage_backend == "local", Attachment.id > progress.attachment_id)
+            .where(
+                Attachment.storage_backend == StorageBackend.LOCAL,
+                Attachment.id > progress.attachment_id,
+            )
             .order_by(Attachment.id)
             .limit(batch_size)
             .with_for_update(skip_locked=True)

@@ -4,7 +4,7 @@ import logging
 
 from backend.celery_app import app
 from backend.db import session_scope
-from backend.storage.service import SyncProgress, sync_fallback_objects
+from backend.storage.service import SyncProgress, purge_deleted_accounts, sync_fallback_objects
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,14 @@ def sync_all() -> dict[str, int]:
     return counts
 
 
+def purge_deleted() -> int:
+    """Deleted accounts' objects that their deletion could not remove (storage down, a
+    crash, a poll still running)."""
+    with session_scope() as session:
+        return purge_deleted_accounts(session)
+
+
 @app.task(name="storage.sync")
 def sync() -> dict[str, int]:
+    purge_deleted()
     return sync_all()

@@ -25,13 +25,20 @@ from backend import crypto
 from backend.config import get_settings
 from backend.db import session_scope
 from backend.errors import NotFound
-from backend.models import Account, Message, WebhookDelivery, utcnow
+from backend.models import (
+    ACCOUNT_EVENTS,
+    Account,
+    DeliveryStatus,
+    DeliveryTarget,
+    EventType,
+    Message,
+    WebhookDelivery,
+    utcnow,
+)
 from backend.webhooks import client, events, signing
 
 log = logging.getLogger(__name__)
 
-MESSAGE_RECEIVED = "message.received"
-ACCOUNT_EVENTS = ("account.error", "account.disabled", "account.recovered")
 # A task that arrives this much before the row's due time still sends (clock skew).
 EARLY_GRACE = timedelta(seconds=1)
 # A pending delivery this far past its due time has lost its task (Redis was flushed,
@@ -45,7 +52,7 @@ MAX_COUNTDOWN_SECONDS = 300.0
 
 @dataclass(frozen=True)
 class Target:
-    kind: str  # "global" or "account"
+    kind: DeliveryTarget
     url: str
     secret: str | None
 
@@ -53,22 +60,22 @@ class Target:
 def targets(account: Account) -> list[Target]:
     """Where an account's events go: the global webhook, then the account's own."""
     found = []
-    for kind in ("global", "account"):
+    for kind in DeliveryTarget:
         target = resolve_target(kind, account)
         if target is not None:
             found.append(target)
     return found
 
 
-def resolve_target(kind: str, account: Account) -> Target | None:
+def resolve_target(kind: DeliveryTarget, account: Account) -> Target | None:
     """Read at every attempt, so a fixed URL or a rotated secret applies to retries and
     replays too."""
-    if kind == "global":
+    if kind == DeliveryTarget.GLOBAL:
         settings = get_settings()
         if not settings.webhook_url:
             return None
         secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
-        return Target("global", settings.webhook_url, secret or None)
+        return Target(DeliveryTarget.GLOBAL, settings.webhook_url, secret or None)
     if not account.webhook_url:
         return None
     secret = (
@@ -76,13 +83,13 @@ def resolve_target(kind: str, account: Account) -> Target | None:
         if account.webhook_secret_encrypted
         else None
     )
-    return Target("account", account.webhook_url, secret or None)
+    return Target(DeliveryTarget.ACCOUNT, account.webhook_url, secret or None)
 
 
 def _create(
     session: Session,
     account: Account,
-    event_type: str,
+    event_type: EventType,
     dedupe_key: str,
     *,
     message_id: int | None = None,
@@ -119,10 +126,10 @@ def create_message_deliveries(
 ) -> list[int]:
     """The message.received deliveries of a message, once per target; `redeliver` makes
     new ones (new event ids) for a message already delivered. Only flushes."""
-    key = f"{MESSAGE_RECEIVED}:{message.id}"
+    key = f"{EventType.MESSAGE_RECEIVED}:{message.id}"
     if redeliver:
         key += f":redeliver:{uuid.uuid4().hex}"
-    return _create(session, message.account, MESSAGE_RECEIVED, key, message_id=message.id)
+    return _create(session, message.account, EventType.MESSAGE_RECEIVED, key, message_id=message.id)
 
 
 def create_account_event(session: Session, account: Account, event_type: str) -> list[int]:
@@ -130,14 +137,15 @@ def create_account_event(session: Session, account: Account, event_type: str) ->
     if event_type not in ACCOUNT_EVENTS:
         raise ValueError(f"unknown account event {event_type!r}")
     key = f"{event_type}:{account.id}:{uuid.uuid4().hex}"
-    return _create(session, account, event_type, key, data=events.account_data(account))
+    return _create(session, account, EventType(event_type), key, data=events.account_data(account))
 
 
 def pending_for_message(session: Session, message_id: int) -> list[int]:
     return list(
         session.scalars(
             select(WebhookDelivery.id).where(
-                WebhookDelivery.message_id == message_id, WebhookDelivery.status == "pending"
+                WebhookDelivery.message_id == message_id,
+                WebhookDelivery.status == DeliveryStatus.PENDING,
             )
         )
     )
@@ -179,7 +187,7 @@ def deliver(delivery_id: int, *, use_celery: bool) -> str:
     now = utcnow()
     with session_scope() as session:
         delivery = session.get(WebhookDelivery, delivery_id, with_for_update=True)
-        if delivery is None or delivery.status != "pending":
+        if delivery is None or delivery.status != DeliveryStatus.PENDING:
             return "skipped"
         if delivery.claimed_until is not None and delivery.claimed_until > now:
             return "in_flight"
@@ -192,7 +200,7 @@ def deliver(delivery_id: int, *, use_celery: bool) -> str:
         assert account is not None  # deliveries go with their account (FK cascade)
         target = resolve_target(delivery.target, account)
         if target is None:
-            delivery.status = "dead"
+            delivery.status = DeliveryStatus.DEAD
             delivery.last_error = f"no {delivery.target} webhook URL is configured any more"
             return "dead"
         body = _body(session, delivery, account)
@@ -214,7 +222,7 @@ def deliver(delivery_id: int, *, use_celery: bool) -> str:
         delivery.claimed_until = None
         delivery.last_status_code = result.status_code
         if result.ok:
-            delivery.status = "delivered"
+            delivery.status = DeliveryStatus.DELIVERED
             delivery.delivered_at = utcnow()
             outcome = "delivered"
         elif result.retryable and delivery.attempts < settings.webhook_max_attempts:
@@ -223,7 +231,7 @@ def deliver(delivery_id: int, *, use_celery: bool) -> str:
             delivery.last_error = result.error
             outcome = "retry"
         else:
-            delivery.status = "dead"
+            delivery.status = DeliveryStatus.DEAD
             delivery.last_error = result.error
             outcome = "dead"
     log.info(
@@ -271,7 +279,7 @@ def due_for_sweep(session: Session, *, limit: int = 500) -> list[int]:
         session.scalars(
             select(WebhookDelivery.id)
             .where(
-                WebhookDelivery.status == "pending",
+                WebhookDelivery.status == DeliveryStatus.PENDING,
                 WebhookDelivery.next_attempt_at < now - SWEEP_GRACE,
                 or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until < now),
             )
@@ -284,7 +292,7 @@ def due_for_sweep(session: Session, *, limit: int = 500) -> list[int]:
 def list_dead_letters(
     session: Session, *, limit: int, offset: int, account_id: int | None = None
 ) -> tuple[list[WebhookDelivery], int]:
-    query = select(WebhookDelivery).where(WebhookDelivery.status == "dead")
+    query = select(WebhookDelivery).where(WebhookDelivery.status == DeliveryStatus.DEAD)
     if account_id is not None:
         query = query.where(WebhookDelivery.account_id == account_id)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
@@ -298,7 +306,7 @@ def _requeue(deliveries: Sequence[WebhookDelivery]) -> list[int]:
     now = utcnow()
     for delivery in deliveries:
         # A full set of attempts again; the event id stays, the receiver never took it.
-        delivery.status = "pending"
+        delivery.status = DeliveryStatus.PENDING
         delivery.attempts = 0
         delivery.next_attempt_at = now
         delivery.claimed_until = None
@@ -308,7 +316,7 @@ def _requeue(deliveries: Sequence[WebhookDelivery]) -> list[int]:
 def replay_dead_letter(session: Session, delivery_id: int) -> list[int]:
     """Only flushes; the caller dispatches the returned ids after committing."""
     delivery = session.get(WebhookDelivery, delivery_id, with_for_update=True)
-    if delivery is None or delivery.status != "dead":
+    if delivery is None or delivery.status != DeliveryStatus.DEAD:
         raise NotFound(f"dead letter {delivery_id} not found")
     ids = _requeue([delivery])
     session.flush()
@@ -320,7 +328,9 @@ def replay_account_dead_letters(session: Session, account_id: int) -> list[int]:
         raise NotFound(f"account {account_id} not found")
     deliveries = session.scalars(
         select(WebhookDelivery)
-        .where(WebhookDelivery.account_id == account_id, WebhookDelivery.status == "dead")
+        .where(
+            WebhookDelivery.account_id == account_id, WebhookDelivery.status == DeliveryStatus.DEAD
+        )
         .order_by(WebhookDelivery.id)
         .with_for_update()
     ).all()

@@ -31,8 +31,8 @@ def verify(
     timestamp: str,
     body: bytes,
     signature: str,
+    tolerance_seconds: int = 300,
     *,
-    tolerance_seconds: int,
     now: float | None = None,
 ) -> bool:
     """What a receiver does: the timestamp is recent and one of the signatures (the header

@@ -10,10 +10,20 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from backend import crypto
-from backend.models import Account, Attachment, FolderCursor, Message, PollRun, utcnow
+from backend.mailbox.service import poll_account
+from backend.models import (
+    Account,
+    AccountCleanup,
+    Attachment,
+    FolderCursor,
+    Message,
+    PollRun,
+    utcnow,
+)
 from backend.schedules import service as schedules
 from backend.storage import service as storage
 from backend.storage.base import account_prefix, message_key
+from backend.storage.tasks import purge_deleted
 from tests.support.api import (
     account_payload,
     create_dovecot_account,
@@ -107,8 +117,8 @@ def test_create_disabled_has_no_schedule_entry(api: TestClient):
         ({"folders": ["INBOX", "INBOX"]}, "folders", "twice"),
         ({"email": "not-an-address"}, "email", "email address"),
         ({"email": "a\u0000b@example.com"}, "email", "email address"),
-        ({"username": "a\u0000b"}, "username", "must not contain NUL"),
-        ({"folders": ["IN\u0000BOX"]}, "folders", "must not contain NUL"),
+        ({"username": "a\u0000b"}, "username", "must not contain control characters"),
+        ({"folders": ["IN\u0000BOX"]}, "folders", "must not contain control characters"),
         ({"imap_host": "imaps://x.example.com"}, "imap_host", "no scheme"),
         ({"password": None}, "body", "exactly one of 'password' and 'oauth2'"),
         ({"oauth2": {"access_token": "t"}}, "body", "exactly one of 'password' and 'oauth2'"),
@@ -361,23 +371,33 @@ def test_delete_cascades_rows_objects_and_schedule(api: TestClient, db: Session)
     assert api.delete(f"/accounts/{account_id}").status_code == 404
 
 
-def test_delete_with_storage_down_keeps_everything_to_try_again(
+def test_delete_with_storage_down_deletes_the_account_and_a_sweep_its_objects(
     api: TestClient, db: Session, s3_bucket: str, moto_s3: MotoS3
 ):
     account_id = api.post("/accounts", json=account_payload()).json()["id"]
-    assert storage.put_object(message_key(account_id, "INBOX", 1, 1), b"raw", "x/y") == "s3"
+    key = message_key(account_id, "INBOX", 1, 1)
+    assert storage.put_object(key, b"raw", "x/y") == "s3"
+    storage.local_storage().put(f"{key}.fallback", b"raw", "x/y")
     moto_s3.stop()
     try:
-        response = api.delete(f"/accounts/{account_id}")
-        assert response.status_code == 503
-        assert "nothing was deleted, try again" in response.json()["detail"]
-        assert api.get(f"/accounts/{account_id}").status_code == 200
-        assert account_id in entry_ids()
+        assert api.delete(f"/accounts/{account_id}").status_code == 204
+        assert api.get(f"/accounts/{account_id}").status_code == 404
+        assert account_id not in entry_ids()
+        # Storage was down: the objects are still there, and so is the record of them.
+        assert list(storage.local_storage().keys(account_prefix(account_id)))
+        cleanup = db.scalar(select(AccountCleanup))
+        assert cleanup is not None and cleanup.account_id == account_id
     finally:
         moto_s3.start()
         moto_s3.create_bucket(s3_bucket)
-    assert api.delete(f"/accounts/{account_id}").status_code == 204
-    assert api.get(f"/accounts/{account_id}").status_code == 404
+    # moto forgot its objects on restart: put back the one S3 would still hold.
+    assert storage.put_object(key, b"raw", "x/y") == "s3"
+
+    purge_deleted()  # the storage sweep (beat's storage.sync, local housekeeping)
+
+    assert list(storage.local_storage().keys(account_prefix(account_id))) == []
+    assert not moto_s3.client().list_objects_v2(Bucket=s3_bucket).get("Contents")
+    assert api.post("/accounts", json=account_payload()).json()["id"] > account_id
 
 
 def test_poll_now_queues_a_task(api: TestClient, redis_db: RedisDb):
@@ -500,3 +520,40 @@ def test_no_secret_in_any_response_or_log(
     for secret in (password, "other-SECRET", "tok-SECRET"):
         assert not any(secret in text for text in seen)
         assert secret not in caplog.text
+
+
+def test_pointing_an_account_that_holds_mail_at_another_mailbox_is_refused(
+    api: TestClient, db: Session, dovecot: Dovecot, mail_user: tuple[str, str]
+):
+    """Its cursors and messages belong to the first mailbox: polling the second with them
+    would skip its mail for good. A new account is the way; before any mail was taken
+    (a typo in the username) the change is fine."""
+    user, password = mail_user
+    other_user = f"{user}-other"
+    other_password = dovecot.add_user(other_user, "other-pw")
+    dovecot.append(user, b"Subject: first mailbox\r\n\r\nbody\r\n")
+    dovecot.append(other_user, b"Subject: second mailbox\r\n\r\nbody\r\n")
+    typo = create_dovecot_account(api, dovecot, f"{user}-typo", password)
+    response = api.patch(f"/accounts/{typo}", json={"username": user})
+    assert response.status_code == 200, response.text  # nothing taken yet: fine
+
+    assert poll_account(typo).outcome == "success"
+    for change in (
+        {"username": other_user, "password": other_password},
+        {"imap_host": "localhost"},
+        {"imap_port": dovecot.imaps_port, "imap_security": "ssl"},
+    ):
+        response = api.patch(f"/accounts/{typo}", json=change)
+        assert response.status_code == 409, (change, response.text)
+        detail = response.json()["detail"]
+        assert f"already holds mail of {user!r}" in detail
+        assert "create a new account" in detail
+    body = api.get(f"/accounts/{typo}").json()
+    assert (body["username"], body["imap_host"], body["imap_port"]) == (
+        user,
+        dovecot.host,
+        dovecot.imap_port,
+    )
+    # The other mailbox, as a new account, gets its own mail.
+    other = create_dovecot_account(api, dovecot, other_user, other_password)
+    assert poll_account(other).messages == 1

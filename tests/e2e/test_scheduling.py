@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from backend import crypto
+from backend.celery_app import queue_keys
 from backend.models import Account, Message, PollRun, utcnow
 from backend.schedules import service
 from tests.mailbox.conftest import generated
@@ -124,7 +125,8 @@ def queued_polls(redis_db: RedisDb) -> dict[int, list[datetime]]:
     """The polls waiting in the email queue, by account: when each was sent (a poll's
     `expires` is its send time plus the interval)."""
     by_account: dict[int, list[datetime]] = defaultdict(list)
-    for raw in redis_db.client().lrange("email", 0, -1):
+    queued = [raw for key in queue_keys("email") for raw in redis_db.client().lrange(key, 0, -1)]
+    for raw in queued:
         headers: dict[str, Any] = json.loads(raw)["headers"]
         if headers["task"] != "mailbox.poll":
             continue
@@ -370,3 +372,57 @@ def test_a_bad_password_backs_off_and_ends_disabled_while_others_flow(
     mailboxes.deliver(good, 2)
     wait_for(lambda: mailboxes.ingested(good) == 4, "the good mailbox's later mail")
     assert len(mailboxes.runs(bad, "auth_error")) == 4
+
+
+def queued_poll_count(redis_db: RedisDb) -> int:
+    return sum(int(redis_db.client().llen(key)) for key in queue_keys("email"))
+
+
+def test_urgent_mailboxes_and_a_poll_now_overtake_a_long_queue(
+    celery: Celery, mailboxes: Mailboxes, redis_db: RedisDb
+) -> None:
+    # Twenty ordinary mailboxes queue up ahead of an urgent one (created last) while no
+    # worker runs; a poll asked for by hand comes after all of them.
+    ordinary = [mailboxes.add(interval=3600) for _ in range(20)]
+    for account in ordinary:
+        account.priority = 1
+    mailboxes.db.commit()
+    for account in ordinary:
+        service.sync_account(account)
+    urgent = mailboxes.add(interval=3600)
+    urgent.priority = 9
+    mailboxes.db.commit()
+    service.sync_account(urgent)
+    by_hand = mailboxes.add(interval=3600, last_polled_at=utcnow())  # not due for an hour
+
+    beat = celery.beat()
+    wait_for(lambda: queued_poll_count(redis_db) == 21, "beat to queue the 21 due polls")
+    beat.stop()
+    service.enqueue_poll(by_hand.id)
+
+    celery.worker(concurrency=1)  # one poll at a time: the order is the queue's
+    everyone = [*ordinary, urgent, by_hand]
+    wait_for(lambda: all(mailboxes.runs(account) for account in everyone), "every poll")
+    mailboxes.db.rollback()
+    order = list(
+        mailboxes.db.scalars(
+            select(PollRun.account_id)
+            .where(PollRun.account_id.in_([a.id for a in everyone]))
+            .order_by(PollRun.id)
+        )
+    )
+    # Both went to the top level; among them, first queued, first polled.
+    assert order[:2] == [urgent.id, by_hand.id], order
+
+
+def test_a_worker_logs_one_info_line_per_poll_without_being_asked(
+    celery: Celery, mailboxes: Mailboxes
+) -> None:
+    account = mailboxes.add(interval=3600, last_polled_at=utcnow())
+    mailboxes.deliver(account, 2)
+    # As compose and `make run` start it: no -l, so celery's own default (WARNING).
+    worker = celery.worker(loglevel=None)
+    service.enqueue_poll(account.id)
+    line = f"poll of mailbox {account.id}: success, 2 new messages in"
+    wait_for(lambda: line in worker.log(), "the poll's INFO line")
+    assert worker.log().count(f"poll of mailbox {account.id}:") == 1

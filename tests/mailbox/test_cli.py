@@ -28,8 +28,11 @@ def test_poll_command(
     assert exit_info.value.code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (summary["outcome"], summary["messages"], summary["error"]) == ("success", 2, None)
-    processed = db.scalars(select(Message.processed_at).where(Message.account_id == account.id))
-    assert all(value is not None for value in processed)  # handed on in-process
+    processed = list(
+        db.scalars(select(Message.processed_at).where(Message.account_id == account.id))
+    )
+    assert len(processed) == 2
+    assert None not in processed  # handed on in-process
 
     account_with_bad_password = make_account(
         username=mail_user[0],

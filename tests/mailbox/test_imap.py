@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from backend.mailbox import imap
 from backend.mailbox.service import check_account, poll_account
+from backend.models import ImapSecurity
 from tests.mailbox.conftest import MakeAccount, generated
 from tests.support.dovecot import Dovecot
 from tests.support.net import free_port
@@ -173,7 +174,7 @@ def test_check_account_stages(mail_user: tuple[str, str], make_account: MakeAcco
     account.imap_port = free_port()  # nothing listens there
     refused = check_account(account, timeout=5)
     assert (refused.ok, refused.stage) == (False, "connect")
-    account.imap_security = "ssl"  # refused before any TLS: still the connect stage
+    account.imap_security = ImapSecurity.SSL  # refused before any TLS: still the connect stage
     assert check_account(account, timeout=5).stage == "connect"
 
     account.imap_host = "no-such-host.invalid"

@@ -35,6 +35,7 @@ class OAuthProvider:
         self.refresh_tokens: dict[str, str] = {}  # refresh token -> username
         self.token_requests: list[dict[str, str]] = []
         self.refuse_refresh = False
+        self.issue_rejected_tokens = False  # hand out tokens the IMAP server will refuse
         provider = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -69,7 +70,8 @@ class OAuthProvider:
             return 400, {"error": "invalid_grant"}
         del self.refresh_tokens[form["refresh_token"]]
         access, refresh = f"at-{uuid.uuid4().hex}", f"rt-{uuid.uuid4().hex}"
-        self.valid_tokens[access] = username
+        if not self.issue_rejected_tokens:
+            self.valid_tokens[access] = username
         self.refresh_tokens[refresh] = username
         return 200, {
             "access_token": access,
@@ -185,19 +187,23 @@ def test_expired_token_is_refreshed_saved_encrypted_and_used_for_xoauth2(
 def test_a_token_the_server_rejects_is_refreshed_once_and_retried(
     db: Session, oauth_dovecot: Dovecot, provider: OAuthProvider
 ) -> None:
+    refresh = f"rt-{uuid.uuid4().hex}"
     account = oauth_account(
         db,
         oauth_dovecot,
         provider,
         access_token="revoked-token",
         expires_at=time.time() + 3600,
-        refresh_token=f"rt-{uuid.uuid4().hex}",
+        refresh_token=refresh,
     )
+    before = len(provider.token_requests)
     result = poll_account(account.id)
     assert result.outcome == "success", result.error
+    assert [r["refresh_token"] for r in provider.token_requests[before:]] == [refresh]
     db.refresh(account)  # the poll saved rotated tokens
     check = check_account(account, timeout=5)
     assert check.ok, check.detail
+    assert len(provider.token_requests) == before + 1  # the saved token is used as it is
 
 
 def test_check_account_refreshes_on_the_account_for_its_caller_to_commit(
@@ -255,3 +261,25 @@ def test_needs_refresh() -> None:
     assert oauth.needs_refresh(
         {"access_token": "a", "expires_at": "1970-01-12T13:46:40+00:00"}, now=now
     )
+
+
+def test_a_refreshed_token_the_server_also_rejects_is_not_refreshed_again(
+    db: Session, oauth_dovecot: Dovecot, provider: OAuthProvider
+) -> None:
+    account = oauth_account(
+        db,
+        oauth_dovecot,
+        provider,
+        access_token="revoked-token",
+        expires_at=time.time() + 3600,
+        refresh_token=f"rt-{uuid.uuid4().hex}",
+    )
+    # Last in this module: Dovecot delays logins from an address with recent failures.
+    before = len(provider.token_requests)
+    provider.issue_rejected_tokens = True
+    try:
+        result = poll_account(account.id)
+    finally:
+        provider.issue_rejected_tokens = False
+    assert result.outcome == "auth_error", result.error
+    assert len(provider.token_requests) == before + 1

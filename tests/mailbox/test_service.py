@@ -6,10 +6,11 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session
 
 from backend import crypto
+from backend.db import get_engine
 from backend.mailbox.service import PollResult, clear_backoff, poll_account
 from backend.models import Account, Attachment, FolderCursor, Message, PollRun
 from backend.storage import service as storage
@@ -144,13 +145,37 @@ def test_batches_commit_the_cursor_with_their_rows(
     make_account: MakeAccount,
     set_env: Callable[..., None],
 ) -> None:
+    """What another connection sees after each commit of the poll: batch by batch, each
+    batch's rows and its cursor move together (a poll killed between two commits resumes
+    exactly after the last committed batch)."""
     set_env(IMAP_FETCH_BATCH_SIZE=3)
     username, _ = mail_user
     dovecot.append_many(username, [generated(i) for i in range(8)])
     account = make_account()
-    result = poll_account(account.id)
+    engine = get_engine()
+    seen: list[tuple[int, int | None]] = []
+
+    def look(_session: Session) -> None:
+        with engine.connect() as conn:
+            held = conn.scalar(
+                select(func.count(Message.id)).where(Message.account_id == account.id)
+            )
+            cursor = conn.scalar(
+                select(FolderCursor.last_uid).where(FolderCursor.account_id == account.id)
+            )
+        state = (int(held or 0), cursor)
+        if not seen or seen[-1] != state:
+            seen.append(state)
+
+    event.listen(Session, "after_commit", look)
+    try:
+        result = poll_account(account.id)
+    finally:
+        event.remove(Session, "after_commit", look)
+
     assert result.messages == 8
-    assert len(messages(db, account.id)) == 8
+    committed = [state for state in seen if state[0] or state[1]]
+    assert committed == [(3, 3), (6, 6), (8, 8)], seen
 
 
 def test_two_concurrent_polls_store_each_message_once(

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from backend.mailbox.lock import MailboxLock
 from backend.mailbox.tasks import poll
-from backend.models import Message, PollRun
+from backend.models import AccountStatus, Message, PollRun
 from backend.schedules import service
 from tests.mailbox.conftest import MakeAccount, generated
 from tests.support.dovecot import Dovecot
@@ -86,7 +86,7 @@ def test_a_poll_that_disables_the_account_removes_its_entry(
     assert account.disabled_reason
     assert _entry_ids() == set()
     # Re-enabled (the accounts API does this, then syncs): the entry is back.
-    account.enabled, account.status = True, "active"
+    account.enabled, account.status = True, AccountStatus.ACTIVE
     db.commit()
     service.sync_account(account)
     assert _entry_ids() == {account.id}

@@ -10,7 +10,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, inspect, text
 
 from backend.db import build_engine
 from backend.models import Base
@@ -59,3 +59,49 @@ def test_upgrade_matches_models_and_round_trips(scratch_engine: Engine) -> None:
 
     _run(scratch_engine, "upgrade", "head")
     assert _diff(scratch_engine) == []
+
+
+def test_sqlite_never_reuses_ids_and_the_upgrade_keeps_the_rows(tmp_path: Path) -> None:
+    engine = build_engine(f"sqlite:///{tmp_path}/ids.db")
+    try:
+        _run(engine, "upgrade", "0001")
+        with engine.begin() as connection:
+            for n in (1, 2):
+                connection.execute(
+                    text(
+                        "INSERT INTO accounts (email, imap_host, imap_port, imap_security, "
+                        "username, auth_method, credentials_encrypted, folders, "
+                        "poll_interval_seconds, enabled, initial_sync, status, "
+                        "consecutive_failures, message_count, created_at, updated_at) VALUES "
+                        f"('a{n}@x', 'h', 993, 'ssl', 'u{n}', 'password', 'c', '[]', 60, 1, "
+                        "'all', 'active', 0, 0, '2026-01-01', '2026-01-01')"
+                    )
+                )
+            connection.execute(
+                text(
+                    "INSERT INTO messages (account_id, folder, uidvalidity, uid, to_addrs, "
+                    "cc_addrs, flags, size, ingested_at) "
+                    "VALUES (2, 'INBOX', 1, 1, '[]', '[]', '[]', 1, '2026-01-01')"
+                )
+            )
+        _run(engine, "upgrade", "head")
+        engine.dispose()  # fresh connections (foreign keys on), as the app's
+        with engine.begin() as connection:
+            # The upgrade kept every row (the rebuild did not cascade).
+            assert connection.execute(text("SELECT count(*) FROM messages")).scalar() == 1
+            connection.execute(text("DELETE FROM accounts WHERE id = 2"))  # the highest id
+            connection.execute(
+                text(
+                    "INSERT INTO accounts (email, imap_host, imap_port, imap_security, "
+                    "username, auth_method, credentials_encrypted, folders, "
+                    "poll_interval_seconds, enabled, initial_sync, status, "
+                    "consecutive_failures, message_count, created_at, updated_at) VALUES "
+                    "('a3@x', 'h', 993, 'ssl', 'u3', 'password', 'c', '[]', 60, 1, "
+                    "'all', 'active', 0, 0, '2026-01-01', '2026-01-01')"
+                )
+            )
+            ids = connection.execute(text("SELECT id FROM accounts ORDER BY id")).scalars()
+            assert list(ids) == [1, 3]
+            assert connection.execute(text("SELECT count(*) FROM messages")).scalar() == 0
+    finally:
+        engine.dispose()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import delete, func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import delete, func, select, text
+from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import Session
 
 from backend import crypto
-from backend.models import Account, Attachment, FolderCursor, Message, PollRun
+from backend.models import Account, AccountStatus, Attachment, FolderCursor, Message, PollRun
 
 
 def _account(db: Session, username: str = "u") -> Account:
@@ -86,3 +86,22 @@ def test_deleting_an_account_deletes_what_it_owns(db: Session) -> None:
 
     for model in (Message, Attachment, FolderCursor, PollRun):
         assert db.scalar(select(func.count()).select_from(model)) == 1
+
+
+def test_enum_columns_read_back_members_and_refuse_unknown_values(db: Session) -> None:
+    account = _account(db)
+    # Written as plain SQL, as a migration or an operator would.
+    db.execute(text("UPDATE accounts SET status = 'error' WHERE id = :id"), {"id": account.id})
+    db.commit()
+    db.expire_all()
+    stored = db.get(Account, account.id)
+    assert stored is not None
+    assert stored.status is AccountStatus.ERROR
+    stored.status = AccountStatus.DISABLED
+    db.commit()
+    # The database keeps the plain value.
+    raw = db.scalar(text("SELECT status FROM accounts WHERE id = :id"), {"id": account.id})
+    assert raw == "disabled"
+    db.add(PollRun(account_id=account.id, outcome="not-an-outcome"))
+    with pytest.raises(StatementError, match="not-an-outcome"):
+        db.flush()

@@ -18,8 +18,8 @@ from backend.processing.service import after_poll
 from backend.webhooks import signing
 from tests.mailbox.conftest import MakeAccount
 from tests.support.dovecot import Dovecot
-from tests.webhooks.fixtures import SECRET, sample_email
-from tests.webhooks.receiver import Receiver
+from tests.webhooks.fixtures import sample_email
+from tests.webhooks.receiver import SECRET, Receiver
 
 
 @dataclass

@@ -89,7 +89,11 @@ class Celery:
         self.started.append(process)
         return process
 
-    def worker(self, name: str = "w1", concurrency: int = 1) -> CeleryProcess:
+    def worker(
+        self, name: str = "w1", concurrency: int = 1, loglevel: str | None = ""
+    ) -> CeleryProcess:
+        """`loglevel` None: no -l at all (celery's default); "" the test bed's level."""
+        level = self.loglevel if loglevel == "" else loglevel
         return self._start(
             name,
             [
@@ -104,8 +108,7 @@ class Celery:
                 f"--concurrency={concurrency}",
                 "--without-gossip",
                 "--without-mingle",
-                "-l",
-                self.loglevel,
+                *([] if level is None else ["-l", level]),
             ],
         )
 

@@ -8,6 +8,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
+from itertools import pairwise
 
 import pytest
 from sqlalchemy.orm import Session
@@ -36,6 +37,7 @@ class Recorder:
     def __init__(self, duration: float = 0.0) -> None:
         self.duration = duration
         self.calls: dict[int, list[str]] = defaultdict(list)
+        self.started: dict[int, list[float]] = defaultdict(list)  # time.monotonic()
         self.active: dict[int, int] = defaultdict(int)
         self.overlaps = 0
         self._lock = threading.Lock()
@@ -46,6 +48,7 @@ class Recorder:
             if self.active[account_id] > 1:
                 self.overlaps += 1
             self.calls[account_id].append(task_id)
+            self.started[account_id].append(time.monotonic())
         time.sleep(self.duration)
         with self._lock:
             self.active[account_id] -= 1
@@ -78,9 +81,16 @@ def run_scheduler() -> Iterator[Callable[..., LocalScheduler]]:
 
 def test_polls_every_account_on_its_interval(run_scheduler: Callable[..., LocalScheduler]) -> None:
     recorder = Recorder()
-    run_scheduler(recorder, lambda: _wanted((1, 1), (2, 1)))
-    wait_for(lambda: recorder.count(1) >= 3 and recorder.count(2) >= 3, "three polls each")
+    run_scheduler(recorder, lambda: _wanted((1, 1), (2, 2)))
+    wait_for(lambda: recorder.count(2) >= 3, "three polls of the slower mailbox")
     assert recorder.overlaps == 0
+    for account_id, interval in ((1, 1), (2, 2)):
+        starts = recorder.started[account_id][:4]
+        gaps = [later - earlier for earlier, later in pairwise(starts)]
+        # Never early (the clock's resolution aside); a late start only on a busy machine.
+        assert all(interval - 0.05 <= gap < interval * 3 for gap in gaps), (account_id, gaps)
+    # The slower mailbox is not polled as often as the faster one.
+    assert recorder.count(1) >= 2 * recorder.count(2) - 2, dict(recorder.calls)
 
 
 def test_one_poll_at_a_time_per_mailbox(run_scheduler: Callable[..., LocalScheduler]) -> None:
@@ -190,14 +200,29 @@ def test_housekeeping_runs_at_start_and_on_every_refresh() -> None:
         if len(runs) == 2:
             raise RuntimeError("one failure must not stop the next run")
 
-    scheduler = LocalScheduler(
+    # Refreshes an hour apart: the only run there can be is the one at start.
+    at_start = LocalScheduler(
+        poll=Recorder(), load=dict, refresh_seconds=3600, housekeeping=housekeeping
+    )
+    at_start.start()
+    try:
+        wait_for(lambda: len(runs) == 1, "the housekeeping run at start")
+    finally:
+        at_start.stop()
+
+    runs.clear()
+    every = LocalScheduler(
         poll=Recorder(), load=dict, refresh_seconds=0.2, housekeeping=housekeeping
     )
-    scheduler.start()
+    started = time.monotonic()
+    every.start()
     try:
-        wait_for(lambda: len(runs) >= 4, "four housekeeping runs")
+        wait_for(lambda: len(runs) >= 4, "four housekeeping runs, one after the failing one")
     finally:
-        scheduler.stop()
+        every.stop()
+    assert runs[0] - started < 0.2  # at start, not after the first refresh interval
+    gaps = [later - earlier for earlier, later in pairwise(runs)]
+    assert all(gap >= 0.15 for gap in gaps), gaps  # once per refresh, not in a loop
 
 
 def test_local_mode_housekeeping_processes_lost_messages(

@@ -13,7 +13,7 @@ from redbeat.schedulers import RedBeatSchedulerEntry
 from sqlalchemy.orm import Session
 
 from backend.celery_app import app
-from backend.models import utcnow
+from backend.models import AccountStatus, utcnow
 from backend.schedules import service, store
 from tests.schedules.accounts import make_account, make_accounts
 from tests.support.net import free_port
@@ -51,17 +51,39 @@ def test_sync_creates_the_entry_beat_reads(db: Session, redis_db: RedisDb) -> No
     assert entry.name == f"mailbox:{account.id}"
     assert entry.task == "mailbox.poll"
     assert entry.args == [account.id]
-    assert entry.options == {"queue": "email", "expires": 120}
+    # Priority 5 travels as kombu's level 4 (kombu pops lower levels first).
+    assert entry.options == {"queue": "email", "expires": 120, "priority": 4}
     assert entry.schedule.run_every == timedelta(seconds=120)
     assert entry.enabled
-    # The first run falls within the coming interval, and the score says when.
+    # A new mailbox is due at once, and the score says so.
     score = _score(redis_db, account.id)
     assert score is not None
-    assert before.timestamp() - 1 <= score <= before.timestamp() + 121
+    assert before.timestamp() - 1 <= score <= utcnow().timestamp() + 1
     # RedBeat finds due entries by score (whole seconds) and then asks the schedule.
     due = entry.last_run_at + timedelta(seconds=120)
     assert score == int(due.timestamp())
-    assert entry.is_due()[0] is False
+    assert entry.is_due()[0] is True
+
+
+def test_priority_orders_the_broker_levels(db: Session, redis_db: RedisDb) -> None:
+    urgent = make_account(db, poll_interval_seconds=60, priority=9)
+    idle = make_account(db, poll_interval_seconds=60, priority=0)
+    service.sync_account(urgent)
+    service.sync_account(idle)
+    options = {
+        account.id: RedBeatSchedulerEntry.from_key(store.entry_key(account.id), app=app).options
+        for account in (urgent, idle)
+    }
+    assert options[urgent.id]["priority"] == 0
+    assert options[idle.id]["priority"] == 9
+    # A priority change rewrites the entry in place, keeping its phase.
+    last_run = _last_run_at(redis_db, idle.id)
+    idle.priority = 7
+    db.commit()
+    service.sync_account(idle)
+    entry = RedBeatSchedulerEntry.from_key(store.entry_key(idle.id), app=app)
+    assert entry.options["priority"] == 2
+    assert _last_run_at(redis_db, idle.id) == last_run
 
 
 def test_interval_change_updates_in_place_keeping_the_phase(db: Session, redis_db: RedisDb) -> None:
@@ -107,7 +129,7 @@ def test_disabling_removes_and_reenabling_restores(
     assert _score(redis_db, account.id) is None
     assert not redis_db.client().exists(store.entry_key(account.id))
 
-    account.enabled, account.status = True, "active"
+    account.enabled, account.status = True, AccountStatus.ACTIVE
     db.commit()
     service.sync_account(account)
     assert _score(redis_db, account.id) is not None

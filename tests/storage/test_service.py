@@ -3,11 +3,14 @@ from __future__ import annotations
 import io
 import logging
 import os
+from datetime import timedelta
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from backend.models import Attachment, Message
+from backend.accounts import service as accounts
+from backend.models import AccountCleanup, Attachment, Message, utcnow
 from backend.storage import service
 from backend.storage.base import (
     ObjectNotFound,
@@ -182,3 +185,28 @@ def test_delete_prefix_with_s3_down_deletes_nothing(s3_outage: Outage) -> None:
     s3_outage.end()
     assert service.delete_prefix(account_prefix(1)) == 1
     assert list(service.local_storage().keys()) == []
+
+
+def test_a_deletion_cut_short_is_finished_by_the_sweep(db: Session) -> None:
+    """The process died after committing the deletion, before deleting the objects; and a
+    poll that was running then wrote one more object afterwards."""
+    account = make_account(db)
+    key = message_key(account.id, "INBOX", 1, 1)
+    assert service.put_object(key, b"raw", "message/rfc822") == "local"
+    accounts.delete_account(db, account)
+    db.commit()  # ...and the process dies here
+
+    assert service.purge_deleted_accounts(db) == 1
+    db.commit()
+    service.put_object(message_key(account.id, "INBOX", 1, 2), b"late", "message/rfc822")
+    assert service.purge_deleted_accounts(db) == 1  # the record outlives running polls
+    db.commit()
+    assert list(service.local_storage().keys()) == []
+
+    cleanup = db.scalar(select(AccountCleanup))
+    assert cleanup is not None
+    cleanup.deleted_at = utcnow() - timedelta(hours=1)  # past every poll's time limit
+    db.commit()
+    assert service.purge_deleted_accounts(db) == 0
+    db.commit()
+    assert db.scalar(select(AccountCleanup)) is None

@@ -23,6 +23,7 @@ from tests.support.processes import stop_group
 from tests.support.tls import self_signed_cert
 
 DOVECOT_BIN = shutil.which("dovecot") or "/usr/sbin/dovecot"
+DOVEADM_BIN = shutil.which("doveadm") or "/usr/bin/doveadm"
 
 CONFIG = """\
 protocols = imap
@@ -40,7 +41,7 @@ ssl_cert = <{root}/cert.pem
 ssl_key = <{root}/key.pem
 disable_plaintext_auth = no
 auth_mechanisms = plain login{oauth2_mechanisms}
-mail_location = maildir:~/Maildir
+mail_location = {mail_location}
 mail_uid = {mail_uid}
 mail_gid = {mail_gid}
 first_valid_uid = 1
@@ -113,13 +114,16 @@ class Dovecot:
         name: str | None = None,
         *,
         oauth2_introspection_url: str | None = None,
+        mail_location: str = "maildir:~/Maildir",
         also_listen: str | None = None,
     ) -> None:
         """With `oauth2_introspection_url`, users can also log in with XOAUTH2; Dovecot
         posts each token to that URL (`token=...`) and wants {"active": true, "username"}.
-        `also_listen`: one more address to listen on besides loopback (the docker bridge's,
-        for containers); the same ports there."""
+        `mail_location="maildir:~/Maildir:LAYOUT=fs"` gives folders a '/' separator (as
+        Gmail and Exchange have) instead of Maildir++'s '.'. `also_listen`: one more
+        address to listen on besides loopback (the docker bridge's, for containers)."""
         self.root = root
+        self.mail_location = mail_location
         self.also_listen = also_listen
         self.oauth2_introspection_url = oauth2_introspection_url
         self.name = name or uuid.uuid4().hex[:8]
@@ -174,6 +178,7 @@ class Dovecot:
                 imaps_port=self.imaps_port,
                 oauth2_mechanisms=" xoauth2 oauthbearer" if oauth2_passdb else "",
                 oauth2_passdb=oauth2_passdb,
+                mail_location=self.mail_location,
             )
         )
         self._process = subprocess.Popen(
@@ -281,6 +286,26 @@ class Dovecot:
             )
             client.logout()
         return status
+
+    def set_uidvalidity(self, username: str, folder: str, uidvalidity: int) -> None:
+        """Force a folder's UIDVALIDITY (two folders can then share one)."""
+        subprocess.run(
+            [
+                DOVEADM_BIN,
+                "-c",
+                str(self.root / "dovecot.conf"),
+                "mailbox",
+                "update",
+                "-u",
+                username,
+                "--uid-validity",
+                str(uidvalidity),
+                folder,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
 
     def maildir(self, username: str, folder: str = "INBOX") -> Path:
         base = self.root / "home" / username / "Maildir"

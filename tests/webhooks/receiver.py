@@ -1,17 +1,40 @@
-"""A real HTTP receiver on loopback that records what it is sent and can be told to fail."""
+"""A real HTTP receiver on loopback that records what it is sent and can be told to fail.
+
+It checks signatures as docs/webhooks.md tells receivers to, with the code from that page,
+and answers 401 to a request whose signature does not verify.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from tests.support.net import free_port
+
+SECRET = "whsec-test-secret"
+WEBHOOKS_DOC = Path(__file__).resolve().parents[2] / "docs" / "webhooks.md"
+
+Verify = Callable[..., bool]
+
+
+@cache
+def doc_verify() -> Verify:
+    """The `verify` function of docs/webhooks.md's "Verifying" section, run as written."""
+    section = WEBHOOKS_DOC.read_text().split("### Verifying", 1)[1].split("\n### ", 1)[0]
+    [code] = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, str(WEBHOOKS_DOC), "exec"), namespace)
+    verify: Verify = namespace["verify"]
+    return verify
 
 
 @dataclass(frozen=True)
@@ -34,9 +57,16 @@ class Received:
 
 
 class Receiver:
-    def __init__(self) -> None:
+    """`secret`: requests must carry a valid signature for it (else 401); None: unsigned
+    requests are expected and nothing is checked."""
+
+    def __init__(self, secret: str | None = SECRET) -> None:
         self.port = free_port()
+        self.secret = secret
         self.requests: list[Received] = []
+        self.holding = threading.Event()  # a held request is waiting (see hold_next)
+        self._hold = False
+        self._release = threading.Event()
         self._script: deque[Reply] = deque()
         self.default = Reply()
         self._lock = threading.Lock()
@@ -55,12 +85,49 @@ class Receiver:
     def fail(self, times: int, status: int = 500) -> None:
         self.reply(*[Reply(status=status, body=b"receiver failing")] * times)
 
+    def hold_next(self) -> None:
+        """Keep the next request waiting, unanswered, until `release()`: a sender can be
+        killed while its request is in flight. The request then counts as received."""
+        with self._lock:
+            self._hold = True
+            self._release.clear()
+            self.holding.clear()
+
+    def release(self) -> None:
+        self._release.set()
+
     def delivered(self) -> list[Received]:
         with self._lock:
             return [r for r in self.requests if 200 <= r.status < 300]
 
     def event_ids(self) -> list[str]:
         return [r.headers["x-mailbeat-event-id"] for r in self.delivered()]
+
+    def accepted(self) -> dict[str, int]:
+        """Event id -> how often it was answered 2xx. A receiver keeps the ids it has
+        processed and drops repeats (docs/webhooks.md, "Idempotency"): the keys are what
+        it processed, a count above 1 a repeat it dropped."""
+        counts: dict[str, int] = {}
+        for event_id in self.event_ids():
+            counts[event_id] = counts.get(event_id, 0) + 1
+        return counts
+
+    def _signature_ok(self, headers: dict[str, str], body: bytes) -> bool:
+        if self.secret is None:
+            return True
+        return doc_verify()(
+            self.secret,
+            headers.get("x-mailbeat-timestamp", ""),
+            body,
+            headers.get("x-mailbeat-signature", ""),
+        )
+
+    def _wait_if_held(self) -> None:
+        with self._lock:
+            held, self._hold = self._hold, False
+        if held:
+            self.holding.set()
+            self._release.wait(timeout=300)
 
     def _next_reply(self) -> Reply:
         with self._lock:
@@ -76,10 +143,14 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                reply = receiver._next_reply()
+                receiver._wait_if_held()
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                if receiver._signature_ok(headers, body):
+                    reply = receiver._next_reply()
+                else:
+                    reply = Reply(status=401, body=b"the signature does not verify")
                 if reply.delay:
                     time.sleep(reply.delay)
-                headers = {k.lower(): v for k, v in self.headers.items()}
                 receiver._record(Received(headers, body, reply.status, time.monotonic()))
                 try:
                     self.send_response(reply.status)
@@ -101,6 +172,7 @@ class Receiver:
 
     def down(self) -> None:
         """Stop listening: senders get connection refused."""
+        self._release.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -1,0 +1,117 @@
+"""Every status, outcome and kind that mailbeat stores or returns, defined once.
+
+StrEnums, so a member is its string: the database keeps the plain value (VARCHAR, no
+ALTER TYPE to add one), the API returns it, and comparisons with stored strings hold.
+The values are the contract: renaming a member is free, changing a value is a migration
+and an API change.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class AccountStatus(StrEnum):
+    """active: polled; error: the last poll failed (retried with backoff); disabled: not
+    polled until someone enables it again (by hand, or too many failures)."""
+
+    ACTIVE = "active"
+    ERROR = "error"
+    DISABLED = "disabled"
+
+
+class ImapSecurity(StrEnum):
+    SSL = "ssl"
+    STARTTLS = "starttls"
+    NONE = "none"
+
+
+class AuthMethod(StrEnum):
+    PASSWORD = "password"  # noqa: S105 - the method's name, not a secret
+    OAUTH2 = "oauth2"
+
+
+class InitialSync(StrEnum):
+    """What the first poll of a folder ingests: everything, the newest N, or since a day."""
+
+    ALL = "all"
+    NEWEST = "newest"
+    SINCE = "since"
+
+
+class ErrorKind(StrEnum):
+    """How a failed poll is treated: auth waits for new credentials or the backoff,
+    connection retries with backoff, protocol means the server said no or spoke nonsense,
+    internal is mailbeat's own bug."""
+
+    AUTH = "auth"
+    CONNECTION = "connection"
+    PROTOCOL = "protocol"
+    INTERNAL = "internal"
+
+
+class PollOutcome(StrEnum):
+    """running: not finished (or the worker died); success: polled; skipped: another poll
+    held the lock or backoff applies; *_error: failed, see PollRun.error."""
+
+    RUNNING = "running"
+    SUCCESS = "success"
+    SKIPPED = "skipped"
+    AUTH_ERROR = "auth_error"
+    CONNECTION_ERROR = "connection_error"
+    PROTOCOL_ERROR = "protocol_error"
+    INTERNAL_ERROR = "internal_error"
+
+    @classmethod
+    def for_error(cls, kind: ErrorKind) -> PollOutcome:
+        return cls(f"{kind.value}_error")
+
+
+class EventType(StrEnum):
+    """Webhook event types. The account events report a change of AccountStatus."""
+
+    MESSAGE_RECEIVED = "message.received"
+    ACCOUNT_ERROR = "account.error"
+    ACCOUNT_DISABLED = "account.disabled"
+    ACCOUNT_RECOVERED = "account.recovered"
+
+
+ACCOUNT_EVENTS = frozenset(
+    {EventType.ACCOUNT_ERROR, EventType.ACCOUNT_DISABLED, EventType.ACCOUNT_RECOVERED}
+)
+
+
+class DeliveryTarget(StrEnum):
+    """global: WEBHOOK_URL / WEBHOOK_SECRET; account: the account's own url and secret."""
+
+    GLOBAL = "global"
+    ACCOUNT = "account"
+
+
+class DeliveryStatus(StrEnum):
+    """pending: waiting for its next attempt; delivered: the receiver answered 2xx;
+    dead: retries exhausted or refused (4xx), kept with its last error until replayed."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+class StorageBackend(StrEnum):
+    """Recorded on each stored row, so a read finds the object where it was put."""
+
+    S3 = "s3"
+    LOCAL = "local"
+
+
+class SchedulerMode(StrEnum):
+    """celery: RedBeat entries, beat and workers over Redis; local: in-process scheduler."""
+
+    CELERY = "celery"
+    LOCAL = "local"
+
+
+class HealthStatus(StrEnum):
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
