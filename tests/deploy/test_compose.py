@@ -91,9 +91,7 @@ def test_ports_can_stay_off_the_network() -> None:
     assert example_values()["PUBLISH_API_PORT"] == "8000"
     assert example_values()["PUBLISH_FLOWER_PORT"] == "5555"
     # Flower reads every FLOWER_* variable of its environment (.env) as its option.
-    assert [name for name in example_names() if name.startswith("FLOWER_")] == [
-        "FLOWER_BASIC_AUTH"
-    ]
+    assert [name for name in example_names() if name.startswith("FLOWER_")] == ["FLOWER_BASIC_AUTH"]
 
 
 def test_postgres_is_healthy_only_once_it_answers_over_tcp() -> None:

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from backend.envfile import EXAMPLE, render
-from tests.deploy.engine import STANDIN_DOCKERFILES, Engine, Project, docker
+from tests.deploy.engine import STANDIN_DOCKERFILES, Engine, Project
 from tests.deploy.files import compose, dockerfile
 from tests.deploy.stack import Api, account_body, email, wait_until, worker_names
 from tests.support.dovecot import Dovecot
@@ -71,8 +71,10 @@ def project(tmp_path: Path, engine: Engine) -> Iterator[Project]:
     api_port, flower_port = free_port(), free_port()
     env_file = render(EXAMPLE.read_text()) + "\n".join(
         [
-            "# the test's own: S3 off (no MinIO), ports on loopback only",
+            "# the test's own: S3 off (no MinIO), ports on loopback only, and the Dovecot",
+            "# on the host's bridge address allowed by the outbound policy",
             "S3_BUCKET=",
+            f"OUTBOUND_ALLOWLIST={engine.bridge_gateway()}/32",
             f"PUBLISH_API_PORT=127.0.0.1:{api_port}",
             f"PUBLISH_FLOWER_PORT=127.0.0.1:{flower_port}",
             "",
@@ -174,7 +176,9 @@ def test_the_compose_file_runs_on_a_docker_engine(
 
     def append(username: str, count: int, tag: str = "") -> None:
         first = sizes.get(username, 0)
-        raws = [email(f"{username} {tag}{i}") for i in range(first, first + count)]
+        # 40 kB each: enough work that the scale-down below comes while polls run.
+        padding = (b"x" * 76 + b"\n") * 512
+        raws = [email(f"{username} {tag}{i}") + padding for i in range(first, first + count)]
         dovecot.append_many(username, raws)
         sizes[username] = first + count
 
@@ -191,12 +195,11 @@ def test_the_compose_file_runs_on_a_docker_engine(
     # -- scaling down to one worker while mail is being ingested loses nothing ----------
     waiters = {c: subprocess.Popen(["docker", "wait", c], stdout=subprocess.PIPE) for c in workers}
     for _ in range(4):
-        add_mailbox(60)
+        add_mailbox(100)
     before = stored()
-    eventually("ingestion under way", lambda: stored() > before or None)
-    under_way = stored()
+    under_way = eventually("ingestion under way", lambda: stored() - before or None)
+    assert before + under_way < sum(sizes.values()), "all mail was in before the scale-down"
     up("--scale", "celery-worker=1")
-    assert under_way < sum(sizes.values()), "all mail was in before the scale-down"
     left = project.containers("celery-worker")
     assert len(left) == 1
     for container, waiter in waiters.items():
@@ -214,8 +217,8 @@ def test_the_compose_file_runs_on_a_docker_engine(
 
     # -- beat killed (SIGKILL, a crash): restarted by its policy, and polling resumes -----
     (beat,) = project.containers("celery-beat")
-    top = docker("top", beat, "-eo", "pid,args").splitlines()[1:]
-    (beat_pid,) = [int(line.split()[0]) for line in top if "beat" in line and "init" not in line]
+    init = project.inspect(beat)["State"]["Pid"]  # docker-init; celery beat is its child
+    (beat_pid,) = map(int, Path(f"/proc/{init}/task/{init}/children").read_text().split())
     os.kill(beat_pid, signal.SIGKILL)
     killed = time.monotonic()
     append(first, 1, "after-beat-kill ")
