@@ -20,7 +20,7 @@ from backend.accounts.schemas import (
 from backend.config import get_settings
 from backend.deps import AdminDep, KnownQueryDep, SessionDep
 from backend.errors import error_responses
-from backend.mailbox.service import check_account
+from backend.mailbox.check import check_account
 from backend.models import AccountStatus
 from backend.schedules import service as schedules
 
