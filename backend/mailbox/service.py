@@ -386,12 +386,20 @@ class _Poller:
         row, _ = self._prepare(folder, uidvalidity, item, [])
         row["skipped_reason"] = exc.message[:ERROR_TEXT_MAX]
         with session_scope() as session:
-            session.connection().execute(
-                insert_for(session, MESSAGES).on_conflict_do_nothing(
+            inserted = session.connection().execute(
+                insert_for(session, MESSAGES)
+                .on_conflict_do_nothing(
                     index_elements=["account_id", "folder", "uidvalidity", "uid"]
-                ),
+                )
+                .returning(Message.id),
                 [row],
             )
+            if inserted.first() is not None:
+                session.execute(
+                    update(Account)
+                    .where(Account.id == self.account_id)
+                    .values(message_count=Account.message_count + 1)
+                )
         log.warning("account %s folder %r: skipped: %s", self.account_id, folder, exc.message)
 
     def _first_sync_selection(self, mailbox: ImapSession, folder: str) -> tuple[list[int], int]:

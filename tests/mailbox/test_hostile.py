@@ -87,6 +87,7 @@ def test_a_literal_far_above_the_stated_size_is_refused_and_the_message_skipped(
     reason = held[2].skipped_reason or ""
     assert "announced 120000000 bytes" in reason and held[2].storage_key is None
     assert_clean_error(reason)
+    assert db.get(Account, account.id).message_count == 2  # type: ignore[union-attr]
 
 
 def test_a_trickled_body_is_cut_at_the_poll_deadline(
