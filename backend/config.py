@@ -49,6 +49,18 @@ class Settings(BaseSettings):
     admin_api_token: SecretStr | None = None
     encryption_key: SecretStr | None = None
 
+    # The admin API's own exposure. A request body over this many bytes is a 413.
+    max_request_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    # /docs, /redoc and /openapi.json without a token; unset: yes, except in production.
+    api_docs_public: bool | None = None
+
+    # Outbound connections (IMAP servers, webhook receivers, OAuth token URLs) are named by
+    # API callers. Unset: loopback, link-local, private, multicast and reserved addresses
+    # are refused in production and allowed elsewhere. OUTBOUND_ALLOWLIST names internal
+    # hosts and networks allowed anyway: comma-separated CIDRs and host names.
+    outbound_allow_private: bool | None = None
+    outbound_allowlist: str = ""
+
     # Object storage (S3 / Aliyun OSS / MinIO). Unset bucket means local files only.
     s3_endpoint_url: str | None = None
     s3_bucket: str | None = None
@@ -113,6 +125,8 @@ class Settings(BaseSettings):
     prometheus_multiproc_dir: Path | None = None  # defaults to data_dir / "prometheus"
     # Bound on each /health check and on Celery's inspect broadcasts.
     health_check_timeout_seconds: float = 2.0
+    # /health answers from its last result for this long (it needs no token).
+    health_cache_seconds: float = Field(default=2.0, ge=0)
     celery_inspect_timeout_seconds: float = 1.0
 
     @model_validator(mode="after")
@@ -134,6 +148,20 @@ class Settings(BaseSettings):
                 "print(Fernet.generate_key().decode())')"
             )
         return self
+
+    @property
+    def production(self) -> bool:
+        return self.environment == "production"
+
+    @property
+    def docs_public(self) -> bool:
+        return not self.production if self.api_docs_public is None else self.api_docs_public
+
+    @property
+    def private_networks_allowed(self) -> bool:
+        if self.outbound_allow_private is None:
+            return not self.production
+        return self.outbound_allow_private
 
     @property
     def effective_redbeat_redis_url(self) -> str:

@@ -20,9 +20,11 @@ from backend import metrics
 from backend.accounts.endpoints import router as accounts_router
 from backend.admin.endpoints import health_router
 from backend.admin.endpoints import router as admin_router
+from backend.admin.service import HealthCache
 from backend.config import get_settings
 from backend.deps import KnownQueryDep
 from backend.errors import MailbeatError, ValidationError, error_responses
+from backend.guard import RequestGuard
 from backend.messages.endpoints import router as messages_router
 from backend.processing.endpoints import router as processing_router
 from backend.schedules import service as schedules
@@ -32,7 +34,9 @@ log = logging.getLogger(__name__)
 
 DESCRIPTION = """Admin API for mailbeat, the IMAP ingestion service.
 
-Every route but `/health` and `/metrics` needs `Authorization: Bearer $ADMIN_API_TOKEN`.
+Every route but `/health` and `/metrics` needs `Authorization: Bearer $ADMIN_API_TOKEN`
+(so do these docs unless API_DOCS_PUBLIC is on; it is off in production by default).
+Request bodies are limited to MAX_REQUEST_BODY_BYTES (413).
 Errors are `{"error": "<Name>", "detail": "..."}`; validation errors (422) also list each
 problem in `errors`. Passwords and tokens are write-only: no response carries them.
 """
@@ -75,6 +79,8 @@ def create_app() -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
     )
+    app.add_middleware(RequestGuard)
+    app.state.health = HealthCache()
     app.include_router(accounts_router)
     app.include_router(messages_router)
     app.include_router(admin_router)

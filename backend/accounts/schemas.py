@@ -15,10 +15,12 @@ from pydantic import (
     Field,
     SecretStr,
     StringConstraints,
+    UrlConstraints,
     model_validator,
 )
 from pydantic.config import JsonDict
 
+from backend import netpolicy
 from backend.config import get_settings
 from backend.models.enums import AccountStatus, AuthMethod, ImapSecurity, InitialSync, SchedulerMode
 
@@ -26,6 +28,13 @@ from backend.models.enums import AccountStatus, AuthMethod, ImapSecurity, Initia
 # NUL too: PostgreSQL text cannot hold it.
 _EMAIL = re.compile(r"^[^@ \t\r\n\x00]+@[^@ \t\r\n\x00]+$")
 _HOST = re.compile(r"^[A-Za-z0-9.\-:\[\]_]+$")
+# C0 and C1 control characters and DEL. A CR or LF in a value sent to an IMAP server ends
+# the command and starts the next one (command injection); PostgreSQL cannot store NUL.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# IMAP LOGIN sends only ASCII; other characters are refused here rather than by the
+# server (or, before, with the offending character in a 500).
+_PRINTABLE_ASCII = re.compile(r"^[ -~]*$")
+MAX_URL_LENGTH = 2048  # the webhook_url columns
 
 
 def _email(value: str) -> str:
@@ -41,7 +50,31 @@ def _host(value: str) -> str:
             "no spaces, no port)"
         )
     # DNS names are case-insensitive; one spelling keeps the duplicate check honest.
-    return value.lower()
+    value = value.lower()
+    if netpolicy.literal_address(value) is None:
+        if ":" in value or "[" in value or "]" in value:
+            raise ValueError("is neither a host name nor an IP address")
+        if any(not 1 <= len(label) <= 63 for label in value.removesuffix(".").split(".")):
+            raise ValueError(
+                "each dot-separated part of a host name must be 1 to 63 characters long"
+            )
+    _allowed(netpolicy.address_refusal(value))
+    return value
+
+
+def _allowed(refusal: str | None) -> None:
+    if refusal is not None:
+        raise ValueError(refusal)
+
+
+def _url(value: AnyHttpUrl) -> AnyHttpUrl:
+    _allowed(netpolicy.url_refusal(str(value)))
+    return value
+
+
+def _token_url(value: AnyHttpUrl) -> AnyHttpUrl:
+    _allowed(netpolicy.url_refusal(str(value), https=True))
+    return value
 
 
 def _interval(value: int) -> int:
@@ -68,23 +101,49 @@ def _folders(value: list[str]) -> list[str]:
 def _secret(value: SecretStr) -> SecretStr:
     if not value.get_secret_value().strip(" \t\r\n"):
         raise ValueError("must not be empty")
+    # Never the character or its position: the value is a secret.
+    _no_control(value.get_secret_value())
     return value
 
 
-def _no_nul(value: str) -> str:
-    # PostgreSQL text cannot hold NUL; refuse it here instead of failing at insert.
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
+def _password(value: SecretStr) -> SecretStr:
+    if not _PRINTABLE_ASCII.match(value.get_secret_value()):
+        raise ValueError("must be printable ASCII (IMAP LOGIN cannot send other characters)")
+    return value
+
+
+def _no_control(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters (CR, LF, NUL, tab and the like)")
+    return value
+
+
+def _ascii(value: str) -> str:
+    if not _PRINTABLE_ASCII.match(value):
+        raise ValueError("must be printable ASCII (IMAP LOGIN cannot send other characters)")
     return value
 
 
 # The patterns repeat the validators in the schema, so clients (and the fuzzer) know them.
-_NO_NUL = "^[^\\u0000]*$"
+_NO_CONTROL = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+_ASCII_PATTERN = "^[ -~]*$"
+# No control character, and at least one that is not a space.
+_NON_BLANK_NO_CONTROL = (
+    "^[^\\u0000-\\u001f\\u007f-\\u009f]*[^\\u0000-\\u0020\\u007f-\\u009f]"
+    "[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+)
 Text = Annotated[
     str,
     StringConstraints(min_length=1, max_length=320),
-    AfterValidator(_no_nul),
-    Field(json_schema_extra={"pattern": _NO_NUL}),
+    AfterValidator(_no_control),
+    Field(json_schema_extra={"pattern": _NO_CONTROL}),
+]
+Username = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=320),
+    AfterValidator(_no_control),
+    AfterValidator(_ascii),
+    Field(json_schema_extra={"pattern": _ASCII_PATTERN}),
 ]
 Email = Annotated[
     str,
@@ -113,8 +172,8 @@ Priority = Annotated[
 Folder = Annotated[
     str,
     StringConstraints(min_length=1, max_length=1024),
-    AfterValidator(_no_nul),
-    Field(json_schema_extra={"pattern": _NO_NUL}),
+    AfterValidator(_no_control),
+    Field(json_schema_extra={"pattern": _NO_CONTROL}),
 ]
 Folders = Annotated[
     list[Folder],
@@ -123,10 +182,27 @@ Folders = Annotated[
 ]
 Secret = Annotated[
     SecretStr,
-    Field(min_length=1, max_length=8192, json_schema_extra={"pattern": "[^ \\t\\r\\n]"}),
+    Field(min_length=1, max_length=8192, json_schema_extra={"pattern": _NON_BLANK_NO_CONTROL}),
     AfterValidator(_secret),
 ]
-Url = Annotated[AnyHttpUrl, Field(description="http(s) URL")]
+Password = Annotated[
+    SecretStr,
+    Field(min_length=1, max_length=8192, json_schema_extra={"pattern": "^[ -~]*[!-~][ -~]*$"}),
+    AfterValidator(_secret),
+    AfterValidator(_password),
+]
+Url = Annotated[
+    AnyHttpUrl,
+    UrlConstraints(max_length=MAX_URL_LENGTH),
+    AfterValidator(_url),
+    Field(description="http(s) URL"),
+]
+TokenUrl = Annotated[
+    AnyHttpUrl,
+    UrlConstraints(max_length=MAX_URL_LENGTH),
+    AfterValidator(_token_url),
+    Field(description="https URL (http only in development and test)"),
+]
 
 
 _OAUTH2_EXAMPLE: JsonDict = {
@@ -151,7 +227,7 @@ class OAuth2Credentials(BaseModel):
     )
     client_id: Text | None = None
     client_secret: Secret | None = None
-    token_url: Url | None = None
+    token_url: TokenUrl | None = None
 
     @model_validator(mode="after")
     def _refreshable(self) -> OAuth2Credentials:
@@ -246,8 +322,8 @@ class AccountCreate(_InitialSyncFields):
     imap_host: Host
     imap_port: Port = 993
     imap_security: ImapSecurity = ImapSecurity.SSL
-    username: Text
-    password: Secret | None = None
+    username: Username
+    password: Password | None = None
     oauth2: OAuth2Credentials | None = None
     folders: Folders = Field(default_factory=lambda: ["INBOX"])
     poll_interval_seconds: Interval | None = Field(
@@ -292,8 +368,8 @@ class AccountUpdate(_InitialSyncFields):
     imap_host: Host | None = None
     imap_port: Port | None = None
     imap_security: ImapSecurity | None = None
-    username: Text | None = None
-    password: Secret | None = None
+    username: Username | None = None
+    password: Password | None = None
     oauth2: OAuth2Credentials | None = None
     folders: Folders | None = None
     poll_interval_seconds: Interval | None = None
@@ -310,6 +386,10 @@ class AccountUpdate(_InitialSyncFields):
             if getattr(self, name) is None:
                 raise ValueError(f"{name} cannot be null")
         return self
+
+
+# Userinfo in a webhook URL (basic auth for the receiver) is a secret: never returned.
+RedactedUrl = Annotated[str, AfterValidator(netpolicy.redact_userinfo)]
 
 
 class AccountRead(BaseModel):
@@ -331,7 +411,7 @@ class AccountRead(BaseModel):
     initial_sync: str
     initial_sync_count: int | None
     initial_sync_since: date | None
-    webhook_url: str | None
+    webhook_url: RedactedUrl | None
     status: AccountStatus
     last_polled_at: datetime | None
     last_success_at: datetime | None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, status
+from fastapi import APIRouter, Path, Query, Request, status
 from fastapi.responses import JSONResponse
 
 from backend.admin import service
@@ -98,8 +98,10 @@ def retry_task(task_id: TaskId, session: SessionDep) -> RetryRead:
     response_model=HealthRead,
     responses={503: {"model": HealthRead, "description": "the database is unreachable"}},
 )
-def health() -> JSONResponse:
+def health(request: Request) -> JSONResponse:
     """healthy: everything answers; degraded (200): Redis, the workers or storage do not;
-    unhealthy (503): the database does not."""
-    result, ok = service.health()
+    unhealthy (503): the database does not. Checked at most every HEALTH_CACHE_SECONDS;
+    a failure says what failed, the log says why."""
+    cache: service.HealthCache = request.app.state.health
+    result, ok = cache.get()
     return JSONResponse(result.model_dump(), status_code=200 if ok else 503)
