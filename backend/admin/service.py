@@ -19,11 +19,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
-from sqlalchemy import select, text
+from sqlalchemy import ColumnElement, Integer, case, cast, func, select, text
 from sqlalchemy.orm import Session
 
 from backend.admin.redis_client import ensure_redis, redis_client, redis_location
 from backend.admin.schemas import (
+    ActivityBucket,
+    ActivityRead,
     CapacityRead,
     HealthRead,
     PollRunRead,
@@ -287,6 +289,53 @@ def retry_task(session: Session, task_id: str) -> RetryRead:
     require_scheduler()
     new_id = schedules.enqueue_poll(account.id)
     return RetryRead(task_id=new_id, retry_of=task_id, account_id=account.id)
+
+
+# -- activity ----------------------------------------------------------------------------
+
+ACTIVITY_BUCKETS = 30
+FAILED_OUTCOMES = ("auth_error", "connection_error", "protocol_error", "internal_error")
+
+
+def activity(session: Session, *, minutes: int) -> ActivityRead:
+    """Poll runs of the last `minutes` in ACTIVITY_BUCKETS buckets, counted in SQL so a
+    busy day stays one cheap query."""
+    bucket_seconds = max(1, minutes * 60 // ACTIVITY_BUCKETS)
+    now = utcnow()
+    start = now - timedelta(seconds=bucket_seconds * ACTIVITY_BUCKETS)
+    index = cast(
+        func.floor((_epoch(session, PollRun.started_at) - start.timestamp()) / bucket_seconds),
+        Integer,
+    ).label("bucket")
+    rows = session.execute(
+        select(
+            index,
+            func.count(),
+            func.sum(case((PollRun.outcome.in_(FAILED_OUTCOMES), 1), else_=0)),
+            func.sum(PollRun.messages_count),
+        )
+        .where(PollRun.started_at >= start)
+        .group_by(index)
+    ).all()
+    counts = {int(row[0]): row for row in rows}
+    buckets = []
+    for number in range(ACTIVITY_BUCKETS):
+        row = counts.get(number)
+        buckets.append(
+            ActivityBucket(
+                start=start + timedelta(seconds=number * bucket_seconds),
+                polls=int(row[1]) if row else 0,
+                failed=int(row[2] or 0) if row else 0,
+                messages=int(row[3] or 0) if row else 0,
+            )
+        )
+    return ActivityRead(bucket_seconds=bucket_seconds, buckets=buckets)
+
+
+def _epoch(session: Session, column: Any) -> ColumnElement[Any]:
+    if session.get_bind().dialect.name == "sqlite":
+        return cast(func.strftime("%s", column), Integer)
+    return func.extract("epoch", column)
 
 
 # -- health ------------------------------------------------------------------------------

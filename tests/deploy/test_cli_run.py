@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,13 @@ import httpx
 import pytest
 from cryptography.fernet import Fernet
 
-from backend.cli import stack_commands
+from backend.cli import main, stack_commands
 from tests.deploy.files import DESIGN_COMMANDS, ROOT
 from tests.deploy.stack import Api, account_body, email, wait_until
 from tests.support.dovecot import Dovecot
 from tests.support.net import free_port, wait_for_port
 from tests.support.redis_db import RedisDb
+from tests.webhooks.receiver import SECRET, Receiver
 
 
 @dataclass
@@ -85,12 +87,24 @@ def test_without_redis_it_serves_the_api_and_polls_in_process(
     tmp_path: Path, dovecot: Dovecot
 ) -> None:
     closed = f"redis://127.0.0.1:{free_port()}/0"
-    with cli_run(tmp_path, REDIS_URL=closed) as run:
-        health = httpx.get(run.url + "/health", timeout=30)
-        token = _env_file(tmp_path / ".env")["ADMIN_API_TOKEN"]
-        unauthorized = httpx.get(run.url + "/accounts", timeout=30)
-        subjects = _ingests_mail(Api(run.url, token), dovecot)
+    receiver = Receiver()
+    receiver.up()
+    try:
+        with cli_run(
+            tmp_path, REDIS_URL=closed, WEBHOOK_URL=receiver.url, WEBHOOK_SECRET=SECRET
+        ) as run:
+            health = httpx.get(run.url + "/health", timeout=30)
+            token = _env_file(tmp_path / ".env")["ADMIN_API_TOKEN"]
+            unauthorized = httpx.get(run.url + "/accounts", timeout=30)
+            subjects = _ingests_mail(Api(run.url, token), dovecot)
+            wait_until("the webhook", lambda: len(receiver.delivered()) == 2, 60)
+    finally:
+        receiver.down()
     output = run.output()
+
+    # PUBLIC_BASE_URL is unset (.env leaves it empty): links follow the port served.
+    links = [r.json()["data"]["message"]["raw_url"] for r in receiver.delivered()]
+    assert all(link.startswith(f"{run.url}/messages/") for link in links), links
 
     assert health.status_code == 200, health.text
     assert health.json()["checks"]["database"] == "ok"
@@ -167,3 +181,39 @@ def _children(pid: int) -> set[int]:
         if int(fields[1]) == pid:
             children.add(int(stat.parent.name))
     return children
+
+
+def test_a_busy_port_is_named_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as stopped:
+            main(["run", "--port", str(port)])
+    message = str(stopped.value.code)
+    assert f"cannot serve on 127.0.0.1:{port}: Address already in use" in message
+    assert f"RUN_ARGS='--port {port + 1}'" in message
+    # It stopped first: no .env written, no migration, no child process.
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_database_is_named_with_the_command_that_creates_it(
+    set_env: Callable[..., None], database_url: str
+) -> None:
+    missing = f"mailbeat_missing_{uuid.uuid4().hex[:8]}"
+    set_env(DATABASE_URL=database_url.rsplit("/", 1)[0] + f"/{missing}")
+    with pytest.raises(SystemExit) as stopped:
+        main(["migrate"])
+    message = str(stopped.value.code)
+    assert message.startswith(f'mailbeat: PostgreSQL at 127.0.0.1:5432 has no database "{missing}"')
+    assert f"createdb -h 127.0.0.1 -p 5432 -U postgres {missing}" in message
+    assert "Traceback" not in message and len(message.splitlines()) <= 4
+
+    set_env(DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/mailbeat")
+    with pytest.raises(SystemExit) as refused:
+        main(["migrate"])
+    assert "does not answer" in str(refused.value.code)
+    assert "Start PostgreSQL" in str(refused.value.code)
