@@ -157,19 +157,22 @@ def busy_port(host: str, port: int) -> str | None:
     return None
 
 
-def run(host: str, port: int) -> None:
-    """`make run`: a working service from a fresh checkout."""
+def run(host: str, port: int, flower_port: int | None = None) -> None:
+    """`make run`: a working service from a fresh checkout; with `flower_port`, Flower
+    too (Celery mode only)."""
     from backend.db import reset_caches
     from backend.envfile import ensure_env_file
 
     # Before anything starts: a busy port used to show only after beat and the worker ran.
-    problem = busy_port(host, port)
-    if problem is not None:
-        raise SystemExit(
-            f"mailbeat: cannot serve on {host}:{port}: {problem}. Stop what listens there "
-            f"(e.g. `ss -ltnp 'sport = :{port}'`), or choose another port: "
-            f"make run RUN_ARGS='--port {port + 1}'"
-        )
+    for what, wanted in (("serve", port), ("start Flower", flower_port)):
+        problem = None if wanted is None else busy_port(host, wanted)
+        if wanted is not None and problem is not None:
+            option = "--port" if wanted == port else "--flower-port"
+            raise SystemExit(
+                f"mailbeat: cannot {what} on {host}:{wanted}: {problem}. Stop what listens "
+                f"there (e.g. `ss -ltnp 'sport = :{wanted}'`), or choose another port: "
+                f"make run RUN_ARGS='{option} {wanted + 1}'"
+            )
     if ensure_env_file(ENV_FILE):
         log.info("wrote %s with a generated admin token and encryption key", ENV_FILE.resolve())
         reset_caches()
@@ -180,17 +183,39 @@ def run(host: str, port: int) -> None:
     settings = get_settings()
     migrate()
     if use_celery():
-        print(banner(settings, host, port, "API, Celery beat and a worker on Redis"), flush=True)
-        sys.exit(supervise(stack_commands(host, port)))
+        commands = stack_commands(host, port)
+        mode = "API, Celery beat and a worker on Redis"
+        if flower_port is not None:
+            commands["flower"] = flower_command(host, flower_port)
+            mode += f"; Flower on {served_url(host, flower_port)}"
+            if settings.flower_basic_auth is not None:
+                # Flower reads its login from the environment, as in compose.
+                os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()
+        print(banner(settings, host, port, mode), flush=True)
+        sys.exit(supervise(commands))
     import uvicorn
 
-    print(
-        banner(settings, host, port, "local mode: no Redis answers, polls run in the API process"),
-        flush=True,
-    )
+    mode = "local mode: no Redis answers, polls run in the API process"
+    if flower_port is not None:
+        mode += " (no Flower: it shows Celery, which local mode does not use)"
+    print(banner(settings, host, port, mode), flush=True)
     # uvicorn shuts down cleanly, then re-raises Ctrl-C; a traceback would only alarm.
     with contextlib.suppress(KeyboardInterrupt):
         uvicorn.run("backend.main:app", host=host, port=port)
+
+
+def flower_command(host: str, port: int) -> list[str]:
+    """compose's flower command, on this host's address."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "backend.celery_app",
+        "flower",
+        f"--port={port}",
+        f"--address={host}",
+    ]
 
 
 def poll(account_id: int) -> int:
@@ -226,6 +251,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     run_parser.add_argument("--host", default="127.0.0.1")
     run_parser.add_argument("--port", type=int, default=8000)
+    run_parser.add_argument(
+        "--flower", action="store_true", help="start Flower too (with Redis), on --flower-port"
+    )
+    run_parser.add_argument("--flower-port", type=int, default=5555)
     sub.add_parser("migrate", help="alembic upgrade head")
     poll_parser = sub.add_parser("poll", help="poll one account now, without Celery")
     poll_parser.add_argument("account_id", type=int)
@@ -238,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         if args.command == "run":
-            run(args.host, args.port)
+            run(args.host, args.port, args.flower_port if args.flower else None)
         elif args.command == "migrate":
             migrate()
         elif args.command == "poll":

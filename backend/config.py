@@ -125,6 +125,8 @@ class Settings(BaseSettings):
     # Metrics: prometheus-client multiprocess files, shared by the API and the workers on
     # one host (a shared volume in compose) so /metrics shows every process's numbers.
     prometheus_multiproc_dir: Path | None = None  # defaults to data_dir / "prometheus"
+    # Flower's login (`user:password`), for compose and `make run FLOWER=1`.
+    flower_basic_auth: SecretStr | None = None
     # Bound on each /health check and on Celery's inspect broadcasts.
     health_check_timeout_seconds: float = 2.0
     # /health answers from its last result for this long (it needs no token).

@@ -44,14 +44,14 @@ class Run:
 
 
 @contextmanager
-def cli_run(cwd: Path, **env: str) -> Iterator[Run]:
+def cli_run(cwd: Path, *args: str, **env: str) -> Iterator[Run]:
     """`python -m backend.cli run` in `cwd` with only what a shell on a new laptop has
     (none of the test bed's settings); Ctrl-C (SIGINT) on the way out."""
     port = free_port()
     log_path = cwd / "run.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "backend.cli", "run", "--port", str(port)],
+            [sys.executable, "-m", "backend.cli", "run", "--port", str(port), *args],
             cwd=cwd,
             env={"PATH": os.environ["PATH"], "HOME": str(cwd), "PYTHONPATH": str(ROOT), **env},
             stdout=log,
@@ -128,9 +128,16 @@ def test_without_redis_it_serves_the_api_and_polls_in_process(
 def test_with_redis_it_runs_api_beat_and_a_worker_and_stops_them_together(
     tmp_path: Path, redis_db: RedisDb, dovecot: Dovecot
 ) -> None:
-    with cli_run(tmp_path, REDIS_URL=redis_db.url) as run:
+    flower_port = free_port()
+    flower = ("--flower", "--flower-port", str(flower_port))
+    with cli_run(tmp_path, *flower, REDIS_URL=redis_db.url) as run:
         children = _children(run.process.pid)
         api = Api(run.url, _env_file(tmp_path / ".env")["ADMIN_API_TOKEN"])
+        wait_for_port(flower_port, timeout=120)
+        user, password = _env_file(tmp_path / ".env")["FLOWER_BASIC_AUTH"].split(":", 1)
+        flower_url = f"http://127.0.0.1:{flower_port}/api/workers"
+        flower_anonymous = httpx.get(flower_url, timeout=30)
+        flower_workers = httpx.get(flower_url, auth=(user, password), timeout=30)
 
         def worker_seen() -> dict[str, str] | None:
             checks: dict[str, str] = api("GET", "/health").json()["checks"]
@@ -144,8 +151,12 @@ def test_with_redis_it_runs_api_beat_and_a_worker_and_stops_them_together(
     assert checks["redis"] == "ok"
     assert len(subjects) == 2
     assert "API, Celery beat and a worker" in output
-    # Ctrl-C stopped all three children, not just the parent.
-    assert len(children) == 3, output
+    assert f"Flower on http://127.0.0.1:{flower_port}" in output
+    # Flower asks for the login .env holds, as in compose.
+    assert flower_anonymous.status_code == 401
+    assert flower_workers.status_code == 200, flower_workers.text
+    # Ctrl-C stopped all four children, not just the parent.
+    assert len(children) == 4, output
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], output
     assert run.code == 0, output
 
@@ -193,9 +204,14 @@ def test_a_busy_port_is_named_before_anything_starts(
         port = taken.getsockname()[1]
         with pytest.raises(SystemExit) as stopped:
             main(["run", "--port", str(port)])
+        with pytest.raises(SystemExit) as flower_stopped:
+            main(["run", "--port", str(free_port()), "--flower", "--flower-port", str(port)])
     message = str(stopped.value.code)
     assert f"cannot serve on 127.0.0.1:{port}: Address already in use" in message
     assert f"RUN_ARGS='--port {port + 1}'" in message
+    message = str(flower_stopped.value.code)
+    assert f"cannot start Flower on 127.0.0.1:{port}: Address already in use" in message
+    assert f"RUN_ARGS='--flower-port {port + 1}'" in message
     # It stopped first: no .env written, no migration, no child process.
     assert list(tmp_path.iterdir()) == []
 
