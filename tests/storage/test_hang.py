@@ -18,9 +18,9 @@ from backend.models import Message
 from backend.storage import service
 from backend.storage.base import message_key
 from backend.storage.tasks import sync_all
-from tests.storage.support import Outage, make_account
+from tests.storage.support import make_account
 from tests.support.net import free_port
-from tests.support.s3 import MotoS3
+from tests.support.s3 import MotoS3, Outage
 
 ROOT = Path(__file__).resolve().parents[2]
 # A second process (another worker) writing while S3 hangs.
