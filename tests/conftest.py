@@ -171,7 +171,7 @@ def mail_account(db: Session, dovecot: Dovecot, mail_user: tuple[str, str]) -> M
     """Accounts for `mail_user`'s mailbox on the Dovecot fixture: mail_account(**columns)."""
 
     def make(**overrides: Any) -> Account:
-        return make_account(db, dovecot, username=mail_user[0], **overrides)
+        return make_account(db, dovecot, **{"username": mail_user[0], **overrides})
 
     return make
 
