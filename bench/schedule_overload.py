@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 
@@ -106,7 +106,7 @@ def main() -> None:
                     PollRun.finished_at >= warm, PollRun.finished_at <= ended_at
                 )
             )
-            last_polls = dict(
+            last_polls: dict[int, datetime] = dict(
                 session.execute(
                     select(PollRun.account_id, func.max(PollRun.finished_at))
                     .where(PollRun.finished_at.is_not(None))
