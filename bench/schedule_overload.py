@@ -106,13 +106,15 @@ def main() -> None:
                     PollRun.finished_at >= warm, PollRun.finished_at <= ended_at
                 )
             )
-            last_polls: dict[int, datetime] = dict(
-                session.execute(
+            last_polls: dict[int, datetime] = {
+                account_id: finished
+                for account_id, finished in session.execute(
                     select(PollRun.account_id, func.max(PollRun.finished_at))
                     .where(PollRun.finished_at.is_not(None))
                     .group_by(PollRun.account_id)
-                ).all()
-            )
+                )
+                if finished is not None
+            }
             outcomes = dict(
                 session.execute(
                     select(PollRun.outcome, func.count()).group_by(PollRun.outcome)
