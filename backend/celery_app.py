@@ -6,10 +6,13 @@ Settings follow DESIGN.md's settled choices; each comment says what goes wrong w
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from celery import Celery
 from celery.signals import after_setup_logger
+from kombu.connection import Connection
 from kombu.entity import Queue
 
 from backend.config import get_settings
@@ -129,6 +132,21 @@ app.conf.update(
         "backend.schedules.tasks",
     ),
 )
+
+
+@contextmanager
+def broker_connection(timeout: float) -> Iterator[Connection]:
+    """A connection from the shared broker pool, waiting at most `timeout` seconds for one
+    (kombu's default is to wait forever), for control commands (inspect, ping)."""
+    # Control commands then publish on this connection. Through the producer pool they
+    # would take a second pool connection with no timeout, and callers holding one each
+    # would wait for each other forever once the pool is exhausted.
+    app.control.mailbox.producer_pool = None
+    connection = app.pool.acquire(block=True, timeout=timeout)
+    try:
+        yield connection
+    finally:
+        connection.release()
 
 
 @after_setup_logger.connect

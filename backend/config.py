@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 log = logging.getLogger(__name__)
 
 DEFAULT_DATA_DIR = Path("data")
+DEFAULT_PUBLIC_BASE_URL = "http://127.0.0.1:8000"
 
 
 class UnsafeSettingsError(RuntimeError):
@@ -48,6 +49,18 @@ class Settings(BaseSettings):
     # encrypts, all decrypt, which is how a key is rotated (see backend/crypto.py).
     admin_api_token: SecretStr | None = None
     encryption_key: SecretStr | None = None
+
+    # The admin API's own exposure. A request body over this many bytes is a 413.
+    max_request_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    # /docs, /redoc and /openapi.json without a token; unset: yes, except in production.
+    api_docs_public: bool | None = None
+
+    # Outbound connections (IMAP servers, webhook receivers, OAuth token URLs) are named by
+    # API callers. Unset: loopback, link-local, private, multicast and reserved addresses
+    # are refused in production and allowed elsewhere. OUTBOUND_ALLOWLIST names internal
+    # hosts and networks allowed anyway: comma-separated CIDRs and host names.
+    outbound_allow_private: bool | None = None
+    outbound_allowlist: str = ""
 
     # Object storage (S3 / Aliyun OSS / MinIO). Unset bucket means local files only.
     s3_endpoint_url: str | None = None
@@ -103,13 +116,18 @@ class Settings(BaseSettings):
     # How often work whose task was lost (Redis flushed, a worker killed) is picked up:
     # messages never processed, deliveries past due.
     processing_sweep_interval_seconds: int = Field(default=300, ge=10)
-    public_base_url: str = "http://127.0.0.1:8000"
+    # Unset: `cli run` sets it to the address it serves on, for the processes it starts.
+    public_base_url: str = DEFAULT_PUBLIC_BASE_URL
 
     # Metrics: prometheus-client multiprocess files, shared by the API and the workers on
     # one host (a shared volume in compose) so /metrics shows every process's numbers.
     prometheus_multiproc_dir: Path | None = None  # defaults to data_dir / "prometheus"
+    # Flower's login (`user:password`), for compose and `make run FLOWER=1`.
+    flower_basic_auth: SecretStr | None = None
     # Bound on each /health check and on Celery's inspect broadcasts.
     health_check_timeout_seconds: float = 2.0
+    # /health answers from its last result for this long (it needs no token).
+    health_cache_seconds: float = Field(default=2.0, ge=0)
     celery_inspect_timeout_seconds: float = 1.0
 
     @model_validator(mode="after")
@@ -131,6 +149,20 @@ class Settings(BaseSettings):
                 "print(Fernet.generate_key().decode())')"
             )
         return self
+
+    @property
+    def production(self) -> bool:
+        return self.environment == "production"
+
+    @property
+    def docs_public(self) -> bool:
+        return not self.production if self.api_docs_public is None else self.api_docs_public
+
+    @property
+    def private_networks_allowed(self) -> bool:
+        if self.outbound_allow_private is None:
+            return not self.production
+        return self.outbound_allow_private
 
     @property
     def effective_redbeat_redis_url(self) -> str:

@@ -31,6 +31,11 @@ def get_session() -> Iterator[Session]:
 
 
 def require_admin_token(authorization: Annotated[str | None, Header()] = None) -> None:
+    check_token(authorization)
+
+
+def check_token(authorization: str | None) -> None:
+    """Raises Unauthorized unless `authorization` is `Bearer <ADMIN_API_TOKEN>`."""
     expected = get_settings().admin_token()
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token:

@@ -4,10 +4,12 @@ must match what the schema promises (status codes, content types, bodies)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from sqlalchemy.orm import Session
@@ -16,10 +18,16 @@ from backend.main import create_app
 from backend.models import Attachment, Message, PollRun
 from backend.storage import service as storage
 from backend.storage.base import message_key
-from tests.support.api import auth_headers, insert_account
+from tests.support.api import account_payload, auth_headers, insert_account
 from tests.support.net import free_port
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", create_app())
+# Data that breaks the schema, for the routes that take account data and folder names:
+# control characters, over-long URLs and host names, wrong types.
+negative = schemathesis.openapi.from_asgi("/openapi.json", create_app()).include(
+    path_regex=r"^/accounts(/\{account_id\}(/backfill)?)?$", method=["POST", "PATCH"]
+)
+negative.config.generation.update(modes=[GenerationMode.NEGATIVE])
 
 FUZZ_SETTINGS = settings(
     max_examples=25,
@@ -101,3 +109,56 @@ def test_api_never_fails_on_existing_objects(
     params = case.path_parameters or {}
     case.path_parameters = {name: existing.get(name, value) for name, value in params.items()}
     call_and_validate(case)
+
+
+@negative.parametrize()
+@FUZZ_SETTINGS
+def test_api_refuses_what_the_schema_refuses_without_failing(
+    case: schemathesis.Case,  # type: ignore[type-arg]
+    existing: dict[str, object],
+) -> None:
+    params = case.path_parameters or {}
+    case.path_parameters = {name: existing.get(name, value) for name, value in params.items()}
+    response = case.call(headers=auth_headers())
+    # As above: a 502 from the (closed) IMAP server of a backfill is an answer.
+    assert response.status_code not in (500, 501, 504), response.text
+    if response.status_code >= 400:
+        assert {"error", "detail"} <= set(response.json())
+
+
+# The inputs a probe of the service found to be 500s or to reach the IMAP server.
+HOSTILE: list[dict[str, Any]] = [
+    {"webhook_url": "https://hooks.example.com/" + "a" * 2100},
+    {"imap_host": "a" * 64 + ".example.com"},
+    {"username": "zoë"},
+    {"password": "pässwörd"},
+    {"username": "me\r\nA1 CREATE injected"},
+    {"password": "pw\r\nA1 CREATE injected"},
+    {"folders": ["INBOX\r\nA1 DELETE INBOX"]},
+    {"folders": ["INBOX\x85"]},
+    {"imap_host": "169.254.169.254"},
+    {"password": None, "oauth2": {"access_token": "a\nb"}},
+]
+
+
+@pytest.mark.parametrize("fields", HOSTILE)
+@pytest.mark.parametrize("environment", ["test", "production"])
+def test_hostile_account_data_is_a_4xx(
+    fields: dict[str, Any],
+    environment: str,
+    existing: dict[str, object],
+    set_env: Callable[..., None],
+) -> None:
+    set_env(ENVIRONMENT=environment)
+    create = schema["/accounts"]["POST"].Case(body=account_payload(**fields))
+    update = schema["/accounts/{account_id}"]["PATCH"].Case(
+        body=fields, path_parameters={"account_id": existing["account_id"]}
+    )
+    for case in (create, update):
+        response = case.call(headers=auth_headers())
+        # Where the policy allows the address (outside production), it is a fine host.
+        if fields == {"imap_host": "169.254.169.254"} and environment == "test":
+            assert response.status_code in (200, 201), response.text
+            continue
+        assert response.status_code == 422, response.text
+        case.validate_response(response, excluded_checks=[positive_data_acceptance])

@@ -15,10 +15,13 @@ from pydantic import (
     Field,
     SecretStr,
     StringConstraints,
+    UrlConstraints,
+    field_validator,
     model_validator,
 )
 from pydantic.config import JsonDict
 
+from backend import netpolicy
 from backend.config import get_settings
 from backend.models.enums import AccountStatus, AuthMethod, ImapSecurity, InitialSync, SchedulerMode
 
@@ -26,6 +29,13 @@ from backend.models.enums import AccountStatus, AuthMethod, ImapSecurity, Initia
 # NUL too: PostgreSQL text cannot hold it.
 _EMAIL = re.compile(r"^[^@ \t\r\n\x00]+@[^@ \t\r\n\x00]+$")
 _HOST = re.compile(r"^[A-Za-z0-9.\-:\[\]_]+$")
+# C0 and C1 control characters and DEL. A CR or LF in a value sent to an IMAP server ends
+# the command and starts the next one (command injection); PostgreSQL cannot store NUL.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# IMAP LOGIN sends only ASCII; other characters are refused here rather than by the
+# server (or, before, with the offending character in a 500).
+_PRINTABLE_ASCII = re.compile(r"^[ -~]*$")
+MAX_URL_LENGTH = 2048  # the webhook_url columns
 
 
 def _email(value: str) -> str:
@@ -41,7 +51,31 @@ def _host(value: str) -> str:
             "no spaces, no port)"
         )
     # DNS names are case-insensitive; one spelling keeps the duplicate check honest.
-    return value.lower()
+    value = value.lower()
+    if netpolicy.literal_address(value) is None:
+        if ":" in value or "[" in value or "]" in value:
+            raise ValueError("is neither a host name nor an IP address")
+        if any(not 1 <= len(label) <= 63 for label in value.removesuffix(".").split(".")):
+            raise ValueError(
+                "each dot-separated part of a host name must be 1 to 63 characters long"
+            )
+    _allowed(netpolicy.address_refusal(value))
+    return value
+
+
+def _allowed(refusal: str | None) -> None:
+    if refusal is not None:
+        raise ValueError(refusal)
+
+
+def _url(value: AnyHttpUrl) -> AnyHttpUrl:
+    _allowed(netpolicy.url_refusal(str(value)))
+    return value
+
+
+def _token_url(value: AnyHttpUrl) -> AnyHttpUrl:
+    _allowed(netpolicy.url_refusal(str(value), https=True))
+    return value
 
 
 def _interval(value: int) -> int:
@@ -68,23 +102,49 @@ def _folders(value: list[str]) -> list[str]:
 def _secret(value: SecretStr) -> SecretStr:
     if not value.get_secret_value().strip(" \t\r\n"):
         raise ValueError("must not be empty")
+    # Never the character or its position: the value is a secret.
+    _no_control(value.get_secret_value())
     return value
 
 
-def _no_nul(value: str) -> str:
-    # PostgreSQL text cannot hold NUL; refuse it here instead of failing at insert.
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
+def _password(value: SecretStr) -> SecretStr:
+    if not _PRINTABLE_ASCII.match(value.get_secret_value()):
+        raise ValueError("must be printable ASCII (IMAP LOGIN cannot send other characters)")
+    return value
+
+
+def _no_control(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters (CR, LF, NUL, tab and the like)")
+    return value
+
+
+def _ascii(value: str) -> str:
+    if not _PRINTABLE_ASCII.match(value):
+        raise ValueError("must be printable ASCII (IMAP LOGIN cannot send other characters)")
     return value
 
 
 # The patterns repeat the validators in the schema, so clients (and the fuzzer) know them.
-_NO_NUL = "^[^\\u0000]*$"
+_NO_CONTROL = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+_ASCII_PATTERN = "^[ -~]*$"
+# No control character, and at least one that is not a space.
+_NON_BLANK_NO_CONTROL = (
+    "^[^\\u0000-\\u001f\\u007f-\\u009f]*[^\\u0000-\\u0020\\u007f-\\u009f]"
+    "[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+)
 Text = Annotated[
     str,
     StringConstraints(min_length=1, max_length=320),
-    AfterValidator(_no_nul),
-    Field(json_schema_extra={"pattern": _NO_NUL}),
+    AfterValidator(_no_control),
+    Field(json_schema_extra={"pattern": _NO_CONTROL}),
+]
+Username = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=320),
+    AfterValidator(_no_control),
+    AfterValidator(_ascii),
+    Field(json_schema_extra={"pattern": _ASCII_PATTERN}),
 ]
 Email = Annotated[
     str,
@@ -113,8 +173,8 @@ Priority = Annotated[
 Folder = Annotated[
     str,
     StringConstraints(min_length=1, max_length=1024),
-    AfterValidator(_no_nul),
-    Field(json_schema_extra={"pattern": _NO_NUL}),
+    AfterValidator(_no_control),
+    Field(json_schema_extra={"pattern": _NO_CONTROL}),
 ]
 Folders = Annotated[
     list[Folder],
@@ -123,10 +183,27 @@ Folders = Annotated[
 ]
 Secret = Annotated[
     SecretStr,
-    Field(min_length=1, max_length=8192, json_schema_extra={"pattern": "[^ \\t\\r\\n]"}),
+    Field(min_length=1, max_length=8192, json_schema_extra={"pattern": _NON_BLANK_NO_CONTROL}),
     AfterValidator(_secret),
 ]
-Url = Annotated[AnyHttpUrl, Field(description="http(s) URL")]
+Password = Annotated[
+    SecretStr,
+    Field(min_length=1, max_length=8192, json_schema_extra={"pattern": "^[ -~]*[!-~][ -~]*$"}),
+    AfterValidator(_secret),
+    AfterValidator(_password),
+]
+Url = Annotated[
+    AnyHttpUrl,
+    UrlConstraints(max_length=MAX_URL_LENGTH),
+    AfterValidator(_url),
+    Field(description="http(s) URL"),
+]
+TokenUrl = Annotated[
+    AnyHttpUrl,
+    UrlConstraints(max_length=MAX_URL_LENGTH),
+    AfterValidator(_token_url),
+    Field(description="https URL (http only in development and test)"),
+]
 
 
 _OAUTH2_EXAMPLE: JsonDict = {
@@ -151,7 +228,15 @@ class OAuth2Credentials(BaseModel):
     )
     client_id: Text | None = None
     client_secret: Secret | None = None
-    token_url: Url | None = None
+    token_url: TokenUrl | None = None
+
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _date_time_text(cls, value: object) -> object:
+        # The schema promises an ISO 8601 string; pydantic alone would take epoch numbers.
+        if isinstance(value, int | float):
+            raise ValueError("must be an ISO 8601 date-time like '2030-01-01T00:00:00Z'")
+        return value
 
     @model_validator(mode="after")
     def _refreshable(self) -> OAuth2Credentials:
@@ -220,7 +305,42 @@ _CREATE_EXAMPLE: JsonDict = {
 }
 
 
-class AccountCreate(_InitialSyncFields):
+class AccountConnection(BaseModel):
+    """How to reach and log in to a mailbox: all that POST /accounts/test needs. Give
+    exactly one of `password` and `oauth2`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "imap_host": "imap.example.com",
+                    "imap_port": 993,
+                    "imap_security": "ssl",
+                    "username": "support@example.com",
+                    "password": "app-password",
+                    "folders": ["INBOX"],
+                }
+            ]
+        },
+    )
+
+    imap_host: Host
+    imap_port: Port = 993
+    imap_security: ImapSecurity = ImapSecurity.SSL
+    username: Username
+    password: Password | None = None
+    oauth2: OAuth2Credentials | None = None
+    folders: Folders = Field(default_factory=lambda: ["INBOX"])
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> AccountConnection:
+        if (self.password is None) == (self.oauth2 is None):
+            raise ValueError("give exactly one of 'password' and 'oauth2'")
+        return self
+
+
+class AccountCreate(_InitialSyncFields, AccountConnection):
     """A mailbox to poll. Give exactly one of `password` and `oauth2`."""
 
     model_config = ConfigDict(
@@ -243,13 +363,6 @@ class AccountCreate(_InitialSyncFields):
     )
 
     email: Email
-    imap_host: Host
-    imap_port: Port = 993
-    imap_security: ImapSecurity = ImapSecurity.SSL
-    username: Text
-    password: Secret | None = None
-    oauth2: OAuth2Credentials | None = None
-    folders: Folders = Field(default_factory=lambda: ["INBOX"])
     poll_interval_seconds: Interval | None = Field(
         default=None, description="seconds between polls (default DEFAULT_POLL_INTERVAL_SECONDS)"
     )
@@ -260,8 +373,6 @@ class AccountCreate(_InitialSyncFields):
 
     @model_validator(mode="after")
     def _consistent(self) -> AccountCreate:
-        if (self.password is None) == (self.oauth2 is None):
-            raise ValueError("give exactly one of 'password' and 'oauth2'")
         check_initial_sync(
             self.initial_sync or InitialSync.ALL, self.initial_sync_count, self.initial_sync_since
         )
@@ -292,8 +403,8 @@ class AccountUpdate(_InitialSyncFields):
     imap_host: Host | None = None
     imap_port: Port | None = None
     imap_security: ImapSecurity | None = None
-    username: Text | None = None
-    password: Secret | None = None
+    username: Username | None = None
+    password: Password | None = None
     oauth2: OAuth2Credentials | None = None
     folders: Folders | None = None
     poll_interval_seconds: Interval | None = None
@@ -310,6 +421,10 @@ class AccountUpdate(_InitialSyncFields):
             if getattr(self, name) is None:
                 raise ValueError(f"{name} cannot be null")
         return self
+
+
+# Userinfo in a webhook URL (basic auth for the receiver) is a secret: never returned.
+RedactedUrl = Annotated[str, AfterValidator(netpolicy.redact_userinfo)]
 
 
 class AccountRead(BaseModel):
@@ -331,7 +446,7 @@ class AccountRead(BaseModel):
     initial_sync: str
     initial_sync_count: int | None
     initial_sync_since: date | None
-    webhook_url: str | None
+    webhook_url: RedactedUrl | None
     status: AccountStatus
     last_polled_at: datetime | None
     last_success_at: datetime | None
@@ -371,3 +486,17 @@ class AccountCheckRead(BaseModel):
     stage: str | None
     detail: str
     folders: list[FolderCheckRead]
+
+
+class FolderRead(BaseModel):
+    """A configured folder and how far it is ingested. The cursor fields are null until
+    its first poll."""
+
+    name: str
+    uidvalidity: int | None
+    last_uid: int | None
+    updated_at: datetime | None
+
+
+class FolderList(BaseModel):
+    items: list[FolderRead]

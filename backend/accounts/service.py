@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from backend import crypto
 from backend.accounts.schemas import (
+    AccountConnection,
     AccountCreate,
     AccountUpdate,
     OAuth2Credentials,
@@ -24,7 +25,15 @@ from backend.accounts.schemas import (
 )
 from backend.config import get_settings
 from backend.errors import Conflict, NotFound, ValidationError
-from backend.models import Account, AccountCleanup, AccountStatus, AuthMethod, InitialSync
+from backend.models import (
+    Account,
+    AccountCleanup,
+    AccountStatus,
+    AuthMethod,
+    FolderCursor,
+    InitialSync,
+    PollRun,
+)
 from backend.schedules import service as schedules
 from backend.storage import service as storage
 from backend.storage.base import StorageError, account_prefix
@@ -64,6 +73,29 @@ def list_accounts(
     return list(items), total
 
 
+def list_poll_runs(
+    session: Session, account_id: int, *, limit: int, offset: int
+) -> tuple[list[PollRun], int]:
+    """An account's poll runs, newest first."""
+    get_account(session, account_id)
+    query = select(PollRun).where(PollRun.account_id == account_id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    items = session.scalars(query.order_by(PollRun.id.desc()).limit(limit).offset(offset)).all()
+    return list(items), total
+
+
+def folder_cursors(session: Session, account: Account) -> list[tuple[str, FolderCursor | None]]:
+    """Each configured folder with its cursor (None before its first poll), in the
+    account's order."""
+    cursors = {
+        cursor.folder: cursor
+        for cursor in session.scalars(
+            select(FolderCursor).where(FolderCursor.account_id == account.id)
+        )
+    }
+    return [(folder, cursors.get(folder)) for folder in account.folders or ["INBOX"]]
+
+
 def create_account(session: Session, data: AccountCreate) -> Account:
     _ensure_unique(session, data.imap_host, data.imap_port, data.username)
     auth_method, credentials = _credentials(data.password, data.oauth2)
@@ -100,6 +132,21 @@ def create_account(session: Session, data: AccountCreate) -> Account:
     return account
 
 
+def unsaved_account(data: AccountConnection) -> Account:
+    """An account that is never added to a session: what POST /accounts/test tries."""
+    auth_method, credentials = _credentials(data.password, data.oauth2)
+    return Account(
+        email=data.username,
+        imap_host=data.imap_host,
+        imap_port=data.imap_port,
+        imap_security=data.imap_security,
+        username=data.username,
+        auth_method=auth_method,
+        credentials_encrypted=crypto.encrypt_json(credentials),
+        folders=list(data.folders),
+    )
+
+
 def update_account(session: Session, account: Account, data: AccountUpdate) -> Account:
     given = data.model_fields_set
     changes: dict[str, Any] = {name: getattr(data, name) for name in PLAIN_FIELDS if name in given}
@@ -113,6 +160,7 @@ def update_account(session: Session, account: Account, data: AccountUpdate) -> A
     }
     if any(new_server[name] != getattr(account, name) for name in new_server):
         _ensure_unique(session, *new_server.values(), exclude_id=account.id)
+        _refuse_another_mailbox(session, account, **new_server)
 
     connection_changed = any(
         name in changes and changes[name] != getattr(account, name) for name in CONNECTION_FIELDS
@@ -232,6 +280,30 @@ def _ensure_unique(
     existing = session.scalar(query.limit(1))
     if existing is not None:
         raise Conflict(_duplicate_message(host, port, username, existing))
+
+
+def _refuse_another_mailbox(
+    session: Session, account: Account, *, imap_host: str, imap_port: int, username: str
+) -> None:
+    """An account that has taken mail stays with its mailbox. Its cursors (last UID per
+    folder) and messages belong to that mailbox: polling another with them would report
+    success and skip the other's mail for good, and the old messages would pass as the
+    new mailbox's. Before any mail was taken (a typo fixed), the change is fine. A host
+    differing only in case is the same server."""
+    same_host = imap_host.lower() == account.imap_host.lower()
+    if same_host and (imap_port, username) == (account.imap_port, account.username):
+        return
+    has_cursor = session.scalar(
+        select(FolderCursor.id).where(FolderCursor.account_id == account.id).limit(1)
+    )
+    if has_cursor is None and not account.message_count:
+        return
+    raise Conflict(
+        f"account {account.id} already holds mail of {account.username!r} on "
+        f"{account.imap_host}:{account.imap_port}; pointing it at {username!r} on "
+        f"{imap_host}:{imap_port} would mix two mailboxes. To poll that mailbox, create a "
+        "new account for it (POST /accounts), and delete this one if it is no longer wanted"
+    )
 
 
 def _duplicate_message(host: str, port: int, username: str, existing: int | None) -> str:

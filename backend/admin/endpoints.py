@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, status
+from fastapi import APIRouter, Path, Query, Request, status
 from fastapi.responses import JSONResponse
 
 from backend.admin import service
 from backend.admin.schemas import (
+    ActivityRead,
     CapacityRead,
     HealthRead,
     ReconcileRead,
@@ -93,13 +94,26 @@ def retry_task(task_id: TaskId, session: SessionDep) -> RetryRead:
     return service.retry_task(session, task_id)
 
 
+@router.get("/activity")
+def activity(
+    session: SessionDep,
+    minutes: Annotated[
+        int, Query(ge=30, le=10_080, description="how far back, in 30 buckets")
+    ] = 60,
+) -> ActivityRead:
+    """Polls, failed polls and messages over time, in 30 buckets."""
+    return service.activity(session, minutes=minutes)
+
+
 @health_router.get(
     "/health",
     response_model=HealthRead,
     responses={503: {"model": HealthRead, "description": "the database is unreachable"}},
 )
-def health() -> JSONResponse:
+def health(request: Request) -> JSONResponse:
     """healthy: everything answers; degraded (200): Redis, the workers or storage do not;
-    unhealthy (503): the database does not."""
-    result, ok = service.health()
+    unhealthy (503): the database does not. Checked at most every HEALTH_CACHE_SECONDS;
+    a failure says what failed, the log says why."""
+    cache: service.HealthCache = request.app.state.health
+    result, ok = cache.get()
     return JSONResponse(result.model_dump(), status_code=200 if ok else 503)

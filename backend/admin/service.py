@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -17,11 +19,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
-from sqlalchemy import select, text
+from sqlalchemy import ColumnElement, Integer, case, cast, func, select, text
 from sqlalchemy.orm import Session
 
 from backend.admin.redis_client import ensure_redis, redis_client, redis_location
 from backend.admin.schemas import (
+    ActivityBucket,
+    ActivityRead,
     CapacityRead,
     HealthRead,
     PollRunRead,
@@ -84,25 +88,30 @@ def list_schedule(*, limit: int, offset: int) -> ScheduleList:
 # -- Celery ------------------------------------------------------------------------------
 
 
-def _inspect(names: list[str] | None = None) -> Any:
-    from backend.celery_app import app
+def _inspect(command: str, *args: Any, names: list[str] | None = None) -> dict[str, Any]:
+    """Ask the workers (all, or `names`) and wait CELERY_INSPECT_TIMEOUT_SECONDS for their
+    replies, on a broker connection taken from the shared pool with a timeout."""
+    from backend.celery_app import app, broker_connection
 
-    timeout = get_settings().celery_inspect_timeout_seconds
-    if names is None:
-        return app.control.inspect(timeout=timeout)
-    # Asking known workers with a reply limit returns as soon as they all answered.
-    return app.control.inspect(timeout=timeout, destination=names, limit=len(names))
+    settings = get_settings()
+    with broker_connection(settings.health_check_timeout_seconds) as connection:
+        # Asking known workers with a reply limit returns as soon as they all answered.
+        inspect = app.control.inspect(
+            timeout=settings.celery_inspect_timeout_seconds,
+            connection=connection,
+            destination=names,
+            limit=None if names is None else len(names),
+        )
+        return dict(getattr(inspect, command)(*args) or {})
 
 
 def _worker_names() -> list[str]:
     """The workers that answer a ping within the inspect timeout."""
     ensure_redis(WORKERS)
     try:
-        replies = _inspect().ping() or {}
+        replies = _inspect("ping")
     except Exception as exc:
-        raise ServiceUnavailable(
-            f"{WORKERS} could not be asked ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise ServiceUnavailable(f"{WORKERS} could not be asked ({type(exc).__name__})") from exc
     return sorted(replies)
 
 
@@ -110,12 +119,9 @@ def _ask(names: list[str], command: str, *args: Any) -> dict[str, Any]:
     if not names:
         return {}
     try:
-        replies = getattr(_inspect(names), command)(*args)
+        return _inspect(command, *args, names=names)
     except Exception as exc:
-        raise ServiceUnavailable(
-            f"{WORKERS} could not be asked ({type(exc).__name__}: {exc})"
-        ) from exc
-    return dict(replies or {})
+        raise ServiceUnavailable(f"{WORKERS} could not be asked ({type(exc).__name__})") from exc
 
 
 def capacity(session: Session) -> CapacityRead:
@@ -285,6 +291,53 @@ def retry_task(session: Session, task_id: str) -> RetryRead:
     return RetryRead(task_id=new_id, retry_of=task_id, account_id=account.id)
 
 
+# -- activity ----------------------------------------------------------------------------
+
+ACTIVITY_BUCKETS = 30
+FAILED_OUTCOMES = ("auth_error", "connection_error", "protocol_error", "internal_error")
+
+
+def activity(session: Session, *, minutes: int) -> ActivityRead:
+    """Poll runs of the last `minutes` in ACTIVITY_BUCKETS buckets, counted in SQL so a
+    busy day stays one cheap query."""
+    bucket_seconds = max(1, minutes * 60 // ACTIVITY_BUCKETS)
+    now = utcnow()
+    start = now - timedelta(seconds=bucket_seconds * ACTIVITY_BUCKETS)
+    index = cast(
+        func.floor((_epoch(session, PollRun.started_at) - start.timestamp()) / bucket_seconds),
+        Integer,
+    ).label("bucket")
+    rows = session.execute(
+        select(
+            index,
+            func.count(),
+            func.sum(case((PollRun.outcome.in_(FAILED_OUTCOMES), 1), else_=0)),
+            func.sum(PollRun.messages_count),
+        )
+        .where(PollRun.started_at >= start)
+        .group_by(index)
+    ).all()
+    counts = {int(row[0]): row for row in rows}
+    buckets = []
+    for number in range(ACTIVITY_BUCKETS):
+        row = counts.get(number)
+        buckets.append(
+            ActivityBucket(
+                start=start + timedelta(seconds=number * bucket_seconds),
+                polls=int(row[1]) if row else 0,
+                failed=int(row[2] or 0) if row else 0,
+                messages=int(row[3] or 0) if row else 0,
+            )
+        )
+    return ActivityRead(bucket_seconds=bucket_seconds, buckets=buckets)
+
+
+def _epoch(session: Session, column: Any) -> ColumnElement[Any]:
+    if session.get_bind().dialect.name == "sqlite":
+        return cast(func.strftime("%s", column), Integer)
+    return func.extract("epoch", column)
+
+
 # -- health ------------------------------------------------------------------------------
 
 
@@ -312,22 +365,20 @@ def _check_redis() -> str:
 def _check_storage() -> str:
     ok, detail = storage.health()
     if not ok:
-        raise CheckFailed(detail)
+        log.warning("health: storage: %s", detail)
+        raise CheckFailed("object storage does not answer; writes go to local files")
     return "ok" if detail in ("", "ok") else f"ok: {detail}"
 
 
 def _check_workers() -> str:
-    from backend.celery_app import app
-
     try:
         _check_redis()
     except Exception as exc:
         # Celery would retry its connection for a long while; say why at once instead.
         raise CheckFailed("Redis does not answer, so no worker can be asked") from exc
-    timeout = get_settings().celery_inspect_timeout_seconds
-    replies = app.control.inspect(timeout=timeout).ping()
-    count = len(replies or {})
+    count = len(_inspect("ping"))
     if not count:
+        timeout = get_settings().celery_inspect_timeout_seconds
         raise CheckFailed(f"no worker answered a ping within {timeout:g}s")
     return f"ok ({count} worker{'s' if count != 1 else ''})"
 
@@ -347,11 +398,61 @@ def _check_polls() -> str:
     return "ok"
 
 
-def health() -> tuple[HealthRead, bool]:
+CHECK_NAMES = ("database", "redis", "celery_worker", "polls", "storage")
+
+
+class HealthCache:
+    """/health answers without a token, so a burst of it must cost no more than one
+    check: a result is reused for HEALTH_CACHE_SECONDS, and while a check runs the
+    other callers get the last result instead of starting (or queueing for) their own."""
+
+    def __init__(self) -> None:
+        self._running = threading.Lock()
+        self._last: tuple[HealthRead, bool] | None = None
+        self._at = 0.0
+
+    def _fresh(self) -> tuple[HealthRead, bool] | None:
+        if self._last is not None and time.monotonic() - self._at < _cache_seconds():
+            return self._last
+        return None
+
+    def get(self) -> tuple[HealthRead, bool]:
+        cached = self._fresh()
+        if cached is not None:
+            return cached
+        last = self._last
+        if last is not None:
+            acquired = self._running.acquire(blocking=False)
+        else:  # nothing to show yet: wait for the check in flight, as long as it may take
+            acquired = self._running.acquire(timeout=_checks_timeout() + 1)
+        if not acquired:
+            return last or _still_checking()
+        try:
+            result = self._fresh() or run_checks()
+            self._last, self._at = result, time.monotonic()
+            return result
+        finally:
+            self._running.release()
+
+
+def _cache_seconds() -> float:
+    return get_settings().health_cache_seconds
+
+
+def _checks_timeout() -> float:
+    settings = get_settings()
+    return settings.health_check_timeout_seconds + settings.celery_inspect_timeout_seconds
+
+
+def _still_checking() -> tuple[HealthRead, bool]:
+    checks = {name: "error: the check in progress has not finished" for name in CHECK_NAMES}
+    return HealthRead(status=HealthStatus.UNHEALTHY, checks=checks), False
+
+
+def run_checks() -> tuple[HealthRead, bool]:
     """Every check runs at once, each bounded by HEALTH_CHECK_TIMEOUT_SECONDS. The database
     down is unhealthy (503); anything else failing is degraded: the API still answers and
     the stored data is safe, but polling or storage needs attention."""
-    settings = get_settings()
     local = schedules.mode() == SchedulerMode.LOCAL
     checks: dict[str, Callable[[], str]] = {
         "database": _check_database,
@@ -361,7 +462,7 @@ def health() -> tuple[HealthRead, bool]:
         checks["redis"] = _check_redis
         checks["celery_worker"] = _check_workers
         checks["polls"] = _check_polls
-    timeout = settings.health_check_timeout_seconds + settings.celery_inspect_timeout_seconds
+    timeout = _checks_timeout()
     pool = ThreadPoolExecutor(max_workers=len(checks), thread_name_prefix="health")
     try:
         futures = {name: pool.submit(check) for name, check in checks.items()}
@@ -374,7 +475,7 @@ def health() -> tuple[HealthRead, bool]:
                 results[name] = f"error: no answer within {timeout:g}s"
                 failed.add(name)
             except Exception as exc:
-                results[name] = f"error: {_reason(exc)}"
+                results[name] = f"error: {_reason(name, exc)}"
                 failed.add(name)
     finally:
         # A hung check keeps its thread until its own socket timeout; nobody waits for it.
@@ -389,14 +490,15 @@ def health() -> tuple[HealthRead, bool]:
         status = HealthStatus.DEGRADED
     else:
         status = HealthStatus.HEALTHY
-    ordered = {
-        name: results[name] for name in ("database", "redis", "celery_worker", "polls", "storage")
-    }
+    ordered = {name: results[name] for name in CHECK_NAMES}
     return HealthRead(status=status, checks=ordered), status != HealthStatus.UNHEALTHY
 
 
-def _reason(exc: Exception) -> str:
+def _reason(name: str, exc: Exception) -> str:
+    """What an unauthenticated caller may see. A driver's message names hosts, ports and
+    roles (`connection to server at "db" (10.0.0.5), port 5432 failed: FATAL: role ...`),
+    so it goes to the log only."""
     if isinstance(exc, CheckFailed):
         return str(exc)
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {message}"[:300] if message else type(exc).__name__
+    log.warning("health: %s: %s: %s", name, type(exc).__name__, exc)
+    return "cannot connect"

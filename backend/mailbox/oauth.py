@@ -6,17 +6,22 @@ access token (and refresh token, when the provider rotates it) replace the store
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime
 from typing import Any
 
 import httpx
 
+from backend import netpolicy
 from backend.config import get_settings
 from backend.mailbox.imap import ImapAuthError, ImapConnectionError
 
 # Refresh this long before the stated expiry: a token must survive the whole login.
 EXPIRY_MARGIN_SECONDS = 60
+# An RFC 6749 error code (invalid_grant, ...): shown as the reason; anything else the
+# endpoint says is not repeated.
+_ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
 
 
 def expires_at_epoch(value: Any) -> float | None:
@@ -42,9 +47,8 @@ def needs_refresh(credentials: dict[str, Any], *, now: float | None = None) -> b
 
 def _client() -> httpx.Client:
     settings = get_settings()
-    return httpx.Client(
-        timeout=httpx.Timeout(settings.imap_read_timeout, connect=settings.imap_connect_timeout),
-        follow_redirects=False,
+    return netpolicy.http_client(
+        timeout=settings.imap_read_timeout, connect_timeout=settings.imap_connect_timeout
     )
 
 
@@ -56,6 +60,10 @@ def refresh(credentials: dict[str, Any]) -> dict[str, Any]:
     refresh_token = credentials.get("refresh_token")
     if not token_url or not refresh_token:
         raise ImapAuthError("the access token expired and there is no refresh token / token_url")
+    # Saved before the policy (or in another environment): checked again before sending.
+    problem = netpolicy.url_refusal(str(token_url), https=True)
+    if problem is not None:
+        raise ImapAuthError(f"the token URL is refused: {problem}")
     form = {"grant_type": "refresh_token", "refresh_token": str(refresh_token)}
     for name in ("client_id", "client_secret"):
         if credentials.get(name):
@@ -65,6 +73,8 @@ def refresh(credentials: dict[str, Any]) -> dict[str, Any]:
             response = client.post(
                 str(token_url), data=form, headers={"Accept": "application/json"}
             )
+    except netpolicy.OutboundRefused as exc:
+        raise ImapAuthError(f"the token URL is refused: {exc.message}") from exc
     except httpx.HTTPError as exc:
         raise ImapConnectionError(f"token endpoint unreachable: {type(exc).__name__}") from exc
     if response.status_code >= 500:
@@ -75,7 +85,8 @@ def refresh(credentials: dict[str, Any]) -> dict[str, Any]:
         body = {}
     if response.status_code != 200 or not isinstance(body, dict) or not body.get("access_token"):
         # The endpoint's error code (invalid_grant, ...) says why; never its tokens.
-        reason = body.get("error", "no access_token") if isinstance(body, dict) else "bad answer"
+        code = body.get("error") if isinstance(body, dict) else None
+        reason = code if isinstance(code, str) and _ERROR_CODE.match(code) else "no access_token"
         raise ImapAuthError(f"token refresh refused ({response.status_code}): {reason}")
     updated = dict(credentials)
     updated["access_token"] = str(body["access_token"])

@@ -5,6 +5,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from backend.accounts.schemas import Folder
+
 Uid = Annotated[int, Field(ge=1, le=2**32 - 1)]
 
 
@@ -19,7 +21,7 @@ class BackfillRequest(BaseModel):
         },
     )
 
-    folders: list[Annotated[str, Field(min_length=1, max_length=1024)]] | None = Field(
+    folders: list[Folder] | None = Field(
         default=None, min_length=1, description="default: all the account's folders"
     )
     uid_from: Uid | None = None

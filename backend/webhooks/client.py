@@ -8,25 +8,22 @@ from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from functools import lru_cache
+from http import HTTPStatus
 
 import httpx
 
+from backend import netpolicy
 from backend.config import Settings, get_settings
 
 USER_AGENT = "mailbeat-webhooks/1"
-# Receivers' error pages are kept in the dead letter only this far.
-ERROR_SNIPPET_CHARS = 500
 
 
 @lru_cache
 def http_client() -> httpx.Client:
     settings = get_settings()
-    return httpx.Client(
-        timeout=httpx.Timeout(
-            settings.webhook_timeout_seconds, connect=settings.webhook_connect_timeout_seconds
-        ),
-        # A redirect would resend the signed body somewhere the operator did not name.
-        follow_redirects=False,
+    return netpolicy.http_client(
+        timeout=settings.webhook_timeout_seconds,
+        connect_timeout=settings.webhook_connect_timeout_seconds,
         headers={"User-Agent": USER_AGENT},
     )
 
@@ -49,6 +46,8 @@ class AttemptResult:
 def post(url: str, body: bytes, headers: dict[str, str]) -> AttemptResult:
     try:
         response = http_client().post(url, content=body, headers=headers)
+    except netpolicy.OutboundRefused as exc:  # the operator must allow it first
+        return AttemptResult(ok=False, retryable=False, error=exc.message)
     except httpx.TimeoutException as exc:
         return AttemptResult(ok=False, retryable=True, error=f"timed out: {exc!r}")
     except httpx.TransportError as exc:
@@ -66,14 +65,22 @@ def classify(response: httpx.Response) -> AttemptResult:
     # 408 and 429 ask to come back later; other 4xx say the request itself is refused,
     # and 3xx is not followed (see http_client), so neither would change on a retry.
     retryable = code >= 500 or code in (408, 429)
-    snippet = response.text[:ERROR_SNIPPET_CHARS].strip()
+    # The status and its standard phrase only: the receiver's body is not ours to show
+    # (the dead letters would echo whatever an internal service answered).
     return AttemptResult(
         ok=False,
         retryable=retryable,
         status_code=code,
-        error=f"HTTP {code}" + (f": {snippet}" if snippet else ""),
+        error=f"HTTP {code} {_phrase(code)}".rstrip(),
         retry_after=parse_retry_after(response.headers.get("Retry-After")) if retryable else None,
     )
+
+
+def _phrase(code: int) -> str:
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return ""
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:

@@ -4,6 +4,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict
 
+from backend.accounts.schemas import RedactedUrl
+
 
 class DeadLetter(BaseModel):
     """A delivery that ran out of attempts (or was refused), kept for replay."""
@@ -16,7 +18,7 @@ class DeadLetter(BaseModel):
     target: str
     account_id: int
     message_id: int | None
-    url: str | None
+    url: RedactedUrl | None
     attempts: int
     last_status_code: int | None
     last_error: str | None

@@ -87,6 +87,8 @@ def stack(
             HOME=str(tmp_path),
             S3_REGION=REGION,
             IMAP_CA_BUNDLE=str(dovecot.cert_path),
+            # Production refuses internal addresses; the test bed's Dovecot is one.
+            OUTBOUND_ALLOWLIST="127.0.0.1/32",
         )
         return env
 

@@ -1,0 +1,151 @@
+"""The outbound policy: in production mailbeat connects to no loopback, link-local,
+private, multicast or reserved address unless OUTBOUND_ALLOWLIST names it; token URLs
+must be https; a receiver's answer is never echoed (real HTTP receivers on loopback)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from backend.mailbox import oauth
+from backend.mailbox.imap import ImapAuthError
+from backend.models import WebhookDelivery
+from backend.processing.service import hand_on
+from tests.support.api import account_payload, auth_headers, insert_account, make_client
+from tests.webhooks.fixtures import store_message
+from tests.webhooks.receiver import Receiver, Reply
+
+REFUSED = "refused by the outbound policy (name the host or its network in OUTBOUND_ALLOWLIST"
+
+
+@pytest.fixture
+def production(set_env: Callable[..., None]) -> Callable[..., None]:
+    set_env(ENVIRONMENT="production")
+    return set_env
+
+
+def _deliveries(db: Session) -> list[WebhookDelivery]:
+    db.expire_all()
+    return list(db.scalars(select(WebhookDelivery).order_by(WebhookDelivery.id)))
+
+
+@pytest.mark.parametrize(
+    ("host", "kind"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("localhost", "loopback"),
+        ("::1", "loopback"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("169.254.169.254", "link-local"),
+        ("10.0.0.5", "private"),
+        ("192.168.1.1", "private"),
+        ("0.0.0.0", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("100.64.0.1", "non-public"),
+    ],
+)
+def test_production_refuses_internal_addresses_when_they_are_saved(
+    production: Callable[..., None], host: str, kind: str
+) -> None:
+    with make_client(auth_headers()) as api:
+        for field, value in (
+            ("imap_host", host),
+            ("webhook_url", f"http://{'[' + host + ']' if ':' in host else host}:8080/hook"),
+        ):
+            response = api.post("/accounts", json=account_payload(**{field: value}))
+            assert response.status_code == 422, (field, response.text)
+            [problem] = response.json()["errors"]
+            assert problem["loc"] == ["body", field]
+            assert f"is a {kind} address, {REFUSED}" in problem["msg"]
+
+
+def test_the_allowlist_lets_internal_hosts_through(production: Callable[..., None]) -> None:
+    production(OUTBOUND_ALLOWLIST="10.1.0.0/16, mail.internal")
+    with make_client(auth_headers()) as api:
+        for host in ("10.1.2.3", "mail.internal", "1.1.1.1"):
+            response = api.post("/accounts", json=account_payload(imap_host=host))
+            assert response.status_code == 201, (host, response.text)
+        assert api.post("/accounts", json=account_payload(imap_host="10.2.0.1")).status_code == 422
+
+
+def test_development_keeps_internal_addresses_open(api: TestClient) -> None:
+    response = api.post("/accounts", json=account_payload(imap_host="127.0.0.1"))
+    assert response.status_code == 201
+
+
+def test_production_token_urls_must_be_https_and_public(production: Callable[..., None]) -> None:
+    def oauth2(token_url: str) -> dict[str, str]:
+        return {
+            "access_token": "at",
+            "refresh_token": "rt",
+            "client_id": "c",
+            "token_url": token_url,
+        }
+
+    with make_client(auth_headers()) as api:
+        for url, message in (
+            ("http://oauth.example.com/token", "must be an https URL outside development"),
+            ("https://127.0.0.1:8443/token", REFUSED),
+        ):
+            body = account_payload(password=None, oauth2=oauth2(url))
+            response = api.post("/accounts", json=body)
+            assert response.status_code == 422, response.text
+            assert message in response.json()["detail"]
+        body = account_payload(password=None, oauth2=oauth2("https://oauth.example.com/token"))
+        assert api.post("/accounts", json=body).status_code == 201
+
+
+def test_a_refresh_sends_no_secret_to_a_plain_http_or_internal_token_url(
+    production: Callable[..., None], receiver: Receiver
+) -> None:
+    # As stored before the policy existed: the refresh checks again before sending.
+    for url in (receiver.url, receiver.url.replace("http://", "https://")):
+        credentials = {"refresh_token": "rt-secret", "client_secret": "cs", "token_url": url}
+        with pytest.raises(ImapAuthError, match="the token URL is refused"):
+            oauth.refresh({**credentials, "client_id": "c"})
+    assert receiver.requests == []
+
+
+def test_production_webhooks_do_not_reach_internal_receivers(
+    db: Session,
+    api: TestClient,
+    receiver: Receiver,
+    webhooks_on: Callable[..., None],
+) -> None:
+    # WEBHOOK_URL is a setting, so the check that matters is the one at connect time.
+    webhooks_on(ENVIRONMENT="production")
+    account = insert_account(db)
+    message = store_message(db, account, 1)
+
+    hand_on([message.id], use_celery=False)
+
+    [delivery] = _deliveries(db)
+    assert delivery.status == "dead"
+    assert delivery.attempts == 1  # refused is final: retrying cannot change the answer
+    assert delivery.last_error is not None
+    assert "127.0.0.1 is a loopback address, " + REFUSED in delivery.last_error
+    assert receiver.requests == []
+
+    webhooks_on(ENVIRONMENT="production", OUTBOUND_ALLOWLIST="127.0.0.1/32")
+    assert api.post(f"/admin/dead-letters/{delivery.id}/replay").status_code == 202
+    [delivery] = _deliveries(db)
+    assert delivery.status == "delivered"
+    assert len(receiver.delivered()) == 1
+
+
+def test_dead_letters_do_not_echo_the_receivers_answer(
+    db: Session, api: TestClient, receiver: Receiver, webhooks_on: Callable[..., None]
+) -> None:
+    receiver.default = Reply(status=403, body=b"internal-admin-console v2.1: access denied")
+    account = insert_account(db)
+    hand_on([store_message(db, account, 1).id], use_celery=False)
+
+    letters = api.get("/admin/dead-letters")
+    [letter] = letters.json()["items"]
+    assert letter["last_status_code"] == 403
+    assert letter["last_error"] == "HTTP 403 Forbidden"
+    assert "internal-admin-console" not in letters.text
