@@ -23,12 +23,13 @@ from tests.support import postgres
 from tests.support.dovecot import Dovecot
 from tests.support.env import reset_caches
 from tests.support.redis_db import RedisDb
-from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoS3
+from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoS3, Outage
 
 ADMIN_TOKEN = "test-admin-token-" + uuid.uuid4().hex
 
-# The `api` and `anonymous` fixtures: the real FastAPI app through a TestClient.
-pytest_plugins = ["tests.support.api", "tests.support.no_skips"]
+# Fixtures for every test folder: `api` and `anonymous` (the real FastAPI app through a
+# TestClient), `receiver` and `webhooks_on`; and the guard against skips.
+pytest_plugins = ["tests.support.api", "tests.webhooks.fixtures", "tests.support.no_skips"]
 
 _state: dict[str, object] = {}
 
@@ -100,10 +101,14 @@ def redis_db() -> RedisDb:
 
 @pytest.fixture(autouse=True)
 def _clean_state(redis_db: RedisDb) -> Iterator[None]:
-    """Every test starts with empty tables, an empty Redis index and no stored objects."""
+    """Every test starts with empty tables, an empty Redis index, no stored objects, and
+    the dispatch mode undecided (`cli poll` pins its process to run tasks in-process)."""
     yield
+    from backend import dispatch
     from backend.db import get_engine
     from backend.models import Base
+
+    dispatch.reset()
 
     engine = get_engine()
     tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
@@ -180,3 +185,11 @@ def s3_bucket(moto_s3: MotoS3, set_env: Callable[..., None]) -> str:
         S3_ADDRESSING_STYLE="path",
     )
     return bucket
+
+
+@pytest.fixture
+def s3_outage(moto_s3: MotoS3, s3_bucket: str) -> Iterator[Outage]:
+    """S3 can be stopped mid-test; it is back (with an empty bucket) after the test."""
+    outage = Outage(moto_s3, s3_bucket)
+    yield outage
+    outage.end()

@@ -18,11 +18,10 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import redis
 from sqlalchemy import ColumnElement, Integer, case, cast, func, select, text
 from sqlalchemy.orm import Session
 
-from backend.admin.redis_client import ensure_redis, redis_client, redis_location
+from backend import dispatch, redis
 from backend.admin.schemas import (
     ActivityBucket,
     ActivityRead,
@@ -53,12 +52,26 @@ WORKERS = "the Celery workers"
 QUEUE_SCAN_LIMIT = 50_000
 
 
+def ensure_redis(what: str) -> None:
+    """Answer 503 at once, saying why, when Redis does not answer; `what` names what
+    needs it ("the Celery workers", "the schedule")."""
+    timeout = get_settings().health_check_timeout_seconds
+    try:
+        with redis.probe(timeout) as client:
+            client.ping()
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(
+            f"{what} cannot be reached: Redis at {redis.location()} did not answer within "
+            f"{timeout:g}s ({type(exc).__name__})"
+        ) from exc
+
+
 # -- the schedule ----------------------------------------------------------------------
 
 
 def require_scheduler() -> None:
     """In Celery mode the schedule and the queues are in Redis: 503 when it is gone."""
-    if schedules.mode() == SchedulerMode.CELERY:
+    if dispatch.mode() == SchedulerMode.CELERY:
         ensure_redis("the schedule and the poll queue")
 
 
@@ -81,7 +94,7 @@ def list_schedule(*, limit: int, offset: int) -> ScheduleList:
     ]
     entries.sort(key=lambda e: e.account_id)
     return ScheduleList(
-        mode=schedules.mode(), items=entries[offset : offset + limit], total=len(entries)
+        mode=dispatch.mode(), items=entries[offset : offset + limit], total=len(entries)
     )
 
 
@@ -129,7 +142,7 @@ def capacity(session: Session) -> CapacityRead:
         result = schedules.capacity(session)
     except redis.RedisError as exc:
         raise ServiceUnavailable(
-            f"the poll queue could not be read: Redis at {redis_location()} did not answer "
+            f"the poll queue could not be read: Redis at {redis.location()} did not answer "
             f"({type(exc).__name__})"
         ) from exc
     return CapacityRead(**vars(result))
@@ -235,22 +248,20 @@ def _find_queued(task_id: str) -> tuple[str, str | None] | None:
     from backend.celery_app import app, queue_keys
 
     needle = task_id.encode()
-    client = redis_client(get_settings().health_check_timeout_seconds)
     try:
-        for queue in app.conf.task_queues:
-            for key in queue_keys(queue.name):
-                for raw in client.lrange(key, 0, QUEUE_SCAN_LIMIT - 1):
-                    if needle not in raw:
-                        continue
-                    headers = json.loads(raw).get("headers") or {}
-                    if headers.get("id") == task_id:
-                        return queue.name, headers.get("task")
+        with redis.probe() as client:
+            for queue in app.conf.task_queues:
+                for key in queue_keys(queue.name):
+                    for raw in client.lrange(key, 0, QUEUE_SCAN_LIMIT - 1):
+                        if needle not in raw:
+                            continue
+                        headers = json.loads(raw).get("headers") or {}
+                        if headers.get("id") == task_id:
+                            return queue.name, headers.get("task")
     except Exception as exc:
         raise ServiceUnavailable(
             f"the Celery queues could not be read ({type(exc).__name__})"
         ) from exc
-    finally:
-        client.close()
     return None
 
 
@@ -354,11 +365,8 @@ def _check_database() -> str:
 
 
 def _check_redis() -> str:
-    client = redis_client(get_settings().health_check_timeout_seconds)
-    try:
+    with redis.probe() as client:
         client.ping()
-    finally:
-        client.close()
     return "ok"
 
 
@@ -453,7 +461,7 @@ def run_checks() -> tuple[HealthRead, bool]:
     """Every check runs at once, each bounded by HEALTH_CHECK_TIMEOUT_SECONDS. The database
     down is unhealthy (503); anything else failing is degraded: the API still answers and
     the stored data is safe, but polling or storage needs attention."""
-    local = schedules.mode() == SchedulerMode.LOCAL
+    local = dispatch.mode() == SchedulerMode.LOCAL
     checks: dict[str, Callable[[], str]] = {
         "database": _check_database,
         "storage": _check_storage,

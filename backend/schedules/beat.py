@@ -24,7 +24,6 @@ import logging
 import time
 from typing import Any
 
-import redis
 from celery.beat import ScheduleEntry
 from celery.signals import beat_init
 from redbeat.decoder import RedBeatJSONEncoder, to_timestamp
@@ -35,6 +34,7 @@ from redbeat.schedulers import (
     get_redis,
 )
 
+from backend import dispatch, redis
 from backend.db import session_scope
 from backend.schedules import service
 
@@ -54,7 +54,7 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
     _next_empty_check = 0.0
 
     def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
-        service.assume_celery_mode()
+        dispatch.assume_celery_mode()
         # A "task-sent" event per dispatch would double beat's Redis traffic (and halve
         # the polls it can send per second); Flower still sees every poll from the
         # worker's events (received, started, succeeded, revoked when expired).
@@ -71,7 +71,7 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
             self._rebuild_if_empty()
             self._renew_lock()
             return self._dispatch_due()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except (redis.RedisConnectionError, redis.RedisTimeoutError) as exc:
             log.warning(
                 "beat: Redis is not answering (%s); retrying in %ss", exc, REDIS_RETRY_SECONDS
             )

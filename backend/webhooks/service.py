@@ -11,19 +11,19 @@ expire, and the event may then be sent again: receivers drop repeats by event id
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from backend import crypto
 from backend.config import get_settings
 from backend.db import session_scope
+from backend.dispatch import enqueue, register
 from backend.errors import NotFound
 from backend.models import (
     ACCOUNT_EVENTS,
@@ -44,10 +44,16 @@ EARLY_GRACE = timedelta(seconds=1)
 # A pending delivery this far past its due time has lost its task (Redis was flushed,
 # a worker died); the sweep sends it again.
 SWEEP_GRACE = timedelta(minutes=5)
+# An attempt's claim lasts its request's timeouts plus this, for recording the answer.
+# A claim that ran out means the attempt died mid-request (a killed worker): the sweep
+# sends it again at once, and the receiver drops the repeat by its event id.
+CLAIM_SLACK = timedelta(seconds=10)
 # Longer waits are split: a task arriving early sends itself on again (see deliver). A
 # worker holds countdown tasks unacknowledged, and Redis hands out again any kept past
 # its visibility timeout, so an hour-long countdown would be a pile of duplicates.
 MAX_COUNTDOWN_SECONDS = 300.0
+
+DELIVER_TASK = "webhook.deliver"
 
 
 @dataclass(frozen=True)
@@ -151,36 +157,14 @@ def pending_for_message(session: Session, message_id: int) -> list[int]:
     )
 
 
-def dispatch(delivery_ids: Sequence[int], *, use_celery: bool, delay: float = 0.0) -> None:
-    """Send deliveries (already committed): a `webhook.deliver` task each on the workflow
-    queue, or in this process without Celery (now, or on a timer for a retry)."""
-    if use_celery:
-        from backend.webhooks.tasks import deliver as deliver_task
-
-        for delivery_id in delivery_ids:
-            deliver_task.apply_async(
-                (delivery_id,),
-                countdown=min(delay, MAX_COUNTDOWN_SECONDS) or None,
-                queue="workflow",
-            )
-        return
+def dispatch(delivery_ids: Sequence[int], *, delay: float = 0.0) -> None:
+    """Send deliveries (already committed): a `webhook.deliver` task each, after `delay`
+    seconds (a retry)."""
     for delivery_id in delivery_ids:
-        if delay <= 0:
-            deliver(delivery_id, use_celery=False)
-            continue
-        timer = threading.Timer(delay, _deliver_logged, args=(delivery_id,))
-        timer.daemon = True
-        timer.start()
+        enqueue(DELIVER_TASK, delivery_id, countdown=min(delay, MAX_COUNTDOWN_SECONDS) or None)
 
 
-def _deliver_logged(delivery_id: int) -> None:
-    try:
-        deliver(delivery_id, use_celery=False)
-    except Exception:  # a timer thread has no caller to tell; the sweep retries it
-        log.exception("webhook delivery %s failed unexpectedly", delivery_id)
-
-
-def deliver(delivery_id: int, *, use_celery: bool) -> str:
+def deliver(delivery_id: int) -> str:
     """One attempt. Returns what happened: delivered, retry, dead, not_due, in_flight,
     or skipped (gone, or no longer pending)."""
     settings = get_settings()
@@ -194,7 +178,7 @@ def deliver(delivery_id: int, *, use_celery: bool) -> str:
         if delivery.next_attempt_at > now + EARLY_GRACE:
             wait = (delivery.next_attempt_at - now).total_seconds()
             session.rollback()
-            dispatch([delivery_id], use_celery=use_celery, delay=wait)
+            dispatch([delivery_id], delay=wait)
             return "not_due"
         account = session.get(Account, delivery.account_id)
         assert account is not None  # deliveries go with their account (FK cascade)
@@ -207,8 +191,12 @@ def deliver(delivery_id: int, *, use_celery: bool) -> str:
         delivery.attempts += 1
         delivery.last_attempt_at = now
         delivery.url = target.url
-        delivery.claimed_until = now + timedelta(
-            seconds=settings.webhook_timeout_seconds + settings.webhook_connect_timeout_seconds + 60
+        delivery.claimed_until = (
+            now
+            + timedelta(
+                seconds=settings.webhook_timeout_seconds + settings.webhook_connect_timeout_seconds
+            )
+            + CLAIM_SLACK
         )
         attempt, event_id, event_type = delivery.attempts, delivery.event_id, delivery.event_type
 
@@ -244,8 +232,11 @@ def deliver(delivery_id: int, *, use_celery: bool) -> str:
         f" ({result.error})" if result.error else "",
     )
     if outcome == "retry":
-        dispatch([delivery_id], use_celery=use_celery, delay=delay)
+        dispatch([delivery_id], delay=delay)
     return outcome
+
+
+register(DELIVER_TASK, deliver)
 
 
 def _body(session: Session, delivery: WebhookDelivery, account: Account) -> bytes:
@@ -273,15 +264,21 @@ def _headers(
 
 
 def due_for_sweep(session: Session, *, limit: int = 500) -> list[int]:
-    """Pending deliveries whose task was lost (see SWEEP_GRACE)."""
+    """Pending deliveries whose task was lost (see SWEEP_GRACE), or whose attempt died
+    mid-request (see CLAIM_SLACK)."""
     now = utcnow()
     return list(
         session.scalars(
             select(WebhookDelivery.id)
             .where(
                 WebhookDelivery.status == DeliveryStatus.PENDING,
-                WebhookDelivery.next_attempt_at < now - SWEEP_GRACE,
-                or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until < now),
+                or_(
+                    WebhookDelivery.claimed_until < now,
+                    and_(
+                        WebhookDelivery.claimed_until.is_(None),
+                        WebhookDelivery.next_attempt_at < now - SWEEP_GRACE,
+                    ),
+                ),
             )
             .order_by(WebhookDelivery.id)
             .limit(limit)
