@@ -1,5 +1,6 @@
 # make run   - the service on this machine (creates .venv from requirements.txt, and .env
-#              with generated secrets if there is none); RUN_ARGS="--host 0.0.0.0 --port 8080"
+#              with generated secrets if there is none); RUN_ARGS="--host 0.0.0.0 --port 8080";
+#              FLOWER=1 starts Flower too (with Redis) on port 5555
 # make env   - only write .env (for docker compose); an existing .env is never touched
 # make test  - lint, type-check and the whole test suite (creates .venv with dev tools)
 PYTHON ?= python3
@@ -21,7 +22,7 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
 	touch $@ $(VENV)/.runtime
 
 run: $(VENV)/.runtime
-	$(BIN)/python -m backend.cli run $(RUN_ARGS)
+	$(BIN)/python -m backend.cli run $(if $(FLOWER),--flower) $(RUN_ARGS)
 
 # Standard library only: works before any dependency is installed.
 env:

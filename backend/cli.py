@@ -1,11 +1,14 @@
-"""Command line: `python -m backend.cli run|migrate|poll`."""
+"""Command line: `python -m backend.cli run|migrate|poll`, and the operator's commands
+(accounts, status, schedules, dead-letters, backfill) from backend/console/commands.py."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +17,7 @@ from types import FrameType
 from typing import NoReturn
 
 from backend.config import Settings, get_settings
+from backend.console.commands import add_commands, run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = Path(".env")  # where Settings reads it: the working directory
@@ -27,6 +31,10 @@ log = logging.getLogger("mailbeat")
 
 def migrate() -> None:
     from alembic import command
+
+    from backend.db import check_database
+
+    check_database()  # a missing database is named, with the command that creates it
     from alembic.config import Config
 
     config = Config(str(ROOT / "alembic.ini"))
@@ -62,9 +70,13 @@ def stack_commands(host: str, port: int) -> dict[str, list[str]]:
     }
 
 
-def banner(settings: Settings, host: str, port: int, mode: str) -> str:
+def served_url(host: str, port: int) -> str:
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104 - compared, not bound
-    url = f"http://{shown_host}:{port}"
+    return f"http://{shown_host}:{port}"
+
+
+def banner(settings: Settings, host: str, port: int, mode: str) -> str:
+    url = served_url(host, port)
     if settings.admin_api_token is not None and settings.admin_api_token.get_secret_value():
         where = f"ADMIN_API_TOKEN in {ENV_FILE.resolve()}"
         token = f"$(sed -n 's/^ADMIN_API_TOKEN=//p' {ENV_FILE})"
@@ -81,6 +93,7 @@ def banner(settings: Settings, host: str, port: int, mode: str) -> str:
             "",
             f"mailbeat is starting ({mode})",
             f"  API:        {url}   (docs: {url}/docs, health: {url}/health)",
+            f"  console:    {url}/ui/",
             f"  admin token: {where}",
             "  add a first mailbox:",
             f'    curl -X POST {url}/accounts -H "Authorization: Bearer {token}" \\',
@@ -132,28 +145,77 @@ def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
             process.wait()
 
 
-def run(host: str, port: int) -> None:
-    """`make run`: a working service from a fresh checkout."""
+def busy_port(host: str, port: int) -> str | None:
+    """Why `port` cannot be served on `host`, or None when it is free."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        # As uvicorn binds: a port in TIME_WAIT after a restart is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def run(host: str, port: int, flower_port: int | None = None) -> None:
+    """`make run`: a working service from a fresh checkout; with `flower_port`, Flower
+    too (Celery mode only)."""
     from backend.db import reset_caches
     from backend.envfile import ensure_env_file
 
+    # Before anything starts: a busy port used to show only after beat and the worker ran.
+    for what, wanted in (("serve", port), ("start Flower", flower_port)):
+        problem = None if wanted is None else busy_port(host, wanted)
+        if wanted is not None and problem is not None:
+            option = "--port" if wanted == port else "--flower-port"
+            raise SystemExit(
+                f"mailbeat: cannot {what} on {host}:{wanted}: {problem}. Stop what listens "
+                f"there (e.g. `ss -ltnp 'sport = :{wanted}'`), or choose another port: "
+                f"make run RUN_ARGS='{option} {wanted + 1}'"
+            )
     if ensure_env_file(ENV_FILE):
         log.info("wrote %s with a generated admin token and encryption key", ENV_FILE.resolve())
+        reset_caches()
+    if "public_base_url" not in get_settings().model_fields_set:
+        # Webhook links must point where this API really listens; the children inherit it.
+        os.environ["PUBLIC_BASE_URL"] = served_url(host, port)
         reset_caches()
     settings = get_settings()
     migrate()
     if use_celery():
-        print(banner(settings, host, port, "API, Celery beat and a worker on Redis"), flush=True)
-        sys.exit(supervise(stack_commands(host, port)))
+        commands = stack_commands(host, port)
+        mode = "API, Celery beat and a worker on Redis"
+        if flower_port is not None:
+            commands["flower"] = flower_command(host, flower_port)
+            mode += f"; Flower on {served_url(host, flower_port)}"
+            if settings.flower_basic_auth is not None:
+                # Flower reads its login from the environment, as in compose.
+                os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()
+        print(banner(settings, host, port, mode), flush=True)
+        sys.exit(supervise(commands))
     import uvicorn
 
-    print(
-        banner(settings, host, port, "local mode: no Redis answers, polls run in the API process"),
-        flush=True,
-    )
+    mode = "local mode: no Redis answers, polls run in the API process"
+    if flower_port is not None:
+        mode += " (no Flower: it shows Celery, which local mode does not use)"
+    print(banner(settings, host, port, mode), flush=True)
     # uvicorn shuts down cleanly, then re-raises Ctrl-C; a traceback would only alarm.
     with contextlib.suppress(KeyboardInterrupt):
         uvicorn.run("backend.main:app", host=host, port=port)
+
+
+def flower_command(host: str, port: int) -> list[str]:
+    """compose's flower command, on this host's address."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "backend.celery_app",
+        "flower",
+        f"--port={port}",
+        f"--address={host}",
+    ]
 
 
 def poll(account_id: int) -> int:
@@ -189,19 +251,31 @@ def main(argv: list[str] | None = None) -> None:
     )
     run_parser.add_argument("--host", default="127.0.0.1")
     run_parser.add_argument("--port", type=int, default=8000)
+    run_parser.add_argument(
+        "--flower", action="store_true", help="start Flower too (with Redis), on --flower-port"
+    )
+    run_parser.add_argument("--flower-port", type=int, default=5555)
     sub.add_parser("migrate", help="alembic upgrade head")
     poll_parser = sub.add_parser("poll", help="poll one account now, without Celery")
     poll_parser.add_argument("account_id", type=int)
+    add_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if args.command == "run":
-        run(args.host, args.port)
-    elif args.command == "migrate":
-        migrate()
-    elif args.command == "poll":
-        raise SystemExit(poll(args.account_id))
+    from backend.db import DatabaseUnavailable
+
+    try:
+        if args.command == "run":
+            run(args.host, args.port, args.flower_port if args.flower else None)
+        elif args.command == "migrate":
+            migrate()
+        elif args.command == "poll":
+            raise SystemExit(poll(args.account_id))
+        else:
+            raise SystemExit(run_command(args))
+    except DatabaseUnavailable as exc:
+        raise SystemExit(f"mailbeat: {exc}") from None
 
 
 if __name__ == "__main__":

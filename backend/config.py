@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 log = logging.getLogger(__name__)
 
 DEFAULT_DATA_DIR = Path("data")
+DEFAULT_PUBLIC_BASE_URL = "http://127.0.0.1:8000"
 
 
 class UnsafeSettingsError(RuntimeError):
@@ -115,11 +116,14 @@ class Settings(BaseSettings):
     # How often work whose task was lost (Redis flushed, a worker killed) is picked up:
     # messages never processed, deliveries past due.
     processing_sweep_interval_seconds: int = Field(default=300, ge=10)
-    public_base_url: str = "http://127.0.0.1:8000"
+    # Unset: `cli run` sets it to the address it serves on, for the processes it starts.
+    public_base_url: str = DEFAULT_PUBLIC_BASE_URL
 
     # Metrics: prometheus-client multiprocess files, shared by the API and the workers on
     # one host (a shared volume in compose) so /metrics shows every process's numbers.
     prometheus_multiproc_dir: Path | None = None  # defaults to data_dir / "prometheus"
+    # Flower's login (`user:password`), for compose and `make run FLOWER=1`.
+    flower_basic_auth: SecretStr | None = None
     # Bound on each /health check and on Celery's inspect broadcasts.
     health_check_timeout_seconds: float = 2.0
     # /health answers from its last result for this long (it needs no token).

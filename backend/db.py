@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend.config import get_settings
@@ -64,6 +65,43 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database cannot be used; the message says why and what to do."""
+
+
+def check_database() -> None:
+    """Connect once, and turn the driver's error into a sentence with the fix (a missing
+    PostgreSQL database used to be a 131-line traceback)."""
+    try:
+        with get_engine().connect():
+            pass
+    except OperationalError as exc:
+        raise DatabaseUnavailable(
+            describe_failure(make_url(get_settings().database_url), exc)
+        ) from exc
+
+
+def describe_failure(url: URL, exc: OperationalError) -> str:
+    reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else repr(exc.orig)
+    if url.get_backend_name() == "sqlite":
+        return f"the SQLite database {url.database} cannot be opened: {reason}"
+    host, port = url.host or "localhost", url.port or 5432
+    where = f"PostgreSQL at {host}:{port}"
+    if url.database and f'database "{url.database}" does not exist' in reason:
+        user = f" -U {url.username}" if url.username else ""
+        return (
+            f'{where} has no database "{url.database}" (DATABASE_URL). Create it with:\n'
+            f"    createdb -h {host} -p {port}{user} {url.database}\n"
+            "then start again; the tables are created by the migration at start."
+        )
+    if "Connection refused" in reason or "could not connect" in reason:
+        return (
+            f"{where} does not answer ({reason}). Start PostgreSQL, or fix DATABASE_URL "
+            "(leave it unset to use SQLite under DATA_DIR)."
+        )
+    return f"{where} refused the connection: {reason}. Check DATABASE_URL."
 
 
 def reset_caches() -> None:

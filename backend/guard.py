@@ -28,8 +28,18 @@ class BodyTooLarge(Exception):
     """Raised into the app by `receive` once the body passes the limit."""
 
 
+# Static files with no data in them: the console's page (which then sends the token the
+# operator typed with each API call) and the Swagger UI / ReDoc assets.
+STATIC_PREFIXES = ("/ui/", "/docs-static/")
+
+
 def is_open(path: str) -> bool:
-    return path in OPEN_PATHS or (path in DOCS_PATHS and get_settings().docs_public)
+    return (
+        path in OPEN_PATHS
+        or path == "/ui"
+        or path.startswith(STATIC_PREFIXES)
+        or (path in DOCS_PATHS and get_settings().docs_public)
+    )
 
 
 class RequestGuard:

@@ -9,11 +9,15 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend import metrics
@@ -22,6 +26,7 @@ from backend.admin.endpoints import health_router
 from backend.admin.endpoints import router as admin_router
 from backend.admin.service import HealthCache
 from backend.config import get_settings
+from backend.console.endpoints import mount_console
 from backend.deps import KnownQueryDep
 from backend.errors import MailbeatError, ValidationError, error_responses
 from backend.guard import RequestGuard
@@ -31,6 +36,10 @@ from backend.schedules import service as schedules
 from backend.webhooks.endpoints import router as webhooks_router
 
 log = logging.getLogger(__name__)
+
+# Swagger UI and ReDoc come from the fastapi-offline package, so /docs works offline.
+DOCS_ASSETS = Path(str(files("fastapi_offline") / "static"))
+DOCS_STATIC = "/docs-static"
 
 DESCRIPTION = """Admin API for mailbeat, the IMAP ingestion service.
 
@@ -78,9 +87,12 @@ def create_app() -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.add_middleware(RequestGuard)
     app.state.health = HealthCache()
+    _serve_docs(app)
     app.include_router(accounts_router)
     app.include_router(messages_router)
     app.include_router(admin_router)
@@ -94,6 +106,7 @@ def create_app() -> FastAPI:
             router, dependencies=[KnownQueryDep], responses=error_responses(*statuses)
         )
     app.include_router(metrics.router)
+    mount_console(app)
 
     @app.exception_handler(MailbeatError)
     async def _mailbeat_error(_request: Request, exc: MailbeatError) -> JSONResponse:
@@ -108,18 +121,6 @@ def create_app() -> FastAPI:
             headers={"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None,
         )
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = _validation_errors(exc)
-        detail = "; ".join(
-            f"{'.'.join(str(part) for part in e['loc'] if part != 'body') or 'body'}: {e['msg']}"
-            for e in errors
-        )
-        return JSONResponse(
-            status_code=422,
-            content={"error": "ValidationError", "detail": detail, "errors": errors},
-        )
-
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Routing errors (404 unknown path, 405 method) in the same shape as ours.
@@ -132,6 +133,23 @@ def create_app() -> FastAPI:
             status_code=exc.status_code,
             content={"error": names.get(exc.status_code, "HTTPError"), "detail": str(exc.detail)},
             headers=headers or None,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # PATCH /accounts/test reaches PATCH /accounts/{account_id} and fails on the id;
+        # the literal path is its own resource, which has no PATCH.
+        literal = app.openapi().get("paths", {}).get(request.url.path)
+        if literal is not None and request.method.lower() not in literal:
+            return await _http_error(request, StarletteHTTPException(405))
+        errors = _validation_errors(exc)
+        detail = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc'] if part != 'body') or 'body'}: {e['msg']}"
+            for e in errors
+        )
+        return JSONResponse(
+            status_code=422,
+            content={"error": "ValidationError", "detail": detail, "errors": errors},
         )
 
     @app.exception_handler(Exception)
@@ -155,6 +173,33 @@ def create_app() -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _serve_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs and ReDoc at /redoc, from files this package installs (the
+    defaults load them from a CDN, so the pages were blank offline)."""
+    app.mount(DOCS_STATIC, StaticFiles(directory=DOCS_ASSETS), name="docs-static")
+    favicon = f"{DOCS_STATIC}/favicon.png"
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{DOCS_STATIC}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_STATIC}/swagger-ui.css",
+            swagger_favicon_url=favicon,
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{DOCS_STATIC}/redoc.standalone.js",
+            redoc_favicon_url=favicon,
+            with_google_fonts=False,
+        )
 
 
 def _with_interval_bounds(schema: dict[str, Any]) -> dict[str, Any]:

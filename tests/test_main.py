@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
 
 from backend.main import create_app
-from tests.support.api import auth_headers
+from tests.support.api import auth_headers, make_client
 
 OPEN = {"/health", "/metrics"}
 
@@ -135,3 +136,34 @@ def test_a_misspelt_query_parameter_is_named_not_ignored(api: TestClient, anonym
     assert anonymous.get("/accounts", params={"stauts": "error"}).status_code == 401
     # Monitoring endpoints take whatever a scraper adds.
     assert anonymous.get("/metrics", params={"x": "1"}).status_code == 200
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_load_nothing_from_outside(anonymous: TestClient, page: str):
+    """Swagger UI and ReDoc work offline: every script, style and icon is served here."""
+    response = anonymous.get(page)
+    assert response.status_code == 200
+    urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", response.text)
+    assets = [url for url in urls if url != "/openapi.json"]
+    assert assets, response.text
+    for url in assets:
+        assert url.startswith("/docs-static/"), url
+        asset = anonymous.get(url)
+        assert asset.status_code == 200, url
+        assert len(asset.content) > 1000, url
+    assert "//cdn" not in response.text and "fonts.googleapis" not in response.text
+
+
+def test_static_files_are_served_without_the_token_even_in_production(
+    set_env: Callable[..., None],
+):
+    """The console's page and the docs' assets hold no data; every API call still needs
+    the token."""
+    set_env(ENVIRONMENT="production")
+    with make_client({}) as anonymous:
+        for path in ("/ui/", "/ui/app.js", "/ui/style.css", "/docs-static/swagger-ui.css"):
+            assert anonymous.get(path).status_code == 200, path
+        assert anonymous.get("/ui", follow_redirects=False).headers["location"] == "/ui/"
+        assert anonymous.get("/ui/../accounts").status_code in (401, 404)
+        assert anonymous.get("/accounts").status_code == 401
+        assert anonymous.get("/openapi.json").status_code == 401

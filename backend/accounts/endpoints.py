@@ -10,17 +10,21 @@ from fastapi import APIRouter, Path, Query, Response, status
 from backend.accounts import service
 from backend.accounts.schemas import (
     AccountCheckRead,
+    AccountConnection,
     AccountCreate,
     AccountList,
     AccountRead,
     AccountUpdate,
     FolderCheckRead,
+    FolderList,
+    FolderRead,
     PollQueued,
 )
+from backend.admin.schemas import PollRunList, PollRunRead
 from backend.config import get_settings
 from backend.deps import AdminDep, KnownQueryDep, SessionDep
 from backend.errors import error_responses
-from backend.mailbox.service import check_account
+from backend.mailbox.service import CheckResult, check_account
 from backend.models import AccountStatus
 from backend.schedules import service as schedules
 
@@ -61,6 +65,32 @@ def get_account(account_id: AccountId, session: SessionDep) -> AccountRead:
     return AccountRead.model_validate(service.get_account(session, account_id))
 
 
+@router.get("/{account_id}/poll-runs", responses=error_responses(404))
+def list_poll_runs(
+    account_id: AccountId, session: SessionDep, limit: Limit = 20, offset: Offset = 0
+) -> PollRunList:
+    """The account's polls, newest first: outcome, messages, bytes and error."""
+    items, total = service.list_poll_runs(session, account_id, limit=limit, offset=offset)
+    return PollRunList(items=[PollRunRead.model_validate(run) for run in items], total=total)
+
+
+@router.get("/{account_id}/folders", responses=error_responses(404))
+def list_folders(account_id: AccountId, session: SessionDep) -> FolderList:
+    """The account's folders and their cursors: the UIDVALIDITY and last UID stored."""
+    account = service.get_account(session, account_id)
+    return FolderList(
+        items=[
+            FolderRead(
+                name=name,
+                uidvalidity=None if cursor is None else cursor.uidvalidity,
+                last_uid=None if cursor is None else cursor.last_uid,
+                updated_at=None if cursor is None else cursor.updated_at,
+            )
+            for name, cursor in service.folder_cursors(session, account)
+        ]
+    )
+
+
 @router.patch("/{account_id}", responses=error_responses(400, 404, 409))
 def update_account(account_id: AccountId, data: AccountUpdate, session: SessionDep) -> AccountRead:
     """Change a mailbox; the schedule follows at once (an interval change keeps its phase,
@@ -99,6 +129,14 @@ def poll_account(account_id: AccountId, session: SessionDep) -> PollQueued:
     return PollQueued(account_id=account_id, task_id=task_id, mode=schedules.mode())
 
 
+@router.post("/test", responses=error_responses(400, 422))
+def test_connection(data: AccountConnection) -> AccountCheckRead:
+    """Try connection settings before saving them: log in and open each folder. Nothing
+    is stored. Answers as POST /accounts/{id}/test does."""
+    account = service.unsaved_account(data)
+    return _check_read(check_account(account, timeout=get_settings().imap_connect_timeout))
+
+
 @router.post("/{account_id}/test", responses=error_responses(404))
 def test_account(account_id: AccountId, session: SessionDep) -> AccountCheckRead:
     """Log in and open every folder now. `stage` says which step failed (dns, connect,
@@ -107,6 +145,10 @@ def test_account(account_id: AccountId, session: SessionDep) -> AccountCheckRead
     account = service.get_account(session, account_id)
     result = check_account(account, timeout=get_settings().imap_connect_timeout)
     session.commit()  # keeps an XOAUTH2 token the check refreshed
+    return _check_read(result)
+
+
+def _check_read(result: CheckResult) -> AccountCheckRead:
     return AccountCheckRead(
         ok=result.ok,
         stage=None if result.ok else result.stage,

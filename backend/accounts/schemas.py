@@ -16,6 +16,7 @@ from pydantic import (
     SecretStr,
     StringConstraints,
     UrlConstraints,
+    field_validator,
     model_validator,
 )
 from pydantic.config import JsonDict
@@ -229,6 +230,14 @@ class OAuth2Credentials(BaseModel):
     client_secret: Secret | None = None
     token_url: TokenUrl | None = None
 
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _date_time_text(cls, value: object) -> object:
+        # The schema promises an ISO 8601 string; pydantic alone would take epoch numbers.
+        if isinstance(value, int | float):
+            raise ValueError("must be an ISO 8601 date-time like '2030-01-01T00:00:00Z'")
+        return value
+
     @model_validator(mode="after")
     def _refreshable(self) -> OAuth2Credentials:
         if self.refresh_token is not None and (self.client_id is None or self.token_url is None):
@@ -296,7 +305,42 @@ _CREATE_EXAMPLE: JsonDict = {
 }
 
 
-class AccountCreate(_InitialSyncFields):
+class AccountConnection(BaseModel):
+    """How to reach and log in to a mailbox: all that POST /accounts/test needs. Give
+    exactly one of `password` and `oauth2`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "imap_host": "imap.example.com",
+                    "imap_port": 993,
+                    "imap_security": "ssl",
+                    "username": "support@example.com",
+                    "password": "app-password",
+                    "folders": ["INBOX"],
+                }
+            ]
+        },
+    )
+
+    imap_host: Host
+    imap_port: Port = 993
+    imap_security: ImapSecurity = ImapSecurity.SSL
+    username: Username
+    password: Password | None = None
+    oauth2: OAuth2Credentials | None = None
+    folders: Folders = Field(default_factory=lambda: ["INBOX"])
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> AccountConnection:
+        if (self.password is None) == (self.oauth2 is None):
+            raise ValueError("give exactly one of 'password' and 'oauth2'")
+        return self
+
+
+class AccountCreate(_InitialSyncFields, AccountConnection):
     """A mailbox to poll. Give exactly one of `password` and `oauth2`."""
 
     model_config = ConfigDict(
@@ -319,13 +363,6 @@ class AccountCreate(_InitialSyncFields):
     )
 
     email: Email
-    imap_host: Host
-    imap_port: Port = 993
-    imap_security: ImapSecurity = ImapSecurity.SSL
-    username: Username
-    password: Password | None = None
-    oauth2: OAuth2Credentials | None = None
-    folders: Folders = Field(default_factory=lambda: ["INBOX"])
     poll_interval_seconds: Interval | None = Field(
         default=None, description="seconds between polls (default DEFAULT_POLL_INTERVAL_SECONDS)"
     )
@@ -336,8 +373,6 @@ class AccountCreate(_InitialSyncFields):
 
     @model_validator(mode="after")
     def _consistent(self) -> AccountCreate:
-        if (self.password is None) == (self.oauth2 is None):
-            raise ValueError("give exactly one of 'password' and 'oauth2'")
         check_initial_sync(
             self.initial_sync or InitialSync.ALL, self.initial_sync_count, self.initial_sync_since
         )
@@ -451,3 +486,17 @@ class AccountCheckRead(BaseModel):
     stage: str | None
     detail: str
     folders: list[FolderCheckRead]
+
+
+class FolderRead(BaseModel):
+    """A configured folder and how far it is ingested. The cursor fields are null until
+    its first poll."""
+
+    name: str
+    uidvalidity: int | None
+    last_uid: int | None
+    updated_at: datetime | None
+
+
+class FolderList(BaseModel):
+    items: list[FolderRead]

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from backend import crypto
 from backend.accounts.schemas import (
+    AccountConnection,
     AccountCreate,
     AccountUpdate,
     OAuth2Credentials,
@@ -31,6 +32,7 @@ from backend.models import (
     AuthMethod,
     FolderCursor,
     InitialSync,
+    PollRun,
 )
 from backend.schedules import service as schedules
 from backend.storage import service as storage
@@ -71,6 +73,29 @@ def list_accounts(
     return list(items), total
 
 
+def list_poll_runs(
+    session: Session, account_id: int, *, limit: int, offset: int
+) -> tuple[list[PollRun], int]:
+    """An account's poll runs, newest first."""
+    get_account(session, account_id)
+    query = select(PollRun).where(PollRun.account_id == account_id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    items = session.scalars(query.order_by(PollRun.id.desc()).limit(limit).offset(offset)).all()
+    return list(items), total
+
+
+def folder_cursors(session: Session, account: Account) -> list[tuple[str, FolderCursor | None]]:
+    """Each configured folder with its cursor (None before its first poll), in the
+    account's order."""
+    cursors = {
+        cursor.folder: cursor
+        for cursor in session.scalars(
+            select(FolderCursor).where(FolderCursor.account_id == account.id)
+        )
+    }
+    return [(folder, cursors.get(folder)) for folder in account.folders or ["INBOX"]]
+
+
 def create_account(session: Session, data: AccountCreate) -> Account:
     _ensure_unique(session, data.imap_host, data.imap_port, data.username)
     auth_method, credentials = _credentials(data.password, data.oauth2)
@@ -105,6 +130,21 @@ def create_account(session: Session, data: AccountCreate) -> Account:
     session.add(account)
     _flush(session, account)
     return account
+
+
+def unsaved_account(data: AccountConnection) -> Account:
+    """An account that is never added to a session: what POST /accounts/test tries."""
+    auth_method, credentials = _credentials(data.password, data.oauth2)
+    return Account(
+        email=data.username,
+        imap_host=data.imap_host,
+        imap_port=data.imap_port,
+        imap_security=data.imap_security,
+        username=data.username,
+        auth_method=auth_method,
+        credentials_encrypted=crypto.encrypt_json(credentials),
+        folders=list(data.folders),
+    )
 
 
 def update_account(session: Session, account: Account, data: AccountUpdate) -> Account:

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from backend.admin import service
 from backend.admin.schemas import (
+    ActivityRead,
     CapacityRead,
     HealthRead,
     ReconcileRead,
@@ -91,6 +92,17 @@ def retry_task(task_id: TaskId, session: SessionDep) -> RetryRead:
     """Run a finished or failed poll again (a new task for the same mailbox). Other tasks
     cannot be retried here: without a result backend their arguments are not kept."""
     return service.retry_task(session, task_id)
+
+
+@router.get("/activity")
+def activity(
+    session: SessionDep,
+    minutes: Annotated[
+        int, Query(ge=30, le=10_080, description="how far back, in 30 buckets")
+    ] = 60,
+) -> ActivityRead:
+    """Polls, failed polls and messages over time, in 30 buckets."""
+    return service.activity(session, minutes=minutes)
 
 
 @health_router.get(

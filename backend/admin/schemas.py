@@ -94,6 +94,27 @@ class PollRunRead(BaseModel):
     messages_count: int
     bytes_count: int
     error: str | None
+    task_id: str | None = None
+    duration_seconds: float | None = None
+
+
+class PollRunList(BaseModel):
+    items: list[PollRunRead]
+    total: int
+
+
+class ActivityBucket(BaseModel):
+    start: datetime
+    polls: int = Field(description="polls started in this bucket")
+    failed: int = Field(description="of those, polls that failed")
+    messages: int = Field(description="messages those polls stored")
+
+
+class ActivityRead(BaseModel):
+    """Polls and messages over time (the load now is GET /admin/capacity)."""
+
+    bucket_seconds: int
+    buckets: list[ActivityBucket]
 
 
 class TaskStateRead(BaseModel):

@@ -18,12 +18,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import redis
-from sqlalchemy import select, text
+from sqlalchemy import ColumnElement, Integer, case, cast, func, select, text
 from sqlalchemy.orm import Session
 
-from backend.admin.redis_client import ensure_redis, redis_client, redis_location
+from backend import redis
 from backend.admin.schemas import (
+    ActivityBucket,
+    ActivityRead,
     CapacityRead,
     HealthRead,
     PollRunRead,
@@ -49,6 +50,20 @@ log = logging.getLogger(__name__)
 WORKERS = "the Celery workers"
 # How far into each queue a task lookup reads (LRANGE), so a huge backlog stays cheap.
 QUEUE_SCAN_LIMIT = 50_000
+
+
+def ensure_redis(what: str) -> None:
+    """Answer 503 at once, saying why, when Redis does not answer; `what` names what
+    needs it ("the Celery workers", "the schedule")."""
+    timeout = get_settings().health_check_timeout_seconds
+    try:
+        with redis.probe(timeout) as client:
+            client.ping()
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(
+            f"{what} cannot be reached: Redis at {redis.location()} did not answer within "
+            f"{timeout:g}s ({type(exc).__name__})"
+        ) from exc
 
 
 # -- the schedule ----------------------------------------------------------------------
@@ -127,7 +142,7 @@ def capacity(session: Session) -> CapacityRead:
         result = schedules.capacity(session)
     except redis.RedisError as exc:
         raise ServiceUnavailable(
-            f"the poll queue could not be read: Redis at {redis_location()} did not answer "
+            f"the poll queue could not be read: Redis at {redis.location()} did not answer "
             f"({type(exc).__name__})"
         ) from exc
     return CapacityRead(**vars(result))
@@ -233,22 +248,20 @@ def _find_queued(task_id: str) -> tuple[str, str | None] | None:
     from backend.celery_app import app, queue_keys
 
     needle = task_id.encode()
-    client = redis_client(get_settings().health_check_timeout_seconds)
     try:
-        for queue in app.conf.task_queues:
-            for key in queue_keys(queue.name):
-                for raw in client.lrange(key, 0, QUEUE_SCAN_LIMIT - 1):
-                    if needle not in raw:
-                        continue
-                    headers = json.loads(raw).get("headers") or {}
-                    if headers.get("id") == task_id:
-                        return queue.name, headers.get("task")
+        with redis.probe() as client:
+            for queue in app.conf.task_queues:
+                for key in queue_keys(queue.name):
+                    for raw in client.lrange(key, 0, QUEUE_SCAN_LIMIT - 1):
+                        if needle not in raw:
+                            continue
+                        headers = json.loads(raw).get("headers") or {}
+                        if headers.get("id") == task_id:
+                            return queue.name, headers.get("task")
     except Exception as exc:
         raise ServiceUnavailable(
             f"the Celery queues could not be read ({type(exc).__name__})"
         ) from exc
-    finally:
-        client.close()
     return None
 
 
@@ -289,6 +302,53 @@ def retry_task(session: Session, task_id: str) -> RetryRead:
     return RetryRead(task_id=new_id, retry_of=task_id, account_id=account.id)
 
 
+# -- activity ----------------------------------------------------------------------------
+
+ACTIVITY_BUCKETS = 30
+FAILED_OUTCOMES = ("auth_error", "connection_error", "protocol_error", "internal_error")
+
+
+def activity(session: Session, *, minutes: int) -> ActivityRead:
+    """Poll runs of the last `minutes` in ACTIVITY_BUCKETS buckets, counted in SQL so a
+    busy day stays one cheap query."""
+    bucket_seconds = max(1, minutes * 60 // ACTIVITY_BUCKETS)
+    now = utcnow()
+    start = now - timedelta(seconds=bucket_seconds * ACTIVITY_BUCKETS)
+    index = cast(
+        func.floor((_epoch(session, PollRun.started_at) - start.timestamp()) / bucket_seconds),
+        Integer,
+    ).label("bucket")
+    rows = session.execute(
+        select(
+            index,
+            func.count(),
+            func.sum(case((PollRun.outcome.in_(FAILED_OUTCOMES), 1), else_=0)),
+            func.sum(PollRun.messages_count),
+        )
+        .where(PollRun.started_at >= start)
+        .group_by(index)
+    ).all()
+    counts = {int(row[0]): row for row in rows}
+    buckets = []
+    for number in range(ACTIVITY_BUCKETS):
+        row = counts.get(number)
+        buckets.append(
+            ActivityBucket(
+                start=start + timedelta(seconds=number * bucket_seconds),
+                polls=int(row[1]) if row else 0,
+                failed=int(row[2] or 0) if row else 0,
+                messages=int(row[3] or 0) if row else 0,
+            )
+        )
+    return ActivityRead(bucket_seconds=bucket_seconds, buckets=buckets)
+
+
+def _epoch(session: Session, column: Any) -> ColumnElement[Any]:
+    if session.get_bind().dialect.name == "sqlite":
+        return cast(func.strftime("%s", column), Integer)
+    return func.extract("epoch", column)
+
+
 # -- health ------------------------------------------------------------------------------
 
 
@@ -305,11 +365,8 @@ def _check_database() -> str:
 
 
 def _check_redis() -> str:
-    client = redis_client(get_settings().health_check_timeout_seconds)
-    try:
+    with redis.probe() as client:
         client.ping()
-    finally:
-        client.close()
     return "ok"
 
 

@@ -443,6 +443,35 @@ def test_test_endpoint_succeeds_and_counts_messages(api, dovecot: Dovecot, mail_
     ]
 
 
+def test_test_settings_before_saving(api: TestClient, db: Session, dovecot: Dovecot, mail_user):
+    user, password = mail_user
+    dovecot.append(user, b"Subject: hi\r\n\r\nbody\r\n")
+    settings = {
+        "imap_host": dovecot.host,
+        "imap_port": dovecot.imap_port,
+        "imap_security": "none",
+        "username": user,
+        "folders": ["INBOX", "Nope"],
+    }
+    body = api.post("/accounts/test", json={**settings, "password": password}).json()
+    assert (body["ok"], body["stage"]) == (False, "folder")
+    assert [(f["name"], f["ok"], f["messages"]) for f in body["folders"]] == [
+        ("INBOX", True, 1),
+        ("Nope", False, None),
+    ]
+    settings["folders"] = ["INBOX"]
+    body = api.post("/accounts/test", json={**settings, "password": password}).json()
+    assert (body["ok"], body["stage"], body["detail"]) == (True, None, "ok")
+    wrong = api.post("/accounts/test", json={**settings, "password": "wrong-SECRET"}).json()
+    assert (wrong["ok"], wrong["stage"]) == (False, "auth")
+    assert "wrong-SECRET" not in str(wrong)
+    missing = api.post("/accounts/test", json=settings)
+    assert missing.status_code == 422
+    assert "exactly one of 'password' and 'oauth2'" in missing.json()["detail"]
+    # Nothing was saved.
+    assert db.scalar(select(func.count(Account.id))) == 0
+
+
 def test_test_endpoint_names_the_failing_stage(api, dovecot: Dovecot, mail_user):
     user, password = mail_user
     wrong_pw = create_dovecot_account(api, dovecot, user, "wrong-SECRET")
@@ -520,6 +549,41 @@ def test_no_secret_in_any_response_or_log(
     for secret in (password, "other-SECRET", "tok-SECRET"):
         assert not any(secret in text for text in seen)
         assert secret not in caplog.text
+
+
+def test_poll_runs_and_folders_of_an_account(api: TestClient, db: Session):
+    account = insert_account(db, folders=["INBOX", "Archive"])
+    other = insert_account(db)
+    started = utcnow() - timedelta(minutes=5)
+    for index, outcome in enumerate(["success", "auth_error", "success"]):
+        db.add(
+            PollRun(
+                account_id=account.id,
+                started_at=started + timedelta(minutes=index),
+                finished_at=started + timedelta(minutes=index, seconds=2),
+                outcome=outcome,
+                messages_count=index,
+                task_id=f"task-{index}",
+            )
+        )
+    db.add(PollRun(account_id=other.id, outcome="success"))
+    db.add(FolderCursor(account_id=account.id, folder="INBOX", uidvalidity=7, last_uid=42))
+    db.commit()
+
+    runs = api.get(f"/accounts/{account.id}/poll-runs", params={"limit": 2}).json()
+    assert runs["total"] == 3
+    assert [(r["outcome"], r["task_id"]) for r in runs["items"]] == [
+        ("success", "task-2"),
+        ("auth_error", "task-1"),
+    ]
+    assert runs["items"][0]["duration_seconds"] == 2.0
+    folders = api.get(f"/accounts/{account.id}/folders").json()["items"]
+    assert [(f["name"], f["uidvalidity"], f["last_uid"]) for f in folders] == [
+        ("INBOX", 7, 42),
+        ("Archive", None, None),
+    ]
+    assert api.get("/accounts/999999/poll-runs").status_code == 404
+    assert api.get("/accounts/999999/folders").status_code == 404
 
 
 def test_pointing_an_account_that_holds_mail_at_another_mailbox_is_refused(

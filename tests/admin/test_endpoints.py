@@ -209,3 +209,39 @@ def test_local_mode_runs_polls_in_the_api_process(set_env: Callable[..., None], 
         assert health["checks"]["redis"] == "not used (local mode)"
         assert health["status"] == "healthy"
         assert api.get("/admin/celery/workers").status_code == 503
+
+
+def test_activity_counts_polls_and_messages_per_bucket(api: TestClient, db: Session):
+    account = insert_account(db)
+    now = utcnow()
+    runs = [
+        # (minutes ago, outcome, messages)
+        (1, "success", 4),
+        (1, "connection_error", 0),
+        (31, "success", 2),
+        (59, "success", 1),
+        (90, "success", 100),  # outside the hour
+    ]
+    for minutes, outcome, messages in runs:
+        started = now - timedelta(minutes=minutes)
+        db.add(
+            PollRun(
+                account_id=account.id,
+                started_at=started,
+                finished_at=started + timedelta(seconds=1),
+                outcome=outcome,
+                messages_count=messages,
+            )
+        )
+    db.commit()
+
+    body = api.get("/admin/activity", params={"minutes": 60}).json()
+    assert body["bucket_seconds"] == 120
+    buckets = body["buckets"]
+    assert len(buckets) == 30
+    assert sum(b["polls"] for b in buckets) == 4
+    assert sum(b["messages"] for b in buckets) == 7
+    assert buckets[-1] == {**buckets[-1], "polls": 2, "failed": 1, "messages": 4}
+    assert buckets[0]["messages"] == 1  # 59 minutes ago: the first bucket
+    assert buckets[14]["messages"] == 2  # 29 minutes after the start, in 2-minute buckets
+    assert api.get("/admin/activity", params={"minutes": 5}).status_code == 422

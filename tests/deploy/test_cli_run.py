@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,13 @@ import httpx
 import pytest
 from cryptography.fernet import Fernet
 
-from backend.cli import stack_commands
+from backend.cli import main, stack_commands
 from tests.deploy.files import DESIGN_COMMANDS, ROOT
 from tests.deploy.stack import Api, account_body, email, wait_until
 from tests.support.dovecot import Dovecot
 from tests.support.net import free_port, wait_for_port
 from tests.support.redis_db import RedisDb
+from tests.webhooks.receiver import SECRET, Receiver
 
 
 @dataclass
@@ -42,14 +44,14 @@ class Run:
 
 
 @contextmanager
-def cli_run(cwd: Path, **env: str) -> Iterator[Run]:
+def cli_run(cwd: Path, *args: str, **env: str) -> Iterator[Run]:
     """`python -m backend.cli run` in `cwd` with only what a shell on a new laptop has
     (none of the test bed's settings); Ctrl-C (SIGINT) on the way out."""
     port = free_port()
     log_path = cwd / "run.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "backend.cli", "run", "--port", str(port)],
+            [sys.executable, "-m", "backend.cli", "run", "--port", str(port), *args],
             cwd=cwd,
             env={"PATH": os.environ["PATH"], "HOME": str(cwd), "PYTHONPATH": str(ROOT), **env},
             stdout=log,
@@ -85,12 +87,24 @@ def test_without_redis_it_serves_the_api_and_polls_in_process(
     tmp_path: Path, dovecot: Dovecot
 ) -> None:
     closed = f"redis://127.0.0.1:{free_port()}/0"
-    with cli_run(tmp_path, REDIS_URL=closed) as run:
-        health = httpx.get(run.url + "/health", timeout=30)
-        token = _env_file(tmp_path / ".env")["ADMIN_API_TOKEN"]
-        unauthorized = httpx.get(run.url + "/accounts", timeout=30)
-        subjects = _ingests_mail(Api(run.url, token), dovecot)
+    receiver = Receiver()
+    receiver.up()
+    try:
+        with cli_run(
+            tmp_path, REDIS_URL=closed, WEBHOOK_URL=receiver.url, WEBHOOK_SECRET=SECRET
+        ) as run:
+            health = httpx.get(run.url + "/health", timeout=30)
+            token = _env_file(tmp_path / ".env")["ADMIN_API_TOKEN"]
+            unauthorized = httpx.get(run.url + "/accounts", timeout=30)
+            subjects = _ingests_mail(Api(run.url, token), dovecot)
+            wait_until("the webhook", lambda: len(receiver.delivered()) == 2, 60)
+    finally:
+        receiver.down()
     output = run.output()
+
+    # PUBLIC_BASE_URL is unset (.env leaves it empty): links follow the port served.
+    links = [r.json()["data"]["message"]["raw_url"] for r in receiver.delivered()]
+    assert all(link.startswith(f"{run.url}/messages/") for link in links), links
 
     assert health.status_code == 200, health.text
     assert health.json()["checks"]["database"] == "ok"
@@ -114,9 +128,16 @@ def test_without_redis_it_serves_the_api_and_polls_in_process(
 def test_with_redis_it_runs_api_beat_and_a_worker_and_stops_them_together(
     tmp_path: Path, redis_db: RedisDb, dovecot: Dovecot
 ) -> None:
-    with cli_run(tmp_path, REDIS_URL=redis_db.url) as run:
+    flower_port = free_port()
+    flower = ("--flower", "--flower-port", str(flower_port))
+    with cli_run(tmp_path, *flower, REDIS_URL=redis_db.url) as run:
         children = _children(run.process.pid)
         api = Api(run.url, _env_file(tmp_path / ".env")["ADMIN_API_TOKEN"])
+        wait_for_port(flower_port, timeout=120)
+        user, password = _env_file(tmp_path / ".env")["FLOWER_BASIC_AUTH"].split(":", 1)
+        flower_url = f"http://127.0.0.1:{flower_port}/api/workers"
+        flower_anonymous = httpx.get(flower_url, timeout=30)
+        flower_workers = httpx.get(flower_url, auth=(user, password), timeout=30)
 
         def worker_seen() -> dict[str, str] | None:
             checks: dict[str, str] = api("GET", "/health").json()["checks"]
@@ -130,8 +151,12 @@ def test_with_redis_it_runs_api_beat_and_a_worker_and_stops_them_together(
     assert checks["redis"] == "ok"
     assert len(subjects) == 2
     assert "API, Celery beat and a worker" in output
-    # Ctrl-C stopped all three children, not just the parent.
-    assert len(children) == 3, output
+    assert f"Flower on http://127.0.0.1:{flower_port}" in output
+    # Flower asks for the login .env holds, as in compose.
+    assert flower_anonymous.status_code == 401
+    assert flower_workers.status_code == 200, flower_workers.text
+    # Ctrl-C stopped all four children, not just the parent.
+    assert len(children) == 4, output
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], output
     assert run.code == 0, output
 
@@ -167,3 +192,44 @@ def _children(pid: int) -> set[int]:
         if int(fields[1]) == pid:
             children.add(int(stat.parent.name))
     return children
+
+
+def test_a_busy_port_is_named_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as stopped:
+            main(["run", "--port", str(port)])
+        with pytest.raises(SystemExit) as flower_stopped:
+            main(["run", "--port", str(free_port()), "--flower", "--flower-port", str(port)])
+    message = str(stopped.value.code)
+    assert f"cannot serve on 127.0.0.1:{port}: Address already in use" in message
+    assert f"RUN_ARGS='--port {port + 1}'" in message
+    message = str(flower_stopped.value.code)
+    assert f"cannot start Flower on 127.0.0.1:{port}: Address already in use" in message
+    assert f"RUN_ARGS='--flower-port {port + 1}'" in message
+    # It stopped first: no .env written, no migration, no child process.
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_database_is_named_with_the_command_that_creates_it(
+    set_env: Callable[..., None], database_url: str
+) -> None:
+    missing = f"mailbeat_missing_{uuid.uuid4().hex[:8]}"
+    set_env(DATABASE_URL=database_url.rsplit("/", 1)[0] + f"/{missing}")
+    with pytest.raises(SystemExit) as stopped:
+        main(["migrate"])
+    message = str(stopped.value.code)
+    assert message.startswith(f'mailbeat: PostgreSQL at 127.0.0.1:5432 has no database "{missing}"')
+    assert f"createdb -h 127.0.0.1 -p 5432 -U postgres {missing}" in message
+    assert "Traceback" not in message and len(message.splitlines()) <= 4
+
+    set_env(DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/mailbeat")
+    with pytest.raises(SystemExit) as refused:
+        main(["migrate"])
+    assert "does not answer" in str(refused.value.code)
+    assert "Start PostgreSQL" in str(refused.value.code)

@@ -1,0 +1,618 @@
+"""The operator's commands of `python -m backend.cli`: accounts, status, schedules, dead
+letters and backfill. They call the same services as the API, in this process, and each
+command is its own boundary: it commits, then brings the schedule along.
+
+Every command prints a readable table, or with `--json` the API's own shapes. Work that
+takes a while (a poll, a backfill) draws a progress bar on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import date, datetime
+from typing import Any, TextIO
+
+import pydantic
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from backend.accounts import service as accounts
+from backend.accounts.schemas import AccountCreate, AccountRead, AccountUpdate
+from backend.admin import service as admin
+from backend.admin.schemas import PollRunRead
+from backend.config import get_settings
+from backend.db import session_scope
+from backend.errors import MailbeatError
+from backend.models import Account, utcnow
+from backend.schedules import service as schedules
+from backend.webhooks import service as webhooks
+from backend.webhooks.schemas import DeadLetter
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class CommandError(Exception):
+    """Shown to the operator as it is, with exit status 1."""
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def emit_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
+    """Plain columns, as wide as their widest cell."""
+    cells = [[_cell(value) for value in row] for row in rows]
+    widths = [max([len(name), *(len(row[i]) for row in cells)]) for i, name in enumerate(header)]
+    for row in [list(header), *cells]:
+        print(
+            "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    text = str(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def ago(moment: datetime | None) -> str:
+    if moment is None:
+        return "never"
+    return f"{human_seconds((utcnow() - moment).total_seconds())} ago"
+
+
+def human_seconds(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+class ProgressBar:
+    """`label [#####.....] done/total` on stderr: redrawn in place on a terminal, a line
+    per change otherwise (logs, pipes)."""
+
+    WIDTH = 30
+
+    def __init__(self, label: str, stream: TextIO | None = None) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.last: tuple[int, int] | None = None
+
+    def update(self, done: int, total: int) -> None:
+        if (done, total) == self.last:
+            return
+        self.last = (done, total)
+        filled = self.WIDTH if total <= 0 else min(self.WIDTH, self.WIDTH * done // total)
+        percent = 100 if total <= 0 else min(100, 100 * done // total)
+        line = (
+            f"{self.label} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total} {percent}%"
+        )
+        if self.stream.isatty():
+            self.stream.write("\r" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.stream.isatty() and self.last is not None:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# -- accounts -------------------------------------------------------------------------------
+
+
+def _account_json(account: Account) -> dict[str, Any]:
+    return AccountRead.model_validate(account).model_dump(mode="json")
+
+
+def accounts_list(args: argparse.Namespace) -> int:
+    with session_scope() as session:
+        items, _total = accounts.list_accounts(session, status=args.status, limit=100_000, offset=0)
+        if args.json:
+            emit_json([_account_json(account) for account in items])
+            return 0
+        table(
+            [
+                (
+                    a.id,
+                    a.email,
+                    a.status,
+                    a.priority,
+                    ago(a.last_polled_at),
+                    ago(a.last_success_at),
+                    a.message_count,
+                    a.last_error,
+                )
+                for a in items
+            ],
+            (
+                "ID",
+                "MAILBOX",
+                "STATUS",
+                "PRIO",
+                "LAST POLL",
+                "LAST SUCCESS",
+                "MESSAGES",
+                "LAST ERROR",
+            ),
+        )
+    return 0
+
+
+def accounts_show(args: argparse.Namespace) -> int:
+    with session_scope() as session:
+        account = accounts.get_account(session, args.id)
+        folders = accounts.folder_cursors(session, account)
+        runs, _ = accounts.list_poll_runs(session, account.id, limit=5, offset=0)
+        data = _account_json(account)
+        data["folders_state"] = [
+            {
+                "name": name,
+                "uidvalidity": cursor.uidvalidity if cursor else None,
+                "last_uid": cursor.last_uid if cursor else None,
+            }
+            for name, cursor in folders
+        ]
+        data["poll_runs"] = [
+            PollRunRead.model_validate(run).model_dump(mode="json") for run in runs
+        ]
+    if args.json:
+        emit_json(data)
+        return 0
+    width = max(len(key) for key in data)
+    for key, value in data.items():
+        if key in ("folders_state", "poll_runs"):
+            continue
+        print(f"{key.ljust(width)}  {_cell(value)}")
+    print("\nfolders:")
+    table(
+        [(f["name"], f["uidvalidity"], f["last_uid"]) for f in data["folders_state"]],
+        ("FOLDER", "UIDVALIDITY", "LAST UID"),
+    )
+    print("\nrecent polls:")
+    table(
+        [
+            (r["started_at"], r["outcome"], r["messages_count"], r["duration_seconds"], r["error"])
+            for r in data["poll_runs"]
+        ],
+        ("STARTED", "OUTCOME", "MESSAGES", "SECONDS", "ERROR"),
+    )
+    return 0
+
+
+def _password(args: argparse.Namespace) -> str | None:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    if args.password is not None:
+        return str(args.password)
+    if sys.stdin.isatty():
+        return getpass.getpass(f"password for {args.username}: ")
+    raise CommandError("give the password: --password-stdin (or --password, seen by `ps`)")
+
+
+def accounts_add(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {
+        "email": args.email,
+        "imap_host": args.host,
+        "imap_security": args.security,
+        "username": args.username or args.email,
+        "password": None,
+        "folders": args.folders.split(","),
+        "enabled": not args.disabled,
+        "priority": args.priority,
+    }
+    args.username = body["username"]
+    body["password"] = _password(args)
+    if args.port is not None:
+        body["imap_port"] = args.port
+    if args.interval is not None:
+        body["poll_interval_seconds"] = args.interval
+    data = _validated(AccountCreate, body)
+    with session_scope() as session:
+        account = accounts.create_account(session, data)
+        session.commit()
+        schedules.sync_account(account)
+        result = _account_json(account)
+    if args.json:
+        emit_json(result)
+    else:
+        print(f"added account {result['id']}: {result['email']} ({result['status']})")
+    return 0
+
+
+def _validated(model: type[pydantic.BaseModel], body: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate({k: v for k, v in body.items() if v is not None})
+    except pydantic.ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(part) for part in error['loc']) or 'input'}: {error['msg']}"
+            for error in exc.errors()
+        ]
+        raise CommandError("invalid account:\n  " + "\n  ".join(problems)) from None
+
+
+def accounts_test(args: argparse.Namespace) -> int:
+    from backend.mailbox.service import check_account
+
+    with session_scope() as session:
+        account = accounts.get_account(session, args.id)
+        result = check_account(account, timeout=get_settings().imap_connect_timeout)
+    data = {
+        "ok": result.ok,
+        "stage": None if result.ok else result.stage,
+        "detail": result.detail,
+        "folders": [
+            {"name": f.name, "ok": f.ok, "detail": f.detail, "messages": f.messages}
+            for f in result.folders
+        ],
+    }
+    if args.json:
+        emit_json(data)
+    else:
+        print(
+            "ok: login and folders work"
+            if result.ok
+            else f"failed at {result.stage}: {result.detail}"
+        )
+        for folder in result.folders:
+            print(f"  {folder.name}: {folder.detail}")
+    return 0 if result.ok else 1
+
+
+def accounts_set_enabled(enabled: bool) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        with session_scope() as session:
+            account = accounts.update_account(
+                session, accounts.get_account(session, args.id), AccountUpdate(enabled=enabled)
+            )
+            session.commit()
+            schedules.sync_account(account)
+            result = _account_json(account)
+        if args.json:
+            emit_json(result)
+        else:
+            print(f"account {result['id']} ({result['email']}): {result['status']}")
+        return 0
+
+    return run
+
+
+def accounts_delete(args: argparse.Namespace) -> int:
+    with session_scope() as session:
+        account = accounts.get_account(session, args.id)
+        email = account.email
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise CommandError(f"deleting {email} removes all its messages: add --yes")
+            if input(f"delete {email} and all its stored messages? [y/N] ").lower() != "y":
+                print("not deleted")
+                return 1
+        accounts.delete_account(session, account)
+        session.commit()
+    schedules.remove_account(args.id)
+    if args.json:
+        emit_json({"deleted": args.id})
+    else:
+        print(f"deleted account {args.id} ({email})")
+    return 0
+
+
+def accounts_poll(args: argparse.Namespace) -> int:
+    """Poll in this process (no worker needed), with the progress the poll reports."""
+    from backend.cli import poll
+
+    return poll(args.id)
+
+
+# -- status ----------------------------------------------------------------------------------
+
+
+def status(args: argparse.Namespace) -> int:
+    with session_scope() as session:
+        data = _status(session)
+    if args.json:
+        emit_json(data)
+        return 0
+    counts = data["mailboxes"]
+    print(f"mode:       {data['mode']}")
+    print(
+        "mailboxes:  "
+        + ", ".join(f"{counts[name]} {name}" for name in ("active", "error", "disabled"))
+        + f" ({sum(counts.values())} in all)"
+    )
+    lag = data["lag_seconds"]
+    print(f"lag:        {'-' if lag is None else human_seconds(lag)} (oldest last success)")
+    print(f"queue:      {'-' if data['queue_length'] is None else data['queue_length']} waiting")
+    print(
+        f"polls/s:    {data['completed_polls_per_second']:.2f} done (last minute), "
+        f"{data['demanded_polls_per_second']:.2f} asked"
+        + (" - falling behind: add workers or lengthen intervals" if data["behind"] else "")
+    )
+    workers = data["workers"]
+    if isinstance(workers, str):
+        print(f"workers:    {workers}")
+    else:
+        print(f"workers:    {len(workers)}")
+        for worker in workers:
+            print(
+                f"  {worker['name']}: {worker['active']} running, "
+                f"{worker['concurrency']} processes, queues {', '.join(worker['queues'])}"
+            )
+    if data["failing"]:
+        print("\nfailing mailboxes:")
+        table(
+            [(f["id"], f["email"], f["status"], f["last_error"]) for f in data["failing"]],
+            ("ID", "MAILBOX", "STATUS", "LAST ERROR"),
+        )
+    return 0
+
+
+def _status(session: Session) -> dict[str, Any]:
+    counts = {"active": 0, "error": 0, "disabled": 0}
+    for name, count in session.execute(
+        select(Account.status, func.count()).group_by(Account.status)
+    ):
+        counts[str(name)] = int(count)
+    oldest = session.scalar(
+        select(func.min(func.coalesce(Account.last_success_at, Account.created_at))).where(
+            Account.enabled.is_(True)
+        )
+    )
+    failing = session.scalars(
+        select(Account).where(Account.status != "active").order_by(Account.id).limit(20)
+    ).all()
+    capacity = admin.capacity(session)
+    mode = schedules.mode()
+    workers: list[dict[str, Any]] | str
+    if mode == "local":
+        workers = "none (local mode: polls run in the API process)"
+    else:
+        try:
+            workers = [w.model_dump() for w in admin.list_workers().workers]
+        except MailbeatError as exc:
+            workers = f"unknown: {exc.message}"
+    return {
+        "mode": str(mode),
+        "mailboxes": counts,
+        "lag_seconds": None if oldest is None else round((utcnow() - oldest).total_seconds()),
+        "queue_length": capacity.queue_length,
+        "oldest_pending_seconds": capacity.oldest_pending_seconds,
+        "demanded_polls_per_second": capacity.demanded_polls_per_second,
+        "completed_polls_per_second": capacity.completed_polls_per_second,
+        "behind": capacity.behind,
+        "workers": workers,
+        "failing": [
+            {"id": a.id, "email": a.email, "status": str(a.status), "last_error": a.last_error}
+            for a in failing
+        ],
+    }
+
+
+# -- schedules ------------------------------------------------------------------------------
+
+
+def schedules_sync(args: argparse.Namespace) -> int:
+    with session_scope() as session:
+        result = admin.sync_schedule(session)
+    if args.json:
+        emit_json(result.model_dump())
+    else:
+        print(", ".join(f"{value} {name}" for name, value in result.model_dump().items()))
+    return 0
+
+
+def schedules_list(args: argparse.Namespace) -> int:
+    schedule = admin.list_schedule(limit=100_000, offset=0)
+    if args.json:
+        emit_json(schedule.model_dump(mode="json"))
+        return 0
+    print(f"mode: {schedule.mode}, {schedule.total} entries")
+    table(
+        [(e.account_id, e.interval, e.last_run_at, e.next_run_at) for e in schedule.items],
+        ("ACCOUNT", "EVERY (S)", "LAST RUN", "NEXT RUN"),
+    )
+    return 0
+
+
+# -- dead letters ---------------------------------------------------------------------------
+
+
+def dead_letters_list(args: argparse.Namespace) -> int:
+    with session_scope() as session:
+        items, total = webhooks.list_dead_letters(
+            session, limit=args.limit, offset=0, account_id=args.account
+        )
+        letters = [DeadLetter.model_validate(item).model_dump(mode="json") for item in items]
+    if args.json:
+        emit_json({"items": letters, "total": total})
+        return 0
+    print(f"{total} dead letters")
+    table(
+        [
+            (
+                d["id"],
+                d["event_type"],
+                d["account_id"],
+                d["attempts"],
+                d["last_status_code"],
+                d["last_error"],
+            )
+            for d in letters
+        ],
+        ("ID", "EVENT", "ACCOUNT", "ATTEMPTS", "STATUS", "LAST ERROR"),
+    )
+    return 0
+
+
+def dead_letters_replay(args: argparse.Namespace) -> int:
+    if not args.ids and args.account is None:
+        raise CommandError("name dead letter ids, or --account ID for all of one account's")
+    with session_scope() as session:
+        ids: list[int] = []
+        for delivery_id in args.ids:
+            ids += webhooks.replay_dead_letter(session, delivery_id)
+        if args.account is not None:
+            ids += webhooks.replay_account_dead_letters(session, args.account)
+        session.commit()
+    # Sent after the commit, or a fast worker would find them still dead.
+    webhooks.dispatch(ids, use_celery=schedules.mode() == "celery")
+    if args.json:
+        emit_json({"replayed": len(ids), "delivery_ids": ids})
+    else:
+        print(f"replayed {len(ids)}: {', '.join(map(str, ids)) or '-'}")
+    return 0
+
+
+# -- backfill -------------------------------------------------------------------------------
+
+
+def backfill(args: argparse.Namespace) -> int:
+    from backend.processing import backfill as service
+
+    with session_scope() as session:
+        account = accounts.get_account(session, args.id)
+        folders = list(args.folder or account.folders or ["INBOX"])
+    window = service.Range(
+        uid_from=args.uid_from, uid_to=args.uid_to, since=args.since, before=args.before
+    )
+    progress = ProgressBar(f"backfill {args.id}")
+    progress.update(0, len(folders))
+    results = []
+    for done, folder in enumerate(folders, start=1):
+        # One folder at a time, so the bar moves as the work does.
+        results.append(
+            service.backfill(
+                args.id,
+                window=window,
+                folders=[folder],
+                dry_run=args.dry_run,
+                redeliver=args.redeliver,
+                use_celery=schedules.mode() == "celery",
+            )
+        )
+        progress.update(done, len(folders))
+    progress.finish()
+    rows = [entry for result in results for entry in result.folders]
+    if args.json:
+        emit_json(
+            {
+                "dry_run": args.dry_run,
+                "folders": [vars(entry) for entry in rows],
+                "stored_message_ids": [i for r in results for i in r.stored_message_ids],
+                "redelivered_message_ids": [i for r in results for i in r.redelivered_message_ids],
+            }
+        )
+        return 0
+    table(
+        [
+            (e.folder, e.on_server, e.held, e.missing, e.stored, e.handed_on, e.redelivered)
+            for e in rows
+        ],
+        ("FOLDER", "ON SERVER", "HELD", "MISSING", "STORED", "HANDED ON", "REDELIVERED"),
+    )
+    if args.dry_run:
+        print("dry run: nothing fetched or sent")
+    return 0
+
+
+# -- the parser ------------------------------------------------------------------------------
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The operator's commands, added to `python -m backend.cli`."""
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    acc = sub.add_parser("accounts", help="the mailboxes: list, add, show, test, poll, ...")
+    acc_sub = acc.add_subparsers(dest="action", required=True)
+    p = acc_sub.add_parser("list", parents=[as_json], help="every mailbox with its state")
+    p.add_argument("--status", choices=("active", "error", "disabled"))
+    p.set_defaults(handler=accounts_list)
+    p = acc_sub.add_parser("add", parents=[as_json], help="add a mailbox (password asked)")
+    p.add_argument("--email", required=True)
+    p.add_argument("--host", required=True, help="IMAP server")
+    p.add_argument("--port", type=int, help="default: 993 for ssl, else 143")
+    p.add_argument("--security", choices=("ssl", "starttls", "none"), default="ssl")
+    p.add_argument("--username", help="default: the email")
+    p.add_argument("--password", help="visible to other users in `ps`: prefer the prompt")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    p.add_argument("--folders", default="INBOX", help="comma-separated (default INBOX)")
+    p.add_argument("--interval", type=int, help="seconds between polls")
+    p.add_argument("--priority", type=int, help="0 to 9, higher is more urgent")
+    p.add_argument("--disabled", action="store_true", help="add it without polling it")
+    p.set_defaults(handler=accounts_add)
+    for name, handler, text in (
+        ("show", accounts_show, "one mailbox: state, folders and recent polls"),
+        ("test", accounts_test, "log in and open each folder now"),
+        ("poll", accounts_poll, "poll now, in this process, with progress"),
+        ("enable", accounts_set_enabled(True), "poll it again"),
+        ("disable", accounts_set_enabled(False), "stop polling it"),
+        ("delete", accounts_delete, "delete it with all its messages"),
+    ):
+        p = acc_sub.add_parser(name, parents=[as_json], help=text)
+        p.add_argument("id", type=int)
+        if name == "delete":
+            p.add_argument("--yes", action="store_true", help="do not ask")
+        p.set_defaults(handler=handler)
+
+    p = sub.add_parser(
+        "status", parents=[as_json], help="one screen: mailboxes by status, lag, queue, workers"
+    )
+    p.set_defaults(handler=status)
+
+    sch = sub.add_parser("schedules", help="the poll schedule")
+    sch_sub = sch.add_subparsers(dest="action", required=True)
+    p = sch_sub.add_parser("sync", parents=[as_json], help="rebuild it from the database")
+    p.set_defaults(handler=schedules_sync)
+    p = sch_sub.add_parser("list", parents=[as_json], help="the entries with last and next run")
+    p.set_defaults(handler=schedules_list)
+
+    dl = sub.add_parser("dead-letters", help="webhook deliveries that gave up")
+    dl_sub = dl.add_subparsers(dest="action", required=True)
+    p = dl_sub.add_parser("list", parents=[as_json], help="newest first")
+    p.add_argument("--account", type=int, help="only this account's")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(handler=dead_letters_list)
+    p = dl_sub.add_parser("replay", parents=[as_json], help="send them again")
+    p.add_argument("ids", type=int, nargs="*", help="dead letter ids")
+    p.add_argument("--account", type=int, help="every dead letter of this account")
+    p.set_defaults(handler=dead_letters_replay)
+
+    p = sub.add_parser(
+        "backfill", parents=[as_json], help="fetch again what the server holds in a range"
+    )
+    p.add_argument("id", type=int, help="account id")
+    p.add_argument("--folder", action="append", help="repeat for several (default: all)")
+    p.add_argument("--since", type=date.fromisoformat, help="YYYY-MM-DD, inclusive")
+    p.add_argument("--before", type=date.fromisoformat, help="YYYY-MM-DD, exclusive")
+    p.add_argument("--uid-from", type=int)
+    p.add_argument("--uid-to", type=int)
+    p.add_argument("--dry-run", action="store_true", help="count only")
+    p.add_argument("--redeliver", action="store_true", help="send held messages again")
+    p.set_defaults(handler=backfill)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the chosen command; the operator's mistakes are one line, not a traceback."""
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except (MailbeatError, CommandError) as exc:
+        text = exc.message if isinstance(exc, MailbeatError) else str(exc)
+        print(f"mailbeat: {text}", file=sys.stderr)
+        return 1

@@ -1,0 +1,201 @@
+"""The web console at /ui/, in chromium, over a real Dovecot."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import httpx
+from playwright.sync_api import Locator, Page, expect
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from backend.models import Account, WebhookDelivery
+from tests.conftest import ADMIN_TOKEN
+from tests.console.conftest import Server, screenshot
+from tests.mailbox.conftest import generated
+from tests.support.api import insert_account
+from tests.support.dovecot import Dovecot
+from tests.webhooks.receiver import SECRET, Receiver
+
+
+def sign_in(page: Page, server: Server) -> None:
+    page.goto(f"{server.url}/ui/")
+    page.fill("#token", ADMIN_TOKEN)
+    page.click("#signin button[type=submit]")
+    expect(page.locator("h1")).to_have_text("Mailboxes")
+
+
+def row(page: Page, email: str) -> Locator:
+    return page.locator("#mailboxes tbody tr", has_text=email)
+
+
+def test_sign_in_keeps_the_token_in_the_tab_only(page: Page, serve: Callable[..., Server]):
+    server = serve()
+    page.goto(f"{server.url}/ui")  # without the slash: redirected
+    expect(page.locator("#signin")).to_be_visible()
+    screenshot(page, "01-sign-in")
+
+    page.fill("#token", "not-the-token")
+    page.click("#signin button[type=submit]")
+    expect(page.locator("#signin .message")).to_contain_text("token was refused")
+    expect(page.locator("#nav")).to_be_hidden()
+
+    sign_in(page, server)
+    expect(page.locator("#mailboxes")).to_contain_text("No mailbox yet")
+    assert page.evaluate("sessionStorage.getItem('mailbeat.token')") == ADMIN_TOKEN
+    assert page.evaluate("localStorage.length") == 0
+    assert page.context.cookies() == []
+
+    # Another tab of the same browser does not get it; signing out forgets it.
+    other = page.context.new_page()
+    other.goto(f"{server.url}/ui/")
+    expect(other.locator("#signin")).to_be_visible()
+    page.click("#sign-out")
+    expect(page.locator("#signin")).to_be_visible()
+    assert page.evaluate("sessionStorage.length") == 0
+
+
+def test_mailboxes_add_test_poll_edit_disable_delete(
+    page: Page, serve: Callable[..., Server], dovecot: Dovecot, db: Session
+):
+    server = serve()
+    user = f"console-{uuid.uuid4().hex[:8]}"
+    password = dovecot.add_user(user, "pw-console")
+    dovecot.append_many(user, [generated(index) for index in range(3)])
+    broken = insert_account(
+        db,
+        email="broken@example.org",
+        imap_host="127.0.0.1",
+        imap_port=1,
+        imap_security="none",
+        status="error",
+        last_error="cannot connect to 127.0.0.1:1: connection refused",
+        last_error_kind="connection",
+        message_count=7,
+    )
+    broken_id = broken.id
+    sign_in(page, server)
+    expect(row(page, "broken@example.org")).to_contain_text("connection refused")
+
+    # Add, trying the settings first (wrong password, then the right one).
+    page.click("#add-account")
+    page.fill("#field-email", f"{user}@example.org")
+    page.fill("#field-imap_host", dovecot.host)
+    page.fill("#field-imap_port", str(dovecot.imap_port))
+    page.select_option("#field-imap_security", "none")
+    page.fill("#field-username", user)
+    page.fill("#field-password", "wrong-password")
+    page.click("#test-settings")
+    expect(page.locator("#form-result")).to_contain_text("Failed at auth")
+    page.fill("#field-password", password)
+    page.fill("#field-poll_interval_seconds", "3600")
+    page.click("#test-settings")
+    expect(page.locator("#form-result")).to_contain_text("Login and folders ok")
+    expect(page.locator("#form-result")).to_contain_text("INBOX: 3 messages")
+    screenshot(page, "02-add-mailbox")
+    page.click("#account-form button[type=submit]")
+
+    # Its page; a poll now brings the messages in.
+    expect(page.locator("h1")).to_contain_text(f"{user}@example.org")
+    page.click("button[data-action='poll now']")
+    expect(page.locator("#toast")).to_contain_text("poll queued (local")
+    expect(page.locator("#messages tbody tr")).to_have_count(3)
+    expect(page.locator("#poll-runs tbody")).to_contain_text("success")
+    expect(page.locator("#folders tbody")).to_contain_text("INBOX")
+    expect(page.locator("#folders tbody td").nth(2)).to_have_text("3")  # last UID
+    screenshot(page, "03-mailbox")
+    with page.expect_download() as download:
+        page.locator("#messages a.raw").first.click()
+    raw = download.value.path().read_bytes()
+    assert raw.startswith(b"From:") or b"Subject:" in raw
+
+    # Back to the list: sort, filter, test, disable, enable, edit, delete.
+    page.click("nav a[data-view=mailboxes]")
+    expect(page.locator("#mailboxes tbody tr")).to_have_count(2)
+    expect(row(page, user)).to_contain_text("active")
+    page.click("th[data-sort=message_count]")
+    expect(page.locator("#mailboxes tbody tr").first).to_contain_text(user)  # 3 before 7
+    page.click("th[data-sort=message_count]")
+    expect(page.locator("#mailboxes tbody tr").first).to_contain_text("broken@example.org")
+    page.fill("#filter", "refused")
+    expect(page.locator("#mailboxes tbody tr")).to_have_count(1)
+    page.fill("#filter", "")
+    page.select_option("#status-filter", "active")
+    expect(page.locator("#mailboxes tbody tr")).to_have_count(1)
+    expect(page.locator("#mailboxes tbody tr")).to_contain_text(user)
+    page.select_option("#status-filter", "")
+    screenshot(page, "04-mailboxes")
+
+    row(page, "broken@example.org").locator("button[data-action=test]").click()
+    expect(page.locator("#toast")).to_contain_text("failed at connect")
+    row(page, user).locator("button[data-action=disable]").click()
+    expect(row(page, user)).to_contain_text("disabled")
+    row(page, user).locator("button[data-action=enable]").click()
+    expect(row(page, user)).to_contain_text("active")
+
+    row(page, user).locator("button[data-action=edit]").click()
+    expect(page.locator("#field-password")).to_have_attribute("placeholder", "unchanged")
+    page.fill("#field-poll_interval_seconds", "120")
+    page.click("#account-form button[type=submit]")
+    expect(page.locator("#main")).to_contain_text("2 min")
+    account_id = int(page.url.rsplit("/", 1)[1])
+    check = httpx.get(
+        f"{server.url}/accounts/{account_id}",
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    ).json()
+    assert check["poll_interval_seconds"] == 120
+
+    # The activity chart counts the polls so far and the messages they stored.
+    page.click("nav a[data-view=system]")
+    expect(page.locator("#activity-chart")).to_have_attribute("data-messages", "3")
+    assert int(page.locator("#activity-chart").get_attribute("data-polls") or 0) >= 1
+
+    page.click("nav a[data-view=mailboxes]")
+    page.once("dialog", lambda dialog: dialog.accept())
+    row(page, "broken@example.org").locator("button[data-action=delete]").click()
+    expect(page.locator("#mailboxes tbody tr")).to_have_count(1)
+    db.rollback()
+    assert db.scalar(select(func.count()).where(Account.id == broken_id)) == 0
+
+
+def test_dead_letters_replay_and_the_activity_chart(
+    page: Page,
+    serve: Callable[..., Server],
+    db: Session,
+    receiver: Receiver,
+):
+    server = serve(WEBHOOK_URL=receiver.url, WEBHOOK_SECRET=SECRET)
+    account = insert_account(db, email="dead@example.org")
+    delivery = WebhookDelivery(
+        event_id=f"evt_{uuid.uuid4().hex}",
+        event_type="account.error",
+        dedupe_key=f"account.error:{account.id}:1",
+        target="global",
+        account_id=account.id,
+        data={"account_id": account.id, "error": "test"},
+        url=receiver.url,
+        status="dead",
+        attempts=8,
+        last_status_code=500,
+        last_error="the receiver answered 500",
+    )
+    db.add(delivery)
+    db.commit()
+
+    sign_in(page, server)
+    page.click("nav a[data-view=dead-letters]")
+    expect(page.locator("#dead-letters tbody tr")).to_have_count(1)
+    expect(page.locator("#dead-letters tbody")).to_contain_text("the receiver answered 500")
+    screenshot(page, "05-dead-letters")
+    page.click("#dead-letters button[data-action=replay]")
+    expect(page.locator("#toast")).to_contain_text("Replayed 1")
+    expect(page.locator("#dead-letters tbody")).to_contain_text("No dead letters")
+    assert delivery.event_id in receiver.event_ids()
+
+    page.click("nav a[data-view=system]")
+    expect(page.locator("#system-stats")).to_contain_text("local")
+    expect(page.locator("#activity-chart")).to_be_visible()
+    expect(page.locator("#workers")).to_contain_text("Local mode")
+    expect(page.locator("#health")).to_contain_text("database")
+    screenshot(page, "06-system")
