@@ -22,11 +22,13 @@ from tests.support.api import auth_headers, create_dovecot_account, make_client
 from tests.support.dovecot import Dovecot
 
 
-def stored_account(db: Session, dovecot: Dovecot, username: str, password: str) -> Account:
+def stored_account(
+    db: Session, host: str, port: int, username: str = "probe", password: str = "x"
+) -> Account:
     account = Account(
         email=f"{uuid.uuid4().hex[:8]}@example.org",
-        imap_host=dovecot.host,
-        imap_port=dovecot.imap_port,
+        imap_host=host,
+        imap_port=port,
         imap_security="none",
         username=username,
         auth_method="password",
@@ -52,7 +54,7 @@ def test_a_crlf_in_the_username_sends_no_command_of_its_own(
     user, password = mail_user
     # LOGIN as the user, then CREATE: what the probe sent through /test.
     username = f'{user} "{password}"\r\nX1 CREATE injected\r\nX2 NOOP'
-    account = stored_account(db, dovecot, username, password)
+    account = stored_account(db, dovecot.host, dovecot.imap_port, username, password)
 
     response = api.post(f"/accounts/{account.id}/test")
 
@@ -68,7 +70,9 @@ def test_a_crlf_in_a_password_sends_no_command_of_its_own(
     api: TestClient, db: Session, dovecot: Dovecot, mail_user: tuple[str, str]
 ) -> None:
     user, password = mail_user
-    account = stored_account(db, dovecot, user, f'{password}\r\nX1 CREATE injected\r\nX2 NOOP "')
+    account = stored_account(
+        db, dovecot.host, dovecot.imap_port, user, f'{password}\r\nX1 CREATE injected\r\nX2 NOOP "'
+    )
 
     body = api.post(f"/accounts/{account.id}/test").json()
 
@@ -81,7 +85,7 @@ def test_a_non_ascii_password_is_an_auth_failure_that_shows_none_of_it(
     api: TestClient, db: Session, dovecot: Dovecot, mail_user: tuple[str, str]
 ) -> None:
     user, _ = mail_user
-    account = stored_account(db, dovecot, user, "sécret-pässword")
+    account = stored_account(db, dovecot.host, dovecot.imap_port, user, "sécret-pässword")
 
     response = api.post(f"/accounts/{account.id}/test")
 
@@ -142,29 +146,12 @@ def ssh_like() -> Iterator[Listener]:
     listener.close()
 
 
-def internal_account(db: Session, host: str, port: int) -> Account:
-    account = Account(
-        email=f"{uuid.uuid4().hex[:8]}@example.org",
-        imap_host=host,
-        imap_port=port,
-        imap_security="none",
-        username="probe",
-        auth_method="password",
-        credentials_encrypted=crypto.encrypt_json({"password": "x"}),
-        folders=["INBOX"],
-        poll_interval_seconds=300,
-    )
-    db.add(account)
-    db.commit()
-    return account
-
-
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_production_connects_to_no_internal_imap_host(
     db: Session, set_env: Callable[..., None], ssh_like: Listener, host: str
 ) -> None:
     set_env(ENVIRONMENT="production")
-    account = internal_account(db, host, ssh_like.port)
+    account = stored_account(db, host, ssh_like.port)
     with make_client(auth_headers()) as api:
         body = api.post(f"/accounts/{account.id}/test").json()
     assert body["ok"] is False
@@ -181,7 +168,7 @@ def test_the_allowlist_lets_an_internal_imap_host_through(
 ) -> None:
     set_env(ENVIRONMENT="production", OUTBOUND_ALLOWLIST=f"{dovecot.host}/32")
     user, password = mail_user
-    account = stored_account(db, dovecot, user, password)
+    account = stored_account(db, dovecot.host, dovecot.imap_port, user, password)
     with make_client(auth_headers()) as api:
         body = api.post(f"/accounts/{account.id}/test").json()
     assert body["ok"] is True, body
@@ -190,7 +177,7 @@ def test_the_allowlist_lets_an_internal_imap_host_through(
 def test_test_does_not_return_a_service_banner(
     api: TestClient, db: Session, ssh_like: Listener
 ) -> None:
-    account = internal_account(db, "127.0.0.1", ssh_like.port)
+    account = stored_account(db, "127.0.0.1", ssh_like.port)
     body = api.post(f"/accounts/{account.id}/test").json()
     assert body["ok"] is False
     assert ssh_like.accepted == 1
