@@ -149,7 +149,7 @@ def test_a_worker_in_production_does_not_reach_an_internal_receiver(
     message = store_message(db, account, 1)
     with running_celery(tmp_path) as celery:
         celery.worker()
-        hand_on([message.id], use_celery=True)
+        hand_on([message.id])
         wait_for(
             lambda: [d.status for d in _deliveries(db)] == ["dead"], f"refused\n{celery.logs()}"
         )
