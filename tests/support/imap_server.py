@@ -1,9 +1,9 @@
 """The test suite's fake IMAP server: a small socket server on loopback that misbehaves
 on purpose, for what Dovecot will not do. One thread per connection.
 
-It speaks just enough IMAP4rev1 for mailbeat's poll (LOGIN, EXAMINE, UID SEARCH,
-UID FETCH, LOGOUT), and can be told to: announce a body literal far above the message's
-RFC822.SIZE, trickle a body a byte at a time, report UIDs beyond RFC 3501's 32 bits,
+It speaks just enough IMAP4rev1 for mailbeat's poll (LOGIN, STATUS, EXAMINE,
+UID SEARCH, UID FETCH, NOOP, CLOSE, LOGOUT), and can be told to: announce a body
+literal far above the message's RFC822.SIZE, trickle a body a byte at a time, report UIDs beyond RFC 3501's 32 bits,
 never greet (`greeting=None`), greet and then say nothing (`answer=False`), or answer any
 command as a test scripts it (`respond`).
 
@@ -131,7 +131,14 @@ class FakeImapServer:
                     conn.sendall(
                         b"* %d EXISTS\r\n* OK [UIDVALIDITY %d] ok\r\n* OK [UIDNEXT %d] ok\r\n"
                         b"* FLAGS ()\r\n%s OK [READ-ONLY] examined\r\n"
-                        % (len(self.messages), UIDVALIDITY, max(self.messages, default=0) + 1, tag)
+                        % (len(self.messages), UIDVALIDITY, self._uidnext(), tag)
+                    )
+                elif command.startswith(b"STATUS"):
+                    counts = (len(self.messages), self._uidnext(), UIDVALIDITY)
+                    conn.sendall(
+                        b"* STATUS INBOX (MESSAGES %d UIDNEXT %d UIDVALIDITY %d)\r\n" % counts
+                        + tag
+                        + b" OK status\r\n"
                     )
                 elif command.startswith(b"UID SEARCH"):
                     uids = sorted(self.messages) + self.search_extra
@@ -149,6 +156,9 @@ class FakeImapServer:
         finally:
             self.disconnects += 1
             conn.close()
+
+    def _uidnext(self) -> int:
+        return max(self.messages, default=0) + 1
 
     def _fetch(self, conn: socket.socket, tag: bytes, command: bytes) -> None:
         wanted = _uid_set(command.split(b" ")[2])
