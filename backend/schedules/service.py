@@ -128,8 +128,7 @@ def enqueue_poll(account_id: int, *, force: bool = False) -> str:
     # need not import the task module (and its ingestion imports).
     task_id = dispatch.enqueue(
         store.POLL_TASK,
-        account_id,
-        force,
+        *((account_id, True) if force else (account_id,)),
         priority=TOP_PRIORITY,
         headers={SENT_AT_HEADER: time.time()},
     )
