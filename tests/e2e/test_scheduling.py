@@ -7,16 +7,17 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from backend.celery_app import queue_keys
-from backend.models import Account, Message, PollRun, utcnow
+from backend.models import Account, AccountStatus, Message, PollOutcome, PollRun, utcnow
 from backend.schedules import service
 from tests.support.accounts import make_account
 from tests.support.celery import Celery, running_celery
@@ -457,3 +458,38 @@ def test_more_polls_than_the_workers_can_do_starve_no_mailbox(
     assert max(counts.values()) <= min(counts.values()) + 2, counts
     assert longest_queue <= len(ids)
     assert "Discarding revoked task" not in worker.log()
+
+
+def test_poll_now_during_a_backoff_says_until_when_and_force_polls_through(
+    celery: Celery, mailboxes: Mailboxes, api: TestClient
+) -> None:
+    account = mailboxes.add(interval=3600, last_polled_at=utcnow())
+    mailboxes.deliver(account, 2)
+    account.status = AccountStatus.ERROR
+    account.consecutive_failures = 2
+    account.backoff_until = utcnow() + timedelta(hours=1)
+    account.last_error = "connection refused"
+    mailboxes.db.commit()
+
+    refused = api.post(f"/accounts/{account.id}/poll")
+    assert refused.status_code == 409, refused.text
+    detail = refused.json()["detail"]
+    assert f"backing off until {account.backoff_until.isoformat()}" in detail
+    assert "connection refused" in detail
+    assert "?force=true" in detail
+
+    celery.worker()
+    queued = api.post(f"/accounts/{account.id}/poll", params={"force": "true"})
+    assert queued.status_code == 202, queued.text
+    task_id = queued.json()["task_id"]
+
+    def forced_run() -> PollRun | None:
+        runs = [r for r in mailboxes.runs(account) if r.task_id == task_id and r.finished_at]
+        return runs[0] if runs else None
+
+    wait_for(forced_run, "the forced poll")
+    run = forced_run()
+    assert run is not None and run.outcome == PollOutcome.SUCCESS, run
+    assert mailboxes.ingested(account) == 2
+    mailboxes.db.rollback()
+    assert mailboxes.db.get(Account, account.id).backoff_until is None  # type: ignore[union-attr]
