@@ -3,9 +3,9 @@ on purpose, for what Dovecot will not do. One thread per connection.
 
 It speaks just enough IMAP4rev1 for mailbeat's poll (LOGIN, STATUS, EXAMINE,
 UID SEARCH, UID FETCH, NOOP, CLOSE, LOGOUT), and can be told to: announce a body
-literal far above the message's RFC822.SIZE, trickle a body a byte at a time, report UIDs beyond RFC 3501's 32 bits,
-never greet (`greeting=None`), greet and then say nothing (`answer=False`), or answer any
-command as a test scripts it (`respond`).
+literal far above the message's RFC822.SIZE, trickle a body a byte at a time, report
+UIDs beyond RFC 3501's 32 bits, never greet (`greeting=None`), greet and then say
+nothing (`answer=False`), or answer any command as a test scripts it (`respond`).
 
     with FakeImapServer([FakeMessage(1, raw), FakeMessage(2, raw, literal=10**9)]) as server:
         ...  # an account on 127.0.0.1:server.port, security "none"
