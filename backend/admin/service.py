@@ -41,7 +41,15 @@ from backend.admin.schemas import (
 from backend.config import get_settings
 from backend.db import session_scope
 from backend.errors import Conflict, NotFound, ServiceUnavailable
-from backend.models import Account, HealthStatus, PollOutcome, PollRun, SchedulerMode, utcnow
+from backend.models import (
+    FAILED_POLL_OUTCOMES,
+    Account,
+    HealthStatus,
+    PollOutcome,
+    PollRun,
+    SchedulerMode,
+    utcnow,
+)
 from backend.schedules import service as schedules
 from backend.storage import service as storage
 
@@ -305,7 +313,6 @@ def retry_task(session: Session, task_id: str) -> RetryRead:
 # -- activity ----------------------------------------------------------------------------
 
 ACTIVITY_BUCKETS = 30
-FAILED_OUTCOMES = ("auth_error", "connection_error", "protocol_error", "internal_error")
 
 
 def activity(session: Session, *, minutes: int) -> ActivityRead:
@@ -322,7 +329,7 @@ def activity(session: Session, *, minutes: int) -> ActivityRead:
         select(
             index,
             func.count(),
-            func.sum(case((PollRun.outcome.in_(FAILED_OUTCOMES), 1), else_=0)),
+            func.sum(case((PollRun.outcome.in_(FAILED_POLL_OUTCOMES), 1), else_=0)),
             func.sum(PollRun.messages_count),
         )
         .where(PollRun.started_at >= start)

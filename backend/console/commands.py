@@ -27,7 +27,7 @@ from backend.admin.schemas import PollRunRead
 from backend.config import get_settings
 from backend.db import session_scope
 from backend.errors import MailbeatError
-from backend.models import Account, utcnow
+from backend.models import Account, AccountStatus, utcnow
 from backend.schedules import service as schedules
 from backend.webhooks import service as webhooks
 from backend.webhooks.schemas import DeadLetter
@@ -374,7 +374,7 @@ def _status(session: Session) -> dict[str, Any]:
         )
     )
     failing = session.scalars(
-        select(Account).where(Account.status != "active").order_by(Account.id).limit(20)
+        select(Account).where(Account.status != AccountStatus.ACTIVE).order_by(Account.id).limit(20)
     ).all()
     capacity = admin.capacity(session)
     mode = schedules.mode()
