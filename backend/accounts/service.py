@@ -24,6 +24,7 @@ from backend.accounts.schemas import (
     OAuth2Credentials,
     check_initial_sync,
 )
+from backend.admin.service import require_scheduler
 from backend.config import get_settings
 from backend.errors import Conflict, NotFound, ValidationError
 from backend.models import (
@@ -216,7 +217,6 @@ def delete_objects(account_id: int) -> None:
 
 def queue_poll(session: Session, account_id: int) -> str:
     """Poll the account now, outside its schedule; returns the task id."""
-    from backend.admin.service import require_scheduler
 
     account = get_account(session, account_id)
     if not account.enabled:

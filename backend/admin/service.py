@@ -38,8 +38,9 @@ from backend.admin.schemas import (
     WorkerList,
     WorkerRead,
 )
+from backend.celery_app import app, broker_connection, queue_keys
 from backend.config import get_settings
-from backend.db import session_scope
+from backend.db import get_engine, session_scope
 from backend.errors import Conflict, NotFound, ServiceUnavailable
 from backend.models import (
     FAILED_POLL_OUTCOMES,
@@ -112,7 +113,6 @@ def list_schedule(*, limit: int, offset: int) -> ScheduleList:
 def _inspect(command: str, *args: Any, names: list[str] | None = None) -> dict[str, Any]:
     """Ask the workers (all, or `names`) and wait CELERY_INSPECT_TIMEOUT_SECONDS for their
     replies, on a broker connection taken from the shared pool with a timeout."""
-    from backend.celery_app import app, broker_connection
 
     settings = get_settings()
     with broker_connection(settings.health_check_timeout_seconds) as connection:
@@ -253,7 +253,6 @@ def task_state(session: Session, task_id: str) -> TaskStateRead:
 
 
 def _find_queued(task_id: str) -> tuple[str, str | None] | None:
-    from backend.celery_app import app, queue_keys
 
     needle = task_id.encode()
     try:
@@ -364,7 +363,6 @@ class CheckFailed(Exception):
 
 
 def _check_database() -> str:
-    from backend.db import get_engine
 
     with get_engine().connect() as conn:
         conn.execute(text("SELECT 1"))
