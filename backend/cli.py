@@ -159,7 +159,6 @@ def busy_port(host: str, port: int) -> str | None:
 def run(host: str, port: int, flower_port: int | None = None) -> None:
     """`make run`: a working service from a fresh checkout; with `flower_port`, Flower
     too (Celery mode only)."""
-
     # Before anything starts: a busy port used to show only after beat and the worker ran.
     for what, wanted in (("serve", port), ("start Flower", flower_port)):
         problem = None if wanted is None else busy_port(host, wanted)
@@ -236,7 +235,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-
     try:
         if args.command == "run":
             run(args.host, args.port, args.flower_port if args.flower else None)

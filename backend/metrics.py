@@ -104,7 +104,6 @@ def record_poll(outcome: str, messages: int, bytes_: int, duration_seconds: floa
 
 
 def _database_gauges() -> Iterator[GaugeMetricFamily]:
-
     with get_sessionmaker()() as session:
         counts = dict(
             session.execute(select(Account.status, func.count()).group_by(Account.status)).all()
@@ -130,7 +129,6 @@ def _database_gauges() -> Iterator[GaugeMetricFamily]:
 
 
 def _redis_gauges() -> Iterator[GaugeMetricFamily]:
-
     names = [queue.name for queue in app.conf.task_queues]
     with redis.probe() as client:
         pipe = client.pipeline(transaction=False)
@@ -147,7 +145,6 @@ def _redis_gauges() -> Iterator[GaugeMetricFamily]:
 
 
 def _schedule_gauges() -> Iterator[GaugeMetricFamily]:
-
     yield GaugeMetricFamily(
         "mailbeat_schedule_entries",
         "Mailbox entries in the schedule (RedBeat, or the local scheduler in local mode).",
@@ -156,7 +153,6 @@ def _schedule_gauges() -> Iterator[GaugeMetricFamily]:
 
 
 def _capacity_gauges() -> Iterator[GaugeMetricFamily]:
-
     with session_scope() as session:
         result = schedules.capacity(session)
     yield GaugeMetricFamily(

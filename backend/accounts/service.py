@@ -217,7 +217,6 @@ def delete_objects(account_id: int) -> None:
 
 def queue_poll(session: Session, account_id: int) -> str:
     """Poll the account now, outside its schedule; returns the task id."""
-
     account = get_account(session, account_id)
     if not account.enabled:
         raise Conflict(

@@ -113,7 +113,6 @@ def list_schedule(*, limit: int, offset: int) -> ScheduleList:
 def _inspect(command: str, *args: Any, names: list[str] | None = None) -> dict[str, Any]:
     """Ask the workers (all, or `names`) and wait CELERY_INSPECT_TIMEOUT_SECONDS for their
     replies, on a broker connection taken from the shared pool with a timeout."""
-
     settings = get_settings()
     with broker_connection(settings.health_check_timeout_seconds) as connection:
         # Asking known workers with a reply limit returns as soon as they all answered.
@@ -253,7 +252,6 @@ def task_state(session: Session, task_id: str) -> TaskStateRead:
 
 
 def _find_queued(task_id: str) -> tuple[str, str | None] | None:
-
     needle = task_id.encode()
     try:
         with redis.probe() as client:
@@ -363,7 +361,6 @@ class CheckFailed(Exception):
 
 
 def _check_database() -> str:
-
     with get_engine().connect() as conn:
         conn.execute(text("SELECT 1"))
     return "ok"

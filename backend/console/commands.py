@@ -30,7 +30,7 @@ from backend.db import session_scope
 from backend.errors import MailbeatError
 from backend.mailbox.check import check_account
 from backend.models import Account, AccountStatus, PollOutcome, SchedulerMode, utcnow
-from backend.processing import backfill as service
+from backend.processing import backfill as backfills
 from backend.schedules import service as schedules
 from backend.webhooks import service as webhooks
 from backend.webhooks.schemas import DeadLetter
@@ -250,7 +250,6 @@ def _validated(model: type[pydantic.BaseModel], body: dict[str, Any]) -> Any:
 
 
 def accounts_test(args: argparse.Namespace) -> int:
-
     with session_scope() as session:
         account = accounts.get_account(session, args.id)
         result = check_account(account, timeout=get_settings().imap_connect_timeout)
@@ -508,11 +507,10 @@ def dead_letters_replay(args: argparse.Namespace) -> int:
 
 
 def backfill(args: argparse.Namespace) -> int:
-
     with session_scope() as session:
         account = accounts.get_account(session, args.id)
         folders = list(args.folder or account.folders or ["INBOX"])
-    window = service.Range(
+    window = backfills.Range(
         uid_from=args.uid_from, uid_to=args.uid_to, since=args.since, before=args.before
     )
     progress = ProgressBar(f"backfill {args.id}")
@@ -521,7 +519,7 @@ def backfill(args: argparse.Namespace) -> int:
     for done, folder in enumerate(folders, start=1):
         # One folder at a time, so the bar moves as the work does.
         results.append(
-            service.backfill(
+            backfills.backfill(
                 args.id,
                 window=window,
                 folders=[folder],

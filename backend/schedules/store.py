@@ -61,7 +61,6 @@ class Counts:
 
 
 def celery_app() -> Celery:
-
     ensure_conf(app)
     return app
 
