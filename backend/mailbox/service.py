@@ -157,6 +157,7 @@ def poll_account(account_id: int, *, task_id: str | None = None) -> PollResult:
         session.add(run)
         session.flush()
         run_id = run.id
+        seen = cursors.seen_uidnext(session, account_id)
     if reason:
         return PollResult(
             outcome=PollOutcome.SKIPPED,
@@ -165,7 +166,7 @@ def poll_account(account_id: int, *, task_id: str | None = None) -> PollResult:
             poll_run_id=run_id,
         )
 
-    poller = _Poller(account)
+    poller = _Poller(account, seen)
     error: ImapError | None = None
     note: str | None = None
     try:
@@ -198,6 +199,7 @@ def poll_account(account_id: int, *, task_id: str | None = None) -> PollResult:
         messages=len(poller.new_ids),
         bytes_=poller.new_bytes,
         note=note,
+        uidnexts=poller.uidnexts,
     )
     if error is not None:
         log.warning("poll of account %s: %s: %s", account_id, outcome, error.message)
@@ -223,10 +225,12 @@ def _finish(
     messages: int,
     bytes_: int,
     note: str | None = None,
+    uidnexts: dict[str, tuple[int, int]] | None = None,
 ) -> EventType | None:
     """Record the poll on its PollRun row and the account's state, in one transaction;
     returns the account event when the account's status changed. `note`: something a
-    successful poll left out (absurd UIDs), kept on the PollRun."""
+    successful poll left out (absurd UIDs), kept on the PollRun. `uidnexts`: the
+    (UIDVALIDITY, UIDNEXT) of each folder the poll went through completely."""
     now = utcnow()
     if error is not None:
         error.message = error.message[:ERROR_TEXT_MAX]
@@ -238,6 +242,8 @@ def _finish(
             run.messages_count = messages
             run.bytes_count = bytes_
             run.error = note if error is None else error.message
+        for folder, (uidvalidity, uidnext) in (uidnexts or {}).items():
+            cursors.saw_uidnext(session, account_id, folder, uidvalidity, uidnext)
         return state.record_poll(session, account_id, started_at=started_at, now=now, error=error)
 
 
@@ -303,10 +309,14 @@ def store_uids(
 class _Poller:
     """One poll of one account: folder by folder, batch by batch."""
 
-    def __init__(self, account: Account) -> None:
+    def __init__(self, account: Account, seen: dict[str, tuple[int, int]] | None = None) -> None:
         settings = get_settings()
         self.account = account
         self.account_id = account.id
+        # (UIDVALIDITY, UIDNEXT) by folder: as the last complete poll saw them, and as
+        # this one saw them before searching each folder it went through completely.
+        self.seen = seen or {}
+        self.uidnexts: dict[str, tuple[int, int]] = {}
         self.batch_size = settings.imap_fetch_batch_size
         self.max_bytes = settings.max_message_bytes
         self.new_ids: list[int] = []
@@ -335,6 +345,12 @@ class _Poller:
             return first_error
 
     def poll_folder(self, mailbox: ImapSession, folder: str) -> None:
+        # STATUS first: most polls find nothing new, and then need no SELECT, no SEARCH
+        # and no database.
+        status = mailbox.status(folder)
+        seen = (status.uidvalidity, status.uidnext)
+        if self.seen.get(folder) == seen:
+            return
         uidvalidity = mailbox.select(folder).uidvalidity
         with session_scope() as session:
             cursor = cursors.resume_after(session, self.account_id, folder, uidvalidity)
@@ -349,6 +365,10 @@ class _Poller:
             # Messages the initial-sync policy left out stay behind the cursor for good.
             with session_scope() as session:
                 cursors.advance(session, self.account_id, folder, uidvalidity, ceiling)
+        # Renumbered between STATUS and SELECT: what STATUS said is not worth keeping.
+        # A UIDNEXT beyond RFC 3501's range is not kept either (it would never repeat).
+        if uidvalidity == status.uidvalidity and 0 < status.uidnext <= MAX_UID + 1:
+            self.uidnexts[folder] = seen
 
     def ingest(
         self,

@@ -1,7 +1,7 @@
 """A small IMAP server on loopback that misbehaves on purpose: a body literal announced
 far above the message's RFC822.SIZE, a body trickled a byte at a time, UIDs beyond
-RFC 3501's 32 bits. It speaks just enough IMAP4rev1 for mailbeat's poll (LOGIN, EXAMINE,
-UID SEARCH, UID FETCH, LOGOUT); one thread per connection.
+RFC 3501's 32 bits. It speaks just enough IMAP4rev1 for mailbeat's poll (LOGIN, STATUS,
+EXAMINE, UID SEARCH, UID FETCH, NOOP, CLOSE, LOGOUT); one thread per connection.
 
     with FakeImapServer([FakeMessage(1, raw), FakeMessage(2, raw, literal=10**9)]) as server:
         ...  # an account on 127.0.0.1:server.port, security "none"
@@ -97,7 +97,14 @@ class FakeImapServer:
                     conn.sendall(
                         b"* %d EXISTS\r\n* OK [UIDVALIDITY %d] ok\r\n* OK [UIDNEXT %d] ok\r\n"
                         b"* FLAGS ()\r\n%s OK [READ-ONLY] examined\r\n"
-                        % (len(self.messages), UIDVALIDITY, max(self.messages, default=0) + 1, tag)
+                        % (len(self.messages), UIDVALIDITY, self._uidnext(), tag)
+                    )
+                elif command.startswith(b"STATUS"):
+                    counts = (len(self.messages), self._uidnext(), UIDVALIDITY)
+                    conn.sendall(
+                        b"* STATUS INBOX (MESSAGES %d UIDNEXT %d UIDVALIDITY %d)\r\n" % counts
+                        + tag
+                        + b" OK status\r\n"
                     )
                 elif command.startswith(b"UID SEARCH"):
                     uids = sorted(self.messages) + self.search_extra
@@ -115,6 +122,9 @@ class FakeImapServer:
         finally:
             self.disconnects += 1
             conn.close()
+
+    def _uidnext(self) -> int:
+        return max(self.messages, default=0) + 1
 
     def _fetch(self, conn: socket.socket, tag: bytes, command: bytes) -> None:
         wanted = _uid_set(command.split(b" ")[2])
