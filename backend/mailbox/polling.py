@@ -32,9 +32,9 @@ LOCKED: NotRun = "locked"
 BUSY_REASON = "another poll of this mailbox is running"
 
 
-def run_poll(account_id: int, task_id: str | None) -> PollResult | NotRun:
+def run_poll(account_id: int, task_id: str | None, force: bool = False) -> PollResult | NotRun:
     """Poll one mailbox and hand its work on; returns the poll's result, or why it did
-    not run. Never raises for a mailbox's own failures."""
+    not run. Never raises for a mailbox's own failures. `force`: through a backoff."""
     if not pollable(account_id):
         return STALE
     started = time.monotonic()
@@ -44,7 +44,7 @@ def run_poll(account_id: int, task_id: str | None) -> PollResult | NotRun:
                 account_id, task_id=task_id, reason="another poll of this mailbox is running"
             )
             return LOCKED
-        result = poll_account(account_id, task_id=task_id)
+        result = poll_account(account_id, task_id=task_id, force=force)
     duration = time.monotonic() - started
     after_poll(account_id, result.new_message_ids, result.account_event)
     record_poll(result.outcome, result.messages, result.bytes, duration)
