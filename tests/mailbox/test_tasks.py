@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -21,6 +22,15 @@ def _entry_ids() -> set[int]:
     return {entry.account_id for entry in service.list_entries()}
 
 
+@pytest.fixture
+def celery_mode(set_env: Callable[..., None]) -> None:
+    """Pinned: under SCHEDULER_MODE=auto a Redis PING slower than its timeout (a loaded
+    machine) picks the local mode, which runs the hand-on in this process and leaves the
+    workflow queue empty."""
+    set_env(SCHEDULER_MODE="celery")
+
+
+@pytest.mark.usefixtures("celery_mode")
 def test_polls_and_hands_on(
     db: Session,
     redis_db: RedisDb,
