@@ -27,7 +27,7 @@ from backend.admin.schemas import PollRunRead
 from backend.config import get_settings
 from backend.db import session_scope
 from backend.errors import MailbeatError
-from backend.models import Account, utcnow
+from backend.models import Account, AccountStatus, SchedulerMode, utcnow
 from backend.schedules import service as schedules
 from backend.webhooks import service as webhooks
 from backend.webhooks.schemas import DeadLetter
@@ -363,7 +363,7 @@ def status(args: argparse.Namespace) -> int:
 
 
 def _status(session: Session) -> dict[str, Any]:
-    counts = {"active": 0, "error": 0, "disabled": 0}
+    counts = {str(status): 0 for status in AccountStatus}
     for name, count in session.execute(
         select(Account.status, func.count()).group_by(Account.status)
     ):
@@ -374,12 +374,12 @@ def _status(session: Session) -> dict[str, Any]:
         )
     )
     failing = session.scalars(
-        select(Account).where(Account.status != "active").order_by(Account.id).limit(20)
+        select(Account).where(Account.status != AccountStatus.ACTIVE).order_by(Account.id).limit(20)
     ).all()
     capacity = admin.capacity(session)
     mode = schedules.mode()
     workers: list[dict[str, Any]] | str
-    if mode == "local":
+    if mode == SchedulerMode.LOCAL:
         workers = "none (local mode: polls run in the API process)"
     else:
         try:
