@@ -137,14 +137,21 @@ def test_mailboxes_add_test_poll_edit_disable_delete(
     row(page, user).locator("button[data-action=edit]").click()
     expect(page.locator("#field-password")).to_have_attribute("placeholder", "unchanged")
     page.fill("#field-poll_interval_seconds", "120")
+    page.fill("#field-priority", "9")
     page.click("#account-form button[type=submit]")
     expect(page.locator("#main")).to_contain_text("2 min")
+    expect(page.locator("#main dl.facts")).to_contain_text("Priority9")
     account_id = int(page.url.rsplit("/", 1)[1])
     check = httpx.get(
         f"{server.url}/accounts/{account_id}",
         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
     ).json()
-    assert check["poll_interval_seconds"] == 120
+    assert (check["poll_interval_seconds"], check["priority"]) == (120, 9)
+    page.click("nav a[data-view=mailboxes]")
+    page.click("th[data-sort=priority]")
+    expect(page.locator("#mailboxes tbody tr").first).to_contain_text("broken@example.org")
+    page.click("th[data-sort=priority]")
+    expect(page.locator("#mailboxes tbody tr").first).to_contain_text(user)
 
     # The activity chart counts the polls so far and the messages they stored.
     page.click("nav a[data-view=system]")
