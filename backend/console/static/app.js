@@ -3,7 +3,7 @@
 "use strict";
 
 const TOKEN_KEY = "mailbeat.token";
-const REFRESH_MS = { mailboxes: 5000, account: 2000, "dead-letters": 10000, system: 5000 };
+const REFRESH_MS = { mailboxes: 5000, account: 1000, "dead-letters": 10000, system: 5000 };
 const main = document.getElementById("main");
 let refreshTimer = null;
 let schemaFields = null; // AccountCreate's fields, read once from /openapi.json
