@@ -15,6 +15,7 @@ from celery.signals import after_setup_logger
 from kombu.connection import Connection
 from kombu.entity import Queue
 
+from backend import redis
 from backend.config import get_settings
 
 settings = get_settings()
@@ -89,16 +90,12 @@ app.conf.update(
         }
     },
     # RedBeat (with mailbeat's reconcile on top, backend/schedules/beat.py): its own
-    # Redis, with timeouts; a tick of ~1 s keeps dispatch lateness low. The lock is
+    # Redis (the client set below); a tick of ~1 s keeps dispatch lateness low. The lock is
     # renewed every tick and while a long dispatch runs, so it can be short: a beat that
     # dies (SIGKILL, a lost host) is replaced within BEAT_LOCK_SECONDS, not minutes.
     beat_scheduler="backend.schedules.beat:MailbeatScheduler",
     redbeat_redis_url=settings.effective_redbeat_redis_url,
-    redbeat_redis_options={
-        "socket_timeout": settings.redis_socket_timeout,
-        "socket_connect_timeout": settings.redis_socket_timeout,
-        "health_check_interval": 30,
-    },
+    redbeat_redis_options={},  # unused: RedBeat is handed its client (end of this file)
     redbeat_key_prefix="redbeat:",
     redbeat_lock_timeout=BEAT_LOCK_SECONDS,
     beat_max_loop_interval=1,
@@ -132,6 +129,11 @@ app.conf.update(
         "backend.schedules.tasks",
     ),
 )
+
+# RedBeat uses the client it finds here instead of building its own, so the schedule's
+# Redis has the same timeouts and health checks as every other client (backend/redis.py).
+# RedBeat reads keys and JSON as text, so this client decodes.
+app.redbeat_redis = redis.connect(settings.effective_redbeat_redis_url, decode_responses=True)
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from backend import redis
 from backend.config import get_settings
 from backend.models import Account, AccountStatus, PollOutcome, utcnow
 
@@ -127,19 +128,15 @@ def _database_gauges() -> Iterator[GaugeMetricFamily]:
 
 
 def _redis_gauges() -> Iterator[GaugeMetricFamily]:
-    from backend.admin.redis_client import redis_client
     from backend.celery_app import app, queue_keys
 
     names = [queue.name for queue in app.conf.task_queues]
-    client = redis_client(get_settings().health_check_timeout_seconds)
-    try:
+    with redis.probe() as client:
         pipe = client.pipeline(transaction=False)
         for name in names:
             for key in queue_keys(name):
                 pipe.llen(key)
         lengths = iter(pipe.execute())
-    finally:
-        client.close()
     family = GaugeMetricFamily(
         "mailbeat_queue_length", "Tasks waiting in each Celery queue.", labels=["queue"]
     )

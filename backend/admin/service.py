@@ -18,11 +18,10 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import redis
 from sqlalchemy import ColumnElement, Integer, case, cast, func, select, text
 from sqlalchemy.orm import Session
 
-from backend.admin.redis_client import ensure_redis, redis_client, redis_location
+from backend import redis
 from backend.admin.schemas import (
     ActivityBucket,
     ActivityRead,
@@ -51,6 +50,20 @@ log = logging.getLogger(__name__)
 WORKERS = "the Celery workers"
 # How far into each queue a task lookup reads (LRANGE), so a huge backlog stays cheap.
 QUEUE_SCAN_LIMIT = 50_000
+
+
+def ensure_redis(what: str) -> None:
+    """Answer 503 at once, saying why, when Redis does not answer; `what` names what
+    needs it ("the Celery workers", "the schedule")."""
+    timeout = get_settings().health_check_timeout_seconds
+    try:
+        with redis.probe(timeout) as client:
+            client.ping()
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(
+            f"{what} cannot be reached: Redis at {redis.location()} did not answer within "
+            f"{timeout:g}s ({type(exc).__name__})"
+        ) from exc
 
 
 # -- the schedule ----------------------------------------------------------------------
@@ -129,7 +142,7 @@ def capacity(session: Session) -> CapacityRead:
         result = schedules.capacity(session)
     except redis.RedisError as exc:
         raise ServiceUnavailable(
-            f"the poll queue could not be read: Redis at {redis_location()} did not answer "
+            f"the poll queue could not be read: Redis at {redis.location()} did not answer "
             f"({type(exc).__name__})"
         ) from exc
     return CapacityRead(**vars(result))
@@ -235,22 +248,20 @@ def _find_queued(task_id: str) -> tuple[str, str | None] | None:
     from backend.celery_app import app, queue_keys
 
     needle = task_id.encode()
-    client = redis_client(get_settings().health_check_timeout_seconds)
     try:
-        for queue in app.conf.task_queues:
-            for key in queue_keys(queue.name):
-                for raw in client.lrange(key, 0, QUEUE_SCAN_LIMIT - 1):
-                    if needle not in raw:
-                        continue
-                    headers = json.loads(raw).get("headers") or {}
-                    if headers.get("id") == task_id:
-                        return queue.name, headers.get("task")
+        with redis.probe() as client:
+            for queue in app.conf.task_queues:
+                for key in queue_keys(queue.name):
+                    for raw in client.lrange(key, 0, QUEUE_SCAN_LIMIT - 1):
+                        if needle not in raw:
+                            continue
+                        headers = json.loads(raw).get("headers") or {}
+                        if headers.get("id") == task_id:
+                            return queue.name, headers.get("task")
     except Exception as exc:
         raise ServiceUnavailable(
             f"the Celery queues could not be read ({type(exc).__name__})"
         ) from exc
-    finally:
-        client.close()
     return None
 
 
@@ -354,11 +365,8 @@ def _check_database() -> str:
 
 
 def _check_redis() -> str:
-    client = redis_client(get_settings().health_check_timeout_seconds)
-    try:
+    with redis.probe() as client:
         client.ping()
-    finally:
-        client.close()
     return "ok"
 
 

@@ -1,10 +1,10 @@
 """One poll per mailbox at a time, across every worker: a Redis lock per mailbox.
 
-The lock holds a random token and expires on its own a while after the poll's hard time
-limit, so a worker killed mid-poll cannot keep a mailbox locked for ever, while a poll
-that is still legitimately running never loses its lock. Only the holder releases it: a
-compare-and-delete in one Lua script, so a poll that outlived its lock cannot delete the
-lock a later poll took.
+redis-py's Lock: the key holds a random token and expires on its own a while after the
+poll's hard time limit, so a worker killed mid-poll cannot keep a mailbox locked for
+ever, while a poll that is still legitimately running never loses its lock. Only the
+holder releases it (a compare-and-delete in one Lua script), so a poll that outlived
+its lock cannot delete the lock a later poll took.
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ import logging
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 
-import redis
-
+from backend import redis
 from backend.config import get_settings
 
 log = logging.getLogger(__name__)
@@ -24,31 +22,6 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "mailbeat:lock:mailbox:"
 # How long the lock outlives the poll's hard time limit (the worker kills the poll then).
 EXPIRY_MARGIN_SECONDS = 30
-
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-    return redis.call('del', KEYS[1])
-end
-return 0
-"""
-
-
-@lru_cache
-def redis_client() -> redis.Redis:
-    """The workers' Redis (REDIS_URL) for locks, one pool per process."""
-    settings = get_settings()
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_socket_timeout,
-        socket_connect_timeout=settings.redis_socket_timeout,
-        health_check_interval=30,
-    )
-
-
-def reset_cache() -> None:
-    if redis_client.cache_info().currsize:
-        redis_client().close()
-    redis_client.cache_clear()
 
 
 def lock_key(account_id: int) -> str:
@@ -64,16 +37,19 @@ class MailboxLock:
         self.key = lock_key(account_id)
         self.expiry = expiry if expiry is not None else expiry_seconds()
         self.token = secrets.token_hex(16)
-        self._client = redis_client()
+        self._lock = redis.lock(redis.shared(), self.key, self.expiry)
 
     def acquire(self) -> bool:
-        return bool(self._client.set(self.key, self.token, nx=True, ex=self.expiry))
+        return bool(self._lock.acquire(token=self.token))
 
     def release(self) -> bool:
         """Delete the lock if this holder still has it; False if it had expired or passed
         to another poll (which keeps it)."""
-        script = self._client.register_script(_RELEASE)
-        return bool(script(keys=[self.key], args=[self.token]))
+        try:
+            self._lock.release()
+        except redis.LockError:
+            return False
+        return True
 
 
 @contextmanager

@@ -24,7 +24,6 @@ import logging
 import time
 from typing import Any
 
-import redis
 from celery.beat import ScheduleEntry
 from celery.signals import beat_init
 from redbeat.decoder import RedBeatJSONEncoder, to_timestamp
@@ -35,6 +34,7 @@ from redbeat.schedulers import (
     get_redis,
 )
 
+from backend import redis
 from backend.db import session_scope
 from backend.schedules import service
 
@@ -71,7 +71,7 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
             self._rebuild_if_empty()
             self._renew_lock()
             return self._dispatch_due()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except (redis.RedisConnectionError, redis.RedisTimeoutError) as exc:
             log.warning(
                 "beat: Redis is not answering (%s); retrying in %ss", exc, REDIS_RETRY_SECONDS
             )

@@ -19,12 +19,11 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-import redis
 from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
-from backend.admin.redis_client import redis_client
+from backend import redis
 from backend.celery_app import TOP_PRIORITY, broker_priority, queue_keys
 from backend.config import get_settings
 from backend.errors import ServiceUnavailable
@@ -71,13 +70,11 @@ def _wanted_clause() -> ColumnElement[bool]:
 
 
 def redis_reachable(timeout: float) -> bool:
-    conn = redis_client(timeout)
     try:
-        return bool(conn.ping())
+        with redis.probe(timeout) as conn:
+            return bool(conn.ping())
     except redis.RedisError:
         return False
-    finally:
-        conn.close()
 
 
 _celery_process = False
@@ -362,15 +359,11 @@ def _poll_queue() -> tuple[int, float | None]:
     level is a list consumed from its tail, so the oldest poll of a level is its last
     element: one LLEN and one LINDEX per level."""
     keys = queue_keys(store.POLL_QUEUE)
-    conn = redis_client(get_settings().health_check_timeout_seconds)
-    try:
-        with conn.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.llen(key)
-                pipe.lindex(key, -1)
-            replies = pipe.execute()
-    finally:
-        conn.close()
+    with redis.probe() as conn, conn.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.llen(key)
+            pipe.lindex(key, -1)
+        replies = pipe.execute()
     length = sum(int(n) for n in replies[0::2])
     sent = [t for t in (_sent_at(raw) for raw in replies[1::2] if raw) if t is not None]
     oldest = max(time.time() - min(sent), 0.0) if sent else None

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-import redis
 from celery import Celery
 from redbeat.decoder import RedBeatJSONDecoder, to_timestamp
 from redbeat.schedulers import ensure_conf, get_redis
 
+from backend import redis
 from backend.celery_app import DEFAULT_PRIORITY, broker_priority
 from backend.schedules.phase import initial_last_run
 

@@ -16,12 +16,10 @@ from datetime import timedelta
 from functools import lru_cache
 from typing import Any, BinaryIO, TypeVar
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from backend import redis
 from backend.config import get_settings
 from backend.models import AccountCleanup, Attachment, Message, StorageBackend, utcnow
 from backend.storage.base import ObjectNotFound, Storage, StorageError, account_prefix
@@ -145,13 +143,7 @@ def _pipeline(client: redis.Redis, *commands: str) -> list[Any]:
 
 @lru_cache
 def _redis() -> redis.Redis:
-    settings = get_settings()
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=BREAKER_REDIS_TIMEOUT_SECONDS,
-        socket_connect_timeout=BREAKER_REDIS_TIMEOUT_SECONDS,
-        retry=Retry(NoBackoff(), 0),
-    )
+    return redis.connect(timeout=BREAKER_REDIS_TIMEOUT_SECONDS, retries=False)
 
 
 _breaker = _Breaker()

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 
 def reset_caches() -> None:
-    from backend import crypto, db
-    from backend.mailbox import lock
+    from backend import crypto, db, redis
     from backend.schedules import service as schedules
     from backend.storage import service as storage
     from backend.webhooks import client as webhook_client
@@ -14,5 +13,5 @@ def reset_caches() -> None:
     crypto.reset_cache()
     storage.reset_cache()
     webhook_client.reset_cache()
-    lock.reset_cache()
+    redis.reset_cache()
     schedules.reset_cache()
