@@ -8,7 +8,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Table, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -65,6 +66,13 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def insert_for(session: Session, table: type[Any] | Table) -> Any:
+    """INSERT that can take ON CONFLICT, for the session's database (PostgreSQL or SQLite)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
 
 
 class DatabaseUnavailable(RuntimeError):

@@ -24,7 +24,7 @@ from backend.admin.schemas import PollRunList, PollRunRead
 from backend.config import get_settings
 from backend.deps import AdminDep, KnownQueryDep, SessionDep
 from backend.errors import error_responses
-from backend.mailbox.service import CheckResult, check_account
+from backend.mailbox.check import CheckResult, check_account
 from backend.models import AccountStatus
 from backend.schedules import service as schedules
 

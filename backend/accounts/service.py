@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from backend import crypto
+from backend.accounts import state
 from backend.accounts.schemas import (
     AccountConnection,
     AccountCreate,
@@ -180,13 +181,9 @@ def update_account(session: Session, account: Account, data: AccountUpdate) -> A
         )
 
     if connection_changed:
-        # New credentials or server: the failures so far say nothing about the next poll.
-        account.consecutive_failures = 0
-        account.backoff_until = None
-        if account.status == AccountStatus.ERROR:
-            account.status = AccountStatus.ACTIVE
+        state.forget_failures(account)
     if data.enabled is not None and data.enabled != account.enabled:
-        _set_enabled(account, data.enabled)
+        state.set_enabled(account, data.enabled)
 
     _flush(session, account)
     return account
@@ -229,19 +226,6 @@ def queue_poll(session: Session, account_id: int) -> str:
         )
     require_scheduler()
     return schedules.enqueue_poll(account_id)
-
-
-def _set_enabled(account: Account, enabled: bool) -> None:
-    account.enabled = enabled
-    if enabled:
-        # Re-enabling starts afresh: whatever disabled it is taken as dealt with.
-        account.status = AccountStatus.ACTIVE
-        account.disabled_reason = None
-        account.consecutive_failures = 0
-        account.backoff_until = None
-    else:
-        account.status = AccountStatus.DISABLED
-        account.disabled_reason = "disabled through the API"
 
 
 def _credentials(

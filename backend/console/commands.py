@@ -247,7 +247,7 @@ def _validated(model: type[pydantic.BaseModel], body: dict[str, Any]) -> Any:
 
 
 def accounts_test(args: argparse.Namespace) -> int:
-    from backend.mailbox.service import check_account
+    from backend.mailbox.check import check_account
 
     with session_scope() as session:
         account = accounts.get_account(session, args.id)

@@ -1,8 +1,14 @@
-"""The one place IMAP connections are built: TLS mode, trusted CAs, timeouts, login.
+"""IMAP, closed: the only module that imports imapclient (a lint rule keeps it so).
+
+It builds connections (TLS mode, trusted CAs, timeouts, login) and wraps each in an
+`ImapSession` whose typed methods are the IMAP commands mailbeat uses. Everything
+IMAP-specific stays here: search syntax and its quirks, the response keys, folder name
+encoding (callers pass and get Unicode; modified UTF-7 is imapclient's job, here).
 
 Every failure leaves this module as an `ImapError` whose `kind` says how the poller
 should treat it: "auth" (wait for new credentials or the end of the backoff),
 "connection" (retry with backoff), "protocol" (the server said no, or spoke nonsense).
+`translate` is the one place socket, TLS and IMAP failures become those kinds.
 """
 
 from __future__ import annotations
@@ -10,35 +16,43 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from types import TracebackType
+from typing import Any, Literal, TypeVar
 
 from imapclient import IMAPClient, SocketTimeout
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
 from backend.config import get_settings
 from backend.errors import MailbeatError
-from backend.models import Account
+from backend.models import Account, AuthMethod, ErrorKind, ImapSecurity
 
-ErrorKind = Literal["auth", "connection", "protocol", "internal"]
 Stage = Literal["dns", "connect", "tls", "auth", "folder"]
 
-DEFAULT_PORTS = {"ssl": 993, "starttls": 143, "none": 143}
+DEFAULT_PORTS: dict[str, int] = {
+    ImapSecurity.SSL: 993,
+    ImapSecurity.STARTTLS: 143,
+    ImapSecurity.NONE: 143,
+}
+
+_T = TypeVar("_T")
 
 
 class ImapError(MailbeatError):
     status_code = 502
-    kind: ErrorKind = "protocol"
+    kind: ErrorKind = ErrorKind.PROTOCOL
     stage: Stage = "folder"
 
 
 class ImapAuthError(ImapError):
-    kind: ErrorKind = "auth"
+    kind: ErrorKind = ErrorKind.AUTH
     stage: Stage = "auth"
 
 
 class ImapConnectionError(ImapError):
-    kind: ErrorKind = "connection"
+    kind: ErrorKind = ErrorKind.CONNECTION
     stage: Stage = "connect"
 
 
@@ -51,7 +65,7 @@ class ImapTlsError(ImapConnectionError):
 
 
 class ImapProtocolError(ImapError):
-    kind: ErrorKind = "protocol"
+    kind: ErrorKind = ErrorKind.PROTOCOL
     stage: Stage = "folder"
 
 
@@ -98,6 +112,181 @@ def _text(exc: BaseException) -> str:
     return text[:500]
 
 
+# -- what the server answers ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SelectedFolder:
+    name: str
+    uidvalidity: int
+    exists: int  # messages in the folder
+    uidnext: int | None  # the UID the next message will get, when the server says
+
+
+@dataclass(frozen=True)
+class FolderStatus:
+    """STATUS of a folder: what changed since the last poll, without selecting it."""
+
+    uidvalidity: int
+    uidnext: int
+    messages: int
+
+
+@dataclass(frozen=True)
+class MessageMeta:
+    uid: int
+    size: int  # RFC822.SIZE, as the server states it
+    internal_date: datetime | None  # aware, UTC
+    flags: list[str]
+
+
+# -- connections ----------------------------------------------------------------------
+
+
+class ImapSession:
+    """One connection to an IMAP server. Build it with `connect` or `open_account`; use
+    it as a context manager (or call `close`). Every method raises only ImapError.
+
+    A session is not thread-safe, but it may be handed between threads: the poller
+    fetches on one thread while another stores, never both on the same session."""
+
+    def __init__(self, client: IMAPClient) -> None:
+        self._client = client
+
+    def __enter__(self) -> ImapSession:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _command(self, command: Callable[[], _T], *, stage: Stage = "folder") -> _T:
+        """Run one IMAP exchange. Every command goes through here, so this is where its
+        failures are translated (and where limits on a whole session would be checked)."""
+        try:
+            return command()
+        except (IMAPClientError, OSError, EOFError) as exc:
+            raise translate(exc, stage=stage) from exc
+
+    def login(self, account: Account, credentials: Mapping[str, Any]) -> None:
+        """LOGIN, or AUTHENTICATE XOAUTH2 for an oauth2 account."""
+        try:
+            if account.auth_method == AuthMethod.OAUTH2:
+                token = str(credentials["access_token"])
+                self._command(
+                    lambda: self._client.oauth2_login(account.username, token), stage="auth"
+                )
+            else:
+                password = str(credentials["password"])
+                self._command(lambda: self._client.login(account.username, password), stage="auth")
+        except KeyError as exc:
+            raise ImapAuthError(f"the stored credentials lack {exc.args[0]!r}") from exc
+
+    def close(self) -> None:
+        """Log out politely; a connection that is already broken is just shut."""
+        try:
+            self._client.logout()
+        except Exception:
+            with contextlib.suppress(Exception):
+                self._client.shutdown()
+
+    def tls_version(self) -> str | None:
+        """The TLS version in use ("TLSv1.3"), or None on a plain connection."""
+        sock = self._client.socket()
+        return sock.version() if isinstance(sock, ssl.SSLSocket) else None
+
+    # -- folders ------------------------------------------------------------------------
+
+    def select(self, folder: str) -> SelectedFolder:
+        """EXAMINE the folder (read-only: mailbeat never sets \\Seen or expunges)."""
+        info = self._command(lambda: self._client.select_folder(folder, readonly=True))
+        uidvalidity = info.get(b"UIDVALIDITY")
+        if uidvalidity is None:
+            raise ImapProtocolError("the server sent no UIDVALIDITY")
+        uidnext = info.get(b"UIDNEXT")
+        return SelectedFolder(
+            name=folder,
+            uidvalidity=int(uidvalidity),
+            exists=int(info.get(b"EXISTS", 0)),
+            uidnext=None if uidnext is None else int(uidnext),
+        )
+
+    def status(self, folder: str) -> FolderStatus:
+        """STATUS: a folder's UIDVALIDITY, UIDNEXT and message count, without selecting."""
+        wanted = [b"UIDVALIDITY", b"UIDNEXT", b"MESSAGES"]
+        info = self._command(lambda: self._client.folder_status(folder, wanted))
+        try:
+            return FolderStatus(
+                uidvalidity=int(info[b"UIDVALIDITY"]),
+                uidnext=int(info[b"UIDNEXT"]),
+                messages=int(info[b"MESSAGES"]),
+            )
+        except KeyError as exc:
+            raise ImapProtocolError(f"STATUS without {exc.args[0].decode()}") from exc
+
+    # -- the selected folder's messages -------------------------------------------------
+
+    def search(
+        self,
+        *,
+        uid_from: int | None = None,
+        uid_to: int | None = None,
+        since: date | None = None,
+        before: date | None = None,
+    ) -> list[int]:
+        """UIDs of the selected folder matching every criterion given (all messages when
+        none is), ascending. `since`/`before` compare INTERNALDATE's day (`since`
+        inclusive) in the server's time zone.
+
+        The UID range is exact: `UID n:*` always matches the newest message, even when its
+        UID is below n; such a UID is dropped here."""
+        criteria: list[Any] = []
+        if uid_from is not None or uid_to is not None:
+            criteria += ["UID", f"{uid_from or 1}:{uid_to or '*'}"]
+        if since is not None:
+            criteria += ["SINCE", since]
+        if before is not None:
+            criteria += ["BEFORE", before]
+        found = self._command(lambda: self._client.search(criteria or ["ALL"]))
+        low, high = uid_from or 1, uid_to
+        return sorted(uid for uid in found if low <= uid and (high is None or uid <= high))
+
+    def fetch_metadata(self, uids: Sequence[int]) -> dict[int, MessageMeta]:
+        """Size, INTERNALDATE and flags of these UIDs; a UID expunged since is missing."""
+        if not uids:
+            return {}
+        fetched = self._command(
+            lambda: self._client.fetch(list(uids), ["RFC822.SIZE", "INTERNALDATE", "FLAGS"])
+        )
+        return {
+            uid: MessageMeta(
+                uid=uid,
+                size=int(data.get(b"RFC822.SIZE", 0)),
+                internal_date=_aware(data.get(b"INTERNALDATE")),
+                # \Recent belongs to the session that saw the message first, not the message.
+                flags=[
+                    _decoded(flag) for flag in data.get(b"FLAGS", ()) if flag.lower() != b"\\recent"
+                ],
+            )
+            for uid, data in fetched.items()
+        }
+
+    def fetch_bodies(self, uids: Sequence[int]) -> dict[int, bytes]:
+        """The raw messages (BODY.PEEK[]: \\Seen is left alone); a UID expunged since is
+        missing."""
+        if not uids:
+            return {}
+        fetched = self._command(lambda: self._client.fetch(list(uids), ["BODY.PEEK[]"]))
+        return {uid: bytes(data[b"BODY[]"]) for uid, data in fetched.items() if b"BODY[]" in data}
+
+    # IDLE goes here when it comes: a method that waits on the selected folder through
+    # `_command`, so its failures are translated like every other command's.
+
+
 def connect(
     host: str,
     port: int | None,
@@ -105,7 +294,7 @@ def connect(
     *,
     connect_timeout: float | None = None,
     read_timeout: float | None = None,
-) -> IMAPClient:
+) -> ImapSession:
     """An unauthenticated connection; TLS (implicit or STARTTLS) is verified."""
     settings = get_settings()
     timeout = SocketTimeout(
@@ -117,50 +306,40 @@ def connect(
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         stage = "connect"
-        if security == "ssl":
+        if security == ImapSecurity.SSL:
             stage = "tls"  # the handshake is part of connecting on an implicit-TLS port
             client = IMAPClient(
                 host, port=port, ssl=True, ssl_context=ssl_context(), timeout=timeout
             )
         else:
             client = IMAPClient(host, port=port, ssl=False, timeout=timeout)
-            if security == "starttls":
+            if security == ImapSecurity.STARTTLS:
                 stage = "tls"
                 client.starttls(ssl_context())
     except (IMAPClientError, OSError, EOFError) as exc:
         raise translate(exc, stage=stage) from exc
     # Aware datetimes from INTERNALDATE (imapclient otherwise converts to naive local time).
     client.normalise_times = False
+    # Folder names are str on our side; imapclient encodes them as modified UTF-7.
+    client.folder_encode = True
     # imapclient turns imaplib's debug output up to 5, and imaplib then formats the repr
     # of every response, message bodies included, whether or not anything is logged:
     # that costs more than parsing the messages.
     client._imap.debug = 0
-    return client
-
-
-def login(client: IMAPClient, account: Account, credentials: dict[str, Any]) -> None:
-    try:
-        if account.auth_method == "oauth2":
-            client.oauth2_login(account.username, str(credentials["access_token"]))
-        else:
-            client.login(account.username, str(credentials["password"]))
-    except (IMAPClientError, OSError, EOFError) as exc:
-        raise translate(exc, stage="auth") from exc
-    except KeyError as exc:
-        raise ImapAuthError(f"the stored credentials lack {exc.args[0]!r}") from exc
+    return ImapSession(client)
 
 
 def open_account(
     account: Account,
     *,
-    credentials: Callable[[bool], dict[str, Any]],
+    credentials: Callable[[bool], Mapping[str, Any]],
     connect_timeout: float | None = None,
     read_timeout: float | None = None,
-) -> IMAPClient:
+) -> ImapSession:
     """Connect and log in. `credentials(force_refresh)` gives the secrets; an XOAUTH2
     login that fails is retried once with a freshly refreshed access token, since
     providers revoke tokens before their stated expiry."""
-    client = connect(
+    session = connect(
         account.imap_host,
         account.imap_port,
         account.imap_security,
@@ -169,22 +348,23 @@ def open_account(
     )
     try:
         try:
-            login(client, account, credentials(False))
+            session.login(account, credentials(False))
         except ImapAuthError:
-            if account.auth_method != "oauth2":
+            if account.auth_method != AuthMethod.OAUTH2:
                 raise
             # A failed AUTHENTICATE leaves the connection unauthenticated: try again on it.
-            login(client, account, credentials(True))
+            session.login(account, credentials(True))
     except BaseException:
-        close(client)
+        session.close()
         raise
-    return client
+    return session
 
 
-def close(client: IMAPClient) -> None:
-    """Log out politely; a connection that is already broken is just shut."""
-    try:
-        client.logout()
-    except Exception:
-        with contextlib.suppress(Exception):
-            client.shutdown()
+def _aware(value: Any) -> datetime | None:
+    if not isinstance(value, datetime):
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _decoded(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -19,32 +19,27 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from imapclient import IMAPClient
-from imapclient.exceptions import IMAPClientError
-from sqlalchemy import ColumnElement, Table, func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy import Table, insert, update
 
-from backend import crypto
+from backend.accounts import state
 from backend.config import get_settings
-from backend.db import session_scope
-from backend.mailbox import imap, oauth
-from backend.mailbox.imap import ImapAuthError, ImapError, ImapProtocolError
+from backend.db import insert_for, session_scope
+from backend.mailbox import credentials, cursors, imap
+from backend.mailbox.imap import ImapError, ImapProtocolError, ImapSession
 from backend.mailbox.parser import ParsedMessage, parse_message
 from backend.models import (
     Account,
-    AccountStatus,
     Attachment,
     ErrorKind,
     EventType,
-    FolderCursor,
+    InitialSync,
     Message,
     PollOutcome,
     PollRun,
@@ -55,9 +50,6 @@ from backend.storage.base import attachment_key, message_key
 
 log = logging.getLogger(__name__)
 
-# A scheduled poll may run this much before backoff_until and still count as due:
-# beat ticks about once a second, and backoff is measured from the failed poll's start.
-BACKOFF_SLACK = timedelta(seconds=2)
 # UIDs whose size / date / flags are asked for in one FETCH before bodies are fetched.
 METADATA_CHUNK = 1000
 # Bodies fetched in one round trip stay under this many bytes (one larger message is
@@ -74,32 +66,15 @@ ATTACHMENTS = cast(Table, Attachment.__table__)
 
 @dataclass
 class PollResult:
-    outcome: str  # a PollRun outcome
+    outcome: PollOutcome
     new_message_ids: list[int] = field(default_factory=list)
     messages: int = 0
     bytes: int = 0
     error: str | None = None
-    # "account.error" | "account.disabled" | "account.recovered": only when this poll
-    # changed the account's status.
-    account_event: str | None = None
+    # Only when this poll changed the account's status (see backend/accounts/state.py).
+    account_event: EventType | None = None
     duration_seconds: float = 0.0
     poll_run_id: int | None = None
-
-
-@dataclass
-class FolderCheck:
-    name: str
-    ok: bool
-    detail: str
-    messages: int | None = None
-
-
-@dataclass
-class CheckResult:
-    ok: bool
-    stage: str  # the stage that failed, or "folder" (the last one) when everything worked
-    detail: str
-    folders: list[FolderCheck] = field(default_factory=list)
 
 
 @dataclass
@@ -135,42 +110,12 @@ class _Prepared:
     advance_cursor: bool = True
 
 
-# -- credentials -------------------------------------------------------------------------
-
-
-def _credential_loader(
-    account: Account, save: Callable[[dict[str, Any]], None]
-) -> Callable[[bool], dict[str, Any]]:
-    """Decrypt the account's secrets; for XOAUTH2, refresh an expired access token (or
-    any, when forced after a refused login) and hand the new tokens to `save`."""
-
-    def load(force_refresh: bool) -> dict[str, Any]:
-        try:
-            credentials = crypto.decrypt_json(account.credentials_encrypted)
-        except crypto.SecretDecryptError as exc:
-            raise ImapAuthError(str(exc)) from exc
-        if account.auth_method == "oauth2" and (force_refresh or oauth.needs_refresh(credentials)):
-            credentials = oauth.refresh(credentials)
-            save(credentials)
-        return credentials
-
-    return load
-
-
-def _save_credentials(account_id: int) -> Callable[[dict[str, Any]], None]:
-    def save(credentials: dict[str, Any]) -> None:
-        # Committed at once: the provider may already have invalidated the old refresh token.
-        with session_scope() as session:
-            session.execute(
-                update(Account)
-                .where(Account.id == account_id)
-                .values(credentials_encrypted=crypto.encrypt_json(credentials))
-            )
-
-    return save
-
-
 # -- the poll ----------------------------------------------------------------------------
+
+
+def open_mailbox(account: Account) -> ImapSession:
+    """A logged-in session on the account's server (a context manager), as a poll makes it."""
+    return imap.open_account(account, credentials=credentials.loader(account))
 
 
 def poll_account(account_id: int, *, task_id: str | None = None) -> PollResult:
@@ -181,13 +126,13 @@ def poll_account(account_id: int, *, task_id: str | None = None) -> PollResult:
     with session_scope() as session:
         account = session.get(Account, account_id)
         if account is None:
-            return PollResult(outcome="skipped", error="no such account")
-        reason = _skip_reason(account, started_at)
+            return PollResult(outcome=PollOutcome.SKIPPED, error="no such account")
+        reason = state.skip_reason(account, started_at)
         run = PollRun(
             account_id=account_id,
             started_at=started_at,
             task_id=task_id,
-            outcome="skipped" if reason else "running",
+            outcome=PollOutcome.SKIPPED if reason else PollOutcome.RUNNING,
             error=reason,
             finished_at=started_at if reason else None,
         )
@@ -196,7 +141,7 @@ def poll_account(account_id: int, *, task_id: str | None = None) -> PollResult:
         run_id = run.id
     if reason:
         return PollResult(
-            outcome="skipped",
+            outcome=PollOutcome.SKIPPED,
             error=reason,
             duration_seconds=time.monotonic() - started,
             poll_run_id=run_id,
@@ -205,21 +150,16 @@ def poll_account(account_id: int, *, task_id: str | None = None) -> PollResult:
     poller = _Poller(account)
     error: ImapError | None = None
     try:
-        client = imap.open_account(
-            account, credentials=_credential_loader(account, _save_credentials(account_id))
-        )
-        try:
-            error = poller.poll_folders(client)
-        finally:
-            imap.close(client)
+        with open_mailbox(account) as mailbox:
+            error = poller.poll_folders(mailbox)
     except ImapError as exc:
         error = exc
     except Exception as exc:
         log.exception("poll of account %s failed", account_id)
         error = ImapError(f"internal error: {type(exc).__name__}: {exc}")
-        error.kind = "internal"
+        error.kind = ErrorKind.INTERNAL
 
-    outcome = PollOutcome.SUCCESS if error is None else PollOutcome.for_error(ErrorKind(error.kind))
+    outcome = PollOutcome.SUCCESS if error is None else PollOutcome.for_error(error.kind)
     event = _finish(
         account_id,
         run_id,
@@ -243,84 +183,45 @@ def poll_account(account_id: int, *, task_id: str | None = None) -> PollResult:
     )
 
 
-def _skip_reason(account: Account, now: datetime) -> str | None:
-    if not account.enabled or account.status == "disabled":
-        return "account is disabled"
-    if account.backoff_until is not None and account.backoff_until - BACKOFF_SLACK > now:
-        return f"backing off until {account.backoff_until.isoformat()}"
-    return None
-
-
-def backoff_delay(account: Account, failures: int) -> timedelta:
-    """The poll interval, doubled for every further consecutive failure, capped."""
-    cap = get_settings().backoff_max_seconds
-    seconds = account.poll_interval_seconds * 2 ** min(failures - 1, 32)
-    return timedelta(seconds=min(seconds, cap))
-
-
-def clear_backoff(account: Account) -> None:
-    """For the accounts service when the credentials change: poll at the next tick
-    instead of waiting out the backoff an authentication failure set. Only flushes."""
-    account.backoff_until = None
-
-
 def _finish(
     account_id: int,
     run_id: int,
     *,
     started_at: datetime,
-    outcome: str,
+    outcome: PollOutcome,
     error: ImapError | None,
     messages: int,
     bytes_: int,
-) -> str | None:
-    """Record the poll on its PollRun row and the account's state; returns the account
-    event when the account's status changed."""
-    settings = get_settings()
+) -> EventType | None:
+    """Record the poll on its PollRun row and the account's state, in one transaction;
+    returns the account event when the account's status changed."""
     now = utcnow()
-    event: str | None = None
     with session_scope() as session:
         run = session.get(PollRun, run_id)
         if run is not None:
-            run.outcome = PollOutcome(outcome)
+            run.outcome = outcome
             run.finished_at = now
             run.messages_count = messages
             run.bytes_count = bytes_
             run.error = None if error is None else error.message
-        account = session.get(Account, account_id, with_for_update=True)
-        if account is None:  # deleted while we polled
-            return None
-        account.last_polled_at = now
-        if error is None:
-            if account.status == AccountStatus.ERROR:
-                event = EventType.ACCOUNT_RECOVERED
-            if account.status != AccountStatus.DISABLED:
-                account.status = AccountStatus.ACTIVE
-            account.last_success_at = now
-            account.consecutive_failures = 0
-            account.backoff_until = None
-            account.last_error = None
-            account.last_error_kind = None
-            return event
-        failures = account.consecutive_failures + 1
-        account.consecutive_failures = failures
-        account.last_error = error.message
-        account.last_error_kind = ErrorKind(error.kind)
-        if failures >= settings.max_consecutive_failures:
-            if account.status != AccountStatus.DISABLED:
-                event = EventType.ACCOUNT_DISABLED
-            account.enabled = False
-            account.status = AccountStatus.DISABLED
-            account.backoff_until = None
-            account.disabled_reason = (
-                f"{failures} consecutive failed polls; the last: {error.message}"
-            )
-        else:
-            if account.status == AccountStatus.ACTIVE:
-                event = EventType.ACCOUNT_ERROR
-                account.status = AccountStatus.ERROR
-            account.backoff_until = started_at + backoff_delay(account, failures)
-    return event
+        return state.record_poll(session, account_id, started_at=started_at, now=now, error=error)
+
+
+def store_uids(
+    mailbox: ImapSession, account: Account, folder: str, uidvalidity: int, uids: Sequence[int]
+) -> list[int]:
+    """For backfill (backend/processing/backfill.py): fetch and store these UIDs of the
+    selected folder as a poll does (what is held already is not stored again), without
+    moving the folder cursor: UIDs picked out of order must not make the next poll skip
+    the ones between. Returns the new message ids for the caller to hand on."""
+    with session_scope() as session:
+        dedupe = cursors.has_other_generations(session, account.id, folder, uidvalidity)
+    poller = _Poller(account)
+    with poller.storing():
+        poller.ingest(
+            mailbox, folder, uidvalidity, sorted(uids), dedupe=dedupe, advance_cursor=False
+        )
+    return poller.new_ids
 
 
 class _Poller:
@@ -342,48 +243,40 @@ class _Poller:
             self.pool = pool
             yield
 
-    def poll_folders(self, client: IMAPClient) -> ImapError | None:
+    def poll_folders(self, mailbox: ImapSession) -> ImapError | None:
         """Poll each folder; a folder the server refuses does not stop the others, but a
         lost connection does. Returns the first folder error, if any."""
         with self.storing():
-            return self._poll_folders(client)
+            first_error: ImapError | None = None
+            for folder in self.account.folders or ["INBOX"]:
+                try:
+                    self.poll_folder(mailbox, folder)
+                except ImapError as exc:
+                    if exc.kind != ErrorKind.PROTOCOL:
+                        raise
+                    log.warning("account %s folder %r: %s", self.account_id, folder, exc.message)
+                    first_error = first_error or ImapProtocolError(f"folder {folder!r}: {exc}")
+            return first_error
 
-    def _poll_folders(self, client: IMAPClient) -> ImapError | None:
-        first_error: ImapError | None = None
-        for folder in self.account.folders or ["INBOX"]:
-            try:
-                self.poll_folder(client, folder)
-            except ImapProtocolError as exc:
-                log.warning("account %s folder %r: %s", self.account_id, folder, exc.message)
-                first_error = first_error or exc
-            except (IMAPClientError, OSError, EOFError) as exc:
-                error = imap.translate(exc, stage="folder")
-                if error.kind != "protocol":
-                    raise error from exc
-                first_error = first_error or ImapProtocolError(f"folder {folder!r}: {error}")
-        return first_error
-
-    def poll_folder(self, client: IMAPClient, folder: str) -> None:
-        info = client.select_folder(folder, readonly=True)
-        uidvalidity = int(info[b"UIDVALIDITY"])
-        cursor = self._cursor(folder, uidvalidity)
+    def poll_folder(self, mailbox: ImapSession, folder: str) -> None:
+        uidvalidity = mailbox.select(folder).uidvalidity
+        with session_scope() as session:
+            cursor = cursors.resume_after(session, self.account_id, folder, uidvalidity)
+            dedupe = cursors.has_other_generations(session, self.account_id, folder, uidvalidity)
         if cursor is None:
-            uids, ceiling = self._first_sync_selection(client, folder)
+            uids, ceiling = self._first_sync_selection(mailbox, folder)
         else:
-            # `UID n:*` always matches the newest message, even when its UID is below n.
-            found = client.search(["UID", f"{cursor + 1}:*"])
-            uids = sorted(uid for uid in found if uid > cursor)
+            uids = mailbox.search(uid_from=cursor + 1)
             ceiling = max(uids, default=cursor)
-        dedupe = self._has_other_generations(folder, uidvalidity)
-        self.ingest(client, folder, uidvalidity, uids, dedupe=dedupe)
+        self.ingest(mailbox, folder, uidvalidity, uids, dedupe=dedupe)
         if ceiling > (cursor or 0):
             # Messages the initial-sync policy left out stay behind the cursor for good.
             with session_scope() as session:
-                self._advance_cursor(session, folder, uidvalidity, ceiling)
+                cursors.advance(session, self.account_id, folder, uidvalidity, ceiling)
 
     def ingest(
         self,
-        client: IMAPClient,
+        mailbox: ImapSession,
         folder: str,
         uidvalidity: int,
         uids: Sequence[int],
@@ -399,7 +292,7 @@ class _Poller:
         committing: Future[None] | None = None
         with ThreadPoolExecutor(1, thread_name_prefix="mailbox-commit") as committer:
             try:
-                for batch in _prefetched(self._fetch(client, uids)):
+                for batch in _prefetched(self._fetch(mailbox, uids)):
                     prepared = self._prepare_batch(folder, uidvalidity, batch, dedupe=dedupe)
                     if committing is not None:
                         committing.result()  # at most one batch waits: bounded memory
@@ -411,95 +304,35 @@ class _Poller:
                 if committing is not None:
                     committing.result()
 
-    def _cursor(self, folder: str, uidvalidity: int) -> int | None:
-        """The last UID stored under this UIDVALIDITY, or None when the folder is new or
-        was renumbered (then the cursor is reset, and the folder is scanned again)."""
-        with session_scope() as session:
-            row = session.scalar(
-                select(FolderCursor).where(
-                    FolderCursor.account_id == self.account_id, FolderCursor.folder == folder
-                )
-            )
-            if row is not None and row.uidvalidity == uidvalidity:
-                return row.last_uid
-            if row is None:
-                session.execute(
-                    _insert(session, FolderCursor)
-                    .values(
-                        account_id=self.account_id,
-                        folder=folder,
-                        uidvalidity=uidvalidity,
-                        last_uid=0,
-                        updated_at=utcnow(),
-                    )
-                    .on_conflict_do_nothing(index_elements=["account_id", "folder"])
-                )
-            else:
-                log.warning(
-                    "account %s folder %r: UIDVALIDITY %s -> %s, scanning it again",
-                    self.account_id,
-                    folder,
-                    row.uidvalidity,
-                    uidvalidity,
-                )
-                row.uidvalidity = uidvalidity
-                row.last_uid = 0
-                row.updated_at = utcnow()
-        return None
-
-    def _first_sync_selection(self, client: IMAPClient, folder: str) -> tuple[list[int], int]:
+    def _first_sync_selection(self, mailbox: ImapSession, folder: str) -> tuple[list[int], int]:
         """UIDs to fetch on a first sync (or a re-scan), and the cursor to end at."""
-        everything = sorted(client.search("ALL"))
+        everything = mailbox.search()
         ceiling = max(everything, default=0)
         policy = self.account.initial_sync
-        if policy == "all":
+        if policy == InitialSync.ALL:
             return everything, ceiling
-        if policy == "newest":
+        if policy == InitialSync.NEWEST:
             count = self.account.initial_sync_count or 0
             selected = set(everything[-count:] if count > 0 else [])
         else:
             since = self.account.initial_sync_since
-            selected = set(client.search(["SINCE", since])) if since else set(everything)
-        held_since = self._oldest_held(folder)
-        if held_since is not None:
+            selected = set(mailbox.search(since=since)) if since else set(everything)
+        with session_scope() as session:
+            oldest = cursors.oldest_held(session, self.account_id, folder)
+        if oldest is not None:
             # A re-scan: everything from the oldest message we held on, so mail that came
-            # after the first sync is not left out by the first-sync policy.
-            selected |= set(client.search(["SINCE", held_since]))
+            # after the first sync is not left out by the first-sync policy. SEARCH SINCE
+            # compares dates in the server's zone: a day earlier is safe.
+            held_since = (oldest.astimezone(UTC) - timedelta(days=1)).date()
+            selected |= set(mailbox.search(since=held_since))
         return sorted(uid for uid in selected if uid <= ceiling), ceiling
 
-    def _oldest_held(self, folder: str) -> date | None:
-        with session_scope() as session:
-            oldest = session.scalar(
-                select(func.min(Message.internal_date)).where(
-                    Message.account_id == self.account_id, Message.folder == folder
-                )
-            )
-        if oldest is None:
-            return None
-        # SEARCH SINCE compares dates in the server's zone: a day earlier is safe.
-        return (oldest.astimezone(UTC) - timedelta(days=1)).date()
-
-    def _has_other_generations(self, folder: str, uidvalidity: int) -> bool:
-        with session_scope() as session:
-            return (
-                session.scalar(
-                    select(Message.id)
-                    .where(
-                        Message.account_id == self.account_id,
-                        Message.folder == folder,
-                        Message.uidvalidity != uidvalidity,
-                    )
-                    .limit(1)
-                )
-                is not None
-            )
-
-    def _fetch(self, client: IMAPClient, uids: Sequence[int]) -> Iterator[list[_Fetched]]:
+    def _fetch(self, mailbox: ImapSession, uids: Sequence[int]) -> Iterator[list[_Fetched]]:
         """Batches of fetched messages: sizes first, so an oversized message is recorded
         without downloading it, and a batch's bodies stay under BATCH_MAX_BYTES."""
         for start in range(0, len(uids), METADATA_CHUNK):
             chunk = list(uids[start : start + METADATA_CHUNK])
-            meta = client.fetch(chunk, ["RFC822.SIZE", "INTERNALDATE", "FLAGS"])
+            meta = mailbox.fetch_metadata(chunk)
             batch: list[_Fetched] = []
             batch_bytes = 0
             for uid in chunk:
@@ -507,42 +340,33 @@ class _Poller:
                 if data is None:
                     continue  # expunged since the search
                 item = _Fetched(
-                    uid=uid,
-                    size=int(data.get(b"RFC822.SIZE", 0)),
-                    internal_date=_aware(data.get(b"INTERNALDATE")),
-                    # \Recent belongs to the session that saw the message first, not the message.
-                    flags=[
-                        _text(flag)
-                        for flag in data.get(b"FLAGS", ())
-                        if flag.lower() != b"\\recent"
-                    ],
+                    uid=uid, size=data.size, internal_date=data.internal_date, flags=data.flags
                 )
                 fetch_size = item.size if item.size <= self.max_bytes else 0
                 if batch and (
                     len(batch) >= self.batch_size or batch_bytes + fetch_size > BATCH_MAX_BYTES
                 ):
-                    yield self._bodies(client, batch)
+                    yield self._bodies(mailbox, batch)
                     batch, batch_bytes = [], 0
                 batch.append(item)
                 batch_bytes += fetch_size
             if batch:
-                yield self._bodies(client, batch)
+                yield self._bodies(mailbox, batch)
 
-    def _bodies(self, client: IMAPClient, batch: list[_Fetched]) -> list[_Fetched]:
-        wanted = [item.uid for item in batch if item.size <= self.max_bytes]
-        bodies = client.fetch(wanted, ["BODY.PEEK[]"]) if wanted else {}
+    def _bodies(self, mailbox: ImapSession, batch: list[_Fetched]) -> list[_Fetched]:
+        bodies = mailbox.fetch_bodies([item.uid for item in batch if item.size <= self.max_bytes])
         kept: list[_Fetched] = []
         for item in batch:
             if item.size > self.max_bytes:
                 kept.append(item)
                 continue
-            body = bodies.get(item.uid, {}).get(b"BODY[]")
+            body = bodies.get(item.uid)
             if body is None:
                 continue  # expunged between the two fetches
-            item.body = bytes(body)
-            item.size = len(item.body)
+            item.body = body
+            item.size = len(body)
             # Hashed here, in the fetching thread, off the storing thread's path.
-            item.content_hash = hashlib.sha256(item.body).hexdigest()
+            item.content_hash = hashlib.sha256(body).hexdigest()
             kept.append(item)
         return kept
 
@@ -553,7 +377,10 @@ class _Poller:
         if not batch:
             return None
         hashes = {item.content_hash for item in batch if item.content_hash is not None}
-        held = self._held_hashes(folder, uidvalidity, hashes) if dedupe else set()
+        held: set[str] = set()
+        if dedupe:
+            with session_scope() as session:
+                held = cursors.held_hashes(session, self.account_id, folder, uidvalidity, hashes)
         prepared = _Prepared(folder=folder, uidvalidity=uidvalidity, last_uid=batch[-1].uid)
         for item in batch:
             if item.content_hash is not None and item.content_hash in held:
@@ -582,7 +409,7 @@ class _Poller:
                 inserted = [
                     (row.id, row.uid, row.size)
                     for row in session.connection().execute(
-                        _insert(session, MESSAGES)
+                        insert_for(session, MESSAGES)
                         .on_conflict_do_nothing(
                             index_elements=["account_id", "folder", "uidvalidity", "uid"]
                         )
@@ -604,24 +431,9 @@ class _Poller:
                     .values(message_count=Account.message_count + len(inserted))
                 )
             if prepared.advance_cursor:
-                self._advance_cursor(session, folder, uidvalidity, last_uid)
+                cursors.advance(session, self.account_id, folder, uidvalidity, last_uid)
         self.new_ids.extend(sorted(message_id for message_id, _uid, _size in inserted))
         self.new_bytes += sum(size for _id, _uid, size in inserted)
-
-    def _held_hashes(self, folder: str, uidvalidity: int, hashes: set[str]) -> set[str]:
-        if not hashes:
-            return set()
-        with session_scope() as session:
-            return set(
-                session.scalars(
-                    select(Message.content_hash).where(
-                        Message.account_id == self.account_id,
-                        Message.folder == folder,
-                        Message.uidvalidity != uidvalidity,
-                        Message.content_hash.in_(hashes),
-                    )
-                )
-            )
 
     def _prepare(
         self, folder: str, uidvalidity: int, item: _Fetched, uploads: list[_Upload]
@@ -701,18 +513,6 @@ class _Poller:
         row["storage_key"] = key
         uploads.append((row, self.pool.submit(_put, key, data, content_type, hashed=hash_it)))
 
-    def _advance_cursor(self, session: Session, folder: str, uidvalidity: int, uid: int) -> None:
-        # Never backwards (a concurrent poll may be ahead); never under another UIDVALIDITY.
-        session.execute(
-            update(FolderCursor)
-            .where(
-                FolderCursor.account_id == self.account_id,
-                FolderCursor.folder == folder,
-                FolderCursor.uidvalidity == uidvalidity,
-            )
-            .values(last_uid=_greatest(session, FolderCursor.last_uid, uid), updated_at=utcnow())
-        )
-
 
 def _prefetched(batches: Iterator[list[_Fetched]]) -> Iterator[list[_Fetched]]:
     """Fetch the next batch in a thread while the caller stores this one: the server, the
@@ -761,104 +561,3 @@ def _parsed_fields(parsed: ParsedMessage) -> dict[str, Any]:
         "text_body": parsed.text_body,
         "html_body": parsed.html_body,
     }
-
-
-def _insert(session: Session, table: type[Any] | Table) -> Any:
-    """INSERT with ON CONFLICT for the session's database (PostgreSQL or SQLite)."""
-    if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
-
-
-def _greatest(session: Session, column: Any, value: int) -> ColumnElement[Any]:
-    if session.get_bind().dialect.name == "postgresql":
-        return func.greatest(column, value)
-    return func.max(column, value)  # SQLite's two-argument max() is scalar
-
-
-def _aware(value: Any) -> datetime | None:
-    if not isinstance(value, datetime):
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-# -- backfill (backend/processing/backfill.py) ---------------------------------------------
-
-
-@contextmanager
-def open_mailbox(account: Account) -> Iterator[IMAPClient]:
-    """A logged-in connection to the account's server, made as a poll makes it."""
-    client = imap.open_account(
-        account, credentials=_credential_loader(account, _save_credentials(account.id))
-    )
-    try:
-        yield client
-    finally:
-        imap.close(client)
-
-
-def store_uids(
-    client: IMAPClient, account: Account, folder: str, uidvalidity: int, uids: Sequence[int]
-) -> list[int]:
-    """Fetch and store these UIDs of the selected folder as a poll does (what is held
-    already is not stored again), without moving the folder cursor: UIDs picked out of
-    order must not make the next poll skip the ones between. Returns the new message ids
-    for the caller to hand on."""
-    poller = _Poller(account)
-    with poller.storing():
-        dedupe = poller._has_other_generations(folder, uidvalidity)
-        poller.ingest(
-            client, folder, uidvalidity, sorted(uids), dedupe=dedupe, advance_cursor=False
-        )
-    return poller.new_ids
-
-
-# -- checking an account -----------------------------------------------------------------
-
-
-def check_account(account: Account, *, timeout: float) -> CheckResult:
-    """Try the account's server, credentials and folders now. A refreshed XOAUTH2 token
-    is set on `account`; the caller's commit keeps it."""
-
-    def keep(credentials: dict[str, Any]) -> None:
-        account.credentials_encrypted = crypto.encrypt_json(credentials)
-
-    try:
-        client = imap.open_account(
-            account,
-            credentials=_credential_loader(account, keep),
-            connect_timeout=timeout,
-            read_timeout=timeout,
-        )
-    except ImapError as exc:
-        return CheckResult(ok=False, stage=exc.stage, detail=exc.message)
-    folders: list[FolderCheck] = []
-    try:
-        for folder in account.folders or ["INBOX"]:
-            try:
-                info = client.select_folder(folder, readonly=True)
-            except (IMAPClientError, OSError, EOFError) as exc:
-                error = imap.translate(exc, stage="folder")
-                folders.append(FolderCheck(name=folder, ok=False, detail=error.message))
-                if error.kind != "protocol":
-                    break
-                continue
-            count = int(info.get(b"EXISTS", 0))
-            folders.append(
-                FolderCheck(name=folder, ok=True, detail=f"{count} messages", messages=count)
-            )
-    finally:
-        imap.close(client)
-    failed = [check for check in folders if not check.ok]
-    if failed:
-        return CheckResult(
-            ok=False,
-            stage="folder",
-            detail="; ".join(f"{check.name}: {check.detail}" for check in failed),
-            folders=folders,
-        )
-    return CheckResult(ok=True, stage="folder", detail="ok", folders=folders)

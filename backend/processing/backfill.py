@@ -11,15 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any
 
-from imapclient import IMAPClient
-from imapclient.exceptions import IMAPClientError
 from sqlalchemy import select
 
 from backend.db import session_scope
 from backend.errors import MailbeatError, NotFound
-from backend.mailbox import imap
+from backend.mailbox.imap import ImapSession
 from backend.mailbox.service import open_mailbox, store_uids
 from backend.models import Account, Message
 from backend.processing.service import hand_on
@@ -39,20 +36,6 @@ class Range:
     uid_to: int | None = None
     since: date | None = None  # INTERNALDATE on or after this day
     before: date | None = None  # INTERNALDATE before this day
-
-    def criteria(self) -> list[Any]:
-        criteria: list[Any] = []
-        if self.uid_from is not None or self.uid_to is not None:
-            criteria += ["UID", f"{self.uid_from or 1}:{self.uid_to or '*'}"]
-        if self.since is not None:
-            criteria += ["SINCE", self.since]
-        if self.before is not None:
-            criteria += ["BEFORE", self.before]
-        return criteria or ["ALL"]
-
-    def holds(self, uid: int) -> bool:
-        # `UID n:*` matches the newest message even when its UID is below n.
-        return (self.uid_from or 1) <= uid <= (self.uid_to or uid)
 
 
 @dataclass
@@ -98,21 +81,18 @@ def backfill(
         )
     result = BackfillResult(dry_run=dry_run)
     unprocessed: list[int] = []
-    try:
-        with open_mailbox(account) as client:
-            for folder in chosen:
-                entry, held, stored = _folder(client, account, folder, window, dry_run=dry_run)
-                result.stored_message_ids += stored
-                result.folders.append(entry)
-                waiting = [mid for mid, processed in held if not processed]
-                done = [mid for mid, processed in held if processed]
-                entry.handed_on = len(waiting)
-                unprocessed += waiting
-                if redeliver:
-                    entry.redelivered = len(done)
-                    result.redelivered_message_ids += done
-    except (IMAPClientError, OSError, EOFError) as exc:
-        raise imap.translate(exc) from exc
+    with open_mailbox(account) as mailbox:
+        for folder in chosen:
+            entry, held, stored = _folder(mailbox, account, folder, window, dry_run=dry_run)
+            result.stored_message_ids += stored
+            result.folders.append(entry)
+            waiting = [mid for mid, processed in held if not processed]
+            done = [mid for mid, processed in held if processed]
+            entry.handed_on = len(waiting)
+            unprocessed += waiting
+            if redeliver:
+                entry.redelivered = len(done)
+                result.redelivered_message_ids += done
     if dry_run:
         return result
     hand_on(sorted(result.stored_message_ids + unprocessed), use_celery=use_celery)
@@ -132,7 +112,7 @@ def backfill(
 
 
 def _folder(
-    client: IMAPClient,
+    mailbox: ImapSession,
     account: Account,
     folder: str,
     window: Range,
@@ -142,8 +122,10 @@ def _folder(
     """One folder: count, and unless a dry run, store what is missing. Returns the
     counts, the held messages in the range as (message id, processed), and the ids of
     the messages stored now."""
-    uidvalidity = int(client.select_folder(folder, readonly=True)[b"UIDVALIDITY"])
-    uids = sorted(uid for uid in client.search(window.criteria()) if window.holds(uid))
+    uidvalidity = mailbox.select(folder).uidvalidity
+    uids = mailbox.search(
+        uid_from=window.uid_from, uid_to=window.uid_to, since=window.since, before=window.before
+    )
     held = _held(account.id, folder, uidvalidity, uids)
     missing = [uid for uid in uids if uid not in held]
     entry = FolderBackfill(
@@ -153,7 +135,7 @@ def _folder(
         held=len(held),
         missing=len(missing),
     )
-    stored = store_uids(client, account, folder, uidvalidity, missing) if not dry_run else []
+    stored = store_uids(mailbox, account, folder, uidvalidity, missing) if not dry_run else []
     entry.stored = len(stored)
     return entry, list(held.values()), stored
 

@@ -1,5 +1,5 @@
-"""Connections: TLS modes and trust, timeouts against a server that never answers, and
-check_account's stages."""
+"""Connections: TLS modes and trust, timeouts against a server that never answers,
+check_account's stages, and the session's commands."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.mailbox import imap
-from backend.mailbox.service import check_account, poll_account
-from backend.models import ImapSecurity
+from backend.mailbox.check import check_account
+from backend.mailbox.service import poll_account
+from backend.models import ImapSecurity, Message
 from tests.mailbox.conftest import MakeAccount, generated
 from tests.support.dovecot import Dovecot
 from tests.support.net import free_port
@@ -133,11 +135,11 @@ def test_starttls_trusted_through_imap_ca_bundle_and_refused_without(
     set_env(IMAP_CA_BUNDLE=dovecot.cert_path)
     dovecot.append(mail_user[0], generated(1))
     account = make_account(imap_security="starttls", imap_port=dovecot.imap_port)
-    client = imap.connect(dovecot.host, dovecot.imap_port, "starttls")
+    session = imap.connect(dovecot.host, dovecot.imap_port, "starttls")
     try:
-        assert client.socket().version() is not None  # an SSLSocket after STARTTLS
+        assert session.tls_version() is not None  # an SSLSocket after STARTTLS
     finally:
-        imap.close(client)
+        session.close()
     assert poll_account(account.id).messages == 1
 
     set_env(IMAP_CA_BUNDLE=None)
@@ -180,3 +182,36 @@ def test_check_account_stages(mail_user: tuple[str, str], make_account: MakeAcco
     account.imap_host = "no-such-host.invalid"
     unknown = check_account(account, timeout=5)
     assert (unknown.ok, unknown.stage) == (False, "dns")
+
+
+def test_session_status_select_and_an_exact_uid_search(
+    dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+) -> None:
+    username, password = mail_user
+    dovecot.append_many(username, [generated(1), generated(2)])
+    account = make_account()
+    with imap.open_account(account, credentials=lambda _refresh: {"password": password}) as session:
+        status = session.status("INBOX")
+        assert (status.messages, status.uidnext) == (2, 3)
+        selected = session.select("INBOX")
+        assert (selected.uidvalidity, selected.exists) == (status.uidvalidity, 2)
+        assert session.search() == [1, 2]
+        # On the wire `UID 3:*` matches UID 2, the newest message; the session drops it.
+        assert session.search(uid_from=3) == []
+        assert session.search(uid_to=1) == [1]
+        assert list(session.fetch_bodies([2])) == [2]
+
+
+def test_folder_names_beyond_ascii(
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+) -> None:
+    username, _ = mail_user
+    folder = "Entwürfe 東京"
+    dovecot.append(username, generated(1), folder=folder)
+    account = make_account(folders=[folder])
+    result = poll_account(account.id)
+    assert (result.outcome, result.messages) == ("success", 1)
+    assert db.scalars(select(Message.folder).where(Message.account_id == account.id)).all() == [
+        folder
+    ]
+    assert check_account(account, timeout=5).folders[0].messages == 1

@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session
 
 from backend import crypto
 from backend.mailbox import oauth
+from backend.mailbox.check import check_account
 from backend.mailbox.imap import ImapAuthError, ImapConnectionError
-from backend.mailbox.service import check_account, poll_account
+from backend.mailbox.service import poll_account
 from backend.models import Account
 from tests.mailbox.conftest import generated
 from tests.support.dovecot import Dovecot

@@ -10,8 +10,9 @@ from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session
 
 from backend import crypto
+from backend.accounts.state import clear_backoff
 from backend.db import get_engine
-from backend.mailbox.service import PollResult, clear_backoff, poll_account
+from backend.mailbox.service import PollResult, poll_account
 from backend.models import Account, Attachment, FolderCursor, Message, PollRun
 from backend.storage import service as storage
 from tests.mailbox.conftest import MakeAccount, corpus, generated

@@ -1,0 +1,117 @@
+"""An account's state between polls: its status, its failures and backoff, and the
+account events a change of status sends.
+
+    active    -- a poll fails ------------------------> error     "account.error"
+    error     -- a poll succeeds ---------------------> active    "account.recovered"
+    any       -- MAX_CONSECUTIVE_FAILURES in a row ---> disabled  "account.disabled"
+    error     -- new credentials or server (API) -----> active    (no event)
+    disabled  -- enabled through the API -------------> active    (no event)
+
+A failed poll that does not disable the account sets a backoff: the next poll waits the
+poll interval, doubled for each further failure in a row (BACKOFF_MAX_SECONDS at most).
+
+Every function changes the given account (or its row) on the caller's session and
+never commits.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy.orm import Session
+
+from backend.config import get_settings
+from backend.mailbox.imap import ImapError
+from backend.models import Account, AccountStatus, EventType
+
+# A scheduled poll may run this much before backoff_until and still count as due:
+# beat ticks about once a second, and backoff is measured from the failed poll's start.
+BACKOFF_SLACK = timedelta(seconds=2)
+
+
+def skip_reason(account: Account, now: datetime) -> str | None:
+    """Why a poll starting now must not run, or None when it may."""
+    if not account.enabled or account.status == AccountStatus.DISABLED:
+        return "account is disabled"
+    if account.backoff_until is not None and account.backoff_until - BACKOFF_SLACK > now:
+        return f"backing off until {account.backoff_until.isoformat()}"
+    return None
+
+
+def backoff_delay(account: Account, failures: int) -> timedelta:
+    """The poll interval, doubled for every further consecutive failure, capped."""
+    cap = get_settings().backoff_max_seconds
+    seconds = account.poll_interval_seconds * 2 ** min(failures - 1, 32)
+    return timedelta(seconds=min(seconds, cap))
+
+
+def clear_backoff(account: Account) -> None:
+    """Poll at the next tick instead of waiting out the backoff a failure set."""
+    account.backoff_until = None
+
+
+def forget_failures(account: Account) -> None:
+    """New credentials or server: the failures so far say nothing about the next poll."""
+    account.consecutive_failures = 0
+    clear_backoff(account)
+    if account.status == AccountStatus.ERROR:
+        account.status = AccountStatus.ACTIVE
+
+
+def set_enabled(account: Account, enabled: bool) -> None:
+    """Enabled or disabled through the API."""
+    account.enabled = enabled
+    if enabled:
+        # Re-enabling starts afresh: whatever disabled it is taken as dealt with.
+        account.status = AccountStatus.ACTIVE
+        account.disabled_reason = None
+        account.consecutive_failures = 0
+        clear_backoff(account)
+    else:
+        account.status = AccountStatus.DISABLED
+        account.disabled_reason = "disabled through the API"
+
+
+def record_poll(
+    session: Session,
+    account_id: int,
+    *,
+    started_at: datetime,
+    now: datetime,
+    error: ImapError | None,
+) -> EventType | None:
+    """The account's state after a poll that started at `started_at` and failed with
+    `error` (None: succeeded). Returns the account event when its status changed."""
+    account = session.get(Account, account_id, with_for_update=True)
+    if account is None:  # deleted while we polled
+        return None
+    account.last_polled_at = now
+    event: EventType | None = None
+    if error is None:
+        if account.status == AccountStatus.ERROR:
+            event = EventType.ACCOUNT_RECOVERED
+        if account.status != AccountStatus.DISABLED:
+            account.status = AccountStatus.ACTIVE
+        account.last_success_at = now
+        account.consecutive_failures = 0
+        account.backoff_until = None
+        account.last_error = None
+        account.last_error_kind = None
+        return event
+    failures = account.consecutive_failures + 1
+    account.consecutive_failures = failures
+    account.last_error = error.message
+    account.last_error_kind = error.kind
+    if failures >= get_settings().max_consecutive_failures:
+        if account.status != AccountStatus.DISABLED:
+            event = EventType.ACCOUNT_DISABLED
+        account.enabled = False
+        account.status = AccountStatus.DISABLED
+        account.backoff_until = None
+        account.disabled_reason = f"{failures} consecutive failed polls; the last: {error.message}"
+    else:
+        if account.status == AccountStatus.ACTIVE:
+            event = EventType.ACCOUNT_ERROR
+            account.status = AccountStatus.ERROR
+        account.backoff_until = started_at + backoff_delay(account, failures)
+    return event

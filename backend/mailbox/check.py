@@ -1,0 +1,67 @@
+"""Testing an account's connection now: server, TLS, credentials and each folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from backend import crypto
+from backend.mailbox import credentials, imap
+from backend.mailbox.imap import ImapError
+from backend.models import Account, ErrorKind
+
+
+@dataclass
+class FolderCheck:
+    name: str
+    ok: bool
+    detail: str
+    messages: int | None = None
+
+
+@dataclass
+class CheckResult:
+    ok: bool
+    stage: str  # the stage that failed, or "folder" (the last one) when everything worked
+    detail: str
+    folders: list[FolderCheck] = field(default_factory=list)
+
+
+def check_account(account: Account, *, timeout: float) -> CheckResult:
+    """Try the account's server, credentials and folders now. A refreshed XOAUTH2 token
+    is set on `account`; the caller's commit keeps it."""
+
+    def keep(secrets: dict[str, Any]) -> None:
+        account.credentials_encrypted = crypto.encrypt_json(secrets)
+
+    try:
+        session = imap.open_account(
+            account,
+            credentials=credentials.loader(account, save=keep),
+            connect_timeout=timeout,
+            read_timeout=timeout,
+        )
+    except ImapError as exc:
+        return CheckResult(ok=False, stage=exc.stage, detail=exc.message)
+    folders: list[FolderCheck] = []
+    with session:
+        for folder in account.folders or ["INBOX"]:
+            try:
+                count = session.select(folder).exists
+            except ImapError as error:
+                folders.append(FolderCheck(name=folder, ok=False, detail=error.message))
+                if error.kind != ErrorKind.PROTOCOL:
+                    break
+                continue
+            folders.append(
+                FolderCheck(name=folder, ok=True, detail=f"{count} messages", messages=count)
+            )
+    failed = [check for check in folders if not check.ok]
+    if failed:
+        return CheckResult(
+            ok=False,
+            stage="folder",
+            detail="; ".join(f"{check.name}: {check.detail}" for check in failed),
+            folders=folders,
+        )
+    return CheckResult(ok=True, stage="folder", detail="ok", folders=folders)

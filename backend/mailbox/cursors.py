@@ -1,0 +1,120 @@
+"""Where a folder's ingestion stands: its cursor (the last UID stored under one
+UIDVALIDITY) and what it held under an earlier UIDVALIDITY.
+
+The cursor only moves forward, and only in the transaction that stores the rows it
+covers (backend/mailbox/service.py explains why that gives exactly-once). Every function
+runs on the caller's session and never commits.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy.orm import Session
+
+from backend.db import insert_for
+from backend.models import FolderCursor, Message, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def resume_after(session: Session, account_id: int, folder: str, uidvalidity: int) -> int | None:
+    """The last UID stored under this UIDVALIDITY, or None when the folder is new or
+    was renumbered (then the cursor is reset, and the folder is scanned again)."""
+    row = session.scalar(
+        select(FolderCursor).where(
+            FolderCursor.account_id == account_id, FolderCursor.folder == folder
+        )
+    )
+    if row is not None and row.uidvalidity == uidvalidity:
+        return row.last_uid
+    if row is None:
+        session.execute(
+            insert_for(session, FolderCursor)
+            .values(
+                account_id=account_id,
+                folder=folder,
+                uidvalidity=uidvalidity,
+                last_uid=0,
+                updated_at=utcnow(),
+            )
+            .on_conflict_do_nothing(index_elements=["account_id", "folder"])
+        )
+    else:
+        log.warning(
+            "account %s folder %r: UIDVALIDITY %s -> %s, scanning it again",
+            account_id,
+            folder,
+            row.uidvalidity,
+            uidvalidity,
+        )
+        row.uidvalidity = uidvalidity
+        row.last_uid = 0
+        row.updated_at = utcnow()
+    return None
+
+
+def advance(session: Session, account_id: int, folder: str, uidvalidity: int, uid: int) -> None:
+    # Never backwards (a concurrent poll may be ahead); never under another UIDVALIDITY.
+    session.execute(
+        update(FolderCursor)
+        .where(
+            FolderCursor.account_id == account_id,
+            FolderCursor.folder == folder,
+            FolderCursor.uidvalidity == uidvalidity,
+        )
+        .values(last_uid=_greatest(session, FolderCursor.last_uid, uid), updated_at=utcnow())
+    )
+
+
+def oldest_held(session: Session, account_id: int, folder: str) -> datetime | None:
+    """The INTERNALDATE of the oldest message held from this folder (any UIDVALIDITY)."""
+    return session.scalar(
+        select(func.min(Message.internal_date)).where(
+            Message.account_id == account_id, Message.folder == folder
+        )
+    )
+
+
+def has_other_generations(session: Session, account_id: int, folder: str, uidvalidity: int) -> bool:
+    """Whether messages are held from this folder under another UIDVALIDITY: then new
+    ones are matched by content hash, so a renumbered folder is not stored twice."""
+    return (
+        session.scalar(
+            select(Message.id)
+            .where(
+                Message.account_id == account_id,
+                Message.folder == folder,
+                Message.uidvalidity != uidvalidity,
+            )
+            .limit(1)
+        )
+        is not None
+    )
+
+
+def held_hashes(
+    session: Session, account_id: int, folder: str, uidvalidity: int, hashes: set[str]
+) -> set[str]:
+    """Which of these content hashes are held from this folder under another UIDVALIDITY."""
+    if not hashes:
+        return set()
+    return set(
+        session.scalars(
+            select(Message.content_hash).where(
+                Message.account_id == account_id,
+                Message.folder == folder,
+                Message.uidvalidity != uidvalidity,
+                Message.content_hash.in_(hashes),
+            )
+        )
+    )
+
+
+def _greatest(session: Session, column: Any, value: int) -> ColumnElement[Any]:
+    if session.get_bind().dialect.name == "postgresql":
+        return func.greatest(column, value)
+    return func.max(column, value)  # SQLite's two-argument max() is scalar
