@@ -164,12 +164,12 @@ def run(host: str, port: int, flower_port: int | None = None) -> None:
     from backend.envfile import ensure_env_file
 
     # Before anything starts: a busy port used to show only after beat and the worker ran.
-    for what, wanted in (("serve", port), ("start Flower", flower_port)):
+    for what, wanted in (("cannot serve on", port), ("cannot start Flower on", flower_port)):
         problem = None if wanted is None else busy_port(host, wanted)
         if wanted is not None and problem is not None:
             option = "--port" if wanted == port else "--flower-port"
             raise SystemExit(
-                f"mailbeat: cannot {what} on {host}:{wanted}: {problem}. Stop what listens "
+                f"mailbeat: {what} {host}:{wanted}: {problem}. Stop what listens "
                 f"there (e.g. `ss -ltnp 'sport = :{wanted}'`), or choose another port: "
                 f"make run RUN_ARGS='{option} {wanted + 1}'"
             )

@@ -13,7 +13,9 @@ should treat it: "auth" (wait for new credentials or the end of the backoff),
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import re
 import socket
 import ssl
 from collections.abc import Callable, Mapping, Sequence
@@ -73,8 +75,20 @@ def ssl_context() -> ssl.SSLContext:
     """Verifying context: the system's CAs plus IMAP_CA_BUNDLE (a private CA)."""
     context = ssl.create_default_context()
     bundle = get_settings().imap_ca_bundle
-    if bundle is not None:
+    if bundle is None:
+        return context
+    if not bundle.is_file():
+        raise ImapTlsError(
+            f"IMAP_CA_BUNDLE is {bundle}, which does not exist: point it at a PEM file of "
+            "the CA certificates to trust, or unset it"
+        )
+    try:
         context.load_verify_locations(cafile=str(bundle))
+    except (ssl.SSLError, OSError) as exc:
+        raise ImapTlsError(
+            f"IMAP_CA_BUNDLE {bundle} cannot be used as CA certificates ({_text(exc)}): it "
+            "must be a readable PEM file"
+        ) from exc
     return context
 
 
@@ -83,7 +97,10 @@ def translate(exc: BaseException, *, stage: Stage = "folder") -> ImapError:
     if isinstance(exc, ImapError):
         return exc
     if isinstance(exc, LoginError):
-        return ImapAuthError(f"authentication failed: {_text(exc)}")
+        return ImapAuthError(
+            f"authentication failed: the server said {_text(exc).rstrip('.')}. Check the "
+            "username and password (some providers want an app password)"
+        )
     if isinstance(exc, socket.gaierror):
         return ImapDnsError(f"cannot resolve the IMAP host: {exc}")
     if isinstance(exc, ssl.SSLError | ssl.CertificateError):
@@ -108,8 +125,15 @@ def translate(exc: BaseException, *, stage: Stage = "folder") -> ImapError:
 
 def _text(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
-    # imaplib quotes the server's bytes: b'[AUTHENTICATIONFAILED] ...'
+    # imaplib hands on the server's words as a bytes repr: b'[AUTHENTICATIONFAILED] ...'
+    quoted = _BYTES_REPR.fullmatch(text)
+    if quoted is not None:
+        with contextlib.suppress(ValueError, SyntaxError):
+            text = ast.literal_eval(text).decode("utf-8", "replace")
     return text[:500]
+
+
+_BYTES_REPR = re.compile(r"b(['\"]).*\1", re.DOTALL)
 
 
 # -- what the server answers ----------------------------------------------------------
@@ -302,20 +326,20 @@ def connect(
         read=read_timeout or settings.imap_read_timeout,
     )
     port = port or DEFAULT_PORTS.get(security, 993)
+    # Before connecting: a bad IMAP_CA_BUNDLE is named, and no connection is left open.
+    context = None if security == ImapSecurity.NONE else ssl_context()
     stage: Stage = "dns"
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         stage = "connect"
         if security == ImapSecurity.SSL:
             stage = "tls"  # the handshake is part of connecting on an implicit-TLS port
-            client = IMAPClient(
-                host, port=port, ssl=True, ssl_context=ssl_context(), timeout=timeout
-            )
+            client = _connect_tls(host, port, context, timeout)
         else:
-            client = IMAPClient(host, port=port, ssl=False, timeout=timeout)
+            client = _connect_plain(host, port, timeout)
             if security == ImapSecurity.STARTTLS:
                 stage = "tls"
-                client.starttls(ssl_context())
+                client.starttls(context)
     except (IMAPClientError, OSError, EOFError) as exc:
         raise translate(exc, stage=stage) from exc
     # Aware datetimes from INTERNALDATE (imapclient otherwise converts to naive local time).
@@ -327,6 +351,61 @@ def connect(
     # that costs more than parsing the messages.
     client._imap.debug = 0
     return ImapSession(client)
+
+
+# An IMAP server greets as soon as a connection is open. Silence on a plain connection
+# is most often an implicit-TLS port waiting for a handshake: say so after this long
+# rather than after the whole connect timeout.
+GREETING_SECONDS = 5.0
+_PLAIN_TEXT_REASONS = {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"}
+
+
+def _connect_plain(host: str, port: int, timeout: SocketTimeout) -> IMAPClient:
+    greeting = min(timeout.connect or GREETING_SECONDS, GREETING_SECONDS)
+    try:
+        client = IMAPClient(
+            host, port=port, ssl=False, timeout=SocketTimeout(connect=greeting, read=timeout.read)
+        )
+    except TimeoutError as exc:
+        if _speaks_tls(host, port, greeting):
+            raise ImapTlsError(
+                f"{host}:{port} expects TLS from the first byte (implicit TLS, as on port "
+                "993): set imap_security to 'ssl'"
+            ) from exc
+        raise
+    return client
+
+
+def _connect_tls(
+    host: str, port: int, context: ssl.SSLContext | None, timeout: SocketTimeout
+) -> IMAPClient:
+    try:
+        return IMAPClient(host, port=port, ssl=True, ssl_context=context, timeout=timeout)
+    except ssl.SSLError as exc:
+        if exc.reason in _PLAIN_TEXT_REASONS:
+            raise ImapTlsError(
+                f"{host}:{port} answered in plain text, not TLS: set imap_security to "
+                "'starttls' (or 'none' on a trusted network), or use the server's TLS port "
+                "(usually 993)"
+            ) from exc
+        raise
+
+
+def _speaks_tls(host: str, port: int, timeout: float) -> bool:
+    """Whether the port answers a TLS handshake. Only probes: nothing is sent over it."""
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE  # any certificate will do to recognise TLS
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            probe.wrap_socket(raw, server_hostname=host),
+        ):
+            return True
+    except ssl.SSLError as exc:
+        return "ALERT" in (exc.reason or "")  # a TLS alert is TLS too
+    except OSError:
+        return False
 
 
 def open_account(
