@@ -23,12 +23,13 @@ from tests.support import postgres
 from tests.support.dovecot import Dovecot
 from tests.support.env import reset_caches
 from tests.support.redis_db import RedisDb
-from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoS3
+from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoS3, Outage
 
 ADMIN_TOKEN = "test-admin-token-" + uuid.uuid4().hex
 
-# The `api` and `anonymous` fixtures: the real FastAPI app through a TestClient.
-pytest_plugins = ["tests.support.api", "tests.support.no_skips"]
+# Fixtures for every test folder: `api` and `anonymous` (the real FastAPI app through a
+# TestClient), `receiver` and `webhooks_on`; and the guard against skips.
+pytest_plugins = ["tests.support.api", "tests.webhooks.fixtures", "tests.support.no_skips"]
 
 _state: dict[str, object] = {}
 
@@ -180,3 +181,11 @@ def s3_bucket(moto_s3: MotoS3, set_env: Callable[..., None]) -> str:
         S3_ADDRESSING_STYLE="path",
     )
     return bucket
+
+
+@pytest.fixture
+def s3_outage(moto_s3: MotoS3, s3_bucket: str) -> Iterator[Outage]:
+    """S3 can be stopped mid-test; it is back (with an empty bucket) after the test."""
+    outage = Outage(moto_s3, s3_bucket)
+    yield outage
+    outage.end()

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from backend import crypto
@@ -44,6 +44,10 @@ EARLY_GRACE = timedelta(seconds=1)
 # A pending delivery this far past its due time has lost its task (Redis was flushed,
 # a worker died); the sweep sends it again.
 SWEEP_GRACE = timedelta(minutes=5)
+# An attempt's claim lasts its request's timeouts plus this, for recording the answer.
+# A claim that ran out means the attempt died mid-request (a killed worker): the sweep
+# sends it again at once, and the receiver drops the repeat by its event id.
+CLAIM_SLACK = timedelta(seconds=10)
 # Longer waits are split: a task arriving early sends itself on again (see deliver). A
 # worker holds countdown tasks unacknowledged, and Redis hands out again any kept past
 # its visibility timeout, so an hour-long countdown would be a pile of duplicates.
@@ -207,8 +211,12 @@ def deliver(delivery_id: int, *, use_celery: bool) -> str:
         delivery.attempts += 1
         delivery.last_attempt_at = now
         delivery.url = target.url
-        delivery.claimed_until = now + timedelta(
-            seconds=settings.webhook_timeout_seconds + settings.webhook_connect_timeout_seconds + 60
+        delivery.claimed_until = (
+            now
+            + timedelta(
+                seconds=settings.webhook_timeout_seconds + settings.webhook_connect_timeout_seconds
+            )
+            + CLAIM_SLACK
         )
         attempt, event_id, event_type = delivery.attempts, delivery.event_id, delivery.event_type
 
@@ -273,15 +281,21 @@ def _headers(
 
 
 def due_for_sweep(session: Session, *, limit: int = 500) -> list[int]:
-    """Pending deliveries whose task was lost (see SWEEP_GRACE)."""
+    """Pending deliveries whose task was lost (see SWEEP_GRACE), or whose attempt died
+    mid-request (see CLAIM_SLACK)."""
     now = utcnow()
     return list(
         session.scalars(
             select(WebhookDelivery.id)
             .where(
                 WebhookDelivery.status == DeliveryStatus.PENDING,
-                WebhookDelivery.next_attempt_at < now - SWEEP_GRACE,
-                or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until < now),
+                or_(
+                    WebhookDelivery.claimed_until < now,
+                    and_(
+                        WebhookDelivery.claimed_until.is_(None),
+                        WebhookDelivery.next_attempt_at < now - SWEEP_GRACE,
+                    ),
+                ),
             )
             .order_by(WebhookDelivery.id)
             .limit(limit)

@@ -39,3 +39,29 @@ def test_lost_processing_and_lost_deliveries_are_sent(
     assert db.get(Message, fresh.id).processed_at is None  # type: ignore[union-attr]
     assert set(db.scalars(select(WebhookDelivery.status))) == {"delivered"}
     assert sweep(use_celery=False) == {"messages": 0, "deliveries": 0}
+
+
+def test_an_attempt_that_died_mid_request_is_sent_again_once_its_claim_ran_out(
+    db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
+) -> None:
+    """Left as a killed worker leaves it: claimed, pending, due a moment ago. Not five
+    minutes later: as soon as the claim has run out."""
+    account = insert_account(db)
+    died, running = store_message(db, account, 1), store_message(db, account, 2)
+    process_message(db, died.id)
+    process_message(db, running.id)
+    db.commit()
+    now = utcnow()
+    for message, claimed_until in ((died, now), (running, now + timedelta(seconds=30))):
+        db.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.message_id == message.id)
+            .values(attempts=1, next_attempt_at=now, claimed_until=claimed_until)
+        )
+    db.commit()
+
+    assert sweep(use_celery=False) == {"messages": 0, "deliveries": 1}
+
+    [request] = receiver.delivered()
+    assert request.json()["data"]["message"]["id"] == died.id
+    assert request.headers["x-mailbeat-delivery-attempt"] == "2"

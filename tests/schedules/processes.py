@@ -90,7 +90,11 @@ class Celery:
         return process
 
     def worker(
-        self, name: str = "w1", concurrency: int = 1, loglevel: str | None = ""
+        self,
+        name: str = "w1",
+        concurrency: int = 1,
+        loglevel: str | None = "",
+        queues: str = "email,workflow,default",
     ) -> CeleryProcess:
         """`loglevel` None: no -l at all (celery's default); "" the test bed's level."""
         level = self.loglevel if loglevel == "" else loglevel
@@ -102,7 +106,7 @@ class Celery:
                 "backend.celery_app",
                 "worker",
                 "-Q",
-                "email,workflow,default",
+                queues,
                 "-n",
                 f"{name}@%h",
                 f"--concurrency={concurrency}",

@@ -19,8 +19,8 @@ from backend.storage.base import (
     attachment_key,
     message_key,
 )
-from tests.storage.support import Outage, make_account
-from tests.support.s3 import MotoS3
+from tests.storage.support import make_account
+from tests.support.s3 import MotoS3, Outage
 
 
 def _in_bucket(moto_s3: MotoS3, bucket: str, prefix: str = "") -> list[str]:

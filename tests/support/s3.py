@@ -70,3 +70,23 @@ class MotoS3:
 
     def create_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
+
+
+class Outage:
+    """Stops the moto server; `end()` (or the test's end) brings it back with the bucket,
+    empty: moto keeps nothing across a restart."""
+
+    def __init__(self, server: MotoS3, bucket: str) -> None:
+        self.server = server
+        self.bucket = bucket
+        self.down = False
+
+    def begin(self) -> None:
+        self.server.stop()
+        self.down = True
+
+    def end(self) -> None:
+        if self.down:
+            self.server.start()
+            self.server.create_bucket(self.bucket)
+            self.down = False

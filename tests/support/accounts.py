@@ -1,0 +1,48 @@
+"""The one account factory of the test suite: an account row as the accounts service
+leaves it (committed), optionally a real mailbox on the Dovecot fixture."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from backend import crypto
+from backend.models import Account
+from tests.support.dovecot import Dovecot
+
+
+def make_account(
+    db: Session, dovecot: Dovecot | None = None, *, commit: bool = True, **values: Any
+) -> Account:
+    """`dovecot`: the account logs in to a user there (created unless it exists), over
+    plain IMAP. Without it the address is never dialled. `password` or `credentials` set
+    the stored secrets; any other keyword is a column."""
+    username = values.pop("username", None) or f"user-{uuid.uuid4().hex[:10]}"
+    known = dovecot.passwords.get(username) if dovecot is not None else None
+    password = values.pop("password", None) or known or f"pw-{uuid.uuid4().hex[:8]}"
+    credentials = values.pop("credentials", None) or {"password": password}
+    fields: dict[str, Any] = {
+        "email": f"{username}@example.org",
+        "imap_host": "imap.example.test",
+        "imap_port": 993,
+        "imap_security": "ssl",
+        "username": username,
+        "auth_method": "password",
+        "credentials_encrypted": crypto.encrypt_json(credentials),
+        "folders": ["INBOX"],
+        "poll_interval_seconds": 60,
+    }
+    if dovecot is not None:
+        if known is None:
+            dovecot.add_user(username, password)
+        fields.update(imap_host=dovecot.host, imap_port=dovecot.imap_port, imap_security="none")
+    fields.update(values)
+    account = Account(**fields)
+    db.add(account)
+    if commit:
+        db.commit()
+    else:
+        db.flush()
+    return account
