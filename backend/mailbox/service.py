@@ -443,9 +443,11 @@ class _Poller:
                     .values(message_count=Account.message_count + len(inserted))
                 )
             if prepared.advance_cursor:
-                cursors.advance(session, self.account_id, folder, uidvalidity, last_uid)
+                # The account row before the cursor row, as above: two polls of one
+                # mailbox that meet here lock in the same order and cannot deadlock.
                 if self.progress is not None:
                     self.progress.advance(session, folder, prepared.fetched)
+                cursors.advance(session, self.account_id, folder, uidvalidity, last_uid)
         self.new_ids.extend(sorted(message_id for message_id, _uid, _size in inserted))
         self.new_bytes += sum(size for _id, _uid, size in inserted)
 
