@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -16,8 +17,10 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
+from backend import dispatch
 from backend.config import Settings, get_settings
 from backend.console.commands import add_commands, run_command
+from backend.models.enums import PollOutcome, SchedulerMode
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = Path(".env")  # where Settings reads it: the working directory
@@ -42,14 +45,6 @@ def migrate() -> None:
     config.attributes["configure_logger"] = False
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # start-up noise
     command.upgrade(config, "head")
-
-
-def use_celery() -> bool:
-    """Celery when Redis answers (SCHEDULER_MODE=auto), else the in-process scheduler; the
-    same decision the API makes, which logs it."""
-    from backend.schedules import service as schedules
-
-    return schedules.mode() == "celery"
 
 
 def stack_commands(host: str, port: int) -> dict[str, list[str]]:
@@ -182,7 +177,9 @@ def run(host: str, port: int, flower_port: int | None = None) -> None:
         reset_caches()
     settings = get_settings()
     migrate()
-    if use_celery():
+    # Celery when Redis answers (SCHEDULER_MODE=auto), else the in-process scheduler: the
+    # same decision the API makes, which logs it.
+    if dispatch.mode() == SchedulerMode.CELERY:
         commands = stack_commands(host, port)
         mode = "API, Celery beat and a worker on Redis"
         if flower_port is not None:
@@ -220,27 +217,28 @@ def flower_command(host: str, port: int) -> list[str]:
 
 def poll(account_id: int) -> int:
     """Poll one account now, in this process, and hand its new messages on in-process
-    (no Celery needed). Prints the result; the exit status is 0 only on success."""
-    import json
+    (no Celery worker needed). Prints the result; the exit status is 0 only on success."""
+    # Only `poll` needs the ingestion code; importing it costs the other commands ~2 s
+    # (python -X importtime, a loaded 2-core machine).
+    from backend.mailbox.polling import run_poll
 
-    from backend import metrics
-    from backend.mailbox import service
-    from backend.processing.service import after_poll
-
-    result = service.poll_account(account_id, task_id=None)
-    after_poll(account_id, result.new_message_ids, result.account_event, use_celery=False)
-    metrics.record_poll(result.outcome, result.messages, result.bytes, result.duration_seconds)
+    dispatch.run_in_process()
+    done = run_poll(account_id, None)
+    if isinstance(done, str):  # stale or locked: did not run
+        print(json.dumps({"account_id": account_id, "outcome": done}))
+        return 1
     summary = {
         "account_id": account_id,
-        "outcome": result.outcome,
-        "messages": result.messages,
-        "bytes": result.bytes,
-        "duration_seconds": round(result.duration_seconds, 3),
-        "error": result.error,
-        "account_event": result.account_event,
+        "outcome": done.outcome,
+        "messages": done.messages,
+        "bytes": done.bytes,
+        "duration_seconds": round(done.duration_seconds, 3),
+        "error": done.error,
+        "account_event": done.account_event,
     }
     print(json.dumps(summary))
-    return 0 if result.outcome in ("success", "skipped") and result.error is None else 1
+    ok = done.outcome in (PollOutcome.SUCCESS, PollOutcome.SKIPPED) and done.error is None
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> None:

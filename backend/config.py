@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     backoff_max_seconds: int = 3600
     max_consecutive_failures: int = 10
     reconcile_interval_seconds: int = 300
+    # A poll closes its IMAP connection at this age, whatever the server is doing (a
+    # body trickled a byte at a time never trips IMAP_READ_TIMEOUT); below the soft limit.
+    poll_deadline_seconds: float = Field(default=540, gt=0)
     poll_soft_time_limit_seconds: int = 600
     poll_time_limit_seconds: int = 660
     # /health says "degraded" when the oldest queued poll has waited longer than this:

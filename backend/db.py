@@ -27,11 +27,17 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def build_engine(url: str) -> Engine:
+    """Errors never show a statement's parameters: they are subjects, addresses and
+    bodies, and error texts end up in last_error, PollRun rows and the log."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            hide_parameters=True,
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     settings = get_settings()
@@ -41,6 +47,7 @@ def build_engine(url: str) -> Engine:
         max_overflow=settings.database_pool_size * 2,
         pool_pre_ping=True,
         connect_args={"connect_timeout": 10},
+        hide_parameters=True,
     )
 
 

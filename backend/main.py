@@ -30,9 +30,12 @@ from backend.console.endpoints import mount_console
 from backend.deps import KnownQueryDep
 from backend.errors import MailbeatError, ValidationError, error_responses
 from backend.guard import RequestGuard
+from backend.mailbox.polling import run_poll
 from backend.messages.endpoints import router as messages_router
 from backend.processing.endpoints import router as processing_router
+from backend.processing.service import sweep
 from backend.schedules import service as schedules
+from backend.storage import tasks as storage_tasks
 from backend.webhooks.endpoints import router as webhooks_router
 
 log = logging.getLogger(__name__)
@@ -51,11 +54,22 @@ problem in `errors`. Passwords and tokens are write-only: no response carries th
 """
 
 
+def local_housekeeping() -> None:
+    """Beat's periodic work (beat_schedule in backend/celery_app.py), for local mode: pick
+    up lost processing and deliveries, and move objects that fell back to local files up
+    to S3 once it answers, and remove the stored objects of deleted accounts. (Beat's
+    reconcile is the local scheduler's own re-read.)"""
+    sweep()
+    storage_tasks.purge_deleted()
+    if get_settings().s3_enabled:
+        storage_tasks.sync_all()
+
+
 @asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     metrics.multiproc_dir()
     # Without Redis the API process runs the polls itself (local mode).
-    if schedules.start_local_scheduler_if_needed():
+    if schedules.start_local_scheduler_if_needed(poll=run_poll, housekeeping=local_housekeeping):
         log.info("local mode: this process runs the in-process poll scheduler")
     try:
         yield

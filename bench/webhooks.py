@@ -42,7 +42,7 @@ def main() -> None:
         ids = [store_message(session, account, uid).id for uid in range(1, count + 1)]
         session.close()
         start = time.perf_counter()
-        hand_on(ids, use_celery=False)
+        hand_on(ids)
         elapsed = time.perf_counter() - start
         assert len(receiver.delivered()) == count
         print(

@@ -101,10 +101,14 @@ def redis_db() -> RedisDb:
 
 @pytest.fixture(autouse=True)
 def _clean_state(redis_db: RedisDb) -> Iterator[None]:
-    """Every test starts with empty tables, an empty Redis index and no stored objects."""
+    """Every test starts with empty tables, an empty Redis index, no stored objects, and
+    the dispatch mode undecided (`cli poll` pins its process to run tasks in-process)."""
     yield
+    from backend import dispatch
     from backend.db import get_engine
     from backend.models import Base
+
+    dispatch.reset()
 
     engine = get_engine()
     tables = ", ".join(t.name for t in Base.metadata.sorted_tables)

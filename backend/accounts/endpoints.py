@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response, status
 
+from backend import dispatch
 from backend.accounts import service
 from backend.accounts.schemas import (
     AccountCheckRead,
@@ -130,7 +131,7 @@ def poll_account(account_id: AccountId, session: SessionDep) -> PollQueued:
     """Poll the mailbox now, outside its schedule. Its outcome shows on the account
     (last_polled_at, last_error) and in the poll run with this task id."""
     task_id = service.queue_poll(session, account_id)
-    return PollQueued(account_id=account_id, task_id=task_id, mode=schedules.mode())
+    return PollQueued(account_id=account_id, task_id=task_id, mode=dispatch.mode())
 
 
 @router.post("/test", responses=error_responses(400, 422))

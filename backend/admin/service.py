@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Integer, case, cast, func, select, text
 from sqlalchemy.orm import Session
 
-from backend import redis
+from backend import dispatch, redis
 from backend.admin.schemas import (
     ActivityBucket,
     ActivityRead,
@@ -71,7 +71,7 @@ def ensure_redis(what: str) -> None:
 
 def require_scheduler() -> None:
     """In Celery mode the schedule and the queues are in Redis: 503 when it is gone."""
-    if schedules.mode() == SchedulerMode.CELERY:
+    if dispatch.mode() == SchedulerMode.CELERY:
         ensure_redis("the schedule and the poll queue")
 
 
@@ -94,7 +94,7 @@ def list_schedule(*, limit: int, offset: int) -> ScheduleList:
     ]
     entries.sort(key=lambda e: e.account_id)
     return ScheduleList(
-        mode=schedules.mode(), items=entries[offset : offset + limit], total=len(entries)
+        mode=dispatch.mode(), items=entries[offset : offset + limit], total=len(entries)
     )
 
 
@@ -461,7 +461,7 @@ def run_checks() -> tuple[HealthRead, bool]:
     """Every check runs at once, each bounded by HEALTH_CHECK_TIMEOUT_SECONDS. The database
     down is unhealthy (503); anything else failing is degraded: the API still answers and
     the stored data is safe, but polling or storage needs attention."""
-    local = schedules.mode() == SchedulerMode.LOCAL
+    local = dispatch.mode() == SchedulerMode.LOCAL
     checks: dict[str, Callable[[], str]] = {
         "database": _check_database,
         "storage": _check_storage,

@@ -20,6 +20,7 @@ import pydantic
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from backend import dispatch
 from backend.accounts import service as accounts
 from backend.accounts.schemas import AccountCreate, AccountRead, AccountUpdate
 from backend.admin import service as admin
@@ -377,7 +378,7 @@ def _status(session: Session) -> dict[str, Any]:
         select(Account).where(Account.status != AccountStatus.ACTIVE).order_by(Account.id).limit(20)
     ).all()
     capacity = admin.capacity(session)
-    mode = schedules.mode()
+    mode = dispatch.mode()
     workers: list[dict[str, Any]] | str
     if mode == SchedulerMode.LOCAL:
         workers = "none (local mode: polls run in the API process)"
@@ -470,7 +471,7 @@ def dead_letters_replay(args: argparse.Namespace) -> int:
             ids += webhooks.replay_account_dead_letters(session, args.account)
         session.commit()
     # Sent after the commit, or a fast worker would find them still dead.
-    webhooks.dispatch(ids, use_celery=schedules.mode() == "celery")
+    webhooks.dispatch(ids)
     if args.json:
         emit_json({"replayed": len(ids), "delivery_ids": ids})
     else:
@@ -502,7 +503,6 @@ def backfill(args: argparse.Namespace) -> int:
                 folders=[folder],
                 dry_run=args.dry_run,
                 redeliver=args.redeliver,
-                use_celery=schedules.mode() == "celery",
             )
         )
         progress.update(done, len(folders))

@@ -9,6 +9,7 @@ runs on the caller's session and never commits.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -109,6 +110,25 @@ def held_hashes(
                 Message.folder == folder,
                 Message.uidvalidity != uidvalidity,
                 Message.content_hash.in_(hashes),
+            )
+        )
+    )
+
+
+def held_uids(
+    session: Session, account_id: int, folder: str, uidvalidity: int, uids: Sequence[int]
+) -> set[int]:
+    """Which of these UIDs have a row already (stored, or skipped with a reason): a
+    retried poll does not fetch them again, nor a body the server sent too large."""
+    if not uids:
+        return set()
+    return set(
+        session.scalars(
+            select(Message.uid).where(
+                Message.account_id == account_id,
+                Message.folder == folder,
+                Message.uidvalidity == uidvalidity,
+                Message.uid.in_(list(uids)),
             )
         )
     )

@@ -9,6 +9,14 @@ Every failure leaves this module as an `ImapError` whose `kind` says how the pol
 should treat it: "auth" (wait for new credentials or the end of the backoff),
 "connection" (retry with backoff), "protocol" (the server said no, or spoke nonsense).
 `translate` is the one place socket, TLS and IMAP failures become those kinds.
+
+A server cannot take more than one poll's worth from a worker:
+- a literal (a message body) announced above the size the server stated for the message
+  (at most MAX_MESSAGE_BYTES) plus slack is refused before a byte of it is read, and the
+  connection closed (`ImapLiteralRefused`);
+- `arm_deadline` closes the socket when a poll's time is up, whatever it is waiting for
+  (a body trickled a byte at a time never trips the read timeout);
+- UIDs outside RFC 3501's 1..2**32-1 are left out of searches and kept in `ignored_uids`.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import contextlib
 import re
 import socket
 import ssl
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -40,6 +49,17 @@ DEFAULT_PORTS: dict[str, int] = {
 }
 
 _T = TypeVar("_T")
+
+# RFC 3501: a UID is a non-zero 32-bit number.
+MAX_UID = 2**32 - 1
+# A literal may exceed the stated size by this much (line endings, a server's rounding).
+LITERAL_SLACK_BYTES = 1024 * 1024
+# Literals outside a body fetch (folder names, say) are small.
+DEFAULT_LITERAL_LIMIT = 1024 * 1024
+# Error texts from the server or the network are cut to this: they end up in last_error,
+# the PollRun and the log, and must never carry a message's content.
+ERROR_TEXT_MAX = 300
+_LITERAL_UID = re.compile(rb"\bUID (\d+)", re.IGNORECASE)
 
 
 class ImapError(MailbeatError):
@@ -69,6 +89,24 @@ class ImapTlsError(ImapConnectionError):
 class ImapProtocolError(ImapError):
     kind: ErrorKind = ErrorKind.PROTOCOL
     stage: Stage = "folder"
+
+
+class ImapLiteralRefused(ImapConnectionError):
+    """The server announced a body far larger than it said the message was; the
+    connection is closed (the literal is left unread) and the message can be skipped."""
+
+    stage: Stage = "folder"
+
+    def __init__(self, uid: int | None, announced: int, stated: int | None, limit: int) -> None:
+        which = f"UID {uid}" if uid is not None else "a message"
+        super().__init__(
+            f"the server announced {announced} bytes for {which}, stated as "
+            f"{stated if stated is not None else '?'} bytes (limit {limit}); refused unread, "
+            "connection closed"
+        )
+        self.uid = uid
+        self.announced = announced
+        self.stated = stated
 
 
 def ssl_context() -> ssl.SSLContext:
@@ -130,7 +168,7 @@ def _text(exc: BaseException) -> str:
     if quoted is not None:
         with contextlib.suppress(ValueError, SyntaxError):
             text = ast.literal_eval(text).decode("utf-8", "replace")
-    return text[:500]
+    return text[:ERROR_TEXT_MAX]
 
 
 _BYTES_REPR = re.compile(r"b(['\"]).*\1", re.DOTALL)
@@ -176,6 +214,29 @@ class ImapSession:
 
     def __init__(self, client: IMAPClient) -> None:
         self._client = client
+        # UIDs a search found outside 1..MAX_UID, left out.
+        self.ignored_uids: list[int] = []
+        self._deadline: threading.Timer | None = None
+        self._deadline_seconds = 0.0
+        self._expired = False
+        self._broken = False
+        # Stated sizes of the bodies being fetched, by UID: their literals' limits.
+        self._stated: dict[int, int] = {}
+        self._max_bytes = get_settings().max_message_bytes
+        imap = client._imap
+        read = imap.read
+
+        def capped_read(size: int) -> bytes:
+            # imaplib reads a literal with read(size) right after the line announcing it
+            # (`imap.mo` is that line's match): refuse it before reading any of it.
+            match = getattr(imap, "mo", None)
+            limit, uid = self._literal_limit(match.string if match else b"")
+            if size > limit:
+                self._shut()
+                raise ImapLiteralRefused(uid, size, self._stated.get(uid or -1), limit)
+            return bytes(read(size))
+
+        imap.read = capped_read
 
     def __enter__(self) -> ImapSession:
         return self
@@ -190,11 +251,50 @@ class ImapSession:
 
     def _command(self, command: Callable[[], _T], *, stage: Stage = "folder") -> _T:
         """Run one IMAP exchange. Every command goes through here, so this is where its
-        failures are translated (and where limits on a whole session would be checked)."""
+        failures are translated, and where a passed deadline is named as the cause."""
+        if self._expired:
+            raise self._deadline_error()
         try:
             return command()
         except (IMAPClientError, OSError, EOFError) as exc:
+            if self._expired:
+                raise self._deadline_error() from exc
             raise translate(exc, stage=stage) from exc
+
+    def arm_deadline(self, seconds: float) -> None:
+        """Close the connection `seconds` from now, whatever it is doing then: the poll
+        in any thread gets an ImapConnectionError instead of waiting on the server."""
+        self._deadline_seconds = seconds
+        self._deadline = threading.Timer(max(seconds, 0.0), self._expire)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _expire(self) -> None:
+        self._expired = True
+        self._shut()
+
+    def _deadline_error(self) -> ImapConnectionError:
+        return ImapConnectionError(
+            f"poll deadline passed ({self._deadline_seconds:.0f}s, POLL_DEADLINE_SECONDS): "
+            "the server was too slow; connection closed"
+        )
+
+    def _shut(self) -> None:
+        """Shut the socket: a read blocked on it (in any thread) returns at once."""
+        self._broken = True
+        with contextlib.suppress(Exception):
+            self._client.socket().shutdown(socket.SHUT_RDWR)
+
+    def _literal_limit(self, line: bytes) -> tuple[int, int | None]:
+        """The largest literal accepted after this response line, and the UID it names."""
+        found = _LITERAL_UID.search(line)
+        uid = int(found.group(1)) if found else None
+        if not self._stated:
+            return DEFAULT_LITERAL_LIMIT, uid
+        stated = self._stated.get(uid) if uid is not None else None
+        if stated is None:  # a body whose UID comes after it: the batch's largest
+            stated = max(self._stated.values())
+        return min(stated, self._max_bytes) + LITERAL_SLACK_BYTES, uid
 
     def login(self, account: Account, credentials: Mapping[str, Any]) -> None:
         """LOGIN, or AUTHENTICATE XOAUTH2 for an oauth2 account."""
@@ -212,7 +312,11 @@ class ImapSession:
 
     def close(self) -> None:
         """Log out politely; a connection that is already broken is just shut."""
+        if self._deadline is not None:
+            self._deadline.cancel()
         try:
+            if self._broken:
+                raise ConnectionError("closed by mailbeat")
             self._client.logout()
         except Exception:
             with contextlib.suppress(Exception):
@@ -276,8 +380,9 @@ class ImapSession:
         if before is not None:
             criteria += ["BEFORE", before]
         found = self._command(lambda: self._client.search(criteria or ["ALL"]))
-        low, high = uid_from or 1, uid_to
-        return sorted(uid for uid in found if low <= uid and (high is None or uid <= high))
+        self.ignored_uids += [uid for uid in found if not 1 <= uid <= MAX_UID]
+        low, high = uid_from or 1, min(uid_to or MAX_UID, MAX_UID)
+        return sorted(uid for uid in found if low <= uid <= high)
 
     def fetch_metadata(self, uids: Sequence[int]) -> dict[int, MessageMeta]:
         """Size, INTERNALDATE and flags of these UIDs; a UID expunged since is missing."""
@@ -299,12 +404,18 @@ class ImapSession:
             for uid, data in fetched.items()
         }
 
-    def fetch_bodies(self, uids: Sequence[int]) -> dict[int, bytes]:
-        """The raw messages (BODY.PEEK[]: \\Seen is left alone); a UID expunged since is
-        missing."""
-        if not uids:
+    def fetch_bodies(self, stated: Mapping[int, int]) -> dict[int, bytes]:
+        """The raw messages of these UIDs, given with the sizes the server stated for them
+        (BODY.PEEK[]: \\Seen is left alone); a UID expunged since is missing. A body
+        announced above its stated size (at most MAX_MESSAGE_BYTES) plus slack is
+        refused: ImapLiteralRefused, and the connection is closed."""
+        if not stated:
             return {}
-        fetched = self._command(lambda: self._client.fetch(list(uids), ["BODY.PEEK[]"]))
+        self._stated = dict(stated)
+        try:
+            fetched = self._command(lambda: self._client.fetch(list(stated), ["BODY.PEEK[]"]))
+        finally:
+            self._stated = {}
         return {uid: bytes(data[b"BODY[]"]) for uid, data in fetched.items() if b"BODY[]" in data}
 
     # IDLE goes here when it comes: a method that waits on the selected folder through

@@ -26,13 +26,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, insert, update
+from sqlalchemy import Table, insert, select, update
+from sqlalchemy.orm import Session
 
 from backend.accounts import state
 from backend.config import get_settings
 from backend.db import insert_for, session_scope
 from backend.mailbox import credentials, cursors, imap
-from backend.mailbox.imap import ImapError, ImapProtocolError, ImapSession
+from backend.mailbox.imap import (
+    ERROR_TEXT_MAX,
+    MAX_UID,
+    ImapError,
+    ImapLiteralRefused,
+    ImapProtocolError,
+    ImapSession,
+)
 from backend.mailbox.parser import ParsedMessage, parse_message
 from backend.mailbox.progress import OnProgress, SyncProgress
 from backend.models import (
@@ -56,6 +64,8 @@ METADATA_CHUNK = 1000
 # Bodies fetched in one round trip stay under this many bytes (one larger message is
 # fetched alone), so a batch of big messages cannot exhaust a worker's memory.
 BATCH_MAX_BYTES = 32 * 1024 * 1024
+# A poll still "running" this long after its hard time limit was killed with its worker.
+DEAD_RUN_MARGIN_SECONDS = 60
 # Objects are written by this many threads while the poll parses the next message: a
 # write is mostly waiting (fsync, or an S3 round trip), not Python.
 STORE_THREADS = 8
@@ -131,6 +141,8 @@ def poll_account(
         account = session.get(Account, account_id)
         if account is None:
             return PollResult(outcome=PollOutcome.SKIPPED, error="no such account")
+        _close_dead_runs(session, account_id, started_at)
+        session.refresh(account)
         reason = state.skip_reason(account, started_at)
         run = PollRun(
             account_id=account_id,
@@ -153,15 +165,26 @@ def poll_account(
 
     poller = _Poller(account, SyncProgress(account_id, account.sync_progress, on_progress))
     error: ImapError | None = None
+    note: str | None = None
     try:
         with open_mailbox(account) as mailbox:
-            error = poller.poll_folders(mailbox)
+            # Whatever the server does (a trickle, a hang), the poll ends by then.
+            mailbox.arm_deadline(
+                get_settings().poll_deadline_seconds - (time.monotonic() - started)
+            )
+            try:
+                error = poller.poll_folders(mailbox)
+            finally:
+                note = _ignored_uids_note(account_id, mailbox.ignored_uids)
     except ImapError as exc:
         error = exc
     except Exception as exc:
-        log.exception("poll of account %s failed", account_id)
-        error = ImapError(f"internal error: {type(exc).__name__}: {exc}")
+        # The traceback and the text may carry a message's content (an SQL statement's
+        # parameters): the log gets the first line of the text, cut, and no traceback.
+        first_line = (str(exc).splitlines() or [""])[0]
+        error = ImapError(f"internal error: {type(exc).__name__}: {first_line}"[:ERROR_TEXT_MAX])
         error.kind = ErrorKind.INTERNAL
+        log.error("poll of account %s failed: %s", account_id, error.message)
 
     outcome = PollOutcome.SUCCESS if error is None else PollOutcome.for_error(error.kind)
     event = _finish(
@@ -172,6 +195,7 @@ def poll_account(
         error=error,
         messages=len(poller.new_ids),
         bytes_=poller.new_bytes,
+        note=note,
     )
     if error is not None:
         log.warning("poll of account %s: %s: %s", account_id, outcome, error.message)
@@ -196,10 +220,14 @@ def _finish(
     error: ImapError | None,
     messages: int,
     bytes_: int,
+    note: str | None = None,
 ) -> EventType | None:
     """Record the poll on its PollRun row and the account's state, in one transaction;
-    returns the account event when the account's status changed."""
+    returns the account event when the account's status changed. `note`: something a
+    successful poll left out (absurd UIDs), kept on the PollRun."""
     now = utcnow()
+    if error is not None:
+        error.message = error.message[:ERROR_TEXT_MAX]
     with session_scope() as session:
         run = session.get(PollRun, run_id)
         if run is not None:
@@ -207,8 +235,50 @@ def _finish(
             run.finished_at = now
             run.messages_count = messages
             run.bytes_count = bytes_
-            run.error = None if error is None else error.message
+            run.error = note if error is None else error.message
         return state.record_poll(session, account_id, started_at=started_at, now=now, error=error)
+
+
+def _close_dead_runs(session: Session, account_id: int, now: datetime) -> None:
+    """Close this account's polls that never finished: their worker was killed (SIGKILL,
+    out of memory, the hard time limit) before it could record anything. Each counts as
+    a failure, so a mailbox that kills its worker backs off and is disabled in the end
+    like any failing mailbox. A poll still running at this age is impossible: the hard
+    time limit has ended it."""
+    limit = now - timedelta(
+        seconds=get_settings().poll_time_limit_seconds + DEAD_RUN_MARGIN_SECONDS
+    )
+    dead = session.scalars(
+        select(PollRun)
+        .where(
+            PollRun.account_id == account_id,
+            PollRun.outcome == PollOutcome.RUNNING,
+            PollRun.started_at < limit,
+        )
+        .order_by(PollRun.id)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for run in dead:
+        error = ImapError(
+            "the poll never finished: its worker was killed (out of memory, SIGKILL, or "
+            "the hard time limit POLL_TIME_LIMIT_SECONDS)"
+        )
+        error.kind = ErrorKind.INTERNAL
+        run.outcome = PollOutcome.INTERNAL_ERROR
+        run.finished_at = now
+        run.error = error.message
+        state.record_poll(session, account_id, started_at=now, now=now, error=error)
+        log.warning("poll run %s of account %s: %s", run.id, account_id, error.message)
+    session.flush()
+
+
+def _ignored_uids_note(account_id: int, uids: Sequence[int]) -> str | None:
+    if not uids:
+        return None
+    shown = ", ".join(str(uid) for uid in sorted(set(uids))[:5])
+    note = f"ignored {len(set(uids))} UIDs outside 1..{MAX_UID} (RFC 3501): {shown}"
+    log.warning("poll of account %s: %s", account_id, note)
+    return note[:ERROR_TEXT_MAX]
 
 
 def store_uids(
@@ -302,7 +372,7 @@ class _Poller:
         committing: Future[None] | None = None
         with ThreadPoolExecutor(1, thread_name_prefix="mailbox-commit") as committer:
             try:
-                for batch in _prefetched(self._fetch(mailbox, uids)):
+                for batch in _prefetched(self._fetch(mailbox, folder, uidvalidity, uids)):
                     prepared = self._prepare_batch(folder, uidvalidity, batch, dedupe=dedupe)
                     if committing is not None:
                         committing.result()  # at most one batch waits: bounded memory
@@ -310,9 +380,37 @@ class _Poller:
                     if prepared is not None:
                         prepared.advance_cursor = advance_cursor
                         committing = committer.submit(self._commit_batch, prepared)
+            except ImapLiteralRefused as exc:
+                if exc.uid is not None and exc.uid in uids:
+                    self._record_refused(folder, uidvalidity, exc)
+                raise
             finally:
                 if committing is not None:
                     committing.result()
+
+    def _record_refused(self, folder: str, uidvalidity: int, exc: ImapLiteralRefused) -> None:
+        """The message whose body the server sent far too large: a row with the reason
+        and no body, so no later poll asks for it again."""
+        assert exc.uid is not None
+        item = _Fetched(uid=exc.uid, size=exc.stated or 0, internal_date=None, flags=[])
+        row, _ = self._prepare(folder, uidvalidity, item, [])
+        row["skipped_reason"] = exc.message[:ERROR_TEXT_MAX]
+        with session_scope() as session:
+            inserted = session.connection().execute(
+                insert_for(session, MESSAGES)
+                .on_conflict_do_nothing(
+                    index_elements=["account_id", "folder", "uidvalidity", "uid"]
+                )
+                .returning(Message.id),
+                [row],
+            )
+            if inserted.first() is not None:
+                session.execute(
+                    update(Account)
+                    .where(Account.id == self.account_id)
+                    .values(message_count=Account.message_count + 1)
+                )
+        log.warning("account %s folder %r: skipped: %s", self.account_id, folder, exc.message)
 
     def _first_sync_selection(self, mailbox: ImapSession, folder: str) -> tuple[list[int], int]:
         """UIDs to fetch on a first sync (or a re-scan), and the cursor to end at."""
@@ -337,11 +435,17 @@ class _Poller:
             selected |= set(mailbox.search(since=held_since))
         return sorted(uid for uid in selected if uid <= ceiling), ceiling
 
-    def _fetch(self, mailbox: ImapSession, uids: Sequence[int]) -> Iterator[list[_Fetched]]:
+    def _fetch(
+        self, mailbox: ImapSession, folder: str, uidvalidity: int, uids: Sequence[int]
+    ) -> Iterator[list[_Fetched]]:
         """Batches of fetched messages: sizes first, so an oversized message is recorded
-        without downloading it, and a batch's bodies stay under BATCH_MAX_BYTES."""
+        without downloading it, and a batch's bodies stay under BATCH_MAX_BYTES. UIDs
+        held already (a retried poll, a body refused) are not fetched again."""
         for start in range(0, len(uids), METADATA_CHUNK):
             chunk = list(uids[start : start + METADATA_CHUNK])
+            with session_scope() as session:
+                held = cursors.held_uids(session, self.account_id, folder, uidvalidity, chunk)
+            chunk = [uid for uid in chunk if uid not in held]
             meta = mailbox.fetch_metadata(chunk)
             batch: list[_Fetched] = []
             batch_bytes = 0
@@ -364,7 +468,9 @@ class _Poller:
                 yield self._bodies(mailbox, batch)
 
     def _bodies(self, mailbox: ImapSession, batch: list[_Fetched]) -> list[_Fetched]:
-        bodies = mailbox.fetch_bodies([item.uid for item in batch if item.size <= self.max_bytes])
+        bodies = mailbox.fetch_bodies(
+            {item.uid: item.size for item in batch if item.size <= self.max_bytes}
+        )
         kept: list[_Fetched] = []
         for item in batch:
             if item.size > self.max_bytes:

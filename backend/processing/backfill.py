@@ -65,7 +65,6 @@ def backfill(
     folders: Sequence[str] | None = None,
     dry_run: bool = False,
     redeliver: bool = False,
-    use_celery: bool,
 ) -> BackfillResult:
     """Its own boundary (commits as a poll does); IMAP failures raise ImapError (502)."""
     with session_scope() as session:
@@ -95,7 +94,7 @@ def backfill(
                 result.redelivered_message_ids += done
     if dry_run:
         return result
-    hand_on(sorted(result.stored_message_ids + unprocessed), use_celery=use_celery)
+    hand_on(sorted(result.stored_message_ids + unprocessed))
     if result.redelivered_message_ids:
         with session_scope() as session:
             delivery_ids = [
@@ -107,7 +106,7 @@ def backfill(
                     session, message, redeliver=True
                 )
             ]
-        webhooks.dispatch(delivery_ids, use_celery=use_celery)
+        webhooks.dispatch(delivery_ids)
     return result
 
 

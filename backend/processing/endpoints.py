@@ -7,7 +7,6 @@ from fastapi import APIRouter, Path
 from backend.deps import AdminDep
 from backend.processing import backfill as backfill_service
 from backend.processing.schemas import BackfillRequest, BackfillResponse
-from backend.schedules import service as schedules
 
 router = APIRouter(dependencies=[AdminDep], tags=["processing"])
 
@@ -30,6 +29,5 @@ def backfill(
         folders=request.folders,
         dry_run=request.dry_run,
         redeliver=request.redeliver,
-        use_celery=schedules.mode() == "celery",
     )
     return BackfillResponse.model_validate(result)

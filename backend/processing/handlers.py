@@ -23,7 +23,7 @@ from backend.webhooks import service as webhooks
 class Handler:
     name: str
     run: Callable[[Session, Message], None]
-    after_commit: Callable[[int, bool], None] | None = None  # (message id, use_celery)
+    after_commit: Callable[[int], None] | None = None  # called with the message id
 
 
 _registry: list[Handler] = []
@@ -51,10 +51,10 @@ def _create_webhook_deliveries(session: Session, message: Message) -> None:
     webhooks.create_message_deliveries(session, message)
 
 
-def _send_webhook_deliveries(message_id: int, use_celery: bool) -> None:
+def _send_webhook_deliveries(message_id: int) -> None:
     with session_scope() as session:
         pending = webhooks.pending_for_message(session, message_id)
-    webhooks.dispatch(pending, use_celery=use_celery)
+    webhooks.dispatch(pending)
 
 
 register(Handler("webhook", _create_webhook_deliveries, _send_webhook_deliveries))

@@ -14,12 +14,15 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from backend import dispatch
 from backend.db import session_scope
 from backend.models import Account, Message, utcnow
 from backend.processing import handlers
 from backend.webhooks import service as webhooks
 
 log = logging.getLogger(__name__)
+
+PROCESS_TASK = "message.process"
 
 
 def process_message(session: Session, message_id: int) -> bool:
@@ -35,41 +38,42 @@ def process_message(session: Session, message_id: int) -> bool:
     return True
 
 
-def process_and_send(message_id: int, *, use_celery: bool) -> bool:
+def process_and_send(message_id: int) -> bool:
     """A boundary: process in one transaction, then the steps' after-commit work."""
     with session_scope() as session:
         processed = process_message(session, message_id)
     for handler in handlers.registered():
         if handler.after_commit is not None:
-            handler.after_commit(message_id, use_celery)
+            handler.after_commit(message_id)
     return processed
+
+
+dispatch.register(PROCESS_TASK, process_and_send)
 
 
 def after_poll(
     account_id: int,
     new_message_ids: Sequence[int],
     account_event: str | None,
-    *,
-    use_celery: bool,
 ) -> None:
     """Everything a poll's caller hands on once the poll has committed: the account's
     state change (account.error / account.disabled / account.recovered) when the poll
     changed it, and the new messages."""
     if account_event is not None:
-        emit_account_event(account_id, account_event, use_celery=use_celery)
-    hand_on(new_message_ids, use_celery=use_celery)
+        emit_account_event(account_id, account_event)
+    hand_on(new_message_ids)
 
 
-def emit_account_event(account_id: int, event_type: str, *, use_celery: bool) -> None:
+def emit_account_event(account_id: int, event_type: str) -> None:
     with session_scope() as session:
         account = session.get(Account, account_id)
         if account is None:
             return
         delivery_ids = webhooks.create_account_event(session, account, event_type)
-    webhooks.dispatch(delivery_ids, use_celery=use_celery)
+    webhooks.dispatch(delivery_ids)
 
 
-def sweep(*, use_celery: bool, limit: int = 500) -> dict[str, int]:
+def sweep(*, limit: int = 500) -> dict[str, int]:
     """Pick up work whose task was lost (Redis flushed, a worker killed before acking):
     messages never processed and deliveries well past due. Run periodically; what it
     sends twice is harmless (processing and delivery attempts are idempotent)."""
@@ -90,25 +94,14 @@ def sweep(*, use_celery: bool, limit: int = 500) -> dict[str, int]:
             len(message_ids),
             len(delivery_ids),
         )
-    hand_on(message_ids, use_celery=use_celery)
-    webhooks.dispatch(delivery_ids, use_celery=use_celery)
+    hand_on(message_ids)
+    webhooks.dispatch(delivery_ids)
     return {"messages": len(message_ids), "deliveries": len(delivery_ids)}
 
 
-def hand_on(message_ids: Sequence[int], *, use_celery: bool) -> None:
-    """Hand newly committed messages to processing: a task each on the workflow queue,
-    or, without Celery (local mode), processed right here."""
-    if not message_ids:
-        return
-    if use_celery:
-        from backend.processing.tasks import process
-
-        for message_id in message_ids:
-            process.apply_async((message_id,), queue="workflow")
-        return
+def hand_on(message_ids: Sequence[int]) -> None:
+    """Hand newly committed messages to processing: a `message.process` task each (on
+    the workflow queue, or run here in local mode, where one message's failure is
+    logged and does not hold back the others)."""
     for message_id in message_ids:
-        try:
-            process_and_send(message_id, use_celery=False)
-        except Exception:
-            # One message's failure must not hold back the others; it stays unprocessed.
-            log.exception("processing message %s failed", message_id)
+        dispatch.enqueue(PROCESS_TASK, message_id)

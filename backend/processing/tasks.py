@@ -1,14 +1,14 @@
 from __future__ import annotations
 
 from backend.celery_app import app
-from backend.processing.service import process_and_send
+from backend.processing.service import PROCESS_TASK, process_and_send
 from backend.processing.service import sweep as sweep_lost_work
 
 
 # A step that fails (the database away for a moment) is tried again; the message stays
 # unprocessed until every step has run in one committed transaction.
 @app.task(
-    name="message.process",
+    name=PROCESS_TASK,
     acks_late=True,
     autoretry_for=(Exception,),
     retry_backoff=True,
@@ -16,10 +16,10 @@ from backend.processing.service import sweep as sweep_lost_work
     max_retries=10,
 )
 def process(message_id: int) -> bool:
-    return process_and_send(message_id, use_celery=True)
+    return process_and_send(message_id)
 
 
 @app.task(name="message.sweep")
 def sweep() -> dict[str, int]:
     """Periodic (beat_schedule in backend/celery_app.py)."""
-    return sweep_lost_work(use_celery=True)
+    return sweep_lost_work()

@@ -34,7 +34,7 @@ from redbeat.schedulers import (
     get_redis,
 )
 
-from backend import redis
+from backend import dispatch, redis
 from backend.db import session_scope
 from backend.schedules import service
 
@@ -54,7 +54,7 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
     _next_empty_check = 0.0
 
     def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
-        service.assume_celery_mode()
+        dispatch.assume_celery_mode()
         # A "task-sent" event per dispatch would double beat's Redis traffic (and halve
         # the polls it can send per second); Flower still sees every poll from the
         # worker's events (received, started, succeeded, revoked when expired).

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # Upper bound on one sleep of the loop: changes wake it at once anyway.
 MAX_SLEEP_SECONDS = 1.0
 
-PollFunction = Callable[[int, str], None]
+PollFunction = Callable[[int, str], object]  # account id, task id
 LoadFunction = Callable[[], Mapping[int, Wanted]]
 HousekeepingFunction = Callable[[], None]
 

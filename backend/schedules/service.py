@@ -16,22 +16,18 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from functools import lru_cache
-from typing import TYPE_CHECKING
 
-from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
-from backend import redis
-from backend.celery_app import TOP_PRIORITY, broker_priority, queue_keys
+from backend import dispatch, redis
+from backend.celery_app import TOP_PRIORITY, queue_keys
 from backend.config import get_settings
+from backend.db import session_scope
 from backend.errors import ServiceUnavailable
 from backend.models import Account, AccountStatus, PollRun, SchedulerMode, utcnow
 from backend.schedules import store
-
-if TYPE_CHECKING:
-    from backend.schedules.local import LocalScheduler
+from backend.schedules.local import HousekeepingFunction, LocalScheduler, PollFunction
 
 log = logging.getLogger(__name__)
 
@@ -66,48 +62,6 @@ def _wanted_clause() -> ColumnElement[bool]:
     return Account.enabled.is_(True) & (Account.status != AccountStatus.DISABLED)
 
 
-# -- mode ----------------------------------------------------------------------------
-
-
-def redis_reachable(timeout: float) -> bool:
-    try:
-        with redis.probe(timeout) as conn:
-            return bool(conn.ping())
-    except redis.RedisError:
-        return False
-
-
-_celery_process = False
-
-
-def assume_celery_mode() -> None:
-    """Celery workers and beat run only with Redis: they never take the local mode, even
-    if Redis blinks when they first ask."""
-    global _celery_process  # noqa: PLW0603 - a fact about this process
-    _celery_process = True
-    mode.cache_clear()
-
-
-@lru_cache
-def mode() -> SchedulerMode:
-    """ "celery" or "local", decided once per process (SCHEDULER_MODE=auto asks Redis)."""
-    settings = get_settings()
-    if _celery_process:
-        return SchedulerMode.CELERY
-    if settings.scheduler_mode != "auto":
-        return SchedulerMode(settings.scheduler_mode)
-    url = maybe_sanitize_url(settings.redis_url)
-    if redis_reachable(settings.redis_socket_timeout):
-        log.info("scheduler: Redis at %s answers: polls run on Celery workers", url)
-        return SchedulerMode.CELERY
-    log.warning(
-        "scheduler: Redis at %s cannot be reached: running the local in-process scheduler "
-        "(polls run in this process; start Redis and restart to use Celery workers)",
-        url,
-    )
-    return SchedulerMode.LOCAL
-
-
 # -- one account ---------------------------------------------------------------------
 
 
@@ -115,7 +69,7 @@ def sync_account(account: Account) -> None:
     """Bring the account's entry in line with the committed account: create it, update it
     in place (an interval change keeps the phase) or remove it. Redis trouble is logged,
     not raised: the commit stands and the next reconcile repairs the entry."""
-    if mode() == SchedulerMode.LOCAL:
+    if dispatch.mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         if scheduler is not None:
             if wants_schedule(account):
@@ -145,7 +99,7 @@ def sync_account(account: Account) -> None:
 
 def remove_account(account_id: int) -> None:
     """Remove the account's entry (deleted or disabled account). Never raises for Redis."""
-    if mode() == SchedulerMode.LOCAL:
+    if dispatch.mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         if scheduler is not None:
             scheduler.remove(account_id)
@@ -162,7 +116,7 @@ def remove_account(account_id: int) -> None:
 
 def enqueue_poll(account_id: int) -> str:
     """Poll a mailbox now; returns the task id."""
-    if mode() == SchedulerMode.LOCAL:
+    if dispatch.mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         if scheduler is None:
             raise ServiceUnavailable(
@@ -170,16 +124,16 @@ def enqueue_poll(account_id: int) -> str:
                 "process when Redis is unavailable"
             )
         return scheduler.run_now(account_id)
-    # By name: the API need not import the task module (and its ingestion imports).
-    result = store.celery_app().send_task(
+    # Asked for by hand: ahead of every scheduled poll in the queue. By name: the API
+    # need not import the task module (and its ingestion imports).
+    task_id = dispatch.enqueue(
         store.POLL_TASK,
-        args=[account_id],
-        queue=store.POLL_QUEUE,
-        # Asked for by hand: ahead of every scheduled poll in the queue.
-        priority=broker_priority(TOP_PRIORITY),
+        account_id,
+        priority=TOP_PRIORITY,
         headers={SENT_AT_HEADER: time.time()},
     )
-    return str(result.id)
+    assert task_id is not None  # not coalesced
+    return task_id
 
 
 # -- all accounts --------------------------------------------------------------------
@@ -205,7 +159,7 @@ def reconcile(session: Session) -> ReconcileResult:
     """Rebuild the schedule from the database: create the missing entries, fix the
     changed, delete the orphans. Reads only; the caller's boundary closes the session."""
     wanted = wanted_accounts(session)
-    if mode() == SchedulerMode.LOCAL:
+    if dispatch.mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         counts = scheduler.replace_all(wanted) if scheduler is not None else store.Counts()
     else:
@@ -218,7 +172,7 @@ def reconcile(session: Session) -> ReconcileResult:
 
 
 def list_entries() -> list[ScheduleEntry]:
-    if mode() == SchedulerMode.LOCAL:
+    if dispatch.mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         stored = scheduler.entries() if scheduler is not None else []
     else:
@@ -229,7 +183,7 @@ def list_entries() -> list[ScheduleEntry]:
 
 def count_entries() -> int:
     """How many mailbox entries the schedule holds: one ZRANGE, no entry is read."""
-    if mode() == SchedulerMode.LOCAL:
+    if dispatch.mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         return len(scheduler.entries()) if scheduler is not None else 0
     return len(store.mailbox_members(store.client()))
@@ -245,37 +199,26 @@ def _local_scheduler() -> LocalScheduler | None:
     return _local
 
 
-def start_local_scheduler_if_needed() -> bool:
-    """In local mode, start the in-process scheduler (once per process); True if it runs."""
+def start_local_scheduler_if_needed(
+    *, poll: PollFunction, housekeeping: HousekeepingFunction
+) -> bool:
+    """In local mode, start the in-process scheduler (once per process); True if it runs.
+    The composition root (backend/main.py) passes what it runs: a poll of one mailbox, and
+    beat's periodic work."""
     global _local  # noqa: PLW0603 - one scheduler per process
-    if mode() != SchedulerMode.LOCAL:
+    if dispatch.mode() != SchedulerMode.LOCAL:
         return False
-    from backend.schedules.local import LocalScheduler
-    from backend.schedules.polling import run_local_poll
-
     with _local_guard:
         if _local is None:
             scheduler = LocalScheduler(
-                poll=run_local_poll,
+                poll=poll,
                 load=_load_wanted,
                 refresh_seconds=get_settings().reconcile_interval_seconds,
-                housekeeping=_local_housekeeping,
+                housekeeping=housekeeping,
             )
             scheduler.start()
             _local = scheduler
     return True
-
-
-def _local_housekeeping() -> None:
-    """Beat's periodic work, for local mode: pick up lost processing and deliveries, and
-    move objects that fell back to local files up to S3 once it answers."""
-    from backend.processing.service import sweep
-    from backend.storage import tasks as storage_tasks
-
-    sweep(use_celery=False)
-    storage_tasks.purge_deleted()
-    if get_settings().s3_enabled:
-        storage_tasks.sync_all()
 
 
 def stop_local_scheduler(timeout: float = 30.0) -> None:
@@ -287,18 +230,13 @@ def stop_local_scheduler(timeout: float = 30.0) -> None:
 
 
 def _load_wanted() -> dict[int, store.Wanted]:
-    from backend.db import session_scope
-
     with session_scope() as session:
         return wanted_accounts(session)
 
 
 def reset_cache() -> None:
-    """Forget the mode and stop a local scheduler (tests change the environment)."""
-    global _celery_process  # noqa: PLW0603 - a fact about this process
+    """Stop a local scheduler (tests change the environment)."""
     stop_local_scheduler()
-    _celery_process = False
-    mode.cache_clear()
 
 
 # -- capacity ------------------------------------------------------------------------
@@ -338,12 +276,12 @@ def capacity(session: Session) -> Capacity:
     completed_rate = (completed or 0) / CAPACITY_WINDOW_SECONDS
     queue_length: int | None = None
     oldest: float | None = None
-    if mode() == SchedulerMode.CELERY:
+    if dispatch.mode() == SchedulerMode.CELERY:
         queue_length, oldest = _poll_queue()
     stretch = None if not completed_rate else max(float(demanded) / completed_rate, 1.0)
     lag_limit = get_settings().poll_lag_degraded_seconds
     return Capacity(
-        mode=mode(),
+        mode=dispatch.mode(),
         mailboxes=int(mailboxes),
         demanded_polls_per_second=round(float(demanded), 3),
         completed_polls_per_second=round(completed_rate, 3),

@@ -6,6 +6,7 @@ from typing import Any
 
 from celery.signals import worker_init
 
+from backend import dispatch
 from backend.celery_app import app
 from backend.db import session_scope
 from backend.schedules import service
@@ -19,4 +20,4 @@ def reconcile() -> dict[str, int]:
 
 @worker_init.connect
 def _worker_mode(**_kwargs: Any) -> None:
-    service.assume_celery_mode()
+    dispatch.assume_celery_mode()

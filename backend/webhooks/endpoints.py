@@ -8,7 +8,6 @@ from fastapi import APIRouter, Path, Query
 from sqlalchemy.orm import Session
 
 from backend.deps import AdminDep, SessionDep
-from backend.schedules import service as schedules
 from backend.webhooks import service
 from backend.webhooks.schemas import DeadLetter, DeadLetterPage, Replayed
 
@@ -48,5 +47,5 @@ def replay_account_dead_letters(account_id: AccountId, session: SessionDep) -> R
 def _send(session: Session, delivery_ids: list[int]) -> Replayed:
     # Sent only once the requeue is committed, or a fast worker would find them dead.
     session.commit()
-    service.dispatch(delivery_ids, use_celery=schedules.mode() == "celery")
+    service.dispatch(delivery_ids)
     return Replayed(replayed=len(delivery_ids), delivery_ids=delivery_ids)

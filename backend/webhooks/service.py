@@ -11,7 +11,6 @@ expire, and the event may then be sent again: receivers drop repeats by event id
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from sqlalchemy.orm import Session
 from backend import crypto
 from backend.config import get_settings
 from backend.db import session_scope
+from backend.dispatch import enqueue, register
 from backend.errors import NotFound
 from backend.models import (
     ACCOUNT_EVENTS,
@@ -52,6 +52,8 @@ CLAIM_SLACK = timedelta(seconds=10)
 # worker holds countdown tasks unacknowledged, and Redis hands out again any kept past
 # its visibility timeout, so an hour-long countdown would be a pile of duplicates.
 MAX_COUNTDOWN_SECONDS = 300.0
+
+DELIVER_TASK = "webhook.deliver"
 
 
 @dataclass(frozen=True)
@@ -155,36 +157,14 @@ def pending_for_message(session: Session, message_id: int) -> list[int]:
     )
 
 
-def dispatch(delivery_ids: Sequence[int], *, use_celery: bool, delay: float = 0.0) -> None:
-    """Send deliveries (already committed): a `webhook.deliver` task each on the workflow
-    queue, or in this process without Celery (now, or on a timer for a retry)."""
-    if use_celery:
-        from backend.webhooks.tasks import deliver as deliver_task
-
-        for delivery_id in delivery_ids:
-            deliver_task.apply_async(
-                (delivery_id,),
-                countdown=min(delay, MAX_COUNTDOWN_SECONDS) or None,
-                queue="workflow",
-            )
-        return
+def dispatch(delivery_ids: Sequence[int], *, delay: float = 0.0) -> None:
+    """Send deliveries (already committed): a `webhook.deliver` task each, after `delay`
+    seconds (a retry)."""
     for delivery_id in delivery_ids:
-        if delay <= 0:
-            deliver(delivery_id, use_celery=False)
-            continue
-        timer = threading.Timer(delay, _deliver_logged, args=(delivery_id,))
-        timer.daemon = True
-        timer.start()
+        enqueue(DELIVER_TASK, delivery_id, countdown=min(delay, MAX_COUNTDOWN_SECONDS) or None)
 
 
-def _deliver_logged(delivery_id: int) -> None:
-    try:
-        deliver(delivery_id, use_celery=False)
-    except Exception:  # a timer thread has no caller to tell; the sweep retries it
-        log.exception("webhook delivery %s failed unexpectedly", delivery_id)
-
-
-def deliver(delivery_id: int, *, use_celery: bool) -> str:
+def deliver(delivery_id: int) -> str:
     """One attempt. Returns what happened: delivered, retry, dead, not_due, in_flight,
     or skipped (gone, or no longer pending)."""
     settings = get_settings()
@@ -198,7 +178,7 @@ def deliver(delivery_id: int, *, use_celery: bool) -> str:
         if delivery.next_attempt_at > now + EARLY_GRACE:
             wait = (delivery.next_attempt_at - now).total_seconds()
             session.rollback()
-            dispatch([delivery_id], use_celery=use_celery, delay=wait)
+            dispatch([delivery_id], delay=wait)
             return "not_due"
         account = session.get(Account, delivery.account_id)
         assert account is not None  # deliveries go with their account (FK cascade)
@@ -252,8 +232,11 @@ def deliver(delivery_id: int, *, use_celery: bool) -> str:
         f" ({result.error})" if result.error else "",
     )
     if outcome == "retry":
-        dispatch([delivery_id], use_celery=use_celery, delay=delay)
+        dispatch([delivery_id], delay=delay)
     return outcome
+
+
+register(DELIVER_TASK, deliver)
 
 
 def _body(session: Session, delivery: WebhookDelivery, account: Account) -> bytes:

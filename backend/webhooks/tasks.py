@@ -4,7 +4,7 @@ from backend.celery_app import app
 from backend.webhooks import service
 
 
-@app.task(name="webhook.deliver", acks_late=True)
+@app.task(name=service.DELIVER_TASK, acks_late=True)
 def deliver(delivery_id: int) -> str:
     """One attempt; a retry is a new task with a countdown (see service.deliver)."""
-    return service.deliver(delivery_id, use_celery=True)
+    return service.deliver(delivery_id)

@@ -161,3 +161,10 @@ class Api:
     def subjects(self, account_id: int) -> list[str]:
         response = self("GET", f"/accounts/{account_id}/messages", params={"limit": 100})
         return sorted(str(item["subject"]) for item in response.json()["items"])
+
+
+def worker_names(body: Any) -> set[str]:
+    """The worker names in a /admin/celery/workers answer."""
+    items = body.get("workers", body) if isinstance(body, dict) else body
+    workers = items.values() if isinstance(items, dict) else items
+    return {str(worker["name"]) for worker in workers}

@@ -85,11 +85,13 @@ def test_one_beat_and_no_name_global_to_the_host() -> None:
 
 
 def test_ports_can_stay_off_the_network() -> None:
-    # API_PORT=127.0.0.1:8000 publishes on loopback only; two copies use two ports.
-    assert service("api")["ports"] == ["${API_PORT:-8000}:8000"]
-    assert service("flower")["ports"] == ["${FLOWER_PORT:-5555}:5555"]
-    assert example_values()["API_PORT"] == "8000"
-    assert example_values()["FLOWER_PORT"] == "5555"
+    # PUBLISH_API_PORT=127.0.0.1:8000 publishes on loopback only; two copies use two ports.
+    assert service("api")["ports"] == ["${PUBLISH_API_PORT:-8000}:8000"]
+    assert service("flower")["ports"] == ["${PUBLISH_FLOWER_PORT:-5555}:5555"]
+    assert example_values()["PUBLISH_API_PORT"] == "8000"
+    assert example_values()["PUBLISH_FLOWER_PORT"] == "5555"
+    # Flower reads every FLOWER_* variable of its environment (.env) as its option.
+    assert [name for name in example_names() if name.startswith("FLOWER_")] == ["FLOWER_BASIC_AUTH"]
 
 
 def test_postgres_is_healthy_only_once_it_answers_over_tcp() -> None:

@@ -29,6 +29,7 @@ from tests.deploy.stack import (
     email,
     top_level_files,
     wait_until,
+    worker_names,
 )
 from tests.support.dovecot import Dovecot
 from tests.support.net import free_port, wait_for_port
@@ -145,12 +146,6 @@ def stack(
     assert top_level_files() == files_before
 
 
-def _names(body: Any) -> set[str]:
-    items = body.get("workers", body) if isinstance(body, dict) else body
-    workers = items.values() if isinstance(items, dict) else items
-    return {str(worker["name"]) for worker in workers}
-
-
 @pytest.mark.e2e
 def test_the_compose_services_ingest_mail_end_to_end(
     stack: Stack, dovecot: Dovecot, moto_s3: MotoS3
@@ -178,10 +173,10 @@ def test_the_compose_services_ingest_mail_end_to_end(
     def admin_workers() -> Any:
         response = api("GET", "/admin/celery/workers")
         body = response.json()
-        return body if response.status_code == 200 and node_names <= _names(body) else None
+        return body if response.status_code == 200 and node_names <= worker_names(body) else None
 
     workers = wait_until("both workers in the admin API", admin_workers, START_TIMEOUT, *logs)
-    assert _names(workers) == node_names
+    assert worker_names(workers) == node_names
     listed = workers.get("workers", workers) if isinstance(workers, dict) else workers
     for worker in listed.values() if isinstance(listed, dict) else listed:
         queues = {q if isinstance(q, str) else q["name"] for q in worker["queues"]}

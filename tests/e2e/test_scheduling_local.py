@@ -15,8 +15,10 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from backend import crypto
+from backend import crypto, dispatch
 from backend.db import get_sessionmaker
+from backend.mailbox.polling import run_poll
+from backend.main import local_housekeeping
 from backend.models import Account, Message, PollRun, utcnow
 from backend.schedules import service
 from tests.mailbox.conftest import generated
@@ -52,9 +54,11 @@ def _count(db: Session, account: Account) -> int:
 def test_local_mode_polls_without_redis(
     db: Session, dovecot: Dovecot, without_redis: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="backend.schedules.service"):
-        assert service.start_local_scheduler_if_needed()
-    assert service.mode() == "local"
+    with caplog.at_level(logging.WARNING, logger="backend.dispatch"):
+        assert service.start_local_scheduler_if_needed(
+            poll=run_poll, housekeeping=local_housekeeping
+        )
+    assert dispatch.mode() == "local"
     assert "cannot be reached" in caplog.text
 
     username = f"local-{uuid.uuid4().hex[:10]}"
@@ -130,7 +134,7 @@ def test_local_housekeeping_through_an_s3_outage(
     account = make_account(db, dovecot, poll_interval_seconds=1)
     s3_outage.begin()
     dovecot.append_many(account.username, [generated(index) for index in range(3)])
-    assert service.start_local_scheduler_if_needed()
+    assert service.start_local_scheduler_if_needed(poll=run_poll, housekeeping=local_housekeeping)
     try:
         wait_for(lambda: len(_messages(db, account)) == 3, "mail stored while S3 is down")
         assert {m.storage_backend for m in _messages(db, account)} == {"local"}
@@ -191,7 +195,9 @@ def test_concurrent_local_polls_on_sqlite(dovecot: Dovecot, sqlite_local: None) 
         accounts = [make_account(db, dovecot, poll_interval_seconds=1) for _ in range(4)]
         for account in accounts:
             dovecot.write_maildir(account.username, [generated(i) for i in range(120)])
-        assert service.start_local_scheduler_if_needed()
+        assert service.start_local_scheduler_if_needed(
+            poll=run_poll, housekeeping=local_housekeeping
+        )
         for account in accounts:
             service.enqueue_poll(account.id)  # all at once, not spread over the interval
         wait_for(

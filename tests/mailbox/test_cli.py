@@ -9,7 +9,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.cli import main
-from backend.models import Message
+from backend.mailbox.lock import MailboxLock
+from backend.models import Message, PollRun
+from backend.schedules import service as schedules
 from tests.mailbox.conftest import MakeAccount, generated
 from tests.support.dovecot import Dovecot
 
@@ -44,3 +46,34 @@ def test_poll_command(
         main(["poll", str(account_with_bad_password.id)])
     assert failed.value.code == 1
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["outcome"] == "auth_error"
+
+
+def _last_line(capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+    return dict(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+
+
+def test_poll_command_respects_the_lock_and_a_disabled_account(
+    db: Session, make_account: MakeAccount, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same wrap-up as a scheduled poll: a mailbox another poll holds is left alone,
+    and a disabled account is not polled (its stale schedule entry goes)."""
+    account = make_account()
+    holder = MailboxLock(account.id)
+    assert holder.acquire()
+    with pytest.raises(SystemExit) as locked:
+        main(["poll", str(account.id)])
+    assert locked.value.code == 1
+    assert _last_line(capsys)["outcome"] == "locked"
+    [run] = db.scalars(select(PollRun).where(PollRun.account_id == account.id)).all()
+    assert (run.outcome, run.error) == ("skipped", "another poll of this mailbox is running")
+    assert holder.release()
+
+    schedules.sync_account(account)
+    account.enabled = False
+    db.commit()
+    with pytest.raises(SystemExit) as stale:
+        main(["poll", str(account.id)])
+    assert stale.value.code == 1
+    assert _last_line(capsys)["outcome"] == "stale"
+    assert schedules.list_entries() == []
+    assert len(db.scalars(select(PollRun)).all()) == 1  # no second run recorded

@@ -199,7 +199,7 @@ def test_session_status_select_and_an_exact_uid_search(
         # On the wire `UID 3:*` matches UID 2, the newest message; the session drops it.
         assert session.search(uid_from=3) == []
         assert session.search(uid_to=1) == [1]
-        assert list(session.fetch_bodies([2])) == [2]
+        assert list(session.fetch_bodies({2: 10})) == [2]
 
 
 def test_folder_names_beyond_ascii(

@@ -20,7 +20,7 @@ def _poll(db: Session, account_id: int) -> None:
     db.execute(update(Account).where(Account.id == account_id).values(backoff_until=None))
     db.commit()
     result = poll_account(account_id)
-    after_poll(account_id, result.new_message_ids, result.account_event, use_celery=False)
+    after_poll(account_id, result.new_message_ids, result.account_event)
 
 
 def test_error_and_recovery_are_announced_once_each(

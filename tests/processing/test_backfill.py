@@ -49,7 +49,7 @@ def inbox(
 def _poll(account_id: int) -> list[int]:
     result = poll_account(account_id)
     assert result.outcome == "success", result.error
-    after_poll(account_id, result.new_message_ids, result.account_event, use_celery=False)
+    after_poll(account_id, result.new_message_ids, result.account_event)
     return result.new_message_ids
 
 
@@ -102,12 +102,12 @@ def test_backfill_brings_back_messages_lost_on_our_side(
     db.commit()
     cursor = db.scalar(select(FolderCursor.last_uid))
 
-    dry = backfill(account_id, window=Range(), dry_run=True, use_celery=False)
+    dry = backfill(account_id, window=Range(), dry_run=True)
     [folder] = dry.folders
     assert (folder.on_server, folder.held, folder.missing, folder.stored) == (5, 3, 2, 0)
     assert len(_held(db, account_id)) == 3
 
-    result = backfill(account_id, window=Range(), use_celery=False)
+    result = backfill(account_id, window=Range())
     assert result.folders[0].stored == 2
     now_held = _held(db, account_id)
     assert sorted(now_held) == [1, 2, 3, 4, 5]
@@ -116,13 +116,13 @@ def test_backfill_brings_back_messages_lost_on_our_side(
     assert db.scalar(select(FolderCursor.last_uid)) == cursor
 
     # Nothing is stored twice, nothing sent twice.
-    again = backfill(account_id, window=Range(), use_celery=False)
+    again = backfill(account_id, window=Range())
     assert again.folders[0].stored == 0 and again.folders[0].missing == 0
     assert len(_held(db, account_id)) == 5
     assert len(receiver.delivered()) == 7
 
     # On request, held messages are sent again, as new events.
-    redone = backfill(account_id, window=Range(uid_from=4), redeliver=True, use_celery=False)
+    redone = backfill(account_id, window=Range(uid_from=4), redeliver=True)
     assert redone.folders[0].redelivered == 2
     assert sorted(redone.redelivered_message_ids) == sorted([now_held[4], now_held[5]])
     assert len(receiver.delivered()) == 9
@@ -144,9 +144,7 @@ def test_backfill_brings_mail_a_moved_cursor_skipped(
     db.commit()
     assert _poll(account_id) == []
 
-    result = backfill(
-        account_id, window=Range(uid_from=min(missed)), folders=["INBOX"], use_celery=False
-    )
+    result = backfill(account_id, window=Range(uid_from=min(missed)), folders=["INBOX"])
 
     assert result.folders[0].on_server == 3 and result.folders[0].stored == 3
     assert sorted(_held(db, account_id)) == [1, 2, *missed]
@@ -167,7 +165,7 @@ def test_backfill_by_date_and_held_messages_never_processed(
     db.commit()
 
     window = Range(since=date(2026, 11, 1), before=date(2026, 12, 1))
-    result = backfill(account_id, window=window, use_celery=False)
+    result = backfill(account_id, window=window)
 
     [folder] = result.folders
     assert (folder.on_server, folder.held, folder.stored, folder.handed_on) == (2, 1, 1, 1)

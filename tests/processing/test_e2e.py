@@ -41,8 +41,8 @@ def test_through_a_worker_every_message_is_delivered_once(
     ids = [store_message(db, account, uid).id for uid in range(1, 5)]
     receiver.fail(3, status=503)
 
-    hand_on(ids, use_celery=True)
-    hand_on(ids, use_celery=True)  # duplicate tasks (a redelivery) change nothing
+    hand_on(ids)
+    hand_on(ids)  # duplicate tasks (a redelivery) change nothing
 
     wait_for(lambda: _statuses(db) == ["delivered"] * 4, f"all delivered\n{worker.logs()}")
     assert len(receiver.delivered()) == 4
@@ -57,7 +57,7 @@ def test_dead_letters_replayed_from_the_api_go_through_the_worker(
     ids = [store_message(db, account, uid).id for uid in range(1, 3)]
     receiver.down()
 
-    hand_on(ids, use_celery=True)
+    hand_on(ids)
     wait_for(lambda: _statuses(db) == ["dead"] * 2, f"dead letters\n{worker.logs()}")
     receiver.up()
     response = api.post(f"/accounts/{account.id}/dead-letters/replay")

@@ -40,15 +40,13 @@ def test_steps_run_in_order_after_the_builtin_webhook(
         return run
 
     handlers.register(handlers.Handler("tag", step("tag")))
-    handlers.register(
-        handlers.Handler("crm", step("crm"), lambda mid, _: calls.append(("sent", mid)))
-    )
+    handlers.register(handlers.Handler("crm", step("crm"), lambda mid: calls.append(("sent", mid))))
     handlers.register(handlers.Handler("tag", step("tag2")))  # replaced in place
     assert [h.name for h in handlers.registered()] == ["webhook", "tag", "crm"]
     message = store_message(db, insert_account(db), 1)
 
-    assert process_and_send(message.id, use_celery=False) is True
-    assert process_and_send(message.id, use_celery=False) is False
+    assert process_and_send(message.id) is True
+    assert process_and_send(message.id) is False
 
     assert calls == [
         ("tag2", message.id),
@@ -69,7 +67,7 @@ def test_a_failing_step_leaves_the_message_unprocessed(
     account = insert_account(db)
     first, second = store_message(db, account, 1), store_message(db, account, 2)
 
-    hand_on([first.id, second.id], use_celery=False)  # logged; the others still run
+    hand_on([first.id, second.id])  # logged; the others still run
 
     db.expire_all()
     assert db.get(Message, first.id).processed_at is None  # type: ignore[union-attr]
@@ -78,5 +76,5 @@ def test_a_failing_step_leaves_the_message_unprocessed(
     assert receiver.requests == []
 
     handlers.unregister("crm")
-    hand_on([first.id, second.id], use_celery=False)
+    hand_on([first.id, second.id])
     assert len(receiver.delivered()) == 2

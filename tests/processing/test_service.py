@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy.orm import Session
 
 from backend import crypto
@@ -36,8 +38,9 @@ def test_process_is_idempotent(db: Session) -> None:
     assert process_message(db, 999_999) is False
 
 
-def test_hand_on_in_process(db: Session) -> None:
+def test_hand_on_in_process(db: Session, set_env: Callable[..., None]) -> None:
+    set_env(SCHEDULER_MODE="local")
     message = _message(db)
-    hand_on([message.id], use_celery=False)
+    hand_on([message.id])
     db.refresh(message)
     assert message.processed_at is not None

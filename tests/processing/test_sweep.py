@@ -29,7 +29,7 @@ def test_lost_processing_and_lost_deliveries_are_sent(
     db.execute(update(WebhookDelivery).values(next_attempt_at=long_ago))
     db.commit()
 
-    assert sweep(use_celery=False) == {"messages": 1, "deliveries": 1}
+    assert sweep() == {"messages": 1, "deliveries": 1}
 
     assert sorted(r.json()["data"]["message"]["id"] for r in receiver.delivered()) == [
         lost_task.id,
@@ -38,7 +38,7 @@ def test_lost_processing_and_lost_deliveries_are_sent(
     db.expire_all()
     assert db.get(Message, fresh.id).processed_at is None  # type: ignore[union-attr]
     assert set(db.scalars(select(WebhookDelivery.status))) == {"delivered"}
-    assert sweep(use_celery=False) == {"messages": 0, "deliveries": 0}
+    assert sweep() == {"messages": 0, "deliveries": 0}
 
 
 def test_an_attempt_that_died_mid_request_is_sent_again_once_its_claim_ran_out(
@@ -60,7 +60,7 @@ def test_an_attempt_that_died_mid_request_is_sent_again_once_its_claim_ran_out(
         )
     db.commit()
 
-    assert sweep(use_celery=False) == {"messages": 0, "deliveries": 1}
+    assert sweep() == {"messages": 0, "deliveries": 1}
 
     [request] = receiver.delivered()
     assert request.json()["data"]["message"]["id"] == died.id

@@ -13,7 +13,10 @@ from itertools import pairwise
 import pytest
 from sqlalchemy.orm import Session
 
+from backend import dispatch
 from backend.errors import ServiceUnavailable
+from backend.mailbox.polling import run_poll
+from backend.main import local_housekeeping
 from backend.models import Message, utcnow
 from backend.schedules import service
 from backend.schedules.local import LocalScheduler
@@ -167,9 +170,11 @@ def test_service_in_local_mode(db: Session, set_env: Callable[..., None]) -> Non
     assert service.list_entries() == []
     with pytest.raises(ServiceUnavailable):
         service.enqueue_poll(1)
-    assert service.start_local_scheduler_if_needed()
+    assert service.start_local_scheduler_if_needed(poll=run_poll, housekeeping=local_housekeeping)
     try:
-        assert service.start_local_scheduler_if_needed()  # once per process
+        assert service.start_local_scheduler_if_needed(
+            poll=run_poll, housekeeping=local_housekeeping
+        )  # once per process
         account = make_account(db, poll_interval_seconds=3600, last_polled_at=utcnow())
         service.sync_account(account)
         assert [entry.account_id for entry in service.list_entries()] == [account.id]
@@ -188,8 +193,11 @@ def test_service_in_local_mode(db: Session, set_env: Callable[..., None]) -> Non
 
 
 def test_celery_mode_starts_no_local_scheduler() -> None:
-    assert service.mode() == "celery"
-    assert service.start_local_scheduler_if_needed() is False
+    assert dispatch.mode() == "celery"
+    assert (
+        service.start_local_scheduler_if_needed(poll=run_poll, housekeeping=local_housekeeping)
+        is False
+    )
 
 
 def test_housekeeping_runs_at_start_and_on_every_refresh() -> None:
@@ -236,7 +244,7 @@ def test_local_mode_housekeeping_processes_lost_messages(
     message.ingested_at = utcnow() - timedelta(hours=1)
     db.add(message)
     db.commit()
-    assert service.start_local_scheduler_if_needed()
+    assert service.start_local_scheduler_if_needed(poll=run_poll, housekeeping=local_housekeeping)
     try:
 
         def processed() -> bool:

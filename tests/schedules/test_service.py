@@ -12,6 +12,7 @@ from redbeat.decoder import RedBeatJSONDecoder, RedBeatJSONEncoder
 from redbeat.schedulers import RedBeatSchedulerEntry
 from sqlalchemy.orm import Session
 
+from backend import dispatch
 from backend.celery_app import app
 from backend.models import AccountStatus, utcnow
 from backend.schedules import service, store
@@ -259,12 +260,12 @@ def test_enqueue_poll_sends_to_the_email_queue(db: Session, redis_db: RedisDb) -
 
 
 def test_mode(set_env: Callable[..., None], caplog: pytest.LogCaptureFixture) -> None:
-    assert service.mode() == "celery"
+    assert dispatch.mode() == "celery"
     set_env(SCHEDULER_MODE="local")
-    assert service.mode() == "local"
+    assert dispatch.mode() == "local"
     set_env(SCHEDULER_MODE="auto", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
-    with caplog.at_level(logging.WARNING, logger="backend.schedules.service"):
-        assert service.mode() == "local"
+    with caplog.at_level(logging.WARNING, logger="backend.dispatch"):
+        assert dispatch.mode() == "local"
     assert "cannot be reached" in caplog.text
     assert "local in-process scheduler" in caplog.text
 

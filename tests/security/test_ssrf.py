@@ -121,7 +121,7 @@ def test_production_webhooks_do_not_reach_internal_receivers(
     account = insert_account(db)
     message = store_message(db, account, 1)
 
-    hand_on([message.id], use_celery=False)
+    hand_on([message.id])
 
     [delivery] = _deliveries(db)
     assert delivery.status == "dead"
@@ -142,7 +142,7 @@ def test_dead_letters_do_not_echo_the_receivers_answer(
 ) -> None:
     receiver.default = Reply(status=403, body=b"internal-admin-console v2.1: access denied")
     account = insert_account(db)
-    hand_on([store_message(db, account, 1).id], use_celery=False)
+    hand_on([store_message(db, account, 1).id])
 
     letters = api.get("/admin/dead-letters")
     [letter] = letters.json()["items"]

@@ -19,7 +19,8 @@ from backend.storage import service
 from backend.storage.base import message_key
 from backend.storage.tasks import sync_all
 from tests.storage.support import make_account
-from tests.support.s3 import MotoS3
+from tests.support.net import free_port
+from tests.support.s3 import MotoS3, Outage
 
 ROOT = Path(__file__).resolve().parents[2]
 # A second process (another worker) writing while S3 hangs.
@@ -91,3 +92,15 @@ def test_a_hung_s3_costs_seconds_once_and_loses_nothing(
         assert service.get_object("s3", key) == raw
     assert list(service.local_storage().keys()) == []
     assert service.put_object(message_key(account.id, "INBOX", 5, 3), b"after", "x/y") == "s3"
+
+
+def test_with_redis_down_the_breaker_stays_per_process(
+    db: Session, s3_outage: Outage, set_env: Callable[..., None], caplog: pytest.LogCaptureFixture
+) -> None:
+    set_env(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    s3_outage.begin()
+    assert service.put_object("a/1", b"one", "x/y") == "local"
+    assert service.put_object("a/2", b"two", "x/y") == "local"
+    said = [record.getMessage() for record in caplog.records]
+    assert sum("S3 write failed" in text for text in said) == 1  # the second skipped S3
+    assert any("Redis does not answer" in text for text in said)

@@ -27,7 +27,7 @@ DOVEADM_BIN = shutil.which("doveadm") or "/usr/bin/doveadm"
 
 CONFIG = """\
 protocols = imap
-listen = 127.0.0.1
+listen = {listen}
 base_dir = {root}/run
 state_dir = {root}/state
 log_path = {root}/dovecot.log
@@ -59,11 +59,11 @@ passdb {{
 }}
 service imap-login {{
   inet_listener imap {{
-    address = 127.0.0.1
+    address = {listen}
     port = {imap_port}
   }}
   inet_listener imaps {{
-    address = 127.0.0.1
+    address = {listen}
     port = {imaps_port}
     ssl = yes
   }}
@@ -115,13 +115,16 @@ class Dovecot:
         *,
         oauth2_introspection_url: str | None = None,
         mail_location: str = "maildir:~/Maildir",
+        also_listen: str | None = None,
     ) -> None:
         """With `oauth2_introspection_url`, users can also log in with XOAUTH2; Dovecot
         posts each token to that URL (`token=...`) and wants {"active": true, "username"}.
         `mail_location="maildir:~/Maildir:LAYOUT=fs"` gives folders a '/' separator (as
-        Gmail and Exchange have) instead of Maildir++'s '.'."""
+        Gmail and Exchange have) instead of Maildir++'s '.'. `also_listen`: one more
+        address to listen on besides loopback (the docker bridge's, for containers)."""
         self.root = root
         self.mail_location = mail_location
+        self.also_listen = also_listen
         self.oauth2_introspection_url = oauth2_introspection_url
         self.name = name or uuid.uuid4().hex[:8]
         self.host = "127.0.0.1"
@@ -165,6 +168,7 @@ class Dovecot:
             CONFIG.format(
                 root=self.root,
                 name=self.name,
+                listen=", ".join(["127.0.0.1", *filter(None, [self.also_listen])]),
                 internal_user=internal,
                 login_user=login,
                 internal_group_line=group_line,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def reset_caches() -> None:
-    from backend import crypto, db, redis
+    from backend import crypto, db, dispatch, redis
     from backend.schedules import service as schedules
     from backend.storage import service as storage
     from backend.webhooks import client as webhook_client
@@ -15,3 +15,4 @@ def reset_caches() -> None:
     webhook_client.reset_cache()
     redis.reset_cache()
     schedules.reset_cache()
+    dispatch.reset()

@@ -41,10 +41,10 @@ def test_every_message_is_delivered_once_signed(
     account = insert_account(db)
     ids = [store_message(db, account, uid).id for uid in range(1, 6)]
 
-    hand_on(ids, use_celery=False)
-    hand_on(ids, use_celery=False)  # a repeated hand-off (task redelivered) sends nothing
+    hand_on(ids)
+    hand_on(ids)  # a repeated hand-off (task redelivered) sends nothing
     for message_id in ids:
-        assert process_and_send(message_id, use_celery=False) is False
+        assert process_and_send(message_id) is False
 
     assert len(receiver.requests) == 5
     events = [r.json() for r in receiver.delivered()]
@@ -83,7 +83,7 @@ def test_a_request_signed_with_another_secret_is_refused_and_not_retried(
     account = insert_account(db)
     message = store_message(db, account, 1)
 
-    hand_on([message.id], use_celery=False)
+    hand_on([message.id])
 
     [request] = receiver.requests
     assert request.status == 401
@@ -105,7 +105,7 @@ def test_account_target_gets_its_own_signed_copy(
         assert "account-secret" not in (account.webhook_secret_encrypted or "")
         message = store_message(db, account, 1)
 
-        hand_on([message.id], use_celery=False)
+        hand_on([message.id])
 
         assert len(receiver.delivered()) == 1
         [request] = own.delivered()
@@ -128,7 +128,7 @@ def test_an_account_webhook_set_through_the_api_is_used(
     assert account is not None
     message = store_message(db, account, 1)
 
-    hand_on([message.id], use_celery=False)
+    hand_on([message.id])
 
     [request] = receiver.delivered()
     assert request.json()["data"]["account"]["id"] == account.id
@@ -143,7 +143,7 @@ def test_a_receiver_that_fails_then_recovers_gets_everything(
     receiver.fail(2, status=503)
     receiver.reply(Reply(status=502))
 
-    hand_on(ids, use_celery=False)
+    hand_on(ids)
     wait_until(lambda: _settled(db), what="deliveries settled")
 
     assert {d.status for d in _deliveries(db)} == {"delivered"}
@@ -163,7 +163,7 @@ def test_connection_refused_and_timeouts_are_retried(
     first = store_message(db, account, 1)
     receiver.down()
 
-    hand_on([first.id], use_celery=False)
+    hand_on([first.id])
     wait_until(lambda: _deliveries(db)[0].attempts >= 2, what="two refused attempts")
     assert "connection failed" in (_deliveries(db)[0].last_error or "")
     receiver.reply(Reply(delay=2.0))  # slower than the client's timeout
@@ -186,7 +186,7 @@ def test_a_receiver_down_for_good_fills_the_dead_letters_and_replay_delivers(
     other_id = store_message(db, other, 1).id
     receiver.down()
 
-    hand_on([*ids, other_id], use_celery=False)
+    hand_on([*ids, other_id])
     wait_until(lambda: _settled(db), what="all dead")
 
     dead = _deliveries(db)
@@ -223,7 +223,7 @@ def test_a_4xx_is_not_retried(
     message = store_message(db, account, 1)
     receiver.default = Reply(status=422, body=b"bad payload")
 
-    hand_on([message.id], use_celery=False)
+    hand_on([message.id])
 
     [delivery] = _deliveries(db)
     assert delivery.status == "dead"
@@ -242,7 +242,7 @@ def test_408_and_429_are_retried_honouring_retry_after(
     message = store_message(db, account, 1)
     receiver.reply(Reply(status=429, headers={"Retry-After": "1"}), Reply(status=408))
 
-    hand_on([message.id], use_celery=False)
+    hand_on([message.id])
     [delivery] = _deliveries(db)
     assert delivery.status == "pending"
     assert delivery.last_attempt_at is not None
@@ -261,8 +261,8 @@ def test_account_events_are_delivered_once_per_change(
     account = insert_account(db, status="error", last_error="LOGIN failed", last_error_kind="auth")
     message = store_message(db, account, 1)
 
-    after_poll(account.id, [message.id], "account.error", use_celery=False)
-    after_poll(account.id, [], None, use_celery=False)
+    after_poll(account.id, [message.id], "account.error")
+    after_poll(account.id, [], None)
 
     types = [r.headers["x-mailbeat-event-type"] for r in receiver.delivered()]
     assert types == ["account.error", "message.received"]
@@ -273,7 +273,7 @@ def test_account_events_are_delivered_once_per_change(
 
     account.status = AccountStatus.ACTIVE
     db.commit()
-    after_poll(account.id, [], "account.recovered", use_celery=False)
+    after_poll(account.id, [], "account.recovered")
     assert receiver.delivered()[-1].json()["data"]["account"]["status"] == "active"
     # The first event keeps the state it announced.
     assert _deliveries(db)[0].data["account"]["status"] == "error"  # type: ignore[index]
@@ -286,7 +286,7 @@ def test_without_a_target_messages_are_processed_and_nothing_is_sent(
     account = insert_account(db)
     message = store_message(db, account, 1)
 
-    hand_on([message.id], use_celery=False)
+    hand_on([message.id])
 
     db.refresh(message)
     assert message.processed_at is not None
@@ -302,7 +302,7 @@ def test_unsigned_without_a_secret_and_bodies_cut_to_size(
     account = insert_account(db)
     message = store_message(db, account, 1)
 
-    hand_on([message.id], use_celery=False)
+    hand_on([message.id])
 
     [request] = receiver.delivered()
     assert "x-mailbeat-signature" not in request.headers
@@ -319,7 +319,7 @@ def test_a_message_whose_stored_bytes_are_gone_is_still_announced(
     message.storage_key = message.storage_key + ".missing"  # type: ignore[operator]
     db.commit()
 
-    hand_on([message.id], use_celery=False)
+    hand_on([message.id])
 
     [request] = receiver.delivered()
     body = request.json()["data"]["message"]
@@ -346,10 +346,10 @@ def test_an_attempt_that_arrives_early_waits_for_its_time(
     db.commit()
 
     # A duplicate task, or one part of a countdown longer than MAX_COUNTDOWN_SECONDS.
-    assert webhooks.deliver(delivery.id, use_celery=False) == "not_due"
+    assert webhooks.deliver(delivery.id) == "not_due"
     assert receiver.requests == []
     wait_until(lambda: _settled(db))
 
     assert [d.status for d in _deliveries(db)] == ["delivered"]
     assert len(receiver.requests) == 1
-    assert webhooks.deliver(delivery.id, use_celery=False) == "skipped"
+    assert webhooks.deliver(delivery.id) == "skipped"

@@ -1,0 +1,100 @@
+"""A poll with everything around it, the same wherever it runs: the Celery task
+`mailbox.poll`, the local scheduler and `cli poll`.
+
+Re-read the account and drop a stale schedule entry; take the mailbox's lock; poll
+(backend/mailbox/service.py); once the poll has committed, hand on its account event and
+messages, count it, and remove the entry of an account the poll has just disabled.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import AbstractContextManager, nullcontext
+from typing import Literal
+
+from backend import dispatch
+from backend.db import session_scope
+from backend.mailbox.lock import mailbox_lock
+from backend.mailbox.service import PollResult, poll_account
+from backend.metrics import record_poll
+from backend.models import Account, EventType, PollOutcome, PollRun, SchedulerMode, utcnow
+from backend.processing.service import after_poll
+from backend.schedules import service as schedules
+
+log = logging.getLogger(__name__)
+
+# Why a poll did not run. stale: the account is deleted or disabled (its entry was
+# removed); locked: another poll of the mailbox holds it (recorded as skipped).
+NotRun = Literal["stale", "locked"]
+STALE: NotRun = "stale"
+LOCKED: NotRun = "locked"
+BUSY_REASON = "another poll of this mailbox is running"
+
+
+def run_poll(account_id: int, task_id: str | None) -> PollResult | NotRun:
+    """Poll one mailbox and hand its work on; returns the poll's result, or why it did
+    not run. Never raises for a mailbox's own failures."""
+    if not pollable(account_id):
+        return STALE
+    started = time.monotonic()
+    with _lock(account_id) as held:
+        if not held:
+            record_skip(
+                account_id, task_id=task_id, reason="another poll of this mailbox is running"
+            )
+            return LOCKED
+        result = poll_account(account_id, task_id=task_id)
+    duration = time.monotonic() - started
+    after_poll(account_id, result.new_message_ids, result.account_event)
+    record_poll(result.outcome, result.messages, result.bytes, duration)
+    if result.account_event == EventType.ACCOUNT_DISABLED:
+        log.warning("mailbox %s disabled after repeated failures: removing its entry", account_id)
+        schedules.remove_account(account_id)
+    log.info(
+        "poll of mailbox %s: %s, %d new messages in %.2fs",
+        account_id,
+        result.outcome,
+        len(result.new_message_ids),
+        duration,
+    )
+    return result
+
+
+def _lock(account_id: int) -> AbstractContextManager[bool]:
+    # Local mode has no Redis, and its scheduler runs one poll per mailbox at a time.
+    if dispatch.mode() == SchedulerMode.LOCAL:
+        return nullcontext(True)
+    return mailbox_lock(account_id)
+
+
+def pollable(account_id: int) -> bool:
+    """Whether the account still wants polls. A deleted or disabled account's entry is
+    stale (a poll was already queued, or the removal after its commit failed): remove it."""
+    with session_scope() as session:
+        account = session.get(Account, account_id)
+        wanted = account is not None and schedules.wants_schedule(account)
+    if not wanted:
+        log.info("mailbox %s is deleted or disabled: removing its stale schedule entry", account_id)
+        schedules.remove_account(account_id)
+    return wanted
+
+
+def record_skip(account_id: int, *, task_id: str | None, reason: str) -> None:
+    """A poll that did not run because another poll of the mailbox holds it."""
+    now = utcnow()
+    with session_scope() as session:
+        if session.get(Account, account_id) is None:
+            return
+        session.add(
+            PollRun(
+                account_id=account_id,
+                started_at=now,
+                finished_at=now,
+                outcome=PollOutcome.SKIPPED,
+                error=reason,
+                task_id=task_id,
+            )
+        )
+    record_poll(PollOutcome.SKIPPED, 0, 0, 0.0)
+    log.info("poll of mailbox %s skipped: %s", account_id, reason)

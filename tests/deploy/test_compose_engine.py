@@ -1,0 +1,254 @@
+"""docker-compose.yml on a real Docker engine: the project's own file, brought up by
+Debian's docker-compose 1.29 on dockerd, with mail from a Dovecot on the host.
+
+Stand-ins: no registry is reachable, so python, redis and postgres are images built here
+from Debian packages (tests/deploy/engine.py, standins/). MinIO is left out, through the
+route README documents ("Without MinIO": `S3_BUCKET=` in .env, the services named): a
+moto server would keep objects in memory only, so `down` then `up` could not show that
+stored messages survive, which the app-data volume does. S3 itself is tested against
+moto elsewhere (tests/storage, test_stack_processes.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+from backend.envfile import EXAMPLE, render
+from tests.deploy.engine import STANDIN_DOCKERFILES, Engine, Project
+from tests.deploy.files import compose, dockerfile
+from tests.deploy.stack import Api, account_body, email, wait_until, worker_names
+from tests.support.dovecot import Dovecot
+from tests.support.net import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2700)]
+
+# The README's route without MinIO: these are named, redis, postgres and migrate follow.
+SERVICES = ("api", "celery-beat", "celery-worker", "flower")
+INTERVAL_SECONDS = 10
+WAIT = 180.0
+T = TypeVar("T")
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = Engine(tmp_path)
+    engine.start()
+    try:
+        engine.ensure_standins()
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture
+def bridge_dovecot(tmp_path: Path, engine: Engine) -> Iterator[Dovecot]:
+    """A Dovecot the containers reach at the host's address on the docker bridge."""
+    # Not under tmp_path: Dovecot's own users must reach the directory (as in conftest).
+    root = Path(tempfile.mkdtemp(prefix="mailbeat-dovecot-"))
+    dovecot = Dovecot(root, also_listen=engine.bridge_gateway())
+    dovecot.start()
+    try:
+        yield dovecot
+    finally:
+        dovecot.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def project(tmp_path: Path, engine: Engine) -> Iterator[Project]:
+    api_port, flower_port = free_port(), free_port()
+    env_file = render(EXAMPLE.read_text()) + "\n".join(
+        [
+            "# the test's own: S3 off (no MinIO), ports on loopback only, and the Dovecot",
+            "# on the host's bridge address allowed by the outbound policy",
+            "S3_BUCKET=",
+            f"OUTBOUND_ALLOWLIST={engine.bridge_gateway()}/32",
+            f"PUBLISH_API_PORT=127.0.0.1:{api_port}",
+            f"PUBLISH_FLOWER_PORT=127.0.0.1:{flower_port}",
+            "",
+        ]
+    )
+    project = Project(tmp_path / "project", f"mailbeat-e2e-{uuid.uuid4().hex[:8]}", env_file)
+    try:
+        yield project
+    finally:
+        # Whatever happened: nothing of this project stays on the engine.
+        project("down", "-v", "--remove-orphans", "--timeout", "30")
+
+
+def _dotenv(project: Project) -> dict[str, str]:
+    lines = (project.directory / ".env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+
+
+def test_the_compose_file_runs_on_a_docker_engine(
+    engine: Engine, bridge_dovecot: Dovecot, project: Project
+) -> None:
+    dovecot = bridge_dovecot
+    settings = _dotenv(project)
+    api = Api(f"http://{settings['PUBLISH_API_PORT']}", settings["ADMIN_API_TOKEN"])
+    flower_url = f"http://{settings['PUBLISH_FLOWER_PORT']}"
+    flower_user, flower_password = settings["FLOWER_BASIC_AUTH"].split(":", 1)
+    gateway = engine.bridge_gateway()
+    timings: dict[str, float] = {}
+
+    def eventually(what: str, probe: Callable[[], T | None], timeout: float = WAIT) -> T:
+        try:
+            return wait_until(what, probe, timeout)
+        except AssertionError as exc:
+            logs = project("logs", "--no-color", "--tail", "60")
+            raise AssertionError(f"{exc}\n{logs[-12000:]}") from None
+
+    def up(*extra: str) -> None:
+        started = time.monotonic()
+        project("up", "-d", *extra, *SERVICES, timeout=1500)
+        timings[f"up {' '.join(extra)}".strip()] = time.monotonic() - started
+
+    def state(container: str) -> dict[str, Any]:
+        return dict(project.inspect(container)["State"])
+
+    def healthy() -> dict[str, Any] | None:
+        """/health says healthy (a worker answers too), and so does docker's health check."""
+        body = api("GET", "/health").json()
+        (container,) = project.containers("api")
+        docker_says = state(container)["Health"]["Status"]
+        return body if body["status"] == "healthy" and docker_says == "healthy" else None
+
+    # Every image the named services and the build use is a local one (no registry).
+    images = {compose()["services"][name]["image"] for name in ("redis", "postgres")}
+    images |= {args for keyword, args in dockerfile() if keyword == "FROM"}
+    assert images <= set(STANDIN_DOCKERFILES), images
+
+    # -- up: migrate exits 0, then the API is healthy (storage on local files) ----------
+    up("--build")
+    (migrate,) = project.containers("migrate")
+    assert state(migrate)["ExitCode"] == 0, project("logs", "migrate")
+    health = eventually("the API healthy", healthy)
+    assert health["checks"]["storage"].startswith("ok: local files"), health
+
+    # -- three workers, seen by the admin API and by Flower ------------------------------
+    up("--scale", "celery-worker=3")
+    workers = project.containers("celery-worker")
+    assert len(workers) == 3
+    names = {"celery@" + project.inspect(c)["Config"]["Hostname"] for c in workers}
+
+    def admin_workers() -> set[str] | None:
+        found = worker_names(api("GET", "/admin/celery/workers").json())
+        return found if found == names else None
+
+    def flower_workers() -> set[str] | None:
+        response = httpx.get(
+            flower_url + "/api/workers",
+            params={"refresh": "true"},
+            auth=(flower_user, flower_password),
+            timeout=30,
+        )
+        found = set(response.json()) if response.status_code == 200 else set()
+        return found if names <= found else None
+
+    eventually("3 workers in /admin/celery/workers", admin_workers)
+    eventually("3 workers in Flower", flower_workers)
+    assert httpx.get(flower_url + "/api/workers", timeout=30).status_code == 401
+
+    # -- mail from the host's Dovecot, through the bridge, stored exactly once ------------
+    sizes: dict[str, int] = {}
+    accounts: dict[str, int] = {}
+
+    def add_mailbox(count: int) -> str:
+        username = f"c-{uuid.uuid4().hex[:8]}"
+        dovecot.add_user(username, "pw-" + username)
+        body = account_body(dovecot, username, ssl=False, interval=INTERVAL_SECONDS)
+        accounts[username] = api.create_account({**body, "imap_host": gateway})
+        append(username, count)
+        return username
+
+    def append(username: str, count: int, tag: str = "") -> None:
+        first = sizes.get(username, 0)
+        # 40 kB each: enough work that the scale-down below comes while polls run.
+        padding = (b"x" * 76 + b"\n") * 512
+        raws = [email(f"{username} {tag}{i}") + padding for i in range(first, first + count)]
+        dovecot.append_many(username, raws)
+        sizes[username] = first + count
+
+    def stored() -> int:
+        return sum(api.message_total(account) for account in accounts.values())
+
+    def all_stored() -> bool:
+        return all(api.message_total(accounts[u]) == n for u, n in sizes.items())
+
+    first = add_mailbox(30)
+    eventually("30 messages from the host's Dovecot", all_stored)
+    assert len(set(api.subjects(accounts[first]))) == 30
+
+    # -- scaling down to one worker while mail is being ingested loses nothing ----------
+    waiters = {c: subprocess.Popen(["docker", "wait", c], stdout=subprocess.PIPE) for c in workers}
+    for _ in range(4):
+        add_mailbox(100)
+    before = stored()
+    under_way = eventually("ingestion under way", lambda: stored() - before or None)
+    assert before + under_way < sum(sizes.values()), "all mail was in before the scale-down"
+    up("--scale", "celery-worker=1")
+    left = project.containers("celery-worker")
+    assert len(left) == 1
+    for container, waiter in waiters.items():
+        if container not in left:
+            code = waiter.communicate(timeout=60)[0].decode().strip()
+            assert code == "0", f"a scaled-down worker exited {code}"
+        else:
+            waiter.kill()
+            waiter.wait()
+    eventually(f"all {sum(sizes.values())} messages after the scale-down", all_stored, 600)
+    for username, account in accounts.items():
+        response = api("GET", f"/accounts/{account}/messages", params={"limit": 100})
+        subjects = [item["subject"] for item in response.json()["items"]]
+        assert len(subjects) == len(set(subjects)) == sizes[username], username
+
+    # -- beat killed (SIGKILL, a crash): restarted by its policy, and polling resumes -----
+    (beat,) = project.containers("celery-beat")
+    init = project.inspect(beat)["State"]["Pid"]  # docker-init; celery beat is its child
+    (beat_pid,) = map(int, Path(f"/proc/{init}/task/{init}/children").read_text().split())
+    os.kill(beat_pid, signal.SIGKILL)
+    killed = time.monotonic()
+    append(first, 1, "after-beat-kill ")
+
+    def restarted() -> bool:
+        beat_state = project.inspect(beat)
+        return bool(beat_state["State"]["Running"] and beat_state["RestartCount"] >= 1)
+
+    eventually("beat restarted by its restart policy", restarted)
+    eventually("polling resumed after the beat was killed", all_stored, 120)
+    timings["beat kill to mail stored"] = time.monotonic() - killed
+
+    # -- stop: every container exits 0; down then up keeps the data --------------------
+    total = sum(sizes.values())
+    project("stop", "--timeout", "60")
+    for service in ("api", "celery-beat", "celery-worker", "flower", "redis", "postgres"):
+        for container in project.containers(service):
+            assert state(container)["ExitCode"] == 0, (service, project("logs", service))
+    project("down")
+    assert project.leftovers()["volumes"], "down removed the volumes"
+    up()
+    eventually("the API healthy again", healthy)
+    assert stored() == total
+    item = api("GET", f"/accounts/{accounts[first]}/messages").json()["items"][0]
+    raw = api("GET", f"/messages/{item['id']}/raw")
+    assert raw.status_code == 200 and b"body of " in raw.content
+    append(first, 1, "after-down-up ")
+    eventually("polling on the kept schedule after down/up", all_stored)
+
+    # -- down -v: nothing of the project is left ----------------------------------------
+    project("down", "-v")
+    assert project.leftovers() == {"containers": [], "volumes": [], "networks": []}
+    print({name: round(seconds, 1) for name, seconds in timings.items()})
