@@ -19,7 +19,7 @@ from typing import NoReturn
 
 from backend import dispatch
 from backend.config import Settings, get_settings
-from backend.console.commands import add_commands, run_command
+from backend.console.commands import ProgressBar, add_commands, run_command
 from backend.models.enums import PollOutcome, SchedulerMode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,13 +217,22 @@ def flower_command(host: str, port: int) -> list[str]:
 
 def poll(account_id: int) -> int:
     """Poll one account now, in this process, and hand its new messages on in-process
-    (no Celery worker needed). Prints the result; the exit status is 0 only on success."""
+    (no Celery worker needed), with a progress bar on stderr. Prints the result; the exit
+    status is 0 only on success."""
     # Only `poll` needs the ingestion code; importing it costs the other commands ~2 s
     # (python -X importtime, a loaded 2-core machine).
     from backend.mailbox.polling import run_poll
 
     dispatch.run_in_process()
-    done = run_poll(account_id, None)
+    bar = ProgressBar(f"poll {account_id}")
+
+    def progress(folders: dict[str, dict[str, int]]) -> None:
+        bar.update(
+            sum(f["done"] for f in folders.values()), sum(f["total"] for f in folders.values())
+        )
+
+    done = run_poll(account_id, None, progress)
+    bar.finish()
     if isinstance(done, str):  # stale or locked: did not run
         print(json.dumps({"account_id": account_id, "outcome": done}))
         return 1

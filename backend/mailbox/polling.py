@@ -16,6 +16,7 @@ from typing import Literal
 from backend import dispatch
 from backend.db import session_scope
 from backend.mailbox.lock import mailbox_lock
+from backend.mailbox.progress import OnProgress
 from backend.mailbox.service import PollResult, poll_account
 from backend.metrics import record_poll
 from backend.models import Account, EventType, PollOutcome, PollRun, SchedulerMode, utcnow
@@ -32,9 +33,12 @@ LOCKED: NotRun = "locked"
 BUSY_REASON = "another poll of this mailbox is running"
 
 
-def run_poll(account_id: int, task_id: str | None) -> PollResult | NotRun:
+def run_poll(
+    account_id: int, task_id: str | None, on_progress: OnProgress | None = None
+) -> PollResult | NotRun:
     """Poll one mailbox and hand its work on; returns the poll's result, or why it did
-    not run. Never raises for a mailbox's own failures."""
+    not run. Never raises for a mailbox's own failures. `on_progress` hears each
+    folder's done and total as batches commit (backend/mailbox/progress.py)."""
     if not pollable(account_id):
         return STALE
     started = time.monotonic()
@@ -44,7 +48,7 @@ def run_poll(account_id: int, task_id: str | None) -> PollResult | NotRun:
                 account_id, task_id=task_id, reason="another poll of this mailbox is running"
             )
             return LOCKED
-        result = poll_account(account_id, task_id=task_id)
+        result = poll_account(account_id, task_id=task_id, on_progress=on_progress)
     duration = time.monotonic() - started
     after_poll(account_id, result.new_message_ids, result.account_event)
     record_poll(result.outcome, result.messages, result.bytes, duration)
