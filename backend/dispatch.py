@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -171,7 +171,19 @@ def _claim_redis(key: str, expiry: float) -> bool:
     return bool(redis.shared().set(COALESCE_PREFIX + key, 1, nx=True, px=milliseconds))
 
 
-def _release(key: str) -> None:
+def claim_many(keys: Sequence[str], expiry: float) -> list[bool]:
+    """Claim coalescing keys in one round trip (Celery mode): for each key, whether it
+    was free and is now taken. For a sender that adds the COALESCE_HEADER itself (beat,
+    which sends hundreds of polls in one tick)."""
+    milliseconds = max(1, round(expiry * 1000))
+    with redis.shared().pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.set(COALESCE_PREFIX + key, 1, nx=True, px=milliseconds)
+        return [bool(reply) for reply in pipe.execute()]
+
+
+def release(key: str) -> None:
+    """Free a coalescing key: the task it stood for will not run (or has started)."""
     if _in_process or mode() == SchedulerMode.LOCAL:
         with _local_guard:
             _local_pending.pop(key, None)
@@ -194,7 +206,7 @@ def _started(task: Any = None, **_kwargs: Any) -> None:
     key = getattr(task.request, COALESCE_HEADER, None) if task is not None else None
     if key:
         try:
-            _release(str(key))
+            release(str(key))
         except redis.RedisError:
             log.warning("coalescing key %s not freed; it expires by itself", key)
 
@@ -235,7 +247,7 @@ def _call(
     """A task run in this process, as a worker would run it: its failure is logged, never
     raised to whoever enqueued it (the sweep picks up work left undone)."""
     if coalesce_key is not None:
-        _release(coalesce_key)
+        release(coalesce_key)
     try:
         function(*args)
     except Exception:

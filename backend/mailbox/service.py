@@ -8,7 +8,13 @@ written before that transaction: an object without a row is overwritten by the r
 a row without an object cannot happen.
 
 `poll_account` is its own boundary: it commits once per batch and records the outcome
-on the account and a PollRun row. Its caller hands the new messages on afterwards.
+on the account and a PollRun row. Its caller (backend/mailbox/polling.py) hands the new
+messages on afterwards.
+
+This module fetches, parses and stores. Around it: the IMAP commands are `ImapSession`
+(backend/mailbox/imap.py), the cursor SQL backend/mailbox/cursors.py, the account's
+status, backoff and events backend/accounts/state.py, the secrets
+backend/mailbox/credentials.py.
 """
 
 from __future__ import annotations

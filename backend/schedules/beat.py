@@ -36,7 +36,7 @@ from redbeat.schedulers import (
 
 from backend import dispatch, redis
 from backend.db import session_scope
-from backend.schedules import service
+from backend.schedules import service, store
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,13 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
     def _dispatch_due(self) -> float:
         """Send every due entry. Their next runs are recorded first, in one pipeline,
         then the tasks are sent: a beat that dies in between skips those polls once
-        rather than sending them twice."""
+        rather than sending them twice.
+
+        A mailbox's poll is sent only if its previous one is no longer waiting in the
+        queue (its coalescing key, claimed for all due polls in one round trip, is freed
+        by the worker as the poll starts). When the workers cannot keep up, each mailbox
+        thus holds at most one place in the queue and is polled in turn: every interval
+        stretches alike instead of some mailboxes starving behind expired polls."""
         started = time.monotonic()
         due: list[Any] = []
         waits: list[float] = [float(self.max_interval)]
@@ -132,18 +138,46 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
                 pipe.hset(entry.key, "meta", json.dumps(meta, cls=RedBeatJSONEncoder))
                 pipe.zadd(self.app.redbeat_conf.schedule_key, {entry.key: entry.score})
             pipe.execute()
+        pending = {
+            entry.name: store.pending_key(entry.args[0])
+            for entry in reserved
+            if entry.task == store.POLL_TASK and entry.args
+        }
+        free = dict(
+            zip(
+                pending,
+                dispatch.claim_many(list(pending.values()), store.pending_seconds()),
+                strict=True,
+            )
+        )
+        waiting = 0
         renewed = time.monotonic()
         for entry in reserved:
             if time.monotonic() - renewed > LOCK_RENEW_SECONDS:
                 self._renew_lock()
                 renewed = time.monotonic()
-            log.info("Scheduler: Sending due task %s (%s)", entry.name, entry.task)
             # When it was sent, for the age of the oldest queued poll (capacity).
-            entry.options = {**entry.options, "headers": {service.SENT_AT_HEADER: time.time()}}
+            headers: dict[str, Any] = {service.SENT_AT_HEADER: time.time()}
+            key = pending.get(entry.name)
+            if key is not None:
+                if not free[entry.name]:
+                    waiting += 1
+                    continue
+                headers[dispatch.COALESCE_HEADER] = key
+            log.info("Scheduler: Sending due task %s (%s)", entry.name, entry.task)
+            entry.options = {**entry.options, "headers": headers}
             try:
                 self.apply_async(entry, producer=self.producer, advance=False)
             except Exception:
                 log.exception("Scheduler: could not send %s", entry.name)
+                if key is not None:
+                    dispatch.release(key)
+        if waiting:
+            log.info(
+                "beat: %d due polls not sent: each mailbox's previous poll still waits in "
+                "the queue (the workers are behind; see GET /admin/capacity)",
+                waiting,
+            )
         # The waits were measured before sending: sending took part of them already.
         return max(min(waits) - (time.monotonic() - started), 0.0)
 

@@ -22,6 +22,7 @@ from redbeat.schedulers import ensure_conf, get_redis
 
 from backend import redis
 from backend.celery_app import DEFAULT_PRIORITY, broker_priority
+from backend.config import get_settings
 from backend.schedules.phase import initial_last_run
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,19 @@ def _key_prefix() -> str:
     return f"{celery_app().redbeat_conf.key_prefix}{ENTRY_PREFIX}"
 
 
+def pending_key(account_id: int) -> str:
+    """The coalescing key of a mailbox's poll (backend/dispatch.py): while a poll of the
+    mailbox waits in the queue, beat sends no other."""
+    return f"poll:{account_id}"
+
+
+def pending_seconds() -> float:
+    """How long a poll's coalescing key lasts unless the poll starts: the broker's
+    visibility timeout, after which a poll taken by a worker that died is delivered again
+    anyway. A poll lost outright (Redis lost its data) blocks its mailbox no longer."""
+    return float(get_settings().poll_time_limit_seconds * 2)
+
+
 def definition_json(
     account_id: int, interval_seconds: int, priority: int = DEFAULT_PRIORITY
 ) -> str:
@@ -99,12 +113,9 @@ def definition_json(
             "task": POLL_TASK,
             "args": [account_id],
             "kwargs": {},
-            # A poll still queued when the next one is due is dropped, not run late.
-            "options": {
-                "queue": POLL_QUEUE,
-                "expires": interval_seconds,
-                "priority": broker_priority(priority),
-            },
+            # No `expires`: beat sends no poll while the mailbox's previous one waits
+            # (coalescing), so the queue never holds more polls than mailboxes.
+            "options": {"queue": POLL_QUEUE, "priority": broker_priority(priority)},
             "schedule": {
                 "__type__": "interval",
                 "every": float(interval_seconds),

@@ -4,15 +4,13 @@ deadline, never a sleep that asserts timing."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
+from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -25,6 +23,7 @@ from backend.schedules import service
 from tests.mailbox.conftest import generated
 from tests.schedules.processes import Celery, running_celery, wait_for
 from tests.support.dovecot import Dovecot
+from tests.support.poll_queue import PollSink
 from tests.support.redis_db import RedisDb
 
 pytestmark = pytest.mark.e2e
@@ -121,19 +120,12 @@ def sends(log: str, account: Account) -> int:
     return log.count(f"Sending due task mailbox:{account.id} (")
 
 
-def queued_polls(redis_db: RedisDb) -> dict[int, list[datetime]]:
-    """The polls waiting in the email queue, by account: when each was sent (a poll's
-    `expires` is its send time plus the interval)."""
-    by_account: dict[int, list[datetime]] = defaultdict(list)
-    queued = [raw for key in queue_keys("email") for raw in redis_db.client().lrange(key, 0, -1)]
-    for raw in queued:
-        headers: dict[str, Any] = json.loads(raw)["headers"]
-        if headers["task"] != "mailbox.poll":
-            continue
-        [account_id] = json.loads(headers["argsrepr"])
-        sent = datetime.fromisoformat(headers["expires"]) - timedelta(seconds=INTERVAL)
-        by_account[account_id].append(sent)
-    return {account_id: sorted(times) for account_id, times in by_account.items()}
+@pytest.fixture
+def sink(redis_db: RedisDb) -> Iterator[PollSink]:
+    """In place of workers: takes each poll beat sends off the queue (as a worker would,
+    freeing its coalescing key) and records when it was sent."""
+    with PollSink(redis_db.client()) as taken:
+        yield taken
 
 
 def test_accounts_are_polled_on_their_intervals_and_mail_ingested(
@@ -210,31 +202,31 @@ def test_deleting_an_account_stops_its_polls(
 
 
 def test_two_beats_at_once_dispatch_each_poll_once(
-    celery: Celery, mailboxes: Mailboxes, redis_db: RedisDb
+    celery: Celery, mailboxes: Mailboxes, sink: PollSink
 ) -> None:
     accounts = [mailboxes.add() for _ in range(3)]
-    # No worker: the polls stay in the queue, where every dispatch can be counted.
+    # No worker: the sink takes the polls, and counts every dispatch.
     first = celery.beat("beat1")
     wait_for(lambda: "beat: Acquired lock" in first.log(), "the first beat")
     second = celery.beat("beat2")
     wait_for(lambda: "beat: reconciled the schedule" in second.log(), "the second beat")
 
     wait_for(
-        lambda: all(len(queued_polls(redis_db).get(a.id, [])) >= 4 for a in accounts),
+        lambda: all(len(sink.sent().get(a.id, [])) >= 4 for a in accounts),
         "four dispatches of every mailbox",
     )
     assert "Sending due task mailbox:" not in second.log()
 
     # The active beat stops; the other takes over, still without duplicates.
     first.stop()
-    counts = {a.id: len(queued_polls(redis_db)[a.id]) for a in accounts}
+    counts = {a.id: len(sink.sent()[a.id]) for a in accounts}
     wait_for(
-        lambda: all(len(queued_polls(redis_db)[a.id]) >= counts[a.id] + 3 for a in accounts),
+        lambda: all(len(sink.sent()[a.id]) >= counts[a.id] + 3 for a in accounts),
         "dispatches from the second beat",
     )
     assert "Sending due task mailbox:" in second.log()
     for account in accounts:
-        times = queued_polls(redis_db)[account.id]
+        times = sink.sent()[account.id]
         gaps = [(later - earlier).total_seconds() for earlier, later in pairwise(times)]
         # A duplicate would be milliseconds after the poll it repeats.
         assert min(gaps) >= INTERVAL / 2, (account.id, gaps)
@@ -242,23 +234,21 @@ def test_two_beats_at_once_dispatch_each_poll_once(
 
 
 def test_a_beat_killed_outright_is_replaced_within_seconds(
-    celery: Celery, mailboxes: Mailboxes, redis_db: RedisDb
+    celery: Celery, mailboxes: Mailboxes, redis_db: RedisDb, sink: PollSink
 ) -> None:
     accounts = [mailboxes.add() for _ in range(2)]
     first = celery.beat("beat1")
-    wait_for(
-        lambda: all(queued_polls(redis_db).get(a.id) for a in accounts), "the first dispatches"
-    )
+    wait_for(lambda: all(sink.sent().get(a.id) for a in accounts), "the first dispatches")
 
     first.kill()  # SIGKILL: the lock is not released
     assert redis_db.client().exists("redbeat::lock")
     killed = time.monotonic()
     second = celery.beat("beat2")
-    counts = {a.id: len(queued_polls(redis_db)[a.id]) for a in accounts}
+    counts = {a.id: len(sink.sent()[a.id]) for a in accounts}
 
     # The old lock runs out in seconds (it was 300 s), and the new beat says it waits.
     wait_for(
-        lambda: all(len(queued_polls(redis_db)[a.id]) > counts[a.id] for a in accounts),
+        lambda: all(len(sink.sent()[a.id]) > counts[a.id] for a in accounts),
         "dispatches from the new beat",
         timeout=30,
     )
@@ -426,3 +416,39 @@ def test_a_worker_logs_one_info_line_per_poll_without_being_asked(
     line = f"poll of mailbox {account.id}: success, 2 new messages in"
     wait_for(lambda: line in worker.log(), "the poll's INFO line")
     assert worker.log().count(f"poll of mailbox {account.id}:") == 1
+
+
+def test_more_polls_than_the_workers_can_do_starve_no_mailbox(
+    celery: Celery, mailboxes: Mailboxes, redis_db: RedisDb
+) -> None:
+    # 60 mailboxes every second ask for 60 polls/s; one worker process does a few dozen
+    # at most. Every mailbox is still polled, in turn, and none holds two places in the
+    # queue.
+    accounts = [mailboxes.add(interval=1) for _ in range(60)]
+    ids = [account.id for account in accounts]
+    celery.beat()
+    worker = celery.worker(concurrency=1)
+    longest_queue = 0
+
+    def polls() -> dict[int, int]:
+        nonlocal longest_queue
+        longest_queue = max(longest_queue, queued_poll_count(redis_db))
+        mailboxes.db.rollback()
+        return dict(
+            mailboxes.db.execute(
+                select(PollRun.account_id, func.count(PollRun.id))
+                .where(PollRun.account_id.in_(ids), PollRun.finished_at.is_not(None))
+                .group_by(PollRun.account_id)
+            ).all()
+        )
+
+    wait_for(
+        lambda: len(counts := polls()) == len(ids) and min(counts.values()) >= 3,
+        "every mailbox polled three times",
+        timeout=300,
+    )
+    counts = polls()
+    # Round robin: when the last mailbox has had its third poll, none has had many more.
+    assert max(counts.values()) <= min(counts.values()) + 2, counts
+    assert longest_queue <= len(ids)
+    assert "Discarding revoked task" not in worker.log()
