@@ -33,9 +33,10 @@ from datetime import UTC, date, datetime
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
-from imapclient import IMAPClient, SocketTimeout
+from imapclient import IMAPClient, SocketTimeout, imap4, tls
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
+from backend import netpolicy
 from backend.config import get_settings
 from backend.errors import MailbeatError
 from backend.models import Account, AuthMethod, ErrorKind, ImapSecurity
@@ -136,9 +137,12 @@ def translate(exc: BaseException, *, stage: Stage = "folder") -> ImapError:
         return exc
     if isinstance(exc, LoginError):
         return ImapAuthError(
-            f"authentication failed: the server said {_text(exc).rstrip('.')}. Check the "
-            "username and password (some providers want an app password)"
+            "authentication failed"
+            + _response_code(exc)
+            + ". Check the username and password (some providers want an app password)"
         )
+    if isinstance(exc, netpolicy.OutboundRefused):
+        return ImapConnectionError(exc.message)
     if isinstance(exc, socket.gaierror):
         return ImapDnsError(f"cannot resolve the IMAP host: {exc}")
     if isinstance(exc, ssl.SSLError | ssl.CertificateError):
@@ -150,6 +154,12 @@ def translate(exc: BaseException, *, stage: Stage = "folder") -> ImapError:
         error = ImapConnectionError(f"timed out ({network_stage}): {exc or 'no answer'}")
         error.stage = network_stage
         return error
+    if isinstance(exc, IMAPClientAbortError) and stage in ("dns", "connect", "tls"):
+        # The greeting was not IMAP: whatever listens there is not repeated (/test would
+        # be a port scanner that returns service banners).
+        error = ImapConnectionError(f"connection failed ({network_stage}): not an IMAP server")
+        error.stage = network_stage
+        return error
     if isinstance(exc, IMAPClientAbortError | OSError | EOFError):
         error = ImapConnectionError(f"connection failed ({network_stage}): {_text(exc)}")
         error.stage = network_stage
@@ -159,6 +169,13 @@ def translate(exc: BaseException, *, stage: Stage = "folder") -> ImapError:
         error.stage = stage
         return error
     raise exc
+
+
+def _response_code(exc: BaseException) -> str:
+    """The server's response code ([AUTHENTICATIONFAILED], [UNAVAILABLE]) as ": [CODE]",
+    or nothing: the free text after it is the server's, and not repeated."""
+    found = re.search(r"\[[A-Z][A-Z0-9.-]{0,40}\]", str(exc))
+    return f": {found.group(0)}" if found else ""
 
 
 def _text(exc: BaseException) -> str:
@@ -297,18 +314,31 @@ class ImapSession:
         return min(stated, self._max_bytes) + LITERAL_SLACK_BYTES, uid
 
     def login(self, account: Account, credentials: Mapping[str, Any]) -> None:
-        """LOGIN, or AUTHENTICATE XOAUTH2 for an oauth2 account."""
+        """AUTHENTICATE PLAIN (LOGIN where the server offers no PLAIN), or AUTHENTICATE
+        XOAUTH2 for an oauth2 account.
+
+        The credentials travel base64-encoded in AUTHENTICATE, so nothing in them can end
+        the command; LOGIN gets both as quoted strings. Control characters are refused
+        either way (a CR LF in a username stored before the API refused it used to end
+        LOGIN and start a command of the caller's own), and so is non-ASCII for LOGIN."""
+        username = account.username
         try:
             if account.auth_method == AuthMethod.OAUTH2:
                 token = str(credentials["access_token"])
-                self._command(
-                    lambda: self._client.oauth2_login(account.username, token), stage="auth"
-                )
-            else:
-                password = str(credentials["password"])
-                self._command(lambda: self._client.login(account.username, password), stage="auth")
+                _refuse_unsendable(username, token, ascii_only=False)
+                self._command(lambda: self._client.oauth2_login(username, token), stage="auth")
+                return
+            password = str(credentials["password"])
         except KeyError as exc:
             raise ImapAuthError(f"the stored credentials lack {exc.args[0]!r}") from exc
+        if self._command(lambda: self._client.has_capability("AUTH=PLAIN"), stage="auth"):
+            _refuse_unsendable(username, password, ascii_only=False)
+            self._command(lambda: self._client.plain_login(username, password), stage="auth")
+        else:
+            _refuse_unsendable(username, password, ascii_only=True)
+            # imaplib quotes the password but sends the username as it is.
+            quoted = '"' + username.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            self._command(lambda: self._client.login(quoted, password), stage="auth")
 
     def close(self) -> None:
         """Log out politely; a connection that is already broken is just shut."""
@@ -422,6 +452,46 @@ class ImapSession:
     # `_command`, so its failures are translated like every other command's.
 
 
+def _refuse_unsendable(username: str, secret: str, *, ascii_only: bool) -> None:
+    """Never the character or where it is: these are credentials."""
+    for what, value in (("username", username), ("password or token", secret)):
+        if any(ord(char) < 0x20 or 0x7F <= ord(char) <= 0x9F for char in value):
+            raise ImapAuthError(
+                f"the stored {what} contains control characters, which IMAP cannot carry; "
+                "set it again through the API"
+            )
+        if ascii_only and not value.isascii():
+            raise ImapAuthError(
+                f"the stored {what} is not ASCII, and this server offers only LOGIN, which "
+                "carries nothing else"
+            )
+
+
+# imapclient has no type hints: its classes are Any to mypy.
+class _CheckedIMAP4(imap4.IMAP4WithTimeout):  # type: ignore[misc]
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
+        return netpolicy.connect(self.host, self.port, timeout or self._timeout)
+
+
+class _CheckedIMAP4TLS(tls.IMAP4_TLS):  # type: ignore[misc]
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
+        sock = netpolicy.connect(self.host, self.port, timeout or self._timeout)
+        # The certificate is still checked against the host name, not the address.
+        wrapped: socket.socket = tls.wrap_socket(sock, self.ssl_context, self.host)
+        return wrapped
+
+
+class _CheckedClient(IMAPClient):  # type: ignore[misc]
+    """IMAPClient whose socket is made by the outbound policy (backend/netpolicy.py):
+    connected to an address that passed the check, never to the name resolved again."""
+
+    def _create_IMAP4(self) -> imap4.IMAP4WithTimeout | tls.IMAP4_TLS:  # noqa: N802 - imapclient's name
+        timeout = getattr(self._timeout, "connect", None)
+        if self.ssl:
+            return _CheckedIMAP4TLS(self.host, self.port, self.ssl_context, timeout)
+        return _CheckedIMAP4(self.host, self.port, timeout)
+
+
 def connect(
     host: str,
     port: int | None,
@@ -439,10 +509,10 @@ def connect(
     port = port or DEFAULT_PORTS.get(security, 993)
     # Before connecting: a bad IMAP_CA_BUNDLE is named, and no connection is left open.
     context = None if security == ImapSecurity.NONE else ssl_context()
-    stage: Stage = "dns"
+    # Resolution happens as the socket is made, through the outbound policy: a name that
+    # does not resolve is a socket.gaierror, translated to the dns stage from any stage.
+    stage: Stage = "connect"
     try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        stage = "connect"
         if security == ImapSecurity.SSL:
             stage = "tls"  # the handshake is part of connecting on an implicit-TLS port
             client = _connect_tls(host, port, context, timeout)
@@ -451,7 +521,7 @@ def connect(
             if security == ImapSecurity.STARTTLS:
                 stage = "tls"
                 client.starttls(context)
-    except (IMAPClientError, OSError, EOFError) as exc:
+    except (IMAPClientError, OSError, EOFError, netpolicy.OutboundRefused) as exc:
         raise translate(exc, stage=stage) from exc
     # Aware datetimes from INTERNALDATE (imapclient otherwise converts to naive local time).
     client.normalise_times = False
@@ -474,7 +544,7 @@ _PLAIN_TEXT_REASONS = {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_L
 def _connect_plain(host: str, port: int, timeout: SocketTimeout) -> IMAPClient:
     greeting = min(timeout.connect or GREETING_SECONDS, GREETING_SECONDS)
     try:
-        client = IMAPClient(
+        client = _CheckedClient(
             host, port=port, ssl=False, timeout=SocketTimeout(connect=greeting, read=timeout.read)
         )
     except TimeoutError as exc:
@@ -491,7 +561,7 @@ def _connect_tls(
     host: str, port: int, context: ssl.SSLContext | None, timeout: SocketTimeout
 ) -> IMAPClient:
     try:
-        return IMAPClient(host, port=port, ssl=True, ssl_context=context, timeout=timeout)
+        return _CheckedClient(host, port=port, ssl=True, ssl_context=context, timeout=timeout)
     except ssl.SSLError as exc:
         if exc.reason in _PLAIN_TEXT_REASONS:
             raise ImapTlsError(
@@ -509,13 +579,13 @@ def _speaks_tls(host: str, port: int, timeout: float) -> bool:
     probe.verify_mode = ssl.CERT_NONE  # any certificate will do to recognise TLS
     try:
         with (
-            socket.create_connection((host, port), timeout=timeout) as raw,
+            netpolicy.connect(host, port, timeout) as raw,
             probe.wrap_socket(raw, server_hostname=host),
         ):
             return True
     except ssl.SSLError as exc:
         return "ALERT" in (exc.reason or "")  # a TLS alert is TLS too
-    except OSError:
+    except (OSError, netpolicy.OutboundRefused):
         return False
 
 

@@ -5,6 +5,7 @@ must be https; a receiver's answer is never echoed (real HTTP receivers on loopb
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,6 +16,7 @@ from backend.mailbox import oauth
 from backend.mailbox.imap import ImapAuthError
 from backend.models import WebhookDelivery
 from backend.processing.service import hand_on
+from tests.schedules.processes import running_celery, wait_for
 from tests.support.api import account_payload, auth_headers, insert_account, make_client
 from tests.webhooks.fixtures import store_message
 from tests.webhooks.receiver import Receiver, Reply
@@ -135,6 +137,25 @@ def test_production_webhooks_do_not_reach_internal_receivers(
     [delivery] = _deliveries(db)
     assert delivery.status == "delivered"
     assert len(receiver.delivered()) == 1
+
+
+@pytest.mark.e2e
+def test_a_worker_in_production_does_not_reach_an_internal_receiver(
+    db: Session, receiver: Receiver, webhooks_on: Callable[..., None], tmp_path: Path
+) -> None:
+    # Deliveries run in the workers: the check must hold in their process too.
+    webhooks_on(ENVIRONMENT="production", SCHEDULER_MODE="celery")
+    account = insert_account(db)
+    message = store_message(db, account, 1)
+    with running_celery(tmp_path) as celery:
+        celery.worker()
+        hand_on([message.id])
+        wait_for(
+            lambda: [d.status for d in _deliveries(db)] == ["dead"], f"refused\n{celery.logs()}"
+        )
+    [delivery] = _deliveries(db)
+    assert delivery.last_error is not None and REFUSED in delivery.last_error
+    assert receiver.requests == []
 
 
 def test_dead_letters_do_not_echo_the_receivers_answer(
