@@ -1,5 +1,6 @@
 """Where a folder's ingestion stands: its cursor (the last UID stored under one
-UIDVALIDITY) and what it held under an earlier UIDVALIDITY.
+UIDVALIDITY), the UIDNEXT its last complete poll saw, and what it held under an earlier
+UIDVALIDITY.
 
 The cursor only moves forward, and only in the transaction that stores the rows it
 covers (backend/mailbox/service.py explains why that gives exactly-once). Every function
@@ -68,6 +69,34 @@ def advance(session: Session, account_id: int, folder: str, uidvalidity: int, ui
             FolderCursor.uidvalidity == uidvalidity,
         )
         .values(last_uid=_greatest(session, FolderCursor.last_uid, uid), updated_at=utcnow())
+    )
+
+
+def seen_uidnext(session: Session, account_id: int) -> dict[str, tuple[int, int]]:
+    """(UIDVALIDITY, UIDNEXT) by folder, as the last complete poll of each saw them."""
+    rows = session.execute(
+        select(FolderCursor.folder, FolderCursor.uidvalidity, FolderCursor.uidnext).where(
+            FolderCursor.account_id == account_id
+        )
+    )
+    return {folder: (uidvalidity, uidnext) for folder, uidvalidity, uidnext in rows if uidnext}
+
+
+def saw_uidnext(
+    session: Session, account_id: int, folder: str, uidvalidity: int, uidnext: int
+) -> None:
+    """Every message below `uidnext` (as STATUS stated it before the poll searched the
+    folder) has been stored or deliberately left out: a later poll that finds the same
+    UIDVALIDITY and UIDNEXT has nothing to look for. UIDNEXT only grows, even when a
+    message is appended and expunged between polls, so an equal one means no arrival."""
+    session.execute(
+        update(FolderCursor)
+        .where(
+            FolderCursor.account_id == account_id,
+            FolderCursor.folder == folder,
+            FolderCursor.uidvalidity == uidvalidity,
+        )
+        .values(uidnext=uidnext)
     )
 
 

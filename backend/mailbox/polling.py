@@ -34,11 +34,15 @@ BUSY_REASON = "another poll of this mailbox is running"
 
 
 def run_poll(
-    account_id: int, task_id: str | None, on_progress: OnProgress | None = None
+    account_id: int,
+    task_id: str | None,
+    force: bool = False,
+    on_progress: OnProgress | None = None,
 ) -> PollResult | NotRun:
     """Poll one mailbox and hand its work on; returns the poll's result, or why it did
-    not run. Never raises for a mailbox's own failures. `on_progress` hears each
-    folder's done and total as batches commit (backend/mailbox/progress.py)."""
+    not run. Never raises for a mailbox's own failures. `force`: through a backoff.
+    `on_progress` hears each folder's done and total as batches commit
+    (backend/mailbox/progress.py)."""
     if not pollable(account_id):
         return STALE
     started = time.monotonic()
@@ -48,7 +52,7 @@ def run_poll(
                 account_id, task_id=task_id, reason="another poll of this mailbox is running"
             )
             return LOCKED
-        result = poll_account(account_id, task_id=task_id, on_progress=on_progress)
+        result = poll_account(account_id, task_id=task_id, force=force, on_progress=on_progress)
     duration = time.monotonic() - started
     after_poll(account_id, result.new_message_ids, result.account_event)
     record_poll(result.outcome, result.messages, result.bytes, duration)

@@ -137,10 +137,15 @@ def open_mailbox(account: Account) -> ImapSession:
 
 
 def poll_account(
-    account_id: int, *, task_id: str | None = None, on_progress: OnProgress | None = None
+    account_id: int,
+    *,
+    task_id: str | None = None,
+    force: bool = False,
+    on_progress: OnProgress | None = None,
 ) -> PollResult:
     """Poll every folder of one account. Never raises for a mailbox's own failures: they
-    are classified and recorded on the account and the PollRun row."""
+    are classified and recorded on the account and the PollRun row. `force` polls
+    through a backoff (see accounts/state.skip_reason)."""
     started = time.monotonic()
     started_at = utcnow()
     with session_scope() as session:
@@ -149,7 +154,7 @@ def poll_account(
             return PollResult(outcome=PollOutcome.SKIPPED, error="no such account")
         _close_dead_runs(session, account_id, started_at)
         session.refresh(account)
-        reason = state.skip_reason(account, started_at)
+        reason = state.skip_reason(account, started_at, force=force)
         run = PollRun(
             account_id=account_id,
             started_at=started_at,
@@ -161,6 +166,7 @@ def poll_account(
         session.add(run)
         session.flush()
         run_id = run.id
+        seen = cursors.seen_uidnext(session, account_id)
     if reason:
         return PollResult(
             outcome=PollOutcome.SKIPPED,
@@ -169,7 +175,7 @@ def poll_account(
             poll_run_id=run_id,
         )
 
-    poller = _Poller(account, SyncProgress(account_id, account.sync_progress, on_progress))
+    poller = _Poller(account, seen, SyncProgress(account_id, account.sync_progress, on_progress))
     error: ImapError | None = None
     note: str | None = None
     try:
@@ -202,6 +208,7 @@ def poll_account(
         messages=len(poller.new_ids),
         bytes_=poller.new_bytes,
         note=note,
+        uidnexts=poller.uidnexts,
     )
     if error is not None:
         log.warning("poll of account %s: %s: %s", account_id, outcome, error.message)
@@ -227,10 +234,12 @@ def _finish(
     messages: int,
     bytes_: int,
     note: str | None = None,
+    uidnexts: dict[str, tuple[int, int]] | None = None,
 ) -> EventType | None:
     """Record the poll on its PollRun row and the account's state, in one transaction;
     returns the account event when the account's status changed. `note`: something a
-    successful poll left out (absurd UIDs), kept on the PollRun."""
+    successful poll left out (absurd UIDs), kept on the PollRun. `uidnexts`: the
+    (UIDVALIDITY, UIDNEXT) of each folder the poll went through completely."""
     now = utcnow()
     if error is not None:
         error.message = error.message[:ERROR_TEXT_MAX]
@@ -242,6 +251,8 @@ def _finish(
             run.messages_count = messages
             run.bytes_count = bytes_
             run.error = note if error is None else error.message
+        for folder, (uidvalidity, uidnext) in (uidnexts or {}).items():
+            cursors.saw_uidnext(session, account_id, folder, uidvalidity, uidnext)
         return state.record_poll(session, account_id, started_at=started_at, now=now, error=error)
 
 
@@ -307,10 +318,19 @@ def store_uids(
 class _Poller:
     """One poll of one account: folder by folder, batch by batch."""
 
-    def __init__(self, account: Account, progress: SyncProgress | None = None) -> None:
+    def __init__(
+        self,
+        account: Account,
+        seen: dict[str, tuple[int, int]] | None = None,
+        progress: SyncProgress | None = None,
+    ) -> None:
         settings = get_settings()
         self.account = account
         self.account_id = account.id
+        # (UIDVALIDITY, UIDNEXT) by folder: as the last complete poll saw them, and as
+        # this one saw them before searching each folder it went through completely.
+        self.seen = seen or {}
+        self.uidnexts: dict[str, tuple[int, int]] = {}
         self.batch_size = settings.imap_fetch_batch_size
         self.max_bytes = settings.max_message_bytes
         self.new_ids: list[int] = []
@@ -341,6 +361,12 @@ class _Poller:
             return first_error
 
     def poll_folder(self, mailbox: ImapSession, folder: str) -> None:
+        # STATUS first: most polls find nothing new, and then need no SELECT, no SEARCH
+        # and no database.
+        status = mailbox.status(folder)
+        seen = (status.uidvalidity, status.uidnext)
+        if self.seen.get(folder) == seen:
+            return
         uidvalidity = mailbox.select(folder).uidvalidity
         with session_scope() as session:
             cursor = cursors.resume_after(session, self.account_id, folder, uidvalidity)
@@ -359,6 +385,10 @@ class _Poller:
             # Messages the initial-sync policy left out stay behind the cursor for good.
             with session_scope() as session:
                 cursors.advance(session, self.account_id, folder, uidvalidity, ceiling)
+        # Renumbered between STATUS and SELECT: what STATUS said is not worth keeping.
+        # A UIDNEXT beyond RFC 3501's range is not kept either (it would never repeat).
+        if uidvalidity == status.uidvalidity and 0 < status.uidnext <= MAX_UID + 1:
+            self.uidnexts[folder] = seen
 
     def ingest(
         self,

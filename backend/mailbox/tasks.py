@@ -15,8 +15,9 @@ from backend.mailbox.progress import Progress
 
 
 @app.task(name="mailbox.poll", bind=True, acks_late=True)
-def poll(self: Any, account_id: int) -> str:
-    """Poll one mailbox; returns the outcome ("stale" and "locked" when it did not run)."""
+def poll(self: Any, account_id: int, force: bool = False) -> str:
+    """Poll one mailbox (`force`: through a backoff); returns the outcome ("stale" and
+    "locked" when it did not run)."""
     task_id = self.request.id
 
     def progress(folders: Progress) -> None:
@@ -26,5 +27,5 @@ def poll(self: Any, account_id: int) -> str:
             task_id=task_id, state="PROGRESS", meta={"account_id": account_id, "folders": folders}
         )
 
-    done = run_poll(account_id, task_id, progress)
+    done = run_poll(account_id, task_id, force, progress)
     return done if isinstance(done, str) else str(done.outcome)

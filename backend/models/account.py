@@ -89,7 +89,9 @@ class Account(TimestampMixin, Base):
 
 
 class FolderCursor(Base):
-    """How far a folder has been ingested: the last UID stored under one UIDVALIDITY."""
+    """How far a folder has been ingested: the last UID stored under one UIDVALIDITY,
+    and the UIDNEXT the server stated before the last complete poll of the folder (an
+    unchanged UIDNEXT means nothing was appended since: the poll skips the folder)."""
 
     __tablename__ = "folder_cursors"
     __table_args__ = (UniqueConstraint("account_id", "folder"), NO_ID_REUSE)
@@ -99,6 +101,7 @@ class FolderCursor(Base):
     folder: Mapped[str] = mapped_column(String(1024))
     uidvalidity: Mapped[int] = mapped_column(BigInteger)
     last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
+    uidnext: Mapped[int | None] = mapped_column(BigInteger)
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     account: Mapped[Account] = relationship(back_populates="cursors")

@@ -1,0 +1,132 @@
+"""Idle polls against the real Dovecot fixture: STATUS first, and no SELECT, no SEARCH
+and at most two transactions when nothing is new."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session
+
+from backend.db import get_engine
+from backend.mailbox.imap import ImapSession
+from backend.mailbox.polling import run_poll
+from backend.mailbox.service import PollResult, poll_account
+from backend.models import FolderCursor, Message
+from tests.support.accounts import MailAccount
+from tests.support.dovecot import Dovecot
+from tests.support.mail import generated
+
+
+class Counts:
+    def __init__(self) -> None:
+        self.commits = 0
+        self.selects = 0
+
+
+@pytest.fixture
+def counts(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counts]:
+    """Counts every committed database transaction and every SELECT sent to a server."""
+    seen = Counts()
+    select_folder = ImapSession.select
+
+    def counted_select(self: ImapSession, folder: str) -> Any:
+        seen.selects += 1
+        return select_folder(self, folder)
+
+    def committed(_connection: Any) -> None:
+        seen.commits += 1
+
+    monkeypatch.setattr(ImapSession, "select", counted_select)
+    event.listen(get_engine(), "commit", committed)
+    yield seen
+    event.remove(get_engine(), "commit", committed)
+
+
+def _reset(counts: Counts) -> None:
+    counts.commits = counts.selects = 0
+
+
+def test_an_idle_poll_selects_nothing(
+    dovecot: Dovecot,
+    mail_user: tuple[str, str],
+    mail_account: MailAccount,
+    counts: Counts,
+) -> None:
+    dovecot.append_many(mail_user[0], [generated(i) for i in range(2)])
+    account = mail_account(folders=["INBOX", "Archive"])
+    dovecot.append(mail_user[0], generated(9), folder="Archive")
+    first = run_poll(account.id, None)
+    assert isinstance(first, PollResult) and first.messages == 3
+    assert counts.selects == 2
+
+    _reset(counts)
+    idle = run_poll(account.id, None)
+
+    assert isinstance(idle, PollResult)
+    assert (idle.outcome, idle.messages) == ("success", 0)
+    assert counts.selects == 0
+
+
+def test_new_mail_after_an_idle_poll_is_found_and_an_expunged_arrival_rescans(
+    db: Session,
+    dovecot: Dovecot,
+    mail_user: tuple[str, str],
+    mail_account: MailAccount,
+    counts: Counts,
+) -> None:
+    username, _ = mail_user
+    dovecot.append_many(username, [generated(i) for i in range(2)])
+    account = mail_account()
+    assert poll_account(account.id).messages == 2
+    assert poll_account(account.id).messages == 0
+
+    dovecot.append(username, generated(2))
+    assert poll_account(account.id).messages == 1
+
+    # Appended and expunged between two polls: the count is back where it was, UIDNEXT
+    # is not, so the folder is searched (and nothing is stored).
+    uid = dovecot.append(username, generated(3))
+    with dovecot.client(username) as client:
+        client.select_folder("INBOX")
+        client.delete_messages([uid])
+        client.expunge()
+        client.logout()
+    _reset(counts)
+    assert poll_account(account.id).messages == 0
+    assert counts.selects == 1
+    _reset(counts)
+    assert poll_account(account.id).messages == 0
+    assert counts.selects == 0
+    uids = db.scalars(select(Message.uid).where(Message.account_id == account.id)).all()
+    assert sorted(uids) == [1, 2, 3]
+
+
+def test_a_new_uidvalidity_with_the_same_uidnext_is_scanned_again(
+    db: Session,
+    dovecot: Dovecot,
+    mail_user: tuple[str, str],
+    mail_account: MailAccount,
+    counts: Counts,
+) -> None:
+    username, _ = mail_user
+    dovecot.append_many(username, [generated(i) for i in range(2)])
+    account = mail_account()
+    assert poll_account(account.id).messages == 2
+    before = dovecot.folder_status(username)
+
+    dovecot.set_uidvalidity(username, "INBOX", before[b"UIDVALIDITY"] + 7)
+    assert dovecot.folder_status(username)[b"UIDNEXT"] == before[b"UIDNEXT"]
+    _reset(counts)
+    result = poll_account(account.id)
+
+    assert (result.outcome, result.messages) == ("success", 0)  # held already, by content
+    assert counts.selects == 1
+    db.expire_all()
+    cursor = db.scalars(select(FolderCursor).where(FolderCursor.account_id == account.id)).one()
+    assert (cursor.uidvalidity, cursor.uidnext) == (
+        before[b"UIDVALIDITY"] + 7,
+        before[b"UIDNEXT"],
+    )
