@@ -1,7 +1,7 @@
 """account sync_progress: done and total per folder of the latest sync
 
-Revision ID: 0005_account_sync_progress
-Revises: 0004_poll_runs_finished_at
+Revision ID: 0006_account_sync_progress
+Revises: 0005_folder_cursor_uidnext
 Create Date: 2026-11-29 17:55:00
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0005_account_sync_progress"
-down_revision: str | None = "0004_poll_runs_finished_at"
+revision: str = "0006_account_sync_progress"
+down_revision: str | None = "0005_folder_cursor_uidnext"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
