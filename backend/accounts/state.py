@@ -29,9 +29,15 @@ from backend.models import Account, AccountStatus, EventType
 BACKOFF_SLACK = timedelta(seconds=2)
 
 
+def wants_polls(account: Account) -> bool:
+    """Whether the account is polled at all (one with status "error" is, after its
+    backoff): an account that is not has no schedule entry either."""
+    return account.enabled and account.status != AccountStatus.DISABLED
+
+
 def skip_reason(account: Account, now: datetime) -> str | None:
     """Why a poll starting now must not run, or None when it may."""
-    if not account.enabled or account.status == AccountStatus.DISABLED:
+    if not wants_polls(account):
         return "account is disabled"
     if account.backoff_until is not None and account.backoff_until - BACKOFF_SLACK > now:
         return f"backing off until {account.backoff_until.isoformat()}"
