@@ -24,8 +24,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 
 from bench.stack import Stack, load_average, percentile
-from tests.mailbox.conftest import generated
-from tests.schedules.processes import wait_for
+from tests.support.mail import generated
+from tests.support.wait import wait_for
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ import uuid
 from sqlalchemy import func, select
 
 from bench.stack import Stack, load_average
-from tests.mailbox.conftest import generated
-from tests.schedules.processes import wait_for
+from tests.support.mail import generated
+from tests.support.wait import wait_for
 
 
 def _count(query: object) -> int:

@@ -18,8 +18,8 @@ from types import TracebackType
 
 from cryptography.fernet import Fernet
 
-from tests.schedules.processes import Celery
 from tests.support import postgres
+from tests.support.celery import Celery
 from tests.support.dovecot import Dovecot
 from tests.support.redis_db import RedisDb
 

@@ -11,7 +11,7 @@ import tempfile
 import time
 
 from tests.support import postgres
-from tests.webhooks.receiver import Receiver
+from tests.support.receiver import Receiver
 
 
 def main() -> None:
@@ -32,13 +32,13 @@ def main() -> None:
 
     from backend.db import get_sessionmaker, reset_caches
     from backend.processing.service import hand_on
-    from tests.support.api import insert_account
-    from tests.webhooks.fixtures import store_message
+    from tests.support.accounts import make_account
+    from tests.support.webhooks import store_message
 
     try:
         command.upgrade(Config("alembic.ini"), "head")
         session = get_sessionmaker()()
-        account = insert_account(session)
+        account = make_account(session)
         ids = [store_message(session, account, uid).id for uid in range(1, count + 1)]
         session.close()
         start = time.perf_counter()

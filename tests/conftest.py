@@ -13,13 +13,16 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from backend.models import Account
 from tests.support import postgres
+from tests.support.accounts import MailAccount, make_account
 from tests.support.dovecot import Dovecot
 from tests.support.env import reset_caches
 from tests.support.redis_db import RedisDb
@@ -29,7 +32,7 @@ ADMIN_TOKEN = "test-admin-token-" + uuid.uuid4().hex
 
 # Fixtures for every test folder: `api` and `anonymous` (the real FastAPI app through a
 # TestClient), `receiver` and `webhooks_on`; and the guard against skips.
-pytest_plugins = ["tests.support.api", "tests.webhooks.fixtures", "tests.support.no_skips"]
+pytest_plugins = ["tests.support.api", "tests.support.webhooks", "tests.support.no_skips"]
 
 _state: dict[str, object] = {}
 
@@ -161,6 +164,16 @@ def mail_user(dovecot: Dovecot) -> tuple[str, str]:
     """A new, empty mailbox on the Dovecot fixture: (username, password)."""
     username = f"user-{uuid.uuid4().hex[:10]}"
     return username, dovecot.add_user(username, f"pw-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def mail_account(db: Session, dovecot: Dovecot, mail_user: tuple[str, str]) -> MailAccount:
+    """Accounts for `mail_user`'s mailbox on the Dovecot fixture: mail_account(**columns)."""
+
+    def make(**overrides: Any) -> Account:
+        return make_account(db, dovecot, **{"username": mail_user[0], **overrides})
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,9 @@ import pytest
 from backend import dispatch
 from backend.celery_app import broker_priority
 from backend.models import utcnow
-from tests.schedules.processes import running_celery, wait_for
+from tests.support.celery import running_celery
 from tests.support.redis_db import RedisDb
+from tests.support.wait import wait_for
 
 
 def _queued(redis_db: RedisDb, queue: str) -> list[dict[str, Any]]:

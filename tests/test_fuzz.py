@@ -18,7 +18,8 @@ from backend.main import create_app
 from backend.models import Attachment, Message, PollRun
 from backend.storage import service as storage
 from backend.storage.base import message_key
-from tests.support.api import account_payload, auth_headers, insert_account
+from tests.support.accounts import make_account
+from tests.support.api import account_payload, auth_headers
 from tests.support.net import free_port
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", create_app())
@@ -48,7 +49,7 @@ def _quick(set_env: Callable[..., None]) -> None:
 def existing(db: Session) -> dict[str, object]:
     """An account (on a closed port) with a stored message, an attachment and a poll run:
     path parameters that name real objects."""
-    account = insert_account(db, imap_host="127.0.0.1", imap_port=free_port(), imap_security="none")
+    account = make_account(db, imap_host="127.0.0.1", imap_port=free_port(), imap_security="none")
     key = message_key(account.id, "INBOX", 1, 1)
     message = Message(
         account_id=account.id,

@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 
 from backend.metrics import record_poll
 from backend.models import utcnow
-from tests.support.api import auth_headers, insert_account
+from tests.support.accounts import make_account
+from tests.support.api import auth_headers
 from tests.support.net import free_port
 from tests.support.redis_db import RedisDb
 
@@ -70,11 +71,11 @@ def test_polls_recorded_by_another_process_reach_the_scrape(anonymous):
 
 
 def test_state_gauges_from_the_database_and_redis(anonymous, db: Session, redis_db: RedisDb):
-    insert_account(db, last_success_at=utcnow() - timedelta(minutes=10))
-    insert_account(db, last_success_at=utcnow() - timedelta(minutes=1))
-    insert_account(db, status="error")
+    make_account(db, last_success_at=utcnow() - timedelta(minutes=10))
+    make_account(db, last_success_at=utcnow() - timedelta(minutes=1))
+    make_account(db, status="error")
     # Disabled mailboxes do not count toward the lag, however old.
-    insert_account(
+    make_account(
         db, status="disabled", enabled=False, last_success_at=utcnow() - timedelta(days=30)
     )
     redis_db.client().rpush("email", "a", "b", "c")

@@ -123,10 +123,18 @@ def delete_account(account_id: AccountId, session: SessionDep) -> Response:
     status_code=status.HTTP_202_ACCEPTED,
     responses=error_responses(404, 409, 503),
 )
-def poll_account(account_id: AccountId, session: SessionDep) -> PollQueued:
-    """Poll the mailbox now, outside its schedule. Its outcome shows on the account
-    (last_polled_at, last_error) and in the poll run with this task id."""
-    task_id = service.queue_poll(session, account_id)
+def poll_account(
+    account_id: AccountId,
+    session: SessionDep,
+    force: Annotated[
+        bool, Query(description="poll even while the account backs off after failures")
+    ] = False,
+) -> PollQueued:
+    """Poll the mailbox now, outside its schedule, ahead of every scheduled poll. Its
+    outcome shows on the account (last_polled_at, last_error) and in the poll run with
+    this task id. An account backing off after failed polls answers 409 (saying until
+    when) unless `force=true`."""
+    task_id = service.queue_poll(session, account_id, force=force)
     return PollQueued(account_id=account_id, task_id=task_id, mode=dispatch.mode())
 
 

@@ -34,6 +34,7 @@ from backend.models import (
     FolderCursor,
     InitialSync,
     PollRun,
+    utcnow,
 )
 from backend.schedules import service as schedules
 from backend.storage import service as storage
@@ -214,8 +215,9 @@ def delete_objects(account_id: int) -> None:
     log.info("account %s: deleted %s stored objects", account_id, removed)
 
 
-def queue_poll(session: Session, account_id: int) -> str:
-    """Poll the account now, outside its schedule; returns the task id."""
+def queue_poll(session: Session, account_id: int, *, force: bool = False) -> str:
+    """Poll the account now, outside its schedule; returns the task id. An account backing
+    off after failed polls is polled only with `force` (a 409 says until when)."""
     from backend.admin.service import require_scheduler
 
     account = get_account(session, account_id)
@@ -224,8 +226,16 @@ def queue_poll(session: Session, account_id: int) -> str:
             f"account {account_id} is disabled ({account.disabled_reason or 'no reason'}); "
             "enable it first (PATCH enabled=true)"
         )
+    if not force and state.backing_off(account, utcnow()):
+        raise Conflict(
+            f"account {account_id} is backing off until "
+            f"{account.backoff_until.isoformat() if account.backoff_until else '?'} after "
+            f"{account.consecutive_failures} failed polls (last error: "
+            f"{account.last_error or 'none recorded'}); its scheduled polls wait until then. "
+            "Poll it anyway with POST /accounts/{id}/poll?force=true"
+        )
     require_scheduler()
-    return schedules.enqueue_poll(account_id)
+    return schedules.enqueue_poll(account_id, force=force)
 
 
 def _credentials(

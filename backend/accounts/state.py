@@ -35,13 +35,20 @@ def wants_polls(account: Account) -> bool:
     return account.enabled and account.status != AccountStatus.DISABLED
 
 
-def skip_reason(account: Account, now: datetime) -> str | None:
-    """Why a poll starting now must not run, or None when it may."""
+def skip_reason(account: Account, now: datetime, *, force: bool = False) -> str | None:
+    """Why a poll starting now must not run, or None when it may. `force` (a poll asked
+    for by hand with force=true) runs through a backoff, never for a disabled account."""
     if not wants_polls(account):
         return "account is disabled"
-    if account.backoff_until is not None and account.backoff_until - BACKOFF_SLACK > now:
+    if not force and backing_off(account, now):
+        assert account.backoff_until is not None
         return f"backing off until {account.backoff_until.isoformat()}"
     return None
+
+
+def backing_off(account: Account, now: datetime) -> bool:
+    """Whether the account's failures still hold its scheduled polls back."""
+    return account.backoff_until is not None and account.backoff_until - BACKOFF_SLACK > now
 
 
 def backoff_delay(account: Account, failures: int) -> timedelta:

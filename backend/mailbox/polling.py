@@ -33,15 +33,15 @@ LOCKED: NotRun = "locked"
 BUSY_REASON = "another poll of this mailbox is running"
 
 
-def run_poll(account_id: int, task_id: str | None) -> PollResult | NotRun:
+def run_poll(account_id: int, task_id: str | None, force: bool = False) -> PollResult | NotRun:
     """Poll one mailbox and hand its work on; returns the poll's result, or why it did
-    not run. Never raises for a mailbox's own failures."""
+    not run. Never raises for a mailbox's own failures. `force`: through a backoff."""
     started = time.monotonic()
     with _lock(account_id) as held:
         if not held:
             record_skip(account_id, task_id=task_id, reason=BUSY_REASON)
             return LOCKED
-        result = poll_account(account_id, task_id=task_id)
+        result = poll_account(account_id, task_id=task_id, force=force)
     if result.stale:
         # Its poll was already queued, or the removal after its commit failed.
         log.info("mailbox %s is deleted or disabled: removing its stale schedule entry", account_id)

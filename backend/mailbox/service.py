@@ -136,9 +136,10 @@ def open_mailbox(account: Account) -> ImapSession:
     return imap.open_account(account, credentials=credentials.loader(account))
 
 
-def poll_account(account_id: int, *, task_id: str | None = None) -> PollResult:
+def poll_account(account_id: int, *, task_id: str | None = None, force: bool = False) -> PollResult:
     """Poll every folder of one account. Never raises for a mailbox's own failures: they
-    are classified and recorded on the account and the PollRun row.
+    are classified and recorded on the account and the PollRun row. `force` polls
+    through a backoff (see accounts/state.skip_reason).
 
     A poll that finds nothing new costs two transactions: this first one (the account,
     its PollRun row, the UIDNEXT each folder had) and `_finish`."""
@@ -151,7 +152,7 @@ def poll_account(account_id: int, *, task_id: str | None = None) -> PollResult:
             return PollResult(outcome=PollOutcome.SKIPPED, error=why, stale=True)
         if _close_dead_runs(session, account_id, started_at):
             session.refresh(account)
-        reason = state.skip_reason(account, started_at)
+        reason = state.skip_reason(account, started_at, force=force)
         run = PollRun(
             account_id=account_id,
             started_at=started_at,

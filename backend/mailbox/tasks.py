@@ -14,7 +14,8 @@ from backend.mailbox.polling import run_poll
 
 
 @app.task(name="mailbox.poll", bind=True, acks_late=True)
-def poll(self: Any, account_id: int) -> str:
-    """Poll one mailbox; returns the outcome ("stale" and "locked" when it did not run)."""
-    done = run_poll(account_id, self.request.id)
+def poll(self: Any, account_id: int, force: bool = False) -> str:
+    """Poll one mailbox (`force`: through a backoff); returns the outcome ("stale" and
+    "locked" when it did not run)."""
+    done = run_poll(account_id, self.request.id, force)
     return done if isinstance(done, str) else str(done.outcome)

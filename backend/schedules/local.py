@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # Upper bound on one sleep of the loop: changes wake it at once anyway.
 MAX_SLEEP_SECONDS = 1.0
 
-PollFunction = Callable[[int, str], object]  # account id, task id
+PollFunction = Callable[[int, str, bool], object]  # account id, task id, force
 LoadFunction = Callable[[], Mapping[int, Wanted]]
 HousekeepingFunction = Callable[[], None]
 
@@ -60,7 +60,7 @@ class LocalScheduler:
         self._refresh_seconds = refresh_seconds
         self._jobs: dict[int, _Job] = {}
         self._running: set[int] = set()
-        self._requested: dict[int, str] = {}
+        self._requested: dict[int, tuple[str, bool]] = {}  # account -> task id, force
         self._cond = threading.Condition()
         self._stopping = False
         self._refresh_at = 0.0  # monotonic; 0 = at once
@@ -135,13 +135,14 @@ class LocalScheduler:
                     counts.created += 1
         return counts
 
-    def run_now(self, account_id: int) -> str:
-        """Poll as soon as the mailbox is free; returns an id for the request."""
-        task_id = str(uuid.uuid4())
+    def run_now(self, account_id: int, *, force: bool = False) -> str:
+        """Poll as soon as the mailbox is free (`force`: through a backoff); returns an id
+        for the request. A request while one waits joins it (and may make it forced)."""
         with self._cond:
-            self._requested.setdefault(account_id, task_id)
+            task_id, forced = self._requested.get(account_id, (str(uuid.uuid4()), False))
+            self._requested[account_id] = (task_id, forced or force)
             self._cond.notify_all()
-            return self._requested[account_id]
+            return task_id
 
     def entries(self) -> list[StoredEntry]:
         with self._cond:
@@ -197,23 +198,23 @@ class LocalScheduler:
         sleep = min(MAX_SLEEP_SECONDS, max(self._refresh_at - time.monotonic(), 0.0))
         for account_id in list(self._requested):
             if account_id not in self._running:
-                self._start(account_id, self._requested.pop(account_id), now)
+                self._start(account_id, *self._requested.pop(account_id), now)
         for account_id, job in self._jobs.items():
             if account_id in self._running:
                 continue
             wait = (job.due_at - now).total_seconds()
             if wait <= 0:
-                self._start(account_id, str(uuid.uuid4()), now)
+                self._start(account_id, str(uuid.uuid4()), False, now)
             else:
                 sleep = min(sleep, wait)
         return sleep
 
-    def _start(self, account_id: int, task_id: str, now: datetime) -> None:
+    def _start(self, account_id: int, task_id: str, force: bool, now: datetime) -> None:
         job = self._jobs.get(account_id)
         if job is not None:
             job.anchor = job.started_at = now
         self._running.add(account_id)
-        self._executor.submit(self._run, account_id, task_id)
+        self._executor.submit(self._run, account_id, task_id, force)
 
     def _run_housekeeping(self) -> None:
         assert self._housekeeping is not None
@@ -225,9 +226,9 @@ class LocalScheduler:
             with self._cond:
                 self._housekeeping_running = False
 
-    def _run(self, account_id: int, task_id: str) -> None:
+    def _run(self, account_id: int, task_id: str, force: bool) -> None:
         try:
-            self._poll(account_id, task_id)
+            self._poll(account_id, task_id, force)
         except Exception:
             log.exception("local scheduler: poll of mailbox %s failed", account_id)
         finally:

@@ -115,8 +115,8 @@ def remove_account(account_id: int) -> None:
         )
 
 
-def enqueue_poll(account_id: int) -> str:
-    """Poll a mailbox now; returns the task id."""
+def enqueue_poll(account_id: int, *, force: bool = False) -> str:
+    """Poll a mailbox now (`force`: through a backoff); returns the task id."""
     if dispatch.mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         if scheduler is None:
@@ -124,12 +124,12 @@ def enqueue_poll(account_id: int) -> str:
                 "the local scheduler is not running in this process; polls run in the API "
                 "process when Redis is unavailable"
             )
-        return scheduler.run_now(account_id)
+        return scheduler.run_now(account_id, force=force)
     # Asked for by hand: ahead of every scheduled poll in the queue. By name: the API
     # need not import the task module (and its ingestion imports).
     task_id = dispatch.enqueue(
         store.POLL_TASK,
-        account_id,
+        *((account_id, True) if force else (account_id,)),
         priority=TOP_PRIORITY,
         headers={SENT_AT_HEADER: time.time()},
     )

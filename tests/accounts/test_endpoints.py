@@ -24,13 +24,10 @@ from backend.schedules import service as schedules
 from backend.storage import service as storage
 from backend.storage.base import account_prefix, message_key
 from backend.storage.tasks import purge_deleted
-from tests.support.api import (
-    account_payload,
-    create_dovecot_account,
-    insert_account,
-    silent_server,
-)
+from tests.support.accounts import make_account
+from tests.support.api import account_payload, create_dovecot_account
 from tests.support.dovecot import Dovecot
+from tests.support.imap_server import FakeImapServer
 from tests.support.net import free_port
 from tests.support.redis_db import RedisDb
 from tests.support.s3 import MotoS3
@@ -180,7 +177,7 @@ def test_duplicate_mailbox_is_a_conflict(api: TestClient):
 
 def test_list_paginates_and_filters_by_status(api: TestClient, db: Session):
     ids = [api.post("/accounts", json=account_payload()).json()["id"] for _ in range(5)]
-    insert_account(db, status="error")
+    make_account(db, status="error")
     page = api.get("/accounts", params={"limit": 2, "offset": 1}).json()
     assert page["total"] == 6
     assert [item["id"] for item in page["items"]] == ids[1:3]
@@ -220,7 +217,7 @@ def test_patch_changes_only_given_fields_and_the_schedule_follows(api: TestClien
 
 
 def test_patch_password_clears_the_backoff(api: TestClient, db: Session):
-    account = insert_account(
+    account = make_account(
         db,
         status="error",
         consecutive_failures=4,
@@ -240,7 +237,7 @@ def test_patch_password_clears_the_backoff(api: TestClient, db: Session):
 
 def test_patch_other_fields_keep_the_backoff(api: TestClient, db: Session):
     until = utcnow() + timedelta(hours=1)
-    account = insert_account(db, status="error", consecutive_failures=4, backoff_until=until)
+    account = make_account(db, status="error", consecutive_failures=4, backoff_until=until)
     body = api.patch(f"/accounts/{account.id}", json={"folders": ["INBOX", "Sent"]}).json()
     assert body["status"] == "error"
     assert body["consecutive_failures"] == 4
@@ -248,7 +245,7 @@ def test_patch_other_fields_keep_the_backoff(api: TestClient, db: Session):
 
 
 def test_reenabling_resets_the_status(api: TestClient, db: Session):
-    account = insert_account(
+    account = make_account(
         db,
         enabled=False,
         status="disabled",
@@ -514,7 +511,8 @@ def test_test_endpoint_gives_up_on_a_server_that_never_answers(
     api: TestClient, set_env: Callable[..., None]
 ):
     set_env(IMAP_CONNECT_TIMEOUT="1")
-    with silent_server() as port:
+    with FakeImapServer(greeting=None) as silent:
+        port = silent.port
         account_id = api.post(
             "/accounts",
             json=account_payload(imap_host="127.0.0.1", imap_port=port, imap_security="none"),
@@ -552,8 +550,8 @@ def test_no_secret_in_any_response_or_log(
 
 
 def test_poll_runs_and_folders_of_an_account(api: TestClient, db: Session):
-    account = insert_account(db, folders=["INBOX", "Archive"])
-    other = insert_account(db)
+    account = make_account(db, folders=["INBOX", "Archive"])
+    other = make_account(db)
     started = utcnow() - timedelta(minutes=5)
     for index, outcome in enumerate(["success", "auth_error", "success"]):
         db.add(

@@ -11,9 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.schedules.processes import Celery, running_celery, wait_for
-from tests.support.api import account_payload, create_dovecot_account, silent_server
+from tests.support.api import account_payload, create_dovecot_account
+from tests.support.celery import Celery, running_celery
 from tests.support.dovecot import Dovecot
+from tests.support.imap_server import FakeImapServer
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -98,7 +100,8 @@ def test_a_running_poll_is_listed_active_and_cannot_be_retried_yet(
 ):
     # The worker waits this long for a greeting the silent server never sends.
     set_env(IMAP_CONNECT_TIMEOUT="20", IMAP_READ_TIMEOUT="20")
-    with silent_server() as port:
+    with FakeImapServer(greeting=None) as silent:
+        port = silent.port
         worker = start_worker(celery)
         wait_for_workers(api, 1)
         account_id = api.post(

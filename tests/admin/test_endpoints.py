@@ -8,7 +8,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from backend.models import PollRun, utcnow
-from tests.support.api import account_payload, auth_headers, insert_account, make_client
+from tests.support.accounts import make_account
+from tests.support.api import account_payload, auth_headers, make_client
 from tests.support.net import free_port
 from tests.support.redis_db import RedisDb
 
@@ -24,8 +25,8 @@ CELERY_ROUTES = (
 @pytest.mark.parametrize("route", SYNC_ROUTES)
 def test_sync_rebuilds_the_schedule_from_the_database(api: TestClient, db: Session, route):
     for _ in range(3):
-        insert_account(db)
-    insert_account(db, enabled=False, status="disabled")
+        make_account(db)
+    make_account(db, enabled=False, status="disabled")
     response = api.post(route)
     assert response.status_code == 200, response.text
     assert response.json() == {"created": 3, "updated": 0, "deleted": 0, "unchanged": 0}
@@ -100,7 +101,7 @@ def test_task_state_of_a_queued_poll_and_of_a_recorded_one(api: TestClient, db: 
 
 
 def test_retry_requeues_a_finished_poll(api: TestClient, db: Session, redis_db: RedisDb):
-    account = insert_account(db)
+    account = make_account(db)
     db.add(PollRun(account_id=account.id, outcome="connection_error", task_id="failed-task"))
     db.add(PollRun(account_id=account.id, outcome="running", task_id="busy-task"))
     db.add(
@@ -134,7 +135,7 @@ def test_retry_requeues_a_finished_poll(api: TestClient, db: Session, redis_db: 
 
 
 def test_retry_of_a_disabled_account_is_refused(api: TestClient, db: Session):
-    account = insert_account(db, enabled=False, status="disabled")
+    account = make_account(db, enabled=False, status="disabled")
     db.add(PollRun(account_id=account.id, outcome="auth_error", task_id="t1"))
     db.commit()
     response = api.post("/admin/celery/tasks/t1/retry")
@@ -152,7 +153,7 @@ def redis_down(set_env: Callable[..., None]) -> str:
 def test_without_redis_admin_routes_answer_503_with_the_reason(
     api: TestClient, db: Session, redis_down: str
 ):
-    account = insert_account(db)
+    account = make_account(db)
     db.add(PollRun(account_id=account.id, outcome="auth_error", task_id="some-task-id"))
     db.commit()
     routes = [("POST", route) for route in SYNC_ROUTES]
@@ -212,7 +213,7 @@ def test_local_mode_runs_polls_in_the_api_process(set_env: Callable[..., None], 
 
 
 def test_activity_counts_polls_and_messages_per_bucket(api: TestClient, db: Session):
-    account = insert_account(db)
+    account = make_account(db)
     now = utcnow()
     runs = [
         # (minutes ago, outcome, messages)

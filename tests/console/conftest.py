@@ -18,9 +18,6 @@ from playwright.sync_api import Browser, Page, sync_playwright
 
 from tests.support.net import free_port, wait_for_port
 from tests.support.processes import stop_group
-from tests.webhooks.fixtures import receiver
-
-__all__ = ["receiver"]  # the webhook receiver fixture, for the dead-letter test
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "console"

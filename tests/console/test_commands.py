@@ -16,10 +16,10 @@ from backend.cli import main
 from backend.console.commands import ProgressBar
 from backend.models import Account, Message, WebhookDelivery
 from backend.schedules import service as schedules
-from tests.mailbox.conftest import generated
-from tests.support.api import insert_account
+from tests.support.accounts import make_account
 from tests.support.dovecot import Dovecot
-from tests.webhooks.receiver import SECRET, Receiver
+from tests.support.mail import generated
+from tests.support.receiver import SECRET, Receiver
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -155,7 +155,7 @@ def test_accounts_add_says_what_is_wrong(
 
 
 def test_accounts_enable_disable_delete(capsys: pytest.CaptureFixture[str], db: Session):
-    account = insert_account(db, email="toggle@example.org")
+    account = make_account(db, email="toggle@example.org")
     account_id = str(account.id)
     assert cli_json(capsys, "accounts", "disable", account_id)["status"] == "disabled"
     assert schedules.list_entries() == []
@@ -174,9 +174,9 @@ def test_accounts_enable_disable_delete(capsys: pytest.CaptureFixture[str], db: 
 
 
 def test_status_and_schedules(capsys: pytest.CaptureFixture[str], db: Session):
-    insert_account(db, email="ok@example.org")
-    insert_account(db, email="bad@example.org", status="error", last_error="authentication failed")
-    insert_account(db, email="off@example.org", enabled=False, status="disabled")
+    make_account(db, email="ok@example.org")
+    make_account(db, email="bad@example.org", status="error", last_error="authentication failed")
+    make_account(db, email="off@example.org", enabled=False, status="disabled")
 
     assert cli_json(capsys, "schedules", "sync") == {
         "created": 2,
@@ -209,7 +209,7 @@ def test_dead_letters_list_and_replay(
     set_env: Any,
 ):
     set_env(WEBHOOK_URL=receiver.url, WEBHOOK_SECRET=SECRET, SCHEDULER_MODE="local")
-    account = insert_account(db)
+    account = make_account(db)
     dead = []
     for index in range(2):
         delivery = WebhookDelivery(

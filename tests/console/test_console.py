@@ -13,10 +13,10 @@ from sqlalchemy.orm import Session
 from backend.models import Account, WebhookDelivery
 from tests.conftest import ADMIN_TOKEN
 from tests.console.conftest import Server, screenshot
-from tests.mailbox.conftest import generated
-from tests.support.api import insert_account
+from tests.support.accounts import make_account
 from tests.support.dovecot import Dovecot
-from tests.webhooks.receiver import SECRET, Receiver
+from tests.support.mail import generated
+from tests.support.receiver import SECRET, Receiver
 
 
 def sign_in(page: Page, server: Server) -> None:
@@ -63,7 +63,7 @@ def test_mailboxes_add_test_poll_edit_disable_delete(
     user = f"console-{uuid.uuid4().hex[:8]}"
     password = dovecot.add_user(user, "pw-console")
     dovecot.append_many(user, [generated(index) for index in range(3)])
-    broken = insert_account(
+    broken = make_account(
         db,
         email="broken@example.org",
         imap_host="127.0.0.1",
@@ -166,7 +166,7 @@ def test_dead_letters_replay_and_the_activity_chart(
     receiver: Receiver,
 ):
     server = serve(WEBHOOK_URL=receiver.url, WEBHOOK_SECRET=SECRET)
-    account = insert_account(db, email="dead@example.org")
+    account = make_account(db, email="dead@example.org")
     delivery = WebhookDelivery(
         event_id=f"evt_{uuid.uuid4().hex}",
         event_type="account.error",

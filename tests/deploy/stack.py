@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, TypeVar
@@ -89,26 +87,20 @@ def top_level_files() -> set[str]:
     return {path.name for path in ROOT.iterdir()} - {".pytest_cache", ".mypy_cache", ".ruff_cache"}
 
 
-def wait_until(
-    what: str, probe: Callable[[], T | None], timeout: float, *logs: ServiceProcess
-) -> T:
-    """Call `probe` until it returns something truthy; on timeout fail with the logs."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        dead = [p for p in logs if not p.running()]
-        if dead:
-            tails = "\n".join(f"--- {p.name}\n{p.log()[-4000:]}" for p in dead)
-            raise AssertionError(f"exited while waiting for {what}:\n{tails}")
-        try:
-            value = probe()
-        except Exception as exc:  # a service still starting answers oddly
-            value, last = None, exc
-        if value:
-            return value
-        time.sleep(0.5)
-    tails = "\n".join(f"--- {p.name}\n" + "\n".join(p.log().splitlines()[-40:]) for p in logs)
-    raise AssertionError(f"not seen within {timeout:.0f}s: {what} (last error: {last!r})\n{tails}")
+def watched(*processes: ServiceProcess) -> dict[str, Any]:
+    """wait_for's arguments for a wait on these processes: fail at once when one exits,
+    show their logs on a timeout, tolerate errors from a service still starting."""
+
+    def exited() -> str | None:
+        dead = [p for p in processes if not p.running()]
+        return "\n".join(f"exited: --- {p.name}\n{p.log()[-4000:]}" for p in dead) or None
+
+    def tails() -> str:
+        return "\n".join(
+            f"--- {p.name}\n" + "\n".join(p.log().splitlines()[-40:]) for p in processes
+        )
+
+    return {"hopeless": exited, "details": tails, "tolerate": (Exception,), "interval": 0.5}
 
 
 def email(subject: str) -> bytes:

@@ -21,11 +21,12 @@ from cryptography.fernet import Fernet
 
 from backend.cli import main, stack_commands
 from tests.deploy.files import DESIGN_COMMANDS, ROOT
-from tests.deploy.stack import Api, account_body, email, wait_until
+from tests.deploy.stack import Api, account_body, email, watched
 from tests.support.dovecot import Dovecot
 from tests.support.net import free_port, wait_for_port
+from tests.support.receiver import SECRET, Receiver
 from tests.support.redis_db import RedisDb
-from tests.webhooks.receiver import SECRET, Receiver
+from tests.support.wait import wait_for
 
 
 @dataclass
@@ -78,7 +79,7 @@ def _ingests_mail(api: Api, dovecot: Dovecot, *, ssl: bool = False) -> list[str]
     account_id = api.create_account(account_body(dovecot, username, ssl=ssl))
     # Poll now rather than wait for the first tick: the same path in both modes.
     assert api("POST", f"/accounts/{account_id}/poll").status_code == 202
-    wait_until("the mail ingested", lambda: api.message_total(account_id) == 2, 120)
+    wait_for(lambda: api.message_total(account_id) == 2, "the mail ingested", 120, **watched())
     return api.subjects(account_id)
 
 
@@ -97,7 +98,7 @@ def test_without_redis_it_serves_the_api_and_polls_in_process(
             token = _env_file(tmp_path / ".env")["ADMIN_API_TOKEN"]
             unauthorized = httpx.get(run.url + "/accounts", timeout=30)
             subjects = _ingests_mail(Api(run.url, token), dovecot)
-            wait_until("the webhook", lambda: len(receiver.delivered()) == 2, 60)
+            wait_for(lambda: len(receiver.delivered()) == 2, "the webhook", 60, **watched())
     finally:
         receiver.down()
     output = run.output()
@@ -143,7 +144,7 @@ def test_with_redis_it_runs_api_beat_and_a_worker_and_stops_them_together(
             checks: dict[str, str] = api("GET", "/health").json()["checks"]
             return checks if checks["celery_worker"].startswith("ok") else None
 
-        checks = wait_until("the worker in /health", worker_seen, 120)
+        checks = wait_for(worker_seen, "the worker in /health", 120, **watched())
         subjects = _ingests_mail(api, dovecot)
     output = run.output()
 

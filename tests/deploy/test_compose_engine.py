@@ -28,9 +28,10 @@ import pytest
 from backend.envfile import EXAMPLE, render
 from tests.deploy.engine import STANDIN_DOCKERFILES, Engine, Project
 from tests.deploy.files import compose, dockerfile
-from tests.deploy.stack import Api, account_body, email, wait_until, worker_names
+from tests.deploy.stack import Api, account_body, email, watched, worker_names
 from tests.support.dovecot import Dovecot
 from tests.support.net import free_port
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2700)]
 
@@ -106,7 +107,7 @@ def test_the_compose_file_runs_on_a_docker_engine(
 
     def eventually(what: str, probe: Callable[[], T | None], timeout: float = WAIT) -> T:
         try:
-            return wait_until(what, probe, timeout)
+            return wait_for(probe, what, timeout, **watched())
         except AssertionError as exc:
             logs = project("logs", "--no-color", "--tail", "60")
             raise AssertionError(f"{exc}\n{logs[-12000:]}") from None

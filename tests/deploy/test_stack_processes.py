@@ -28,13 +28,14 @@ from tests.deploy.stack import (
     compose_environment,
     email,
     top_level_files,
-    wait_until,
+    watched,
     worker_names,
 )
 from tests.support.dovecot import Dovecot
 from tests.support.net import free_port, wait_for_port
 from tests.support.redis_db import RedisDb
 from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoS3
+from tests.support.wait import wait_for
 
 FLOWER_LOGIN = ("admin", "flower-" + uuid.uuid4().hex[:12])
 WORKERS = ("worker1", "worker2")
@@ -167,7 +168,10 @@ def test_the_compose_services_ingest_mail_end_to_end(
         names = set(response.json()) if response.status_code == 200 else set()
         return names if node_names <= names else None
 
-    assert wait_until("both workers in Flower", flower_workers, START_TIMEOUT, *logs) == node_names
+    assert (
+        wait_for(flower_workers, "both workers in Flower", START_TIMEOUT, **watched(*logs))
+        == node_names
+    )
 
     # /admin/celery/workers agrees with Flower, and each worker serves the three queues.
     def admin_workers() -> Any:
@@ -175,7 +179,9 @@ def test_the_compose_services_ingest_mail_end_to_end(
         body = response.json()
         return body if response.status_code == 200 and node_names <= worker_names(body) else None
 
-    workers = wait_until("both workers in the admin API", admin_workers, START_TIMEOUT, *logs)
+    workers = wait_for(
+        admin_workers, "both workers in the admin API", START_TIMEOUT, **watched(*logs)
+    )
     assert worker_names(workers) == node_names
     listed = workers.get("workers", workers) if isinstance(workers, dict) else workers
     for worker in listed.values() if isinstance(listed, dict) else listed:
@@ -200,7 +206,7 @@ def test_the_compose_services_ingest_mail_end_to_end(
     def all_ingested() -> bool:
         return all(api.message_total(accounts[u]) == n for u, n in sizes.items())
 
-    wait_until("the mail ingested", all_ingested, START_TIMEOUT, *logs)
+    wait_for(all_ingested, "the mail ingested", START_TIMEOUT, **watched(*logs))
     for username, count in sizes.items():
         assert api.subjects(accounts[username]) == sorted(f"{username} {i}" for i in range(count))
 
@@ -208,7 +214,7 @@ def test_the_compose_services_ingest_mail_end_to_end(
     first = next(iter(sizes))
     dovecot.append(first, email(f"{first} late"))
     sizes[first] += 1
-    wait_until("the late message", all_ingested, START_TIMEOUT, *logs)
+    wait_for(all_ingested, "the late message", START_TIMEOUT, **watched(*logs))
 
     # The raw bytes are in S3 (MinIO's role in compose) and come back through the API.
     keys = [
@@ -240,5 +246,5 @@ def test_the_compose_services_ingest_mail_end_to_end(
     dovecot.append(first, email(f"{first} after scale-down"))
     sizes[first] += 1
     remaining = [p for p in logs if p.name != "worker1"]
-    wait_until("mail after the scale-down", all_ingested, START_TIMEOUT, *remaining)
+    wait_for(all_ingested, "mail after the scale-down", START_TIMEOUT, **watched(*remaining))
     assert api("GET", "/health").json()["checks"]["celery_worker"] == "ok (1 worker)"

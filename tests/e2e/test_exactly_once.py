@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,15 +20,16 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from backend import crypto
 from backend.db import get_engine
-from backend.models import Account, Message, WebhookDelivery
+from backend.models import Message, WebhookDelivery
 from backend.schedules import service
-from tests.mailbox.conftest import generated
-from tests.schedules.processes import Celery, running_celery, wait_for
+from tests.support.accounts import make_account
+from tests.support.celery import Celery, running_celery
 from tests.support.dovecot import Dovecot
+from tests.support.mail import generated
+from tests.support.receiver import Receiver
 from tests.support.redis_db import RedisDb
-from tests.webhooks.receiver import Receiver
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -64,21 +64,8 @@ def _wait(condition: Callable[[], object], what: str, celery: Celery) -> None:
 def _ingested(db: Session, dovecot: Dovecot, celery: Celery, redis_db: RedisDb) -> list[int]:
     """A mailbox with MESSAGES new messages, polled by a worker that only polls: the
     messages are stored and their `message.process` tasks wait in the workflow queue."""
-    username = f"once-{uuid.uuid4().hex[:10]}"
-    password = dovecot.add_user(username, f"pw-{uuid.uuid4().hex[:8]}")
-    dovecot.append_many(username, [generated(index) for index in range(MESSAGES)])
-    account = Account(
-        email=f"{username}@example.org",
-        imap_host=dovecot.host,
-        imap_port=dovecot.imap_port,
-        imap_security="none",
-        username=username,
-        credentials_encrypted=crypto.encrypt_json({"password": password}),
-        folders=["INBOX"],
-        poll_interval_seconds=3600,
-    )
-    db.add(account)
-    db.commit()
+    account = make_account(db, dovecot, poll_interval_seconds=3600)
+    dovecot.append_many(account.username, [generated(index) for index in range(MESSAGES)])
     poller = celery.worker("poller", queues="email")
     service.enqueue_poll(account.id)
     _wait(

@@ -5,26 +5,27 @@ deadline, never a sleep that asserts timing."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from backend import crypto
 from backend.celery_app import queue_keys
-from backend.models import Account, Message, PollRun, utcnow
+from backend.models import Account, AccountStatus, Message, PollOutcome, PollRun, utcnow
 from backend.schedules import service
-from tests.mailbox.conftest import generated
-from tests.schedules.processes import Celery, running_celery, wait_for
+from tests.support.accounts import make_account
+from tests.support.celery import Celery, running_celery
 from tests.support.dovecot import Dovecot
+from tests.support.mail import generated
 from tests.support.poll_queue import PollSink
 from tests.support.redis_db import RedisDb
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -55,25 +56,15 @@ class Mailboxes:
         wrong_password: bool = False,
         last_polled_at: datetime | None = None,
     ) -> Account:
-        username = f"sched-{uuid.uuid4().hex[:10]}"
-        password = self.dovecot.add_user(username, f"pw-{uuid.uuid4().hex[:8]}")
-        account = Account(
-            email=f"{username}@example.org",
-            imap_host=self.dovecot.host,
-            imap_port=self.dovecot.imap_port,
-            imap_security="none",
-            username=username,
-            credentials_encrypted=crypto.encrypt_json(
-                {"password": "wrong" if wrong_password else password}
-            ),
-            folders=["INBOX"],
+        account = make_account(
+            self.db,
+            self.dovecot,
             poll_interval_seconds=interval,
             last_polled_at=last_polled_at,
+            credentials={"password": "wrong"} if wrong_password else None,
         )
-        self.db.add(account)
-        self.db.commit()
         service.sync_account(account)
-        self.usernames[account.id] = username
+        self.usernames[account.id] = account.username
         return account
 
     def deliver(self, account: Account, count: int) -> int:
@@ -318,12 +309,27 @@ def test_a_worker_killed_mid_poll_loses_and_duplicates_nothing(
     wait_for(lambda: mailboxes.ingested(account) > 0, "the poll to be under way")
 
     worker.kill()
+    time.sleep(1)  # a COMMIT the dead worker had sent completes without it
     held_at_kill = mailboxes.ingested(account)
     assert held_at_kill < total, "the poll ended before the kill; use more mail"
 
     celery.worker("survivor")
     wait_for(lambda: mailboxes.ingested(account) == total, "the rest of the mailbox")
     mailboxes.assert_held_once(account)
+    # What a finished poll reports new is what it hands on: the survivor's polls hand on
+    # exactly what the dead poll had not stored, none of it twice. (What the dead poll
+    # stored is handed on by the processing sweep, SWEEP_GRACE later.)
+    wait_for(
+        lambda: not any(run.finished_at is None for run in _later_runs(mailboxes, account)),
+        "the survivor's polls to finish",
+    )
+    handed_on = sum(run.messages_count for run in mailboxes.runs(account) if run.finished_at)
+    assert handed_on == total - held_at_kill
+
+
+def _later_runs(mailboxes: Mailboxes, account: Account) -> list[PollRun]:
+    """The polls after the first (the one the dead worker left running)."""
+    return mailboxes.runs(account)[1:]
 
 
 def test_a_bad_password_backs_off_and_ends_disabled_while_others_flow(
@@ -452,3 +458,38 @@ def test_more_polls_than_the_workers_can_do_starve_no_mailbox(
     assert max(counts.values()) <= min(counts.values()) + 2, counts
     assert longest_queue <= len(ids)
     assert "Discarding revoked task" not in worker.log()
+
+
+def test_poll_now_during_a_backoff_says_until_when_and_force_polls_through(
+    celery: Celery, mailboxes: Mailboxes, api: TestClient
+) -> None:
+    account = mailboxes.add(interval=3600, last_polled_at=utcnow())
+    mailboxes.deliver(account, 2)
+    account.status = AccountStatus.ERROR
+    account.consecutive_failures = 2
+    account.backoff_until = utcnow() + timedelta(hours=1)
+    account.last_error = "connection refused"
+    mailboxes.db.commit()
+
+    refused = api.post(f"/accounts/{account.id}/poll")
+    assert refused.status_code == 409, refused.text
+    detail = refused.json()["detail"]
+    assert f"backing off until {account.backoff_until.isoformat()}" in detail
+    assert "connection refused" in detail
+    assert "?force=true" in detail
+
+    celery.worker()
+    queued = api.post(f"/accounts/{account.id}/poll", params={"force": "true"})
+    assert queued.status_code == 202, queued.text
+    task_id = queued.json()["task_id"]
+
+    def forced_run() -> PollRun | None:
+        runs = [r for r in mailboxes.runs(account) if r.task_id == task_id and r.finished_at]
+        return runs[0] if runs else None
+
+    wait_for(forced_run, "the forced poll")
+    run = forced_run()
+    assert run is not None and run.outcome == PollOutcome.SUCCESS, run
+    assert mailboxes.ingested(account) == 2
+    mailboxes.db.rollback()
+    assert mailboxes.db.get(Account, account.id).backoff_until is None  # type: ignore[union-attr]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from itertools import combinations
@@ -15,18 +14,18 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from backend import crypto, dispatch
+from backend import dispatch
 from backend.db import get_sessionmaker
 from backend.mailbox.polling import run_poll
 from backend.main import local_housekeeping
 from backend.models import Account, Message, PollRun, utcnow
 from backend.schedules import service
-from tests.mailbox.conftest import generated
-from tests.schedules.processes import wait_for
 from tests.support.accounts import make_account
 from tests.support.dovecot import Dovecot
+from tests.support.mail import generated
 from tests.support.net import free_port
 from tests.support.s3 import MotoS3, Outage
+from tests.support.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,19 +60,8 @@ def test_local_mode_polls_without_redis(
     assert dispatch.mode() == "local"
     assert "cannot be reached" in caplog.text
 
-    username = f"local-{uuid.uuid4().hex[:10]}"
-    password = dovecot.add_user(username, "pw-local")
-    account = Account(
-        email=f"{username}@example.org",
-        imap_host=dovecot.host,
-        imap_port=dovecot.imap_port,
-        imap_security="none",
-        username=username,
-        credentials_encrypted=crypto.encrypt_json({"password": password}),
-        poll_interval_seconds=1,
-    )
-    db.add(account)
-    db.commit()
+    account = make_account(db, dovecot, poll_interval_seconds=1)
+    username = account.username
     service.sync_account(account)  # as the accounts API does after its commit
     dovecot.append_many(username, [generated(index) for index in range(3)])
 

@@ -12,19 +12,20 @@ from backend.cli import main
 from backend.mailbox.lock import MailboxLock
 from backend.models import Message, PollRun
 from backend.schedules import service as schedules
-from tests.mailbox.conftest import MakeAccount, generated
+from tests.support.accounts import MailAccount
 from tests.support.dovecot import Dovecot
+from tests.support.mail import generated
 
 
 def test_poll_command(
     db: Session,
     dovecot: Dovecot,
     mail_user: tuple[str, str],
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     dovecot.append_many(mail_user[0], [generated(1), generated(2)])
-    account = make_account()
+    account = mail_account()
     with pytest.raises(SystemExit) as exit_info:
         main(["poll", str(account.id)])
     assert exit_info.value.code == 0
@@ -36,7 +37,7 @@ def test_poll_command(
     assert len(processed) == 2
     assert None not in processed  # handed on in-process
 
-    account_with_bad_password = make_account(
+    account_with_bad_password = mail_account(
         username=mail_user[0],
         credentials={"password": "no"},
         email="other@example.org",
@@ -53,11 +54,11 @@ def _last_line(capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
 
 
 def test_poll_command_respects_the_lock_and_a_disabled_account(
-    db: Session, make_account: MakeAccount, capsys: pytest.CaptureFixture[str]
+    db: Session, mail_account: MailAccount, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The same wrap-up as a scheduled poll: a mailbox another poll holds is left alone,
     and a disabled account is not polled (its stale schedule entry goes)."""
-    account = make_account()
+    account = mail_account()
     holder = MailboxLock(account.id)
     assert holder.acquire()
     with pytest.raises(SystemExit) as locked:

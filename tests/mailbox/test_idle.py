@@ -15,8 +15,9 @@ from backend.mailbox.imap import ImapSession
 from backend.mailbox.polling import run_poll
 from backend.mailbox.service import PollResult, poll_account
 from backend.models import FolderCursor, Message
-from tests.mailbox.conftest import MakeAccount, generated
+from tests.support.accounts import MailAccount
 from tests.support.dovecot import Dovecot
+from tests.support.mail import generated
 
 
 class Counts:
@@ -51,11 +52,11 @@ def _reset(counts: Counts) -> None:
 def test_an_idle_poll_selects_nothing_and_commits_twice_at_most(
     dovecot: Dovecot,
     mail_user: tuple[str, str],
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     counts: Counts,
 ) -> None:
     dovecot.append_many(mail_user[0], [generated(i) for i in range(2)])
-    account = make_account(folders=["INBOX", "Archive"])
+    account = mail_account(folders=["INBOX", "Archive"])
     dovecot.append(mail_user[0], generated(9), folder="Archive")
     first = run_poll(account.id, None)
     assert isinstance(first, PollResult) and first.messages == 3
@@ -74,12 +75,12 @@ def test_new_mail_after_an_idle_poll_is_found_and_an_expunged_arrival_rescans(
     db: Session,
     dovecot: Dovecot,
     mail_user: tuple[str, str],
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     counts: Counts,
 ) -> None:
     username, _ = mail_user
     dovecot.append_many(username, [generated(i) for i in range(2)])
-    account = make_account()
+    account = mail_account()
     assert poll_account(account.id).messages == 2
     assert poll_account(account.id).messages == 0
 
@@ -108,12 +109,12 @@ def test_a_new_uidvalidity_with_the_same_uidnext_is_scanned_again(
     db: Session,
     dovecot: Dovecot,
     mail_user: tuple[str, str],
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     counts: Counts,
 ) -> None:
     username, _ = mail_user
     dovecot.append_many(username, [generated(i) for i in range(2)])
-    account = make_account()
+    account = mail_account()
     assert poll_account(account.id).messages == 2
     before = dovecot.folder_status(username)
 

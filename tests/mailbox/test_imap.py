@@ -3,9 +3,7 @@ check_account's stages, and the session's commands."""
 
 from __future__ import annotations
 
-import socket
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import select
@@ -15,66 +13,22 @@ from backend.mailbox import imap
 from backend.mailbox.check import check_account
 from backend.mailbox.service import poll_account
 from backend.models import ImapSecurity, Message
-from tests.mailbox.conftest import MakeAccount, generated
+from tests.support.accounts import MailAccount
 from tests.support.dovecot import Dovecot
+from tests.support.imap_server import FakeImapServer
+from tests.support.mail import generated
 from tests.support.net import free_port
-
-
-class SilentServer:
-    """Accepts connections and then says nothing, or only the greeting."""
-
-    def __init__(self, *, greet: bool) -> None:
-        self.greet = greet
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = int(self.sock.getsockname()[1])
-        self.connections: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections.append(conn)
-            if self.greet:
-                conn.sendall(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n")
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.connections:
-            conn.close()
-        self.thread.join(timeout=5)
-
-
-@pytest.fixture
-def silent_server() -> Iterator[Callable[..., SilentServer]]:
-    servers: list[SilentServer] = []
-
-    def make(*, greet: bool) -> SilentServer:
-        server = SilentServer(greet=greet)
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.close()
 
 
 def test_a_server_that_never_answers_times_out(
     db: Session,
-    make_account: MakeAccount,
-    silent_server: Callable[..., SilentServer],
+    mail_account: MailAccount,
     set_env: Callable[..., None],
 ) -> None:
     set_env(IMAP_CONNECT_TIMEOUT=1, IMAP_READ_TIMEOUT=1)
-    server = silent_server(greet=False)
-    account = make_account(imap_port=server.port)
-
-    result = poll_account(account.id)
+    with FakeImapServer(greeting=None) as server:
+        account = mail_account(imap_port=server.port)
+        result = poll_account(account.id)
 
     assert result.outcome == "connection_error"
     assert result.error is not None and "timed out" in result.error
@@ -85,14 +39,14 @@ def test_a_server_that_never_answers_times_out(
 
 
 def test_a_server_that_stops_answering_after_the_greeting_times_out(
-    make_account: MakeAccount,
-    silent_server: Callable[..., SilentServer],
+    mail_account: MailAccount,
     set_env: Callable[..., None],
 ) -> None:
     set_env(IMAP_CONNECT_TIMEOUT=1, IMAP_READ_TIMEOUT=1)
-    server = silent_server(greet=True)
-    account = make_account(imap_port=server.port)
-    result = poll_account(account.id)
+    with FakeImapServer(answer=False) as server:  # greets, then answers nothing
+        account = mail_account(imap_port=server.port)
+        result = poll_account(account.id)
+        assert server.commands  # the client did get past the greeting
     assert result.outcome == "connection_error"
     assert result.error is not None and "timed out" in result.error
 
@@ -101,12 +55,12 @@ def test_implicit_tls_trusted_through_imap_ca_bundle(
     db: Session,
     dovecot: Dovecot,
     mail_user: tuple[str, str],
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     set_env: Callable[..., None],
 ) -> None:
     set_env(IMAP_CA_BUNDLE=dovecot.cert_path)
     dovecot.append(mail_user[0], generated(1))
-    account = make_account(imap_security="ssl", imap_port=dovecot.imaps_port)
+    account = mail_account(imap_security="ssl", imap_port=dovecot.imaps_port)
     result = poll_account(account.id)
     assert (result.outcome, result.messages) == ("success", 1)
 
@@ -114,11 +68,11 @@ def test_implicit_tls_trusted_through_imap_ca_bundle(
 def test_implicit_tls_refused_without_the_ca(
     db: Session,
     dovecot: Dovecot,
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     set_env: Callable[..., None],
 ) -> None:
     set_env(IMAP_CA_BUNDLE=None)
-    account = make_account(imap_security="ssl", imap_port=dovecot.imaps_port)
+    account = mail_account(imap_security="ssl", imap_port=dovecot.imaps_port)
     result = poll_account(account.id)
     assert result.outcome == "connection_error"
     assert result.error is not None and "CERTIFICATE_VERIFY_FAILED" in result.error
@@ -129,12 +83,12 @@ def test_implicit_tls_refused_without_the_ca(
 def test_starttls_trusted_through_imap_ca_bundle_and_refused_without(
     dovecot: Dovecot,
     mail_user: tuple[str, str],
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     set_env: Callable[..., None],
 ) -> None:
     set_env(IMAP_CA_BUNDLE=dovecot.cert_path)
     dovecot.append(mail_user[0], generated(1))
-    account = make_account(imap_security="starttls", imap_port=dovecot.imap_port)
+    account = mail_account(imap_security="starttls", imap_port=dovecot.imap_port)
     session = imap.connect(dovecot.host, dovecot.imap_port, "starttls")
     try:
         assert session.tls_version() is not None  # an SSLSocket after STARTTLS
@@ -148,10 +102,10 @@ def test_starttls_trusted_through_imap_ca_bundle_and_refused_without(
 
 
 def test_check_account_reports_folders(
-    dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+    dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
 ) -> None:
     dovecot.append_many(mail_user[0], [generated(1), generated(2)])
-    account = make_account(folders=["INBOX", "Missing"])
+    account = mail_account(folders=["INBOX", "Missing"])
     check = check_account(account, timeout=5)
     assert not check.ok
     assert check.stage == "folder"
@@ -166,9 +120,9 @@ def test_check_account_reports_folders(
     assert (ok.ok, ok.stage, ok.detail) == (True, "folder", "ok")
 
 
-def test_check_account_stages(mail_user: tuple[str, str], make_account: MakeAccount) -> None:
+def test_check_account_stages(mail_user: tuple[str, str], mail_account: MailAccount) -> None:
     _, password = mail_user
-    account = make_account(credentials={"password": password + "-wrong"})
+    account = mail_account(credentials={"password": password + "-wrong"})
     auth = check_account(account, timeout=5)
     assert (auth.ok, auth.stage) == (False, "auth")
     assert password not in auth.detail
@@ -185,11 +139,11 @@ def test_check_account_stages(mail_user: tuple[str, str], make_account: MakeAcco
 
 
 def test_session_status_select_and_an_exact_uid_search(
-    dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+    dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
 ) -> None:
     username, password = mail_user
     dovecot.append_many(username, [generated(1), generated(2)])
-    account = make_account()
+    account = mail_account()
     with imap.open_account(account, credentials=lambda _refresh: {"password": password}) as session:
         status = session.status("INBOX")
         assert (status.messages, status.uidnext) == (2, 3)
@@ -203,12 +157,12 @@ def test_session_status_select_and_an_exact_uid_search(
 
 
 def test_folder_names_beyond_ascii(
-    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
 ) -> None:
     username, _ = mail_user
     folder = "Entwürfe 東京"
     dovecot.append(username, generated(1), folder=folder)
-    account = make_account(folders=[folder])
+    account = mail_account(folders=[folder])
     result = poll_account(account.id)
     assert (result.outcome, result.messages) == ("success", 1)
     assert db.scalars(select(Message.folder).where(Message.account_id == account.id)).all() == [

@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from backend import crypto
 from backend.mailbox.service import poll_account
-from backend.models import Account, Message
+from backend.models import Message
 from backend.storage import service as storage
 from backend.storage.base import message_key
+from tests.support.accounts import make_account
 from tests.support.dovecot import Dovecot
 
 LOOK_ALIKES = ["a/b", "a_b", "Sent Items", "Sent_Items", "Архив", "Отчет", "a%2Fb", ".."]
@@ -37,23 +37,12 @@ def test_look_alike_folders_with_one_uidvalidity_keep_their_own_objects(
     db: Session, fs_dovecot: Dovecot, s3_bucket: str
 ) -> None:
     folders = [name for name in LOOK_ALIKES if name != ".."]  # Dovecot refuses '..'
-    fs_dovecot.add_user("lookalike", "pw")
+    account = make_account(db, fs_dovecot, username="lookalike", folders=folders)
     raws = {}
     for folder in folders:
         raws[folder] = f"Subject: in {folder}\r\n\r\nThis is {folder}.\r\n".encode()
         fs_dovecot.append("lookalike", raws[folder], folder=folder)
         fs_dovecot.set_uidvalidity("lookalike", folder, 4242)
-    account = Account(
-        email="lookalike@example.org",
-        imap_host=fs_dovecot.host,
-        imap_port=fs_dovecot.imap_port,
-        imap_security="none",
-        username="lookalike",
-        credentials_encrypted=crypto.encrypt_json({"password": "pw"}),
-        folders=folders,
-    )
-    db.add(account)
-    db.commit()
 
     assert poll_account(account.id).outcome == "success"
 

@@ -24,8 +24,9 @@ from backend.mailbox.check import check_account
 from backend.mailbox.imap import ImapAuthError, ImapConnectionError
 from backend.mailbox.service import poll_account
 from backend.models import Account
-from tests.mailbox.conftest import generated
+from tests.support.accounts import make_account
 from tests.support.dovecot import Dovecot
+from tests.support.mail import generated
 
 
 class OAuthProvider:
@@ -121,31 +122,21 @@ def oauth_account(
     refresh_token: str,
 ) -> Account:
     username = f"oauth-{uuid.uuid4().hex[:8]}"
-    dovecot.add_user(username, uuid.uuid4().hex)
     provider.refresh_tokens[refresh_token] = username
-    account = Account(
-        email=f"{username}@example.org",
-        imap_host=dovecot.host,
-        imap_port=dovecot.imap_port,
-        imap_security="none",
+    return make_account(
+        db,
+        dovecot,
         username=username,
         auth_method="oauth2",
-        credentials_encrypted=crypto.encrypt_json(
-            {
-                "access_token": access_token,
-                "refresh_token": refresh_token,
-                "expires_at": expires_at,
-                "client_id": "mailbeat",
-                "client_secret": "client-secret",
-                "token_url": f"{provider.url}/token",
-            }
-        ),
-        folders=["INBOX"],
-        poll_interval_seconds=60,
+        credentials={
+            "access_token": access_token,
+            "refresh_token": refresh_token,
+            "expires_at": expires_at,
+            "client_id": "mailbeat",
+            "client_secret": "client-secret",
+            "token_url": f"{provider.url}/token",
+        },
     )
-    db.add(account)
-    db.commit()
-    return account
 
 
 def test_expired_token_is_refreshed_saved_encrypted_and_used_for_xoauth2(

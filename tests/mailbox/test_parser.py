@@ -16,7 +16,7 @@ from backend.mailbox.parser import (
     safe_filename,
 )
 from bench.ingest import build_message
-from tests.mailbox.conftest import corpus, generated
+from tests.support.mail import corpus, generated
 
 
 def test_rfc2047_headers_and_addresses() -> None:

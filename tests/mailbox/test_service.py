@@ -15,8 +15,9 @@ from backend.db import get_engine
 from backend.mailbox.service import PollResult, poll_account
 from backend.models import Account, Attachment, FolderCursor, Message, PollRun
 from backend.storage import service as storage
-from tests.mailbox.conftest import MakeAccount, corpus, generated
+from tests.support.accounts import MailAccount
 from tests.support.dovecot import Dovecot
+from tests.support.mail import corpus, generated
 
 
 def server_bodies(dovecot: Dovecot, username: str, folder: str = "INBOX") -> dict[int, bytes]:
@@ -44,7 +45,7 @@ def nested_multipart(depth: int) -> bytes:
 
 
 def test_corpus_and_generated_mail_ingested_once_and_byte_identical(
-    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
 ) -> None:
     username, _ = mail_user
     raws = [
@@ -54,7 +55,7 @@ def test_corpus_and_generated_mail_ingested_once_and_byte_identical(
         nested_multipart(1500),
     ]
     dovecot.append_many(username, raws)
-    account = make_account()
+    account = mail_account()
 
     result = poll_account(account.id, task_id="task-1")
 
@@ -118,11 +119,11 @@ def test_corpus_and_generated_mail_ingested_once_and_byte_identical(
 
 
 def test_new_mail_between_polls_is_picked_up_and_nothing_is_stored_twice(
-    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
 ) -> None:
     username, _ = mail_user
     dovecot.append_many(username, [generated(i) for i in range(3)])
-    account = make_account()
+    account = mail_account()
     assert poll_account(account.id).messages == 3
 
     # `UID 4:*` matches the newest message even when nothing is new.
@@ -143,7 +144,7 @@ def test_batches_commit_the_cursor_with_their_rows(
     db: Session,
     dovecot: Dovecot,
     mail_user: tuple[str, str],
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     set_env: Callable[..., None],
 ) -> None:
     """What another connection sees after each commit of the poll: batch by batch, each
@@ -152,7 +153,7 @@ def test_batches_commit_the_cursor_with_their_rows(
     set_env(IMAP_FETCH_BATCH_SIZE=3)
     username, _ = mail_user
     dovecot.append_many(username, [generated(i) for i in range(8)])
-    account = make_account()
+    account = mail_account()
     engine = get_engine()
     seen: list[tuple[int, int | None]] = []
 
@@ -183,14 +184,14 @@ def test_two_concurrent_polls_store_each_message_once(
     db: Session,
     dovecot: Dovecot,
     mail_user: tuple[str, str],
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     set_env: Callable[..., None],
 ) -> None:
     set_env(IMAP_FETCH_BATCH_SIZE=2)
     username, _ = mail_user
     raws = [generated(i, attachment=b"x" * i) for i in range(1, 21)]
     dovecot.append_many(username, raws)
-    account = make_account()
+    account = mail_account()
     results: list[PollResult] = []
     barrier = threading.Barrier(2)
 
@@ -215,13 +216,13 @@ def test_two_concurrent_polls_store_each_message_once(
 
 
 def test_uidvalidity_reset_stores_nothing_twice_and_loses_nothing(
-    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
 ) -> None:
     username, _ = mail_user
     # Two messages with the same Message-ID but different content, and one without any.
     twins = [generated(1), generated(1).replace(b"Hallo 1,", b"Hello 1,")]
     dovecot.append_many(username, [*twins, generated(2, message_id=False)])
-    account = make_account()
+    account = mail_account()
     assert poll_account(account.id).messages == 3
     old_validity = dovecot.folder_status(username)[b"UIDVALIDITY"]
 
@@ -247,14 +248,14 @@ def test_oversized_message_is_recorded_without_its_body(
     db: Session,
     dovecot: Dovecot,
     mail_user: tuple[str, str],
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     set_env: Callable[..., None],
 ) -> None:
     set_env(MAX_MESSAGE_BYTES=5000)
     username, _ = mail_user
     big = generated(1, attachment=b"y" * 20_000)
     dovecot.append_many(username, [big, generated(2)])
-    account = make_account()
+    account = mail_account()
     result = poll_account(account.id)
     assert result.outcome == "success"
     first, second = messages(db, account.id)
@@ -274,11 +275,11 @@ def server_size(dovecot: Dovecot, username: str, uid: int) -> int:
 
 
 def test_initial_sync_newest_takes_only_the_newest_then_everything_new(
-    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
 ) -> None:
     username, _ = mail_user
     dovecot.append_many(username, [generated(i) for i in range(10)])
-    account = make_account(initial_sync="newest", initial_sync_count=3)
+    account = mail_account(initial_sync="newest", initial_sync_count=3)
     assert poll_account(account.id).messages == 3
     assert [m.uid for m in messages(db, account.id)] == [8, 9, 10]
     dovecot.append(username, generated(10))
@@ -287,11 +288,11 @@ def test_initial_sync_newest_takes_only_the_newest_then_everything_new(
 
 
 def test_initial_sync_newest_zero_starts_from_now(
-    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
 ) -> None:
     username, _ = mail_user
     dovecot.append_many(username, [generated(i) for i in range(4)])
-    account = make_account(initial_sync="newest", initial_sync_count=0)
+    account = mail_account(initial_sync="newest", initial_sync_count=0)
     assert poll_account(account.id).messages == 0
     dovecot.append(username, generated(9))
     assert [m.uid for m in messages(db, account.id)] == []
@@ -300,13 +301,13 @@ def test_initial_sync_newest_zero_starts_from_now(
 
 
 def test_initial_sync_since_a_date(
-    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
 ) -> None:
     username, _ = mail_user
     old = datetime(2020, 1, 1, 12, tzinfo=UTC)
     dovecot.append_many(username, [generated(1), generated(2)], when=old)
     dovecot.append(username, generated(3), when=datetime.now(UTC))
-    account = make_account(initial_sync="since", initial_sync_since=date(2024, 1, 1))
+    account = mail_account(initial_sync="since", initial_sync_since=date(2024, 1, 1))
     assert poll_account(account.id).messages == 1
     (only,) = messages(db, account.id)
     assert only.uid == 3
@@ -314,11 +315,11 @@ def test_initial_sync_since_a_date(
 
 
 def test_flags_are_recorded_and_left_untouched(
-    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
 ) -> None:
     username, _ = mail_user
     dovecot.append(username, generated(1), flags=[r"\Flagged"])
-    account = make_account()
+    account = mail_account()
     poll_account(account.id)
     (message,) = messages(db, account.id)
     assert message.flags == [r"\Flagged"]
@@ -330,12 +331,12 @@ def test_flags_are_recorded_and_left_untouched(
 
 
 def test_several_folders_and_a_missing_one(
-    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
 ) -> None:
     username, _ = mail_user
     dovecot.append(username, generated(1))
     dovecot.append(username, generated(2), folder="Archive")
-    account = make_account(folders=["INBOX", "Nope", "Archive"])
+    account = mail_account(folders=["INBOX", "Nope", "Archive"])
     result = poll_account(account.id)
     # The missing folder is a protocol error; the others are still ingested.
     assert result.outcome == "protocol_error"
@@ -344,11 +345,11 @@ def test_several_folders_and_a_missing_one(
 
 
 def test_wrong_password_is_an_auth_failure_with_backoff(
-    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], make_account: MakeAccount
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
 ) -> None:
     username, password = mail_user
     dovecot.append(username, generated(1))
-    account = make_account(credentials={"password": password + "-wrong"})
+    account = mail_account(credentials={"password": password + "-wrong"})
 
     result = poll_account(account.id)
 
@@ -387,12 +388,12 @@ def test_wrong_password_is_an_auth_failure_with_backoff(
 
 def test_failures_back_off_exponentially_then_disable(
     db: Session,
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     mail_user: tuple[str, str],
     set_env: Callable[..., None],
 ) -> None:
     set_env(MAX_CONSECUTIVE_FAILURES=4, BACKOFF_MAX_SECONDS=200)
-    account = make_account(credentials={"password": "wrong"}, poll_interval_seconds=60)
+    account = mail_account(credentials={"password": "wrong"}, poll_interval_seconds=60)
     delays = []
     events = []
     for _ in range(4):

@@ -11,8 +11,9 @@ from backend.mailbox.lock import MailboxLock
 from backend.mailbox.tasks import poll
 from backend.models import AccountStatus, Message, PollRun
 from backend.schedules import service
-from tests.mailbox.conftest import MakeAccount, generated
+from tests.support.accounts import MailAccount
 from tests.support.dovecot import Dovecot
+from tests.support.mail import generated
 from tests.support.redis_db import RedisDb
 
 
@@ -25,10 +26,10 @@ def test_polls_and_hands_on(
     redis_db: RedisDb,
     dovecot: Dovecot,
     mail_user: tuple[str, str],
-    make_account: MakeAccount,
+    mail_account: MailAccount,
 ) -> None:
     dovecot.append_many(mail_user[0], [generated(index) for index in range(3)])
-    account = make_account()
+    account = mail_account()
     service.sync_account(account)
 
     assert poll.apply(args=[account.id]).get() == "success"
@@ -41,9 +42,9 @@ def test_polls_and_hands_on(
 
 
 def test_a_deleted_or_disabled_account_loses_its_stale_entry(
-    db: Session, make_account: MakeAccount
+    db: Session, mail_account: MailAccount
 ) -> None:
-    account = make_account()
+    account = mail_account()
     service.sync_account(account)
     account.enabled = False
     db.commit()  # as if the removal after this commit had failed
@@ -56,9 +57,9 @@ def test_a_deleted_or_disabled_account_loses_its_stale_entry(
 
 
 def test_skips_politely_when_another_poll_holds_the_mailbox(
-    db: Session, make_account: MakeAccount
+    db: Session, mail_account: MailAccount
 ) -> None:
-    account = make_account()
+    account = mail_account()
     holder = MailboxLock(account.id)
     assert holder.acquire()
 
@@ -73,10 +74,10 @@ def test_skips_politely_when_another_poll_holds_the_mailbox(
 
 
 def test_a_poll_that_disables_the_account_removes_its_entry(
-    db: Session, set_env: Callable[..., None], make_account: MakeAccount
+    db: Session, set_env: Callable[..., None], mail_account: MailAccount
 ) -> None:
     set_env(MAX_CONSECUTIVE_FAILURES=1)
-    account = make_account(credentials={"password": "wrong"})
+    account = mail_account(credentials={"password": "wrong"})
     service.sync_account(account)
 
     assert poll.apply(args=[account.id]).get() == "auth_error"

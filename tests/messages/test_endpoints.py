@@ -10,7 +10,8 @@ from sqlalchemy.orm import Session
 from backend.mailbox.service import poll_account
 from backend.models import Message
 from backend.storage import service as storage
-from tests.support.api import create_dovecot_account, insert_account
+from tests.support.accounts import make_account
+from tests.support.api import create_dovecot_account
 from tests.support.dovecot import Dovecot
 
 
@@ -118,7 +119,7 @@ def test_attachment_download_has_a_safe_content_disposition(api: TestClient, pol
 
 
 def test_missing_message_body_and_object(api: TestClient, db: Session):
-    account = insert_account(db)
+    account = make_account(db)
     skipped = Message(
         account_id=account.id,
         folder="INBOX",
@@ -148,7 +149,7 @@ def test_missing_message_body_and_object(api: TestClient, db: Session):
 
 
 def test_empty_stored_object_downloads_empty(api: TestClient, db: Session):
-    account = insert_account(db)
+    account = make_account(db)
     key = f"accounts/{account.id}/INBOX/1/1.eml"
     backend = storage.put_object(key, b"", "message/rfc822")
     message = Message(

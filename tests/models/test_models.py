@@ -7,21 +7,8 @@ from sqlalchemy import delete, func, select, text
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import Session
 
-from backend import crypto
 from backend.models import Account, AccountStatus, Attachment, FolderCursor, Message, PollRun
-
-
-def _account(db: Session, username: str = "u") -> Account:
-    account = Account(
-        email=f"{username}@example.com",
-        imap_host="imap.example.com",
-        imap_port=993,
-        username=username,
-        credentials_encrypted=crypto.encrypt_json({"password": "pw"}),
-    )
-    db.add(account)
-    db.flush()
-    return account
+from tests.support.accounts import make_account
 
 
 def _message(account: Account, uid: int, uidvalidity: int = 1) -> Message:
@@ -29,7 +16,7 @@ def _message(account: Account, uid: int, uidvalidity: int = 1) -> Message:
 
 
 def test_defaults(db: Session) -> None:
-    account = _account(db)
+    account = make_account(db, commit=False)
     db.commit()
     assert account.folders == ["INBOX"]
     assert account.status == "active"
@@ -39,7 +26,7 @@ def test_defaults(db: Session) -> None:
 
 
 def test_message_identity_is_unique(db: Session) -> None:
-    account = _account(db)
+    account = make_account(db, commit=False)
     db.add(_message(account, uid=7))
     db.add(_message(account, uid=7, uidvalidity=2))  # another UIDVALIDITY: another message
     db.commit()
@@ -49,14 +36,17 @@ def test_message_identity_is_unique(db: Session) -> None:
 
 
 def test_duplicate_mailbox_is_refused(db: Session) -> None:
-    _account(db, "same")
+    make_account(db, username="same", commit=False)
     db.commit()
     with pytest.raises(IntegrityError):
-        _account(db, "same")
+        make_account(db, username="same", commit=False)
 
 
 def test_deleting_an_account_deletes_what_it_owns(db: Session) -> None:
-    doomed, kept = _account(db, "doomed"), _account(db, "kept")
+    doomed, kept = (
+        make_account(db, username="doomed", commit=False),
+        make_account(db, username="kept", commit=False),
+    )
     for account in (doomed, kept):
         message = _message(account, uid=1)
         message.attachments.append(
@@ -89,7 +79,7 @@ def test_deleting_an_account_deletes_what_it_owns(db: Session) -> None:
 
 
 def test_enum_columns_read_back_members_and_refuse_unknown_values(db: Session) -> None:
-    account = _account(db)
+    account = make_account(db, commit=False)
     # Written as plain SQL, as a migration or an operator would.
     db.execute(text("UPDATE accounts SET status = 'error' WHERE id = :id"), {"id": account.id})
     db.commit()

@@ -11,8 +11,8 @@ from backend import crypto
 from backend.mailbox.service import poll_account
 from backend.models import Account
 from backend.processing.service import after_poll
-from tests.mailbox.conftest import MakeAccount
-from tests.webhooks.receiver import Receiver
+from tests.support.accounts import MailAccount
+from tests.support.receiver import Receiver
 
 
 def _poll(db: Session, account_id: int) -> None:
@@ -26,11 +26,11 @@ def _poll(db: Session, account_id: int) -> None:
 def test_error_and_recovery_are_announced_once_each(
     db: Session,
     mail_user: tuple[str, str],
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     receiver: Receiver,
     webhooks_on: Callable[..., None],
 ) -> None:
-    account = make_account(credentials={"password": "wrong"})
+    account = mail_account(credentials={"password": "wrong"})
 
     _poll(db, account.id)
     _poll(db, account.id)  # still failing: no change, no event
@@ -50,12 +50,12 @@ def test_error_and_recovery_are_announced_once_each(
 
 def test_disabling_is_announced(
     db: Session,
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     receiver: Receiver,
     webhooks_on: Callable[..., None],
 ) -> None:
     webhooks_on(MAX_CONSECUTIVE_FAILURES=2)
-    account = make_account(credentials={"password": "wrong"})
+    account = mail_account(credentials={"password": "wrong"})
 
     _poll(db, account.id)
     _poll(db, account.id)

@@ -16,10 +16,10 @@ from backend.models import FolderCursor, Message
 from backend.processing.backfill import Range, backfill
 from backend.processing.service import after_poll
 from backend.webhooks import signing
-from tests.mailbox.conftest import MakeAccount
+from tests.support.accounts import MailAccount
 from tests.support.dovecot import Dovecot
-from tests.webhooks.fixtures import sample_email
-from tests.webhooks.receiver import SECRET, Receiver
+from tests.support.receiver import SECRET, Receiver
+from tests.support.webhooks import sample_email
 
 
 @dataclass
@@ -40,10 +40,10 @@ class Inbox:
 def inbox(
     dovecot: Dovecot,
     mail_user: tuple[str, str],
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     webhooks_on: Callable[..., None],
 ) -> Inbox:
-    return Inbox(dovecot, mail_user[0], make_account().id)
+    return Inbox(dovecot, mail_user[0], mail_account().id)
 
 
 def _poll(account_id: int) -> list[int]:
@@ -174,13 +174,13 @@ def test_backfill_by_date_and_held_messages_never_processed(
 
 def test_backfill_route(
     api: TestClient,
-    make_account: MakeAccount,
+    mail_account: MailAccount,
     dovecot: Dovecot,
     mail_user: tuple[str, str],
     webhooks_on: Callable[..., None],
 ) -> None:
     dovecot.append(mail_user[0], sample_email(1))
-    account = make_account()
+    account = mail_account()
 
     response = api.post(f"/accounts/{account.id}/backfill", json={"dry_run": True})
     assert response.status_code == 200, response.text
@@ -201,11 +201,11 @@ def test_backfill_route(
 
 
 def test_backfill_reports_a_refused_login(
-    api: TestClient, make_account: MakeAccount, webhooks_on: Callable[..., None]
+    api: TestClient, mail_account: MailAccount, webhooks_on: Callable[..., None]
 ) -> None:
     from backend import crypto
 
-    account = make_account(credentials_encrypted=crypto.encrypt_json({"password": "wrong"}))
+    account = mail_account(credentials_encrypted=crypto.encrypt_json({"password": "wrong"}))
 
     response = api.post(f"/accounts/{account.id}/backfill", json={"dry_run": True})
 

@@ -13,10 +13,11 @@ from sqlalchemy.orm import Session
 
 from backend.models import WebhookDelivery
 from backend.processing.service import hand_on
-from tests.schedules.processes import Celery, running_celery, wait_for
-from tests.support.api import insert_account
-from tests.webhooks.fixtures import store_message
-from tests.webhooks.receiver import Receiver
+from tests.support.accounts import make_account
+from tests.support.celery import Celery, running_celery
+from tests.support.receiver import Receiver
+from tests.support.wait import wait_for
+from tests.support.webhooks import store_message
 
 pytestmark = pytest.mark.e2e
 
@@ -37,7 +38,7 @@ def _statuses(db: Session) -> list[str]:
 def test_through_a_worker_every_message_is_delivered_once(
     db: Session, receiver: Receiver, worker: Celery
 ) -> None:
-    account = insert_account(db)
+    account = make_account(db)
     ids = [store_message(db, account, uid).id for uid in range(1, 5)]
     receiver.fail(3, status=503)
 
@@ -53,7 +54,7 @@ def test_through_a_worker_every_message_is_delivered_once(
 def test_dead_letters_replayed_from_the_api_go_through_the_worker(
     db: Session, api: TestClient, receiver: Receiver, worker: Celery
 ) -> None:
-    account = insert_account(db)
+    account = make_account(db)
     ids = [store_message(db, account, uid).id for uid in range(1, 3)]
     receiver.down()
 

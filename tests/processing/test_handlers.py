@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session
 from backend.models import Message, WebhookDelivery
 from backend.processing import handlers
 from backend.processing.service import hand_on, process_and_send
-from tests.support.api import insert_account
-from tests.webhooks.fixtures import store_message
-from tests.webhooks.receiver import Receiver
+from tests.support.accounts import make_account
+from tests.support.receiver import Receiver
+from tests.support.webhooks import store_message
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_steps_run_in_order_after_the_builtin_webhook(
     handlers.register(handlers.Handler("crm", step("crm"), lambda mid: calls.append(("sent", mid))))
     handlers.register(handlers.Handler("tag", step("tag2")))  # replaced in place
     assert [h.name for h in handlers.registered()] == ["webhook", "tag", "crm"]
-    message = store_message(db, insert_account(db), 1)
+    message = store_message(db, make_account(db), 1)
 
     assert process_and_send(message.id) is True
     assert process_and_send(message.id) is False
@@ -64,7 +64,7 @@ def test_a_failing_step_leaves_the_message_unprocessed(
         raise RuntimeError("CRM is down")
 
     handlers.register(handlers.Handler("crm", broken))
-    account = insert_account(db)
+    account = make_account(db)
     first, second = store_message(db, account, 1), store_message(db, account, 2)
 
     hand_on([first.id, second.id])  # logged; the others still run

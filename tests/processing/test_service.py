@@ -4,21 +4,13 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session
 
-from backend import crypto
-from backend.models import Account, Message
+from backend.models import Message
 from backend.processing.service import hand_on, process_message
+from tests.support.accounts import make_account
 
 
 def _message(db: Session) -> Message:
-    account = Account(
-        email="a@x",
-        imap_host="h",
-        imap_port=993,
-        username="a",
-        credentials_encrypted=crypto.encrypt_json({"password": "p"}),
-    )
-    db.add(account)
-    db.flush()
+    account = make_account(db, commit=False)
     message = Message(account_id=account.id, folder="INBOX", uidvalidity=1, uid=1)
     db.add(message)
     db.commit()

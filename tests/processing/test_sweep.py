@@ -10,15 +10,15 @@ from sqlalchemy.orm import Session
 
 from backend.models import Message, WebhookDelivery, utcnow
 from backend.processing.service import process_message, sweep
-from tests.support.api import insert_account
-from tests.webhooks.fixtures import store_message
-from tests.webhooks.receiver import Receiver
+from tests.support.accounts import make_account
+from tests.support.receiver import Receiver
+from tests.support.webhooks import store_message
 
 
 def test_lost_processing_and_lost_deliveries_are_sent(
     db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
-    account = insert_account(db)
+    account = make_account(db)
     lost_task = store_message(db, account, 1)  # its message.process task was lost
     fresh = store_message(db, account, 2)  # its task may still be on its way
     lost_delivery = store_message(db, account, 3)
@@ -46,7 +46,7 @@ def test_an_attempt_that_died_mid_request_is_sent_again_once_its_claim_ran_out(
 ) -> None:
     """Left as a killed worker leaves it: claimed, pending, due a moment ago. Not five
     minutes later: as soon as the claim has run out."""
-    account = insert_account(db)
+    account = make_account(db)
     died, running = store_message(db, account, 1), store_message(db, account, 2)
     process_message(db, died.id)
     process_message(db, running.id)

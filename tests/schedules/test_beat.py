@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from backend.celery_app import app
 from backend.schedules import service, store
 from backend.schedules.beat import MailbeatScheduler, take_lock
-from tests.schedules.accounts import make_accounts
+from tests.support.accounts import make_accounts
 from tests.support.redis_db import RedisDb
 
 

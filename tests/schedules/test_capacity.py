@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from backend.celery_app import app, broker_priority
 from backend.models import PollOutcome, PollRun, utcnow
 from backend.schedules import service
-from tests.schedules.accounts import make_account, make_accounts
+from tests.support.accounts import make_account, make_accounts
 from tests.support.redis_db import RedisDb
 
 

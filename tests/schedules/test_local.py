@@ -21,17 +21,8 @@ from backend.models import Message, utcnow
 from backend.schedules import service
 from backend.schedules.local import LocalScheduler
 from backend.schedules.store import Wanted
-from tests.schedules.accounts import make_account
-
-DEADLINE_SECONDS = 30.0
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+from tests.support.accounts import make_account
+from tests.support.wait import wait_for
 
 
 class Recorder:
@@ -43,10 +34,13 @@ class Recorder:
         self.started: dict[int, list[float]] = defaultdict(list)  # time.monotonic()
         self.active: dict[int, int] = defaultdict(int)
         self.overlaps = 0
+        self.forced: list[str] = []  # task ids of the forced polls
         self._lock = threading.Lock()
 
-    def __call__(self, account_id: int, task_id: str) -> None:
+    def __call__(self, account_id: int, task_id: str, force: bool) -> None:
         with self._lock:
+            if force:
+                self.forced.append(task_id)
             self.active[account_id] += 1
             if self.active[account_id] > 1:
                 self.overlaps += 1
@@ -113,6 +107,9 @@ def test_run_now_and_changes(run_scheduler: Callable[..., LocalScheduler]) -> No
     task_id = scheduler.run_now(5)  # an account without an entry is still polled on request
     wait_for(lambda: recorder.count(5) == 1, "the requested poll")
     assert recorder.calls[5] == [task_id]
+    forced = scheduler.run_now(7, force=True)  # through a backoff
+    wait_for(lambda: recorder.count(7) == 1, "the forced poll")
+    assert recorder.forced == [forced]
 
     assert scheduler.put(6, 3600, None)
     assert not scheduler.put(6, 3600, None)
@@ -143,8 +140,8 @@ def test_a_poll_that_raises_does_not_stop_the_scheduler(
 ) -> None:
     recorder = Recorder()
 
-    def failing(account_id: int, task_id: str) -> None:
-        recorder(account_id, task_id)
+    def failing(account_id: int, task_id: str, force: bool) -> None:
+        recorder(account_id, task_id, force)
         raise RuntimeError("boom")
 
     run_scheduler(failing, lambda: _wanted((1, 1)))

@@ -16,7 +16,7 @@ from backend import dispatch
 from backend.celery_app import app
 from backend.models import AccountStatus, utcnow
 from backend.schedules import service, store
-from tests.schedules.accounts import make_account, make_accounts
+from tests.support.accounts import make_account, make_accounts
 from tests.support.net import free_port
 from tests.support.redis_db import RedisDb
 

@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from backend.models import WebhookDelivery
-from tests.support.api import account_payload, insert_account
+from tests.support.accounts import make_account
+from tests.support.api import account_payload
 
 CONTROL = "must not contain control characters (CR, LF, NUL, tab and the like)"
 ASCII = "must be printable ASCII (IMAP LOGIN cannot send other characters)"
@@ -64,7 +65,7 @@ def test_secrets_refuse_control_characters_too(api: TestClient) -> None:
 def test_a_backfill_refuses_control_characters_in_folder_names(
     api: TestClient, db: Session
 ) -> None:
-    account = insert_account(db)
+    account = make_account(db)
     response = api.post(
         f"/accounts/{account.id}/backfill", json={"folders": ["INBOX\r\nA1 DELETE INBOX"]}
     )

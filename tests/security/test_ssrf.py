@@ -16,10 +16,12 @@ from backend.mailbox import oauth
 from backend.mailbox.imap import ImapAuthError
 from backend.models import WebhookDelivery
 from backend.processing.service import hand_on
-from tests.schedules.processes import running_celery, wait_for
-from tests.support.api import account_payload, auth_headers, insert_account, make_client
-from tests.webhooks.fixtures import store_message
-from tests.webhooks.receiver import Receiver, Reply
+from tests.support.accounts import make_account
+from tests.support.api import account_payload, auth_headers, make_client
+from tests.support.celery import running_celery
+from tests.support.receiver import Receiver, Reply
+from tests.support.wait import wait_for
+from tests.support.webhooks import store_message
 
 REFUSED = "refused by the outbound policy (name the host or its network in OUTBOUND_ALLOWLIST"
 
@@ -120,7 +122,7 @@ def test_production_webhooks_do_not_reach_internal_receivers(
 ) -> None:
     # WEBHOOK_URL is a setting, so the check that matters is the one at connect time.
     webhooks_on(ENVIRONMENT="production")
-    account = insert_account(db)
+    account = make_account(db)
     message = store_message(db, account, 1)
 
     hand_on([message.id])
@@ -145,7 +147,7 @@ def test_a_worker_in_production_does_not_reach_an_internal_receiver(
 ) -> None:
     # Deliveries run in the workers: the check must hold in their process too.
     webhooks_on(ENVIRONMENT="production", SCHEDULER_MODE="celery")
-    account = insert_account(db)
+    account = make_account(db)
     message = store_message(db, account, 1)
     with running_celery(tmp_path) as celery:
         celery.worker()
@@ -162,7 +164,7 @@ def test_dead_letters_do_not_echo_the_receivers_answer(
     db: Session, api: TestClient, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
     receiver.default = Reply(status=403, body=b"internal-admin-console v2.1: access denied")
-    account = insert_account(db)
+    account = make_account(db)
     hand_on([store_message(db, account, 1).id])
 
     letters = api.get("/admin/dead-letters")

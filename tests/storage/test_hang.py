@@ -18,7 +18,7 @@ from backend.models import Message
 from backend.storage import service
 from backend.storage.base import message_key
 from backend.storage.tasks import sync_all
-from tests.storage.support import make_account
+from tests.support.accounts import make_account
 from tests.support.net import free_port
 from tests.support.s3 import MotoS3, Outage
 
@@ -53,7 +53,7 @@ def test_a_hung_s3_costs_seconds_once_and_loses_nothing(
     db: Session, s3_bucket: str, frozen: MotoS3, set_env: Callable[..., None]
 ) -> None:
     set_env(S3_WRITE_TIMEOUT_SECONDS=2)
-    account = make_account(db)
+    account = make_account(db, commit=False)
     raws = {message_key(account.id, "INBOX", 5, uid): f"message {uid}".encode() for uid in (1, 2)}
     first, second = raws
     assert service.put_object(message_key(account.id, "INBOX", 5, 0), b"before", "x/y") == "s3"

@@ -19,7 +19,7 @@ from backend.storage.base import (
     attachment_key,
     message_key,
 )
-from tests.storage.support import make_account
+from tests.support.accounts import make_account
 from tests.support.s3 import MotoS3, Outage
 
 
@@ -90,7 +90,7 @@ def test_stream_is_rewound_for_the_local_copy(set_env, s3_outage: Outage) -> Non
 
 
 def test_s3_down_then_back(db: Session, s3_outage: Outage, moto_s3: MotoS3) -> None:
-    account = make_account(db)
+    account = make_account(db, commit=False)
     stored: dict[str, bytes] = {}
 
     def ingest(uid: int) -> Message:
@@ -158,7 +158,7 @@ def test_s3_down_then_back(db: Session, s3_outage: Outage, moto_s3: MotoS3) -> N
 
 
 def test_delete_prefix_empties_both_backends(db: Session, s3_bucket: str, moto_s3: MotoS3) -> None:
-    gone, kept = make_account(db, 1), make_account(db, 2)
+    gone, kept = make_account(db, commit=False), make_account(db, commit=False)
     db.commit()
     for account in (gone, kept):
         for uid in range(3):
@@ -190,7 +190,7 @@ def test_delete_prefix_with_s3_down_deletes_nothing(s3_outage: Outage) -> None:
 def test_a_deletion_cut_short_is_finished_by_the_sweep(db: Session) -> None:
     """The process died after committing the deletion, before deleting the objects; and a
     poll that was running then wrote one more object afterwards."""
-    account = make_account(db)
+    account = make_account(db, commit=False)
     key = message_key(account.id, "INBOX", 1, 1)
     assert service.put_object(key, b"raw", "message/rfc822") == "local"
     accounts.delete_account(db, account)

@@ -7,11 +7,11 @@ from sqlalchemy.orm import Session
 from backend.models import Message
 from backend.storage import service
 from backend.storage.base import message_key
-from tests.storage.support import make_account
+from tests.support.accounts import make_account
 
 
 def _fallback_messages(db: Session, count: int) -> list[Message]:
-    account = make_account(db)
+    account = make_account(db, commit=False)
     messages = []
     for uid in range(count):
         key = message_key(account.id, "INBOX", 1, uid)

@@ -4,6 +4,7 @@ leaves it (committed), optionally a real mailbox on the Dovecot fixture."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -11,6 +12,9 @@ from sqlalchemy.orm import Session
 from backend import crypto
 from backend.models import Account
 from tests.support.dovecot import Dovecot
+
+# The `mail_account` fixture (tests/conftest.py): accounts on the `mail_user` mailbox.
+MailAccount = Callable[..., Account]
 
 
 def make_account(
@@ -46,3 +50,24 @@ def make_account(
     else:
         db.flush()
     return account
+
+
+def make_accounts(db: Session, count: int, **values: Any) -> list[Account]:
+    """Many accounts at once (schedule and capacity tests); never dialled. One encrypted
+    secret for all: encrypting per row would be most of the time spent."""
+    credentials = crypto.encrypt_json({"password": "never-used"})
+    run = uuid.uuid4().hex[:6]
+    accounts = [
+        Account(
+            email=f"bulk-{index}-{run}@example.org",
+            imap_host="imap.example.test",
+            imap_port=993,
+            username=f"bulk-{index}-{run}",
+            credentials_encrypted=credentials,
+            **{"poll_interval_seconds": 60, **values},
+        )
+        for index in range(count)
+    ]
+    db.add_all(accounts)
+    db.commit()
+    return accounts

@@ -6,19 +6,14 @@ so the app is imported only inside the fixtures.
 
 from __future__ import annotations
 
-import socket
-import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
-    from backend.models import Account
     from tests.support.dovecot import Dovecot
 
 
@@ -46,28 +41,6 @@ def anonymous() -> Iterator[TestClient]:
     """The real app without the admin token."""
     with make_client({}) as client:
         yield client
-
-
-def insert_account(session: Session, **fields: Any) -> Account:
-    """An account row written straight to the database (no API, no schedule), committed."""
-    from backend import crypto
-    from backend.models import Account
-
-    values: dict[str, Any] = {
-        "email": f"{uuid.uuid4().hex[:8]}@example.com",
-        "imap_host": "imap.example.com",
-        "imap_port": 993,
-        "imap_security": "ssl",
-        "username": uuid.uuid4().hex[:12],
-        "credentials_encrypted": crypto.encrypt_json({"password": "secret-pw"}),
-        "folders": ["INBOX"],
-        "poll_interval_seconds": 300,
-    }
-    values.update(fields)
-    account = Account(**values)
-    session.add(account)
-    session.commit()
-    return account
 
 
 def account_payload(**fields: Any) -> dict[str, Any]:
@@ -102,33 +75,3 @@ def create_dovecot_account(
     response = api.post("/accounts", json=payload)
     assert response.status_code == 201, response.text
     return int(response.json()["id"])
-
-
-@contextmanager
-def silent_server() -> Iterator[int]:
-    """A TCP port that accepts connections and never says a word (a hung IMAP server);
-    yields the port. Connections are held until the block ends."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield int(listener.getsockname()[1])
-    finally:
-        stop.set()
-        thread.join()
-        for conn in held:
-            conn.close()
-        listener.close()

@@ -1,10 +1,20 @@
-"""A small IMAP server on loopback that misbehaves on purpose: a body literal announced
-far above the message's RFC822.SIZE, a body trickled a byte at a time, UIDs beyond
-RFC 3501's 32 bits. It speaks just enough IMAP4rev1 for mailbeat's poll (LOGIN, STATUS,
-EXAMINE, UID SEARCH, UID FETCH, NOOP, CLOSE, LOGOUT); one thread per connection.
+"""The test suite's fake IMAP server: a small socket server on loopback that misbehaves
+on purpose, for what Dovecot will not do. One thread per connection.
+
+It speaks just enough IMAP4rev1 for mailbeat's poll (LOGIN, STATUS, EXAMINE,
+UID SEARCH, UID FETCH, NOOP, CLOSE, LOGOUT), and can be told to: announce a body
+literal far above the message's RFC822.SIZE, trickle a body a byte at a time, report
+UIDs beyond RFC 3501's 32 bits, never greet (`greeting=None`), greet and then say
+nothing (`answer=False`), or answer any command as a test scripts it (`respond`).
 
     with FakeImapServer([FakeMessage(1, raw), FakeMessage(2, raw, literal=10**9)]) as server:
         ...  # an account on 127.0.0.1:server.port, security "none"
+
+    def respond(tag: bytes, command: bytes) -> bytes | None:
+        if command.upper().startswith(b"LOGIN"):
+            return tag + b" NO [AUTHENTICATIONFAILED] no\r\n"
+        return None  # the built-in answer
+    with FakeImapServer(respond=respond) as server: ...
 """
 
 from __future__ import annotations
@@ -14,12 +24,17 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
 UIDVALIDITY = 7
 CHUNK = 64 * 1024
+GREETING = b"* OK [CAPABILITY IMAP4rev1] hostile test server ready\r\n"
+
+# (tag, command without its tag and line end) -> the bytes to answer with, or None for
+# the built-in answer.
+Respond = Callable[[bytes, bytes], bytes | None]
 
 
 @dataclass
@@ -34,8 +49,20 @@ class FakeMessage:
 
 
 class FakeImapServer:
-    def __init__(self, messages: list[FakeMessage], *, search_extra: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        messages: Sequence[FakeMessage] = (),
+        *,
+        search_extra: Sequence[int] = (),
+        greeting: bytes | None = GREETING,
+        answer: bool = True,
+        respond: Respond | None = None,
+    ) -> None:
         self.messages = {message.uid: message for message in messages}
+        self.greeting = greeting  # None: accept connections and never say a word
+        self.answer = answer  # False: greet, then answer nothing (a hung server)
+        self.respond = respond
+        self.commands: list[bytes] = []  # every command received, tag removed
         # UIDs SEARCH reports beyond the messages (absurd ones, for instance).
         self.search_extra = list(search_extra)
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -82,14 +109,21 @@ class FakeImapServer:
     def _serve(self, conn: socket.socket) -> None:
         try:
             file = conn.makefile("rb")
-            conn.sendall(b"* OK [CAPABILITY IMAP4rev1] hostile test server ready\r\n")
+            if self.greeting is not None:
+                conn.sendall(self.greeting)
             while not self.stop.is_set():
                 line = file.readline()
                 if not line:
                     return
                 tag, _, rest = line.rstrip(b"\r\n").partition(b" ")
+                self.commands.append(rest)
+                scripted = self.respond(tag, rest) if self.respond is not None else None
                 command = rest.upper()
-                if command.startswith(b"CAPABILITY"):
+                if scripted is not None:
+                    conn.sendall(scripted)
+                elif not self.answer:
+                    continue
+                elif command.startswith(b"CAPABILITY"):
                     conn.sendall(b"* CAPABILITY IMAP4rev1\r\n" + tag + b" OK done\r\n")
                 elif command.startswith(b"LOGIN"):
                     conn.sendall(tag + b" OK logged in\r\n")

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import socket
-import time
+
+from tests.support.wait import wait_for
 
 
 def free_port() -> int:
@@ -10,13 +11,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _listens(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
-            time.sleep(0.05)
+    wait_for(lambda: _listens(host, port), f"something to listen on {host}:{port}", timeout)

@@ -15,7 +15,7 @@ DEADLINE_SECONDS = 90.0
 
 
 def wait_for(
-    condition: Callable[[], T],
+    condition: Callable[[], T | None],
     what: str,
     timeout: float = DEADLINE_SECONDS,
     *,

@@ -14,9 +14,11 @@ from backend.db import session_scope
 from backend.models import Account, AccountStatus, Message, WebhookDelivery, utcnow
 from backend.processing.service import after_poll, hand_on, process_and_send, process_message
 from backend.webhooks import service as webhooks
-from tests.support.api import account_payload, insert_account
-from tests.webhooks.fixtures import store_message
-from tests.webhooks.receiver import SECRET, Receiver, Reply, wait_until
+from tests.support.accounts import make_account
+from tests.support.api import account_payload
+from tests.support.receiver import SECRET, Receiver, Reply
+from tests.support.wait import wait_for
+from tests.support.webhooks import store_message
 
 
 def _deliveries(db: Session) -> list[WebhookDelivery]:
@@ -38,7 +40,7 @@ def _assert_signed(receiver: Receiver) -> None:
 def test_every_message_is_delivered_once_signed(
     db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
-    account = insert_account(db)
+    account = make_account(db)
     ids = [store_message(db, account, uid).id for uid in range(1, 6)]
 
     hand_on(ids)
@@ -80,7 +82,7 @@ def test_a_request_signed_with_another_secret_is_refused_and_not_retried(
     db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
     webhooks_on(WEBHOOK_SECRET="not-the-receivers-secret")
-    account = insert_account(db)
+    account = make_account(db)
     message = store_message(db, account, 1)
 
     hand_on([message.id])
@@ -97,7 +99,7 @@ def test_account_target_gets_its_own_signed_copy(
     own = Receiver(secret="account-secret")
     own.up()
     try:
-        account = insert_account(db)
+        account = make_account(db)
         # As the accounts API stores them.
         account.webhook_url = own.url
         account.webhook_secret_encrypted = crypto.encrypt("account-secret")
@@ -138,13 +140,13 @@ def test_an_account_webhook_set_through_the_api_is_used(
 def test_a_receiver_that_fails_then_recovers_gets_everything(
     db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
-    account = insert_account(db)
+    account = make_account(db)
     ids = [store_message(db, account, uid).id for uid in range(1, 4)]
     receiver.fail(2, status=503)
     receiver.reply(Reply(status=502))
 
     hand_on(ids)
-    wait_until(lambda: _settled(db), what="deliveries settled")
+    wait_for(lambda: _settled(db), "deliveries settled")
 
     assert {d.status for d in _deliveries(db)} == {"delivered"}
     assert sorted(r.json()["data"]["message"]["id"] for r in receiver.delivered()) == ids
@@ -159,35 +161,35 @@ def test_connection_refused_and_timeouts_are_retried(
     webhooks_on(
         WEBHOOK_MAX_ATTEMPTS=200, WEBHOOK_BACKOFF_BASE_SECONDS=0.05, WEBHOOK_TIMEOUT_SECONDS=0.5
     )
-    account = insert_account(db)
+    account = make_account(db)
     first = store_message(db, account, 1)
     receiver.down()
 
     hand_on([first.id])
-    wait_until(lambda: _deliveries(db)[0].attempts >= 2, what="two refused attempts")
+    wait_for(lambda: _deliveries(db)[0].attempts >= 2, "two refused attempts")
     assert "connection failed" in (_deliveries(db)[0].last_error or "")
     receiver.reply(Reply(delay=2.0))  # slower than the client's timeout
     receiver.up()
-    wait_until(lambda: _settled(db), what="delivered after the receiver came back")
+    wait_for(lambda: _settled(db), "delivered after the receiver came back")
 
     [delivery] = _deliveries(db)
     assert delivery.status == "delivered"
     # Refused twice or more, timed out once (the receiver still got that one), then sent.
     assert delivery.attempts >= 4
-    wait_until(lambda: len(receiver.requests) == 2, what="the slow request recorded")
+    wait_for(lambda: len(receiver.requests) == 2, "the slow request recorded")
 
 
 def test_a_receiver_down_for_good_fills_the_dead_letters_and_replay_delivers(
     db: Session, api: TestClient, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
-    account = insert_account(db)
-    other = insert_account(db)
+    account = make_account(db)
+    other = make_account(db)
     ids = [store_message(db, account, uid).id for uid in range(1, 4)]
     other_id = store_message(db, other, 1).id
     receiver.down()
 
     hand_on([*ids, other_id])
-    wait_until(lambda: _settled(db), what="all dead")
+    wait_for(lambda: _settled(db), "all dead")
 
     dead = _deliveries(db)
     assert {d.status for d in dead} == {"dead"}
@@ -202,10 +204,10 @@ def test_a_receiver_down_for_good_fills_the_dead_letters_and_replay_delivers(
     receiver.up()
     response = api.post(f"/admin/dead-letters/{dead[3].id}/replay")
     assert response.status_code == 202, response.text
-    wait_until(lambda: len(receiver.delivered()) == 1)
+    wait_for(lambda: len(receiver.delivered()) == 1, "one delivery")
     response = api.post(f"/accounts/{account.id}/dead-letters/replay")
     assert response.status_code == 202 and response.json()["replayed"] == 3
-    wait_until(lambda: _settled(db))
+    wait_for(lambda: _settled(db), "deliveries settled")
 
     assert {d.status for d in _deliveries(db)} == {"delivered"}
     # Replays keep the event id: a receiver that saw a lost attempt can drop the repeat.
@@ -219,7 +221,7 @@ def test_a_receiver_down_for_good_fills_the_dead_letters_and_replay_delivers(
 def test_a_4xx_is_not_retried(
     db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
-    account = insert_account(db)
+    account = make_account(db)
     message = store_message(db, account, 1)
     receiver.default = Reply(status=422, body=b"bad payload")
 
@@ -238,7 +240,7 @@ def test_408_and_429_are_retried_honouring_retry_after(
     db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
     webhooks_on(WEBHOOK_BACKOFF_MAX_SECONDS=5)  # Retry-After is honoured up to this
-    account = insert_account(db)
+    account = make_account(db)
     message = store_message(db, account, 1)
     receiver.reply(Reply(status=429, headers={"Retry-After": "1"}), Reply(status=408))
 
@@ -247,7 +249,7 @@ def test_408_and_429_are_retried_honouring_retry_after(
     assert delivery.status == "pending"
     assert delivery.last_attempt_at is not None
     assert (delivery.next_attempt_at - delivery.last_attempt_at).total_seconds() >= 1
-    wait_until(lambda: _settled(db))
+    wait_for(lambda: _settled(db), "deliveries settled")
 
     [delivery] = _deliveries(db)
     assert delivery.status == "delivered" and delivery.attempts == 3
@@ -258,7 +260,7 @@ def test_408_and_429_are_retried_honouring_retry_after(
 def test_account_events_are_delivered_once_per_change(
     db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
-    account = insert_account(db, status="error", last_error="LOGIN failed", last_error_kind="auth")
+    account = make_account(db, status="error", last_error="LOGIN failed", last_error_kind="auth")
     message = store_message(db, account, 1)
 
     after_poll(account.id, [message.id], "account.error")
@@ -283,7 +285,7 @@ def test_without_a_target_messages_are_processed_and_nothing_is_sent(
     db: Session, receiver: Receiver, set_env: Callable[..., None]
 ) -> None:
     set_env(WEBHOOK_URL=None, SCHEDULER_MODE="local")
-    account = insert_account(db)
+    account = make_account(db)
     message = store_message(db, account, 1)
 
     hand_on([message.id])
@@ -299,7 +301,7 @@ def test_unsigned_without_a_secret_and_bodies_cut_to_size(
 ) -> None:
     webhooks_on(WEBHOOK_SECRET=None, WEBHOOK_BODY_MAX_BYTES=8)
     receiver.secret = None
-    account = insert_account(db)
+    account = make_account(db)
     message = store_message(db, account, 1)
 
     hand_on([message.id])
@@ -314,7 +316,7 @@ def test_unsigned_without_a_secret_and_bodies_cut_to_size(
 def test_a_message_whose_stored_bytes_are_gone_is_still_announced(
     db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
-    account = insert_account(db)
+    account = make_account(db)
     message = store_message(db, account, 1)
     message.storage_key = message.storage_key + ".missing"  # type: ignore[operator]
     db.commit()
@@ -337,7 +339,7 @@ def test_dead_letter_routes_need_the_token(anonymous: TestClient) -> None:
 def test_an_attempt_that_arrives_early_waits_for_its_time(
     db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
-    account = insert_account(db)
+    account = make_account(db)
     message = store_message(db, account, 1)
     with session_scope() as session:
         assert process_message(session, message.id)
@@ -348,7 +350,7 @@ def test_an_attempt_that_arrives_early_waits_for_its_time(
     # A duplicate task, or one part of a countdown longer than MAX_COUNTDOWN_SECONDS.
     assert webhooks.deliver(delivery.id) == "not_due"
     assert receiver.requests == []
-    wait_until(lambda: _settled(db))
+    wait_for(lambda: _settled(db), "deliveries settled")
 
     assert [d.status for d in _deliveries(db)] == ["delivered"]
     assert len(receiver.requests) == 1

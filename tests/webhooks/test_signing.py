@@ -5,7 +5,7 @@ import hmac
 import time
 
 from backend.webhooks import signing
-from tests.webhooks.receiver import doc_verify
+from tests.support.receiver import doc_verify
 
 BODY = b'{"id":"evt_1"}'
 

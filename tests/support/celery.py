@@ -1,4 +1,4 @@
-"""Real `celery worker` and `celery beat` processes for the scheduling tests, started
+"""Real `celery worker` and `celery beat` processes for end-to-end tests, started
 from this checkout with the test environment and stopped by the fixture that started
 them."""
 
@@ -9,8 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,16 +17,6 @@ from tests.support.processes import stop_group
 
 ROOT = Path(__file__).resolve().parents[2]
 CELERY = shutil.which("celery", path=str(Path(sys.executable).parent)) or "celery"
-DEADLINE_SECONDS = 90.0
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = DEADLINE_SECONDS) -> None:
-    """Poll `condition` until it is true; fail with `what` after a generous deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.1)
 
 
 class CeleryProcess:

@@ -180,12 +180,3 @@ class Receiver:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:
-    """Bounded polling: deliveries retried on timers finish in their own time."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout}s: {what or predicate}")
-        time.sleep(0.02)

@@ -16,7 +16,7 @@ from backend.mailbox.parser import parse_message
 from backend.models import Account, Attachment, Message
 from backend.storage import service as storage
 from backend.storage.base import attachment_key, message_key
-from tests.webhooks.receiver import SECRET, Receiver
+from tests.support.receiver import SECRET, Receiver
 
 
 @pytest.fixture

@@ -1,3 +1,0 @@
-from tests.mailbox.conftest import make_account
-
-__all__ = ["make_account"]
