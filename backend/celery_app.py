@@ -1,6 +1,7 @@
 """The Celery app: `celery -A backend.celery_app worker|beat|flower`.
 
-Settings follow DESIGN.md's settled choices; each comment says what goes wrong without it.
+Settings follow docs/architecture.md's settled choices; each comment says what goes wrong
+without it.
 """
 
 from __future__ import annotations

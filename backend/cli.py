@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -17,15 +16,20 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
+import uvicorn
+
 from backend import dispatch
 from backend.config import Settings, get_settings
-from backend.console.commands import add_commands, run_command
-from backend.models.enums import PollOutcome, SchedulerMode
+from backend.console.commands import add_commands, poll, run_command
+from backend.db import DatabaseUnavailable, check_database, reset_caches
+from backend.envfile import ensure_env_file
+from backend.models.enums import SchedulerMode
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = Path(".env")  # where Settings reads it: the working directory
 
-# The compose services' commands (DESIGN.md), run by `run` when Redis answers.
+# The compose services' commands (docs/architecture.md, "Processes and commands"), run by
+# `run` when Redis answers.
 WORKER_QUEUES = "email,workflow,default"
 STOP_TIMEOUT_SECONDS = 30.0
 
@@ -33,12 +37,12 @@ log = logging.getLogger("mailbeat")
 
 
 def migrate() -> None:
-    from alembic import command
-
-    from backend.db import check_database
+    # Only `migrate` (and `run`) need alembic: ~100 modules, 0.3 s on every other command
+    # (python -X importtime on a loaded 2-core machine).
+    from alembic import command  # noqa: PLC0415 - start-up cost, above
+    from alembic.config import Config  # noqa: PLC0415 - start-up cost, above
 
     check_database()  # a missing database is named, with the command that creates it
-    from alembic.config import Config
 
     config = Config(str(ROOT / "alembic.ini"))
     # alembic.ini's logging setup would silence mailbeat's own INFO lines for the rest of `run`.
@@ -155,9 +159,6 @@ def busy_port(host: str, port: int) -> str | None:
 def run(host: str, port: int, flower_port: int | None = None) -> None:
     """`make run`: a working service from a fresh checkout; with `flower_port`, Flower
     too (Celery mode only)."""
-    from backend.db import reset_caches
-    from backend.envfile import ensure_env_file
-
     # Before anything starts: a busy port used to show only after beat and the worker ran.
     for what, wanted in (("serve", port), ("start Flower", flower_port)):
         problem = None if wanted is None else busy_port(host, wanted)
@@ -190,7 +191,6 @@ def run(host: str, port: int, flower_port: int | None = None) -> None:
                 os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()
         print(banner(settings, host, port, mode), flush=True)
         sys.exit(supervise(commands))
-    import uvicorn
 
     mode = "local mode: no Redis answers, polls run in the API process"
     if flower_port is not None:
@@ -215,32 +215,6 @@ def flower_command(host: str, port: int) -> list[str]:
     ]
 
 
-def poll(account_id: int) -> int:
-    """Poll one account now, in this process, and hand its new messages on in-process
-    (no Celery worker needed). Prints the result; the exit status is 0 only on success."""
-    # Only `poll` needs the ingestion code; importing it costs the other commands ~2 s
-    # (python -X importtime, a loaded 2-core machine).
-    from backend.mailbox.polling import run_poll
-
-    dispatch.run_in_process()
-    done = run_poll(account_id, None)
-    if isinstance(done, str):  # stale or locked: did not run
-        print(json.dumps({"account_id": account_id, "outcome": done}))
-        return 1
-    summary = {
-        "account_id": account_id,
-        "outcome": done.outcome,
-        "messages": done.messages,
-        "bytes": done.bytes,
-        "duration_seconds": round(done.duration_seconds, 3),
-        "error": done.error,
-        "account_event": done.account_event,
-    }
-    print(json.dumps(summary))
-    ok = done.outcome in (PollOutcome.SUCCESS, PollOutcome.SKIPPED) and done.error is None
-    return 0 if ok else 1
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mailbeat")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -261,8 +235,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from backend.db import DatabaseUnavailable
-
     try:
         if args.command == "run":
             run(args.host, args.port, args.flower_port if args.flower else None)

@@ -26,8 +26,11 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from backend import redis
+from backend.celery_app import app, queue_keys
 from backend.config import get_settings
+from backend.db import get_sessionmaker, session_scope
 from backend.models import Account, AccountStatus, PollOutcome, utcnow
+from backend.schedules import service as schedules
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +104,6 @@ def record_poll(outcome: str, messages: int, bytes_: int, duration_seconds: floa
 
 
 def _database_gauges() -> Iterator[GaugeMetricFamily]:
-    from backend.db import get_sessionmaker
-
     with get_sessionmaker()() as session:
         counts = dict(
             session.execute(select(Account.status, func.count()).group_by(Account.status)).all()
@@ -128,8 +129,6 @@ def _database_gauges() -> Iterator[GaugeMetricFamily]:
 
 
 def _redis_gauges() -> Iterator[GaugeMetricFamily]:
-    from backend.celery_app import app, queue_keys
-
     names = [queue.name for queue in app.conf.task_queues]
     with redis.probe() as client:
         pipe = client.pipeline(transaction=False)
@@ -146,8 +145,6 @@ def _redis_gauges() -> Iterator[GaugeMetricFamily]:
 
 
 def _schedule_gauges() -> Iterator[GaugeMetricFamily]:
-    from backend.schedules import service as schedules
-
     yield GaugeMetricFamily(
         "mailbeat_schedule_entries",
         "Mailbox entries in the schedule (RedBeat, or the local scheduler in local mode).",
@@ -156,9 +153,6 @@ def _schedule_gauges() -> Iterator[GaugeMetricFamily]:
 
 
 def _capacity_gauges() -> Iterator[GaugeMetricFamily]:
-    from backend.db import session_scope
-    from backend.schedules import service as schedules
-
     with session_scope() as session:
         result = schedules.capacity(session)
     yield GaugeMetricFamily(

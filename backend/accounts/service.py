@@ -24,6 +24,7 @@ from backend.accounts.schemas import (
     OAuth2Credentials,
     check_initial_sync,
 )
+from backend.admin.service import require_scheduler
 from backend.config import get_settings
 from backend.errors import Conflict, NotFound, ValidationError
 from backend.models import (
@@ -218,8 +219,6 @@ def delete_objects(account_id: int) -> None:
 def queue_poll(session: Session, account_id: int, *, force: bool = False) -> str:
     """Poll the account now, outside its schedule; returns the task id. An account backing
     off after failed polls is polled only with `force` (a 409 says until when)."""
-    from backend.admin.service import require_scheduler
-
     account = get_account(session, account_id)
     if not account.enabled:
         raise Conflict(

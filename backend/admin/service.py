@@ -38,10 +38,19 @@ from backend.admin.schemas import (
     WorkerList,
     WorkerRead,
 )
+from backend.celery_app import app, broker_connection, queue_keys
 from backend.config import get_settings
-from backend.db import session_scope
+from backend.db import get_engine, session_scope
 from backend.errors import Conflict, NotFound, ServiceUnavailable
-from backend.models import Account, HealthStatus, PollOutcome, PollRun, SchedulerMode, utcnow
+from backend.models import (
+    FAILED_POLL_OUTCOMES,
+    Account,
+    HealthStatus,
+    PollOutcome,
+    PollRun,
+    SchedulerMode,
+    utcnow,
+)
 from backend.schedules import service as schedules
 from backend.storage import service as storage
 
@@ -104,8 +113,6 @@ def list_schedule(*, limit: int, offset: int) -> ScheduleList:
 def _inspect(command: str, *args: Any, names: list[str] | None = None) -> dict[str, Any]:
     """Ask the workers (all, or `names`) and wait CELERY_INSPECT_TIMEOUT_SECONDS for their
     replies, on a broker connection taken from the shared pool with a timeout."""
-    from backend.celery_app import app, broker_connection
-
     settings = get_settings()
     with broker_connection(settings.health_check_timeout_seconds) as connection:
         # Asking known workers with a reply limit returns as soon as they all answered.
@@ -245,8 +252,6 @@ def task_state(session: Session, task_id: str) -> TaskStateRead:
 
 
 def _find_queued(task_id: str) -> tuple[str, str | None] | None:
-    from backend.celery_app import app, queue_keys
-
     needle = task_id.encode()
     try:
         with redis.probe() as client:
@@ -305,7 +310,6 @@ def retry_task(session: Session, task_id: str) -> RetryRead:
 # -- activity ----------------------------------------------------------------------------
 
 ACTIVITY_BUCKETS = 30
-FAILED_OUTCOMES = ("auth_error", "connection_error", "protocol_error", "internal_error")
 
 
 def activity(session: Session, *, minutes: int) -> ActivityRead:
@@ -322,7 +326,7 @@ def activity(session: Session, *, minutes: int) -> ActivityRead:
         select(
             index,
             func.count(),
-            func.sum(case((PollRun.outcome.in_(FAILED_OUTCOMES), 1), else_=0)),
+            func.sum(case((PollRun.outcome.in_(FAILED_POLL_OUTCOMES), 1), else_=0)),
             func.sum(PollRun.messages_count),
         )
         .where(PollRun.started_at >= start)
@@ -357,8 +361,6 @@ class CheckFailed(Exception):
 
 
 def _check_database() -> str:
-    from backend.db import get_engine
-
     with get_engine().connect() as conn:
         conn.execute(text("SELECT 1"))
     return "ok"

@@ -4,6 +4,7 @@ from backend.models.account import Account, AccountCleanup, FolderCursor
 from backend.models.base import Base, utcnow
 from backend.models.enums import (
     ACCOUNT_EVENTS,
+    FAILED_POLL_OUTCOMES,
     AccountStatus,
     AuthMethod,
     DeliveryStatus,
@@ -23,6 +24,7 @@ from backend.models.webhook import WebhookDelivery
 
 __all__ = [
     "ACCOUNT_EVENTS",
+    "FAILED_POLL_OUTCOMES",
     "Account",
     "AccountCleanup",
     "AccountStatus",

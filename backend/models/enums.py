@@ -67,6 +67,10 @@ class PollOutcome(StrEnum):
         return cls(f"{kind.value}_error")
 
 
+# The outcomes of a poll that failed, one per ErrorKind.
+FAILED_POLL_OUTCOMES = tuple(PollOutcome.for_error(kind) for kind in ErrorKind)
+
+
 class EventType(StrEnum):
     """Webhook event types. The account events report a change of AccountStatus."""
 

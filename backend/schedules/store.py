@@ -21,7 +21,7 @@ from redbeat.decoder import RedBeatJSONDecoder, to_timestamp
 from redbeat.schedulers import ensure_conf, get_redis
 
 from backend import redis
-from backend.celery_app import DEFAULT_PRIORITY, broker_priority
+from backend.celery_app import DEFAULT_PRIORITY, app, broker_priority
 from backend.config import get_settings
 from backend.schedules.phase import initial_last_run
 
@@ -62,8 +62,6 @@ class Counts:
 
 
 def celery_app() -> Celery:
-    from backend.celery_app import app
-
     ensure_conf(app)
     return app
 

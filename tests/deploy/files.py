@@ -13,7 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
-# DESIGN.md, "Processes and commands": compose runs exactly these.
+# docs/architecture.md, "Processes and commands": compose runs exactly these.
 DESIGN_COMMANDS = {
     "api": "uvicorn backend.main:app --host 0.0.0.0 --port 8000",
     "celery-worker": "celery -A backend.celery_app worker -Q email,workflow,default",

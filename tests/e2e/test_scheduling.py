@@ -493,3 +493,21 @@ def test_poll_now_during_a_backoff_says_until_when_and_force_polls_through(
     assert mailboxes.ingested(account) == 2
     mailboxes.db.rollback()
     assert mailboxes.db.get(Account, account.id).backoff_until is None  # type: ignore[union-attr]
+
+
+def test_a_new_mailbox_is_polled_at_once_then_keeps_its_phase(
+    celery: Celery, mailboxes: Mailboxes
+) -> None:
+    celery.worker()
+    beat = celery.beat()
+    wait_for(lambda: "beat: Acquired lock" in beat.log(), "beat to run")
+    # Hourly, never polled: without the first poll at once it would wait up to an hour.
+    account = mailboxes.add(interval=3600)
+    mailboxes.deliver(account, 2)
+    wait_for(lambda: mailboxes.ingested(account) == 2, "the first poll", timeout=30)
+    [entry] = [e for e in service.list_entries() if e.account_id == account.id]
+    [run] = mailboxes.runs(account)
+    # The next poll is an hour after that first one.
+    assert entry.next_run_at is not None and entry.last_run_at is not None
+    assert abs((entry.last_run_at - run.started_at).total_seconds()) < 5
+    assert entry.next_run_at == entry.last_run_at + timedelta(seconds=3600)
