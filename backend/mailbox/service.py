@@ -88,6 +88,8 @@ class PollResult:
     messages: int = 0
     bytes: int = 0
     error: str | None = None
+    # The account is deleted or disabled: nothing was polled, nor recorded.
+    stale: bool = False
     # Only when this poll changed the account's status (see backend/accounts/state.py).
     account_event: EventType | None = None
     duration_seconds: float = 0.0
@@ -145,15 +147,19 @@ def poll_account(
 ) -> PollResult:
     """Poll every folder of one account. Never raises for a mailbox's own failures: they
     are classified and recorded on the account and the PollRun row. `force` polls
-    through a backoff (see accounts/state.skip_reason)."""
+    through a backoff (see accounts/state.skip_reason).
+
+    A poll that finds nothing new costs two transactions: this first one (the account,
+    its PollRun row, the UIDNEXT each folder had) and `_finish`."""
     started = time.monotonic()
     started_at = utcnow()
     with session_scope() as session:
         account = session.get(Account, account_id)
-        if account is None:
-            return PollResult(outcome=PollOutcome.SKIPPED, error="no such account")
-        _close_dead_runs(session, account_id, started_at)
-        session.refresh(account)
+        if account is None or not state.wants_polls(account):
+            why = "no such account" if account is None else "account is disabled"
+            return PollResult(outcome=PollOutcome.SKIPPED, error=why, stale=True)
+        if _close_dead_runs(session, account_id, started_at):
+            session.refresh(account)
         reason = state.skip_reason(account, started_at, force=force)
         run = PollRun(
             account_id=account_id,
@@ -244,19 +250,23 @@ def _finish(
     if error is not None:
         error.message = error.message[:ERROR_TEXT_MAX]
     with session_scope() as session:
-        run = session.get(PollRun, run_id)
-        if run is not None:
-            run.outcome = outcome
-            run.finished_at = now
-            run.messages_count = messages
-            run.bytes_count = bytes_
-            run.error = note if error is None else error.message
+        session.execute(
+            update(PollRun)
+            .where(PollRun.id == run_id)
+            .values(
+                outcome=outcome,
+                finished_at=now,
+                messages_count=messages,
+                bytes_count=bytes_,
+                error=note if error is None else error.message,
+            )
+        )
         for folder, (uidvalidity, uidnext) in (uidnexts or {}).items():
             cursors.saw_uidnext(session, account_id, folder, uidvalidity, uidnext)
         return state.record_poll(session, account_id, started_at=started_at, now=now, error=error)
 
 
-def _close_dead_runs(session: Session, account_id: int, now: datetime) -> None:
+def _close_dead_runs(session: Session, account_id: int, now: datetime) -> bool:
     """Close this account's polls that never finished: their worker was killed (SIGKILL,
     out of memory, the hard time limit) before it could record anything. Each counts as
     a failure, so a mailbox that kills its worker backs off and is disabled in the end
@@ -287,6 +297,7 @@ def _close_dead_runs(session: Session, account_id: int, now: datetime) -> None:
         state.record_poll(session, account_id, started_at=now, now=now, error=error)
         log.warning("poll run %s of account %s: %s", run.id, account_id, error.message)
     session.flush()
+    return bool(dead)
 
 
 def _ignored_uids_note(account_id: int, uids: Sequence[int]) -> str | None:
