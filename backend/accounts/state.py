@@ -29,10 +29,16 @@ from backend.models import Account, AccountStatus, EventType
 BACKOFF_SLACK = timedelta(seconds=2)
 
 
+def wants_polls(account: Account) -> bool:
+    """Whether the account is polled at all (one with status "error" is, after its
+    backoff): an account that is not has no schedule entry either."""
+    return account.enabled and account.status != AccountStatus.DISABLED
+
+
 def skip_reason(account: Account, now: datetime, *, force: bool = False) -> str | None:
     """Why a poll starting now must not run, or None when it may. `force` (a poll asked
     for by hand with force=true) runs through a backoff, never for a disabled account."""
-    if not account.enabled or account.status == AccountStatus.DISABLED:
+    if not wants_polls(account):
         return "account is disabled"
     if not force and backing_off(account, now):
         assert account.backoff_until is not None

@@ -1,9 +1,10 @@
 """A poll with everything around it, the same wherever it runs: the Celery task
 `mailbox.poll`, the local scheduler and `cli poll`.
 
-Re-read the account and drop a stale schedule entry; take the mailbox's lock; poll
-(backend/mailbox/service.py); once the poll has committed, hand on its account event and
-messages, count it, and remove the entry of an account the poll has just disabled.
+Take the mailbox's lock; poll (backend/mailbox/service.py), which reads the account
+first: a deleted or disabled one is not polled, and its stale schedule entry is dropped;
+once the poll has committed, hand on its account event and messages, count it, and
+remove the entry of an account the poll has just disabled.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Literal
 from backend import dispatch
 from backend.db import session_scope
 from backend.mailbox.lock import mailbox_lock
+from backend.mailbox.progress import OnProgress
 from backend.mailbox.service import PollResult, poll_account
 from backend.metrics import record_poll
 from backend.models import Account, EventType, PollOutcome, PollRun, SchedulerMode, utcnow
@@ -32,19 +34,27 @@ LOCKED: NotRun = "locked"
 BUSY_REASON = "another poll of this mailbox is running"
 
 
-def run_poll(account_id: int, task_id: str | None, force: bool = False) -> PollResult | NotRun:
+def run_poll(
+    account_id: int,
+    task_id: str | None,
+    force: bool = False,
+    on_progress: OnProgress | None = None,
+) -> PollResult | NotRun:
     """Poll one mailbox and hand its work on; returns the poll's result, or why it did
-    not run. Never raises for a mailbox's own failures. `force`: through a backoff."""
-    if not pollable(account_id):
-        return STALE
+    not run. Never raises for a mailbox's own failures. `force`: through a backoff.
+    `on_progress` hears each folder's done and total as batches commit
+    (backend/mailbox/progress.py)."""
     started = time.monotonic()
     with _lock(account_id) as held:
         if not held:
-            record_skip(
-                account_id, task_id=task_id, reason="another poll of this mailbox is running"
-            )
+            record_skip(account_id, task_id=task_id, reason=BUSY_REASON)
             return LOCKED
-        result = poll_account(account_id, task_id=task_id, force=force)
+        result = poll_account(account_id, task_id=task_id, force=force, on_progress=on_progress)
+    if result.stale:
+        # Its poll was already queued, or the removal after its commit failed.
+        log.info("mailbox %s is deleted or disabled: removing its stale schedule entry", account_id)
+        schedules.remove_account(account_id)
+        return STALE
     duration = time.monotonic() - started
     after_poll(account_id, result.new_message_ids, result.account_event)
     record_poll(result.outcome, result.messages, result.bytes, duration)
@@ -66,18 +76,6 @@ def _lock(account_id: int) -> AbstractContextManager[bool]:
     if dispatch.mode() == SchedulerMode.LOCAL:
         return nullcontext(True)
     return mailbox_lock(account_id)
-
-
-def pollable(account_id: int) -> bool:
-    """Whether the account still wants polls. A deleted or disabled account's entry is
-    stale (a poll was already queued, or the removal after its commit failed): remove it."""
-    with session_scope() as session:
-        account = session.get(Account, account_id)
-        wanted = account is not None and schedules.wants_schedule(account)
-    if not wanted:
-        log.info("mailbox %s is deleted or disabled: removing its stale schedule entry", account_id)
-        schedules.remove_account(account_id)
-    return wanted
 
 
 def record_skip(account_id: int, *, task_id: str | None, reason: str) -> None:

@@ -48,6 +48,7 @@ from backend.mailbox.imap import (
     ImapSession,
 )
 from backend.mailbox.parser import ParsedMessage, parse_message
+from backend.mailbox.progress import OnProgress, SyncProgress
 from backend.models import (
     Account,
     Attachment,
@@ -87,6 +88,8 @@ class PollResult:
     messages: int = 0
     bytes: int = 0
     error: str | None = None
+    # The account is deleted or disabled: nothing was polled, nor recorded.
+    stale: bool = False
     # Only when this poll changed the account's status (see backend/accounts/state.py).
     account_event: EventType | None = None
     duration_seconds: float = 0.0
@@ -124,6 +127,7 @@ class _Prepared:
     attachments: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     uploads: list[_Upload] = field(default_factory=list)
     advance_cursor: bool = True
+    fetched: int = 0  # UIDs the batch covers, stored or not (for the sync's progress)
 
 
 # -- the poll ----------------------------------------------------------------------------
@@ -134,18 +138,28 @@ def open_mailbox(account: Account) -> ImapSession:
     return imap.open_account(account, credentials=credentials.loader(account))
 
 
-def poll_account(account_id: int, *, task_id: str | None = None, force: bool = False) -> PollResult:
+def poll_account(
+    account_id: int,
+    *,
+    task_id: str | None = None,
+    force: bool = False,
+    on_progress: OnProgress | None = None,
+) -> PollResult:
     """Poll every folder of one account. Never raises for a mailbox's own failures: they
     are classified and recorded on the account and the PollRun row. `force` polls
-    through a backoff (see accounts/state.skip_reason)."""
+    through a backoff (see accounts/state.skip_reason).
+
+    A poll that finds nothing new costs two transactions: this first one (the account,
+    its PollRun row, the UIDNEXT each folder had) and `_finish`."""
     started = time.monotonic()
     started_at = utcnow()
     with session_scope() as session:
         account = session.get(Account, account_id)
-        if account is None:
-            return PollResult(outcome=PollOutcome.SKIPPED, error="no such account")
-        _close_dead_runs(session, account_id, started_at)
-        session.refresh(account)
+        if account is None or not state.wants_polls(account):
+            why = "no such account" if account is None else "account is disabled"
+            return PollResult(outcome=PollOutcome.SKIPPED, error=why, stale=True)
+        if _close_dead_runs(session, account_id, started_at):
+            session.refresh(account)
         reason = state.skip_reason(account, started_at, force=force)
         run = PollRun(
             account_id=account_id,
@@ -167,7 +181,7 @@ def poll_account(account_id: int, *, task_id: str | None = None, force: bool = F
             poll_run_id=run_id,
         )
 
-    poller = _Poller(account, seen)
+    poller = _Poller(account, seen, SyncProgress(account_id, account.sync_progress, on_progress))
     error: ImapError | None = None
     note: str | None = None
     try:
@@ -236,19 +250,23 @@ def _finish(
     if error is not None:
         error.message = error.message[:ERROR_TEXT_MAX]
     with session_scope() as session:
-        run = session.get(PollRun, run_id)
-        if run is not None:
-            run.outcome = outcome
-            run.finished_at = now
-            run.messages_count = messages
-            run.bytes_count = bytes_
-            run.error = note if error is None else error.message
+        session.execute(
+            update(PollRun)
+            .where(PollRun.id == run_id)
+            .values(
+                outcome=outcome,
+                finished_at=now,
+                messages_count=messages,
+                bytes_count=bytes_,
+                error=note if error is None else error.message,
+            )
+        )
         for folder, (uidvalidity, uidnext) in (uidnexts or {}).items():
             cursors.saw_uidnext(session, account_id, folder, uidvalidity, uidnext)
         return state.record_poll(session, account_id, started_at=started_at, now=now, error=error)
 
 
-def _close_dead_runs(session: Session, account_id: int, now: datetime) -> None:
+def _close_dead_runs(session: Session, account_id: int, now: datetime) -> bool:
     """Close this account's polls that never finished: their worker was killed (SIGKILL,
     out of memory, the hard time limit) before it could record anything. Each counts as
     a failure, so a mailbox that kills its worker backs off and is disabled in the end
@@ -279,6 +297,7 @@ def _close_dead_runs(session: Session, account_id: int, now: datetime) -> None:
         state.record_poll(session, account_id, started_at=now, now=now, error=error)
         log.warning("poll run %s of account %s: %s", run.id, account_id, error.message)
     session.flush()
+    return bool(dead)
 
 
 def _ignored_uids_note(account_id: int, uids: Sequence[int]) -> str | None:
@@ -310,7 +329,12 @@ def store_uids(
 class _Poller:
     """One poll of one account: folder by folder, batch by batch."""
 
-    def __init__(self, account: Account, seen: dict[str, tuple[int, int]] | None = None) -> None:
+    def __init__(
+        self,
+        account: Account,
+        seen: dict[str, tuple[int, int]] | None = None,
+        progress: SyncProgress | None = None,
+    ) -> None:
         settings = get_settings()
         self.account = account
         self.account_id = account.id
@@ -322,6 +346,8 @@ class _Poller:
         self.max_bytes = settings.max_message_bytes
         self.new_ids: list[int] = []
         self.new_bytes = 0
+        # None for a backfill, which stores outside the sync.
+        self.progress = progress
 
     @contextmanager
     def storing(self) -> Iterator[None]:
@@ -361,6 +387,10 @@ class _Poller:
         else:
             uids = mailbox.search(uid_from=cursor + 1)
             ceiling = max(uids, default=cursor)
+        if self.progress is not None and (uids or cursor is None):
+            # An idle poll leaves the last sync's numbers; a first sync always shows.
+            with session_scope() as session:
+                self.progress.start(session, folder, len(uids))
         self.ingest(mailbox, folder, uidvalidity, uids, dedupe=dedupe)
         if ceiling > (cursor or 0):
             # Messages the initial-sync policy left out stay behind the cursor for good.
@@ -514,7 +544,9 @@ class _Poller:
         if dedupe:
             with session_scope() as session:
                 held = cursors.held_hashes(session, self.account_id, folder, uidvalidity, hashes)
-        prepared = _Prepared(folder=folder, uidvalidity=uidvalidity, last_uid=batch[-1].uid)
+        prepared = _Prepared(
+            folder=folder, uidvalidity=uidvalidity, last_uid=batch[-1].uid, fetched=len(batch)
+        )
         for item in batch:
             if item.content_hash is not None and item.content_hash in held:
                 continue  # held from before the UIDVALIDITY change
@@ -564,6 +596,10 @@ class _Poller:
                     .values(message_count=Account.message_count + len(inserted))
                 )
             if prepared.advance_cursor:
+                # The account row before the cursor row, as above: two polls of one
+                # mailbox that meet here lock in the same order and cannot deadlock.
+                if self.progress is not None:
+                    self.progress.advance(session, folder, prepared.fetched)
                 cursors.advance(session, self.account_id, folder, uidvalidity, last_uid)
         self.new_ids.extend(sorted(message_id for message_id, _uid, _size in inserted))
         self.new_bytes += sum(size for _id, _uid, size in inserted)

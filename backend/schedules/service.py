@@ -21,6 +21,7 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from backend import dispatch, redis
+from backend.accounts import state
 from backend.celery_app import TOP_PRIORITY, queue_keys
 from backend.config import get_settings
 from backend.db import session_scope
@@ -55,7 +56,7 @@ class ReconcileResult:
 def wants_schedule(account: Account) -> bool:
     """Whether an account should have a schedule entry. One failing with status "error"
     keeps it: its poll skips while the account's backoff lasts."""
-    return account.enabled and account.status != AccountStatus.DISABLED
+    return state.wants_polls(account)
 
 
 def _wanted_clause() -> ColumnElement[bool]:

@@ -49,7 +49,7 @@ def _reset(counts: Counts) -> None:
     counts.commits = counts.selects = 0
 
 
-def test_an_idle_poll_selects_nothing(
+def test_an_idle_poll_selects_nothing_and_commits_twice_at_most(
     dovecot: Dovecot,
     mail_user: tuple[str, str],
     mail_account: MailAccount,
@@ -68,6 +68,7 @@ def test_an_idle_poll_selects_nothing(
     assert isinstance(idle, PollResult)
     assert (idle.outcome, idle.messages) == ("success", 0)
     assert counts.selects == 0
+    assert counts.commits <= 2
 
 
 def test_new_mail_after_an_idle_poll_is_found_and_an_expunged_arrival_rescans(
