@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = Path(".env")  # where Settings reads it: the working directory
 
 # The compose services' commands (docs/architecture.md, "Processes and commands"), run by
-# `run` when Redis answers.
-WORKER_QUEUES = "email,workflow,default"
+# `run` when Redis answers. Two worker pools, so polls never wait behind a processing
+# backlog for a slot.
+WORKER_QUEUES = {"worker": "email", "processor": "workflow,default"}
 STOP_TIMEOUT_SECONDS = 30.0
 
 log = logging.getLogger("mailbeat")
@@ -56,16 +57,22 @@ def stack_commands(host: str, port: int) -> dict[str, list[str]]:
     return {
         "api": [python, "-m", "uvicorn", "backend.main:app", "--host", host, "--port", str(port)],
         "beat": [python, "-m", "celery", "-A", "backend.celery_app", "beat"],
-        "worker": [
-            python,
-            "-m",
-            "celery",
-            "-A",
-            "backend.celery_app",
-            "worker",
-            "-Q",
-            WORKER_QUEUES,
-        ],
+        **{
+            # Distinct node names: two workers on one host would otherwise both be celery@host.
+            name: [
+                python,
+                "-m",
+                "celery",
+                "-A",
+                "backend.celery_app",
+                "worker",
+                "-Q",
+                queues,
+                "-n",
+                f"{name}@%h",
+            ]
+            for name, queues in WORKER_QUEUES.items()
+        },
     }
 
 
@@ -160,12 +167,12 @@ def run(host: str, port: int, flower_port: int | None = None) -> None:
     """`make run`: a working service from a fresh checkout; with `flower_port`, Flower
     too (Celery mode only)."""
     # Before anything starts: a busy port used to show only after beat and the worker ran.
-    for what, wanted in (("serve", port), ("start Flower", flower_port)):
+    for what, wanted in (("cannot serve on", port), ("cannot start Flower on", flower_port)):
         problem = None if wanted is None else busy_port(host, wanted)
         if wanted is not None and problem is not None:
             option = "--port" if wanted == port else "--flower-port"
             raise SystemExit(
-                f"mailbeat: cannot {what} on {host}:{wanted}: {problem}. Stop what listens "
+                f"mailbeat: {what} {host}:{wanted}: {problem}. Stop what listens "
                 f"there (e.g. `ss -ltnp 'sport = :{wanted}'`), or choose another port: "
                 f"make run RUN_ARGS='{option} {wanted + 1}'"
             )
@@ -182,7 +189,7 @@ def run(host: str, port: int, flower_port: int | None = None) -> None:
     # same decision the API makes, which logs it.
     if dispatch.mode() == SchedulerMode.CELERY:
         commands = stack_commands(host, port)
-        mode = "API, Celery beat and a worker on Redis"
+        mode = "API, Celery beat, a poll worker and a processor on Redis"
         if flower_port is not None:
             commands["flower"] = flower_command(host, flower_port)
             mode += f"; Flower on {served_url(host, flower_port)}"

@@ -11,7 +11,7 @@ import tempfile
 import time
 
 from tests.support import postgres
-from tests.support.receiver import Receiver
+from tests.support.receiver import SECRET, Receiver
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
         LOCAL_STORAGE_DIR=tempfile.mkdtemp(prefix="bench-webhooks-"),
         ENCRYPTION_KEY="Gx0PjDGsAqQw4U3mBmaXUhnSaqZ3vjxsmKdQZ0M0l7k=",
         WEBHOOK_URL=receiver.url,
-        WEBHOOK_SECRET="bench-secret",
+        WEBHOOK_SECRET=SECRET,  # the receiver answers 2xx only to signatures it verifies
         SCHEDULER_MODE="local",
     )
     from alembic import command

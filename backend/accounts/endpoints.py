@@ -77,8 +77,10 @@ def list_poll_runs(
 
 @router.get("/{account_id}/folders", responses=error_responses(404))
 def list_folders(account_id: AccountId, session: SessionDep) -> FolderList:
-    """The account's folders and their cursors: the UIDVALIDITY and last UID stored."""
+    """The account's folders: their cursors (the UIDVALIDITY and last UID stored) and how
+    far their latest sync has come."""
     account = service.get_account(session, account_id)
+    progress = account.sync_progress or {}
     return FolderList(
         items=[
             FolderRead(
@@ -86,6 +88,8 @@ def list_folders(account_id: AccountId, session: SessionDep) -> FolderList:
                 uidvalidity=None if cursor is None else cursor.uidvalidity,
                 last_uid=None if cursor is None else cursor.last_uid,
                 updated_at=None if cursor is None else cursor.updated_at,
+                sync_done=progress.get(name, {}).get("done"),
+                sync_total=progress.get(name, {}).get("total"),
             )
             for name, cursor in service.folder_cursors(session, account)
         ]

@@ -427,6 +427,14 @@ class AccountUpdate(_InitialSyncFields):
 RedactedUrl = Annotated[str, AfterValidator(netpolicy.redact_userinfo)]
 
 
+class SyncProgress(BaseModel):
+    """Messages of a folder's latest sync stored so far, of those it set out to fetch. A
+    sync that stopped half-way (a time limit, a lost connection) goes on from `done`."""
+
+    done: int
+    total: int
+
+
 class AccountRead(BaseModel):
     """A mailbox and its polling state. Credentials never appear here."""
 
@@ -456,6 +464,9 @@ class AccountRead(BaseModel):
     backoff_until: datetime | None
     disabled_reason: str | None
     message_count: int
+    sync_progress: dict[str, SyncProgress] | None = Field(
+        description="per folder, how far its latest sync has come (null before the first)"
+    )
     created_at: datetime
     updated_at: datetime
 
@@ -496,6 +507,8 @@ class FolderRead(BaseModel):
     uidvalidity: int | None
     last_uid: int | None
     updated_at: datetime | None
+    sync_done: int | None = Field(description="messages of the latest sync stored so far")
+    sync_total: int | None = Field(description="messages the latest sync set out to fetch")
 
 
 class FolderList(BaseModel):

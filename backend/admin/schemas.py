@@ -105,7 +105,7 @@ class PollRunList(BaseModel):
 
 class ActivityBucket(BaseModel):
     start: datetime
-    polls: int = Field(description="polls started in this bucket")
+    polls: int = Field(description="polls finished in this bucket")
     failed: int = Field(description="of those, polls that failed")
     messages: int = Field(description="messages those polls stored")
 

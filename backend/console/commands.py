@@ -326,7 +326,15 @@ def poll(account_id: int) -> int:
     from backend.mailbox.polling import run_poll  # noqa: PLC0415 - start-up cost, above
 
     dispatch.run_in_process()
-    done = run_poll(account_id, None)
+    bar = ProgressBar(f"poll {account_id}")
+
+    def progress(folders: dict[str, dict[str, int]]) -> None:
+        bar.update(
+            sum(f["done"] for f in folders.values()), sum(f["total"] for f in folders.values())
+        )
+
+    done = run_poll(account_id, None, on_progress=progress)
+    bar.finish()
     if isinstance(done, str):  # stale or locked: did not run
         print(json.dumps({"account_id": account_id, "outcome": done}))
         return 1
@@ -388,7 +396,7 @@ def status(args: argparse.Namespace) -> int:
 
 
 def _status(session: Session) -> dict[str, Any]:
-    counts = {"active": 0, "error": 0, "disabled": 0}
+    counts = {str(status): 0 for status in AccountStatus}
     for name, count in session.execute(
         select(Account.status, func.count()).group_by(Account.status)
     ):

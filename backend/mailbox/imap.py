@@ -21,6 +21,7 @@ A server cannot take more than one poll's worth from a worker:
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import re
 import socket
@@ -114,8 +115,20 @@ def ssl_context() -> ssl.SSLContext:
     """Verifying context: the system's CAs plus IMAP_CA_BUNDLE (a private CA)."""
     context = ssl.create_default_context()
     bundle = get_settings().imap_ca_bundle
-    if bundle is not None:
+    if bundle is None:
+        return context
+    if not bundle.is_file():
+        raise ImapTlsError(
+            f"IMAP_CA_BUNDLE is {bundle}, which does not exist: point it at a PEM file of "
+            "the CA certificates to trust, or unset it"
+        )
+    try:
         context.load_verify_locations(cafile=str(bundle))
+    except (ssl.SSLError, OSError) as exc:
+        raise ImapTlsError(
+            f"IMAP_CA_BUNDLE {bundle} cannot be used as CA certificates ({_text(exc)}): it "
+            "must be a readable PEM file"
+        ) from exc
     return context
 
 
@@ -124,7 +137,11 @@ def translate(exc: BaseException, *, stage: Stage = "folder") -> ImapError:
     if isinstance(exc, ImapError):
         return exc
     if isinstance(exc, LoginError):
-        return ImapAuthError("authentication failed" + _response_code(exc))
+        return ImapAuthError(
+            "authentication failed"
+            + _response_code(exc)
+            + ". Check the username and password (some providers want an app password)"
+        )
     if isinstance(exc, netpolicy.OutboundRefused):
         return ImapConnectionError(exc.message)
     if isinstance(exc, socket.gaierror):
@@ -164,8 +181,15 @@ def _response_code(exc: BaseException) -> str:
 
 def _text(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
-    # imaplib quotes the server's bytes: b'[AUTHENTICATIONFAILED] ...'
+    # imaplib hands on the server's words as a bytes repr: b'[AUTHENTICATIONFAILED] ...'
+    quoted = _BYTES_REPR.fullmatch(text)
+    if quoted is not None:
+        with contextlib.suppress(ValueError, SyntaxError):
+            text = ast.literal_eval(text).decode("utf-8", "replace")
     return text[:ERROR_TEXT_MAX]
+
+
+_BYTES_REPR = re.compile(r"b(['\"]).*\1", re.DOTALL)
 
 
 # -- what the server answers ----------------------------------------------------------
@@ -512,20 +536,20 @@ def connect(
         read=read_timeout or settings.imap_read_timeout,
     )
     port = port or DEFAULT_PORTS.get(security, 993)
+    # Before connecting: a bad IMAP_CA_BUNDLE is named, and no connection is left open.
+    context = None if security == ImapSecurity.NONE else ssl_context()
     # Resolution happens as the socket is made, through the outbound policy: a name that
     # does not resolve is a socket.gaierror, translated to the dns stage from any stage.
     stage: Stage = "connect"
     try:
         if security == ImapSecurity.SSL:
             stage = "tls"  # the handshake is part of connecting on an implicit-TLS port
-            client: IMAPClient = _CheckedClient(
-                host, port=port, ssl=True, ssl_context=ssl_context(), timeout=timeout
-            )
+            client = _connect_tls(host, port, context, timeout)
         else:
-            client = _CheckedClient(host, port=port, ssl=False, timeout=timeout)
+            client = _connect_plain(host, port, timeout)
             if security == ImapSecurity.STARTTLS:
                 stage = "tls"
-                client.starttls(ssl_context())
+                client.starttls(context)
     except (IMAPClientError, OSError, EOFError, netpolicy.OutboundRefused) as exc:
         raise translate(exc, stage=stage) from exc
     # Aware datetimes from INTERNALDATE (imapclient otherwise converts to naive local time).
@@ -537,6 +561,61 @@ def connect(
     # that costs more than parsing the messages.
     client._imap.debug = 0
     return ImapSession(client)
+
+
+# An IMAP server greets as soon as a connection is open. Silence on a plain connection
+# is most often an implicit-TLS port waiting for a handshake: say so after this long
+# rather than after the whole connect timeout.
+GREETING_SECONDS = 5.0
+_PLAIN_TEXT_REASONS = {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"}
+
+
+def _connect_plain(host: str, port: int, timeout: SocketTimeout) -> IMAPClient:
+    greeting = min(timeout.connect or GREETING_SECONDS, GREETING_SECONDS)
+    try:
+        client = _CheckedClient(
+            host, port=port, ssl=False, timeout=SocketTimeout(connect=greeting, read=timeout.read)
+        )
+    except TimeoutError as exc:
+        if _speaks_tls(host, port, greeting):
+            raise ImapTlsError(
+                f"{host}:{port} expects TLS from the first byte (implicit TLS, as on port "
+                "993): set imap_security to 'ssl'"
+            ) from exc
+        raise
+    return client
+
+
+def _connect_tls(
+    host: str, port: int, context: ssl.SSLContext | None, timeout: SocketTimeout
+) -> IMAPClient:
+    try:
+        return _CheckedClient(host, port=port, ssl=True, ssl_context=context, timeout=timeout)
+    except ssl.SSLError as exc:
+        if exc.reason in _PLAIN_TEXT_REASONS:
+            raise ImapTlsError(
+                f"{host}:{port} answered in plain text, not TLS: set imap_security to "
+                "'starttls' (or 'none' on a trusted network), or use the server's TLS port "
+                "(usually 993)"
+            ) from exc
+        raise
+
+
+def _speaks_tls(host: str, port: int, timeout: float) -> bool:
+    """Whether the port answers a TLS handshake. Only probes: nothing is sent over it."""
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE  # any certificate will do to recognise TLS
+    try:
+        with (
+            netpolicy.connect(host, port, timeout) as raw,
+            probe.wrap_socket(raw, server_hostname=host),
+        ):
+            return True
+    except ssl.SSLError as exc:
+        return "ALERT" in (exc.reason or "")  # a TLS alert is TLS too
+    except (OSError, netpolicy.OutboundRefused):
+        return False
 
 
 def open_account(

@@ -17,6 +17,7 @@ from typing import Literal
 from backend import dispatch
 from backend.db import session_scope
 from backend.mailbox.lock import mailbox_lock
+from backend.mailbox.progress import OnProgress
 from backend.mailbox.service import PollResult, poll_account
 from backend.metrics import record_poll
 from backend.models import Account, EventType, PollOutcome, PollRun, SchedulerMode, utcnow
@@ -33,15 +34,22 @@ LOCKED: NotRun = "locked"
 BUSY_REASON = "another poll of this mailbox is running"
 
 
-def run_poll(account_id: int, task_id: str | None, force: bool = False) -> PollResult | NotRun:
+def run_poll(
+    account_id: int,
+    task_id: str | None,
+    force: bool = False,
+    on_progress: OnProgress | None = None,
+) -> PollResult | NotRun:
     """Poll one mailbox and hand its work on; returns the poll's result, or why it did
-    not run. Never raises for a mailbox's own failures. `force`: through a backoff."""
+    not run. Never raises for a mailbox's own failures. `force`: through a backoff.
+    `on_progress` hears each folder's done and total as batches commit
+    (backend/mailbox/progress.py)."""
     started = time.monotonic()
     with _lock(account_id) as held:
         if not held:
             record_skip(account_id, task_id=task_id, reason=BUSY_REASON)
             return LOCKED
-        result = poll_account(account_id, task_id=task_id, force=force)
+        result = poll_account(account_id, task_id=task_id, force=force, on_progress=on_progress)
     if result.stale:
         # Its poll was already queued, or the removal after its commit failed.
         log.info("mailbox %s is deleted or disabled: removing its stale schedule entry", account_id)

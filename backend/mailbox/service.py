@@ -48,6 +48,7 @@ from backend.mailbox.imap import (
     ImapSession,
 )
 from backend.mailbox.parser import ParsedMessage, parse_message
+from backend.mailbox.progress import OnProgress, SyncProgress
 from backend.models import (
     Account,
     Attachment,
@@ -126,6 +127,7 @@ class _Prepared:
     attachments: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     uploads: list[_Upload] = field(default_factory=list)
     advance_cursor: bool = True
+    fetched: int = 0  # UIDs the batch covers, stored or not (for the sync's progress)
 
 
 # -- the poll ----------------------------------------------------------------------------
@@ -136,7 +138,13 @@ def open_mailbox(account: Account) -> ImapSession:
     return imap.open_account(account, credentials=credentials.loader(account))
 
 
-def poll_account(account_id: int, *, task_id: str | None = None, force: bool = False) -> PollResult:
+def poll_account(
+    account_id: int,
+    *,
+    task_id: str | None = None,
+    force: bool = False,
+    on_progress: OnProgress | None = None,
+) -> PollResult:
     """Poll every folder of one account. Never raises for a mailbox's own failures: they
     are classified and recorded on the account and the PollRun row. `force` polls
     through a backoff (see accounts/state.skip_reason).
@@ -173,7 +181,7 @@ def poll_account(account_id: int, *, task_id: str | None = None, force: bool = F
             poll_run_id=run_id,
         )
 
-    poller = _Poller(account, seen)
+    poller = _Poller(account, seen, SyncProgress(account_id, account.sync_progress, on_progress))
     error: ImapError | None = None
     note: str | None = None
     try:
@@ -324,7 +332,12 @@ def store_uids(
 class _Poller:
     """One poll of one account: folder by folder, batch by batch."""
 
-    def __init__(self, account: Account, seen: dict[str, tuple[int, int]] | None = None) -> None:
+    def __init__(
+        self,
+        account: Account,
+        seen: dict[str, tuple[int, int]] | None = None,
+        progress: SyncProgress | None = None,
+    ) -> None:
         settings = get_settings()
         self.account = account
         self.account_id = account.id
@@ -336,6 +349,8 @@ class _Poller:
         self.max_bytes = settings.max_message_bytes
         self.new_ids: list[int] = []
         self.new_bytes = 0
+        # None for a backfill, which stores outside the sync.
+        self.progress = progress
 
     @contextmanager
     def storing(self) -> Iterator[None]:
@@ -375,6 +390,10 @@ class _Poller:
         else:
             uids = mailbox.search(uid_from=cursor + 1)
             ceiling = max(uids, default=cursor)
+        if self.progress is not None and (uids or cursor is None):
+            # An idle poll leaves the last sync's numbers; a first sync always shows.
+            with session_scope() as session:
+                self.progress.start(session, folder, len(uids))
         self.ingest(mailbox, folder, uidvalidity, uids, dedupe=dedupe)
         if ceiling > (cursor or 0):
             # Messages the initial-sync policy left out stay behind the cursor for good.
@@ -528,7 +547,9 @@ class _Poller:
         if dedupe:
             with session_scope() as session:
                 held = cursors.held_hashes(session, self.account_id, folder, uidvalidity, hashes)
-        prepared = _Prepared(folder=folder, uidvalidity=uidvalidity, last_uid=batch[-1].uid)
+        prepared = _Prepared(
+            folder=folder, uidvalidity=uidvalidity, last_uid=batch[-1].uid, fetched=len(batch)
+        )
         for item in batch:
             if item.content_hash is not None and item.content_hash in held:
                 continue  # held from before the UIDVALIDITY change
@@ -578,6 +599,10 @@ class _Poller:
                     .values(message_count=Account.message_count + len(inserted))
                 )
             if prepared.advance_cursor:
+                # The account row before the cursor row, as above: two polls of one
+                # mailbox that meet here lock in the same order and cannot deadlock.
+                if self.progress is not None:
+                    self.progress.advance(session, folder, prepared.fetched)
                 cursors.advance(session, self.account_id, folder, uidvalidity, last_uid)
         self.new_ids.extend(sorted(message_id for message_id, _uid, _size in inserted))
         self.new_bytes += sum(size for _id, _uid, size in inserted)

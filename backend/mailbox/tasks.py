@@ -11,11 +11,21 @@ from typing import Any
 
 from backend.celery_app import app
 from backend.mailbox.polling import run_poll
+from backend.mailbox.progress import Progress
 
 
 @app.task(name="mailbox.poll", bind=True, acks_late=True)
 def poll(self: Any, account_id: int, force: bool = False) -> str:
     """Poll one mailbox (`force`: through a backoff); returns the outcome ("stale" and
     "locked" when it did not run)."""
-    done = run_poll(account_id, self.request.id, force)
+    task_id = self.request.id
+
+    def progress(folders: Progress) -> None:
+        # Celery's PROGRESS state, for a deployment with a result backend (without one,
+        # the account's sync_progress is where progress shows).
+        self.update_state(
+            task_id=task_id, state="PROGRESS", meta={"account_id": account_id, "folders": folders}
+        )
+
+    done = run_poll(account_id, task_id, force, progress)
     return done if isinstance(done, str) else str(done.outcome)

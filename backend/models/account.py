@@ -73,6 +73,9 @@ class Account(TimestampMixin, Base):
     disabled_reason: Mapped[str | None] = mapped_column(Text)
     # Kept in the poll transaction so listing accounts needs no COUNT over messages.
     message_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    # How far the latest sync of each folder has come: {"INBOX": {"done": 120, "total":
+    # 5000}}, written with each batch the poll commits (a first sync shows it filling).
+    sync_progress: Mapped[dict[str, dict[str, int]] | None] = mapped_column(JSON)
 
     cursors: Mapped[list[FolderCursor]] = relationship(
         back_populates="account", cascade="all, delete-orphan", passive_deletes=True

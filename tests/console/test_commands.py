@@ -109,6 +109,11 @@ def test_accounts_add_list_show_test_poll(
     code, out, err = cli(capsys, "accounts", "poll", account_id)
     assert code == 0, err
     assert json.loads(out.splitlines()[-1])["messages"] == 3
+    # The progress the poll reports, batch by batch (one batch of 3 here).
+    assert [line for line in err.splitlines() if line.startswith("poll ")] == [
+        f"poll {account_id} [{'.' * 30}] 0/3 0%",
+        f"poll {account_id} [{'#' * 30}] 3/3 100%",
+    ]
     assert db.scalar(select(func.count(Message.id))) == 3
 
     shown = cli_json(capsys, "accounts", "show", account_id)

@@ -137,14 +137,21 @@ def test_mailboxes_add_test_poll_edit_disable_delete(
     row(page, user).locator("button[data-action=edit]").click()
     expect(page.locator("#field-password")).to_have_attribute("placeholder", "unchanged")
     page.fill("#field-poll_interval_seconds", "120")
+    page.fill("#field-priority", "9")
     page.click("#account-form button[type=submit]")
     expect(page.locator("#main")).to_contain_text("2 min")
+    expect(page.locator("#main dl.facts")).to_contain_text("Priority9")
     account_id = int(page.url.rsplit("/", 1)[1])
     check = httpx.get(
         f"{server.url}/accounts/{account_id}",
         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
     ).json()
-    assert check["poll_interval_seconds"] == 120
+    assert (check["poll_interval_seconds"], check["priority"]) == (120, 9)
+    page.click("nav a[data-view=mailboxes]")
+    page.click("th[data-sort=priority]")
+    expect(page.locator("#mailboxes tbody tr").first).to_contain_text("broken@example.org")
+    page.click("th[data-sort=priority]")
+    expect(page.locator("#mailboxes tbody tr").first).to_contain_text(user)
 
     # The activity chart counts the polls so far and the messages they stored.
     page.click("nav a[data-view=system]")
@@ -199,3 +206,63 @@ def test_dead_letters_replay_and_the_activity_chart(
     expect(page.locator("#workers")).to_contain_text("Local mode")
     expect(page.locator("#health")).to_contain_text("database")
     screenshot(page, "06-system")
+
+
+def test_a_first_sync_fills_its_progress_bar(
+    page: Page, serve: Callable[..., Server], dovecot: Dovecot
+):
+    """A real Dovecot mailbox, one message per batch so the sync takes a while: the bar
+    is seen part-way, then at 100 %."""
+    server = serve(IMAP_FETCH_BATCH_SIZE=1)
+    user = f"sync-{uuid.uuid4().hex[:8]}"
+    password = dovecot.add_user(user, "pw-sync")
+    total = 400
+    dovecot.write_maildir(user, (generated(index) for index in range(total)))
+    account_id = httpx.post(
+        f"{server.url}/accounts",
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        json={
+            "email": f"{user}@example.org",
+            "imap_host": dovecot.host,
+            "imap_port": dovecot.imap_port,
+            "imap_security": "none",
+            "username": user,
+            "password": password,
+            "poll_interval_seconds": 3600,
+        },
+        timeout=30,
+    ).json()["id"]
+
+    sign_in(page, server)
+    page.goto(f"{server.url}/ui/#/accounts/{account_id}")
+    expect(page.locator("h1")).to_contain_text(f"{user}@example.org")
+    # Every value the bar shows, as the page redraws it.
+    page.evaluate(
+        """() => {
+          window.seen = [];
+          const record = () => {
+            const bar = document.getElementById("sync-progress");
+            if (bar) window.seen.push(Number(bar.getAttribute("aria-valuenow")));
+          };
+          new MutationObserver(record).observe(document.getElementById("first-sync"),
+            { childList: true, subtree: true });
+        }"""
+    )
+    page.click("button[data-action='poll now']")
+    page.wait_for_function(
+        """() => {
+          const bar = document.getElementById("sync-progress");
+          const value = bar && Number(bar.getAttribute("aria-valuenow"));
+          return value > 0 && value < 100;
+        }""",
+        timeout=60_000,
+    )
+    screenshot(page, "07-first-sync-part-way")
+    bar = page.locator("#sync-progress")
+    expect(bar).to_have_attribute("aria-valuenow", "100", timeout=120_000)
+    expect(bar).to_contain_text(f"{total} / {total} (100 %)")
+    screenshot(page, "08-first-sync-done")
+    seen = page.evaluate("window.seen")
+    assert any(0 < value < 100 for value in seen), seen
+    assert seen == sorted(seen), seen  # it only fills
+    expect(page.locator("#folders tbody td").nth(4)).to_have_text(f"{total} / {total}")

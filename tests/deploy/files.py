@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 # docs/architecture.md, "Processes and commands": compose runs exactly these.
 DESIGN_COMMANDS = {
     "api": "uvicorn backend.main:app --host 0.0.0.0 --port 8000",
-    "celery-worker": "celery -A backend.celery_app worker -Q email,workflow,default",
+    "celery-worker": "celery -A backend.celery_app worker -Q email",
+    "celery-processor": "celery -A backend.celery_app worker -Q workflow,default",
     "celery-beat": "celery -A backend.celery_app beat",
     "flower": "celery -A backend.celery_app flower --port=5555",
     "migrate": "alembic upgrade head",

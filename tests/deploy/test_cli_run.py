@@ -126,7 +126,7 @@ def test_without_redis_it_serves_the_api_and_polls_in_process(
 
 
 @pytest.mark.e2e
-def test_with_redis_it_runs_api_beat_and_a_worker_and_stops_them_together(
+def test_with_redis_it_runs_api_beat_and_two_workers_and_stops_them_together(
     tmp_path: Path, redis_db: RedisDb, dovecot: Dovecot
 ) -> None:
     flower_port = free_port()
@@ -142,22 +142,22 @@ def test_with_redis_it_runs_api_beat_and_a_worker_and_stops_them_together(
 
         def worker_seen() -> dict[str, str] | None:
             checks: dict[str, str] = api("GET", "/health").json()["checks"]
-            return checks if checks["celery_worker"].startswith("ok") else None
+            return checks if checks["celery_worker"] == "ok (2 workers)" else None
 
-        checks = wait_for(worker_seen, "the worker in /health", 120, **watched())
+        checks = wait_for(worker_seen, "both workers in /health", 120, **watched())
         subjects = _ingests_mail(api, dovecot)
     output = run.output()
 
-    assert checks["celery_worker"] == "ok (1 worker)"
+    assert checks["celery_worker"] == "ok (2 workers)"  # the poll worker and the processor
     assert checks["redis"] == "ok"
     assert len(subjects) == 2
-    assert "API, Celery beat and a worker" in output
+    assert "API, Celery beat, a poll worker and a processor" in output
     assert f"Flower on http://127.0.0.1:{flower_port}" in output
     # Flower asks for the login .env holds, as in compose.
     assert flower_anonymous.status_code == 401
     assert flower_workers.status_code == 200, flower_workers.text
-    # Ctrl-C stopped all four children, not just the parent.
-    assert len(children) == 4, output
+    # Ctrl-C stopped all five children, not just the parent.
+    assert len(children) == 5, output
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], output
     assert run.code == 0, output
 
@@ -180,7 +180,9 @@ def test_with_redis_it_runs_the_compose_commands() -> None:
     commands = {name: argv[1:] for name, argv in stack_commands("0.0.0.0", 8000).items()}
     assert commands["api"] == ["-m", *DESIGN_COMMANDS["api"].split()]
     assert commands["beat"] == ["-m", *DESIGN_COMMANDS["celery-beat"].split()]
-    assert commands["worker"] == ["-m", *DESIGN_COMMANDS["celery-worker"].split()]
+    # compose's two pools as two processes, each with its own node name on this host.
+    for name, service in (("worker", "celery-worker"), ("processor", "celery-processor")):
+        assert commands[name] == ["-m", *DESIGN_COMMANDS[service].split(), "-n", f"{name}@%h"]
 
 
 def _children(pid: int) -> set[int]:

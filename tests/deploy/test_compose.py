@@ -19,8 +19,9 @@ from tests.deploy.files import (
     service,
 )
 
-APP_SERVICES = ("migrate", "api", "celery-beat", "celery-worker", "flower")
-LONG_RUNNING = ("redis", "postgres", "minio", "api", "celery-beat", "celery-worker", "flower")
+WORKERS = ("celery-worker", "celery-processor")
+APP_SERVICES = ("migrate", "api", "celery-beat", *WORKERS, "flower")
+LONG_RUNNING = ("redis", "postgres", "minio", "api", "celery-beat", *WORKERS, "flower")
 ONE_SHOT = ("migrate", "minio-init")
 
 
@@ -41,6 +42,7 @@ def test_every_service_of_the_design_is_there() -> None:
         "api",
         "celery-beat",
         "celery-worker",
+        "celery-processor",
         "flower",
     }
 
@@ -60,16 +62,34 @@ def test_app_services_run_the_image_with_the_env_file(name: str) -> None:
     assert spec["init"] is True  # SIGTERM reaches Celery, so a scale-down is a warm shutdown
 
 
-def test_the_worker_scales() -> None:
-    worker = service("celery-worker")
+@pytest.mark.parametrize("name", WORKERS)
+def test_the_workers_scale(name: str) -> None:
+    worker = service(name)
     assert "container_name" not in worker
     assert "ports" not in worker
     assert "hostname" not in worker  # each replica is named after its own container id
     assert worker.get("deploy", {}).get("replicas") is None
 
 
-def test_a_scaled_down_worker_finishes_its_poll() -> None:
-    grace = _duration_seconds(service("celery-worker")["stop_grace_period"])
+def _queues(name: str) -> set[str]:
+    args = command(name)
+    return set(args[args.index("-Q") + 1].split(","))
+
+
+def test_polls_and_processing_have_separate_pools() -> None:
+    # A backlog of message.process / webhook.deliver must never hold the slots polls need.
+    assert _queues("celery-worker") == {"email"}
+    assert _queues("celery-processor") == {"workflow", "default"}
+    # Together they serve every queue Celery routes to: no task is left unconsumed.
+    from backend.celery_app import app
+
+    declared = {queue.name for queue in app.conf.task_queues}
+    assert _queues("celery-worker") | _queues("celery-processor") == declared
+
+
+@pytest.mark.parametrize("name", WORKERS)
+def test_a_scaled_down_worker_finishes_its_tasks(name: str) -> None:
+    grace = _duration_seconds(service(name)["stop_grace_period"])
     assert grace > int(example_values()["POLL_TIME_LIMIT_SECONDS"])
     assert Settings().poll_time_limit_seconds < grace
 
@@ -165,7 +185,7 @@ def test_services_wait_for_what_they_need() -> None:
         "postgres": "service_healthy",
         "migrate": "service_completed_successfully",
     }
-    for name in ("api", "celery-worker", "celery-beat"):
+    for name in ("api", *WORKERS, "celery-beat"):
         assert conditions(name) == backend, name
     assert conditions("flower") == {"redis": "service_healthy"}
     for name in compose()["services"]:
@@ -204,7 +224,7 @@ def test_minio_creates_the_bucket_the_app_uses() -> None:
 
 def test_api_and_workers_share_the_data_volume() -> None:
     # Local-fallback objects written by a worker are read by the API; metrics files too.
-    for name in ("api", "celery-worker"):
+    for name in ("api", *WORKERS):
         assert "app-data:/app/data" in service(name)["volumes"]
         assert service(name)["environment"]["DATA_DIR"] == "/app/data"
 

@@ -36,7 +36,7 @@ from tests.support.wait import wait_for
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2700)]
 
 # The README's route without MinIO: these are named, redis, postgres and migrate follow.
-SERVICES = ("api", "celery-beat", "celery-worker", "flower")
+SERVICES = ("api", "celery-beat", "celery-worker", "celery-processor", "flower")
 INTERVAL_SECONDS = 10
 WAIT = 180.0
 T = TypeVar("T")
@@ -144,6 +144,9 @@ def test_the_compose_file_runs_on_a_docker_engine(
     workers = project.containers("celery-worker")
     assert len(workers) == 3
     names = {"celery@" + project.inspect(c)["Config"]["Hostname"] for c in workers}
+    # The processor pool (one replica) answers too; only celery-worker was scaled.
+    (processor,) = project.containers("celery-processor")
+    names.add("celery@" + project.inspect(processor)["Config"]["Hostname"])
 
     def admin_workers() -> set[str] | None:
         found = worker_names(api("GET", "/admin/celery/workers").json())
@@ -159,8 +162,8 @@ def test_the_compose_file_runs_on_a_docker_engine(
         found = set(response.json()) if response.status_code == 200 else set()
         return found if names <= found else None
 
-    eventually("3 workers in /admin/celery/workers", admin_workers)
-    eventually("3 workers in Flower", flower_workers)
+    eventually("3 workers and the processor in /admin/celery/workers", admin_workers)
+    eventually("3 workers and the processor in Flower", flower_workers)
     assert httpx.get(flower_url + "/api/workers", timeout=30).status_code == 401
 
     # -- mail from the host's Dovecot, through the bridge, stored exactly once ------------
@@ -235,7 +238,7 @@ def test_the_compose_file_runs_on_a_docker_engine(
     # -- stop: every container exits 0; down then up keeps the data --------------------
     total = sum(sizes.values())
     project("stop", "--timeout", "60")
-    for service in ("api", "celery-beat", "celery-worker", "flower", "redis", "postgres"):
+    for service in (*SERVICES, "redis", "postgres"):
         for container in project.containers(service):
             assert state(container)["ExitCode"] == 0, (service, project("logs", service))
     project("down")

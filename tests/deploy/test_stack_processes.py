@@ -1,9 +1,10 @@
 """The compose stack without Docker: every service's own command from docker-compose.yml,
 run as a local process against the test PostgreSQL, Redis, Dovecot and moto S3.
 
-migrate runs once; then api, celery-beat, two celery-workers and flower. Accounts are
-created through the API, their mail is ingested by the workers on beat's schedule, and
-Flower and /admin/celery/workers both list the two workers.
+migrate runs once; then api, celery-beat, two celery-workers (polls), one
+celery-processor (processing) and flower. Accounts are created through the API, their mail
+is ingested by the workers on beat's schedule, and Flower and /admin/celery/workers both
+list the three workers, each consuming only its own pool's queues.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ from tests.support.wait import wait_for
 
 FLOWER_LOGIN = ("admin", "flower-" + uuid.uuid4().hex[:12])
 WORKERS = ("worker1", "worker2")
+PROCESSORS = ("processor1",)
+# Each pool's queues: polls never share a slot with processing (docker-compose.yml).
+QUEUES = {"worker": {"email"}, "processor": {"workflow", "default"}}
 START_TIMEOUT = 120.0
 # Beat spreads the first runs of new entries over their interval, so a first poll may
 # come up to one interval after the account is created.
@@ -119,6 +123,15 @@ def stack(
             )
             for name in WORKERS
         },
+        **{
+            name: ServiceProcess(
+                name,
+                compose_command("celery-processor", None, "-n", f"{name}@%h", "--concurrency=2"),
+                env_for("celery-processor"),
+                tmp_path,
+            )
+            for name in PROCESSORS
+        },
         "flower": ServiceProcess(
             "flower",
             compose_command("flower", {"--port=5555": f"--port={flower_port}"}),
@@ -151,7 +164,7 @@ def stack(
 def test_the_compose_services_ingest_mail_end_to_end(
     stack: Stack, dovecot: Dovecot, moto_s3: MotoS3
 ) -> None:
-    node_names = {f"{name}@{socket.gethostname()}" for name in WORKERS}
+    node_names = {f"{name}@{socket.gethostname()}" for name in (*WORKERS, *PROCESSORS)}
     logs = stack.all()
     api = stack.api
 
@@ -169,24 +182,24 @@ def test_the_compose_services_ingest_mail_end_to_end(
         return names if node_names <= names else None
 
     assert (
-        wait_for(flower_workers, "both workers in Flower", START_TIMEOUT, **watched(*logs))
+        wait_for(flower_workers, "the workers in Flower", START_TIMEOUT, **watched(*logs))
         == node_names
     )
 
-    # /admin/celery/workers agrees with Flower, and each worker serves the three queues.
+    # /admin/celery/workers agrees with Flower, and each worker serves its pool's queues.
     def admin_workers() -> Any:
         response = api("GET", "/admin/celery/workers")
         body = response.json()
         return body if response.status_code == 200 and node_names <= worker_names(body) else None
 
     workers = wait_for(
-        admin_workers, "both workers in the admin API", START_TIMEOUT, **watched(*logs)
+        admin_workers, "the workers in the admin API", START_TIMEOUT, **watched(*logs)
     )
     assert worker_names(workers) == node_names
     listed = workers.get("workers", workers) if isinstance(workers, dict) else workers
     for worker in listed.values() if isinstance(listed, dict) else listed:
         queues = {q if isinstance(q, str) else q["name"] for q in worker["queues"]}
-        assert queues == {"email", "workflow", "default"}, worker
+        assert queues == QUEUES[worker["name"].split("@")[0].rstrip("0123456789")], worker
 
     # Two mailboxes with mail; accounts created through the API; beat's schedule has the
     # workers ingest everything, over TLS, with the raw messages in S3.
@@ -231,7 +244,7 @@ def test_the_compose_services_ingest_mail_end_to_end(
     health = api("GET", "/health")
     assert health.status_code == 200, health.text
     assert health.json()["status"] == "healthy", health.json()
-    assert health.json()["checks"]["celery_worker"] == "ok (2 workers)"
+    assert health.json()["checks"]["celery_worker"] == "ok (3 workers)"
     metrics = httpx.get(api.url + "/metrics", timeout=30).text
     ingested = [
         float(line.split()[-1])
@@ -247,4 +260,4 @@ def test_the_compose_services_ingest_mail_end_to_end(
     sizes[first] += 1
     remaining = [p for p in logs if p.name != "worker1"]
     wait_for(all_ingested, "mail after the scale-down", START_TIMEOUT, **watched(*remaining))
-    assert api("GET", "/health").json()["checks"]["celery_worker"] == "ok (1 worker)"
+    assert api("GET", "/health").json()["checks"]["celery_worker"] == "ok (2 workers)"

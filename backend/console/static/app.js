@@ -3,7 +3,7 @@
 "use strict";
 
 const TOKEN_KEY = "mailbeat.token";
-const REFRESH_MS = { mailboxes: 5000, account: 2000, "dead-letters": 10000, system: 5000 };
+const REFRESH_MS = { mailboxes: 5000, account: 1000, "dead-letters": 10000, system: 5000 };
 const main = document.getElementById("main");
 let refreshTimer = null;
 let schemaFields = null; // AccountCreate's fields, read once from /openapi.json
@@ -447,7 +447,7 @@ function accountView(id) {
     h("p", {}, h("a", { href: "#/" }, "\u2190 Mailboxes")),
     title,
     facts,
-    h("h2", {}, "First sync"),
+    h("h2", {}, "Sync progress"),
     sync,
     h("h2", {}, "Folders and cursors"),
     folders,
@@ -491,7 +491,7 @@ function accountView(id) {
       h(
         "thead",
         {},
-        h("tr", {}, ["Folder", "UIDVALIDITY", "Last UID", "Updated", "First sync"].map((t) => h("th", {}, t))),
+        h("tr", {}, ["Folder", "UIDVALIDITY", "Last UID", "Updated", "Latest sync"].map((t) => h("th", {}, t))),
       ),
       h(
         "tbody",
@@ -574,16 +574,17 @@ function drawSync(container, folders) {
   }
   const done = known.reduce((sum, f) => sum + f.sync_done, 0);
   const total = known.reduce((sum, f) => sum + f.sync_total, 0);
-  container.replaceChildren(
-    progressBar(done, total, "sync-progress"),
-    known.length > 1
-      ? h(
-          "dl",
-          { class: "facts", style: "margin-top: .6rem" },
-          known.map((f) => fact(f.name, progressBar(f.sync_done, f.sync_total))),
-        )
-      : null,
-  );
+  const parts = [progressBar(done, total, "sync-progress")];
+  if (known.length > 1) {
+    parts.push(
+      h(
+        "dl",
+        { class: "facts", style: "margin-top: .6rem" },
+        known.map((f) => fact(f.name, progressBar(f.sync_done, f.sync_total))),
+      ),
+    );
+  }
+  container.replaceChildren(...parts);
 }
 
 function rawLink(m) {
