@@ -355,8 +355,8 @@ class _Poller:
     @contextmanager
     def storing(self) -> Iterator[None]:
         """The threads that write objects, for the duration of a poll (or a backfill)."""
-        with ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="mailbox-store") as pool:
-            self.pool = pool
+        with ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="mailbox-store") as writers:
+            self.pool = writers
             yield
 
     def poll_folders(self, mailbox: ImapSession) -> ImapError | None:
