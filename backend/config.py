@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     imap_connect_timeout: float = 15.0
     imap_read_timeout: float = 60.0
     imap_fetch_batch_size: int = Field(default=50, ge=1, le=1000)
+    # Logged-in sessions each worker process keeps for the next poll of the same mailbox.
+    imap_pool_size: int = Field(default=4, ge=0, le=10000)
+    imap_pool_max_age_seconds: float = Field(default=300, gt=0)
     max_message_bytes: int = 50 * 1024 * 1024
 
     # Polling and scheduling.

@@ -109,9 +109,11 @@ def _clean_state(redis_db: RedisDb) -> Iterator[None]:
     yield
     from backend import dispatch
     from backend.db import get_engine
+    from backend.mailbox import pool
     from backend.models import Base
 
     dispatch.reset()
+    pool.clear()  # ids restart: a kept session must not meet a later test's account
 
     engine = get_engine()
     tables = ", ".join(t.name for t in Base.metadata.sorted_tables)

@@ -27,6 +27,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -237,6 +238,9 @@ class ImapSession:
         self._deadline_seconds = 0.0
         self._expired = False
         self._broken = False
+        self._selected = False
+        # When it logged in (or connected): a pooled session has a maximum age.
+        self.opened_at = time.monotonic()
         # Stated sizes of the bodies being fetched, by UID: their literals' limits.
         self._stated: dict[int, int] = {}
         self._max_bytes = get_settings().max_message_bytes
@@ -340,12 +344,36 @@ class ImapSession:
             quoted = '"' + username.replace("\\", "\\\\").replace('"', '\\"') + '"'
             self._command(lambda: self._client.login(quoted, password), stage="auth")
 
+    def noop(self) -> None:
+        """NOOP: whether a kept connection still answers (before it is used again)."""
+        self._command(self._client.noop)
+
+    def end_poll(self) -> bool:
+        """Ready the session for another poll: the deadline is cancelled and the folder
+        left (a later STATUS must not be of the selected folder, which RFC 3501 warns
+        about). False when it cannot be used again: it broke, expired or was closed."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self._broken or self._expired:
+            return False
+        if self._selected:
+            try:
+                # CLOSE after EXAMINE expunges nothing.
+                self._command(self._client.close_folder)
+            except ImapError:
+                return False
+            self._selected = False
+        self.ignored_uids = []
+        return True
+
     def close(self) -> None:
         """Log out politely; a connection that is already broken is just shut."""
         if self._deadline is not None:
             self._deadline.cancel()
+        broken, self._broken = self._broken, True  # never used again
         try:
-            if self._broken:
+            if broken:
                 raise ConnectionError("closed by mailbeat")
             self._client.logout()
         except Exception:
@@ -362,6 +390,7 @@ class ImapSession:
     def select(self, folder: str) -> SelectedFolder:
         """EXAMINE the folder (read-only: mailbeat never sets \\Seen or expunges)."""
         info = self._command(lambda: self._client.select_folder(folder, readonly=True))
+        self._selected = True
         uidvalidity = info.get(b"UIDVALIDITY")
         if uidvalidity is None:
             raise ImapProtocolError("the server sent no UIDVALIDITY")

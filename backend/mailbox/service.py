@@ -12,9 +12,9 @@ on the account and a PollRun row. Its caller (backend/mailbox/polling.py) hands 
 messages on afterwards.
 
 This module fetches, parses and stores. Around it: the IMAP commands are `ImapSession`
-(backend/mailbox/imap.py), the cursor SQL backend/mailbox/cursors.py, the account's
-status, backoff and events backend/accounts/state.py, the secrets
-backend/mailbox/credentials.py.
+(backend/mailbox/imap.py), its sessions kept between polls backend/mailbox/pool.py, the
+cursor SQL backend/mailbox/cursors.py, the account's status, backoff and events
+backend/accounts/state.py, the secrets backend/mailbox/credentials.py.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from backend.accounts import state
 from backend.config import get_settings
 from backend.db import insert_for, session_scope
-from backend.mailbox import credentials, cursors, imap
+from backend.mailbox import credentials, cursors, imap, pool
 from backend.mailbox.imap import (
     ERROR_TEXT_MAX,
     MAX_UID,
@@ -185,7 +185,8 @@ def poll_account(
     error: ImapError | None = None
     note: str | None = None
     try:
-        with open_mailbox(account) as mailbox:
+        # A session kept from this mailbox's last poll in this process, or a new one.
+        with pool.session(account, open_mailbox) as mailbox:
             # Whatever the server does (a trickle, a hang), the poll ends by then.
             mailbox.arm_deadline(
                 get_settings().poll_deadline_seconds - (time.monotonic() - started)
@@ -194,6 +195,8 @@ def poll_account(
                 error = poller.poll_folders(mailbox)
             finally:
                 note = _ignored_uids_note(account_id, mailbox.ignored_uids)
+            if error is not None:
+                mailbox.close()  # a folder refused: not kept
     except ImapError as exc:
         error = exc
     except Exception as exc:
@@ -352,8 +355,8 @@ class _Poller:
     @contextmanager
     def storing(self) -> Iterator[None]:
         """The threads that write objects, for the duration of a poll (or a backfill)."""
-        with ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="mailbox-store") as pool:
-            self.pool = pool
+        with ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="mailbox-store") as writers:
+            self.pool = writers
             yield
 
     def poll_folders(self, mailbox: ImapSession) -> ImapError | None:

@@ -255,3 +255,28 @@ def test_env_example_lists_every_setting_and_only_settings_or_compose_variables(
     settings = {name.upper() for name in Settings.model_fields}
     assert settings - set(listed) == set(), "settings missing from .env.example"
     assert set(listed) - settings - interpolated_names() == set(), "unknown names"
+
+
+def test_workers_beat_and_flower_have_health_checks() -> None:
+    """Each probes the service itself: a worker answers a ping as its own node, beat holds
+    RedBeat's lock, Flower listens on its port."""
+    for name in ("celery-worker", "celery-processor"):
+        check = service(name)["healthcheck"]
+        assert check["test"][0] == "CMD-SHELL"
+        assert "inspect ping -d celery@$$HOSTNAME" in check["test"][1], name
+    beat = service("celery-beat")["healthcheck"]["test"]
+    assert beat[:3] == ["CMD", "python", "-c"] and "redbeat_key_prefix + ':lock'" in beat[3]
+    flower = service("flower")["healthcheck"]["test"]
+    port = command("flower")[-1].removeprefix("--port=")
+    assert f"('127.0.0.1', {port})" in flower[3]
+    for name in ("celery-worker", "celery-processor", "celery-beat", "flower"):
+        check = service(name)["healthcheck"]
+        assert 0 < _duration_seconds(check["timeout"]) < _duration_seconds(check["interval"])
+        assert check["retries"] >= 3
+
+
+def test_third_party_images_are_pinned() -> None:
+    for name, spec in compose()["services"].items():
+        image = spec.get("image", "")
+        if image and not image.startswith("mailbeat:"):
+            assert not image.endswith(":latest") and ":" in image, (name, image)

@@ -1,21 +1,24 @@
 """Idle polls against the real Dovecot fixture: STATUS first, and no SELECT, no SEARCH
-and at most two transactions when nothing is new."""
+and at most two transactions when nothing is new; the login kept for the next poll."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
+from backend import crypto
 from backend.db import get_engine
+from backend.mailbox import pool
 from backend.mailbox.imap import ImapSession
 from backend.mailbox.polling import run_poll
 from backend.mailbox.service import PollResult, poll_account
 from backend.models import FolderCursor, Message
-from tests.support.accounts import MailAccount
+from tests.support.accounts import MailAccount, make_account
 from tests.support.dovecot import Dovecot
 from tests.support.mail import generated
 
@@ -131,3 +134,68 @@ def test_a_new_uidvalidity_with_the_same_uidnext_is_scanned_again(
         before[b"UIDVALIDITY"] + 7,
         before[b"UIDNEXT"],
     )
+
+
+@pytest.fixture
+def logins(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The username of every LOGIN (or AUTHENTICATE) sent to a server."""
+    sent: list[str] = []
+    login = ImapSession.login
+
+    def counted_login(self: ImapSession, account: Any, credentials: Any) -> None:
+        sent.append(account.username)
+        login(self, account, credentials)
+
+    monkeypatch.setattr(ImapSession, "login", counted_login)
+    return sent
+
+
+def test_the_next_poll_reuses_the_login_and_a_dropped_one_is_replaced(
+    db: Session,
+    dovecot: Dovecot,
+    mail_user: tuple[str, str],
+    mail_account: MailAccount,
+    logins: list[str],
+) -> None:
+    username, password = mail_user
+    dovecot.append(username, generated(0))
+    account = mail_account()
+    assert poll_account(account.id).messages == 1
+    assert poll_account(account.id).outcome == "success"
+    assert len(logins) == 1
+    assert pool.kept() == 1
+
+    dovecot.kick(username)  # the kept connection is gone; NOOP finds out
+    dovecot.append(username, generated(1))
+    result = poll_account(account.id)
+    assert (result.outcome, result.messages) == ("success", 1)
+    assert len(logins) == 2
+
+    # New credentials (the same password, encrypted again) never get the old login.
+    account.credentials_encrypted = crypto.encrypt_json({"password": password})
+    db.commit()
+    assert poll_account(account.id).outcome == "success"
+    assert len(logins) == 3
+
+
+def test_the_pool_keeps_at_most_its_size_for_at_most_its_age(
+    db: Session,
+    dovecot: Dovecot,
+    logins: list[str],
+    set_env: Callable[..., None],
+) -> None:
+    set_env(IMAP_POOL_SIZE=2)
+    accounts = [make_account(db, dovecot) for _ in range(3)]
+    for account in accounts:
+        assert poll_account(account.id).outcome == "success"
+    assert pool.kept() == 2
+    assert poll_account(accounts[2].id).outcome == "success"  # kept
+    assert len(logins) == 3
+    assert poll_account(accounts[0].id).outcome == "success"  # the oldest went
+    assert len(logins) == 4
+
+    set_env(IMAP_POOL_MAX_AGE_SECONDS=0.01)
+    time.sleep(0.05)
+    assert poll_account(accounts[0].id).outcome == "success"
+    assert len(logins) == 5
+    assert pool.kept() == 1  # the others' sessions are only dropped when next used

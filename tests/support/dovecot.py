@@ -307,6 +307,15 @@ class Dovecot:
             timeout=30,
         )
 
+    def kick(self, username: str) -> None:
+        """Drop the user's connections server-side (as a restart or an admin would)."""
+        subprocess.run(
+            [DOVEADM_BIN, "-c", str(self.root / "dovecot.conf"), "kick", username],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+
     def maildir(self, username: str, folder: str = "INBOX") -> Path:
         base = self.root / "home" / username / "Maildir"
         return base if folder.upper() == "INBOX" else base / f".{folder}"
@@ -314,8 +323,10 @@ class Dovecot:
     def reset_uidvalidity(self, username: str, folder: str = "INBOX") -> None:
         """Make Dovecot renumber a folder: a new UIDVALIDITY and new UIDs for the same mail.
 
-        Removing the uidlist and index files is what a server migration or restore does.
+        Removing the uidlist and index files is what a server migration or restore does;
+        the sessions open on the old files go with it (a kept one would see broken indexes).
         """
+        self.kick(username)
         folder_dir = self.maildir(username, folder)
         for path in folder_dir.iterdir():
             if path.name.startswith("dovecot") and path.is_file():
