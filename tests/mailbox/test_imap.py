@@ -3,6 +3,7 @@ check_account's stages, and the session's commands."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 
 import pytest
@@ -169,3 +170,19 @@ def test_folder_names_beyond_ascii(
         folder
     ]
     assert check_account(account, timeout=5).folders[0].messages == 1
+
+
+@pytest.mark.parametrize("security", ["none", "ssl"])
+def test_imap_sockets_send_small_writes_at_once(
+    dovecot: Dovecot, security: str, set_env: Callable[..., None]
+) -> None:
+    set_env(IMAP_CA_BUNDLE=dovecot.cert_path)
+    # Without TCP_NODELAY a login's second write (AUTHENTICATE's continuation) waited
+    # for the delayed ACK of the first: 47 ms per login instead of 4 (docs/benchmarks.md).
+    port = dovecot.imap_port if security == "none" else dovecot.imaps_port
+    session = imap.connect(dovecot.host, port, security)
+    try:
+        sock = session._client.socket()
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        session.close()
