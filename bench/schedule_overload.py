@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import sys
 import time
-import uuid
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
@@ -40,7 +39,6 @@ def main() -> None:
         f"{workers} workers x {concurrency} processes; {load_average()}"
     )
     with Stack(dovecot=True) as stack:
-        from backend import crypto
         from backend.celery_app import queue_keys
         from backend.db import session_scope
         from backend.models import Account, PollRun, utcnow
@@ -48,22 +46,7 @@ def main() -> None:
 
         dovecot = stack.dovecot
         assert dovecot is not None
-        with session_scope() as session:
-            for index in range(mailboxes):
-                username = f"bench-{index}-{uuid.uuid4().hex[:6]}"
-                password = dovecot.add_user(username, "pw")
-                dovecot.write_maildir(username, [generated(index)])
-                session.add(
-                    Account(
-                        email=f"{username}@example.org",
-                        imap_host=dovecot.host,
-                        imap_port=dovecot.imap_port,
-                        imap_security="none",
-                        username=username,
-                        credentials_encrypted=crypto.encrypt_json({"password": password}),
-                        poll_interval_seconds=interval,
-                    )
-                )
+        stack.add_mailboxes(lambda index: [generated(index)], mailboxes, interval)
         with session_scope() as session:
             ids = list(session.scalars(select(Account.id).order_by(Account.id)))
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import sys
 import time
-import uuid
 
 from sqlalchemy import func, select
 
@@ -44,7 +43,6 @@ def main() -> None:
         f"2 workers x {concurrency} processes; {load_average()}"
     )
     with Stack(dovecot=True) as stack:
-        from backend import crypto
         from backend.db import session_scope
         from backend.models import Account, Message, PollRun
         from backend.schedules import service
@@ -53,22 +51,7 @@ def main() -> None:
         assert dovecot is not None
         raws = [generated(index) for index in range(messages)]
         print(f"message size {sum(map(len, raws)) // len(raws)} bytes on average")
-        with session_scope() as session:
-            for index in range(mailboxes):
-                username = f"bench-{index}-{uuid.uuid4().hex[:6]}"
-                password = dovecot.add_user(username, "pw")
-                dovecot.write_maildir(username, raws)
-                session.add(
-                    Account(
-                        email=f"{username}@example.org",
-                        imap_host=dovecot.host,
-                        imap_port=dovecot.imap_port,
-                        imap_security="none",
-                        username=username,
-                        credentials_encrypted=crypto.encrypt_json({"password": password}),
-                        poll_interval_seconds=interval,
-                    )
-                )
+        stack.add_mailboxes(lambda _index: raws, mailboxes, interval)
 
         workers = [stack.celery.worker(f"w{n}", concurrency) for n in (1, 2)]
         wait_for(lambda: all(" ready." in w.log() for w in workers), "workers", 120)

@@ -13,6 +13,8 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -78,6 +80,31 @@ class Stack:
             self.dovecot = Dovecot(self.root / "dovecot")
             self.dovecot.start()
         return self
+
+    def add_mailboxes(self, raws: Callable[[int], list[bytes]], count: int, interval: int) -> None:
+        """`count` Dovecot mailboxes (mailbox n holding `raws(n)`) with their accounts,
+        polled every `interval` seconds over plain IMAP."""
+        from backend import crypto
+        from backend.db import session_scope
+        from backend.models import Account
+
+        assert self.dovecot is not None
+        with session_scope() as session:
+            for index in range(count):
+                username = f"bench-{index}-{uuid.uuid4().hex[:6]}"
+                password = self.dovecot.add_user(username, "pw")
+                self.dovecot.write_maildir(username, raws(index))
+                session.add(
+                    Account(
+                        email=f"{username}@example.org",
+                        imap_host=self.dovecot.host,
+                        imap_port=self.dovecot.imap_port,
+                        imap_security="none",
+                        username=username,
+                        credentials_encrypted=crypto.encrypt_json({"password": password}),
+                        poll_interval_seconds=interval,
+                    )
+                )
 
     def __exit__(
         self,
