@@ -49,6 +49,8 @@ first_valid_gid = 1
 # Big enough for the 10,000-message benchmark mailbox.
 imap_max_line_length = 2M
 mail_max_userip_connections = 200
+# IDLE notices appends by inotify; this is its fallback check, at 1 s rather than 30 s.
+mailbox_idle_check_interval = 1 secs
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {root}/users/%u
