@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -96,8 +97,8 @@ class RedisSentinels:
     def _ready(self) -> bool:
         for sentinel in self.sentinels:
             client = sentinel.client()
-            replicas = client.sentinel_slaves(MASTER_NAME)
-            others = client.sentinel_sentinels(MASTER_NAME)
+            replicas: Any = client.sentinel_slaves(MASTER_NAME)
+            others: Any = client.sentinel_sentinels(MASTER_NAME)
             synced = [r for r in replicas if r["master-link-status"] == "ok"]
             if len(synced) != 1 or len(others) != len(self.sentinels) - 1:
                 return False
@@ -113,7 +114,7 @@ class RedisSentinels:
         ports = []
         for sentinel in self.sentinels:
             try:
-                address = sentinel.client().sentinel_get_master_addr_by_name(MASTER_NAME)
+                address: Any = sentinel.client().sentinel_get_master_addr_by_name(MASTER_NAME)
             except redis.RedisError:
                 continue
             if address:
