@@ -58,6 +58,7 @@ from backend.models import (
     Message,
     PollOutcome,
     PollRun,
+    StorageBackend,
     utcnow,
 )
 from backend.storage import service as storage
@@ -113,7 +114,7 @@ _Upload = tuple[dict[str, Any], Future[tuple[str, str | None]]]
 def _put(key: str, data: bytes, content_type: str, *, hashed: bool) -> tuple[str, str | None]:
     """Write an object (and hash it, here in a writing thread rather than the parsing one)."""
     content_hash = hashlib.sha256(data).hexdigest() if hashed else None
-    return storage.put_object(key, data, content_type), content_hash
+    return storage.put_object(key, data, content_type, sync=False), content_hash
 
 
 @dataclass
@@ -563,10 +564,16 @@ class _Poller:
         in one transaction. A failed write fails the batch: nothing is committed."""
         if prepared is None:
             return
+        local_keys: list[str] = []
         for row, future in prepared.uploads:
             row["storage_backend"], content_hash = future.result()
             if content_hash is not None:
                 row["content_hash"] = content_hash
+            if row["storage_backend"] == StorageBackend.LOCAL:
+                local_keys.append(row["storage_key"])
+        # Every object durable before the rows that point at it are committed: written
+        # unsynced by the writing threads, fsynced here together.
+        storage.sync_local(local_keys)
         folder, uidvalidity, last_uid = prepared.folder, prepared.uidvalidity, prepared.last_uid
         rows, attachments = prepared.rows, prepared.attachments
         with session_scope() as session:
