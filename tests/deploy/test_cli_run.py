@@ -126,7 +126,7 @@ def test_without_redis_it_serves_the_api_and_polls_in_process(
 
 
 @pytest.mark.e2e
-def test_with_redis_it_runs_api_beat_and_two_workers_and_stops_them_together(
+def test_with_redis_it_runs_api_beat_two_workers_and_a_watcher_and_stops_them_together(
     tmp_path: Path, redis_db: RedisDb, dovecot: Dovecot
 ) -> None:
     flower_port = free_port()
@@ -156,8 +156,9 @@ def test_with_redis_it_runs_api_beat_and_two_workers_and_stops_them_together(
     # Flower asks for the login .env holds, as in compose.
     assert flower_anonymous.status_code == 401
     assert flower_workers.status_code == 200, flower_workers.text
-    # Ctrl-C stopped all five children, not just the parent.
-    assert len(children) == 5, output
+    # Ctrl-C stopped all six children (API, beat, worker, processor, watcher, Flower), not
+    # just the parent.
+    assert len(children) == 6, output
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], output
     assert run.code == 0, output
 
