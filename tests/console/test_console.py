@@ -272,11 +272,11 @@ def test_push_and_its_fallback_show_and_push_can_be_switched_on(
     page: Page, serve: Callable[..., Server], db: Session
 ):
     server = serve()
-    make_account(db, email="idle@example.org", push=True, push_status="watching")
+    make_account(db, email="watched@example.org", push=True, push_status="watching")
     make_account(db, email="noidle@example.org", push=True, push_status="unsupported")
     plain = make_account(db, email="plain@example.org").id
     sign_in(page, server)
-    expect(row(page, "idle@example.org")).to_contain_text("watching")
+    expect(row(page, "watched@example.org")).to_contain_text("watching")
     expect(row(page, "noidle@example.org").locator(".badge.degraded")).to_have_text("polling only")
     row(page, "noidle@example.org").locator("a").first.click()
     expect(page.locator("#main dl.facts")).to_contain_text("polling only: the server has no IDLE")
