@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Table, select, update
 from sqlalchemy.orm import Session
 
 from backend.accounts import state
 from backend.config import get_settings
-from backend.db import insert_for, session_scope
+from backend.db import bulk_insert, insert_for, session_scope
 from backend.mailbox import credentials, cursors, imap, pool
 from backend.mailbox.imap import (
     ERROR_TEXT_MAX,
@@ -80,6 +80,8 @@ STORE_THREADS = 8
 # Core tables: rows are inserted in bulk without ORM objects.
 MESSAGES = cast(Table, Message.__table__)
 ATTACHMENTS = cast(Table, Attachment.__table__)
+# A message's identity, unique in the table.
+MESSAGE_KEY = ("account_id", "folder", "uidvalidity", "uid")
 
 
 @dataclass
@@ -449,9 +451,7 @@ class _Poller:
         with session_scope() as session:
             inserted = session.connection().execute(
                 insert_for(session, MESSAGES)
-                .on_conflict_do_nothing(
-                    index_elements=["account_id", "folder", "uidvalidity", "uid"]
-                )
+                .on_conflict_do_nothing(index_elements=list(MESSAGE_KEY))
                 .returning(Message.id),
                 [row],
             )
@@ -577,28 +577,23 @@ class _Poller:
         folder, uidvalidity, last_uid = prepared.folder, prepared.uidvalidity, prepared.last_uid
         rows, attachments = prepared.rows, prepared.attachments
         with session_scope() as session:
-            inserted: list[tuple[int, int, int]] = []
-            if rows:
-                # executemany: the statement is compiled once and cached, and the driver
-                # sends the rows in multi-row INSERTs (insertmanyvalues).
-                inserted = [
-                    (row.id, row.uid, row.size)
-                    for row in session.connection().execute(
-                        insert_for(session, MESSAGES)
-                        .on_conflict_do_nothing(
-                            index_elements=["account_id", "folder", "uidvalidity", "uid"]
-                        )
-                        .returning(Message.id, Message.uid, Message.size),
-                        rows,
-                    )
-                ]
-            attachment_rows = [
-                {**part, "message_id": message_id}
-                for message_id, uid, _size in inserted
-                for part in attachments[uid]
+            inserted = [
+                (row.id, row.uid, row.size)
+                for row in bulk_insert(
+                    session, MESSAGES, rows, unique=MESSAGE_KEY, returning=("id", "uid", "size")
+                )
             ]
-            if attachment_rows:
-                session.connection().execute(insert(ATTACHMENTS), attachment_rows)
+            # Attachments only of the messages inserted now: a message held already has
+            # its attachment rows.
+            bulk_insert(
+                session,
+                ATTACHMENTS,
+                [
+                    {**part, "message_id": message_id}
+                    for message_id, uid, _size in inserted
+                    for part in attachments[uid]
+                ],
+            )
             if inserted:
                 session.execute(
                     update(Account)
