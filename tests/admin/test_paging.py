@@ -211,7 +211,7 @@ def test_poll_runs_and_dead_letters_page_newest_first(api: TestClient, db: Sessi
         )
         for n in range(7)
     ]
-    db.add_all(runs + letters)
+    db.add_all([*runs, *letters])
     db.commit()
     run_ids = sorted((r.id for r in runs if r.account_id == first.id), reverse=True)
     walked, totals = walk(api, f"/accounts/{first.id}/poll-runs", 2)
