@@ -31,6 +31,7 @@ from backend.models.enums import (
     PushStatus,
     SchedulerMode,
 )
+from backend.paging import NextAfter
 
 # Explicit characters rather than \s, which means more in Python than in JSON Schema.
 # NUL too: PostgreSQL text cannot hold it.
@@ -493,6 +494,7 @@ class AccountRead(BaseModel):
 class AccountList(BaseModel):
     items: list[AccountRead]
     total: int
+    next_after: NextAfter = None
 
 
 class PollQueued(BaseModel):

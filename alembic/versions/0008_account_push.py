@@ -1,7 +1,7 @@
 """account push: the push flag and what the watcher found (push_status)
 
-Revision ID: 0007_account_push
-Revises: 0006_account_sync_progress
+Revision ID: 0008_account_push
+Revises: 0007_paging_indexes
 Create Date: 2026-11-29 20:05:00
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0007_account_push"
-down_revision: str | None = "0006_account_sync_progress"
+revision: str = "0008_account_push"
+down_revision: str | None = "0007_paging_indexes"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
