@@ -150,12 +150,12 @@ def wanted_accounts(session: Session) -> dict[int, store.Wanted]:
     return {want.account_id: want for page in wanted_pages(session) for want in page.values()}
 
 
-def wanted_pages(session: Session, size: int = RECONCILE_PAGE) -> Iterator[dict[int, store.Wanted]]:
-    """The accounts that want an entry, `size` at a time, never all in memory at once."""
+def wanted_pages(session: Session) -> Iterator[dict[int, store.Wanted]]:
+    """The accounts that want an entry, RECONCILE_PAGE at a time, never all in memory."""
     query = select(
         Account.id, Account.poll_interval_seconds, Account.last_polled_at, Account.priority
     ).where(_wanted_clause())
-    result = session.execute(query.execution_options(yield_per=size))
+    result = session.execute(query.execution_options(yield_per=RECONCILE_PAGE))
     for rows in result.partitions():
         # The columns in Wanted's order.
         yield {row[0]: store.Wanted(*row) for row in rows}
