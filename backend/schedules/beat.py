@@ -198,38 +198,56 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
         free = dispatch.claim_many(pending, store.pending_seconds()) if pending else []
         waiting = 0
         renewed = time.monotonic()
-        for (_, poll), pending_key, is_free in zip(polls, pending, free, strict=True):
-            if time.monotonic() - renewed > LOCK_RENEW_SECONDS:
-                self._renew_lock()
-                renewed = time.monotonic()
-            if not is_free:
-                waiting += 1
-                continue
-            log.info("Scheduler: Sending due task %s (%s)", poll.name, store.POLL_TASK)
-            # When it was sent, for the age of the oldest queued poll (capacity).
-            headers = {
-                service.SENT_AT_HEADER: time.time(),
-                dispatch.COALESCE_HEADER: pending_key,
-                "celery_beat_task": True,
-            }
-            try:
-                self.send_task(
-                    store.POLL_TASK,
-                    [poll.account_id],
-                    {},
-                    producer=self.producer,
-                    headers=headers,
-                    **poll.options,
-                )
-            except Exception:
-                log.exception("Scheduler: could not send %s", poll.name)
+        batched: list[str] = []  # the coalescing keys of the polls in the broker batch
+        try:
+            # One pipeline to the broker for the whole pass (kombu's publish batch) rather
+            # than a round trip (and a new client) per poll.
+            with self.producer.batch(max_size=DUE_BATCH):
+                for (_, poll), pending_key, is_free in zip(polls, pending, free, strict=True):
+                    if time.monotonic() - renewed > LOCK_RENEW_SECONDS:
+                        self._renew_lock()
+                        renewed = time.monotonic()
+                    if not is_free:
+                        waiting += 1
+                        continue
+                    if self._send_poll(poll, pending_key):
+                        batched.append(pending_key)
+        except Exception as exc:
+            # The batch's unsent polls are dropped: free their mailboxes for the next run.
+            for pending_key in batched:
                 dispatch.release(pending_key)
+            if isinstance(exc, redis.LockError):
+                raise
+            log.exception("Scheduler: could not send %d polls", len(batched))
         if waiting:
             log.info(
                 "beat: %d due polls not sent: each mailbox's previous poll still waits in "
                 "the queue (the workers are behind; see GET /admin/capacity)",
                 waiting,
             )
+
+    def _send_poll(self, poll: store.PollEntry, pending_key: str) -> bool:
+        log.info("Scheduler: Sending due task %s (%s)", poll.name, store.POLL_TASK)
+        # When it was sent, for the age of the oldest queued poll (capacity).
+        headers = {
+            service.SENT_AT_HEADER: time.time(),
+            dispatch.COALESCE_HEADER: pending_key,
+            "celery_beat_task": True,
+        }
+        try:
+            self.send_task(
+                store.POLL_TASK,
+                [poll.account_id],
+                {},
+                producer=self.producer,
+                headers=headers,
+                **poll.options,
+            )
+        except Exception:
+            log.exception("Scheduler: could not send %s", poll.name)
+            dispatch.release(pending_key)
+            return False
+        return True
 
     def _send_others(self, keys: list[str]) -> list[float]:
         """Beat's own periodic tasks, RedBeat's way (a handful of entries)."""
