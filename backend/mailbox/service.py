@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Table, select, update
 from sqlalchemy.orm import Session
 
 from backend.accounts import state
 from backend.config import get_settings
-from backend.db import insert_for, session_scope
-from backend.mailbox import credentials, cursors, imap, pool
+from backend.db import bulk_insert, insert_for, session_scope
+from backend.mailbox import credentials, cursors, imap, parsing, pool
 from backend.mailbox.imap import (
     ERROR_TEXT_MAX,
     MAX_UID,
@@ -47,7 +47,7 @@ from backend.mailbox.imap import (
     ImapProtocolError,
     ImapSession,
 )
-from backend.mailbox.parser import ParsedMessage, parse_message
+from backend.mailbox.parser import ParsedMessage
 from backend.mailbox.progress import OnProgress, SyncProgress
 from backend.models import (
     Account,
@@ -58,6 +58,7 @@ from backend.models import (
     Message,
     PollOutcome,
     PollRun,
+    StorageBackend,
     utcnow,
 )
 from backend.storage import service as storage
@@ -79,6 +80,8 @@ STORE_THREADS = 8
 # Core tables: rows are inserted in bulk without ORM objects.
 MESSAGES = cast(Table, Message.__table__)
 ATTACHMENTS = cast(Table, Attachment.__table__)
+# A message's identity, unique in the table.
+MESSAGE_KEY = ("account_id", "folder", "uidvalidity", "uid")
 
 
 @dataclass
@@ -113,7 +116,7 @@ _Upload = tuple[dict[str, Any], Future[tuple[str, str | None]]]
 def _put(key: str, data: bytes, content_type: str, *, hashed: bool) -> tuple[str, str | None]:
     """Write an object (and hash it, here in a writing thread rather than the parsing one)."""
     content_hash = hashlib.sha256(data).hexdigest() if hashed else None
-    return storage.put_object(key, data, content_type), content_hash
+    return storage.put_object(key, data, content_type, sync=False), content_hash
 
 
 @dataclass
@@ -443,14 +446,12 @@ class _Poller:
         and no body, so no later poll asks for it again."""
         assert exc.uid is not None
         item = _Fetched(uid=exc.uid, size=exc.stated or 0, internal_date=None, flags=[])
-        row, _ = self._prepare(folder, uidvalidity, item, [])
+        row = self._prepare(folder, uidvalidity, item, [])
         row["skipped_reason"] = exc.message[:ERROR_TEXT_MAX]
         with session_scope() as session:
             inserted = session.connection().execute(
                 insert_for(session, MESSAGES)
-                .on_conflict_do_nothing(
-                    index_elements=["account_id", "folder", "uidvalidity", "uid"]
-                )
+                .on_conflict_do_nothing(index_elements=list(MESSAGE_KEY))
                 .returning(Message.id),
                 [row],
             )
@@ -550,10 +551,15 @@ class _Poller:
         prepared = _Prepared(
             folder=folder, uidvalidity=uidvalidity, last_uid=batch[-1].uid, fetched=len(batch)
         )
-        for item in batch:
-            if item.content_hash is not None and item.content_hash in held:
-                continue  # held from before the UIDVALIDITY change
-            row, parts = self._prepare(folder, uidvalidity, item, prepared.uploads)
+        # Not what is held from before a UIDVALIDITY change.
+        kept = [item for item in batch if item.content_hash not in held]
+        # Raw messages first: their writes run while the batch is parsed.
+        rows = [self._prepare(folder, uidvalidity, item, prepared.uploads) for item in kept]
+        outcomes = iter(parsing.parse_all([item.body for item in kept if item.body is not None]))
+        for item, row in zip(kept, rows, strict=True):
+            parts: list[dict[str, Any]] = []
+            if item.body is not None:
+                parts = self._parsed(row, next(outcomes), prepared.uploads)
             prepared.rows.append(row)
             prepared.attachments[item.uid] = parts
         return prepared
@@ -563,35 +569,36 @@ class _Poller:
         in one transaction. A failed write fails the batch: nothing is committed."""
         if prepared is None:
             return
+        local_keys: list[str] = []
         for row, future in prepared.uploads:
             row["storage_backend"], content_hash = future.result()
             if content_hash is not None:
                 row["content_hash"] = content_hash
+            if row["storage_backend"] == StorageBackend.LOCAL:
+                local_keys.append(row["storage_key"])
+        # Every object durable before the rows that point at it are committed: written
+        # unsynced by the writing threads, fsynced here together.
+        storage.sync_local(local_keys)
         folder, uidvalidity, last_uid = prepared.folder, prepared.uidvalidity, prepared.last_uid
         rows, attachments = prepared.rows, prepared.attachments
         with session_scope() as session:
-            inserted: list[tuple[int, int, int]] = []
-            if rows:
-                # executemany: the statement is compiled once and cached, and the driver
-                # sends the rows in multi-row INSERTs (insertmanyvalues).
-                inserted = [
-                    (row.id, row.uid, row.size)
-                    for row in session.connection().execute(
-                        insert_for(session, MESSAGES)
-                        .on_conflict_do_nothing(
-                            index_elements=["account_id", "folder", "uidvalidity", "uid"]
-                        )
-                        .returning(Message.id, Message.uid, Message.size),
-                        rows,
-                    )
-                ]
-            attachment_rows = [
-                {**part, "message_id": message_id}
-                for message_id, uid, _size in inserted
-                for part in attachments[uid]
+            inserted = [
+                (row.id, row.uid, row.size)
+                for row in bulk_insert(
+                    session, MESSAGES, rows, unique=MESSAGE_KEY, returning=("id", "uid", "size")
+                )
             ]
-            if attachment_rows:
-                session.connection().execute(insert(ATTACHMENTS), attachment_rows)
+            # Attachments only of the messages inserted now: a message held already has
+            # its attachment rows.
+            bulk_insert(
+                session,
+                ATTACHMENTS,
+                [
+                    {**part, "message_id": message_id}
+                    for message_id, uid, _size in inserted
+                    for part in attachments[uid]
+                ],
+            )
             if inserted:
                 session.execute(
                     update(Account)
@@ -609,8 +616,8 @@ class _Poller:
 
     def _prepare(
         self, folder: str, uidvalidity: int, item: _Fetched, uploads: list[_Upload]
-    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Store the message's objects; return its row and its attachment rows."""
+    ) -> dict[str, Any]:
+        """The message's row, its raw bytes being written (parsed fields: `_parsed`)."""
         row: dict[str, Any] = {
             "account_id": self.account_id,
             "folder": folder,
@@ -638,22 +645,27 @@ class _Poller:
             row["skipped_reason"] = (
                 f"larger than MAX_MESSAGE_BYTES ({item.size} > {self.max_bytes} bytes)"
             )
-            return row, []
+            return row
         key = message_key(self.account_id, folder, uidvalidity, item.uid)
         self._upload(uploads, row, key, item.body, "message/rfc822", hash_it=False)
-        try:
-            parsed = parse_message(item.body)
-        except Exception as exc:
-            row["parse_error"] = f"{type(exc).__name__}: {exc}"[:2000]
-            return row, []
-        row.update(_parsed_fields(parsed))
+        return row
+
+    def _parsed(
+        self, row: dict[str, Any], outcome: parsing.Outcome, uploads: list[_Upload]
+    ) -> list[dict[str, Any]]:
+        """Fill the row from the parse and store the attachments; returns their rows. A
+        message that could not be parsed is kept raw, with the reason."""
+        if isinstance(outcome, str):
+            row["parse_error"] = outcome
+            return []
+        row.update(_parsed_fields(outcome))
         parts = []
-        for index, attachment in enumerate(parsed.attachments, start=1):
+        for index, attachment in enumerate(outcome.attachments, start=1):
             part_key = attachment_key(
                 self.account_id,
-                folder,
-                uidvalidity,
-                item.uid,
+                row["folder"],
+                row["uidvalidity"],
+                row["uid"],
                 index=index,
                 safe_name=attachment.safe_name,
             )
@@ -668,7 +680,7 @@ class _Poller:
                 uploads, part, part_key, attachment.data, attachment.content_type, hash_it=True
             )
             parts.append(part)
-        return row, parts
+        return parts
 
     def _upload(
         self,
