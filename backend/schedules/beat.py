@@ -13,8 +13,12 @@ everything needs.
   lock is taken again, or, if another beat took it meanwhile, this beat stands by until
   it is free.
 - A Redis that stops answering makes the tick wait and retry instead of ending beat.
-- Due entries are read in one pipeline and their next runs written in another, instead
-  of two round trips per entry: beat keeps up with 10,000 mailboxes a minute.
+- A mailbox entry is sent when its score (its exact next run) comes, from its
+  definition alone, parsed as plain JSON rather than built into RedBeat's entry objects;
+  a tick reads the due entries in one pipeline, writes their next runs in another and
+  hands their polls to the broker in a third (kombu's publish batch), at most DUE_BATCH
+  at a time: one beat carries 100,000 mailboxes at a 5-minute interval
+  (docs/benchmarks.md), and a backlog goes out in passes that each renew the lock.
 """
 
 from __future__ import annotations
