@@ -138,6 +138,22 @@ def enqueue_poll(account_id: int, *, force: bool = False) -> str:
     return task_id
 
 
+def enqueue_push_poll(account_id: int, news_at: float) -> bool:
+    """A poll because the server reported news of the mailbox (backend/push/): at the top
+    priority, and coalesced with beat's polls under the same key, so a mailbox never has
+    two polls waiting. `news_at` (epoch seconds) travels with it to time the push.
+    Returns whether it was sent (False: one already waits, and will see the news)."""
+    task_id = dispatch.enqueue(
+        store.POLL_TASK,
+        account_id,
+        priority=TOP_PRIORITY,
+        coalesce_key=store.pending_key(account_id),
+        coalesce_expiry=store.pending_seconds(),
+        headers={SENT_AT_HEADER: time.time(), NEWS_AT_HEADER: news_at},
+    )
+    return task_id is not None
+
+
 # -- all accounts --------------------------------------------------------------------
 
 
@@ -290,6 +306,8 @@ def reset_cache() -> None:
 CAPACITY_WINDOW_SECONDS = 60
 # The header every queued poll carries with the moment it was sent (epoch seconds).
 SENT_AT_HEADER = "mailbeat_sent_at"
+# When the server reported the news a push poll was sent for (epoch seconds).
+NEWS_AT_HEADER = "mailbeat_news_at"
 
 
 @dataclass
