@@ -58,11 +58,15 @@ class Received:
 
 class Receiver:
     """`secret`: requests must carry a valid signature for it (else 401); None: unsigned
-    requests are expected and nothing is checked."""
+    requests are expected and nothing is checked. `keep_alive`: HTTP/1.1, a connection
+    serves many requests (else HTTP/1.0, one request per connection)."""
 
-    def __init__(self, secret: str | None = SECRET) -> None:
-        self.port = free_port()
+    def __init__(
+        self, secret: str | None = SECRET, *, port: int | None = None, keep_alive: bool = False
+    ) -> None:
+        self.port = port or free_port()
         self.secret = secret
+        self.keep_alive = keep_alive
         self.requests: list[Received] = []
         self.holding = threading.Event()  # a held request is waiting (see hold_next)
         self._hold = False
@@ -141,6 +145,8 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if receiver.keep_alive else "HTTP/1.0"
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 receiver._wait_if_held()
