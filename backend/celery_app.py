@@ -46,7 +46,10 @@ def queue_keys(queue: str) -> list[str]:
 # Outlasts a tick's sleep (1 s) plus one Redis call stuck until its socket timeout.
 BEAT_LOCK_SECONDS = int(settings.redis_socket_timeout) + 5
 
-app = Celery("mailbeat", broker=settings.redis_url)
+# A bad REDIS_URL (or Sentinel without REDIS_SENTINEL_MASTER) stops every process here,
+# as it starts, saying what to fix.
+redis.check_settings(settings)
+app = Celery("mailbeat", broker=redis.broker_url(settings.redis_url))
 app.conf.update(
     timezone="UTC",
     enable_utc=True,
@@ -68,6 +71,8 @@ app.conf.update(
         # (kombu's default folds them into four); a readable separator in the key names.
         "priority_steps": list(PRIORITY_LEVELS),
         "sep": QUEUE_SEPARATOR,
+        # Sentinel: the master's name and the sentinels' timeouts (kombu and Flower).
+        **redis.broker_transport_options(settings.redis_url),
     },
     broker_connection_retry_on_startup=True,
     # Flower sees every task only with events on.
@@ -95,7 +100,8 @@ app.conf.update(
     # renewed every tick and while a long dispatch runs, so it can be short: a beat that
     # dies (SIGKILL, a lost host) is replaced within BEAT_LOCK_SECONDS, not minutes.
     beat_scheduler="backend.schedules.beat:MailbeatScheduler",
-    redbeat_redis_url=settings.effective_redbeat_redis_url,
+    # Only shown in beat's banner (RedBeat is handed its client): where, without secrets.
+    redbeat_redis_url=redis.location(settings.effective_redbeat_redis_url),
     redbeat_redis_options={},  # unused: RedBeat is handed its client (end of this file)
     redbeat_key_prefix="redbeat:",
     redbeat_lock_timeout=BEAT_LOCK_SECONDS,

@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redbeat_redis_url: str | None = None  # defaults to redis_url
     redis_socket_timeout: float = 5.0
+    # Redis Sentinel (REDIS_URL `sentinel://host1:26379;sentinel://host2:26379/0`): the
+    # name the sentinels know the master by; each question to a sentinel gives up after
+    # REDIS_SENTINEL_TIMEOUT; a call that cannot reach the master (it is being failed over)
+    # tries again for REDIS_SENTINEL_FAILOVER_SECONDS before it fails.
+    redis_sentinel_master: str | None = None
+    redis_sentinel_timeout: float = Field(default=1.0, gt=0)
+    redis_sentinel_failover_seconds: float = Field(default=30.0, ge=0)
     # auto: Celery + RedBeat when Redis answers, else the in-process scheduler.
     scheduler_mode: Literal["auto", "celery", "local"] = "auto"
 

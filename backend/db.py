@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Table, create_engine, event
+from sqlalchemy import JSON, Engine, Row, Table, TypeDecorator, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
@@ -80,6 +81,69 @@ def insert_for(session: Session, table: type[Any] | Table) -> Any:
     if session.get_bind().dialect.name == "postgresql":
         return postgresql.insert(table)
     return sqlite.insert(table)
+
+
+def bulk_insert(
+    session: Session,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    unique: Sequence[str] = (),
+    returning: Sequence[str] = (),
+) -> list[Row[Any]]:
+    """Insert rows in one statement; each row has the same keys, with a value for every
+    column that needs one (Python-side column defaults do not apply). With `unique`, rows that
+    would break that unique key are skipped (ON CONFLICT DO NOTHING). Returns the
+    `returning` columns of the rows inserted, in no particular order.
+
+    PostgreSQL gets one `INSERT .. SELECT FROM unnest(array, ...)` with one array
+    parameter per column: one statement of fixed text whatever the number of rows, so
+    nothing is built or split per row (an executemany of a 50-row batch spends its time
+    formatting and splitting multi-row VALUES). Elsewhere (SQLite) an executemany."""
+    if not rows:
+        return []
+    connection = session.connection()
+    dialect = connection.dialect
+    if dialect.name != "postgresql":
+        statement = insert_for(session, table)
+        if unique:
+            statement = statement.on_conflict_do_nothing(index_elements=list(unique))
+        if returning:
+            statement = statement.returning(*(table.c[name] for name in returning))
+        result = connection.execute(statement, list(rows))
+        return list(result) if returning else []
+    names = list(rows[0])
+    arrays: dict[str, list[Any]] = {}
+    casts: list[str] = []
+    selects: list[str] = []
+    for name in names:
+        column = table.c[name]
+        kind = column.type
+        if isinstance(kind, JSON):
+            # Arrays of json text, read back as json column by column.
+            arrays[name] = [None if row[name] is None else json.dumps(row[name]) for row in rows]
+            casts.append(f"%({name})s::text[]")
+            selects.append(f"t.{name}::json")
+            continue
+        if isinstance(kind, TypeDecorator):
+            arrays[name] = [kind.process_bind_param(row[name], dialect) for row in rows]
+            kind = kind.impl_instance
+        else:
+            arrays[name] = [row[name] for row in rows]
+        casts.append(f"%({name})s::{kind.compile(dialect=dialect)}[]")
+        selects.append(f"t.{name}")
+    # Names come from the Table (known column names, checked by table.c above); every
+    # value is a parameter.
+    sql = (
+        f"INSERT INTO {table.name} ({', '.join(names)}) "  # noqa: S608 - see above
+        f"SELECT {', '.join(selects)} FROM unnest({', '.join(casts)}) AS t({', '.join(names)})"
+    )
+    if unique:
+        sql += f" ON CONFLICT ({', '.join(unique)}) DO NOTHING"
+    if returning:
+        sql += f" RETURNING {', '.join(returning)}"
+    result = connection.exec_driver_sql(sql, arrays)
+    return list(result) if returning else []
 
 
 class DatabaseUnavailable(RuntimeError):

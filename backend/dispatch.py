@@ -28,7 +28,6 @@ from functools import lru_cache
 from typing import Any
 
 from celery.signals import task_prerun
-from kombu.utils.url import maybe_sanitize_url
 
 from backend import redis
 from backend.celery_app import app as celery_app
@@ -89,7 +88,7 @@ def mode() -> SchedulerMode:
         return SchedulerMode.CELERY
     if settings.scheduler_mode != "auto":
         return SchedulerMode(settings.scheduler_mode)
-    url = maybe_sanitize_url(settings.redis_url)
+    url = redis.location()
     if redis_reachable(settings.redis_socket_timeout):
         log.info("scheduler: Redis at %s answers: polls run on Celery workers", url)
         return SchedulerMode.CELERY

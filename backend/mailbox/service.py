@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Table, select, update
 from sqlalchemy.orm import Session
 
 from backend.accounts import state
 from backend.config import get_settings
-from backend.db import insert_for, session_scope
+from backend.db import bulk_insert, insert_for, session_scope
 from backend.mailbox import credentials, cursors, imap, pool
 from backend.mailbox.imap import (
     ERROR_TEXT_MAX,
@@ -58,6 +58,7 @@ from backend.models import (
     Message,
     PollOutcome,
     PollRun,
+    StorageBackend,
     utcnow,
 )
 from backend.storage import service as storage
@@ -79,6 +80,8 @@ STORE_THREADS = 8
 # Core tables: rows are inserted in bulk without ORM objects.
 MESSAGES = cast(Table, Message.__table__)
 ATTACHMENTS = cast(Table, Attachment.__table__)
+# A message's identity, unique in the table.
+MESSAGE_KEY = ("account_id", "folder", "uidvalidity", "uid")
 
 
 @dataclass
@@ -113,7 +116,7 @@ _Upload = tuple[dict[str, Any], Future[tuple[str, str | None]]]
 def _put(key: str, data: bytes, content_type: str, *, hashed: bool) -> tuple[str, str | None]:
     """Write an object (and hash it, here in a writing thread rather than the parsing one)."""
     content_hash = hashlib.sha256(data).hexdigest() if hashed else None
-    return storage.put_object(key, data, content_type), content_hash
+    return storage.put_object(key, data, content_type, sync=False), content_hash
 
 
 @dataclass
@@ -448,9 +451,7 @@ class _Poller:
         with session_scope() as session:
             inserted = session.connection().execute(
                 insert_for(session, MESSAGES)
-                .on_conflict_do_nothing(
-                    index_elements=["account_id", "folder", "uidvalidity", "uid"]
-                )
+                .on_conflict_do_nothing(index_elements=list(MESSAGE_KEY))
                 .returning(Message.id),
                 [row],
             )
@@ -563,35 +564,36 @@ class _Poller:
         in one transaction. A failed write fails the batch: nothing is committed."""
         if prepared is None:
             return
+        local_keys: list[str] = []
         for row, future in prepared.uploads:
             row["storage_backend"], content_hash = future.result()
             if content_hash is not None:
                 row["content_hash"] = content_hash
+            if row["storage_backend"] == StorageBackend.LOCAL:
+                local_keys.append(row["storage_key"])
+        # Every object durable before the rows that point at it are committed: written
+        # unsynced by the writing threads, fsynced here together.
+        storage.sync_local(local_keys)
         folder, uidvalidity, last_uid = prepared.folder, prepared.uidvalidity, prepared.last_uid
         rows, attachments = prepared.rows, prepared.attachments
         with session_scope() as session:
-            inserted: list[tuple[int, int, int]] = []
-            if rows:
-                # executemany: the statement is compiled once and cached, and the driver
-                # sends the rows in multi-row INSERTs (insertmanyvalues).
-                inserted = [
-                    (row.id, row.uid, row.size)
-                    for row in session.connection().execute(
-                        insert_for(session, MESSAGES)
-                        .on_conflict_do_nothing(
-                            index_elements=["account_id", "folder", "uidvalidity", "uid"]
-                        )
-                        .returning(Message.id, Message.uid, Message.size),
-                        rows,
-                    )
-                ]
-            attachment_rows = [
-                {**part, "message_id": message_id}
-                for message_id, uid, _size in inserted
-                for part in attachments[uid]
+            inserted = [
+                (row.id, row.uid, row.size)
+                for row in bulk_insert(
+                    session, MESSAGES, rows, unique=MESSAGE_KEY, returning=("id", "uid", "size")
+                )
             ]
-            if attachment_rows:
-                session.connection().execute(insert(ATTACHMENTS), attachment_rows)
+            # Attachments only of the messages inserted now: a message held already has
+            # its attachment rows.
+            bulk_insert(
+                session,
+                ATTACHMENTS,
+                [
+                    {**part, "message_id": message_id}
+                    for message_id, uid, _size in inserted
+                    for part in attachments[uid]
+                ],
+            )
             if inserted:
                 session.execute(
                     update(Account)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from functools import lru_cache
@@ -165,9 +165,12 @@ def backends() -> list[Storage]:
     return [local_storage()] if s3 is None else [s3, local_storage()]
 
 
-def put_object(key: str, data: bytes | BinaryIO, content_type: str) -> StorageBackend:
+def put_object(
+    key: str, data: bytes | BinaryIO, content_type: str, *, sync: bool = True
+) -> StorageBackend:
     """Store an object; returns the backend that now holds it, which the caller records
-    on the row."""
+    on the row. An S3 object is durable when this returns; a local one with `sync=False`
+    only once `sync_local` has been called with its key (a batch's objects, together)."""
     s3 = s3_storage()
     if s3 is not None and _breaker.closed():
         if not isinstance(data, _BYTES) and not data.seekable():
@@ -188,8 +191,14 @@ def put_object(key: str, data: bytes | BinaryIO, content_type: str) -> StorageBa
             if not isinstance(data, _BYTES):
                 data.seek(start)
     local = local_storage()
-    local.put(key, data, content_type)
+    local.put(key, data, content_type, sync=sync)
     return local.name
+
+
+def sync_local(keys: Iterable[str]) -> None:
+    """Make the local objects written with `sync=False` durable (fsync each file, then
+    each directory once)."""
+    local_storage().sync(keys)
 
 
 def _read(backend_name: str, key: str, read: Callable[[Storage], T]) -> T:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
+import pytest
 from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session
 
@@ -178,6 +181,54 @@ def test_batches_commit_the_cursor_with_their_rows(
     assert result.messages == 8
     committed = [state for state in seen if state[0] or state[1]]
     assert committed == [(3, 3), (6, 6), (8, 8)], seen
+
+
+def test_objects_are_durable_before_their_rows_commit_each_fsynced_once(
+    dovecot: Dovecot,
+    mail_user: tuple[str, str],
+    mail_account: MailAccount,
+    set_env: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batch's objects are written unsynced and fsynced together before its commit:
+    at every commit, each object a committed row names has been fsynced, and no object
+    is fsynced twice (nor its temporary file at all)."""
+    set_env(IMAP_FETCH_BATCH_SIZE=3)
+    username, _ = mail_user
+    dovecot.append_many(username, [generated(i, attachment=b"%PDF-" * i) for i in range(1, 9)])
+    account = mail_account()
+    root = storage.local_storage().root
+    synced: list[Path] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    engine = get_engine()
+    not_durable: list[str] = []
+
+    def look(_session: Session) -> None:
+        with engine.connect() as conn:
+            keys = list(
+                conn.scalars(select(Message.storage_key).where(Message.account_id == account.id))
+            ) + list(conn.scalars(select(Attachment.storage_key)))
+        done = set(synced)
+        not_durable.extend(key for key in keys if key and root / key not in done)
+
+    event.listen(Session, "after_commit", look)
+    try:
+        result = poll_account(account.id)
+    finally:
+        event.remove(Session, "after_commit", look)
+
+    assert result.messages == 8
+    assert not_durable == []
+    files = [path for path in synced if path.is_file() or path.name.startswith(".tmp-")]
+    assert len(files) == 16  # 8 messages, 8 attachments
+    assert len(set(files)) == 16
+    assert not any(path.name.startswith(".tmp-") for path in files)
 
 
 def test_two_concurrent_polls_store_each_message_once(

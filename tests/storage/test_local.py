@@ -119,3 +119,58 @@ def test_delete_prefix_removes_one_account(store: LocalStorage) -> None:
     assert len(list(store.keys(account_prefix(11)))) == 3
     assert len(list(store.keys())) == 6
     assert store.delete_prefix(account_prefix(1)) == 0
+
+
+def fsync_spy(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Records the path of every fsync (the real one still runs)."""
+    synced: list[Path] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return synced
+
+
+def test_a_batch_is_fsynced_together_each_file_and_directory_once(
+    store: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced = fsync_spy(monkeypatch)
+    keys = [message_key(7, "INBOX", 1, uid) for uid in (1, 2, 3)] + ["accounts/7/x/y/z"]
+    for key in keys:
+        store.put(key, key.encode(), "text/plain", sync=False)
+    assert synced == []  # written, not yet durable
+
+    store.sync(keys)
+
+    files = [store.path_for(key) for key in keys]
+    assert synced[: len(files)] == files  # the files first, then their directories
+    directories = synced[len(files) :]
+    assert len(directories) == len(set(directories))
+    assert set(directories) == {
+        store.root / "accounts/7/INBOX/1",
+        store.root / "accounts/7/INBOX",
+        store.root / "accounts/7/x/y",
+        store.root / "accounts/7/x",
+        store.root / "accounts/7",
+        store.root / "accounts",
+        store.root,
+    }
+    assert [store.get(key) for key in keys] == [key.encode() for key in keys]
+
+
+def test_a_single_put_is_durable_when_it_returns(
+    store: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced = fsync_spy(monkeypatch)
+    store.put("a/b", b"one", "text/plain")
+    # The temporary file (renamed into place afterwards), then the directories.
+    assert synced[0].parent == store.root / "a"
+    assert synced[1:] == [store.root / "a", store.root]
+
+
+def test_syncing_a_missing_object_fails(store: LocalStorage) -> None:
+    with pytest.raises(StorageError):
+        store.sync(["never/written"])
