@@ -146,17 +146,17 @@ def test_a_worker_killed_inside_message_process(
     assert set(arrivals.values()) == {1}  # nothing was sent before the kill
 
 
-def test_a_worker_killed_while_its_webhook_request_is_in_flight(
-    db: Session,
-    dovecot: Dovecot,
-    receiver: Receiver,
-    celery: Celery,
-    redis_db: RedisDb,
-    webhooks_on: Callable[..., None],
-) -> None:
-    # One request at a time: the kill lands while the first is in flight and before the
-    # others are sent (test_batch_kill.py kills a batch with several in flight).
+@pytest.fixture
+def one_request_at_a_time(webhooks_on: Callable[..., None]) -> None:
+    """The kill lands while the batch's first request is in flight and before the others
+    are sent (test_batch_kill.py kills a batch with several requests in flight)."""
     webhooks_on(WEBHOOK_CONCURRENCY=1)
+
+
+@pytest.mark.usefixtures("one_request_at_a_time")
+def test_a_worker_killed_while_its_webhook_request_is_in_flight(
+    db: Session, dovecot: Dovecot, receiver: Receiver, celery: Celery, redis_db: RedisDb
+) -> None:
     message_ids = _ingested(db, dovecot, celery, redis_db)
     celery.beat()  # its processing sweep sends again what a dead attempt left claimed
     receiver.hold_next()
