@@ -70,6 +70,10 @@ class Receiver:
         self.requests: list[Received] = []
         self.holding = threading.Event()  # a held request is waiting (see hold_next)
         self._hold = False
+        self._hold_all = False
+        self.held = 0  # requests waiting for release() now
+        self.in_flight = 0  # requests being answered now
+        self.max_in_flight = 0  # the most at once so far
         self._release = threading.Event()
         self._script: deque[Reply] = deque()
         self.default = Reply()
@@ -96,6 +100,12 @@ class Receiver:
             self._hold = True
             self._release.clear()
             self.holding.clear()
+
+    def hold_all(self) -> None:
+        """Keep every request waiting, unanswered, until `release()`."""
+        with self._lock:
+            self._hold_all = True
+            self._release.clear()
 
     def release(self) -> None:
         self._release.set()
@@ -128,10 +138,14 @@ class Receiver:
 
     def _wait_if_held(self) -> None:
         with self._lock:
-            held, self._hold = self._hold, False
+            held, self._hold = self._hold or self._hold_all, False
+            self.held += held
         if held:
             self.holding.set()
             self._release.wait(timeout=300)
+            with self._lock:
+                self.held -= 1
+                self._hold_all = False
 
     def _next_reply(self) -> Reply:
         with self._lock:
@@ -148,6 +162,16 @@ class Receiver:
             protocol_version = "HTTP/1.1" if receiver.keep_alive else "HTTP/1.0"
 
             def do_POST(self) -> None:
+                with receiver._lock:
+                    receiver.in_flight += 1
+                    receiver.max_in_flight = max(receiver.max_in_flight, receiver.in_flight)
+                try:
+                    self._answer()
+                finally:
+                    with receiver._lock:
+                        receiver.in_flight -= 1
+
+            def _answer(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 receiver._wait_if_held()
                 headers = {k.lower(): v for k, v in self.headers.items()}
