@@ -96,6 +96,8 @@ class Settings(BaseSettings):
     imap_pool_size: int = Field(default=4, ge=0, le=10000)
     imap_pool_max_age_seconds: float = Field(default=300, gt=0)
     max_message_bytes: int = 50 * 1024 * 1024
+    # Processes per poll worker process that parse large batches (0: in the poll).
+    parse_processes: int = Field(default=2, ge=0, le=64)
 
     # Polling and scheduling.
     default_poll_interval_seconds: int = 300

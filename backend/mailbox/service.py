@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from backend.accounts import state
 from backend.config import get_settings
 from backend.db import bulk_insert, insert_for, session_scope
-from backend.mailbox import credentials, cursors, imap, pool
+from backend.mailbox import credentials, cursors, imap, parsing, pool
 from backend.mailbox.imap import (
     ERROR_TEXT_MAX,
     MAX_UID,
@@ -47,7 +47,7 @@ from backend.mailbox.imap import (
     ImapProtocolError,
     ImapSession,
 )
-from backend.mailbox.parser import ParsedMessage, parse_message
+from backend.mailbox.parser import ParsedMessage
 from backend.mailbox.progress import OnProgress, SyncProgress
 from backend.models import (
     Account,
@@ -446,7 +446,7 @@ class _Poller:
         and no body, so no later poll asks for it again."""
         assert exc.uid is not None
         item = _Fetched(uid=exc.uid, size=exc.stated or 0, internal_date=None, flags=[])
-        row, _ = self._prepare(folder, uidvalidity, item, [])
+        row = self._prepare(folder, uidvalidity, item, [])
         row["skipped_reason"] = exc.message[:ERROR_TEXT_MAX]
         with session_scope() as session:
             inserted = session.connection().execute(
@@ -551,10 +551,15 @@ class _Poller:
         prepared = _Prepared(
             folder=folder, uidvalidity=uidvalidity, last_uid=batch[-1].uid, fetched=len(batch)
         )
-        for item in batch:
-            if item.content_hash is not None and item.content_hash in held:
-                continue  # held from before the UIDVALIDITY change
-            row, parts = self._prepare(folder, uidvalidity, item, prepared.uploads)
+        # Not what is held from before a UIDVALIDITY change.
+        kept = [item for item in batch if item.content_hash not in held]
+        # Raw messages first: their writes run while the batch is parsed.
+        rows = [self._prepare(folder, uidvalidity, item, prepared.uploads) for item in kept]
+        outcomes = iter(parsing.parse_all([item.body for item in kept if item.body is not None]))
+        for item, row in zip(kept, rows, strict=True):
+            parts: list[dict[str, Any]] = []
+            if item.body is not None:
+                parts = self._parsed(row, next(outcomes), prepared.uploads)
             prepared.rows.append(row)
             prepared.attachments[item.uid] = parts
         return prepared
@@ -611,8 +616,8 @@ class _Poller:
 
     def _prepare(
         self, folder: str, uidvalidity: int, item: _Fetched, uploads: list[_Upload]
-    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Store the message's objects; return its row and its attachment rows."""
+    ) -> dict[str, Any]:
+        """The message's row, its raw bytes being written (parsed fields: `_parsed`)."""
         row: dict[str, Any] = {
             "account_id": self.account_id,
             "folder": folder,
@@ -640,22 +645,27 @@ class _Poller:
             row["skipped_reason"] = (
                 f"larger than MAX_MESSAGE_BYTES ({item.size} > {self.max_bytes} bytes)"
             )
-            return row, []
+            return row
         key = message_key(self.account_id, folder, uidvalidity, item.uid)
         self._upload(uploads, row, key, item.body, "message/rfc822", hash_it=False)
-        try:
-            parsed = parse_message(item.body)
-        except Exception as exc:
-            row["parse_error"] = f"{type(exc).__name__}: {exc}"[:2000]
-            return row, []
-        row.update(_parsed_fields(parsed))
+        return row
+
+    def _parsed(
+        self, row: dict[str, Any], outcome: parsing.Outcome, uploads: list[_Upload]
+    ) -> list[dict[str, Any]]:
+        """Fill the row from the parse and store the attachments; returns their rows. A
+        message that could not be parsed is kept raw, with the reason."""
+        if isinstance(outcome, str):
+            row["parse_error"] = outcome
+            return []
+        row.update(_parsed_fields(outcome))
         parts = []
-        for index, attachment in enumerate(parsed.attachments, start=1):
+        for index, attachment in enumerate(outcome.attachments, start=1):
             part_key = attachment_key(
                 self.account_id,
-                folder,
-                uidvalidity,
-                item.uid,
+                row["folder"],
+                row["uidvalidity"],
+                row["uid"],
                 index=index,
                 safe_name=attachment.safe_name,
             )
@@ -670,7 +680,7 @@ class _Poller:
                 uploads, part, part_key, attachment.data, attachment.content_type, hash_it=True
             )
             parts.append(part)
-        return row, parts
+        return parts
 
     def _upload(
         self,

@@ -21,7 +21,9 @@ from tests.deploy.files import (
 
 WORKERS = ("celery-worker", "celery-processor")
 APP_SERVICES = ("migrate", "api", "celery-beat", *WORKERS, "flower")
-LONG_RUNNING = ("redis", "postgres", "minio", "api", "celery-beat", *WORKERS, "flower")
+SENTINELS = ("redis-sentinel-1", "redis-sentinel-2", "redis-sentinel-3")
+HA = ("redis-replica", *SENTINELS)
+LONG_RUNNING = ("redis", "postgres", "minio", "api", "celery-beat", *WORKERS, "flower", *HA)
 ONE_SHOT = ("migrate", "minio-init")
 
 
@@ -44,7 +46,12 @@ def test_every_service_of_the_design_is_there() -> None:
         "celery-worker",
         "celery-processor",
         "flower",
+        *HA,
     }
+    # Redis with Sentinel only when asked for (`--profile ha`); everything else always.
+    profiled = {name for name in compose()["services"] if "profiles" in service(name)}
+    assert profiled == set(HA)
+    assert all(service(name)["profiles"] == ["ha"] for name in HA)
 
 
 @pytest.mark.parametrize("name", sorted(DESIGN_COMMANDS))
@@ -134,6 +141,37 @@ def test_redis_never_evicts_and_persists() -> None:
     assert any(volume.endswith(":/data") for volume in redis["volumes"])
 
 
+def test_the_ha_profile_replicates_redis_and_its_sentinels_watch_it() -> None:
+    replica = command("redis-replica")
+    assert replica[replica.index("--replicaof") + 1 :][:2] == ["redis", "6379"]
+    # A replica that becomes the master must not evict either, and keeps its data.
+    assert replica[replica.index("--maxmemory-policy") + 1] == "noeviction"
+    assert replica[replica.index("--appendonly") + 1] == "yes"
+    assert "redis-replica-data:/data" in service("redis-replica")["volumes"]
+    # Each announces its service name, stable across restarts (its address is not).
+    for name in ("redis", "redis-replica"):
+        args = command(name)
+        assert args[args.index("--replica-announce-ip") + 1] == name
+    master = service("api")["environment"]["REDIS_SENTINEL_MASTER"]
+    for name in SENTINELS:
+        assert service(name) == service(SENTINELS[0])
+    script = command(SENTINELS[0])[-1]
+    assert f"'sentinel monitor {master} redis 6379 2'" in script  # a quorum of 2 of 3
+    assert "'sentinel resolve-hostnames yes'" in script
+    assert script.endswith("exec redis-server /data/sentinel.conf --sentinel")
+
+
+def test_the_ha_url_names_the_three_sentinels() -> None:
+    # The line .env.example offers (commented out) for COMPOSE_REDIS_URL.
+    text = (ROOT / ".env.example").read_text()
+    [url] = re.findall(r"^# COMPOSE_REDIS_URL=(.*)$", text, flags=re.MULTILINE)
+    assert url == ";".join(f"sentinel://{name}:26379" for name in SENTINELS) + "/0"
+    for name in APP_SERVICES:
+        env = service(name)["environment"]
+        assert env["REDIS_URL"] == "${COMPOSE_REDIS_URL:-redis://redis:6379/0}", name
+        assert env["REDIS_SENTINEL_MASTER"] == "mailbeat", name
+
+
 def test_postgres_keeps_its_data_in_a_volume() -> None:
     volumes = service("postgres")["volumes"]
     assert "postgres-data:/var/lib/postgresql/data" in volumes
@@ -143,11 +181,13 @@ def test_postgres_keeps_its_data_in_a_volume() -> None:
 HEALTH_PROBES = {
     # What each check must run: a probe of the service itself, on the port it serves.
     "redis": ["CMD", "redis-cli", "ping"],
+    "redis-replica": ["CMD", "redis-cli", "ping"],
+    **{name: ["CMD", "redis-cli", "-p", "26379", "ping"] for name in SENTINELS},
     "minio": ["CMD", "mc", "ready", "local"],
 }
 
 
-@pytest.mark.parametrize("name", ["redis", "postgres", "minio", "api"])
+@pytest.mark.parametrize("name", ["redis", "postgres", "minio", "api", *HA])
 def test_health_checks(name: str) -> None:
     check = service(name)["healthcheck"]
     if name == "api":

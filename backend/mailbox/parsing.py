@@ -1,0 +1,96 @@
+"""Parsing a batch of fetched messages in other processes, off the poll's interpreter.
+
+A poll is one Python process doing IMAP, hashing, object writes and inserts in threads;
+parsing (backend/mailbox/parser.py, pure Python) held its GIL for most of a first sync.
+Batches of at least POOL_MIN_MESSAGES go to PARSE_PROCESSES processes; smaller ones (a
+poll that finds a few new messages) are parsed in the calling thread, which costs no
+pickling and starts no process. The processes are the same parser, so the result is
+the same either way (tests/mailbox/test_parsing.py).
+
+The pool is made on first use, per process (a Celery prefork child gets its own: a
+worker process that never ingests a large batch never starts one), from a fork server
+that has imported only the parser: each pool process is a small interpreter, not a copy
+of the worker, and nothing is forked from the threaded poller.
+
+A message that kills its parsing process (none is known) does not stop the poll: the
+batch is parsed again one message at a time in a new pool, and the message that breaks
+it again is stored raw with the reason, as any unparseable message is.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from backend.config import get_settings
+from backend.mailbox.parser import ParsedMessage, parse_message
+
+# Below this many messages a batch is parsed in the calling thread.
+POOL_MIN_MESSAGES = 8
+# A parse error as kept on the message row (`parse_error`).
+ERROR_MAX = 2000
+PROCESS_DIED = "the parsing process died on this message"
+
+# str: why the message could not be parsed (it is stored raw, flagged).
+Outcome = ParsedMessage | str
+
+_lock = threading.Lock()
+_pool: ProcessPoolExecutor | None = None
+_pool_pid = 0
+
+
+def parse_safely(raw: bytes) -> Outcome:
+    """Runs in a pool process (or the calling thread): never raises for a message."""
+    try:
+        return parse_message(raw)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"[:ERROR_MAX]
+
+
+def parse_all(raws: Sequence[bytes]) -> list[Outcome]:
+    """Each message parsed, in order."""
+    processes = get_settings().parse_processes
+    if processes == 0 or len(raws) < POOL_MIN_MESSAGES:
+        return [parse_safely(raw) for raw in raws]
+    # A few chunks per process: fewer round trips, and the processes finish together.
+    chunk = max(1, len(raws) // (processes * 4))
+    try:
+        return list(_executor(processes).map(parse_safely, raws, chunksize=chunk))
+    except BrokenProcessPool:
+        _discard()
+    outcomes: list[Outcome] = []
+    for raw in raws:
+        try:
+            outcomes.append(_executor(processes).submit(parse_safely, raw).result())
+        except BrokenProcessPool:
+            _discard()
+            outcomes.append(PROCESS_DIED)
+    return outcomes
+
+
+def _executor(processes: int) -> ProcessPoolExecutor:
+    global _pool, _pool_pid  # noqa: PLW0603 - one pool per process
+    with _lock:
+        if _pool is None or _pool_pid != os.getpid():
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["backend.mailbox.parser"])
+            _pool = ProcessPoolExecutor(processes, mp_context=context)
+            _pool_pid = os.getpid()
+        return _pool
+
+
+def _discard() -> None:
+    global _pool  # noqa: PLW0603 - one pool per process
+    with _lock:
+        if _pool is not None and _pool_pid == os.getpid():
+            _pool.shutdown(wait=False, cancel_futures=True)
+        _pool = None
+
+
+def shutdown() -> None:
+    """Stop this process's pool (tests; settings changed)."""
+    _discard()

@@ -1,0 +1,96 @@
+"""backend.mailbox.parsing: a batch parsed in pool processes is what the parser gives in
+the calling thread, message for message, errors included."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from backend.mailbox import parsing
+from backend.mailbox.parser import ParsedMessage
+from tests.support.mail import corpus, generated
+from tests.support.wait import wait_for
+
+
+@pytest.fixture(autouse=True)
+def fresh_pool() -> Iterator[None]:
+    parsing.shutdown()
+    yield
+    parsing.shutdown()
+
+
+def too_deep(depth: int = 1500) -> bytes:
+    """Nested deeper than the parser's recursion allows: it raises."""
+    raw = b"Subject: deep\r\nContent-Type: multipart/mixed; boundary=b0\r\n\r\n"
+    for level in range(depth):
+        raw += b"--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n" % (level, level + 1)
+    return raw + b"--b%d\r\nContent-Type: text/plain\r\n\r\nhi\r\n" % depth
+
+
+def batch() -> list[bytes]:
+    return [
+        *corpus(),
+        *(generated(i, attachment=os.urandom(i * 1000)) for i in range(1, 20)),
+        too_deep(),
+        b"",
+        b"\xff\xfe not a message \x00",
+    ]
+
+
+def test_the_pool_agrees_with_the_parser_in_this_thread(set_env: Callable[..., None]) -> None:
+    raws = batch()
+    set_env(PARSE_PROCESSES=0)
+    here = parsing.parse_all(raws)
+    set_env(PARSE_PROCESSES=2)
+    pooled = parsing.parse_all(raws)
+
+    assert pooled == here
+    assert sum(isinstance(outcome, ParsedMessage) for outcome in pooled) >= len(raws) - 1
+    assert isinstance(pooled[-3], str)  # the one too deep to parse: its reason
+    assert pooled[-3].startswith("RecursionError")
+    assert _pool_processes()  # the pool did the parsing
+
+
+def test_a_small_batch_is_parsed_here(set_env: Callable[..., None]) -> None:
+    set_env(PARSE_PROCESSES=2)
+    outcomes = parsing.parse_all([generated(i) for i in range(parsing.POOL_MIN_MESSAGES - 1)])
+    assert all(isinstance(outcome, ParsedMessage) for outcome in outcomes)
+    assert _pool_processes() == []
+
+
+def test_a_dead_pool_process_does_not_lose_the_batch(set_env: Callable[..., None]) -> None:
+    set_env(PARSE_PROCESSES=2)
+    raws = [generated(i) for i in range(20)]
+    expected = parsing.parse_all(raws)
+    for pid in _pool_processes():
+        os.kill(pid, signal.SIGKILL)
+
+    # The pool is found broken, and the batch parsed again in a new one.
+    assert parsing.parse_all(raws) == expected
+    wait_for(lambda: _pool_processes() or None, "a new pool")
+
+
+def _pool_processes() -> list[int]:
+    """The pool's processes: children of this process's fork server."""
+    mine = str(os.getpid())
+    servers = [pid for pid in _children_of(mine)]
+    return [pid for server in servers for pid in _children_of(str(server))]
+
+
+def _children_of(parent: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[1] == parent and b"multiprocessing" in cmdline:
+            found.append(int(entry.name))
+    return found
