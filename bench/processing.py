@@ -165,10 +165,9 @@ def main() -> None:
         before = 0.0
         for number, (name, tree, options, env) in enumerate(variants):
             extra = list(options)
-            profile = ["--profile", str(Path(args.profile) / f"{number}.prof")]
-            result = run_variant(
-                tree, url, args.messages, extra + profile * bool(args.profile), env
-            )
+            if args.profile:
+                extra += ["--profile", str(Path(args.profile) / f"{number}.prof")]
+            result = run_variant(tree, url, args.messages, extra, env)
             rate = args.messages / result["seconds"]
             before = before or rate
             print(
