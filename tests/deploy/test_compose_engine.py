@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from backend.envfile import EXAMPLE, render
-from tests.deploy.engine import STANDIN_DOCKERFILES, Engine, Project
+from tests.deploy.engine import STANDIN_DOCKERFILES, Engine, Project, docker
 from tests.deploy.files import compose, dockerfile
 from tests.deploy.stack import Api, account_body, email, watched, worker_names
 from tests.support.dovecot import Dovecot
@@ -274,3 +274,87 @@ def test_the_compose_file_runs_on_a_docker_engine(
     project("down", "-v")
     assert project.leftovers() == {"containers": [], "volumes": [], "networks": []}
     print({name: round(seconds, 1) for name, seconds in timings.items()})
+
+
+# The `ha` profile's services, with what mailbeat needs to poll (README, "Redis with
+# Sentinel"); `redis`, postgres and migrate follow.
+HA_SERVICES = (
+    "redis-replica",
+    "redis-sentinel-1",
+    "redis-sentinel-2",
+    "redis-sentinel-3",
+    "api",
+    "celery-beat",
+    "celery-worker",
+    "celery-processor",
+)
+
+
+def test_the_ha_profile_fails_over_when_the_redis_master_dies(
+    engine: Engine, bridge_dovecot: Dovecot, project: Project
+) -> None:
+    dovecot = bridge_dovecot
+    [ha_url] = [
+        line.removeprefix("# COMPOSE_REDIS_URL=")
+        for line in EXAMPLE.read_text().splitlines()
+        if line.startswith("# COMPOSE_REDIS_URL=")
+    ]
+    # README's way: the profile and the URL in .env (so `down` in the fixture sees them).
+    with (project.directory / ".env").open("a") as env_file:
+        env_file.write(f"COMPOSE_PROFILES=ha\nCOMPOSE_REDIS_URL={ha_url}\n")
+    settings = _dotenv(project)
+    api = Api(f"http://{settings['PUBLISH_API_PORT']}", settings["ADMIN_API_TOKEN"])
+
+    def eventually(what: str, probe: Callable[[], T | None], timeout: float = WAIT) -> T:
+        try:
+            return wait_for(probe, what, timeout, **watched())
+        except AssertionError as exc:
+            logs = project("logs", "--no-color", "--tail", "60")
+            raise AssertionError(f"{exc}\n{logs[-12000:]}") from None
+
+    def redis_cli(service: str, *args: str) -> list[str]:
+        (container,) = project.containers(service)
+        return docker("exec", container, "redis-cli", *args).split()
+
+    def master() -> str:
+        """Where the sentinels say the master is."""
+        return redis_cli(
+            "redis-sentinel-1", "-p", "26379", "sentinel", "get-master-addr-by-name", "mailbeat"
+        )[0]
+
+    project("up", "-d", "--build", *HA_SERVICES, timeout=1500)
+    health = eventually(
+        "the API healthy through the sentinels",
+        lambda: (body := api("GET", "/health").json())["status"] == "healthy" and body,
+    )
+    assert health["checks"]["redis"] == "ok"
+    assert master() == "redis"
+
+    username = f"c-{uuid.uuid4().hex[:8]}"
+    dovecot.add_user(username, "pw-" + username)
+    body = account_body(dovecot, username, ssl=False, interval=INTERVAL_SECONDS)
+    account = api.create_account({**body, "imap_host": engine.bridge_gateway()})
+    sent = [email(f"{username} {i}") for i in range(5)]
+    dovecot.append_many(username, sent)
+    eventually("the first messages", lambda: api.message_total(account) == len(sent))
+
+    # The master dies (SIGKILL; `docker kill` also keeps the restart policy from
+    # bringing it back): the sentinels promote the replica and polling goes on.
+    (old_master,) = project.containers("redis")
+    docker("kill", "--signal", "KILL", old_master)
+    eventually("the sentinels to promote the replica", lambda: master() == "redis-replica")
+    later = [email(f"{username} after {i}") for i in range(3)]
+    dovecot.append_many(username, later)
+    eventually("mail after the failover", lambda: api.message_total(account) == len(sent) + 3)
+    subjects = api.subjects(account)
+    assert len(subjects) == len(set(subjects)) == len(sent) + 3
+    eventually(
+        "/health to read Redis through the new master",
+        lambda: api("GET", "/health").json()["checks"]["redis"] == "ok",
+    )
+
+    # The old master comes back as a replica of the new one.
+    docker("start", old_master)
+    eventually(
+        "the old master to follow the new one", lambda: redis_cli("redis", "role")[0] == "slave"
+    )
