@@ -48,7 +48,7 @@ def main() -> None:
     receiver = multiprocessing.get_context("spawn").Process(target=serve, args=(port,))
     receiver.start()
     try:
-        wait_for_port(port)
+        wait_for_port(port, timeout=120)
         with Stack(
             dovecot=True, webhook_url=f"http://127.0.0.1:{port}/hook", webhook_secret=SECRET
         ) as stack:

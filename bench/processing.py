@@ -153,7 +153,7 @@ def main() -> None:
     )
     subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive.stdout, check=True)
     try:
-        wait_for_port(port)
+        wait_for_port(port, timeout=120)
         url = f"http://127.0.0.1:{port}/hook"
         variants: list[tuple[str, Path, list[str], dict[str, str]]] = [
             (f"before ({args.baseline})", baseline, [], {}),
