@@ -25,6 +25,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.process import AuthenticationString  # type: ignore[attr-defined]
 
 from backend.config import get_settings
 from backend.mailbox.parser import ParsedMessage, parse_message
@@ -76,11 +77,26 @@ def _executor(processes: int) -> ProcessPoolExecutor:
     global _pool, _pool_pid  # noqa: PLW0603 - one pool per process
     with _lock:
         if _pool is None or _pool_pid != os.getpid():
+            _allow_children()
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["backend.mailbox.parser"])
             _pool = ProcessPoolExecutor(processes, mp_context=context)
             _pool_pid = os.getpid()
         return _pool
+
+
+def _allow_children() -> None:
+    """A Celery prefork child is a billiard process that stands in for multiprocessing's
+    own: marked daemonic, which multiprocessing refuses children to lest they outlive
+    it, and with billiard's authentication key, which multiprocessing cannot hand to a
+    fork server. The pool's processes do not outlive the worker: the fork server exits
+    with this process, and they exit when their pipe to it closes."""
+    current = multiprocessing.current_process()
+    config = vars(current)["_config"]
+    if type(current).__module__.startswith("multiprocessing"):
+        return
+    config["daemon"] = False
+    config["authkey"] = AuthenticationString(bytes(config["authkey"]))
 
 
 def _discard() -> None:

@@ -8,6 +8,7 @@ import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import billiard  # type: ignore[import-untyped]
 import pytest
 
 from backend.mailbox import parsing
@@ -53,6 +54,24 @@ def test_the_pool_agrees_with_the_parser_in_this_thread(set_env: Callable[..., N
     assert isinstance(pooled[-3], str)  # the one too deep to parse: its reason
     assert pooled[-3].startswith("RecursionError")
     assert _pool_processes()  # the pool did the parsing
+
+
+def _in_a_daemonic_child(count: int) -> int:
+    outcomes = parsing.parse_all([generated(i) for i in range(count)])
+    return sum(isinstance(outcome, ParsedMessage) for outcome in outcomes)
+
+
+def test_a_celery_prefork_child_parses_in_its_own_pool(set_env: Callable[..., None]) -> None:
+    """Celery's prefork children are daemonic billiard processes: the pool starts there
+    too (multiprocessing refuses children to a daemonic process unless told otherwise)."""
+    set_env(PARSE_PROCESSES=2)
+    # Spawned, not forked: a forked child would inherit this test process's fork server.
+    children = billiard.get_context("spawn").Pool(1)
+    try:
+        assert children.map(_in_a_daemonic_child, [20]) == [20]
+    finally:
+        children.terminate()
+        children.join()
 
 
 def test_a_small_batch_is_parsed_here(set_env: Callable[..., None]) -> None:
