@@ -15,6 +15,7 @@ from backend.models.enums import (
     ImapSecurity,
     InitialSync,
     PollOutcome,
+    PushStatus,
     SchedulerMode,
     StorageBackend,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "Message",
     "PollOutcome",
     "PollRun",
+    "PushStatus",
     "SchedulerMode",
     "StorageBackend",
     "WebhookDelivery",
