@@ -6,7 +6,7 @@ import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
@@ -81,3 +81,14 @@ def _query_names(dependant: Dependant) -> set[str]:
 
 # After AdminDep in a router's dependencies, so a caller without the token learns nothing.
 KnownQueryDep = Depends(reject_unknown_query)
+
+# The cursor every list takes (its `next_after`); ids are at most BIGINT.
+After = Annotated[
+    int | None,
+    Query(
+        ge=0,
+        le=2**63 - 1,
+        description="the previous page's `next_after`: the items that follow this id in "
+        "the list's order (offset then counts from there)",
+    ),
+]

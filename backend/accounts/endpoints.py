@@ -23,7 +23,7 @@ from backend.accounts.schemas import (
 )
 from backend.admin.schemas import PollRunList, PollRunRead
 from backend.config import get_settings
-from backend.deps import AdminDep, KnownQueryDep, SessionDep
+from backend.deps import AdminDep, After, KnownQueryDep, SessionDep
 from backend.errors import error_responses
 from backend.mailbox.check import CheckResult, check_account
 from backend.models import AccountStatus
@@ -55,10 +55,17 @@ def list_accounts(
     session: SessionDep,
     limit: Limit = 50,
     offset: Offset = 0,
+    after: After = None,
     status: AccountStatus | None = None,
 ) -> AccountList:
-    items, total = service.list_accounts(session, status=status, limit=limit, offset=offset)
-    return AccountList(items=[AccountRead.model_validate(a) for a in items], total=total)
+    """Mailboxes by id, a page at a time: `after` the previous page's `next_after` (or
+    `offset`), any page as fast as the first. `total` counts them all (with `status`)."""
+    page = service.list_accounts(session, status=status, limit=limit, offset=offset, after=after)
+    return AccountList(
+        items=[AccountRead.model_validate(a) for a in page.items],
+        total=page.total,
+        next_after=page.next_after,
+    )
 
 
 @router.get("/{account_id}", responses=error_responses(404))
@@ -68,11 +75,19 @@ def get_account(account_id: AccountId, session: SessionDep) -> AccountRead:
 
 @router.get("/{account_id}/poll-runs", responses=error_responses(404))
 def list_poll_runs(
-    account_id: AccountId, session: SessionDep, limit: Limit = 20, offset: Offset = 0
+    account_id: AccountId,
+    session: SessionDep,
+    limit: Limit = 20,
+    offset: Offset = 0,
+    after: After = None,
 ) -> PollRunList:
     """The account's polls, newest first: outcome, messages, bytes and error."""
-    items, total = service.list_poll_runs(session, account_id, limit=limit, offset=offset)
-    return PollRunList(items=[PollRunRead.model_validate(run) for run in items], total=total)
+    page = service.list_poll_runs(session, account_id, limit=limit, offset=offset, after=after)
+    return PollRunList(
+        items=[PollRunRead.model_validate(run) for run in page.items],
+        total=page.total,
+        next_after=page.next_after,
+    )
 
 
 @router.get("/{account_id}/folders", responses=error_responses(404))

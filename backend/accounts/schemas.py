@@ -24,6 +24,7 @@ from pydantic.config import JsonDict
 from backend import netpolicy
 from backend.config import get_settings
 from backend.models.enums import AccountStatus, AuthMethod, ImapSecurity, InitialSync, SchedulerMode
+from backend.paging import NextAfter
 
 # Explicit characters rather than \s, which means more in Python than in JSON Schema.
 # NUL too: PostgreSQL text cannot hold it.
@@ -474,6 +475,7 @@ class AccountRead(BaseModel):
 class AccountList(BaseModel):
     items: list[AccountRead]
     total: int
+    next_after: NextAfter = None
 
 
 class PollQueued(BaseModel):

@@ -11,11 +11,11 @@ import logging
 from typing import Any
 
 from pydantic import SecretStr
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from backend import crypto
+from backend import crypto, paging
 from backend.accounts import state
 from backend.accounts.schemas import (
     AccountConnection,
@@ -66,25 +66,34 @@ def get_account(session: Session, account_id: int) -> Account:
 
 
 def list_accounts(
-    session: Session, *, status: str | None, limit: int, offset: int
-) -> tuple[list[Account], int]:
+    session: Session,
+    *,
+    status: str | None,
+    limit: int,
+    offset: int = 0,
+    after: int | None = None,
+) -> paging.Page[Account]:
+    """Accounts in id order, a page at a time (on the status and id index)."""
     query = select(Account)
     if status is not None:
         query = query.where(Account.status == status)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    items = session.scalars(query.order_by(Account.id).limit(limit).offset(offset)).all()
-    return list(items), total
+    return paging.page(session, query, Account.id, limit=limit, offset=offset, after=after)
 
 
 def list_poll_runs(
-    session: Session, account_id: int, *, limit: int, offset: int
-) -> tuple[list[PollRun], int]:
+    session: Session,
+    account_id: int,
+    *,
+    limit: int,
+    offset: int = 0,
+    after: int | None = None,
+) -> paging.Page[PollRun]:
     """An account's poll runs, newest first."""
     get_account(session, account_id)
     query = select(PollRun).where(PollRun.account_id == account_id)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    items = session.scalars(query.order_by(PollRun.id.desc()).limit(limit).offset(offset)).all()
-    return list(items), total
+    return paging.page(
+        session, query, PollRun.id, limit=limit, offset=offset, after=after, newest_first=True
+    )
 
 
 def folder_cursors(session: Session, account: Account) -> list[tuple[str, FolderCursor | None]]:

@@ -19,7 +19,7 @@ from backend.admin.schemas import (
     TaskStateRead,
     WorkerList,
 )
-from backend.deps import AdminDep, KnownQueryDep, SessionDep
+from backend.deps import AdminDep, After, KnownQueryDep, SessionDep
 from backend.errors import error_responses
 
 router = APIRouter(
@@ -50,12 +50,15 @@ def sync_celery_tasks(session: SessionDep) -> ReconcileRead:
 
 @router.get("/schedules")
 def list_schedules(
+    session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=10_000, description="at most this many")] = 1000,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1, description="skip this many")] = 0,
+    after: After = None,
 ) -> ScheduleList:
-    """The schedule entries by account id, with interval and last and next run;
-    `total` counts them all."""
-    return service.list_schedule(limit=limit, offset=offset)
+    """The schedule entries by account id, with interval and last and next run, a page
+    at a time (`after` the previous page's `next_after`, or `offset`); `total` counts
+    them all. A page reads only its own entries."""
+    return service.list_schedule(session, limit=limit, offset=offset, after=after)
 
 
 @router.get("/capacity")

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from backend.models.enums import HealthStatus, SchedulerMode
+from backend.paging import NextAfter
 
 
 class ReconcileRead(BaseModel):
@@ -30,7 +31,8 @@ class ScheduleEntryRead(BaseModel):
 class ScheduleList(BaseModel):
     mode: SchedulerMode
     items: list[ScheduleEntryRead]
-    total: int
+    total: int = Field(description="mailbox entries the schedule holds")
+    next_after: NextAfter = None
 
 
 class CapacityRead(BaseModel):
@@ -101,6 +103,7 @@ class PollRunRead(BaseModel):
 class PollRunList(BaseModel):
     items: list[PollRunRead]
     total: int
+    next_after: NextAfter = None
 
 
 class ActivityBucket(BaseModel):

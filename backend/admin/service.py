@@ -89,21 +89,16 @@ def sync_schedule(session: Session) -> ReconcileRead:
     return ReconcileRead(**schedules.reconcile(session).as_dict())
 
 
-def list_schedule(*, limit: int, offset: int) -> ScheduleList:
+def list_schedule(
+    session: Session, *, limit: int, offset: int = 0, after: int | None = None
+) -> ScheduleList:
     require_scheduler()
-    entries = [
-        ScheduleEntryRead(
-            account_id=e.account_id,
-            name=e.name,
-            interval=e.interval,
-            last_run_at=e.last_run_at,
-            next_run_at=e.next_run_at,
-        )
-        for e in schedules.list_entries()
-    ]
-    entries.sort(key=lambda e: e.account_id)
+    page = schedules.page_entries(session, limit=limit, offset=offset, after=after)
     return ScheduleList(
-        mode=dispatch.mode(), items=entries[offset : offset + limit], total=len(entries)
+        mode=dispatch.mode(),
+        items=[ScheduleEntryRead(**vars(entry)) for entry in page.items],
+        total=page.total,
+        next_after=page.next_after,
     )
 
 

@@ -125,7 +125,7 @@ def _account_json(account: Account) -> dict[str, Any]:
 
 def accounts_list(args: argparse.Namespace) -> int:
     with session_scope() as session:
-        items, _total = accounts.list_accounts(session, status=args.status, limit=100_000, offset=0)
+        items = accounts.list_accounts(session, status=args.status, limit=10_000_000).items
         if args.json:
             emit_json([_account_json(account) for account in items])
             return 0
@@ -161,7 +161,7 @@ def accounts_show(args: argparse.Namespace) -> int:
     with session_scope() as session:
         account = accounts.get_account(session, args.id)
         folders = accounts.folder_cursors(session, account)
-        runs, _ = accounts.list_poll_runs(session, account.id, limit=5, offset=0)
+        runs = accounts.list_poll_runs(session, account.id, limit=5).items
         data = _account_json(account)
         data["folders_state"] = [
             {
@@ -450,7 +450,8 @@ def schedules_sync(args: argparse.Namespace) -> int:
 
 
 def schedules_list(args: argparse.Namespace) -> int:
-    schedule = admin.list_schedule(limit=100_000, offset=0)
+    with session_scope() as session:
+        schedule = admin.list_schedule(session, limit=10_000_000)
     if args.json:
         emit_json(schedule.model_dump(mode="json"))
         return 0
@@ -467,10 +468,9 @@ def schedules_list(args: argparse.Namespace) -> int:
 
 def dead_letters_list(args: argparse.Namespace) -> int:
     with session_scope() as session:
-        items, total = webhooks.list_dead_letters(
-            session, limit=args.limit, offset=0, account_id=args.account
-        )
-        letters = [DeadLetter.model_validate(item).model_dump(mode="json") for item in items]
+        page = webhooks.list_dead_letters(session, limit=args.limit, account_id=args.account)
+        total = page.total
+        letters = [DeadLetter.model_validate(item).model_dump(mode="json") for item in page.items]
     if args.json:
         emit_json({"items": letters, "total": total})
         return 0

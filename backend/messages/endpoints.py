@@ -9,7 +9,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
 
-from backend.deps import AdminDep, KnownQueryDep, SessionDep
+from backend.deps import AdminDep, After, KnownQueryDep, SessionDep
 from backend.errors import error_responses
 from backend.messages import service
 from backend.messages.schemas import MessageList, MessageRead, MessageSummary
@@ -30,11 +30,19 @@ _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._ ()+-]")
 
 @router.get("/accounts/{account_id}/messages")
 def list_messages(
-    account_id: AccountId, session: SessionDep, limit: Limit = 50, offset: Offset = 0
+    account_id: AccountId,
+    session: SessionDep,
+    limit: Limit = 50,
+    offset: Offset = 0,
+    after: After = None,
 ) -> MessageList:
     """The account's messages, newest first."""
-    items, total = service.list_messages(session, account_id, limit=limit, offset=offset)
-    return MessageList(items=[MessageSummary.model_validate(m) for m in items], total=total)
+    page = service.list_messages(session, account_id, limit=limit, offset=offset, after=after)
+    return MessageList(
+        items=[MessageSummary.model_validate(m) for m in page.items],
+        total=page.total,
+        next_after=page.next_after,
+    )
 
 
 @router.get("/messages/{message_id}")

@@ -7,6 +7,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict
 
+from backend.paging import NextAfter
+
 
 class AttachmentRead(BaseModel):
     model_config = ConfigDict(from_attributes=True)
@@ -52,3 +54,4 @@ class MessageRead(MessageSummary):
 class MessageList(BaseModel):
     items: list[MessageSummary]
     total: int
+    next_after: NextAfter = None

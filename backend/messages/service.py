@@ -6,9 +6,10 @@ import logging
 from collections.abc import Iterator
 from itertools import chain
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from backend import paging
 from backend.errors import NotFound, ServiceUnavailable
 from backend.models import Account, Attachment, Message
 from backend.storage import service as storage
@@ -18,20 +19,20 @@ log = logging.getLogger(__name__)
 
 
 def list_messages(
-    session: Session, account_id: int, *, limit: int, offset: int
-) -> tuple[list[Message], int]:
+    session: Session,
+    account_id: int,
+    *,
+    limit: int,
+    offset: int = 0,
+    after: int | None = None,
+) -> paging.Page[Message]:
     """An account's messages, newest (most recently ingested) first."""
     if session.get(Account, account_id) is None:
         raise NotFound(f"account {account_id} does not exist")
-    total = session.scalar(select(func.count()).where(Message.account_id == account_id)) or 0
-    items = session.scalars(
-        select(Message)
-        .where(Message.account_id == account_id)
-        .order_by(Message.id.desc())
-        .limit(limit)
-        .offset(offset)
-    ).all()
-    return list(items), total
+    query = select(Message).where(Message.account_id == account_id)
+    return paging.page(
+        session, query, Message.id, limit=limit, offset=offset, after=after, newest_first=True
+    )
 
 
 def get_message(session: Session, message_id: int) -> Message:

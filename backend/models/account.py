@@ -9,6 +9,7 @@ from sqlalchemy import (
     Boolean,
     Date,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -28,7 +29,15 @@ class Account(TimestampMixin, Base):
     """A mailbox to poll. Secrets live only in `credentials_encrypted` (Fernet JSON)."""
 
     __tablename__ = "accounts"
-    __table_args__ = (UniqueConstraint("imap_host", "imap_port", "username"), NO_ID_REUSE)
+    __table_args__ = (
+        UniqueConstraint("imap_host", "imap_port", "username"),
+        # The lists page in id order (backend/paging.py): by status, and the scheduled
+        # accounts (/admin/schedules, capacity), whose filter and intervals the index holds
+        # so neither reads the table.
+        Index("ix_accounts_status_id", "status", "id"),
+        Index("ix_accounts_id_schedule", "id", "enabled", "status", "poll_interval_seconds"),
+        NO_ID_REUSE,
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     email: Mapped[str] = mapped_column(String(320))
@@ -61,7 +70,7 @@ class Account(TimestampMixin, Base):
     webhook_secret_encrypted: Mapped[str | None] = mapped_column(Text)
 
     status: Mapped[AccountStatus] = mapped_column(
-        EnumString(AccountStatus, 16), default=AccountStatus.ACTIVE, index=True
+        EnumString(AccountStatus, 16), default=AccountStatus.ACTIVE
     )
     last_polled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_success_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -17,6 +17,8 @@ class PollRun(Base):
     __tablename__ = "poll_runs"
     __table_args__ = (
         Index("ix_poll_runs_account_id_started_at", "account_id", "started_at"),
+        # An account's runs, newest first, a page at a time (backend/paging.py).
+        Index("ix_poll_runs_account_id_id", "account_id", "id"),
         # Polls completed per second (the capacity route, /metrics, /health) count the
         # runs finished in the last minute.
         Index("ix_poll_runs_finished_at", "finished_at"),

@@ -27,7 +27,9 @@ class WebhookDelivery(Base):
     __table_args__ = (
         # A message processed twice creates its deliveries once.
         UniqueConstraint("dedupe_key", "target"),
-        Index("ix_webhook_deliveries_status_account_id", "status", "account_id"),
+        # Dead letters, newest first, all or one account's, a page at a time.
+        Index("ix_webhook_deliveries_status_account_id_id", "status", "account_id", "id"),
+        Index("ix_webhook_deliveries_status_id", "status", "id"),
         Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
         NO_ID_REUSE,
     )

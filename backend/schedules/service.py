@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
-from backend import dispatch, redis
+from backend import dispatch, paging, redis
 from backend.accounts import state
 from backend.celery_app import TOP_PRIORITY, queue_keys
 from backend.config import get_settings
@@ -183,11 +183,44 @@ def list_entries() -> list[ScheduleEntry]:
 
 
 def count_entries() -> int:
-    """How many mailbox entries the schedule holds: one ZRANGE, no entry is read."""
+    """How many mailbox entries the schedule holds; in Redis one ZCARD, no entry read."""
     if dispatch.mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
         return len(scheduler.entries()) if scheduler is not None else 0
-    return len(store.mailbox_members(store.client()))
+    return store.count_entries()
+
+
+def page_entries(
+    session: Session, *, limit: int, offset: int = 0, after: int | None = None
+) -> paging.Page[ScheduleEntry]:
+    """A page of the schedule by account id. In Redis the page walks the scheduled
+    accounts in the database (on their index) and reads just their entries, in one
+    round trip: an account whose entry is missing (until the next reconcile) is left
+    out, and `offset` counts scheduled accounts. `total` is the entries Redis holds."""
+    if dispatch.mode() == SchedulerMode.LOCAL:
+        scheduler = _local_scheduler()
+        stored = sorted(
+            (e for e in (scheduler.entries() if scheduler else []) if e.account_id > (after or 0)),
+            key=lambda entry: entry.account_id,
+        )
+        items = stored[offset : offset + limit + 1]
+        more = len(items) > limit
+        return paging.Page(
+            [ScheduleEntry(**vars(entry)) for entry in items[:limit]],
+            total=count_entries(),
+            next_after=items[limit - 1].account_id if more else None,
+        )
+    ids = paging.page(
+        session,
+        select(Account.id).where(_wanted_clause()),
+        Account.id,
+        limit=limit,
+        offset=offset,
+        after=after,
+        total=count_entries(),
+    )
+    entries = [ScheduleEntry(**vars(entry)) for entry in store.read_entries_of(ids.items)]
+    return paging.Page(entries, total=ids.total, next_after=ids.next_after)
 
 
 # -- the local scheduler -------------------------------------------------------------

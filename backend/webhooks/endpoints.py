@@ -7,11 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 from sqlalchemy.orm import Session
 
-from backend.deps import AdminDep, SessionDep
+from backend.deps import AdminDep, After, KnownQueryDep, SessionDep
 from backend.webhooks import service
 from backend.webhooks.schemas import DeadLetter, DeadLetterPage, Replayed
 
-router = APIRouter(dependencies=[AdminDep], tags=["webhooks"])
+router = APIRouter(dependencies=[AdminDep, KnownQueryDep], tags=["webhooks"])
 
 # Ids beyond the columns' range would be a database error, not a 404.
 AccountId = Annotated[int, Path(ge=1, le=2**31 - 1)]
@@ -23,13 +23,18 @@ def list_dead_letters(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    after: After = None,
     account_id: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
 ) -> DeadLetterPage:
     """Deliveries that exhausted their retries or were refused, newest first."""
-    items, total = service.list_dead_letters(
-        session, limit=limit, offset=offset, account_id=account_id
+    page = service.list_dead_letters(
+        session, limit=limit, offset=offset, after=after, account_id=account_id
     )
-    return DeadLetterPage(items=[DeadLetter.model_validate(item) for item in items], total=total)
+    return DeadLetterPage(
+        items=[DeadLetter.model_validate(item) for item in page.items],
+        total=page.total,
+        next_after=page.next_after,
+    )
 
 
 @router.post("/admin/dead-letters/{delivery_id}/replay", response_model=Replayed, status_code=202)

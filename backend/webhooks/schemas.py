@@ -5,6 +5,7 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict
 
 from backend.accounts.schemas import RedactedUrl
+from backend.paging import NextAfter
 
 
 class DeadLetter(BaseModel):
@@ -29,6 +30,7 @@ class DeadLetter(BaseModel):
 class DeadLetterPage(BaseModel):
     items: list[DeadLetter]
     total: int
+    next_after: NextAfter = None
 
 
 class Replayed(BaseModel):

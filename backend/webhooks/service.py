@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
-from backend import crypto
+from backend import crypto, paging
 from backend.config import get_settings
 from backend.db import session_scope
 from backend.dispatch import enqueue, register
@@ -287,16 +287,26 @@ def due_for_sweep(session: Session, *, limit: int = 500) -> list[int]:
 
 
 def list_dead_letters(
-    session: Session, *, limit: int, offset: int, account_id: int | None = None
-) -> tuple[list[WebhookDelivery], int]:
+    session: Session,
+    *,
+    limit: int,
+    offset: int = 0,
+    after: int | None = None,
+    account_id: int | None = None,
+) -> paging.Page[WebhookDelivery]:
+    """Dead letters, newest first (on the status, account and id indexes)."""
     query = select(WebhookDelivery).where(WebhookDelivery.status == DeliveryStatus.DEAD)
     if account_id is not None:
         query = query.where(WebhookDelivery.account_id == account_id)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    items = session.scalars(
-        query.order_by(WebhookDelivery.id.desc()).limit(limit).offset(offset)
-    ).all()
-    return list(items), total
+    return paging.page(
+        session,
+        query,
+        WebhookDelivery.id,
+        limit=limit,
+        offset=offset,
+        after=after,
+        newest_first=True,
+    )
 
 
 def _requeue(deliveries: Sequence[WebhookDelivery]) -> list[int]:

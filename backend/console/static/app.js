@@ -264,11 +264,15 @@ const COLUMNS = [
 ];
 
 async function allAccounts() {
+  // By cursor: a page never skips or repeats a mailbox added or deleted meanwhile.
   const items = [];
-  for (let offset = 0; ; offset += 500) {
-    const page = await api("GET", `/accounts?limit=500&offset=${offset}`);
+  let after = null;
+  for (;;) {
+    const cursor = after === null ? "" : `&after=${after}`;
+    const page = await api("GET", `/accounts?limit=500${cursor}`);
     items.push(...page.items);
-    if (items.length >= page.total || !page.items.length) return items;
+    if (page.next_after === null || page.next_after === undefined) return items;
+    after = page.next_after;
   }
 }
 
