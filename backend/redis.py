@@ -7,7 +7,7 @@ from what `broker_url` and `broker_transport_options` say.
 A URL is read in one function (`target`): `redis://`, `rediss://` and `unix://` name one
 Redis; Celery's Sentinel form (`sentinel://h1:26379;sentinel://h2:26379/0`, the master's
 name in REDIS_SENTINEL_MASTER) names the sentinels that know where the master is, and
-every client here, kombu's and RedBeat's follows the master through a failover.
+every client here, kombu's and RedBeat's, follows the master through a failover.
 """
 
 from __future__ import annotations
@@ -237,9 +237,10 @@ def connect(
     decode_responses: bool = False,
 ) -> Redis:
     """A client with its own pool on `url` (REDIS_URL by default). Every command gives up
-    after `timeout` seconds (REDIS_SOCKET_TIMEOUT by default). `retries=False` drops
-    redis-py's retries (3, with backoff), which would turn a dead Redis into a wait of
-    many seconds where an answer is wanted at once."""
+    after `timeout` seconds (REDIS_SOCKET_TIMEOUT by default). Through Sentinel, a call
+    that cannot reach the master tries again for REDIS_SENTINEL_FAILOVER_SECONDS (a
+    failover), unless `retries=False`: for an answer wanted at once. (On one Redis a
+    pool built here makes one attempt either way.)"""
     settings = get_settings()
     seconds = settings.redis_socket_timeout if timeout is None else timeout
     found = target(url or settings.redis_url)
@@ -252,10 +253,10 @@ def connect(
     )
     if not retries:
         options["retry"] = Retry(NoBackoff(), 0)
+    elif found.sentinel:
+        options["retry"] = _UntilFailedOver(settings.redis_sentinel_failover_seconds)
     if not found.sentinel:
         return Redis.from_pool(ConnectionPool(**options))
-    if retries:
-        options["retry"] = _UntilFailedOver(settings.redis_sentinel_failover_seconds)
     # The pool asks the sentinels where the master is for each new connection, and
     # drops its connections when the answer changes (a failover).
     sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped

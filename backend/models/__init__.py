@@ -17,6 +17,7 @@ from backend.models.enums import (
     ImapSecurity,
     InitialSync,
     PollOutcome,
+    PushStatus,
     SchedulerMode,
     StorageBackend,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "Message",
     "PollOutcome",
     "PollRun",
+    "PushStatus",
     "SchedulerMode",
     "StorageBackend",
     "WebhookDelivery",

@@ -125,6 +125,15 @@ class SchedulerMode(StrEnum):
     LOCAL = "local"
 
 
+class PushStatus(StrEnum):
+    """An account with push on, as its watcher last found it. watching: an IDLE
+    connection held on every folder; unsupported: the server has no IDLE, so the account
+    is polled on its interval only (the fallback). Unset until a watcher has tried."""
+
+    WATCHING = "watching"
+    UNSUPPORTED = "unsupported"
+
+
 class HealthStatus(StrEnum):
     HEALTHY = "healthy"
     DEGRADED = "degraded"

@@ -1,7 +1,7 @@
 """backfills: a backfill asked for through the API, run by a task, with its progress
 
-Revision ID: 0008_backfills
-Revises: 0007_paging_indexes
+Revision ID: 0009_backfills
+Revises: 0008_account_push
 Create Date: 2026-11-29 21:00:00
 """
 
@@ -12,8 +12,8 @@ from alembic import op
 
 import backend.models.base
 
-revision: str = "0008_backfills"
-down_revision: str | None = "0007_paging_indexes"
+revision: str = "0009_backfills"
+down_revision: str | None = "0008_account_push"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
