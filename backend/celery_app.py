@@ -108,6 +108,8 @@ app.conf.update(
         # A poll sent without a priority of its own counts as DEFAULT_PRIORITY, not as
         # kombu's level 0 (mailbeat's most urgent).
         "mailbox.*": {"queue": "email", "priority": broker_priority(DEFAULT_PRIORITY)},
+        # A backfill fetches and stores as a poll does: beside the polls.
+        "backfill.*": {"queue": "email", "priority": broker_priority(DEFAULT_PRIORITY)},
         "message.*": {"queue": "workflow"},
         "webhook.*": {"queue": "workflow"},
     },

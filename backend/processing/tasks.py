@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from backend.celery_app import app
+from backend.processing import backfill
 from backend.processing.service import PROCESS_TASK, process_and_send_batch
 from backend.processing.service import sweep as sweep_lost_work
 
@@ -25,3 +26,8 @@ def process(message_ids: list[int] | int) -> int:
 def sweep() -> dict[str, int]:
     """Periodic (beat_schedule in backend/celery_app.py)."""
     return sweep_lost_work()
+
+
+@app.task(name=backfill.RUN_TASK)
+def run_backfill(backfill_id: int) -> str:
+    return backfill.run(backfill_id)
