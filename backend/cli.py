@@ -1,4 +1,4 @@
-"""Command line: `python -m backend.cli run|migrate|poll`, and the operator's commands
+"""Command line: `python -m backend.cli run|migrate|poll|watch`, and the operator's commands
 (accounts, status, schedules, dead-letters, backfill) from backend/console/commands.py."""
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from backend.console.commands import add_commands, poll, run_command
 from backend.db import DatabaseUnavailable, check_database, reset_caches
 from backend.envfile import ensure_env_file
 from backend.models.enums import SchedulerMode
+from backend.push.watcher import watch
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = Path(".env")  # where Settings reads it: the working directory
@@ -57,6 +58,7 @@ def stack_commands(host: str, port: int) -> dict[str, list[str]]:
     return {
         "api": [python, "-m", "uvicorn", "backend.main:app", "--host", host, "--port", str(port)],
         "beat": [python, "-m", "celery", "-A", "backend.celery_app", "beat"],
+        "watcher": [python, "-m", "backend.cli", "watch"],
         **{
             # Distinct node names: two workers on one host would otherwise both be celery@host.
             name: [
@@ -189,7 +191,7 @@ def run(host: str, port: int, flower_port: int | None = None) -> None:
     # same decision the API makes, which logs it.
     if dispatch.mode() == SchedulerMode.CELERY:
         commands = stack_commands(host, port)
-        mode = "API, Celery beat, a poll worker and a processor on Redis"
+        mode = "API, Celery beat, a poll worker, a processor and a watcher on Redis"
         if flower_port is not None:
             commands["flower"] = flower_command(host, flower_port)
             mode += f"; Flower on {served_url(host, flower_port)}"
@@ -237,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("migrate", help="alembic upgrade head")
     poll_parser = sub.add_parser("poll", help="poll one account now, without Celery")
     poll_parser.add_argument("account_id", type=int)
+    sub.add_parser("watch", help="hold IDLE connections for mailboxes with push on (needs Redis)")
     add_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -249,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
             migrate()
         elif args.command == "poll":
             raise SystemExit(poll(args.account_id))
+        elif args.command == "watch":
+            watch()
         else:
             raise SystemExit(run_command(args))
     except DatabaseUnavailable as exc:

@@ -115,6 +115,19 @@ class Settings(BaseSettings):
     # the workers complete fewer polls than the schedule asks for.
     poll_lag_degraded_seconds: int = Field(default=300, ge=1)
 
+    # Push (the watcher, `cli watch`): IDLE connections for accounts with push on.
+    # Connections one watcher holds at most, in all and to one IMAP host (a provider's
+    # per-address limit; Gmail allows 15 per user).
+    watcher_max_connections: int = Field(default=2000, ge=1)
+    watcher_max_per_host: int = Field(default=500, ge=1)
+    # A watcher's claim on a mailbox (a fenced lease in Redis) lasts this long unless
+    # renewed (every third of it): a dead watcher's mailboxes move within this time.
+    watcher_lease_seconds: float = Field(default=10.0, ge=1)
+    # IDLE is ended and issued again this often: servers drop an IDLE after 29 minutes.
+    watcher_idle_seconds: float = Field(default=1500.0, gt=0)
+    # Threads that log in (and select) new connections; the waiting itself is one thread.
+    watcher_login_threads: int = Field(default=8, ge=1, le=256)
+
     # Webhooks (processing).
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
@@ -128,6 +141,11 @@ class Settings(BaseSettings):
     webhook_body_max_bytes: int = Field(default=256 * 1024, ge=0)
     # Receivers should refuse a signature older than this (the replay window).
     webhook_signature_tolerance_seconds: int = 300
+    # Messages handed on as one `message.process` task (one transaction for all their
+    # steps); deliveries sent by one `webhook.deliver` task.
+    processing_batch_size: int = Field(default=500, ge=1, le=5000)
+    # Requests in flight at once to one receiver (scheme, host and port) per worker process.
+    webhook_concurrency: int = Field(default=8, ge=1, le=100)
     # How often work whose task was lost (Redis flushed, a worker killed) is picked up:
     # messages never processed, deliveries past due.
     processing_sweep_interval_seconds: int = Field(default=300, ge=10)

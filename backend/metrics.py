@@ -12,13 +12,20 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, values
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    values,
+)
 from prometheus_client import generate_latest as _generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -101,6 +108,66 @@ def record_poll(outcome: str, messages: int, bytes_: int, duration_seconds: floa
         metrics.duration.labels(outcome=outcome).observe(max(duration_seconds, 0.0))
     except Exception:
         log.exception("could not record poll metrics")
+
+
+PUSH_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60, 300)
+
+
+@dataclass(frozen=True)
+class _PushMetrics:
+    connections: Gauge
+    polls: Counter
+    news_to_stored: Histogram
+
+
+@lru_cache
+def _push_metrics() -> _PushMetrics:
+    _poll_metrics()  # the multiprocess directory and file naming, set up once
+    return _PushMetrics(
+        # Summed over the live watchers; a watcher zeroes its own as it stops.
+        connections=Gauge(
+            "mailbeat_push_connections",
+            "IDLE connections held by watchers, by IMAP host.",
+            ["host"],
+            registry=None,
+            multiprocess_mode="livesum",
+        ),
+        polls=Counter(
+            "mailbeat_push_polls",
+            "Polls sent because a server reported news (IDLE); coalesced ones not counted.",
+            registry=None,
+        ),
+        news_to_stored=Histogram(
+            "mailbeat_push_news_to_stored_seconds",
+            "From the server's news (EXISTS) to its messages stored, for push polls.",
+            buckets=PUSH_BUCKETS,
+            registry=None,
+        ),
+    )
+
+
+def set_push_connections(by_host: Mapping[str, int]) -> None:
+    """The connections this watcher holds now, by host (hosts it left at 0)."""
+    try:
+        gauge = _push_metrics().connections
+        for host, count in by_host.items():
+            gauge.labels(host=host).set(count)
+    except Exception:
+        log.exception("could not record push metrics")
+
+
+def record_push_poll() -> None:
+    try:
+        _push_metrics().polls.inc()
+    except Exception:
+        log.exception("could not record push metrics")
+
+
+def record_news_stored(seconds: float) -> None:
+    try:
+        _push_metrics().news_to_stored.observe(max(seconds, 0.0))
+    except Exception:
+        log.exception("could not record push metrics")
 
 
 def _database_gauges() -> Iterator[GaugeMetricFamily]:

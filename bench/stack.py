@@ -43,8 +43,11 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 class Stack:
-    def __init__(self, *, dovecot: bool = False, **settings: object) -> None:
+    def __init__(
+        self, *, dovecot: bool = False, imap_client_limit: int = 1, **settings: object
+    ) -> None:
         self.want_dovecot = dovecot
+        self.imap_client_limit = imap_client_limit
         self.settings = settings
         self.root = Path(tempfile.mkdtemp(prefix="mailbeat-bench-"))
         self.root.chmod(0o755)  # Dovecot's own users must reach the users and homes below
@@ -77,13 +80,15 @@ class Stack:
         reset_caches()
         command.upgrade(Config(str(Path(__file__).parent.parent / "alembic.ini")), "head")
         if self.want_dovecot:
-            self.dovecot = Dovecot(self.root / "dovecot")
+            self.dovecot = Dovecot(self.root / "dovecot", imap_client_limit=self.imap_client_limit)
             self.dovecot.start()
         return self
 
-    def add_mailboxes(self, raws: Callable[[int], list[bytes]], count: int, interval: int) -> None:
+    def add_mailboxes(
+        self, raws: Callable[[int], list[bytes]], count: int, interval: int, *, push: bool = False
+    ) -> None:
         """`count` Dovecot mailboxes (mailbox n holding `raws(n)`) with their accounts,
-        polled every `interval` seconds over plain IMAP."""
+        polled every `interval` seconds over plain IMAP (and watched, with `push`)."""
         from backend import crypto
         from backend.db import session_scope
         from backend.models import Account
@@ -103,6 +108,7 @@ class Stack:
                         username=username,
                         credentials_encrypted=crypto.encrypt_json({"password": password}),
                         poll_interval_seconds=interval,
+                        push=push,
                     )
                 )
 

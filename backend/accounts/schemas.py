@@ -23,7 +23,14 @@ from pydantic.config import JsonDict
 
 from backend import netpolicy
 from backend.config import get_settings
-from backend.models.enums import AccountStatus, AuthMethod, ImapSecurity, InitialSync, SchedulerMode
+from backend.models.enums import (
+    AccountStatus,
+    AuthMethod,
+    ImapSecurity,
+    InitialSync,
+    PushStatus,
+    SchedulerMode,
+)
 from backend.paging import NextAfter
 
 # Explicit characters rather than \s, which means more in Python than in JSON Schema.
@@ -369,6 +376,11 @@ class AccountCreate(_InitialSyncFields, AccountConnection):
     )
     priority: Priority = 5
     enabled: bool = True
+    push: bool = Field(
+        default=False,
+        description="hold an IMAP IDLE connection (a watcher process) and poll at once when "
+        "mail arrives; the interval's polls go on as the safety net",
+    )
     webhook_url: Url | None = Field(default=None, description="this mailbox's own webhook")
     webhook_secret: Secret | None = None
 
@@ -411,6 +423,7 @@ class AccountUpdate(_InitialSyncFields):
     poll_interval_seconds: Interval | None = None
     priority: Priority | None = None
     enabled: bool | None = None
+    push: bool | None = None
     webhook_url: Url | None = None
     webhook_secret: Secret | None = None
 
@@ -452,6 +465,12 @@ class AccountRead(BaseModel):
     poll_interval_seconds: int
     priority: int
     enabled: bool
+    push: bool
+    push_status: PushStatus | None = Field(
+        description="with push on, what the watcher found: 'watching' (IDLE held) or "
+        "'unsupported' (the server has no IDLE: polled on the interval only); null before "
+        "a watcher has tried"
+    )
     initial_sync: str
     initial_sync_count: int | None
     initial_sync_since: date | None

@@ -52,6 +52,7 @@ PLAIN_FIELDS = (
     "folders",
     "poll_interval_seconds",
     "priority",
+    "push",
     "initial_sync",
     "initial_sync_count",
     "initial_sync_since",
@@ -131,6 +132,7 @@ def create_account(session: Session, data: AccountCreate) -> Account:
         ),
         priority=data.priority,
         enabled=data.enabled,
+        push=data.push,
         status=AccountStatus.ACTIVE if data.enabled else AccountStatus.DISABLED,
         disabled_reason=None if data.enabled else "created disabled",
         initial_sync=data.initial_sync or InitialSync.ALL,
@@ -199,6 +201,9 @@ def update_account(session: Session, account: Account, data: AccountUpdate) -> A
 
     if connection_changed:
         state.forget_failures(account)
+    if connection_changed or "push" in changes:
+        # What a watcher found was about this server (or an earlier try): it looks again.
+        account.push_status = None
     if data.enabled is not None and data.enabled != account.enabled:
         state.set_enabled(account, data.enabled)
 

@@ -477,8 +477,187 @@ class ImapSession:
             self._stated = {}
         return {uid: bytes(data[b"BODY[]"]) for uid, data in fetched.items() if b"BODY[]" in data}
 
-    # IDLE goes here when it comes: a method that waits on the selected folder through
-    # `_command`, so its failures are translated like every other command's.
+    # -- push ----------------------------------------------------------------------------
+
+    def supports_idle(self) -> bool:
+        """Whether the server offers IDLE (RFC 2177)."""
+        return bool(self._command(lambda: self._client.has_capability("IDLE")))
+
+    def idle(self) -> IdleLink:
+        """Hand the connection, with a folder selected, to a caller that waits on many
+        sockets at once (backend/push/watcher.py): IDLE is sent, and from now on the
+        session is driven only through the IdleLink returned. The deadline, if armed,
+        is cancelled: the caller times the server's answers itself."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self._expired or self._broken:
+            raise self._deadline_error() if self._expired else ImapConnectionError("closed")
+        if not self._selected:
+            raise ImapProtocolError("IDLE needs a selected folder")
+        self._broken = True  # no imapclient command on it from now on
+        link = IdleLink(self._client)
+        link.start()
+        return link
+
+
+# The longest line accepted from a server while idling; a literal during IDLE (a FETCH
+# with a quoted header, say) is skipped up to DEFAULT_LITERAL_LIMIT.
+IDLE_LINE_MAX = 64 * 1024
+# Bytes taken from one connection per `read`: a server that floods gets a turn, not the
+# watcher's thread.
+IDLE_READ_MAX = 1024 * 1024
+_IDLE_LITERAL = re.compile(rb"\{(\d+)\}$")
+
+
+class IdleLink:
+    """An IDLE connection driven by its caller's selector: non-blocking, never waits.
+
+    `fileno()` is what to wait on; when it is readable, `read()` takes what the server
+    sent and says whether the folder changed (EXISTS, EXPUNGE, FETCH, any untagged
+    response but OK/NO/BAD). `renew()` ends IDLE (DONE) and, once the server confirms,
+    starts it again by itself (servers drop an IDLE after 29 minutes). `end()` sends DONE
+    and LOGOUT; `close()` shuts the socket. `waiting_since` is the monotonic time since
+    which an answer is awaited (None while idling): the caller gives up after its read
+    timeout. Every failure is an ImapError; a BYE, an EOF or a refused IDLE end the link.
+    """
+
+    def __init__(self, client: IMAPClient) -> None:
+        self._client = client
+        self._imap = client._imap
+        self._sock: socket.socket = client.socket()
+        self._sock.settimeout(None)
+        self._sock.setblocking(False)
+        self._buffer = bytearray()
+        self._skip = 0  # literal bytes still to skip
+        self._tag = b""
+        # starting (IDLE sent), idling, renewing (DONE sent), ending (DONE LOGOUT sent)
+        self.state = "new"
+        self.waiting_since: float | None = None
+        # What imaplib had already read past the SELECT's answer, unsolicited news.
+        with contextlib.suppress(BlockingIOError, ssl.SSLWantReadError, OSError):
+            self._buffer += self._imap.file.peek(IDLE_READ_MAX)
+        if self._buffer:
+            self._imap.file.read(len(self._buffer))
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise translate(exc) from exc
+
+    def _next_tag(self) -> bytes:
+        tag: bytes = self._imap._new_tag()
+        return tag
+
+    def start(self) -> None:
+        self._tag = self._next_tag()
+        self._send(self._tag + b" IDLE\r\n")
+        self.state = "starting"
+        self.waiting_since = time.monotonic()
+
+    def renew(self) -> None:
+        """DONE, then IDLE again when the server has answered it."""
+        if self.state != "idling":
+            return
+        self._send(b"DONE\r\n")
+        self.state = "renewing"
+        self.waiting_since = time.monotonic()
+
+    def end(self) -> None:
+        """DONE (if idling) and LOGOUT; the server answers BYE and closes."""
+        done = b"DONE\r\n" if self.state == "idling" else b""
+        with contextlib.suppress(ImapError):
+            self._send(done + self._next_tag() + b" LOGOUT\r\n")
+        self.state = "ending"
+        self.waiting_since = time.monotonic()
+
+    def close(self) -> None:
+        self.state = "closed"
+        with contextlib.suppress(Exception):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(Exception):
+            self._client.shutdown()
+
+    def read(self) -> bool:
+        """Take what the server sent; True when it reported a change to the folder.
+        Raises ImapConnectionError once the server has closed (after `end()`, too)."""
+        taken = 0
+        closed = False
+        while taken < IDLE_READ_MAX:
+            try:
+                data = self._sock.recv(65536)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                break
+            except OSError as exc:
+                raise translate(exc) from exc
+            if not data:
+                closed = True
+                break
+            self._buffer += data
+            taken += len(data)
+        changed = self._lines()
+        if closed:
+            raise ImapConnectionError("connection lost: the server closed it")
+        return changed
+
+    def _lines(self) -> bool:
+        changed = False
+        while self._buffer:
+            if self._skip:
+                dropped = min(self._skip, len(self._buffer))
+                del self._buffer[:dropped]
+                self._skip -= dropped
+                continue
+            end = self._buffer.find(b"\r\n")
+            if end < 0:
+                if len(self._buffer) > IDLE_LINE_MAX:
+                    raise ImapProtocolError(
+                        f"the server sent a line over {IDLE_LINE_MAX} bytes while idling"
+                    )
+                break
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 2]
+            changed = self._line(line) or changed
+        return changed
+
+    def _line(self, line: bytes) -> bool:
+        literal = _IDLE_LITERAL.search(line)
+        if literal is not None:
+            size = int(literal.group(1))
+            if size > DEFAULT_LITERAL_LIMIT:
+                raise ImapLiteralRefused(None, size, None, DEFAULT_LITERAL_LIMIT)
+            self._skip = size
+        if line.startswith(b"+"):
+            if self.state == "starting":
+                self.state = "idling"
+                self.waiting_since = None
+            return False
+        if line.startswith(b"* "):
+            word = line[2:].split(b" ", 2)
+            kind = word[0].upper()
+            if kind == b"BYE":
+                if self.state == "ending":
+                    return False
+                raise ImapConnectionError(f"connection lost: the server said BYE {_said(line)}")
+            # OK ("Still here"), NO and BAD carry no news of the folder.
+            return kind not in (b"OK", b"NO", b"BAD", b"CAPABILITY")
+        tag, _, rest = line.partition(b" ")
+        if tag != self._tag:
+            return False  # the LOGOUT's answer, or an old command's
+        if not rest.upper().startswith(b"OK") or self.state == "starting":
+            # Refused, or ended before it began: no IDLE to wait on.
+            raise ImapProtocolError(f"server refused (IDLE): {_said(line)}")
+        if self.state == "renewing":
+            self.start()
+        return False
+
+
+def _said(line: bytes) -> str:
+    return line.decode("utf-8", "replace")[:ERROR_TEXT_MAX]
 
 
 def _refuse_unsendable(username: str, secret: str, *, ascii_only: bool) -> None:

@@ -7,11 +7,14 @@ IMAP first and the worker kills only a poll that is truly hung.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from backend.celery_app import app
 from backend.mailbox.polling import run_poll
 from backend.mailbox.progress import Progress
+from backend.metrics import record_news_stored
+from backend.schedules.service import NEWS_AT_HEADER
 
 
 @app.task(name="mailbox.poll", bind=True, acks_late=True)
@@ -28,4 +31,8 @@ def poll(self: Any, account_id: int, force: bool = False) -> str:
         )
 
     done = run_poll(account_id, task_id, force, progress)
+    news_at = getattr(self.request, NEWS_AT_HEADER, None)
+    if news_at is not None and not isinstance(done, str) and done.new_message_ids:
+        # A push poll: how long from the server's news to its messages stored.
+        record_news_stored(time.time() - float(news_at))
     return done if isinstance(done, str) else str(done.outcome)

@@ -16,9 +16,17 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.sql.expression import false
 
 from backend.models.base import NO_ID_REUSE, Base, EnumString, TimestampMixin, UTCDateTime, utcnow
-from backend.models.enums import AccountStatus, AuthMethod, ErrorKind, ImapSecurity, InitialSync
+from backend.models.enums import (
+    AccountStatus,
+    AuthMethod,
+    ErrorKind,
+    ImapSecurity,
+    InitialSync,
+    PushStatus,
+)
 
 if TYPE_CHECKING:
     from backend.models.message import Message
@@ -59,6 +67,11 @@ class Account(TimestampMixin, Base):
     # docs/architecture.md, "Priorities").
     priority: Mapped[int] = mapped_column(Integer, default=5, server_default="5")
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Push: a watcher holds IDLE on its folders and polls it at once on news; the schedule
+    # still polls on the interval (the safety net). push_status says what the watcher
+    # found (unsupported: no IDLE on the server, polling only).
+    push: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    push_status: Mapped[PushStatus | None] = mapped_column(EnumString(PushStatus, 16))
 
     initial_sync: Mapped[InitialSync] = mapped_column(
         EnumString(InitialSync, 16), default=InitialSync.ALL

@@ -101,6 +101,16 @@ class DeliveryStatus(StrEnum):
     DEAD = "dead"
 
 
+class BackfillStatus(StrEnum):
+    """queued: accepted, waiting for a worker; running; done (the result is complete);
+    failed (the error says why; the folders done before it are in the result)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
 class StorageBackend(StrEnum):
     """Recorded on each stored row, so a read finds the object where it was put."""
 
@@ -113,6 +123,15 @@ class SchedulerMode(StrEnum):
 
     CELERY = "celery"
     LOCAL = "local"
+
+
+class PushStatus(StrEnum):
+    """An account with push on, as its watcher last found it. watching: an IDLE
+    connection held on every folder; unsupported: the server has no IDLE, so the account
+    is polled on its interval only (the fallback). Unset until a watcher has tried."""
+
+    WATCHING = "watching"
+    UNSUPPORTED = "unsupported"
 
 
 class HealthStatus(StrEnum):

@@ -13,8 +13,12 @@ everything needs.
   lock is taken again, or, if another beat took it meanwhile, this beat stands by until
   it is free.
 - A Redis that stops answering makes the tick wait and retry instead of ending beat.
-- Due entries are read in one pipeline and their next runs written in another, instead
-  of two round trips per entry: beat keeps up with 10,000 mailboxes a minute.
+- A mailbox entry is sent when its score (its exact next run) comes, from its
+  definition alone, parsed as plain JSON rather than built into RedBeat's entry objects;
+  a tick reads the due entries in one pipeline, writes their next runs in another and
+  hands their polls to the broker in a third (kombu's publish batch), at most DUE_BATCH
+  at a time: one beat carries 100,000 mailboxes at a 5-minute interval
+  (docs/benchmarks.md), and a backlog goes out in passes that each renew the lock.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from celery.beat import ScheduleEntry
 from celery.signals import beat_init
-from redbeat.decoder import RedBeatJSONEncoder, to_timestamp
+from redbeat.decoder import RedBeatJSONEncoder
 from redbeat.schedulers import (
     LUA_EXTEND_TO_SCRIPT,
     RedBeatScheduler,
@@ -48,6 +53,9 @@ REDIS_RETRY_SECONDS = 5.0
 LOCK_WAIT_LOG_SECONDS = 5.0
 # During a long dispatch, the lock is renewed this often.
 LOCK_RENEW_SECONDS = 1.0
+# Entries sent per pass of the tick: a backlog (a beat that was down, a rebuild) goes out
+# in passes of this many, each renewing the lock, rather than in one pass longer than it.
+DUE_BATCH = 1_000
 
 
 class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
@@ -68,27 +76,34 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
     def tick(self, min: Any = min, **kwargs: Any) -> float:
         try:
             self._hold_lock()
-            self._rebuild_if_empty()
-            self._renew_lock()
+            if self._rebuild_if_empty():
+                self._hold_lock()  # a long rebuild may have outlasted the lock
             return self._dispatch_due()
         except (redis.RedisConnectionError, redis.RedisTimeoutError) as exc:
             log.warning(
                 "beat: Redis is not answering (%s); retrying in %ss", exc, REDIS_RETRY_SECONDS
             )
             return REDIS_RETRY_SECONDS
+        except redis.LockError:
+            # A renewal during the dispatch found the lock gone (this beat was stopped for
+            # longer than the lock lives): stop sending; the next tick takes the lock back
+            # or stands by.
+            log.warning("beat: lost the beat lock while dispatching; stopped sending")
+            return 0.0
 
     @property
     def schedule(self) -> dict[str, Any]:
-        """The entries due now (and the next one, to time the sleep), read in one
-        pipeline; RedBeat reads them one round trip each."""
+        """The entries due now (at most DUE_BATCH), RedBeat's way: for anything that reads
+        the scheduler's schedule; the tick itself reads mailbox entries leaner."""
         client = get_redis(self.app)
-        key = self.app.redbeat_conf.schedule_key
-        now = to_timestamp(self.app.now())
-        with client.pipeline(transaction=False) as pipe:
-            pipe.zrangebyscore(key, 0, now)
-            pipe.zrangebyscore(key, f"({now}", now + self.max_interval, start=0, num=1)
-            due, upcoming = pipe.execute()
-        keys = due + upcoming
+        due = client.zrangebyscore(
+            self.app.redbeat_conf.schedule_key, "-inf", time.time(), start=0, num=DUE_BATCH
+        )
+        return self._load_entries(due)
+
+    def _load_entries(self, keys: list[str]) -> dict[str, Any]:
+        """RedBeat entries read in one pipeline (RedBeat reads them one round trip each)."""
+        client = get_redis(self.app)
         with client.pipeline(transaction=False) as pipe:
             for entry_key in keys:
                 pipe.hmget(entry_key, "definition", "meta")
@@ -97,7 +112,7 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
         for entry_key, (definition, meta) in zip(keys, stored, strict=True):
             if not definition:
                 log.warning("beat: schedule entry %s has no definition; dropping it", entry_key)
-                client.zrem(key, entry_key)
+                client.zrem(self.app.redbeat_conf.schedule_key, entry_key)
                 continue
             try:
                 fields = self.Entry.decode_definition(definition)
@@ -111,9 +126,15 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
         return entries
 
     def _dispatch_due(self) -> float:
-        """Send every due entry. Their next runs are recorded first, in one pipeline,
-        then the tasks are sent: a beat that dies in between skips those polls once
-        rather than sending them twice.
+        """Send the entries due now, at most DUE_BATCH of them (then the tick comes back at
+        once: a backlog is sent in passes, the lock renewed in between); returns how long
+        to sleep until the next one.
+
+        A mailbox entry is due when its score (the next run, epoch seconds) has come: its
+        `definition` alone is read, in one pipeline for all, and its next run (now plus
+        its interval) and `meta` are written in another before the polls are sent: a beat
+        that dies in between skips those polls once rather than sending them twice. The
+        few other entries (beat's periodic tasks) go through RedBeat's entries.
 
         A mailbox's poll is sent only if its previous one is no longer waiting in the
         queue (its coalescing key, claimed for all due polls in one round trip, is freed
@@ -121,16 +142,129 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
         thus holds at most one place in the queue and is polled in turn: every interval
         stretches alike instead of some mailboxes starving behind expired polls."""
         started = time.monotonic()
+        client = get_redis(self.app)
+        key = self.app.redbeat_conf.schedule_key
+        now = time.time()
+        with client.pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(key, "-inf", now, start=0, num=DUE_BATCH)
+            pipe.zrangebyscore(key, f"({now}", "+inf", start=0, num=1, withscores=True)
+            due, upcoming = pipe.execute()
+        waits = [float(self.max_interval)]
+        if upcoming:
+            waits.append(upcoming[0][1] - now)
+        if len(due) == DUE_BATCH:
+            waits.append(0.0)
+        prefix = store.mailbox_key_prefix()
+        polls = [entry_key for entry_key in due if entry_key.startswith(prefix)]
+        others = [entry_key for entry_key in due if not entry_key.startswith(prefix)]
+        self._send_polls(polls, now)
+        waits += self._send_others(others)
+        # The waits were measured before sending: sending took part of them already.
+        return max(min(waits) - (time.monotonic() - started), 0.0)
+
+    def _send_polls(self, keys: list[str], now: float) -> None:
+        if not keys:
+            return
+        client = get_redis(self.app)
+        with client.pipeline(transaction=False) as pipe:
+            for entry_key in keys:
+                pipe.hget(entry_key, "definition")
+            definitions = pipe.execute()
+        polls: list[tuple[str, store.PollEntry]] = []
+        unreadable: list[str] = []
+        for entry_key, definition in zip(keys, definitions, strict=True):
+            poll = store.read_poll_entry(definition)
+            if poll is None:
+                unreadable.append(entry_key)
+            else:
+                polls.append((entry_key, poll))
+        meta = store.meta_json(datetime.fromtimestamp(now, UTC))
+        with client.pipeline(transaction=False) as pipe:
+            if unreadable:
+                # RedBeat's rule for an entry it cannot load; the next reconcile rewrites
+                # it from the database.
+                log.warning(
+                    "beat: %d schedule entries cannot be read (%s...); removed until the "
+                    "next reconcile rewrites them",
+                    len(unreadable),
+                    unreadable[0],
+                )
+                pipe.zrem(self.app.redbeat_conf.schedule_key, *unreadable)
+            for entry_key, _ in polls:
+                pipe.hset(entry_key, "meta", meta)
+            if polls:
+                pipe.zadd(
+                    self.app.redbeat_conf.schedule_key,
+                    {entry_key: now + poll.interval for entry_key, poll in polls},
+                )
+            pipe.execute()
+        pending = [store.pending_key(poll.account_id) for _, poll in polls]
+        free = dispatch.claim_many(pending, store.pending_seconds()) if pending else []
+        waiting = 0
+        renewed = time.monotonic()
+        batched: list[str] = []  # the coalescing keys of the polls in the broker batch
+        try:
+            # One pipeline to the broker for the whole pass (kombu's publish batch) rather
+            # than a round trip (and a new client) per poll.
+            with self.producer.batch(max_size=DUE_BATCH):
+                for (_, poll), pending_key, is_free in zip(polls, pending, free, strict=True):
+                    if time.monotonic() - renewed > LOCK_RENEW_SECONDS:
+                        self._renew_lock()
+                        renewed = time.monotonic()
+                    if not is_free:
+                        waiting += 1
+                        continue
+                    if self._send_poll(poll, pending_key):
+                        batched.append(pending_key)
+        except Exception as exc:
+            # The batch's unsent polls are dropped: free their mailboxes for the next run.
+            for pending_key in batched:
+                dispatch.release(pending_key)
+            if isinstance(exc, redis.LockError):
+                raise
+            log.exception("Scheduler: could not send %d polls", len(batched))
+        if waiting:
+            log.info(
+                "beat: %d due polls not sent: each mailbox's previous poll still waits in "
+                "the queue (the workers are behind; see GET /admin/capacity)",
+                waiting,
+            )
+
+    def _send_poll(self, poll: store.PollEntry, pending_key: str) -> bool:
+        log.info("Scheduler: Sending due task %s (%s)", poll.name, store.POLL_TASK)
+        # When it was sent, for the age of the oldest queued poll (capacity).
+        headers = {
+            service.SENT_AT_HEADER: time.time(),
+            dispatch.COALESCE_HEADER: pending_key,
+            "celery_beat_task": True,
+        }
+        try:
+            self.send_task(
+                store.POLL_TASK,
+                [poll.account_id],
+                {},
+                producer=self.producer,
+                headers=headers,
+                **poll.options,
+            )
+        except Exception:
+            log.exception("Scheduler: could not send %s", poll.name)
+            dispatch.release(pending_key)
+            return False
+        return True
+
+    def _send_others(self, keys: list[str]) -> list[float]:
+        """Beat's own periodic tasks, RedBeat's way (a handful of entries)."""
         due: list[Any] = []
-        waits: list[float] = [float(self.max_interval)]
-        for entry in self.schedule.values():
+        waits: list[float] = []
+        for entry in self._load_entries(keys).values():
             is_due, next_check = entry.is_due()
             if is_due:
                 due.append(entry)
             if next_check:
                 waits.append(float(next_check))
         if not due:
-            return min(waits)
+            return waits
         reserved = [ScheduleEntry._next_instance(entry) for entry in due]
         with get_redis(self.app).pipeline(transaction=False) as pipe:
             for entry in reserved:
@@ -138,48 +272,14 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
                 pipe.hset(entry.key, "meta", json.dumps(meta, cls=RedBeatJSONEncoder))
                 pipe.zadd(self.app.redbeat_conf.schedule_key, {entry.key: entry.score})
             pipe.execute()
-        pending = {
-            entry.name: store.pending_key(entry.args[0])
-            for entry in reserved
-            if entry.task == store.POLL_TASK and entry.args
-        }
-        free = dict(
-            zip(
-                pending,
-                dispatch.claim_many(list(pending.values()), store.pending_seconds()),
-                strict=True,
-            )
-        )
-        waiting = 0
-        renewed = time.monotonic()
         for entry in reserved:
-            if time.monotonic() - renewed > LOCK_RENEW_SECONDS:
-                self._renew_lock()
-                renewed = time.monotonic()
-            # When it was sent, for the age of the oldest queued poll (capacity).
-            headers: dict[str, Any] = {service.SENT_AT_HEADER: time.time()}
-            key = pending.get(entry.name)
-            if key is not None:
-                if not free[entry.name]:
-                    waiting += 1
-                    continue
-                headers[dispatch.COALESCE_HEADER] = key
             log.info("Scheduler: Sending due task %s (%s)", entry.name, entry.task)
-            entry.options = {**entry.options, "headers": headers}
+            entry.options = {**entry.options, "headers": {service.SENT_AT_HEADER: time.time()}}
             try:
                 self.apply_async(entry, producer=self.producer, advance=False)
             except Exception:
                 log.exception("Scheduler: could not send %s", entry.name)
-                if key is not None:
-                    dispatch.release(key)
-        if waiting:
-            log.info(
-                "beat: %d due polls not sent: each mailbox's previous poll still waits in "
-                "the queue (the workers are behind; see GET /admin/capacity)",
-                waiting,
-            )
-        # The waits were measured before sending: sending took part of them already.
-        return max(min(waits) - (time.monotonic() - started), 0.0)
+        return waits
 
     def _renew_lock(self) -> None:
         if self.lock_key and self.lock is not None:
@@ -192,8 +292,13 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
             # beat_init could not take it (Redis down at start): take it before dispatching.
             take_lock(self)
             return
-        if self.lock.owned():
+        try:
+            # RedBeat's extend-to checks the lock is still this beat's: one round trip
+            # both renews and checks it.
+            self.lock.extend(int(self.lock_timeout))
             return
+        except redis.LockError:
+            pass
         if self.lock.acquire(blocking=False):
             log.warning("beat: the beat lock had vanished (Redis lost its data?); took it again")
             return
@@ -201,16 +306,18 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
         _wait_for(self.lock, self)
         log.info("beat: acquired the lock; dispatching again")
 
-    def _rebuild_if_empty(self) -> None:
+    def _rebuild_if_empty(self) -> bool:
+        """True if the schedule was missing and has been rebuilt."""
         now = time.monotonic()
         if now < self._next_empty_check:
-            return
+            return False
         self._next_empty_check = now + EMPTY_CHECK_SECONDS
         if get_redis(self.app).exists(self.app.redbeat_conf.schedule_key):
-            return
+            return False
         log.warning("beat: the schedule is missing from Redis: rebuilding it from the database")
         super().setup_schedule()  # the static entries (periodic reconcile)
         self._reconcile("schedule missing from Redis")
+        return True
 
     def _reconcile(self, why: str) -> None:
         try:

@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
@@ -137,19 +138,43 @@ def enqueue_poll(account_id: int, *, force: bool = False) -> str:
     return task_id
 
 
+def enqueue_push_poll(account_id: int, news_at: float) -> bool:
+    """A poll because the server reported news of the mailbox (backend/push/): at the top
+    priority, and coalesced with beat's polls under the same key, so a mailbox never has
+    two polls waiting. `news_at` (epoch seconds) travels with it to time the push.
+    Returns whether it was sent (False: one already waits, and will see the news)."""
+    task_id = dispatch.enqueue(
+        store.POLL_TASK,
+        account_id,
+        priority=TOP_PRIORITY,
+        coalesce_key=store.pending_key(account_id),
+        coalesce_expiry=store.pending_seconds(),
+        headers={SENT_AT_HEADER: time.time(), NEWS_AT_HEADER: news_at},
+    )
+    return task_id is not None
+
+
 # -- all accounts --------------------------------------------------------------------
 
 
+# Accounts per page of a reconcile: the database streams them (a server-side cursor on
+# PostgreSQL), and each page is compared and fixed in Redis before the next is read.
+RECONCILE_PAGE = 5_000
+
+
 def wanted_accounts(session: Session) -> dict[int, store.Wanted]:
-    rows = session.execute(
-        select(
-            Account.id, Account.poll_interval_seconds, Account.last_polled_at, Account.priority
-        ).where(_wanted_clause())
-    )
-    return {
-        row.id: store.Wanted(row.id, row.poll_interval_seconds, row.last_polled_at, row.priority)
-        for row in rows
-    }
+    return {want.account_id: want for page in wanted_pages(session) for want in page.values()}
+
+
+def wanted_pages(session: Session) -> Iterator[dict[int, store.Wanted]]:
+    """The accounts that want an entry, RECONCILE_PAGE at a time, never all in memory."""
+    query = select(
+        Account.id, Account.poll_interval_seconds, Account.last_polled_at, Account.priority
+    ).where(_wanted_clause())
+    result = session.execute(query.execution_options(yield_per=RECONCILE_PAGE))
+    for rows in result.partitions():
+        # The columns in Wanted's order.
+        yield {row[0]: store.Wanted(*row) for row in rows}
 
 
 def has_wanted_accounts(session: Session) -> bool:
@@ -159,13 +184,15 @@ def has_wanted_accounts(session: Session) -> bool:
 def reconcile(session: Session) -> ReconcileResult:
     """Rebuild the schedule from the database: create the missing entries, fix the
     changed, delete the orphans. Reads only; the caller's boundary closes the session."""
-    wanted = wanted_accounts(session)
     if dispatch.mode() == SchedulerMode.LOCAL:
         scheduler = _local_scheduler()
+        wanted = wanted_accounts(session)
         counts = scheduler.replace_all(wanted) if scheduler is not None else store.Counts()
     else:
+        # The sorted set first, the database after: an entry that an account created
+        # meanwhile adds is then missing from `members`, never deleted as an orphan.
         members = store.mailbox_members(store.client())
-        counts = store.apply(wanted, members, utcnow(), scores=members)
+        counts = store.apply_pages(wanted_pages(session), members, utcnow())
     result = ReconcileResult(counts.created, counts.updated, counts.deleted, counts.unchanged)
     if result.created or result.updated or result.deleted:
         log.info("schedule reconciled: %s", result.as_dict())
@@ -276,6 +303,8 @@ def reset_cache() -> None:
 CAPACITY_WINDOW_SECONDS = 60
 # The header every queued poll carries with the moment it was sent (epoch seconds).
 SENT_AT_HEADER = "mailbeat_sent_at"
+# When the server reported the news a push poll was sent for (epoch seconds).
+NEWS_AT_HEADER = "mailbeat_news_at"
 
 
 @dataclass

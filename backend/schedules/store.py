@@ -14,10 +14,10 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from celery import Celery
-from redbeat.decoder import RedBeatJSONDecoder, to_timestamp
+from redbeat.decoder import RedBeatJSONDecoder
 from redbeat.schedulers import ensure_conf, get_redis
 
 from backend import redis
@@ -34,9 +34,9 @@ POLL_QUEUE = "email"
 PIPELINE_CHUNK = 20_000
 
 
-@dataclass(frozen=True)
-class Wanted:
-    """What the database says a mailbox's entry should be."""
+class Wanted(NamedTuple):
+    """What the database says a mailbox's entry should be (a tuple: a reconcile makes
+    100,000 of them)."""
 
     account_id: int
     interval_seconds: int
@@ -53,12 +53,28 @@ class StoredEntry:
     next_run_at: datetime | None
 
 
+@dataclass(frozen=True)
+class PollEntry:
+    """What beat needs of a mailbox entry to send its poll."""
+
+    account_id: int
+    name: str
+    interval: float
+    options: dict[str, Any]
+
+
 @dataclass
 class Counts:
     created: int = 0
     updated: int = 0
     deleted: int = 0
     unchanged: int = 0
+
+    def add(self, other: Counts) -> None:
+        self.created += other.created
+        self.updated += other.updated
+        self.deleted += other.deleted
+        self.unchanged += other.unchanged
 
 
 def celery_app() -> Celery:
@@ -82,7 +98,8 @@ def entry_key(account_id: int) -> str:
     return f"{celery_app().redbeat_conf.key_prefix}{entry_name(account_id)}"
 
 
-def _key_prefix() -> str:
+def mailbox_key_prefix() -> str:
+    """The start of every mailbox entry's key (beat tells them from its own entries)."""
     return f"{celery_app().redbeat_conf.key_prefix}{ENTRY_PREFIX}"
 
 
@@ -99,28 +116,28 @@ def pending_seconds() -> float:
     return float(get_settings().poll_time_limit_seconds * 2)
 
 
+# A mailbox entry's definition as RedBeat encodes it, in the field order of its `save()`
+# (tests/schedules/test_service.py checks it against RedBeat's encoder). A template rather
+# than json.dumps: several times faster, which counts when a reconcile compares 100,000.
+# No `expires`: beat sends no poll while the mailbox's previous one waits (coalescing),
+# so the queue never holds more polls than mailboxes.
+_DEFINITION = (
+    '{{"name": "{name}", "task": "' + POLL_TASK + '", "args": [{account_id}], "kwargs": {{}}, '
+    '"options": {{"queue": "' + POLL_QUEUE + '", "priority": {priority}}}, '
+    '"schedule": {{"__type__": "interval", "every": {every!r}, "relative": false}}, '
+    '"enabled": true}}'
+)
+
+
 def definition_json(
     account_id: int, interval_seconds: int, priority: int = DEFAULT_PRIORITY
 ) -> str:
-    """The entry's definition as RedBeat encodes it, in the field order of its `save()`.
-    Plain dicts rather than RedBeat's encoder class: the C encoder is many times faster,
-    which counts when 10,000 entries are written at once."""
-    return json.dumps(
-        {
-            "name": entry_name(account_id),
-            "task": POLL_TASK,
-            "args": [account_id],
-            "kwargs": {},
-            # No `expires`: beat sends no poll while the mailbox's previous one waits
-            # (coalescing), so the queue never holds more polls than mailboxes.
-            "options": {"queue": POLL_QUEUE, "priority": broker_priority(priority)},
-            "schedule": {
-                "__type__": "interval",
-                "every": float(interval_seconds),
-                "relative": False,
-            },
-            "enabled": True,
-        }
+    """The entry's definition as RedBeat encodes it."""
+    return _DEFINITION.format(
+        name=entry_name(account_id),
+        account_id=int(account_id),
+        priority=broker_priority(priority),
+        every=float(interval_seconds),
     )
 
 
@@ -142,6 +159,34 @@ def meta_json(last_run_at: datetime) -> str:
             }
         }
     )
+
+
+def read_poll_entry(definition: str | None) -> PollEntry | None:
+    """A mailbox entry's definition as beat needs it (a plain JSON parse, not RedBeat's
+    entry objects); None if it is not one this module writes: missing, garbled, another
+    task or kind of schedule."""
+    if not definition:
+        return None
+    try:
+        decoded = json.loads(definition)
+        schedule = decoded["schedule"]
+        if (
+            decoded["task"] != POLL_TASK
+            or schedule["__type__"] != "interval"
+            or schedule.get("relative")
+            or decoded.get("kwargs")
+            or not decoded.get("enabled", True)
+        ):
+            return None
+        [account_id] = decoded["args"]
+        return PollEntry(
+            account_id=int(account_id),
+            name=str(decoded["name"]),
+            interval=float(schedule["every"]),
+            options=dict(decoded.get("options") or {}),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _same_definition(stored: str, expected: str) -> bool:
@@ -166,10 +211,10 @@ def _last_run_at(meta: str | None) -> datetime | None:
     return value if isinstance(value, datetime) else None
 
 
-def _score(last_run_at: datetime, interval_seconds: int, now: datetime) -> int:
-    # RedBeat's own rule: an overdue entry is due now.
-    due = max(last_run_at + timedelta(seconds=interval_seconds), now)
-    return cast(int, to_timestamp(due))
+def _score(last_run_at: datetime, interval_seconds: int, now: datetime) -> float:
+    # RedBeat's own rule: an overdue entry is due now. The exact moment, not RedBeat's
+    # whole seconds: beat sends a mailbox's poll when its score comes (beat.py).
+    return max(last_run_at + timedelta(seconds=interval_seconds), now).timestamp()
 
 
 Command = tuple[str, tuple[Any, ...]] | tuple[str, tuple[Any, ...], dict[str, Any]]
@@ -188,7 +233,7 @@ def _execute_chunks(conn: redis.Redis, commands: Sequence[Command]) -> list[Any]
 
 def mailbox_members(conn: redis.Redis) -> dict[str, float]:
     """Every mailbox entry in the schedule's sorted set, with its score: one round trip."""
-    prefix = _key_prefix()
+    prefix = mailbox_key_prefix()
     members = conn.zrange(schedule_key(), 0, -1, withscores=True)
     return {
         key: score
@@ -197,12 +242,54 @@ def mailbox_members(conn: redis.Redis) -> dict[str, float]:
     }
 
 
+# Compares entries with what they should be inside Redis and returns only those that
+# need work, with what Python needs to fix them: KEYS[1] is the sorted set, then the
+# entry keys; ARGV[i] the definition wanted for KEYS[i + 1] ("" when not wanted). For
+# each entry to fix: its position (1-based), definition, meta and whether it is in the
+# sorted set. An unchanged reconcile then moves no entry over the wire.
+_CHANGED_LUA = """
+local found = {}
+for i = 2, #KEYS do
+  local key, want = KEYS[i], ARGV[i - 1]
+  local definition = redis.call('HGET', key, 'definition')
+  local scored = redis.call('ZSCORE', KEYS[1], key) and 1 or 0
+  if (want ~= '' and (definition ~= want or scored == 0))
+      or (want == '' and (scored == 1 or redis.call('EXISTS', key) == 1)) then
+    found[#found + 1] = i - 1
+    found[#found + 1] = definition
+    found[#found + 1] = redis.call('HGET', key, 'meta')
+    found[#found + 1] = scored
+  end
+end
+return found
+"""
+# Entries compared per script call: Redis runs a script alone, so each call stays short
+# (a few milliseconds).
+CHECK_CHUNK = 5_000
+
+
+def _changed(
+    conn: redis.Redis, keys: Sequence[str], expected: Mapping[str, str]
+) -> list[tuple[str, str | None, str | None, bool]]:
+    """The entries under `keys` that differ from `expected` (a key missing from it is
+    not wanted), as (key, definition, meta, in the sorted set)."""
+    script = conn.register_script(_CHANGED_LUA)
+    zset = schedule_key()
+    changed = []
+    for start in range(0, len(keys), CHECK_CHUNK):
+        chunk = keys[start : start + CHECK_CHUNK]
+        found = script(keys=[zset, *chunk], args=[expected.get(key, "") for key in chunk])
+        for index in range(0, len(found), 4):
+            position, definition, meta, scored = found[index : index + 4]
+            changed.append((chunk[position - 1], definition, meta, bool(scored)))
+    return changed
+
+
 def apply(
     wanted: Mapping[int, Wanted],
     check_keys: Iterable[str],
     now: datetime,
     *,
-    scores: Mapping[str, float] | None = None,
     first_poll_now: bool = False,
 ) -> Counts:
     """Make the entries under `check_keys` match `wanted`: an entry wanted but missing is
@@ -213,46 +300,38 @@ def apply(
     just created); otherwise new entries are spread over their interval (a rebuild of
     thousands must not fire in the same second).
 
-    `scores` are the sorted set's mailbox members when the caller read them all
-    (reconcile); without them each key's score is read with its hash. One round trip to
-    read, one to write, and as few commands as possible: one HSET per changed entry and a
-    single ZADD / ZREM / DEL for all of them.
+    The comparison runs in Redis (one script call per CHECK_CHUNK entries, returning only
+    the entries to fix), then one round trip writes, with as few commands as possible:
+    one HSET per changed entry and a single ZADD / ZREM / DEL for all of them.
     """
     conn = client()
     zset = schedule_key()
-    by_key = {entry_key(account_id): want for account_id, want in wanted.items()}
+    prefix = mailbox_key_prefix()
+    by_key = {f"{prefix}{account_id}": want for account_id, want in wanted.items()}
+    expected = {
+        key: definition_json(want.account_id, want.interval_seconds, want.priority)
+        for key, want in by_key.items()
+    }
     keys = sorted(set(by_key) | set(check_keys))
-    reads: list[Command] = [("hmget", (key, "definition", "meta")) for key in keys]
-    if scores is None:
-        reads += [("zscore", (zset, key)) for key in keys]
-    stored = _execute_chunks(conn, reads)
-    if scores is None:
-        scores = {
-            key: score
-            for key, score in zip(keys, stored[len(keys) :], strict=True)
-            if score is not None
-        }
-    counts = Counts()
+    counts = Counts(unchanged=len(by_key))
     writes: list[Command] = []
-    new_scores: dict[str, int] = {}
+    new_scores: dict[str, float] = {}
     gone: list[str] = []
-    for key, (definition, meta) in zip(keys, stored[: len(keys)], strict=True):
+    for key, definition, meta, scored in _changed(conn, keys, expected):
         want = by_key.get(key)
         if want is None:
-            if definition is not None or meta is not None or key in scores:
-                gone.append(key)
-                counts.deleted += 1
+            gone.append(key)
+            counts.deleted += 1
             continue
-        expected = definition_json(want.account_id, want.interval_seconds, want.priority)
-        if definition is not None and key in scores and _same_definition(definition, expected):
-            counts.unchanged += 1
-            continue
+        if definition is not None and scored and _same_definition(definition, expected[key]):
+            continue  # the same data in another writer's field order
+        counts.unchanged -= 1
         if definition is None:
             counts.created += 1
         else:
             counts.updated += 1
         last_run_at = _last_run_at(meta)
-        fields = {"definition": expected}
+        fields = {"definition": expected[key]}
         if last_run_at is None:
             last_run_at = initial_last_run(
                 want.account_id,
@@ -277,6 +356,27 @@ def apply(
     return counts
 
 
+def apply_pages(
+    pages: Iterable[Mapping[int, Wanted]], members: Iterable[str], now: datetime
+) -> Counts:
+    """Reconcile: make every mailbox entry match the database, page by page (`pages`,
+    the wanted accounts as the database streams them), then delete the entries of
+    `members` (the sorted set, read by the caller before the database) that no page
+    wanted. Memory stays at one page of entries, whatever the number of accounts. An
+    entry created while this runs (an account added) is not among `members`, so never
+    taken for an orphan."""
+    counts = Counts()
+    seen: set[str] = set()
+    prefix = mailbox_key_prefix()
+    for page in pages:
+        seen.update(f"{prefix}{account_id}" for account_id in page)
+        counts.add(apply(page, [], now))
+    orphans = [key for key in members if key not in seen]
+    if orphans:
+        counts.add(apply({}, orphans, now))
+    return counts
+
+
 def read_entries() -> list[StoredEntry]:
     """Every mailbox entry with its last and next run, sorted by account id."""
     conn = client()
@@ -284,7 +384,7 @@ def read_entries() -> list[StoredEntry]:
     keys = list(members)
     stored = _execute_chunks(conn, [("hmget", (key, "definition", "meta")) for key in keys])
     entries = []
-    prefix = _key_prefix()
+    prefix = mailbox_key_prefix()
     for key, (definition, meta) in zip(keys, stored, strict=True):
         try:
             account_id = int(key[len(prefix) :])

@@ -266,3 +266,29 @@ def test_a_first_sync_fills_its_progress_bar(
     assert any(0 < value < 100 for value in seen), seen
     assert seen == sorted(seen), seen  # it only fills
     expect(page.locator("#folders tbody td").nth(4)).to_have_text(f"{total} / {total}")
+
+
+def test_push_and_its_fallback_show_and_push_can_be_switched_on(
+    page: Page, serve: Callable[..., Server], db: Session
+):
+    server = serve()
+    make_account(db, email="watched@example.org", push=True, push_status="watching")
+    make_account(db, email="noidle@example.org", push=True, push_status="unsupported")
+    plain = make_account(db, email="plain@example.org").id
+    sign_in(page, server)
+    expect(row(page, "watched@example.org")).to_contain_text("watching")
+    expect(row(page, "noidle@example.org").locator(".badge.degraded")).to_have_text("polling only")
+    row(page, "noidle@example.org").locator("a").first.click()
+    expect(page.locator("#main dl.facts")).to_contain_text("polling only: the server has no IDLE")
+    screenshot(page, "05-push-fallback")
+
+    page.click("nav a[data-view=mailboxes]")
+    row(page, "plain@example.org").locator("button[data-action=edit]").click()
+    expect(page.locator("#field-push")).not_to_be_checked()
+    page.check("#field-push")
+    page.click("#account-form button[type=submit]")
+    expect(page.locator("#main dl.facts")).to_contain_text("Push")
+    check = httpx.get(
+        f"{server.url}/accounts/{plain}", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    ).json()
+    assert (check["push"], check["push_status"]) == (True, None)

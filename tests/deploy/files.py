@@ -19,6 +19,7 @@ DESIGN_COMMANDS = {
     "celery-worker": "celery -A backend.celery_app worker -Q email",
     "celery-processor": "celery -A backend.celery_app worker -Q workflow,default",
     "celery-beat": "celery -A backend.celery_app beat",
+    "watcher": "python -m backend.cli watch",
     "flower": "celery -A backend.celery_app flower --port=5555",
     "migrate": "alembic upgrade head",
 }

@@ -126,7 +126,7 @@ def test_without_redis_it_serves_the_api_and_polls_in_process(
 
 
 @pytest.mark.e2e
-def test_with_redis_it_runs_api_beat_and_two_workers_and_stops_them_together(
+def test_with_redis_it_runs_api_beat_two_workers_and_a_watcher_and_stops_them_together(
     tmp_path: Path, redis_db: RedisDb, dovecot: Dovecot
 ) -> None:
     flower_port = free_port()
@@ -151,13 +151,14 @@ def test_with_redis_it_runs_api_beat_and_two_workers_and_stops_them_together(
     assert checks["celery_worker"] == "ok (2 workers)"  # the poll worker and the processor
     assert checks["redis"] == "ok"
     assert len(subjects) == 2
-    assert "API, Celery beat, a poll worker and a processor" in output
+    assert "API, Celery beat, a poll worker, a processor and a watcher" in output
     assert f"Flower on http://127.0.0.1:{flower_port}" in output
     # Flower asks for the login .env holds, as in compose.
     assert flower_anonymous.status_code == 401
     assert flower_workers.status_code == 200, flower_workers.text
-    # Ctrl-C stopped all five children, not just the parent.
-    assert len(children) == 5, output
+    # Ctrl-C stopped all six children (API, beat, worker, processor, watcher, Flower), not
+    # just the parent.
+    assert len(children) == 6, output
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], output
     assert run.code == 0, output
 
@@ -180,6 +181,7 @@ def test_with_redis_it_runs_the_compose_commands() -> None:
     commands = {name: argv[1:] for name, argv in stack_commands("0.0.0.0", 8000).items()}
     assert commands["api"] == ["-m", *DESIGN_COMMANDS["api"].split()]
     assert commands["beat"] == ["-m", *DESIGN_COMMANDS["celery-beat"].split()]
+    assert commands["watcher"] == DESIGN_COMMANDS["watcher"].split()[1:]
     # compose's two pools as two processes, each with its own node name on this host.
     for name, service in (("worker", "celery-worker"), ("processor", "celery-processor")):
         assert commands[name] == ["-m", *DESIGN_COMMANDS[service].split(), "-n", f"{name}@%h"]

@@ -20,10 +20,20 @@ from tests.deploy.files import (
 )
 
 WORKERS = ("celery-worker", "celery-processor")
-APP_SERVICES = ("migrate", "api", "celery-beat", *WORKERS, "flower")
+APP_SERVICES = ("migrate", "api", "celery-beat", *WORKERS, "watcher", "flower")
 SENTINELS = ("redis-sentinel-1", "redis-sentinel-2", "redis-sentinel-3")
 HA = ("redis-replica", *SENTINELS)
-LONG_RUNNING = ("redis", "postgres", "minio", "api", "celery-beat", *WORKERS, "flower", *HA)
+LONG_RUNNING = (
+    "redis",
+    "postgres",
+    "minio",
+    "api",
+    "celery-beat",
+    *WORKERS,
+    "watcher",
+    "flower",
+    *HA,
+)
 ONE_SHOT = ("migrate", "minio-init")
 
 
@@ -45,6 +55,7 @@ def test_every_service_of_the_design_is_there() -> None:
         "celery-beat",
         "celery-worker",
         "celery-processor",
+        "watcher",
         "flower",
         *HA,
     }
@@ -225,7 +236,7 @@ def test_services_wait_for_what_they_need() -> None:
         "postgres": "service_healthy",
         "migrate": "service_completed_successfully",
     }
-    for name in ("api", *WORKERS, "celery-beat"):
+    for name in ("api", *WORKERS, "celery-beat", "watcher"):
         assert conditions(name) == backend, name
     assert conditions("flower") == {"redis": "service_healthy"}
     for name in compose()["services"]:
@@ -264,7 +275,7 @@ def test_minio_creates_the_bucket_the_app_uses() -> None:
 
 def test_api_and_workers_share_the_data_volume() -> None:
     # Local-fallback objects written by a worker are read by the API; metrics files too.
-    for name in ("api", *WORKERS):
+    for name in ("api", *WORKERS, "watcher"):
         assert "app-data:/app/data" in service(name)["volumes"]
         assert service(name)["environment"]["DATA_DIR"] == "/app/data"
 
@@ -309,7 +320,9 @@ def test_workers_beat_and_flower_have_health_checks() -> None:
     flower = service("flower")["healthcheck"]["test"]
     port = command("flower")[-1].removeprefix("--port=")
     assert f"('127.0.0.1', {port})" in flower[3]
-    for name in ("celery-worker", "celery-processor", "celery-beat", "flower"):
+    watcher = service("watcher")["healthcheck"]["test"]
+    assert watcher[:3] == ["CMD", "python", "-c"] and "leases import alive" in watcher[3]
+    for name in ("celery-worker", "celery-processor", "celery-beat", "watcher", "flower"):
         check = service(name)["healthcheck"]
         assert 0 < _duration_seconds(check["timeout"]) < _duration_seconds(check["interval"])
         assert check["retries"] >= 3

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 
 import pytest
 from sqlalchemy.orm import Session
 
-from backend.celery_app import app
-from backend.schedules import service, store
+from backend.celery_app import app, queue_keys
+from backend.models import Account
+from backend.schedules import beat, service, store
 from backend.schedules.beat import MailbeatScheduler, take_lock
 from tests.support.accounts import make_accounts
 from tests.support.redis_db import RedisDb
@@ -94,3 +97,57 @@ def test_a_waiting_beat_says_so_and_takes_over_once_the_lock_runs_out(
         assert "waiting for the beat lock redbeat::lock" in caplog.text
     finally:
         other.close()
+
+
+def _queued_polls(redis_db: RedisDb) -> list[int]:
+    """The account ids of the polls waiting in the email queue."""
+    conn = redis_db.client()
+    raws = [raw for key in queue_keys(store.POLL_QUEUE) for raw in conn.lrange(key, 0, -1)]
+    return [json.loads(json.loads(raw)["headers"]["argsrepr"])[0] for raw in raws]
+
+
+def _all_due(redis_db: RedisDb, accounts: list[Account]) -> None:
+    past = time.time() - 30
+    redis_db.client().zadd(
+        store.schedule_key(), {store.entry_key(account.id): past for account in accounts}
+    )
+
+
+def test_a_backlog_is_sent_in_passes_each_poll_once(
+    db: Session, redis_db: RedisDb, scheduler: MailbeatScheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(beat, "DUE_BATCH", 5)
+    accounts = make_accounts(db, 12, poll_interval_seconds=600)
+    scheduler._reconcile("test")
+    _all_due(redis_db, accounts)  # as after a beat was down for a while
+    take_lock(scheduler)
+
+    assert scheduler.tick() == 0.0  # a full pass: the tick comes back at once
+    assert len(_queued_polls(redis_db)) <= 5
+    for _ in range(10):
+        if scheduler.tick() > 0:
+            break
+
+    assert sorted(_queued_polls(redis_db)) == sorted(account.id for account in accounts)
+    conn = redis_db.client()
+    for account in accounts:
+        score = conn.zscore(store.schedule_key(), store.entry_key(account.id))
+        assert score is not None and score > time.time() + 500  # one interval on
+
+
+def test_an_unreadable_entry_is_left_to_reconcile_and_the_others_are_sent(
+    db: Session, redis_db: RedisDb, scheduler: MailbeatScheduler
+) -> None:
+    garbled, *others = make_accounts(db, 3)
+    scheduler._reconcile("test")
+    redis_db.client().hset(store.entry_key(garbled.id), "definition", "{not json")
+    _all_due(redis_db, [garbled, *others])
+    take_lock(scheduler)
+
+    scheduler.tick()
+
+    assert sorted(_queued_polls(redis_db)) == sorted(account.id for account in others)
+    conn = redis_db.client()
+    assert conn.zscore(store.schedule_key(), store.entry_key(garbled.id)) is None
+    scheduler._reconcile("test")
+    assert conn.zscore(store.schedule_key(), store.entry_key(garbled.id)) is not None

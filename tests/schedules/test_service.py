@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import cast
 
@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from backend import dispatch
 from backend.celery_app import app
+from backend.db import get_sessionmaker
 from backend.models import AccountStatus, utcnow
 from backend.schedules import service, store
 from tests.support.accounts import make_account, make_accounts
@@ -61,9 +62,10 @@ def test_sync_creates_the_entry_beat_reads(db: Session, redis_db: RedisDb) -> No
     score = _score(redis_db, account.id)
     assert score is not None
     assert before.timestamp() - 1 <= score <= utcnow().timestamp() + 1
-    # RedBeat finds due entries by score (whole seconds) and then asks the schedule.
+    # Beat sends a mailbox's poll when its score comes: the exact next run (RedBeat's
+    # whole seconds would send it up to a second early).
     due = entry.last_run_at + timedelta(seconds=120)
-    assert score == int(due.timestamp())
+    assert score == due.timestamp()
     assert entry.is_due()[0] is True
 
 
@@ -205,6 +207,68 @@ def test_reconcile_creates_fixes_and_deletes(db: Session, redis_db: RedisDb) -> 
         "deleted": 0,
         "unchanged": 3,
     }
+
+
+def test_reconcile_in_pages_and_chunks(
+    db: Session, redis_db: RedisDb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pages of 2 accounts from the database, 3 entries per comparison in Redis.
+    monkeypatch.setattr(service, "RECONCILE_PAGE", 2)
+    monkeypatch.setattr(store, "CHECK_CHUNK", 3)
+    accounts = make_accounts(db, 7)
+    assert service.reconcile(db).as_dict() == {
+        "created": 7,
+        "updated": 0,
+        "deleted": 0,
+        "unchanged": 0,
+    }
+    changed, dropped = accounts[1], accounts[4]
+    changed.poll_interval_seconds = 90
+    db.delete(dropped)
+    db.commit()
+    store.apply({987_654: store.Wanted(987_654, 60, None)}, [], utcnow())  # an orphan
+
+    assert service.reconcile(db).as_dict() == {
+        "created": 0,
+        "updated": 1,
+        "deleted": 2,
+        "unchanged": 5,
+    }
+    entries = {entry.account_id: entry.interval for entry in service.list_entries()}
+    assert entries == {
+        account.id: 90 if account is changed else 60
+        for account in accounts
+        if account is not dropped
+    }
+
+
+def test_an_entry_added_while_a_reconcile_runs_is_kept(
+    db: Session, redis_db: RedisDb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "RECONCILE_PAGE", 2)
+    make_accounts(db, 5)
+    pages = service.wanted_pages
+    added: list[int] = []
+
+    def pages_then_an_account_added(session: Session) -> Iterator[dict[int, store.Wanted]]:
+        for page in pages(session):
+            yield page
+            if not added:
+                # Another request creates an account and its entry meanwhile.
+                other = get_sessionmaker()()
+                try:
+                    account = make_account(other)
+                    service.sync_account(account)
+                    added.append(account.id)
+                finally:
+                    other.close()
+
+    monkeypatch.setattr(service, "wanted_pages", pages_then_an_account_added)
+    service.reconcile(db)
+
+    assert added
+    assert _score(redis_db, added[0]) is not None
+    assert added[0] in {entry.account_id for entry in service.list_entries()}
 
 
 def test_reconcile_repairs_damaged_entries(db: Session, redis_db: RedisDb) -> None:

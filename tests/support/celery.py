@@ -1,6 +1,6 @@
-"""Real `celery worker` and `celery beat` processes for end-to-end tests, started
-from this checkout with the test environment and stopped by the fixture that started
-them."""
+"""Real `celery worker` and `celery beat` processes (and push watchers) for end-to-end
+tests, started from this checkout with the test environment and stopped by the fixture
+that started them."""
 
 from __future__ import annotations
 
@@ -119,6 +119,10 @@ class Celery:
                 str(self.log_dir / f"{name}-schedule"),
             ],
         )
+
+    def watcher(self, name: str = "watcher") -> CeleryProcess:
+        """`python -m backend.cli watch` (backend/push/watcher.py), a process like the rest."""
+        return self._start(name, [sys.executable, "-m", "backend.cli", "watch"])
 
     def stop_all(self) -> None:
         for process in reversed(self.started):

@@ -49,6 +49,8 @@ first_valid_gid = 1
 # Big enough for the 10,000-message benchmark mailbox.
 imap_max_line_length = 2M
 mail_max_userip_connections = 200
+# IDLE notices appends by inotify; this is its fallback check, at 1 s rather than 30 s.
+mailbox_idle_check_interval = 1 secs
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {root}/users/%u
@@ -72,6 +74,7 @@ service imap-login {{
 }}
 service imap {{
   process_limit = 512
+  client_limit = {imap_client_limit}
 }}
 service auth {{
   unix_listener auth-userdb {{
@@ -116,15 +119,19 @@ class Dovecot:
         oauth2_introspection_url: str | None = None,
         mail_location: str = "maildir:~/Maildir",
         also_listen: str | None = None,
+        imap_client_limit: int = 1,
     ) -> None:
         """With `oauth2_introspection_url`, users can also log in with XOAUTH2; Dovecot
         posts each token to that URL (`token=...`) and wants {"active": true, "username"}.
         `mail_location="maildir:~/Maildir:LAYOUT=fs"` gives folders a '/' separator (as
         Gmail and Exchange have) instead of Maildir++'s '.'. `also_listen`: one more
-        address to listen on besides loopback (the docker bridge's, for containers)."""
+        address to listen on besides loopback (the docker bridge's, for containers).
+        `imap_client_limit`: connections one imap process serves (the push benchmark's
+        1,000 IDLE connections would otherwise be 1,000 processes, over the limit)."""
         self.root = root
         self.mail_location = mail_location
         self.also_listen = also_listen
+        self.imap_client_limit = imap_client_limit
         self.oauth2_introspection_url = oauth2_introspection_url
         self.name = name or uuid.uuid4().hex[:8]
         self.host = "127.0.0.1"
@@ -179,6 +186,7 @@ class Dovecot:
                 oauth2_mechanisms=" xoauth2 oauthbearer" if oauth2_passdb else "",
                 oauth2_passdb=oauth2_passdb,
                 mail_location=self.mail_location,
+                imap_client_limit=self.imap_client_limit,
             )
         )
         self._process = subprocess.Popen(

@@ -257,6 +257,7 @@ const COLUMNS = [
   { key: "email", label: "Mailbox", value: (a) => a.email.toLowerCase() },
   { key: "status", label: "Status", value: (a) => a.status },
   { key: "priority", label: "Priority", value: (a) => a.priority, num: true, optional: true },
+  { key: "push", label: "Push", value: (a) => pushText(a), optional: true },
   { key: "last_polled_at", label: "Last poll", value: (a) => a.last_polled_at || "" },
   { key: "lag", label: "Lag", value: (a) => lagSeconds(a), num: true },
   { key: "last_error", label: "Last error", value: (a) => a.last_error || "" },
@@ -338,8 +339,8 @@ function stat(name, value) {
 }
 
 function drawMailboxes(table, accounts) {
-  const withPriority = accounts.some((a) => a.priority !== undefined);
-  const columns = COLUMNS.filter((c) => !c.optional || withPriority);
+  // Optional columns show when the API has the field.
+  const columns = COLUMNS.filter((c) => !c.optional || accounts.some((a) => a[c.key] !== undefined));
   const needle = listState.filter.trim().toLowerCase();
   const rows = accounts
     .filter((a) => !listState.status || a.status === listState.status)
@@ -416,9 +417,28 @@ function cell(account, key) {
       return duration(lagSeconds(account));
     case "last_error":
       return account.last_error || "";
+    case "push":
+      return pushCell(account);
     default:
       return account[key] ?? "";
   }
+}
+
+// Push: off, on (no watcher has looked yet), watching (IDLE held), or the fallback.
+function pushText(account) {
+  if (!account.push) return "";
+  if (account.push_status === "unsupported") return "polling only";
+  return account.push_status === "watching" ? "watching" : "on";
+}
+
+function pushCell(account) {
+  const text = pushText(account);
+  if (text !== "polling only") return text;
+  return h(
+    "span",
+    { class: "badge degraded", title: "The server has no IDLE: polled on its interval only" },
+    text,
+  );
 }
 
 // -- one mailbox --------------------------------------------------------------------------
@@ -478,6 +498,14 @@ function accountView(id) {
         fact("Folders", account.folders.join(", ")),
         fact("Interval", duration(account.poll_interval_seconds)),
         account.priority !== undefined ? fact("Priority", account.priority) : null,
+        account.push
+          ? fact(
+              "Push",
+              account.push_status === "unsupported"
+                ? "polling only: the server has no IDLE, so the mailbox is polled on its interval"
+                : pushText(account),
+            )
+          : null,
         fact("Last poll", `${ago(account.last_polled_at)} ${when(account.last_polled_at)}`),
         fact("Last success", `${ago(account.last_success_at)} ${when(account.last_success_at)}`),
         fact("Messages", account.message_count),
@@ -682,6 +710,13 @@ function drawForm(id, account, fields) {
       "enabled",
       h("input", { type: "checkbox", name: "enabled", id: "field-enabled", checked: a.enabled }),
     ),
+    fields.includes("push")
+      ? row(
+          "Push (IDLE)",
+          "push",
+          h("input", { type: "checkbox", name: "push", id: "field-push", checked: !!a.push }),
+        )
+      : null,
     h(
       "div",
       { class: "buttons" },
@@ -703,6 +738,7 @@ function drawForm(id, account, fields) {
       enabled: form.elements.enabled.checked,
     };
     if (data.priority !== undefined) body.priority = Number(data.priority);
+    if (form.elements.push) body.push = form.elements.push.checked;
     if (data.password) body.password = data.password;
     return body;
   };
