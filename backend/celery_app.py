@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from celery import Celery
 from celery.signals import after_setup_logger
+from kombu import transport as kombu_transports
 from kombu.connection import Connection
 from kombu.entity import Queue
+from kombu.transport import redis as kombu_redis
 
 from backend import redis
 from backend.config import get_settings
@@ -45,6 +47,28 @@ def queue_keys(queue: str) -> list[str]:
 
 # Outlasts a tick's sleep (1 s) plus one Redis call stuck until its socket timeout.
 BEAT_LOCK_SECONDS = int(settings.redis_socket_timeout) + 5
+
+
+class SentinelChannel(kombu_redis.SentinelChannel):
+    """Kombu's Sentinel channel, but one closed after its connection was let go raises a
+    connection error, not an AttributeError. A worker that loses the broker (a failover)
+    closes its connection, then its channel, which puts the tasks it holds back in their
+    queue and needs the connection's address for that: kombu's AttributeError ends the
+    worker, while a connection error is ignored there and the worker reconnects (the
+    tasks come back after the visibility timeout instead)."""
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        if self.connection.client is None:
+            raise redis.RedisConnectionError("the broker connection is closed")
+        return cast(dict[str, Any], super()._connparams(asynchronous))
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
+# sentinel:// URLs use it, also after kombu moves on to the next sentinel's address.
+kombu_transports.TRANSPORT_ALIASES["sentinel"] = f"{__name__}:SentinelTransport"
 
 # A bad REDIS_URL (or Sentinel without REDIS_SENTINEL_MASTER) stops every process here,
 # as it starts, saying what to fix.
@@ -84,6 +108,8 @@ app.conf.update(
         # A poll sent without a priority of its own counts as DEFAULT_PRIORITY, not as
         # kombu's level 0 (mailbeat's most urgent).
         "mailbox.*": {"queue": "email", "priority": broker_priority(DEFAULT_PRIORITY)},
+        # A backfill fetches and stores as a poll does: beside the polls.
+        "backfill.*": {"queue": "email", "priority": broker_priority(DEFAULT_PRIORITY)},
         "message.*": {"queue": "workflow"},
         "webhook.*": {"queue": "workflow"},
     },

@@ -141,6 +141,11 @@ class Settings(BaseSettings):
     webhook_body_max_bytes: int = Field(default=256 * 1024, ge=0)
     # Receivers should refuse a signature older than this (the replay window).
     webhook_signature_tolerance_seconds: int = 300
+    # Messages handed on as one `message.process` task (one transaction for all their
+    # steps); deliveries sent by one `webhook.deliver` task.
+    processing_batch_size: int = Field(default=500, ge=1, le=5000)
+    # Requests in flight at once to one receiver (scheme, host and port) per worker process.
+    webhook_concurrency: int = Field(default=8, ge=1, le=100)
     # How often work whose task was lost (Redis flushed, a worker killed) is picked up:
     # messages never processed, deliveries past due.
     processing_sweep_interval_seconds: int = Field(default=300, ge=10)

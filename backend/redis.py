@@ -7,7 +7,7 @@ from what `broker_url` and `broker_transport_options` say.
 A URL is read in one function (`target`): `redis://`, `rediss://` and `unix://` name one
 Redis; Celery's Sentinel form (`sentinel://h1:26379;sentinel://h2:26379/0`, the master's
 name in REDIS_SENTINEL_MASTER) names the sentinels that know where the master is, and
-every client here, kombu's and RedBeat's follows the master through a failover.
+every client here, kombu's and RedBeat's, follows the master through a failover.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from redis.exceptions import LockError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.lock import Lock
 from redis.retry import Retry
-from redis.sentinel import Sentinel, SentinelConnectionPool
+from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 from backend.config import Settings, get_settings
 
@@ -229,6 +229,21 @@ class _UntilFailedOver(Retry):
         return super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
+class _SentinelConnection(SentinelManagedConnection):
+    """redis-py's connection behind Sentinel, except that every reconnection asks the
+    sentinels where the master is. redis-py reconnects a connection that broke during a
+    command through `connect_check_health`, which dials the address it had: the dead
+    master, again and again until the failover retry gives up."""
+
+    def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if retry_socket_connect:  # a reconnection, not the sentinels' own connect_to
+            self.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            return
+        super().connect_check_health(check_health, retry_socket_connect)
+
+
 def connect(
     url: str | None = None,
     *,
@@ -237,9 +252,10 @@ def connect(
     decode_responses: bool = False,
 ) -> Redis:
     """A client with its own pool on `url` (REDIS_URL by default). Every command gives up
-    after `timeout` seconds (REDIS_SOCKET_TIMEOUT by default). `retries=False` drops
-    redis-py's retries (3, with backoff), which would turn a dead Redis into a wait of
-    many seconds where an answer is wanted at once."""
+    after `timeout` seconds (REDIS_SOCKET_TIMEOUT by default). Through Sentinel, a call
+    that cannot reach the master tries again for REDIS_SENTINEL_FAILOVER_SECONDS (a
+    failover), unless `retries=False`: for an answer wanted at once. (On one Redis a
+    pool built here makes one attempt either way.)"""
     settings = get_settings()
     seconds = settings.redis_socket_timeout if timeout is None else timeout
     found = target(url or settings.redis_url)
@@ -252,16 +268,19 @@ def connect(
     )
     if not retries:
         options["retry"] = Retry(NoBackoff(), 0)
+    elif found.sentinel:
+        options["retry"] = _UntilFailedOver(settings.redis_sentinel_failover_seconds)
     if not found.sentinel:
         return Redis.from_pool(ConnectionPool(**options))
-    if retries:
-        options["retry"] = _UntilFailedOver(settings.redis_sentinel_failover_seconds)
     # The pool asks the sentinels where the master is for each new connection, and
     # drops its connections when the answer changes (a failover).
     sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
         list(found.sentinels), sentinel_kwargs=_sentinel_kwargs(), **options
     )
-    return cast(Redis, sentinel.master_for(found.master))  # type: ignore[no-untyped-call]
+    master = sentinel.master_for(  # type: ignore[no-untyped-call]
+        found.master, connection_class=_SentinelConnection
+    )
+    return cast(Redis, master)
 
 
 @lru_cache

@@ -45,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
 
     # 20 connections per Dovecot imap process: 1,000 processes would pass its limits.
-    with Stack(dovecot=True, imap_client_limit=20, LOG_LEVEL="INFO") as stack:
+    with Stack(dovecot=True, imap_client_limit=20) as stack:
         from sqlalchemy import func, select
 
         from backend.db import session_scope
@@ -59,7 +59,10 @@ def main() -> None:
         stack.add_mailboxes(lambda _n: [], args.mailboxes, INTERVAL, push=True)
         print(f"{args.mailboxes} mailboxes in {time.monotonic() - started:.0f}s")
         with session_scope() as session:
-            accounts = dict(session.execute(select(Account.id, Account.username)).tuples())
+            accounts = {
+                row.id: row.username
+                for row in session.execute(select(Account.id, Account.username))
+            }
         celery = stack.celery
         celery.beat()
         celery.worker("w1", concurrency=2, queues="email")

@@ -1,7 +1,11 @@
-"""Ingestion speed: one 10,000-message mailbox from a local Dovecot into PostgreSQL and
-local files, beside mbsync (isync) syncing the same mailbox to a local maildir.
+"""Ingestion speed: mailboxes from a local Dovecot into PostgreSQL and local files (a
+first sync), beside mbsync (isync) syncing the same mailboxes to local maildirs.
 
-    python -m bench.ingest [--messages 10000] [--runs 2] [--security ssl|none]
+    python -m bench.ingest [--mailboxes 1] [--messages 10000] [--runs 2] [--security ssl|none]
+
+With several mailboxes (`--mailboxes 100 --messages 100`), mbsync syncs them one after
+the other in one process (`mbsync -a`) and mailbeat polls them one after the other in
+one process (`poll_account` each), so the two compare like for like.
 
 Both clients talk to the same Dovecot over the same transport (implicit TLS by default)
 after one warm-up pass, so Dovecot's index and the page cache are equally warm. Each
@@ -103,7 +107,7 @@ def warm_up(dovecot: Dovecot, username: str) -> None:
         client.logout()
 
 
-def run_mbsync(dovecot: Dovecot, username: str, security: str, work: Path) -> float:
+def run_mbsync(dovecot: Dovecot, usernames: list[str], security: str, work: Path) -> float:
     target = work / "mbsync-maildir"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
@@ -117,25 +121,32 @@ def run_mbsync(dovecot: Dovecot, username: str, security: str, work: Path) -> fl
         else "SSLType None\nAuthMechs LOGIN\n"
     )
     config = work / "mbsyncrc"
-    config.write_text(
-        # The certificate names localhost and 127.0.0.1; mbsync checks DNS names only.
-        "IMAPAccount bench\nHost localhost\n"
-        f"Port {port}\nUser {username}\n"
-        f"Pass {dovecot.passwords[username]}\n{tls}PipelineDepth 50\n\n"
-        "IMAPStore remote\nAccount bench\n\n"
-        f"MaildirStore local\nPath {target}/\nInbox {target}/INBOX\n\n"
-        "Channel bench\nFar :remote:\nNear :local:\nPatterns INBOX\nSync Pull\nCreate Near\n"
-        f"SyncState {state}/\n"
-    )
+    sections = []
+    for n, username in enumerate(usernames):
+        (state / str(n)).mkdir()
+        (target / str(n)).mkdir()
+        sections.append(
+            # The certificate names localhost and 127.0.0.1; mbsync checks DNS names only.
+            f"IMAPAccount a{n}\nHost localhost\n"
+            f"Port {port}\nUser {username}\n"
+            f"Pass {dovecot.passwords[username]}\n{tls}PipelineDepth 50\n\n"
+            f"IMAPStore r{n}\nAccount a{n}\n\n"
+            f"MaildirStore l{n}\nPath {target}/{n}/\nInbox {target}/{n}/INBOX\n\n"
+            f"Channel c{n}\nFar :r{n}:\nNear :l{n}:\nPatterns INBOX\nSync Pull\nCreate Near\n"
+            f"SyncState {state}/{n}/\n\n"
+        )
+    config.write_text("".join(sections))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    subprocess.run([MBSYNC, "-c", str(config), "bench"], check=True)
+    subprocess.run([MBSYNC, "-q", "-c", str(config), "-a"], check=True)
     elapsed = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     user = after.ru_utime - before.ru_utime
     system = after.ru_stime - before.ru_stime
-    count = len(list((target / "INBOX" / "new").iterdir())) + len(
-        list((target / "INBOX" / "cur").iterdir())
+    count = sum(
+        len(list((target / str(n) / "INBOX" / sub).iterdir()))
+        for n in range(len(usernames))
+        for sub in ("new", "cur")
     )
     print(
         f"  mbsync: {count} messages in {elapsed:.2f} s "
@@ -145,7 +156,7 @@ def run_mbsync(dovecot: Dovecot, username: str, security: str, work: Path) -> fl
 
 
 def run_mailbeat(
-    dovecot: Dovecot, username: str, security: str, storage_dir: Path, *, profile: bool
+    dovecot: Dovecot, usernames: list[str], security: str, storage_dir: Path, *, profile: bool
 ) -> float:
     from backend import crypto
     from backend.db import get_engine, session_scope
@@ -157,25 +168,30 @@ def run_mailbeat(
         conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
     shutil.rmtree(storage_dir, ignore_errors=True)
     with session_scope() as session:
-        account = Account(
-            email=f"{username}@example.org",
-            imap_host=dovecot.host,
-            imap_port=dovecot.imaps_port if security == "ssl" else dovecot.imap_port,
-            imap_security=security,
-            username=username,
-            auth_method="password",
-            credentials_encrypted=crypto.encrypt_json({"password": dovecot.passwords[username]}),
-            folders=["INBOX"],
-        )
-        session.add(account)
+        accounts = [
+            Account(
+                email=f"{username}@example.org",
+                imap_host=dovecot.host,
+                imap_port=dovecot.imaps_port if security == "ssl" else dovecot.imap_port,
+                imap_security=security,
+                username=username,
+                auth_method="password",
+                credentials_encrypted=crypto.encrypt_json(
+                    {"password": dovecot.passwords[username]}
+                ),
+                folders=["INBOX"],
+            )
+            for username in usernames
+        ]
+        session.add_all(accounts)
         session.flush()
-        account_id = account.id
+        account_ids = [account.id for account in accounts]
     profiler = cProfile.Profile() if profile else None
     usage_started = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     if profiler is not None:
         profiler.enable()
-    result = poll_account(account_id)
+    results = [poll_account(account_id) for account_id in account_ids]
     elapsed = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
     user = usage.ru_utime - usage_started.ru_utime
@@ -183,17 +199,20 @@ def run_mailbeat(
     if profiler is not None:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
-    assert result.outcome == "success", result
+    assert all(result.outcome == "success" for result in results), results
     print(
-        f"  mailbeat: {result.messages} messages, {result.bytes:,} bytes in {elapsed:.2f} s "
-        f"(CPU user {user:.2f} s, system {system:.2f} s)"
+        f"  mailbeat: {sum(r.messages for r in results)} messages, "
+        f"{sum(r.bytes for r in results):,} bytes in {elapsed:.2f} s "
+        f"(CPU of this process: user {user:.2f} s, system {system:.2f} s; the parsing "
+        "processes are not counted)"
     )
     return elapsed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--messages", type=int, default=10_000)
+    parser.add_argument("--mailboxes", type=int, default=1)
+    parser.add_argument("--messages", type=int, default=10_000, help="per mailbox")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--security", choices=("ssl", "none"), default="ssl")
     parser.add_argument("--batch-size", type=int, default=None)
@@ -207,18 +226,23 @@ def main() -> None:
     database_url = postgres.create_database("mailbeat_bench")
     try:
         dovecot.start()
-        username = "bench"
-        dovecot.add_user(username, "bench-password")
         rng = random.Random(42)
-        raws = [build_message(i, rng) for i in range(args.messages)]
-        sizes = sorted(len(raw) for raw in raws)
+        usernames = []
+        sizes: list[int] = []
+        for n in range(args.mailboxes):
+            username = f"bench{n}"
+            dovecot.add_user(username, "bench-password")
+            raws = [build_message(n * args.messages + i, rng) for i in range(args.messages)]
+            sizes += [len(raw) for raw in raws]
+            dovecot.write_maildir(username, raws)
+            del raws
+            warm_up(dovecot, username)
+            usernames.append(username)
+        sizes.sort()
         print(
-            f"mailbox: {len(raws)} messages, {sum(sizes):,} bytes, "
+            f"{args.mailboxes} mailbox(es) x {args.messages} messages, {sum(sizes):,} bytes, "
             f"median {sizes[len(sizes) // 2]:,} B, largest {sizes[-1]:,} B"
         )
-        dovecot.write_maildir(username, raws)
-        del raws
-        warm_up(dovecot, username)
 
         os.environ.update(
             ENVIRONMENT="test",
@@ -241,14 +265,15 @@ def main() -> None:
         for run in range(args.runs):
             print(f"run {run + 1}:")
             if not args.skip_mbsync:
-                theirs.append(run_mbsync(dovecot, username, args.security, work))
+                theirs.append(run_mbsync(dovecot, usernames, args.security, work))
             ours.append(
                 run_mailbeat(
-                    dovecot, username, args.security, work / "storage", profile=args.profile
+                    dovecot, usernames, args.security, work / "storage", profile=args.profile
                 )
             )
-        mbsync_rate = args.messages / statistics.median(theirs) if theirs else float("nan")
-        ours_rate = args.messages / statistics.median(ours)
+        total = args.mailboxes * args.messages
+        mbsync_rate = total / statistics.median(theirs) if theirs else float("nan")
+        ours_rate = total / statistics.median(ours)
         print(
             f"median of {args.runs}: mailbeat {ours_rate:,.0f} messages/s, "
             f"mbsync {mbsync_rate:,.0f} messages/s ({ours_rate / mbsync_rate:.2f}x)"

@@ -1,12 +1,14 @@
 """All tables. Import from here so Alembic and the app see the same metadata."""
 
 from backend.models.account import Account, AccountCleanup, FolderCursor
+from backend.models.backfill import Backfill
 from backend.models.base import Base, utcnow
 from backend.models.enums import (
     ACCOUNT_EVENTS,
     FAILED_POLL_OUTCOMES,
     AccountStatus,
     AuthMethod,
+    BackfillStatus,
     DeliveryStatus,
     DeliveryTarget,
     ErrorKind,
@@ -31,6 +33,8 @@ __all__ = [
     "AccountStatus",
     "Attachment",
     "AuthMethod",
+    "Backfill",
+    "BackfillStatus",
     "Base",
     "DeliveryStatus",
     "DeliveryTarget",

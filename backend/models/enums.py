@@ -101,6 +101,16 @@ class DeliveryStatus(StrEnum):
     DEAD = "dead"
 
 
+class BackfillStatus(StrEnum):
+    """queued: accepted, waiting for a worker; running; done (the result is complete);
+    failed (the error says why; the folders done before it are in the result)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
 class StorageBackend(StrEnum):
     """Recorded on each stored row, so a read finds the object where it was put."""
 

@@ -4,23 +4,37 @@
 Fetching and storing is the poll's own code (`mailbox.service.store_uids`), so a message
 already held is not stored twice. Held messages never processed are handed on now;
 with `redeliver`, processed ones get new webhook deliveries (new event ids).
+
+Through the API a backfill is a task: `POST /accounts/{id}/backfill` checks the request
+and records a `Backfill` row (`create`), the request commits, then `backfill.run` is
+sent (`run`, on the `email` queue beside the polls: it is IMAP fetching). `run` writes
+each folder's counts to the row as the folder is done, so `GET /backfills/{id}` shows
+how far it has come. The CLI (`backend/console/commands.py`) calls `backfill` directly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import date
+from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from backend import dispatch
 from backend.db import session_scope
 from backend.errors import MailbeatError, NotFound
-from backend.mailbox.imap import ImapSession
+from backend.mailbox.imap import ERROR_TEXT_MAX, ImapSession
 from backend.mailbox.service import open_mailbox, store_uids
-from backend.models import Account, Message
+from backend.models import Account, Backfill, BackfillStatus, Message, utcnow
 from backend.processing.service import hand_on
 from backend.webhooks import service as webhooks
+
+log = logging.getLogger(__name__)
+
+RUN_TASK = "backfill.run"
 
 # UIDs looked up in the database per query.
 LOOKUP_CHUNK = 1000
@@ -58,19 +72,8 @@ class BackfillResult:
     redelivered_message_ids: list[int] = field(default_factory=list)
 
 
-def backfill(
-    account_id: int,
-    *,
-    window: Range,
-    folders: Sequence[str] | None = None,
-    dry_run: bool = False,
-    redeliver: bool = False,
-) -> BackfillResult:
-    """Its own boundary (commits as a poll does); IMAP failures raise ImapError (502)."""
-    with session_scope() as session:
-        account = session.get(Account, account_id)
-        if account is None:
-            raise NotFound(f"account {account_id} not found")
+def _folders(account: Account, folders: Sequence[str] | None) -> list[str]:
+    """The folders to go through; InvalidBackfill (422) names any the account lacks."""
     configured = account.folders or ["INBOX"]
     chosen = list(folders or configured)
     unknown = [folder for folder in chosen if folder not in configured]
@@ -78,6 +81,98 @@ def backfill(
         raise InvalidBackfill(
             f"not among the account's folders: {', '.join(unknown)} (folders: {configured})"
         )
+    return chosen
+
+
+def create(session: Session, account_id: int, request: dict[str, Any]) -> Backfill:
+    """Check a backfill (the account, its folders) and record it, queued; only flushes.
+    The caller commits, then sends it with `enqueue`."""
+    account = session.get(Account, account_id)
+    if account is None:
+        raise NotFound(f"account {account_id} not found")
+    _folders(account, request.get("folders"))
+    row = Backfill(account_id=account_id, status=BackfillStatus.QUEUED, request=request)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def enqueue(backfill_id: int) -> None:
+    """After the commit that recorded it (in local mode it runs now, in this process)."""
+    dispatch.enqueue(RUN_TASK, backfill_id)
+
+
+def run(backfill_id: int) -> str:
+    """The task: run a recorded backfill, its progress and outcome on its row. A failure
+    (the server refused the login, the account is gone) ends it as failed with the
+    reason; it is not retried (ask again)."""
+    with session_scope() as session:
+        row = session.get(Backfill, backfill_id)
+        if row is None or row.status != BackfillStatus.QUEUED:
+            return "gone" if row is None else str(row.status)  # a repeated task
+        row.status = BackfillStatus.RUNNING
+        row.started_at = utcnow()
+        account_id, request = row.account_id, dict(row.request)
+    window = Range(
+        uid_from=request.get("uid_from"),
+        uid_to=request.get("uid_to"),
+        since=date.fromisoformat(request["since"]) if request.get("since") else None,
+        before=date.fromisoformat(request["before"]) if request.get("before") else None,
+    )
+
+    def progress(result: BackfillResult) -> None:
+        with session_scope() as session:
+            session.get_one(Backfill, backfill_id).result = _as_json(result)
+
+    status, error = BackfillStatus.DONE, None
+    try:
+        result = backfill(
+            account_id,
+            window=window,
+            folders=request.get("folders"),
+            dry_run=bool(request.get("dry_run")),
+            redeliver=bool(request.get("redeliver")),
+            on_folder=progress,
+        )
+    except Exception as exc:
+        # Only the first line of the text, as for a poll: a driver's error may quote data.
+        status, result = BackfillStatus.FAILED, None
+        first_line = (str(exc).splitlines() or [""])[0]
+        error = f"{type(exc).__name__}: {first_line}"[:ERROR_TEXT_MAX]
+        log.warning("backfill %s of account %s failed: %s", backfill_id, account_id, error)
+    with session_scope() as session:
+        row = session.get_one(Backfill, backfill_id)
+        row.status = status
+        row.error = error
+        row.finished_at = utcnow()
+        if result is not None:
+            row.result = _as_json(result)
+    return str(status)
+
+
+def _as_json(result: BackfillResult) -> dict[str, Any]:
+    return asdict(result)
+
+
+dispatch.register(RUN_TASK, run)
+
+
+def backfill(
+    account_id: int,
+    *,
+    window: Range,
+    folders: Sequence[str] | None = None,
+    dry_run: bool = False,
+    redeliver: bool = False,
+    on_folder: Callable[[BackfillResult], None] | None = None,
+) -> BackfillResult:
+    """Its own boundary (commits as a poll does); IMAP failures raise ImapError (502).
+    `on_folder`: called with the result so far after each folder."""
+    with session_scope() as session:
+        account = session.get(Account, account_id)
+        if account is None:
+            raise NotFound(f"account {account_id} not found")
+    chosen = _folders(account, folders)
     result = BackfillResult(dry_run=dry_run)
     unprocessed: list[int] = []
     with open_mailbox(account) as mailbox:
@@ -92,6 +187,8 @@ def backfill(
             if redeliver:
                 entry.redelivered = len(done)
                 result.redelivered_message_ids += done
+            if on_folder is not None:
+                on_folder(result)
     if dry_run:
         return result
     hand_on(sorted(result.stored_message_ids + unprocessed))

@@ -2,32 +2,45 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, status
 
-from backend.deps import AdminDep
+from backend.deps import AdminDep, SessionDep
+from backend.errors import NotFound, error_responses
+from backend.models import Backfill
 from backend.processing import backfill as backfill_service
-from backend.processing.schemas import BackfillRequest, BackfillResponse
+from backend.processing.schemas import BackfillRead, BackfillRequest
 
 router = APIRouter(dependencies=[AdminDep], tags=["processing"])
 
+Id = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
-@router.post("/accounts/{account_id}/backfill", response_model=BackfillResponse)
+
+@router.post(
+    "/accounts/{account_id}/backfill",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=error_responses(404, 422),
+)
 def backfill(
-    account_id: Annotated[int, Path(ge=1, le=2**31 - 1)], request: BackfillRequest
-) -> BackfillResponse:
+    account_id: Annotated[int, Path(ge=1, le=2**31 - 1)],
+    request: BackfillRequest,
+    session: SessionDep,
+) -> BackfillRead:
     """Fetch again what the server still holds in a range (after an outage): missing
     messages are stored and handed on, held ones are not stored twice (and are sent to
-    the webhooks again with `redeliver`). Runs in the request; try `dry_run` first."""
-    result = backfill_service.backfill(
-        account_id,
-        window=backfill_service.Range(
-            uid_from=request.uid_from,
-            uid_to=request.uid_to,
-            since=request.since,
-            before=request.before,
-        ),
-        folders=request.folders,
-        dry_run=request.dry_run,
-        redeliver=request.redeliver,
-    )
-    return BackfillResponse.model_validate(result)
+    the webhooks again with `redeliver`). Runs as a task: the answer (202) is the
+    backfill, queued; `GET /backfills/{id}` shows it fill up folder by folder, and its
+    outcome. Try `dry_run` first."""
+    row = backfill_service.create(session, account_id, request.model_dump(mode="json"))
+    session.commit()
+    backfill_service.enqueue(row.id)
+    session.refresh(row)
+    return BackfillRead.model_validate(row)
+
+
+@router.get("/backfills/{backfill_id}", responses=error_responses(404))
+def get_backfill(backfill_id: Id, session: SessionDep) -> BackfillRead:
+    """A backfill: queued, running (the folders done so far in `result`), done or failed."""
+    row = session.get(Backfill, backfill_id)
+    if row is None:
+        raise NotFound(f"backfill {backfill_id} not found")
+    return BackfillRead.model_validate(row)

@@ -1,15 +1,18 @@
 """The processing steps every message goes through, in order.
 
-A step's `run` works inside the processing transaction (it only flushes), so a message
-is marked processed exactly when all its steps' rows are committed. Anything that
-leaves the process (a request, a task) belongs in `after_commit`, which runs after every
-processing attempt, also one that found the message already processed: the previous
-attempt may have committed and died before sending.
+Messages are processed in batches (one `message.process` task, one transaction). A step
+works inside that transaction (it only flushes), so a message is marked processed
+exactly when all its steps' rows are committed. A step gives either `run`, called once
+per message, or `run_batch`, called once with the batch's message ids (one statement for
+the batch instead of one per message). Anything that leaves the process (a request, a
+task) belongs in `after_commit` (per message id) or `after_commit_batch` (the ids), which
+run after every processing attempt, also one that found the messages already processed:
+the previous attempt may have committed and died before sending.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -22,8 +25,10 @@ from backend.webhooks import service as webhooks
 @dataclass(frozen=True)
 class Handler:
     name: str
-    run: Callable[[Session, Message], None]
+    run: Callable[[Session, Message], None] | None = None
     after_commit: Callable[[int], None] | None = None  # called with the message id
+    run_batch: Callable[[Session, Sequence[int]], None] | None = None
+    after_commit_batch: Callable[[Sequence[int]], None] | None = None
 
 
 _registry: list[Handler] = []
@@ -47,14 +52,16 @@ def registered() -> list[Handler]:
     return list(_registry)
 
 
-def _create_webhook_deliveries(session: Session, message: Message) -> None:
-    webhooks.create_message_deliveries(session, message)
-
-
-def _send_webhook_deliveries(message_id: int) -> None:
+def _send_webhook_deliveries(message_ids: Sequence[int]) -> None:
     with session_scope() as session:
-        pending = webhooks.pending_for_message(session, message_id)
+        pending = webhooks.pending_for_messages(session, message_ids)
     webhooks.dispatch(pending)
 
 
-register(Handler("webhook", _create_webhook_deliveries, _send_webhook_deliveries))
+register(
+    Handler(
+        "webhook",
+        run_batch=webhooks.create_batch_deliveries,
+        after_commit_batch=_send_webhook_deliveries,
+    )
+)

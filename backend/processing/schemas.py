@@ -1,11 +1,12 @@
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from backend.accounts.schemas import Folder
+from backend.models import BackfillStatus
 
 Uid = Annotated[int, Field(ge=1, le=2**32 - 1)]
 
@@ -64,3 +65,19 @@ class BackfillResponse(BaseModel):
     folders: list[FolderBackfillOut]
     stored_message_ids: list[int]
     redelivered_message_ids: list[int]
+
+
+class BackfillRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    account_id: int
+    status: BackfillStatus
+    request: BackfillRequest
+    result: BackfillResponse | None = Field(
+        description="while running: the folders done so far; then the whole outcome"
+    )
+    error: str | None = Field(description="why it failed")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None

@@ -1,9 +1,12 @@
 """Processing: what happens to a message after it is ingested.
 
-`hand_on` is called after the ingesting transaction commits. Each message runs through
-the registered steps (backend/processing/handlers.py) in one transaction that also marks
-it processed, so processing it again does nothing; then each step's after-commit work
-runs (sending its webhooks).
+`hand_on` is called after the ingesting transaction commits and sends the new messages
+in batches (PROCESSING_BATCH_SIZE) as `message.process` tasks. A batch runs through the
+registered steps (backend/processing/handlers.py) in one transaction that also marks its
+messages processed, so processing them again does nothing; then each step's
+after-commit work runs (sending the batch's webhooks). A batch whose transaction fails
+is processed again one message per transaction, so one bad message does not hold back
+the others.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from backend import dispatch
+from backend.config import get_settings
 from backend.db import session_scope
 from backend.models import Account, Message, utcnow
 from backend.processing import handlers
@@ -25,30 +30,102 @@ log = logging.getLogger(__name__)
 PROCESS_TASK = "message.process"
 
 
+class ProcessingFailed(Exception):
+    """Some messages of a batch could not be processed (each failure is logged); the
+    others were."""
+
+
+def process_batch(session: Session, message_ids: Sequence[int]) -> list[int]:
+    """Run every step for the messages that are not processed yet and mark them
+    processed; returns their ids (unknown and already processed ones are left out).
+    Only flushes.
+
+    The rows are locked first, in id order: a concurrent attempt at the same messages
+    (a redelivered task, the sweep) waits for this transaction and then finds them
+    processed."""
+    claimed = list(
+        session.scalars(
+            select(Message.id)
+            .where(Message.id.in_(sorted(set(message_ids))), Message.processed_at.is_(None))
+            .order_by(Message.id)
+            .with_for_update()
+        )
+    )
+    if not claimed:
+        return []
+    steps = handlers.registered()
+    messages: list[Message] = []
+    if any(step.run is not None for step in steps):
+        messages = list(
+            session.scalars(select(Message).where(Message.id.in_(claimed)).order_by(Message.id))
+        )
+    for step in steps:
+        if step.run_batch is not None:
+            step.run_batch(session, claimed)
+        if step.run is not None:
+            for message in messages:
+                step.run(session, message)
+    now = utcnow()
+    session.execute(update(Message).where(Message.id.in_(claimed)).values(processed_at=now))
+    # Message objects this session holds (the steps', a caller's) show the change too: a
+    # bulk UPDATE leaves them as they were loaded.
+    done = set(claimed)
+    for held in list(session.identity_map.values()):
+        if isinstance(held, Message) and held.id in done:
+            set_committed_value(held, "processed_at", now)
+    return claimed
+
+
 def process_message(session: Session, message_id: int) -> bool:
-    """Run every step for one message; returns False when there was nothing to do
-    (unknown, or already processed). Only flushes."""
-    message = session.get(Message, message_id, with_for_update=True)
-    if message is None or message.processed_at is not None:
-        return False
-    for handler in handlers.registered():
-        handler.run(session, message)
-    message.processed_at = utcnow()
-    session.flush()
-    return True
+    """`process_batch` for one message: False when there was nothing to do."""
+    return bool(process_batch(session, [message_id]))
 
 
-def process_and_send(message_id: int) -> bool:
-    """A boundary: process in one transaction, then the steps' after-commit work."""
-    with session_scope() as session:
-        processed = process_message(session, message_id)
-    for handler in handlers.registered():
-        if handler.after_commit is not None:
-            handler.after_commit(message_id)
+def process_and_send_batch(message_ids: int | Sequence[int]) -> int:
+    """A boundary: process the messages in one transaction, then the steps' after-commit
+    work; returns how many were processed now. An int is one message (a task queued
+    before batches). Raises ProcessingFailed, after handing the others on, when some
+    messages could not be processed: the task is retried for them."""
+    ids = [message_ids] if isinstance(message_ids, int) else list(message_ids)
+    failed: list[int] = []
+    try:
+        with session_scope() as session:
+            processed = len(process_batch(session, ids))
+    except Exception:
+        if len(ids) == 1:
+            raise
+        log.exception("processing a batch of %d messages failed: one at a time now", len(ids))
+        processed, failed = _one_at_a_time(ids)
+    done = [message_id for message_id in ids if message_id not in failed]
+    for step in handlers.registered():
+        if step.after_commit_batch is not None and done:
+            step.after_commit_batch(done)
+        if step.after_commit is not None:
+            for message_id in done:
+                step.after_commit(message_id)
+    if failed:
+        raise ProcessingFailed(f"messages {failed} could not be processed (see the log)")
     return processed
 
 
-dispatch.register(PROCESS_TASK, process_and_send)
+def _one_at_a_time(message_ids: Sequence[int]) -> tuple[int, list[int]]:
+    processed, failed = 0, []
+    for message_id in message_ids:
+        try:
+            with session_scope() as session:
+                processed += len(process_batch(session, [message_id]))
+        except Exception:
+            log.exception("processing message %s failed", message_id)
+            failed.append(message_id)
+    return processed, failed
+
+
+def process_and_send(message_id: int) -> bool:
+    """`process_and_send_batch` for one message: False when there was nothing to do."""
+    return bool(process_and_send_batch([message_id]))
+
+
+dispatch.register(PROCESS_TASK, process_and_send_batch)
 
 
 def after_poll(
@@ -100,8 +177,10 @@ def sweep(*, limit: int = 500) -> dict[str, int]:
 
 
 def hand_on(message_ids: Sequence[int]) -> None:
-    """Hand newly committed messages to processing: a `message.process` task each (on
-    the workflow queue, or run here in local mode, where one message's failure is
-    logged and does not hold back the others)."""
-    for message_id in message_ids:
-        dispatch.enqueue(PROCESS_TASK, message_id)
+    """Hand newly committed messages to processing: a `message.process` task per
+    PROCESSING_BATCH_SIZE messages (on the workflow queue, or run here in local mode,
+    where a batch's failure is logged and does not hold back the next)."""
+    size = get_settings().processing_batch_size
+    ids = list(message_ids)
+    for start in range(0, len(ids), size):
+        dispatch.enqueue(PROCESS_TASK, ids[start : start + size])

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 from backend.celery_app import app
-from backend.processing.service import PROCESS_TASK, process_and_send
+from backend.processing import backfill
+from backend.processing.service import PROCESS_TASK, process_and_send_batch
 from backend.processing.service import sweep as sweep_lost_work
 
 
-# A step that fails (the database away for a moment) is tried again; the message stays
-# unprocessed until every step has run in one committed transaction.
+# A step that fails (the database away for a moment) is tried again; a message stays
+# unprocessed until every step has run in one committed transaction. A retry of a batch
+# finds the messages already processed and only does their after-commit work again.
 @app.task(
     name=PROCESS_TASK,
     acks_late=True,
@@ -15,11 +17,17 @@ from backend.processing.service import sweep as sweep_lost_work
     retry_backoff_max=600,
     max_retries=10,
 )
-def process(message_id: int) -> bool:
-    return process_and_send(message_id)
+def process(message_ids: list[int] | int) -> int:
+    """A batch of message ids (an int: one message, a task queued before batches)."""
+    return process_and_send_batch(message_ids)
 
 
 @app.task(name="message.sweep")
 def sweep() -> dict[str, int]:
     """Periodic (beat_schedule in backend/celery_app.py)."""
     return sweep_lost_work()
+
+
+@app.task(name=backfill.RUN_TASK)
+def run_backfill(backfill_id: int) -> str:
+    return backfill.run(backfill_id)

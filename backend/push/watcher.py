@@ -117,7 +117,7 @@ class Watcher:
         log.info("watcher %s starting", self.name)
         self._sender.start()
         lease_turn = self.leases.seconds / 3
-        next_turn = 0.0
+        next_turn = next_check = 0.0
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()
@@ -125,7 +125,9 @@ class Watcher:
                     self._turn()
                     next_turn = now + lease_turn
                 self._take_opened()
-                self._check_links(now)
+                if now >= next_check:  # a walk over every link: once a second is enough
+                    self._check_links(now)
+                    next_check = now + 1.0
                 timeout = max(0.0, min(next_turn - time.monotonic(), 1.0))
                 for key, _events in self.selector.select(timeout):
                     if key.data is None:
@@ -297,16 +299,19 @@ class Watcher:
         except imap.ImapError as exc:
             self._failed(watch, exc)
             return
-        if was == "starting" and link.state == "idling":
+        if was != "idling" and link.state == "idling":
             self._idling(watch)
         if changed:
             self._poll(watch.account_id)
 
     def _idling(self, watch: Watch) -> None:
-        """IDLE established (first time or again): poll for what came meanwhile."""
+        """IDLE established (first time, again after a failure, or renewed): after a
+        login, poll for what came meanwhile."""
         first = watch.renew_at == 0.0 and not watch.lost
         watch.renew_at = time.monotonic() + self.settings.watcher_idle_seconds
-        if watch.failures or watch.lost or first:
+        if not (watch.failures or watch.lost or first):
+            log.debug("mailbox %s: IDLE on %r renewed", watch.account_id, watch.folder)
+        else:
             if watch.failures or watch.lost:
                 log.info("mailbox %s: %r watched again", watch.account_id, watch.folder)
             self._outbox.put(("status", watch.account_id, PushStatus.WATCHING))

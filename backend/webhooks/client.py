@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import queue
 import random
 import time
+from collections import defaultdict, deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from functools import lru_cache
 from http import HTTPStatus
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -20,11 +25,17 @@ USER_AGENT = "mailbeat-webhooks/1"
 
 @lru_cache
 def http_client() -> httpx.Client:
+    """One client per process, shared by the sending threads: its pool keeps the
+    connections to each receiver alive between requests and batches. The threads bound
+    the requests in flight (WEBHOOK_CONCURRENCY per receiver), so the pool does not."""
     settings = get_settings()
     return netpolicy.http_client(
         timeout=settings.webhook_timeout_seconds,
         connect_timeout=settings.webhook_connect_timeout_seconds,
         headers={"User-Agent": USER_AGENT},
+        max_connections=None,
+        # A few receivers' worth of idle connections.
+        max_keepalive=4 * settings.webhook_concurrency,
     )
 
 
@@ -43,9 +54,75 @@ class AttemptResult:
     retry_after: float | None = None  # seconds, from the receiver's Retry-After
 
 
+@dataclass(frozen=True)
+class Request:
+    url: str
+    body: bytes
+    headers: dict[str, str]
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """The receiver a URL names (scheme, host, port): what WEBHOOK_CONCURRENCY bounds."""
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port
+
+
+def post_concurrently(
+    requests: Sequence[Request], per_origin: int, *, report_every: float
+) -> Iterator[list[tuple[int, AttemptResult]]]:
+    """Post each request once, at most `per_origin` at a time to one origin, from threads
+    sharing the one client. Yields the answers as (index in `requests`, result) in groups:
+    what came back within `report_every` seconds of the group's first answer, so the
+    caller records them in bulk without waiting for a slow receiver to record a fast
+    one's answers. A caller that stops early stops the sending after the requests in
+    flight."""
+    queues: dict[tuple[str, str, int | None], deque[int]] = defaultdict(deque)
+    for index, request in enumerate(requests):
+        queues[origin(request.url)].append(index)
+    answers: queue.SimpleQueue[tuple[int, AttemptResult]] = queue.SimpleQueue()
+    client = http_client()
+
+    def lane(indexes: deque[int]) -> None:
+        while True:
+            try:
+                index = indexes.popleft()  # atomic: the lanes of an origin share its queue
+            except IndexError:
+                return
+            request = requests[index]
+            try:
+                result = _send(client, request.url, request.body, request.headers)
+            except Exception as exc:  # an answer is owed for every request, or the caller waits
+                result = AttemptResult(ok=False, retryable=True, error=f"request failed: {exc!r}")
+            answers.put((index, result))
+
+    lanes = [indexes for indexes in queues.values() for _ in range(min(per_origin, len(indexes)))]
+    with ThreadPoolExecutor(max_workers=max(1, len(lanes)), thread_name_prefix="webhook") as pool:
+        try:
+            for indexes in lanes:
+                pool.submit(lane, indexes)
+            remaining = len(requests)
+            while remaining:
+                group = [answers.get()]
+                deadline = time.monotonic() + report_every
+                while len(group) < remaining and (wait := deadline - time.monotonic()) > 0:
+                    try:
+                        group.append(answers.get(timeout=wait))
+                    except queue.Empty:
+                        break
+                remaining -= len(group)
+                yield group
+        finally:
+            for indexes in queues.values():
+                indexes.clear()
+
+
 def post(url: str, body: bytes, headers: dict[str, str]) -> AttemptResult:
+    return _send(http_client(), url, body, headers)
+
+
+def _send(client: httpx.Client, url: str, body: bytes, headers: dict[str, str]) -> AttemptResult:
     try:
-        response = http_client().post(url, content=body, headers=headers)
+        response = client.post(url, content=body, headers=headers)
     except netpolicy.OutboundRefused as exc:  # the operator must allow it first
         return AttemptResult(ok=False, retryable=False, error=exc.message)
     except httpx.TimeoutException as exc:

@@ -99,13 +99,19 @@ def _content(message: Message, max_bytes: int) -> dict[str, Any]:
         # headers are missing, and can fetch raw_url later.
         content["raw_error"] = f"the stored message could not be read: {exc}"
         return content
-    # Headers only: the body is not parsed again.
-    headers = BytesHeaderParser().parsebytes(raw)
+    # Headers only: the body is not parsed again, nor even handed to the parser.
+    headers = BytesHeaderParser().parsebytes(_header_block(raw))
     content["headers"] = [
         {"name": name, "value": " ".join(decode_words(value).split())}
         for name, value in headers.items()
     ]
     return content
+
+
+def _header_block(raw: bytes) -> bytes:
+    """The raw message up to its first empty line (the end of its header)."""
+    ends = [end for end in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if end >= 0]
+    return raw[: min(ends) + 2] if ends else raw
 
 
 def _cut(text: str | None, max_bytes: int) -> tuple[str | None, bool]:

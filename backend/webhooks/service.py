@@ -2,27 +2,41 @@
 decides the event, sent after it commits, retried with backoff, dead-lettered when
 retries run out, replayed on request.
 
-An attempt claims its row (`claimed_until`) in a short transaction, sends without
-holding one, and records the answer in another; a duplicate task finds the row claimed
-or already delivered and does nothing. A worker dying mid-attempt leaves the claim to
-expire, and the event may then be sent again: receivers drop repeats by event id.
+A `webhook.deliver` task sends a batch of deliveries (up to PROCESSING_BATCH_SIZE):
+1. claim: one short transaction locks the batch's rows and claims each pending, due,
+   unclaimed one (`claimed_until`, long enough for every request of the batch to its
+   receiver, WEBHOOK_CONCURRENCY at a time); the others are left to whoever holds them;
+2. send: the claimed ones are posted concurrently, with no transaction open, at most
+   WEBHOOK_CONCURRENCY at a time to one receiver, over kept-alive connections;
+3. record: the answers are written in bulk as they come back (a transaction per group
+   of answers, RECORD_EVERY apart), then the retries are sent as delayed tasks.
+
+Exactly once per (event, target): a delivery is sent only under its claim, and the
+claim is taken in a transaction that saw the row pending and unclaimed, so a duplicate
+task (a redelivered batch, the sweep, an overlapping batch) finds the row claimed or
+already delivered and does nothing. A worker dying mid-batch leaves its claims to
+expire; the requests it had sent but not recorded may then be sent again with the same
+event id, and receivers drop repeats by event id (docs/webhooks.md).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import and_, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from backend import crypto, paging
 from backend.config import get_settings
-from backend.db import session_scope
+from backend.db import insert_for, session_scope
 from backend.dispatch import enqueue, register
 from backend.errors import NotFound
 from backend.models import (
@@ -52,6 +66,9 @@ CLAIM_SLACK = timedelta(seconds=10)
 # worker holds countdown tasks unacknowledged, and Redis hands out again any kept past
 # its visibility timeout, so an hour-long countdown would be a pile of duplicates.
 MAX_COUNTDOWN_SECONDS = 300.0
+# Answers that come back within this long of each other are recorded in one transaction:
+# bulk writes, and a slow receiver does not hold up recording a fast one's answers.
+RECORD_EVERY = 0.1
 
 DELIVER_TASK = "webhook.deliver"
 
@@ -146,102 +163,255 @@ def create_account_event(session: Session, account: Account, event_type: str) ->
     return _create(session, account, EventType(event_type), key, data=events.account_data(account))
 
 
-def pending_for_message(session: Session, message_id: int) -> list[int]:
+def create_batch_deliveries(session: Session, message_ids: Sequence[int]) -> None:
+    """The message.received deliveries of a batch of messages, once per (message,
+    target): one INSERT for the batch that leaves a row already there as it is (ON
+    CONFLICT DO NOTHING on the dedupe key). Only flushes."""
+    pairs = session.execute(
+        select(Message.id, Message.account_id).where(Message.id.in_(message_ids))
+    ).all()
+    accounts = session.scalars(
+        select(Account).where(Account.id.in_({account_id for _, account_id in pairs}))
+    )
+    found = {account.id: targets(account) for account in accounts}
+    now = utcnow()
+    rows = [
+        {
+            "event_id": f"evt_{uuid.uuid4().hex}",
+            "event_type": EventType.MESSAGE_RECEIVED,
+            "dedupe_key": f"{EventType.MESSAGE_RECEIVED}:{message_id}",
+            "target": target.kind,
+            "account_id": account_id,
+            "message_id": message_id,
+            "url": target.url,
+            "status": DeliveryStatus.PENDING,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+        }
+        for message_id, account_id in pairs
+        for target in found[account_id]
+    ]
+    if rows:
+        insert = insert_for(session, WebhookDelivery).on_conflict_do_nothing(
+            index_elements=["dedupe_key", "target"]
+        )
+        session.execute(insert, rows)
+
+
+def pending_for_messages(session: Session, message_ids: Sequence[int]) -> list[int]:
     return list(
         session.scalars(
-            select(WebhookDelivery.id).where(
-                WebhookDelivery.message_id == message_id,
+            select(WebhookDelivery.id)
+            .where(
+                WebhookDelivery.message_id.in_(message_ids),
                 WebhookDelivery.status == DeliveryStatus.PENDING,
             )
+            .order_by(WebhookDelivery.id)
         )
     )
 
 
 def dispatch(delivery_ids: Sequence[int], *, delay: float = 0.0) -> None:
-    """Send deliveries (already committed): a `webhook.deliver` task each, after `delay`
-    seconds (a retry)."""
-    for delivery_id in delivery_ids:
-        enqueue(DELIVER_TASK, delivery_id, countdown=min(delay, MAX_COUNTDOWN_SECONDS) or None)
+    """Send deliveries (already committed): a `webhook.deliver` task per
+    PROCESSING_BATCH_SIZE of them, after `delay` seconds (a retry)."""
+    size = get_settings().processing_batch_size
+    ids = list(delivery_ids)
+    for start in range(0, len(ids), size):
+        enqueue(
+            DELIVER_TASK,
+            ids[start : start + size],
+            countdown=min(delay, MAX_COUNTDOWN_SECONDS) or None,
+        )
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    delivery_id: int
+    target: Target
+    number: int
+    event_id: str
+    event_type: str
+    request: client.Request
 
 
 def deliver(delivery_id: int) -> str:
-    """One attempt. Returns what happened: delivered, retry, dead, not_due, in_flight,
-    or skipped (gone, or no longer pending)."""
+    """One attempt at one delivery (`deliver_batch`). Returns what happened: delivered,
+    retry, dead, not_due, in_flight, or skipped (gone, or no longer pending)."""
+    return deliver_batch([delivery_id]).get(delivery_id, "skipped")
+
+
+def deliver_batch(delivery_ids: int | Sequence[int]) -> dict[int, str]:
+    """One attempt at each delivery: claim, send concurrently, record (see the module's
+    docstring). Returns what happened to each, as `deliver` says. An int is one delivery
+    (a task queued before batches)."""
+    ids = [delivery_ids] if isinstance(delivery_ids, int) else list(delivery_ids)
+    outcomes = dict.fromkeys(ids, "skipped")
+    not_due: dict[int, list[int]] = defaultdict(list)  # whole seconds to wait -> ids
+    with session_scope() as session:
+        attempts = _claim(session, ids, outcomes, not_due)
+    for seconds, waiting in not_due.items():
+        dispatch(waiting, delay=seconds)
+
+    answers = client.post_concurrently(
+        [attempt.request for attempt in attempts],
+        get_settings().webhook_concurrency,
+        report_every=RECORD_EVERY,
+    )
+    for group in answers:
+        retries: dict[int, list[int]] = defaultdict(list)
+        with session_scope() as session:
+            answered = [(attempts[index], result) for index, result in group]
+            _record(session, answered, outcomes, retries)
+        for seconds, again in retries.items():
+            dispatch(again, delay=seconds)
+    if len(attempts) > 1:
+        log.info("webhooks: %d attempts: %s", len(attempts), dict(Counter(outcomes.values())))
+    return outcomes
+
+
+register(DELIVER_TASK, deliver_batch)
+
+
+def _claim(
+    session: Session,
+    ids: Sequence[int],
+    outcomes: dict[int, str],
+    not_due: dict[int, list[int]],
+) -> list[_Attempt]:
+    """Claim the batch's deliveries that are pending, unclaimed and due, and build their
+    requests; notes the others in `outcomes` and `not_due`. Only flushes."""
     settings = get_settings()
     now = utcnow()
-    with session_scope() as session:
-        delivery = session.get(WebhookDelivery, delivery_id, with_for_update=True)
-        if delivery is None or delivery.status != DeliveryStatus.PENDING:
-            return "skipped"
+    rows = session.scalars(
+        select(WebhookDelivery)
+        .where(WebhookDelivery.id.in_(ids))
+        .order_by(WebhookDelivery.id)
+        .with_for_update()
+    ).all()
+    accounts = {
+        account.id: account
+        for account in session.scalars(
+            select(Account).where(Account.id.in_({row.account_id for row in rows}))
+        )
+    }
+    resolved: dict[tuple[DeliveryTarget, int], Target | None] = {}
+    sendable: list[tuple[WebhookDelivery, Target]] = []
+    for delivery in rows:
+        if delivery.status != DeliveryStatus.PENDING:
+            continue
         if delivery.claimed_until is not None and delivery.claimed_until > now:
-            return "in_flight"
+            outcomes[delivery.id] = "in_flight"
+            continue
         if delivery.next_attempt_at > now + EARLY_GRACE:
             wait = (delivery.next_attempt_at - now).total_seconds()
-            session.rollback()
-            dispatch([delivery_id], delay=wait)
-            return "not_due"
-        account = session.get(Account, delivery.account_id)
-        assert account is not None  # deliveries go with their account (FK cascade)
-        target = resolve_target(delivery.target, account)
+            not_due[math.ceil(wait)].append(delivery.id)
+            outcomes[delivery.id] = "not_due"
+            continue
+        key = (delivery.target, delivery.account_id)
+        if key not in resolved:
+            resolved[key] = resolve_target(delivery.target, accounts[delivery.account_id])
+        target = resolved[key]
         if target is None:
             delivery.status = DeliveryStatus.DEAD
             delivery.last_error = f"no {delivery.target} webhook URL is configured any more"
-            return "dead"
-        body = _body(session, delivery, account)
+            outcomes[delivery.id] = "dead"
+            continue
+        sendable.append((delivery, target))
+
+    messages = _messages(session, [delivery for delivery, _ in sendable])
+    # A receiver takes its requests WEBHOOK_CONCURRENCY at a time: the claim covers every
+    # round of the batch to it, or a late request could go out after its claim ran out.
+    per_origin = Counter(client.origin(target.url) for _, target in sendable)
+    attempt_seconds = settings.webhook_timeout_seconds + settings.webhook_connect_timeout_seconds
+    attempts = []
+    for delivery, target in sendable:
+        rounds = math.ceil(per_origin[client.origin(target.url)] / settings.webhook_concurrency)
+        body = _body(delivery, accounts[delivery.account_id], messages)
         delivery.attempts += 1
         delivery.last_attempt_at = now
         delivery.url = target.url
-        delivery.claimed_until = (
-            now
-            + timedelta(
-                seconds=settings.webhook_timeout_seconds + settings.webhook_connect_timeout_seconds
+        delivery.claimed_until = now + timedelta(seconds=rounds * attempt_seconds) + CLAIM_SLACK
+        headers = _headers(target, delivery.event_id, delivery.event_type, delivery.attempts, body)
+        attempts.append(
+            _Attempt(
+                delivery.id,
+                target,
+                delivery.attempts,
+                delivery.event_id,
+                delivery.event_type,
+                client.Request(target.url, body, headers),
             )
-            + CLAIM_SLACK
         )
-        attempt, event_id, event_type = delivery.attempts, delivery.event_id, delivery.event_type
+    session.flush()
+    return attempts
 
-    result = client.post(target.url, body, _headers(target, event_id, event_type, attempt, body))
 
-    delay = 0.0
-    with session_scope() as session:
-        delivery = session.get(WebhookDelivery, delivery_id, with_for_update=True)
+def _record(
+    session: Session,
+    answered: Sequence[tuple[_Attempt, client.AttemptResult]],
+    outcomes: dict[int, str],
+    retries: dict[int, list[int]],
+) -> None:
+    """Write the answers of a group of attempts; the retries go in `retries` (whole
+    seconds to wait -> ids), to be sent after the commit. Only flushes."""
+    settings = get_settings()
+    rows = {
+        delivery.id: delivery
+        for delivery in session.scalars(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.id.in_([attempt.delivery_id for attempt, _ in answered]))
+            .order_by(WebhookDelivery.id)
+            .with_for_update()
+        )
+    }
+    now = utcnow()
+    for attempt, result in answered:
+        delivery = rows.get(attempt.delivery_id)
         if delivery is None:
-            return "skipped"
+            continue  # deleted with its account meanwhile
         delivery.claimed_until = None
         delivery.last_status_code = result.status_code
         if result.ok:
             delivery.status = DeliveryStatus.DELIVERED
-            delivery.delivered_at = utcnow()
+            delivery.delivered_at = now
             outcome = "delivered"
         elif result.retryable and delivery.attempts < settings.webhook_max_attempts:
             delay = client.retry_delay(delivery.attempts, result.retry_after, settings)
-            delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
+            delivery.next_attempt_at = now + timedelta(seconds=delay)
             delivery.last_error = result.error
+            retries[math.ceil(delay)].append(delivery.id)
             outcome = "retry"
         else:
             delivery.status = DeliveryStatus.DEAD
             delivery.last_error = result.error
             outcome = "dead"
-    log.info(
-        "webhook %s %s to %s target, attempt %d: %s%s",
-        event_type,
-        event_id,
-        target.kind,
-        attempt,
-        outcome,
-        f" ({result.error})" if result.error else "",
-    )
-    if outcome == "retry":
-        dispatch([delivery_id], delay=delay)
-    return outcome
+        outcomes[attempt.delivery_id] = outcome
+        log.log(
+            logging.DEBUG if outcome == "delivered" else logging.INFO,
+            "webhook %s %s to %s target, attempt %d: %s%s",
+            attempt.event_type,
+            attempt.event_id,
+            attempt.target.kind,
+            attempt.number,
+            outcome,
+            f" ({result.error})" if result.error else "",
+        )
+    session.flush()
 
 
-register(DELIVER_TASK, deliver)
+def _messages(session: Session, deliveries: Sequence[WebhookDelivery]) -> dict[int, Message]:
+    """The messages the deliveries announce, with their attachments, in two queries."""
+    ids = {delivery.message_id for delivery in deliveries if delivery.message_id is not None}
+    if not ids:
+        return {}
+    query = select(Message).where(Message.id.in_(ids)).options(selectinload(Message.attachments))
+    return {message.id: message for message in session.scalars(query)}
 
 
-def _body(session: Session, delivery: WebhookDelivery, account: Account) -> bytes:
+def _body(delivery: WebhookDelivery, account: Account, messages: dict[int, Message]) -> bytes:
     if delivery.message_id is not None:
-        message = session.get(Message, delivery.message_id)
+        message = messages.get(delivery.message_id)
         assert message is not None  # deliveries go with their message (FK cascade)
         return events.envelope(delivery, events.message_data(message, account))
     return events.envelope(delivery, delivery.data or {})
@@ -295,9 +465,11 @@ def list_dead_letters(
     account_id: int | None = None,
 ) -> paging.Page[WebhookDelivery]:
     """Dead letters, newest first (on the status, account and id indexes)."""
-    query = select(WebhookDelivery).where(WebhookDelivery.status == DeliveryStatus.DEAD)
+    query = select(WebhookDelivery)
+    within: tuple[Any, Any] = (WebhookDelivery.status, DeliveryStatus.DEAD)
     if account_id is not None:
-        query = query.where(WebhookDelivery.account_id == account_id)
+        query = query.where(WebhookDelivery.status == DeliveryStatus.DEAD)
+        within = (WebhookDelivery.account_id, account_id)
     return paging.page(
         session,
         query,
@@ -306,6 +478,7 @@ def list_dead_letters(
         offset=offset,
         after=after,
         newest_first=True,
+        within=within,
     )
 
 

@@ -63,14 +63,15 @@ def _wait(condition: Callable[[], object], what: str, celery: Celery) -> None:
 
 def _ingested(db: Session, dovecot: Dovecot, celery: Celery, redis_db: RedisDb) -> list[int]:
     """A mailbox with MESSAGES new messages, polled by a worker that only polls: the
-    messages are stored and their `message.process` tasks wait in the workflow queue."""
+    messages are stored and their `message.process` task (one batch) waits in the
+    workflow queue."""
     account = make_account(db, dovecot, poll_interval_seconds=3600)
     dovecot.append_many(account.username, [generated(index) for index in range(MESSAGES)])
     poller = celery.worker("poller", queues="email")
     service.enqueue_poll(account.id)
     _wait(
-        lambda: redis_db.client().llen("workflow") == MESSAGES,
-        f"the poll to hand on {MESSAGES} messages",
+        lambda: redis_db.client().llen("workflow") == 1,
+        f"the poll to hand on its {MESSAGES} messages",
         celery,
     )
     poller.stop()
@@ -145,6 +146,14 @@ def test_a_worker_killed_inside_message_process(
     assert set(arrivals.values()) == {1}  # nothing was sent before the kill
 
 
+@pytest.fixture
+def one_request_at_a_time(webhooks_on: Callable[..., None]) -> None:
+    """The kill lands while the batch's first request is in flight and before the others
+    are sent (the next test kills a batch with all its requests in flight)."""
+    webhooks_on(WEBHOOK_CONCURRENCY=1)
+
+
+@pytest.mark.usefixtures("one_request_at_a_time")
 def test_a_worker_killed_while_its_webhook_request_is_in_flight(
     db: Session, dovecot: Dovecot, receiver: Receiver, celery: Celery, redis_db: RedisDb
 ) -> None:
@@ -166,3 +175,21 @@ def test_a_worker_killed_while_its_webhook_request_is_in_flight(
     arrivals = _handed_on_exactly_once(db, receiver, celery, message_ids)
     # Sent again with the same event id, which the receiver dropped as a repeat.
     assert arrivals == {**dict.fromkeys(arrivals, 1), held: 2}
+
+
+def test_a_worker_killed_with_a_batch_of_requests_in_flight(
+    db: Session, dovecot: Dovecot, receiver: Receiver, celery: Celery, redis_db: RedisDb
+) -> None:
+    message_ids = _ingested(db, dovecot, celery, redis_db)
+    celery.beat()  # its processing sweep sends again what the dead batch left claimed
+    receiver.hold_all()
+    doomed = celery.worker("doomed", queues="workflow")
+    _wait(lambda: receiver.held == MESSAGES, "the batch's requests, all at once", celery)
+    doomed.kill()
+    receiver.release()  # the receiver got them; their answers reach nobody
+    wait_for(lambda: len(receiver.requests) == MESSAGES, "the held requests to be recorded")
+
+    _start_after_visibility_timeout(celery, redis_db, "survivor")
+    arrivals = _handed_on_exactly_once(db, receiver, celery, message_ids)
+    # Each was sent again with its event id, which the receiver dropped as a repeat.
+    assert arrivals == dict.fromkeys(arrivals, 2)

@@ -178,3 +178,20 @@ def test_a_server_without_idle_is_polled_on_its_interval_only(celery: Celery, db
         celery.worker()
         celery.beat()
         wait_for(lambda: stored(db, account) == 1, "the message, polled", details=celery.logs)
+
+
+def test_idle_is_renewed_and_still_reports_news(
+    celery: Celery, db: Session, dovecot: Dovecot, set_env: Callable[..., None]
+) -> None:
+    # Renewed every second instead of every 25 minutes (servers drop IDLE at 29).
+    set_env(WATCHER_IDLE_SECONDS=1, LOG_LEVEL="DEBUG")
+    account = pushed(db, dovecot)
+    celery.worker()
+    watcher = celery.watcher()
+    wait_for(lambda: watching(db, account), "the watcher's IDLE", details=celery.logs)
+
+    renewed = f"mailbox {account.id}: IDLE on 'INBOX' renewed"
+    wait_for(lambda: watcher.log().count(renewed) >= 3, "IDLE renewed", details=celery.logs)
+    dovecot.append(account.username, generated(1))
+    wait_for(lambda: stored(db, account) == 1, "the message, through push", details=celery.logs)
+    assert f"mailbox {account.id}: watching 'INBOX' failed" not in watcher.log()

@@ -4,9 +4,11 @@ Two `redis-server`s (a master and its replica) and three `redis-server --sentine
 free loopback ports; the API (uvicorn), beat and a worker configured through Sentinel
 (`REDIS_URL=sentinel://...;sentinel://.../0`, REDIS_SENTINEL_MASTER); mailboxes on the
 Dovecot fixture that receive mail the whole time. The master is killed with SIGKILL while
-polls run. The sentinels promote the replica, polling resumes (within 30 s of the kill,
-the contract of issue 18), and every message appended before, around and after the kill
-is stored exactly once.
+polls run, one of them held mid-way (it waits on a database row lock the test holds) so
+that the worker has a task in flight, unacknowledged, when the broker goes. The
+sentinels promote the replica, polling resumes (within 30 s of the kill, the contract of
+issue 18), and every message appended before, around and after the kill is stored
+exactly once.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from backend.models import Message, PollOutcome, PollRun
+from backend.db import get_engine
+from backend.models import Account, Message, PollOutcome, PollRun
 from tests.support.api import auth_headers
 from tests.support.celery import Celery, running_celery
 from tests.support.dovecot import Dovecot
@@ -74,6 +77,15 @@ class Mail:
         self._stop.set()
         self._thread.join(timeout=60)
         assert self.error is None, f"appending mail failed: {self.error!r}"
+
+
+def _lock_waiters(db: Session) -> int:
+    db.rollback()
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    return int(db.scalar(query) or 0)
 
 
 @pytest.fixture
@@ -158,13 +170,21 @@ def test_polling_resumes_after_the_master_is_killed_and_nothing_is_stored_twice(
         "polls storing the arriving mail",
         lambda: all(len(stored(u)) >= before[u] + 2 for u in usernames),
     )
-    killed_at = datetime.now(UTC)
-    sentinels.master.kill()
-
-    eventually(
-        "the sentinels to promote the replica",
-        lambda: sentinels.master_port() == sentinels.replica.port,
-    )
+    # A poll is in flight (delivered, not acknowledged) when the master dies, by
+    # construction: the test holds the row lock its account's PollRun insert waits on.
+    with get_engine().connect() as held:
+        transaction = held.begin()
+        held.execute(
+            select(Account.id).where(Account.id == accounts[usernames[0]]).with_for_update()
+        )
+        eventually("a poll to wait on its account's row", lambda: _lock_waiters(db) >= 1)
+        killed_at = datetime.now(UTC)
+        sentinels.master.kill()
+        eventually(
+            "the sentinels to promote the replica",
+            lambda: sentinels.master_port() == sentinels.replica.port,
+        )
+        transaction.rollback()
     promoted_at = datetime.now(UTC)
     promoted = {u: mail.sent[u] for u in usernames}
     eventually(

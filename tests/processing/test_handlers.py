@@ -78,3 +78,26 @@ def test_a_failing_step_leaves_the_message_unprocessed(
     handlers.unregister("crm")
     hand_on([first.id, second.id])
     assert len(receiver.delivered()) == 2
+
+
+def test_one_failing_message_does_not_hold_back_the_rest_of_its_batch(
+    db: Session, registry: None, receiver: Receiver, webhooks_on: Callable[..., None]
+) -> None:
+    account = make_account(db)
+    first, bad, last = (store_message(db, account, uid) for uid in (1, 2, 3))
+
+    def picky(session: Session, message: Message) -> None:
+        if message.id == bad.id:
+            raise RuntimeError("this one cannot be processed")
+
+    handlers.register(handlers.Handler("picky", picky))
+
+    hand_on([first.id, bad.id, last.id])  # one batch; its failure is logged (local mode)
+
+    db.expire_all()
+    processed = {m.id for m in db.scalars(select(Message).where(Message.processed_at.is_not(None)))}
+    assert processed == {first.id, last.id}
+    delivered = sorted(r.json()["data"]["message"]["id"] for r in receiver.delivered())
+    assert delivered == [first.id, last.id]
+    # The bad one's webhook rows went with its failed transaction.
+    assert db.scalars(select(WebhookDelivery).filter_by(message_id=bad.id)).all() == []

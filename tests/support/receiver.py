@@ -58,14 +58,22 @@ class Received:
 
 class Receiver:
     """`secret`: requests must carry a valid signature for it (else 401); None: unsigned
-    requests are expected and nothing is checked."""
+    requests are expected and nothing is checked. `keep_alive`: HTTP/1.1, a connection
+    serves many requests (else HTTP/1.0, one request per connection)."""
 
-    def __init__(self, secret: str | None = SECRET) -> None:
-        self.port = free_port()
+    def __init__(
+        self, secret: str | None = SECRET, *, port: int | None = None, keep_alive: bool = False
+    ) -> None:
+        self.port = port or free_port()
         self.secret = secret
+        self.keep_alive = keep_alive
         self.requests: list[Received] = []
         self.holding = threading.Event()  # a held request is waiting (see hold_next)
         self._hold = False
+        self._hold_all = False
+        self.held = 0  # requests waiting for release() now
+        self.in_flight = 0  # requests being answered now
+        self.max_in_flight = 0  # the most at once so far
         self._release = threading.Event()
         self._script: deque[Reply] = deque()
         self.default = Reply()
@@ -92,6 +100,12 @@ class Receiver:
             self._hold = True
             self._release.clear()
             self.holding.clear()
+
+    def hold_all(self) -> None:
+        """Keep every request waiting, unanswered, until `release()`."""
+        with self._lock:
+            self._hold_all = True
+            self._release.clear()
 
     def release(self) -> None:
         self._release.set()
@@ -124,10 +138,14 @@ class Receiver:
 
     def _wait_if_held(self) -> None:
         with self._lock:
-            held, self._hold = self._hold, False
+            held, self._hold = self._hold or self._hold_all, False
+            self.held += held
         if held:
             self.holding.set()
             self._release.wait(timeout=300)
+            with self._lock:
+                self.held -= 1
+                self._hold_all = False
 
     def _next_reply(self) -> Reply:
         with self._lock:
@@ -141,7 +159,22 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if receiver.keep_alive else "HTTP/1.0"
+            # As web servers do: an answer's headers and body are separate writes, and on
+            # a kept-alive connection the body would wait 40 ms for the sender's delayed ACK.
+            disable_nagle_algorithm = True
+
             def do_POST(self) -> None:
+                with receiver._lock:
+                    receiver.in_flight += 1
+                    receiver.max_in_flight = max(receiver.max_in_flight, receiver.in_flight)
+                try:
+                    self._answer()
+                finally:
+                    with receiver._lock:
+                        receiver.in_flight -= 1
+
+            def _answer(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 receiver._wait_if_held()
                 headers = {k.lower(): v for k, v in self.headers.items()}
