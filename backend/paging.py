@@ -41,20 +41,33 @@ def page(
     offset: int = 0,
     after: int | None = None,
     newest_first: bool = False,
+    within: tuple[InstrumentedAttribute[Any], Any] | None = None,
     total: int | None = None,
 ) -> Page[T]:
     """The page of `query` (a select with its filters, in no order): in id order, or
-    newest (highest id) first, when `after` means below. `total` is counted unless given."""
+    newest (highest id) first, when `after` means below. `total` is counted unless given.
+
+    `within` (column, value): the list is the rows whose column holds the value (an
+    account's, a status's), the column leading the list's index. It is written as a
+    range and ordered by too: with `column = value` and ORDER BY id the planner may walk
+    the primary key backwards past every other account's rows, expecting to meet this
+    one's soon (140 ms instead of 0.1 ms for a mailbox holding the oldest fifth of
+    500,000 messages); a range is not folded into a constant, so only the list's index
+    gives that order."""
+    if within is not None:
+        column, value = within
+        query = query.where(column >= value, column <= value)
     if total is None:
         total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     if after is not None:
         query = query.where(id_column < after if newest_first else id_column > after)
-    order = id_column.desc() if newest_first else id_column.asc()
+    columns = [id_column] if within is None else [within[0], id_column]
+    order = [c.desc() if newest_first else c.asc() for c in columns]
     if offset:
-        first = query.with_only_columns(id_column).order_by(order).offset(offset).limit(1)
+        first = query.with_only_columns(id_column).order_by(*order).offset(offset).limit(1)
         bound = first.scalar_subquery()
         query = query.where(id_column <= bound if newest_first else id_column >= bound)
-    rows = list(session.scalars(query.order_by(order).limit(limit + 1)).all())
+    rows = list(session.scalars(query.order_by(*order).limit(limit + 1)).all())
     items = rows[:limit]
     next_after = None
     if len(rows) > limit:

@@ -28,7 +28,7 @@ from redis.exceptions import LockError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.lock import Lock
 from redis.retry import Retry
-from redis.sentinel import Sentinel, SentinelConnectionPool
+from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 from backend.config import Settings, get_settings
 
@@ -229,6 +229,21 @@ class _UntilFailedOver(Retry):
         return super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
+class _SentinelConnection(SentinelManagedConnection):
+    """redis-py's connection behind Sentinel, except that every reconnection asks the
+    sentinels where the master is. redis-py reconnects a connection that broke during a
+    command through `connect_check_health`, which dials the address it had: the dead
+    master, again and again until the failover retry gives up."""
+
+    def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if retry_socket_connect:  # a reconnection, not the sentinels' own connect_to
+            self.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            return
+        super().connect_check_health(check_health, retry_socket_connect)
+
+
 def connect(
     url: str | None = None,
     *,
@@ -262,7 +277,10 @@ def connect(
     sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
         list(found.sentinels), sentinel_kwargs=_sentinel_kwargs(), **options
     )
-    return cast(Redis, sentinel.master_for(found.master))  # type: ignore[no-untyped-call]
+    master = sentinel.master_for(  # type: ignore[no-untyped-call]
+        found.master, connection_class=_SentinelConnection
+    )
+    return cast(Redis, master)
 
 
 @lru_cache

@@ -10,8 +10,9 @@ fresh PostgreSQL database holding MESSAGES stored, unprocessed messages of one m
 keep-alive, checking every signature). Timed: `hand_on(ids)` until every delivery is
 recorded delivered; the rate is messages / wall-clock seconds of that process.
 
-The baseline runs from a copy of REF (git archive) (default: main) with this file's
-child code, which only uses what both versions have (`hand_on`, `store_message`).
+The baseline runs from a copy of REF (git archive; default 391f65c, main before
+processing in batches) with this file's child code, which only uses what both versions
+have (`hand_on`, `store_message`).
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def run_variant(tree: Path, url: str, messages: int, extra: list[str], env: dict
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=2000)
-    parser.add_argument("--baseline", default="main")
+    parser.add_argument("--baseline", default="391f65c")
     parser.add_argument("--profile", help="a directory for the cProfile dumps")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--url")

@@ -7,7 +7,9 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from redbeat.schedulers import get_redis
@@ -18,6 +20,8 @@ from backend.celery_app import app
 from backend.config import get_settings
 from tests.support.celery import ROOT
 from tests.support.redis_db import RedisDb
+from tests.support.sentinel import MASTER_NAME, running_sentinels
+from tests.support.wait import wait_for
 
 
 def test_clients_carry_the_configured_timeouts(redis_db: RedisDb) -> None:
@@ -197,3 +201,39 @@ def test_the_failover_retry_tries_again_until_its_time_is_up(master: None) -> No
     with pytest.raises(redis.RedisConnectionError):
         retry.call_with_retry(refused, lambda _error: None, lambda _error: False)
     assert refused.calls == 1
+
+
+def test_a_command_in_flight_when_the_master_dies_goes_on_on_the_new_one(
+    tmp_path: Path, set_env: Callable[..., None]
+) -> None:
+    """A blocking pop waits on the master when it is killed: the client reconnects to
+    the replica the sentinels promote (redis-py would dial the dead master until the
+    failover retry gives up), and the pop gets what is pushed there."""
+    with running_sentinels(tmp_path) as sentinels:
+        set_env(
+            REDIS_URL=sentinels.url,
+            REDIS_SENTINEL_MASTER=MASTER_NAME,
+            REDIS_SENTINEL_FAILOVER_SECONDS=300,
+        )
+        client = redis.connect()
+        popped: list[object] = []
+
+        def pop() -> None:
+            try:
+                while not popped:
+                    answer = client.blpop(["failover"], timeout=1)
+                    if answer:
+                        popped.append(answer)
+            except redis.RedisError as exc:
+                popped.append(exc)
+
+        waiter = threading.Thread(target=pop, daemon=True)
+        waiter.start()
+        master = sentinels.master.client()
+        wait_for(lambda: any(c["cmd"] == "blpop" for c in master.client_list()), "the pop")
+        sentinels.master.kill()
+        wait_for(lambda: sentinels.master_port() == sentinels.replica.port, "the promotion")
+        sentinels.replica.client().rpush("failover", "after")
+        wait_for(lambda: popped, "the pop to get what was pushed on the new master", 60)
+        assert popped == [(b"failover", b"after")]
+        redis.close(client)

@@ -75,10 +75,10 @@ def list_accounts(
     after: int | None = None,
 ) -> paging.Page[Account]:
     """Accounts in id order, a page at a time (on the status and id index)."""
-    query = select(Account)
-    if status is not None:
-        query = query.where(Account.status == status)
-    return paging.page(session, query, Account.id, limit=limit, offset=offset, after=after)
+    within = None if status is None else (Account.status, status)
+    return paging.page(
+        session, select(Account), Account.id, limit=limit, offset=offset, after=after, within=within
+    )
 
 
 def list_poll_runs(
@@ -91,9 +91,15 @@ def list_poll_runs(
 ) -> paging.Page[PollRun]:
     """An account's poll runs, newest first."""
     get_account(session, account_id)
-    query = select(PollRun).where(PollRun.account_id == account_id)
     return paging.page(
-        session, query, PollRun.id, limit=limit, offset=offset, after=after, newest_first=True
+        session,
+        select(PollRun),
+        PollRun.id,
+        limit=limit,
+        offset=offset,
+        after=after,
+        newest_first=True,
+        within=(PollRun.account_id, account_id),
     )
 
 

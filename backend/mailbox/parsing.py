@@ -22,6 +22,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -32,6 +33,8 @@ from backend.mailbox.parser import ParsedMessage, parse_message
 
 # Below this many messages a batch is parsed in the calling thread.
 POOL_MIN_MESSAGES = 8
+# How often a pool process checks that the process it parses for is alive.
+WATCH_SECONDS = 1.0
 # A parse error as kept on the message row (`parse_error`).
 ERROR_MAX = 2000
 PROCESS_DIED = "the parsing process died on this message"
@@ -80,9 +83,29 @@ def _executor(processes: int) -> ProcessPoolExecutor:
             _allow_children()
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["backend.mailbox.parser"])
-            _pool = ProcessPoolExecutor(processes, mp_context=context)
+            _pool = ProcessPoolExecutor(
+                processes, mp_context=context, initializer=_exit_with, initargs=(os.getpid(),)
+            )
             _pool_pid = os.getpid()
         return _pool
+
+
+def _exit_with(poller_pid: int) -> None:
+    """In each pool process: exit once the process that made the pool is gone. A Celery
+    child ends with os._exit or is killed (time limit, out of memory) without shutting
+    its pool down, and a pool process waiting for work would wait for ever."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(WATCH_SECONDS)
+            try:
+                os.kill(poller_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:
+                pass  # alive (a process of another user has taken the pid: not ours)
+
+    threading.Thread(target=watch, name="parser-watch", daemon=True).start()
 
 
 def _allow_children() -> None:

@@ -29,9 +29,15 @@ def list_messages(
     """An account's messages, newest (most recently ingested) first."""
     if session.get(Account, account_id) is None:
         raise NotFound(f"account {account_id} does not exist")
-    query = select(Message).where(Message.account_id == account_id)
     return paging.page(
-        session, query, Message.id, limit=limit, offset=offset, after=after, newest_first=True
+        session,
+        select(Message),
+        Message.id,
+        limit=limit,
+        offset=offset,
+        after=after,
+        newest_first=True,
+        within=(Message.account_id, account_id),
     )
 
 

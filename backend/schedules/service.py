@@ -224,13 +224,10 @@ def page_entries(
     accounts in the database (on their index) and reads just their entries, in one
     round trip: an account whose entry is missing (until the next reconcile) is left
     out, and `offset` counts scheduled accounts. `total` is the entries Redis holds."""
-    if dispatch.mode() == SchedulerMode.LOCAL:
+    if dispatch.mode() == SchedulerMode.LOCAL:  # in memory, by account id
         scheduler = _local_scheduler()
-        stored = sorted(
-            (e for e in (scheduler.entries() if scheduler else []) if e.account_id > (after or 0)),
-            key=lambda entry: entry.account_id,
-        )
-        items = stored[offset : offset + limit + 1]
+        stored = scheduler.entries() if scheduler is not None else []
+        items = [e for e in stored if e.account_id > (after or 0)][offset : offset + limit + 1]
         more = len(items) > limit
         return paging.Page(
             [ScheduleEntry(**vars(entry)) for entry in items[:limit]],

@@ -29,6 +29,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, selectinload
@@ -464,9 +465,11 @@ def list_dead_letters(
     account_id: int | None = None,
 ) -> paging.Page[WebhookDelivery]:
     """Dead letters, newest first (on the status, account and id indexes)."""
-    query = select(WebhookDelivery).where(WebhookDelivery.status == DeliveryStatus.DEAD)
+    query = select(WebhookDelivery)
+    within: tuple[Any, Any] = (WebhookDelivery.status, DeliveryStatus.DEAD)
     if account_id is not None:
-        query = query.where(WebhookDelivery.account_id == account_id)
+        query = query.where(WebhookDelivery.status == DeliveryStatus.DEAD)
+        within = (WebhookDelivery.account_id, account_id)
     return paging.page(
         session,
         query,
@@ -475,6 +478,7 @@ def list_dead_letters(
         offset=offset,
         after=after,
         newest_first=True,
+        within=within,
     )
 
 

@@ -4,6 +4,7 @@ Redis."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,6 +25,8 @@ from backend.models import (
 from backend.schedules import service as schedules
 from backend.schedules import store
 from tests.support.accounts import make_accounts
+from tests.support.api import account_payload, auth_headers, make_client
+from tests.support.net import free_port
 from tests.support.redis_db import RedisDb
 
 
@@ -228,3 +231,16 @@ def test_poll_runs_and_dead_letters_page_newest_first(api: TestClient, db: Sessi
     assert walked == sorted(dead_first, reverse=True)
     assert set(totals) == {2}
     assert by_offset(api, "/admin/dead-letters", 4) == dead
+
+
+def test_local_schedule_pages_alike(set_env: Callable[..., None]):
+    set_env(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", SCHEDULER_MODE="local")
+    with make_client(auth_headers()) as api:
+        ids = [api.post("/accounts", json=account_payload()).json()["id"] for _ in range(5)]
+        walked, totals = walk(api, "/admin/schedules", 2)
+        assert walked == ids
+        assert set(totals) == {5}
+        assert by_offset(api, "/admin/schedules", 2) == ids
+        page = api.get("/admin/schedules", params={"after": ids[0], "offset": 1}).json()
+        assert [e["account_id"] for e in page["items"]] == ids[2:]
+        assert page["mode"] == "local"

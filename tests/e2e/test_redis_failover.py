@@ -104,9 +104,6 @@ def stack(
         REDIS_SENTINEL_MASTER=MASTER_NAME,
         SCHEDULER_MODE="celery",
         MIN_POLL_INTERVAL_SECONDS=INTERVAL_SECONDS,
-        # Sized as docs/operations.md says: above what a failover takes here (the
-        # sentinels' down-after-milliseconds, 1 s, plus the election).
-        REDIS_SENTINEL_FAILOVER_SECONDS=10,
     )
     with running_api(tmp_path) as api, running_celery(tmp_path) as celery:
         celery.beat()

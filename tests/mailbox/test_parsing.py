@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -113,3 +115,32 @@ def _children_of(parent: str) -> list[int]:
         if stat.rsplit(")", 1)[1].split()[1] == parent and b"multiprocessing" in cmdline:
             found.append(int(entry.name))
     return found
+
+
+def test_the_pool_goes_when_its_process_is_killed() -> None:
+    """A Celery child killed at its hard time limit leaves no parsing processes behind."""
+    script = (
+        "import os, sys, time\n"
+        "from backend.mailbox import parsing\n"
+        "from tests.support.mail import generated\n"
+        "if __name__ == '__main__':\n"
+        "    parsing.parse_all([generated(i) for i in range(20)])\n"
+        "    print('parsed', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=Path.cwd()
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "parsed"
+        servers = _children_of(str(child.pid))
+        pool = [pid for server in servers for pid in _children_of(str(server))]
+        assert servers and pool
+    finally:
+        child.kill()
+        child.wait()
+    wait_for(
+        lambda: not any(Path(f"/proc/{pid}").exists() for pid in [*servers, *pool]) or None,
+        "the fork server and the pool processes to exit",
+    )
