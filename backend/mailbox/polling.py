@@ -16,7 +16,7 @@ from typing import Literal
 
 from backend import dispatch
 from backend.db import session_scope
-from backend.mailbox.lock import mailbox_lock
+from backend.mailbox.lock import mailbox_lock, rerun_requested
 from backend.mailbox.progress import OnProgress
 from backend.mailbox.service import PollResult, poll_account
 from backend.metrics import record_poll
@@ -50,6 +50,7 @@ def run_poll(
             record_skip(account_id, task_id=task_id, reason=BUSY_REASON)
             return LOCKED
         result = poll_account(account_id, task_id=task_id, force=force, on_progress=on_progress)
+    _rerun_if_asked(account_id)
     if result.stale:
         # Its poll was already queued, or the removal after its commit failed.
         log.info("mailbox %s is deleted or disabled: removing its stale schedule entry", account_id)
@@ -76,6 +77,22 @@ def _lock(account_id: int) -> AbstractContextManager[bool]:
     if dispatch.mode() == SchedulerMode.LOCAL:
         return nullcontext(True)
     return mailbox_lock(account_id)
+
+
+def _rerun_if_asked(account_id: int) -> None:
+    """A poll skipped while this one held the mailbox may have come for mail this one had
+    already looked past: one more poll, coalesced with any already waiting."""
+    if dispatch.mode() == SchedulerMode.LOCAL:
+        return
+    try:
+        if rerun_requested(account_id):
+            schedules.enqueue_news_poll(account_id)
+    except Exception:  # this poll has committed; the next scheduled one catches up
+        log.warning(
+            "mailbox %s: the poll asked for while it was busy was not sent",
+            account_id,
+            exc_info=True,
+        )
 
 
 def record_skip(account_id: int, *, task_id: str | None, reason: str) -> None:

@@ -375,7 +375,7 @@ class Watcher:
             try:
                 if kind == "poll":
                     assert isinstance(value, float)
-                    if schedules.enqueue_push_poll(account_id, value):
+                    if schedules.enqueue_news_poll(account_id, value):
                         metrics.record_push_poll()
                 else:
                     assert isinstance(value, PushStatus)

@@ -138,18 +138,22 @@ def enqueue_poll(account_id: int, *, force: bool = False) -> str:
     return task_id
 
 
-def enqueue_push_poll(account_id: int, news_at: float) -> bool:
-    """A poll because the server reported news of the mailbox (backend/push/): at the top
-    priority, and coalesced with beat's polls under the same key, so a mailbox never has
-    two polls waiting. `news_at` (epoch seconds) travels with it to time the push.
-    Returns whether it was sent (False: one already waits, and will see the news)."""
+def enqueue_news_poll(account_id: int, news_at: float | None = None) -> bool:
+    """A poll because there may be news of the mailbox: the server reported it
+    (backend/push/, `news_at` in epoch seconds travels with it to time the push), or a
+    poll found the mailbox busy (backend/mailbox/lock.py). At the top priority, and
+    coalesced with beat's polls under the same key, so a mailbox never has two polls
+    waiting. Returns whether it was sent (False: one already waits, and will see it)."""
+    headers: dict[str, float] = {SENT_AT_HEADER: time.time()}
+    if news_at is not None:
+        headers[NEWS_AT_HEADER] = news_at
     task_id = dispatch.enqueue(
         store.POLL_TASK,
         account_id,
         priority=TOP_PRIORITY,
         coalesce_key=store.pending_key(account_id),
         coalesce_expiry=store.pending_seconds(),
-        headers={SENT_AT_HEADER: time.time(), NEWS_AT_HEADER: news_at},
+        headers=headers,
     )
     return task_id is not None
 

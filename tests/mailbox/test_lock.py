@@ -4,7 +4,13 @@ import threading
 import time
 
 from backend.config import get_settings
-from backend.mailbox.lock import EXPIRY_MARGIN_SECONDS, MailboxLock, lock_key, mailbox_lock
+from backend.mailbox.lock import (
+    EXPIRY_MARGIN_SECONDS,
+    MailboxLock,
+    lock_key,
+    mailbox_lock,
+    rerun_requested,
+)
 from tests.support.redis_db import RedisDb
 
 
@@ -74,3 +80,20 @@ def test_contending_threads_never_overlap(redis_db: RedisDb) -> None:
         thread.join()
     assert entered > 0
     assert overlaps == 0
+
+
+def test_a_refused_poll_leaves_one_rerun_request_for_the_holder(redis_db: RedisDb) -> None:
+    with mailbox_lock(1) as held:
+        assert held
+        for _ in range(3):
+            with mailbox_lock(1) as again:
+                assert not again
+        assert not rerun_requested(2)
+    assert rerun_requested(1)
+    assert not rerun_requested(1)  # taken once: one rerun answers them all
+
+
+def test_a_poll_that_gets_the_mailbox_leaves_no_rerun_request(redis_db: RedisDb) -> None:
+    with mailbox_lock(1) as held:
+        assert held
+    assert not rerun_requested(1)
