@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import event, func, select, update
@@ -20,6 +18,7 @@ from backend.models import Account, Attachment, FolderCursor, Message, PollRun
 from backend.storage import service as storage
 from tests.support.accounts import MailAccount
 from tests.support.dovecot import Dovecot
+from tests.support.fsync import fsync_spy
 from tests.support.mail import corpus, generated
 
 
@@ -198,14 +197,7 @@ def test_objects_are_durable_before_their_rows_commit_each_fsynced_once(
     dovecot.append_many(username, [generated(i, attachment=b"%PDF-" * i) for i in range(1, 9)])
     account = mail_account()
     root = storage.local_storage().root
-    synced: list[Path] = []
-    real_fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
+    synced = fsync_spy(monkeypatch)
     engine = get_engine()
     not_durable: list[str] = []
 

@@ -8,6 +8,7 @@ import pytest
 
 from backend.storage.base import ObjectNotFound, StorageError, account_prefix, message_key
 from backend.storage.local import LocalStorage
+from tests.support.fsync import fsync_spy
 
 
 @pytest.fixture
@@ -119,19 +120,6 @@ def test_delete_prefix_removes_one_account(store: LocalStorage) -> None:
     assert len(list(store.keys(account_prefix(11)))) == 3
     assert len(list(store.keys())) == 6
     assert store.delete_prefix(account_prefix(1)) == 0
-
-
-def fsync_spy(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Records the path of every fsync (the real one still runs)."""
-    synced: list[Path] = []
-    real = os.fsync
-
-    def spy(fd: int) -> None:
-        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
-    return synced
 
 
 def test_a_batch_is_fsynced_together_each_file_and_directory_once(

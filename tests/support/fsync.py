@@ -1,0 +1,21 @@
+"""A spy on os.fsync: which files and directories were made durable, in order."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def fsync_spy(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Records the path of every fsync from now on (the real one still runs)."""
+    synced: list[Path] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return synced
