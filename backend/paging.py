@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import Field
-from sqlalchemy import Select, func, select
+from sqlalchemy import BigInteger, Select, func, literal, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 T = TypeVar("T")
@@ -60,7 +60,10 @@ def page(
     if total is None:
         total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     if after is not None:
-        query = query.where(id_column < after if newest_first else id_column > after)
+        # As a 64-bit value whatever the column: a cursor past the largest 32-bit id (an
+        # account's) is a place in the list, not an error of the database.
+        cursor = literal(after, BigInteger())
+        query = query.where(id_column < cursor if newest_first else id_column > cursor)
     columns = [id_column] if within is None else [within[0], id_column]
     order = [c.desc() if newest_first else c.asc() for c in columns]
     if offset:

@@ -244,3 +244,26 @@ def test_local_schedule_pages_alike(set_env: Callable[..., None]):
         page = api.get("/admin/schedules", params={"after": ids[0], "offset": 1}).json()
         assert [e["account_id"] for e in page["items"]] == ids[2:]
         assert page["mode"] == "local"
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/accounts", {}),
+        ("/accounts", {"status": "active"}),
+        ("/admin/schedules", {}),
+        ("/admin/dead-letters", {}),
+        ("/accounts/1/messages", {}),
+        ("/accounts/1/poll-runs", {}),
+    ],
+)
+def test_a_cursor_past_every_id_is_an_empty_or_full_page(
+    api: TestClient, db: Session, path: str, params: dict[str, Any]
+):
+    # Account ids are 32-bit and message ids 64-bit: any cursor up to the largest 64-bit
+    # id is a place in the list (past its end, or before its start newest first).
+    make_accounts(db, 1)
+    for after in (2**31, 2**63 - 1):
+        response = api.get(path, params={"after": after, **params})
+        assert response.status_code == 200, response.text
+        assert response.json()["next_after"] is None
