@@ -44,8 +44,8 @@ def main() -> None:
     parser.add_argument("--rest", type=int, default=60)
     args = parser.parse_args()
 
-    # 20 connections per Dovecot imap process: 1,000 processes would pass its limits.
-    with Stack(dovecot=True, imap_client_limit=20) as stack:
+    # One imap process per connection: room for every IDLE, the polls and the baseline.
+    with Stack(dovecot=True, imap_connections=2 * args.mailboxes + 100) as stack:
         from sqlalchemy import func, select
 
         from backend.db import session_scope

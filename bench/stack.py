@@ -44,10 +44,10 @@ def percentile(values: list[float], fraction: float) -> float:
 
 class Stack:
     def __init__(
-        self, *, dovecot: bool = False, imap_client_limit: int = 1, **settings: object
+        self, *, dovecot: bool = False, imap_connections: int = 512, **settings: object
     ) -> None:
         self.want_dovecot = dovecot
-        self.imap_client_limit = imap_client_limit
+        self.imap_connections = imap_connections
         self.settings = settings
         self.root = Path(tempfile.mkdtemp(prefix="mailbeat-bench-"))
         self.root.chmod(0o755)  # Dovecot's own users must reach the users and homes below
@@ -80,7 +80,7 @@ class Stack:
         reset_caches()
         command.upgrade(Config(str(Path(__file__).parent.parent / "alembic.ini")), "head")
         if self.want_dovecot:
-            self.dovecot = Dovecot(self.root / "dovecot", imap_client_limit=self.imap_client_limit)
+            self.dovecot = Dovecot(self.root / "dovecot", imap_connections=self.imap_connections)
             self.dovecot.start()
         return self
 

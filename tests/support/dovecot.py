@@ -36,6 +36,8 @@ instance_name = mailbeat-test-{name}
 default_internal_user = {internal_user}
 default_login_user = {login_user}
 {internal_group_line}
+# Services every imap process talks to (anvil, stats, auth) take this many clients each.
+default_client_limit = {client_limit}
 ssl = yes
 ssl_cert = <{root}/cert.pem
 ssl_key = <{root}/key.pem
@@ -72,9 +74,9 @@ service imap-login {{
   process_min_avail = 1
   service_count = 0
 }}
+# An imap process serves one connection: the limit is the connections the server takes.
 service imap {{
-  process_limit = 512
-  client_limit = {imap_client_limit}
+  process_limit = {imap_connections}
 }}
 service auth {{
   unix_listener auth-userdb {{
@@ -119,19 +121,19 @@ class Dovecot:
         oauth2_introspection_url: str | None = None,
         mail_location: str = "maildir:~/Maildir",
         also_listen: str | None = None,
-        imap_client_limit: int = 1,
+        imap_connections: int = 512,
     ) -> None:
         """With `oauth2_introspection_url`, users can also log in with XOAUTH2; Dovecot
         posts each token to that URL (`token=...`) and wants {"active": true, "username"}.
         `mail_location="maildir:~/Maildir:LAYOUT=fs"` gives folders a '/' separator (as
         Gmail and Exchange have) instead of Maildir++'s '.'. `also_listen`: one more
         address to listen on besides loopback (the docker bridge's, for containers).
-        `imap_client_limit`: connections one imap process serves (the push benchmark's
-        1,000 IDLE connections would otherwise be 1,000 processes, over the limit)."""
+        `imap_connections`: how many logged-in connections the server holds at once (the
+        push benchmark's 1,000 IDLE connections are 1,000 imap processes)."""
         self.root = root
         self.mail_location = mail_location
         self.also_listen = also_listen
-        self.imap_client_limit = imap_client_limit
+        self.imap_connections = imap_connections
         self.oauth2_introspection_url = oauth2_introspection_url
         self.name = name or uuid.uuid4().hex[:8]
         self.host = "127.0.0.1"
@@ -186,7 +188,8 @@ class Dovecot:
                 oauth2_mechanisms=" xoauth2 oauthbearer" if oauth2_passdb else "",
                 oauth2_passdb=oauth2_passdb,
                 mail_location=self.mail_location,
-                imap_client_limit=self.imap_client_limit,
+                imap_connections=self.imap_connections,
+                client_limit=max(1000, 2 * self.imap_connections),
             )
         )
         self._process = subprocess.Popen(
