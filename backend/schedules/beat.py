@@ -17,14 +17,17 @@ everything needs.
   definition alone, parsed as plain JSON rather than built into RedBeat's entry objects;
   a tick reads the due entries in one pipeline, writes their next runs in another and
   hands their polls to the broker in a third (kombu's publish batch), at most DUE_BATCH
-  at a time: one beat carries 100,000 mailboxes at a 5-minute interval
-  (docs/benchmarks.md), and a backlog goes out in passes that each renew the lock.
+  at a time; the next run is one interval after the run that was due, so late sends
+  (a restart, a backlog) do not move a mailbox's phase. One beat carries 100,000
+  mailboxes at a 5-minute interval (docs/benchmarks.md), and a backlog goes out in
+  passes that each renew the lock.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -131,10 +134,11 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
         to sleep until the next one.
 
         A mailbox entry is due when its score (the next run, epoch seconds) has come: its
-        `definition` alone is read, in one pipeline for all, and its next run (now plus
-        its interval) and `meta` are written in another before the polls are sent: a beat
-        that dies in between skips those polls once rather than sending them twice. The
-        few other entries (beat's periodic tasks) go through RedBeat's entries.
+        `definition` alone is read, in one pipeline for all, and its next run (`next_run`:
+        one interval after it was due, in phase) and `meta` are written in another before
+        the polls are sent: a beat that dies in between skips those polls once rather
+        than sending them twice. The few other entries (beat's periodic tasks) go through
+        RedBeat's entries.
 
         A mailbox's poll is sent only if its previous one is no longer waiting in the
         queue (its coalescing key, claimed for all due polls in one round trip, is freed
@@ -146,7 +150,7 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
         key = self.app.redbeat_conf.schedule_key
         now = time.time()
         with client.pipeline(transaction=False) as pipe:
-            pipe.zrangebyscore(key, "-inf", now, start=0, num=DUE_BATCH)
+            pipe.zrangebyscore(key, "-inf", now, start=0, num=DUE_BATCH, withscores=True)
             pipe.zrangebyscore(key, f"({now}", "+inf", start=0, num=1, withscores=True)
             due, upcoming = pipe.execute()
         waits = [float(self.max_interval)]
@@ -155,16 +159,18 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
         if len(due) == DUE_BATCH:
             waits.append(0.0)
         prefix = store.mailbox_key_prefix()
-        polls = [entry_key for entry_key in due if entry_key.startswith(prefix)]
-        others = [entry_key for entry_key in due if not entry_key.startswith(prefix)]
+        polls = {entry_key: score for entry_key, score in due if entry_key.startswith(prefix)}
+        others = [entry_key for entry_key, _ in due if not entry_key.startswith(prefix)]
         self._send_polls(polls, now)
         waits += self._send_others(others)
         # The waits were measured before sending: sending took part of them already.
         return max(min(waits) - (time.monotonic() - started), 0.0)
 
-    def _send_polls(self, keys: list[str], now: float) -> None:
-        if not keys:
+    def _send_polls(self, due: dict[str, float], now: float) -> None:
+        """`due`: the entries' keys and scores (when each was due)."""
+        if not due:
             return
+        keys = list(due)
         client = get_redis(self.app)
         with client.pipeline(transaction=False) as pipe:
             for entry_key in keys:
@@ -195,7 +201,10 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
             if polls:
                 pipe.zadd(
                     self.app.redbeat_conf.schedule_key,
-                    {entry_key: now + poll.interval for entry_key, poll in polls},
+                    {
+                        entry_key: next_run(due[entry_key], poll.interval, now)
+                        for entry_key, poll in polls
+                    },
                 )
             pipe.execute()
         pending = [store.pending_key(poll.account_id) for _, poll in polls]
@@ -328,6 +337,17 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
             log.exception("beat: reconcile (%s) failed", why)
             return
         log.info("beat: reconciled the schedule (%s): %s", why, result.as_dict())
+
+
+def next_run(due: float, interval: float, now: float) -> float:
+    """One interval after the run that was due, not after it was sent: a poll sent late
+    (beat restarting, a backlog) keeps its mailbox's phase, so a crowd of late entries
+    spreads out again as the phases placed them instead of staying a crowd. Runs missed
+    entirely (beat down for longer than an interval) are not made up: the next falls in
+    the coming interval, still in phase."""
+    interval = max(interval, 1.0)
+    missed = max(0, math.floor((now - due) / interval))
+    return due + (missed + 1) * interval
 
 
 def take_lock(scheduler: MailbeatScheduler) -> None:

@@ -151,3 +151,38 @@ def test_an_unreadable_entry_is_left_to_reconcile_and_the_others_are_sent(
     assert conn.zscore(store.schedule_key(), store.entry_key(garbled.id)) is None
     scheduler._reconcile("test")
     assert conn.zscore(store.schedule_key(), store.entry_key(garbled.id)) is not None
+
+
+@pytest.mark.parametrize(
+    ("late_by", "next_in"),
+    [
+        (0.0, 600.0),  # on time: one interval on
+        (8.0, 592.0),  # sent late: still one interval after it was due
+        (599.0, 1.0),
+        (1500.0, 300.0),  # runs missed entirely are not made up; the phase is kept
+    ],
+)
+def test_the_next_run_keeps_the_phase_of_the_run_that_was_due(
+    late_by: float, next_in: float
+) -> None:
+    now = 1_000_000.0
+    assert beat.next_run(now - late_by, 600, now) == pytest.approx(now + next_in, abs=1e-6)
+
+
+def test_entries_sent_late_spread_out_again_as_they_were_due(
+    db: Session, redis_db: RedisDb, scheduler: MailbeatScheduler
+) -> None:
+    accounts = make_accounts(db, 3, poll_interval_seconds=600)
+    scheduler._reconcile("test")
+    now = time.time()
+    due = {account.id: now - 5 - 2 * index for index, account in enumerate(accounts)}
+    conn = redis_db.client()
+    conn.zadd(store.schedule_key(), {store.entry_key(a): when for a, when in due.items()})
+    take_lock(scheduler)
+
+    scheduler.tick()  # all three go in one pass, seconds late
+
+    assert sorted(_queued_polls(redis_db)) == sorted(due)
+    for account_id, when in due.items():
+        score = conn.zscore(store.schedule_key(), store.entry_key(account_id))
+        assert score == pytest.approx(when + 600, abs=0.01)
