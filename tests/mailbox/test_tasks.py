@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import pytest
@@ -44,10 +45,13 @@ def test_polls_and_hands_on(
 
     assert poll.apply(args=[account.id]).get() == "success"
 
-    assert db.scalar(select(Message.id).where(Message.account_id == account.id).limit(1))
-    assert len(db.scalars(select(Message).where(Message.account_id == account.id)).all()) == 3
-    # Each new message went to the workflow queue.
-    assert redis_db.client().llen("workflow") == 3
+    ids = db.scalars(select(Message.id).where(Message.account_id == account.id)).all()
+    assert len(ids) == 3
+    # The poll's new messages went to the workflow queue as one batch.
+    (body,) = redis_db.client().lrange("workflow", 0, -1)
+    headers = json.loads(body)["headers"]
+    assert headers["task"] == "message.process"
+    assert sorted(json.loads(headers["argsrepr"])[0]) == sorted(ids)
     assert _entry_ids() == {account.id}
 
 
