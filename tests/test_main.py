@@ -128,7 +128,7 @@ def test_a_misspelt_query_parameter_is_named_not_ignored(api: TestClient, anonym
     assert body["errors"] == [
         {
             "loc": ["query", "stauts"],
-            "msg": "unknown query parameter (this route takes: limit, offset, status)",
+            "msg": "unknown query parameter (this route takes: after, limit, offset, status)",
             "type": "extra_forbidden",
         }
     ]
