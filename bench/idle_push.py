@@ -45,7 +45,12 @@ def main() -> None:
     args = parser.parse_args()
 
     # One imap process per connection: room for every IDLE, the polls and the baseline.
-    with Stack(dovecot=True, imap_connections=2 * args.mailboxes + 100) as stack:
+    # All on one host and one watcher: its per-host budget (500 by default) raised to fit.
+    with Stack(
+        dovecot=True,
+        imap_connections=2 * args.mailboxes + 100,
+        watcher_max_per_host=args.mailboxes,
+    ) as stack:
         from sqlalchemy import func, select
 
         from backend.db import session_scope
