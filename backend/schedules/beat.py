@@ -17,8 +17,8 @@ everything needs.
   definition alone, parsed as plain JSON rather than built into RedBeat's entry objects;
   a tick reads the due entries in one pipeline, writes their next runs in another and
   hands their polls to the broker in a third (kombu's publish batch), at most DUE_BATCH
-  at a time; the next run is one interval after the run that was due, so late sends
-  (a restart, a backlog) do not move a mailbox's phase. One beat carries 100,000
+  at a time; the next run is whole intervals after the run that was due, so late
+  sends (a restart, a backlog) do not move a mailbox's phase. One beat carries 100,000
   mailboxes at a 5-minute interval (docs/benchmarks.md), and a backlog goes out in
   passes that each renew the lock.
 """
@@ -135,7 +135,7 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
 
         A mailbox entry is due when its score (the next run, epoch seconds) has come: its
         `definition` alone is read, in one pipeline for all, and its next run (`next_run`:
-        one interval after it was due, in phase) and `meta` are written in another before
+        in phase with the run that was due) and `meta` are written in another before
         the polls are sent: a beat that dies in between skips those polls once rather
         than sending them twice. The few other entries (beat's periodic tasks) go through
         RedBeat's entries.
@@ -339,15 +339,21 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
         log.info("beat: reconciled the schedule (%s): %s", why, result.as_dict())
 
 
+# A poll is never followed by the next one of its mailbox sooner than this part of the
+# interval, however late it was sent.
+MIN_GAP = 0.75
+
+
 def next_run(due: float, interval: float, now: float) -> float:
-    """One interval after the run that was due, not after it was sent: a poll sent late
-    (beat restarting, a backlog) keeps its mailbox's phase, so a crowd of late entries
-    spreads out again as the phases placed them instead of staying a crowd. Runs missed
-    entirely (beat down for longer than an interval) are not made up: the next falls in
-    the coming interval, still in phase."""
+    """The next run: a whole number of intervals after the run that was due, not one
+    interval after it was sent, so a poll sent late (beat restarting, a backlog) keeps its
+    mailbox's phase, and a crowd of late entries spreads out again as the phases placed
+    them instead of staying a crowd. The first such time at least MIN_GAP of an interval
+    from now: a run that would follow too closely, or was missed entirely (beat down for
+    longer than an interval), is not made up."""
     interval = max(interval, 1.0)
-    missed = max(0, math.floor((now - due) / interval))
-    return due + (missed + 1) * interval
+    steps = max(1, math.ceil((now + MIN_GAP * interval - due) / interval))
+    return due + steps * interval
 
 
 def take_lock(scheduler: MailbeatScheduler) -> None:

@@ -158,8 +158,10 @@ def test_an_unreadable_entry_is_left_to_reconcile_and_the_others_are_sent(
     [
         (0.0, 600.0),  # on time: one interval on
         (8.0, 592.0),  # sent late: still one interval after it was due
-        (599.0, 1.0),
-        (1500.0, 300.0),  # runs missed entirely are not made up; the phase is kept
+        (150.0, 450.0),
+        (151.0, 1049.0),  # the next would follow too soon: it is skipped, in phase
+        (599.0, 601.0),
+        (1500.0, 900.0),  # runs missed entirely are not made up; the phase is kept
     ],
 )
 def test_the_next_run_keeps_the_phase_of_the_run_that_was_due(
