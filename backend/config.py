@@ -85,13 +85,20 @@ class Settings(BaseSettings):
     # process (the state is shared through Redis).
     s3_retry_after_seconds: float = 30.0
     local_storage_dir: Path = DEFAULT_DATA_DIR / "storage"
+    # How a batch of local objects is made durable before its rows commit: "files" fsyncs
+    # each file and directory; "filesystem" makes one syncfs(2) call (Linux), which also
+    # writes out whatever else is pending on that filesystem: for a storage directory on
+    # a filesystem of its own (docs/operations.md).
+    local_storage_sync: Literal["files", "filesystem"] = "files"
     storage_sync_interval_seconds: int = 300
 
     # IMAP.
     imap_ca_bundle: Path | None = None
     imap_connect_timeout: float = 15.0
     imap_read_timeout: float = 60.0
-    imap_fetch_batch_size: int = Field(default=50, ge=1, le=1000)
+    # 200: a first sync's fixed costs per batch (a commit, fsyncs) spread over more
+    # messages; bytes per batch are bounded apart (BATCH_MAX_BYTES).
+    imap_fetch_batch_size: int = Field(default=200, ge=1, le=1000)
     # Logged-in sessions each worker process keeps for the next poll of the same mailbox.
     imap_pool_size: int = Field(default=4, ge=0, le=10000)
     imap_pool_max_age_seconds: float = Field(default=300, gt=0)

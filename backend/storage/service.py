@@ -47,7 +47,10 @@ _BYTES = (bytes, bytearray, memoryview)
 
 @lru_cache
 def local_storage() -> LocalStorage:
-    return LocalStorage(get_settings().local_storage_dir)
+    settings = get_settings()
+    return LocalStorage(
+        settings.local_storage_dir, whole_filesystem=settings.local_storage_sync == "filesystem"
+    )
 
 
 @lru_cache

@@ -105,3 +105,51 @@ def test_sqlite_never_reuses_ids_and_the_upgrade_keeps_the_rows(tmp_path: Path) 
             assert connection.execute(text("SELECT count(*) FROM messages")).scalar() == 0
     finally:
         engine.dispose()
+
+
+def _body_compression(engine: Engine) -> dict[str, str]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT attname, attcompression FROM pg_attribute WHERE attrelid = "
+                "'messages'::regclass AND attname IN ('text_body', 'html_body')"
+            )
+        )
+        return {name: method for name, method in rows}
+
+
+def test_postgresql_compresses_message_bodies_with_lz4() -> None:
+    """This machine's PostgreSQL is built with lz4 (Debian's is): the bodies use it
+    after the upgrade, and the default again after the downgrade."""
+    url = postgres.create_database("mailbeat_migr")
+    engine = build_engine(url)
+    try:
+        _run(engine, "upgrade", "head")
+        assert _body_compression(engine) == {"text_body": "l", "html_body": "l"}
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO accounts (email, imap_host, imap_port, imap_security, "
+                    "username, auth_method, credentials_encrypted, folders, "
+                    "poll_interval_seconds, enabled, initial_sync, status, priority, "
+                    "consecutive_failures, message_count, push, created_at, updated_at) "
+                    "VALUES ('a@x', 'h', 993, 'ssl', 'u', 'password', 'c', '[]', 60, true, "
+                    "'all', 'active', 0, 0, 0, false, now(), now())"
+                )
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO messages (account_id, folder, uidvalidity, uid, to_addrs, "
+                    "cc_addrs, flags, size, ingested_at, text_body) VALUES (1, 'INBOX', 1, "
+                    "1, '[]', '[]', '[]', 1, now(), repeat('compressible text ', 2000))"
+                )
+            )
+            stored = connection.execute(
+                text("SELECT pg_column_compression(text_body) FROM messages")
+            ).scalar()
+        assert stored == "lz4"
+        _run(engine, "downgrade", "0009_backfills")
+        assert _body_compression(engine) == {"text_body": "", "html_body": ""}
+    finally:
+        engine.dispose()
+        postgres.drop_database(url)
