@@ -85,11 +85,6 @@ class Settings(BaseSettings):
     # process (the state is shared through Redis).
     s3_retry_after_seconds: float = 30.0
     local_storage_dir: Path = DEFAULT_DATA_DIR / "storage"
-    # How a batch of local objects is made durable before its rows commit: "files" fsyncs
-    # each file and directory; "filesystem" makes one syncfs(2) call (Linux), which also
-    # writes out whatever else is pending on that filesystem: for a storage directory on
-    # a filesystem of its own (docs/operations.md).
-    local_storage_sync: Literal["files", "filesystem"] = "files"
     storage_sync_interval_seconds: int = 300
 
     # IMAP.

@@ -3,22 +3,19 @@
 A put is durable when it returns (the file and its directories fsynced), unless the
 caller writes a batch with `sync=False` and makes it durable with `sync(keys)` before
 relying on it (the poller, before the transaction that records the batch's rows): the
-files are written first and fsynced together, several at once and each directory once,
-or, with `whole_filesystem`, by one syncfs(2) call for the whole batch.
+files are written first and fsynced together, several at once, and each directory once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from backend.models.enums import StorageBackend
 from backend.storage.base import ObjectNotFound, StorageError
@@ -33,11 +30,9 @@ SYNC_THREADS = 8
 class LocalStorage:
     name = StorageBackend.LOCAL
 
-    def __init__(self, root: Path, *, whole_filesystem: bool = False) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
-        # `sync` with one syncfs(2) (LOCAL_STORAGE_SYNC=filesystem), where there is one.
-        self.whole_filesystem = whole_filesystem and _syncfs_function() is not None
 
     def path_for(self, key: str) -> Path:
         if not key or "\x00" in key:
@@ -69,10 +64,6 @@ class LocalStorage:
         on the way to them (new entries and new directories), once."""
         paths = [self.path_for(key) for key in keys]
         try:
-            if self.whole_filesystem:
-                if paths:
-                    _syncfs(self.root)
-                return
             # Several at once: the disk sees a deeper queue and the filesystem writes
             # its metadata in fewer rounds (1.7x faster than one by one on this
             # machine's ext4, docs/benchmarks.md). Threads per call: nothing to carry
@@ -177,25 +168,6 @@ class LocalStorage:
         folder = prefix.rpartition("/")[0]
         start = self.path_for(folder) if folder else self.root
         return start if start.is_dir() else None
-
-
-@lru_cache
-def _syncfs_function() -> Any:
-    """libc's syncfs (Linux), or None."""
-    return getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
-
-
-def _syncfs(directory: Path) -> None:
-    """Write out everything pending on the filesystem that holds `directory`, and wait:
-    each file and directory written since, as fsync would, in one call (the kernel
-    reports a failed write of any of them, since Linux 5.8)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _syncfs_function()(fd) != 0:
-            error = ctypes.get_errno()
-            raise OSError(error, f"syncfs: {os.strerror(error)}")
-    finally:
-        os.close(fd)
 
 
 def _fsync(path: Path, flags: int) -> None:

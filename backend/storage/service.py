@@ -47,10 +47,7 @@ _BYTES = (bytes, bytearray, memoryview)
 
 @lru_cache
 def local_storage() -> LocalStorage:
-    settings = get_settings()
-    return LocalStorage(
-        settings.local_storage_dir, whole_filesystem=settings.local_storage_sync == "filesystem"
-    )
+    return LocalStorage(get_settings().local_storage_dir)
 
 
 @lru_cache

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import event, func, select, update
@@ -17,7 +15,6 @@ from backend.accounts.state import clear_backoff
 from backend.db import get_engine
 from backend.mailbox.service import PollResult, poll_account
 from backend.models import Account, Attachment, FolderCursor, Message, PollRun
-from backend.storage import local
 from backend.storage import service as storage
 from tests.support.accounts import MailAccount
 from tests.support.dovecot import Dovecot
@@ -224,52 +221,6 @@ def test_objects_are_durable_before_their_rows_commit_each_fsynced_once(
     assert len(files) == 16  # 8 messages, 8 attachments
     assert len(set(files)) == 16
     assert not any(path.name.startswith(".tmp-") for path in files)
-
-
-def test_on_a_filesystem_of_its_own_a_batch_is_made_durable_by_one_syncfs(
-    dovecot: Dovecot,
-    mail_user: tuple[str, str],
-    mail_account: MailAccount,
-    set_env: Callable[..., None],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """LOCAL_STORAGE_SYNC=filesystem: before each batch's commit, one syncfs(2) of the
-    storage directory and no fsync per object."""
-    set_env(IMAP_FETCH_BATCH_SIZE=3, LOCAL_STORAGE_SYNC="filesystem")
-    username, _ = mail_user
-    dovecot.append_many(username, [generated(i, attachment=b"%PDF-" * i) for i in range(1, 9)])
-    account = mail_account()
-    synced = fsync_spy(monkeypatch)
-    real = local._syncfs_function()
-    syncs: list[Path] = []
-
-    def syncfs(fd: int) -> int:
-        syncs.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
-        return int(real(fd))
-
-    monkeypatch.setattr(local, "_syncfs_function", lambda: syncfs)
-    engine = get_engine()
-    at_commit: list[tuple[int, int]] = []  # (rows committed, syncfs calls so far)
-
-    def look(_session: Session) -> None:
-        with engine.connect() as conn:
-            held = conn.scalar(
-                select(func.count(Message.id)).where(Message.account_id == account.id)
-            )
-        at_commit.append((int(held or 0), len(syncs)))
-
-    event.listen(Session, "after_commit", look)
-    try:
-        result = poll_account(account.id)
-    finally:
-        event.remove(Session, "after_commit", look)
-
-    assert result.messages == 8
-    # Batches of 3, 3 and 2: each batch's rows are committed after its own syncfs.
-    for held, synced_batches in at_commit:
-        assert synced_batches >= -(-held // 3), at_commit
-    assert syncs == [storage.local_storage().root] * 3
-    assert not [path for path in synced if path.is_file() or path.name.startswith(".tmp-")]
 
 
 def test_two_concurrent_polls_store_each_message_once(

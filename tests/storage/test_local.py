@@ -2,12 +2,10 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from backend.storage import local
 from backend.storage.base import ObjectNotFound, StorageError, account_prefix, message_key
 from backend.storage.local import LocalStorage
 from tests.support.fsync import fsync_spy
@@ -165,38 +163,3 @@ def test_a_single_put_is_durable_when_it_returns(
 def test_syncing_a_missing_object_fails(store: LocalStorage) -> None:
     with pytest.raises(StorageError):
         store.sync(["never/written"])
-
-
-def test_a_batch_on_its_own_filesystem_is_synced_by_one_syncfs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """LOCAL_STORAGE_SYNC=filesystem: one syncfs(2) on the storage directory for the
-    whole batch, no fsync per file or directory."""
-    store = LocalStorage(tmp_path / "root", whole_filesystem=True)
-    assert store.whole_filesystem  # Linux has syncfs
-    synced = fsync_spy(monkeypatch)
-    real = local._syncfs_function()
-    calls: list[Path] = []
-
-    def syncfs(fd: int) -> int:
-        calls.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
-        return int(real(fd))
-
-    monkeypatch.setattr(local, "_syncfs_function", lambda: syncfs)
-    keys = [message_key(7, "INBOX", 1, uid) for uid in (1, 2, 3)]
-    for key in keys:
-        store.put(key, key.encode(), "text/plain", sync=False)
-    store.sync(keys)
-    assert calls == [store.root]
-    assert synced == []
-    store.sync([])  # nothing written: nothing to wait for
-    assert calls == [store.root]
-    assert [store.get(key) for key in keys] == [key.encode() for key in keys]
-
-
-def test_a_failed_syncfs_is_a_storage_error(tmp_path: Path) -> None:
-    store = LocalStorage(tmp_path / "root", whole_filesystem=True)
-    store.put("a/b", b"one", "text/plain", sync=False)
-    shutil.rmtree(store.root)  # the filesystem cannot be reached through it any more
-    with pytest.raises(StorageError, match="cannot make objects durable"):
-        store.sync(["a/b"])
