@@ -342,6 +342,7 @@ class _Poller:
         progress: SyncProgress | None = None,
     ) -> None:
         settings = get_settings()
+        parsing.relax_gc()
         self.account = account
         self.account_id = account.id
         # (UIDVALIDITY, UIDNEXT) by folder: as the last complete poll saw them, and as

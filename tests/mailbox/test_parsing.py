@@ -3,6 +3,7 @@ the calling thread, message for message, errors included."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -144,3 +145,10 @@ def test_the_pool_goes_when_its_process_is_killed() -> None:
         lambda: not any(Path(f"/proc/{pid}").exists() for pid in [*servers, *pool]) or None,
         "the fork server and the pool processes to exit",
     )
+
+
+def test_pool_processes_collect_garbage_less_often(set_env: Callable[..., None]) -> None:
+    set_env(PARSE_PROCESSES=1)
+    parsing.parse_all([generated(i) for i in range(parsing.POOL_MIN_MESSAGES)])
+    pool = parsing._executor(1)
+    assert pool.submit(gc.get_threshold).result(timeout=60) == parsing.GC_THRESHOLDS

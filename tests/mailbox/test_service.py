@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session
 from backend import crypto
 from backend.accounts.state import clear_backoff
 from backend.db import get_engine
+from backend.mailbox import parsing
 from backend.mailbox.service import PollResult, poll_account
 from backend.models import Account, Attachment, FolderCursor, Message, PollRun
 from backend.storage import service as storage
@@ -467,3 +469,20 @@ def test_failures_back_off_exponentially_then_disable(
 def test_missing_account_is_skipped() -> None:
     result = poll_account(999_999)
     assert (result.outcome, result.new_message_ids) == ("skipped", [])
+
+
+def test_a_poll_collects_garbage_less_often(
+    dovecot: Dovecot,
+    mail_user: tuple[str, str],
+    mail_account: MailAccount,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(parsing, "GC_THRESHOLDS", (12_345, 20, 30))
+    before = gc.get_threshold()
+    try:
+        username, _ = mail_user
+        dovecot.append_many(username, [generated(1)])
+        assert poll_account(mail_account().id).messages == 1
+        assert gc.get_threshold() == (12_345, 20, 30)
+    finally:
+        gc.set_threshold(*before)
