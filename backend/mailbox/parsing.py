@@ -40,16 +40,6 @@ WATCH_SECONDS = 1.0
 ERROR_MAX = 2000
 # The garbage collector's thresholds in a process that ingests (see `relax_gc`).
 GC_THRESHOLDS = (100_000, 50, 100)
-
-
-def relax_gc() -> None:
-    """Collect cycles less often in this process. Ingesting allocates millions of
-    short-lived containers (IMAP tokens, parsed headers, rows), freed by reference
-    counting, not as cycles; at Python's default (a young collection every 700 new
-    ones) the collector took a tenth of a first sync's time (docs/benchmarks.md)."""
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
 PROCESS_DIED = "the parsing process died on this message"
 
 # str: why the message could not be parsed (it is stored raw, flagged).
@@ -87,6 +77,14 @@ def parse_all(raws: Sequence[bytes]) -> list[Outcome]:
             _discard()
             outcomes.append(PROCESS_DIED)
     return outcomes
+
+
+def relax_gc() -> None:
+    """Collect cycles less often in this process. Ingesting allocates millions of
+    short-lived containers (IMAP tokens, parsed headers, rows), freed by reference
+    counting, not as cycles; at Python's default (a young collection every 700 new
+    ones) the collector took a tenth of a first sync's time (docs/benchmarks.md)."""
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _executor(processes: int) -> ProcessPoolExecutor:
