@@ -47,6 +47,10 @@ def queue_keys(queue: str) -> list[str]:
 
 # Outlasts a tick's sleep (1 s) plus one Redis call stuck until its socket timeout.
 BEAT_LOCK_SECONDS = int(settings.redis_socket_timeout) + 5
+# How often old poll runs are pruned (POLL_RUN_RETENTION_DAYS): up to 3 million an
+# hour (backend/mailbox/polling.py), against 1.2 million new ones an hour at 100,000
+# mailboxes every 5 minutes.
+PRUNE_SECONDS = 600
 
 
 class SentinelChannel(kombu_redis.SentinelChannel):
@@ -152,6 +156,12 @@ app.conf.update(
             "task": "message.sweep",
             "schedule": settings.processing_sweep_interval_seconds,
             "options": {"expires": settings.processing_sweep_interval_seconds},
+        },
+        # Poll runs past POLL_RUN_RETENTION_DAYS.
+        "poll-runs-prune": {
+            "task": "poll_runs.prune",
+            "schedule": PRUNE_SECONDS,
+            "options": {"expires": PRUNE_SECONDS},
         },
     },
     imports=(

@@ -12,9 +12,13 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import AbstractContextManager, nullcontext
+from datetime import timedelta
 from typing import Literal
 
+from sqlalchemy import delete, select
+
 from backend import dispatch
+from backend.config import get_settings
 from backend.db import session_scope
 from backend.mailbox.lock import mailbox_lock, rerun_requested
 from backend.mailbox.progress import OnProgress
@@ -32,6 +36,12 @@ NotRun = Literal["stale", "locked"]
 STALE: NotRun = "stale"
 LOCKED: NotRun = "locked"
 BUSY_REASON = "another poll of this mailbox is running"
+# Old poll runs deleted per transaction (short locks), and at most this many
+# transactions a prune: a backlog (the first prune after an upgrade) goes over the next
+# prunes rather than into one long task.
+PRUNE_CHUNK = 10_000
+PRUNE_MAX_CHUNKS = 50
+PRUNE_TASK = "poll_runs.prune"
 
 
 def run_poll(
@@ -113,3 +123,31 @@ def record_skip(account_id: int, *, task_id: str | None, reason: str) -> None:
         )
     record_poll(PollOutcome.SKIPPED, 0, 0, 0.0)
     log.info("poll of mailbox %s skipped: %s", account_id, reason)
+
+
+def prune_poll_runs(*, chunk: int = PRUNE_CHUNK, max_chunks: int = PRUNE_MAX_CHUNKS) -> int:
+    """Delete the poll runs that finished more than POLL_RUN_RETENTION_DAYS ago, oldest
+    first, a chunk per transaction (on the finished_at index); returns how many. A run
+    still going is kept however old. Running it twice, or in two processes at once,
+    deletes nothing twice."""
+    cutoff = utcnow() - timedelta(days=get_settings().poll_run_retention_days)
+    deleted = 0
+    for _ in range(max_chunks):
+        oldest = (
+            select(PollRun.id)
+            .where(PollRun.finished_at < cutoff)
+            .order_by(PollRun.finished_at)
+            .limit(chunk)
+        )
+        with session_scope() as session:
+            done = session.execute(
+                delete(PollRun).where(PollRun.id.in_(oldest)),
+                execution_options={"synchronize_session": False},
+            )
+        count = int(getattr(done, "rowcount", 0) or 0)
+        deleted += count
+        if count < chunk:
+            break
+    if deleted:
+        log.info("poll runs: %d finished before %s deleted", deleted, cutoff.isoformat())
+    return deleted

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from backend.celery_app import app
-from backend.mailbox.polling import run_poll
+from backend.mailbox.polling import PRUNE_TASK, prune_poll_runs, run_poll
 from backend.mailbox.progress import Progress
 from backend.metrics import record_news_stored
 from backend.schedules.service import NEWS_AT_HEADER
@@ -36,3 +36,10 @@ def poll(self: Any, account_id: int, force: bool = False) -> str:
         # A push poll: how long from the server's news to its messages stored.
         record_news_stored(time.time() - float(news_at))
     return done if isinstance(done, str) else str(done.outcome)
+
+
+@app.task(name=PRUNE_TASK)
+def prune_runs() -> int:
+    """Periodic (beat_schedule in backend/celery_app.py, every 10 minutes), on the
+    default queue."""
+    return prune_poll_runs()
