@@ -342,6 +342,16 @@ def test_the_ha_profile_fails_over_when_the_redis_master_dies(
     dovecot.append_many(username, sent)
     eventually("the first messages", lambda: api.message_total(account) == len(sent))
 
+    # A sentinel learns of the replica from the master's INFO, asked every 10 s, and
+    # can only promote a replica it knows: a master killed sooner is not replaced.
+    eventually(
+        "every sentinel to know the replica",
+        lambda: all(
+            "redis-replica"
+            in redis_cli(sentinel, "-p", "26379", "sentinel", "replicas", "mailbeat")
+            for sentinel in ("redis-sentinel-1", "redis-sentinel-2", "redis-sentinel-3")
+        ),
+    )
     # The master dies (SIGKILL; `docker kill` also keeps the restart policy from
     # bringing it back): the sentinels promote the replica and polling goes on.
     (old_master,) = project.containers("redis")
