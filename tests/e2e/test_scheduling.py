@@ -261,6 +261,10 @@ def test_two_workers_never_poll_one_mailbox_at_once(
     wait_for(
         lambda: {run.task_id for run in mailboxes.runs(account) if run.finished_at} == task_ids,
         "every requested poll to finish",
+        # Twice the usual wait: it failed twice in the whole suite (never alone) at 90 s,
+        # and the workers' logs say whether a poll hung or was only slow.
+        timeout=180,
+        details=lambda: "\n".join(worker.log()[-6000:] for worker in workers),
     )
 
     runs = mailboxes.runs(account)
