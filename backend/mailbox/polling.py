@@ -13,9 +13,9 @@ import logging
 import time
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal, cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import CursorResult, delete, select
 
 from backend import dispatch
 from backend.config import get_settings
@@ -144,7 +144,7 @@ def prune_poll_runs(*, chunk: int = PRUNE_CHUNK, max_chunks: int = PRUNE_MAX_CHU
                 delete(PollRun).where(PollRun.id.in_(oldest)),
                 execution_options={"synchronize_session": False},
             )
-        count = int(getattr(done, "rowcount", 0) or 0)
+        count = cast(CursorResult[Any], done).rowcount
         deleted += count
         if count < chunk:
             break
