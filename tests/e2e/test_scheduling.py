@@ -251,6 +251,11 @@ def test_a_beat_killed_outright_is_replaced_within_seconds(
 def test_two_workers_never_poll_one_mailbox_at_once(
     celery: Celery, mailboxes: Mailboxes, set_env: Callable[..., None]
 ) -> None:
+    """Eight polls asked for at once on four worker processes: one holds the mailbox, the
+    others find it busy and step aside. A poll that stepped aside leaves a rerun request,
+    which the holder answers with one more poll as it lets go (a new task id, not one of
+    the eight); a poll asked for after the holder let go takes the mailbox itself and
+    answers the request instead. So the runs are the eight asked for plus at most one."""
     set_env(IMAP_FETCH_BATCH_SIZE=20)
     account = mailboxes.add(interval=3600, last_polled_at=utcnow())
     mailboxes.deliver(account, 400)
@@ -258,16 +263,24 @@ def test_two_workers_never_poll_one_mailbox_at_once(
     wait_for(lambda: all(" ready." in worker.log() for worker in workers), "the workers")
 
     task_ids = {service.enqueue_poll(account.id) for _ in range(8)}
+
+    def settled() -> bool:
+        runs = mailboxes.runs(account)
+        finished = {run.task_id for run in runs if run.finished_at}
+        return finished >= task_ids and all(run.finished_at for run in runs)
+
     wait_for(
-        lambda: {run.task_id for run in mailboxes.runs(account) if run.finished_at} == task_ids,
+        settled,
         "every requested poll to finish",
-        # Twice the usual wait: it failed twice in the whole suite (never alone) at 90 s,
-        # and the workers' logs say whether a poll hung or was only slow.
         timeout=180,
-        details=lambda: "\n".join(worker.log()[-6000:] for worker in workers),
+        details=lambda: "\n".join(
+            [repr([(r.task_id, r.outcome, r.finished_at) for r in mailboxes.runs(account)])]
+            + [worker.log()[-6000:] for worker in workers]
+        ),
     )
 
     runs = mailboxes.runs(account)
+    assert len(task_ids) <= len(runs) <= len(task_ids) + 1, runs
     held = [run for run in runs if run.error != "another poll of this mailbox is running"]
     assert len(held) < len(runs)  # some polls found the mailbox busy and stepped aside
     spans = sorted((run.started_at, run.finished_at) for run in held)
@@ -431,35 +444,59 @@ def test_a_worker_logs_one_info_line_per_poll_without_being_asked(
 def test_more_polls_than_the_workers_can_do_starve_no_mailbox(
     celery: Celery, mailboxes: Mailboxes, redis_db: RedisDb
 ) -> None:
-    # 60 mailboxes every second ask for 60 polls/s; one worker process does a few dozen
-    # at most. Every mailbox is still polled, in turn, and none holds two places in the
-    # queue.
+    """60 mailboxes every second ask for 60 polls/s; one worker process does a few dozen
+    at most. Every mailbox is still polled, in turn, and none holds two places in the
+    queue.
+
+    What the product promises (docs/operations.md) is that intervals stretch alike: no
+    mailbox waits longer than twice a fair round robin, not equal counts at an arbitrary
+    moment (a mailbox polled just before the moment is one ahead of one polled just
+    after). Between two polls of a mailbox, the polls of the others are those queued ahead
+    of it (at most one each: the coalescing key) plus those done while it waited for its
+    next due time to be queued again (at most one interval; at most one each while the
+    worker is behind), so fewer than 2 x 60. When the worker keeps up there is no queue
+    to wait in, and the gap is at most its interval and the wait for its next due time:
+    2 intervals, and a third for beat's tick on a loaded machine. Counted from the poll
+    runs the product records, so the bound holds however fast or slow the machine is."""
     accounts = [mailboxes.add(interval=1) for _ in range(60)]
     ids = [account.id for account in accounts]
     celery.beat()
     worker = celery.worker(concurrency=1)
     longest_queue = 0
 
-    def polls() -> dict[int, int]:
+    def starts() -> list[tuple[datetime, int]]:
         nonlocal longest_queue
         longest_queue = max(longest_queue, queued_poll_count(redis_db))
         mailboxes.db.rollback()
-        return dict(
-            mailboxes.db.execute(
-                select(PollRun.account_id, func.count(PollRun.id))
-                .where(PollRun.account_id.in_(ids), PollRun.finished_at.is_not(None))
-                .group_by(PollRun.account_id)
-            ).all()
+        rows = mailboxes.db.execute(
+            select(PollRun.started_at, PollRun.account_id)
+            .where(PollRun.account_id.in_(ids), PollRun.finished_at.is_not(None))
+            .order_by(PollRun.started_at)
         )
+        return [(started, account_id) for started, account_id in rows]
+
+    def counts(polls: list[tuple[datetime, int]]) -> dict[int, int]:
+        found: dict[int, int] = defaultdict(int)
+        for _, account_id in polls:
+            found[account_id] += 1
+        return found
 
     wait_for(
-        lambda: len(counts := polls()) == len(ids) and min(counts.values()) >= 3,
+        lambda: len(found := counts(starts())) == len(ids) and min(found.values()) >= 3,
         "every mailbox polled three times",
         timeout=300,
+        details=lambda: repr(dict(counts(starts()))),
     )
-    counts = polls()
-    # Round robin: when the last mailbox has had its third poll, none has had many more.
-    assert max(counts.values()) <= min(counts.values()) + 2, counts
+    polls = starts()
+    unfair = []
+    for account_id in ids:
+        mine = [index for index, (_, polled) in enumerate(polls) if polled == account_id]
+        for before, after in pairwise(mine):
+            gap = polls[after][0] - polls[before][0]
+            others = after - before - 1
+            if others >= 2 * len(ids) and gap > timedelta(seconds=3):
+                unfair.append((account_id, others, gap.total_seconds()))
+    assert not unfair, (unfair, dict(counts(polls)))
     assert longest_queue <= len(ids)
     assert "Discarding revoked task" not in worker.log()
 
