@@ -134,9 +134,13 @@ class Celery:
 
 @contextmanager
 def running_celery(log_dir: Path) -> Iterator[Celery]:
-    """For a test module's fixture: `with running_celery(tmp_path) as celery: yield celery`."""
+    """For a test module's fixture: `with running_celery(tmp_path) as celery: yield celery`.
+
+    The processes' logs are printed as they stop: pytest shows a test's output only when
+    it fails, and then what beat and the workers did is the first thing to read."""
     processes = Celery(log_dir)
     try:
         yield processes
     finally:
         processes.stop_all()
+        print(processes.logs())
