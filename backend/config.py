@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography.fernet import Fernet
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     # Logged-in sessions each worker process keeps for the next poll of the same mailbox.
     imap_pool_size: int = Field(default=4, ge=0, le=10000)
     imap_pool_max_age_seconds: float = Field(default=300, gt=0)
+    # What mailbeat tells the server about itself after login (RFC 2971 ID, a JSON
+    # object). NetEase (163, 126, yeah.net) refuses every folder to a client that has not
+    # sent ID. `{}` sends none.
+    imap_id: dict[str, str] = Field(
+        default_factory=lambda: {"name": "mailbeat", "version": "0.1.0", "vendor": "mailbeat"}
+    )
     max_message_bytes: int = 50 * 1024 * 1024
     # Processes per poll worker process that parse large batches (0: in the poll).
     parse_processes: int = Field(default=2, ge=0, le=64)
@@ -167,6 +173,20 @@ class Settings(BaseSettings):
     # /health answers from its last result for this long (it needs no token).
     health_cache_seconds: float = Field(default=2.0, ge=0)
     celery_inspect_timeout_seconds: float = 1.0
+
+    @field_validator("imap_id")
+    @classmethod
+    def _imap_id_fits_rfc_2971(cls, value: dict[str, str]) -> dict[str, str]:
+        # RFC 2971: at most 30 pairs, a field name of at most 30 octets, a value of at
+        # most 1024; printable ASCII keeps the quoting to imapclient.
+        if len(value) > 30:
+            raise ValueError("IMAP_ID: at most 30 fields")
+        for name, text in value.items():
+            if not (0 < len(name) <= 30 and len(text) <= 1024):
+                raise ValueError("IMAP_ID: field names of 1-30 characters, values of <= 1024")
+            if not (name + text).isascii() or not (name + text).isprintable():
+                raise ValueError("IMAP_ID: names and values of printable ASCII")
+        return value
 
     @model_validator(mode="after")
     def _refuse_unsafe_defaults(self) -> Settings:

@@ -73,3 +73,14 @@ def test_empty_values_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings()
     assert settings.imap_ca_bundle is None
     assert not settings.s3_enabled
+
+
+def test_imap_id_is_a_json_object_within_rfc_2971(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAP_ID", '{"name": "helpdesk"}')
+    assert Settings().imap_id == {"name": "helpdesk"}
+    monkeypatch.setenv("IMAP_ID", "{}")
+    assert Settings().imap_id == {}
+    for bad in ('{"name": "\u90ae\u4ef6"}', '{"n": "a\\r\\nb"}', '{"%s": "x"}' % ("k" * 31)):
+        monkeypatch.setenv("IMAP_ID", bad)
+        with pytest.raises(ValidationError, match="IMAP_ID"):
+            Settings()

@@ -318,6 +318,11 @@ class ImapSession:
         return min(stated, self._max_bytes) + LITERAL_SLACK_BYTES, uid
 
     def login(self, account: Account, credentials: Mapping[str, Any]) -> None:
+        """Authenticate, then identify mailbeat to the server (ID)."""
+        self._authenticate(account, credentials)
+        self._identify()
+
+    def _authenticate(self, account: Account, credentials: Mapping[str, Any]) -> None:
         """AUTHENTICATE PLAIN (LOGIN where the server offers no PLAIN), or AUTHENTICATE
         XOAUTH2 for an oauth2 account.
 
@@ -343,6 +348,17 @@ class ImapSession:
             # imaplib quotes the password but sends the username as it is.
             quoted = '"' + username.replace("\\", "\\\\").replace('"', '\\"') + '"'
             self._command(lambda: self._client.login(quoted, password), stage="auth")
+
+    def _identify(self) -> None:
+        """RFC 2971 ID, sent after every login (IMAP_ID): some providers (NetEase) refuse
+        every folder to a client that has not identified itself. A server without ID
+        answers BAD, which changes nothing, so it is sent whether advertised or not; a
+        connection that breaks on it still fails the login."""
+        fields = get_settings().imap_id
+        if not fields:
+            return
+        with contextlib.suppress(ImapProtocolError):
+            self._command(lambda: self._client.id_(fields), stage="auth")
 
     def noop(self) -> None:
         """NOOP: whether a kept connection still answers (before it is used again)."""

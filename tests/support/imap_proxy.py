@@ -1,0 +1,88 @@
+"""A proxy in front of the Dovecot fixture that enforces a provider's rule: the real
+server answers everything, and the rule may answer a command in its place.
+
+    def netease(state: dict[str, object], tag: bytes, command: bytes) -> bytes | None:
+        if command.upper().startswith(b"ID "):
+            state["identified"] = True
+        elif command.upper().startswith((b"SELECT", b"EXAMINE")) and "identified" not in state:
+            return tag + b" NO SELECT Unsafe Login.\\r\\n"
+        return None  # forwarded to Dovecot
+    with ImapProxy(dovecot.host, dovecot.imap_port, netease) as proxy: ...
+
+The client's side is read a line at a time (mailbeat sends no literals; an AUTHENTICATE
+continuation is a line of its own and is forwarded like any other); the server's side is
+copied as it comes. `state` is per connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable
+from types import TracebackType
+
+Rule = Callable[[dict[str, object], bytes, bytes], bytes | None]
+
+
+class ImapProxy:
+    def __init__(self, host: str, port: int, rule: Rule) -> None:
+        self.upstream = (host, port)
+        self.rule = rule
+        self.commands: list[bytes] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.host, self.port = "127.0.0.1", self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._sockets: list[socket.socket] = []
+
+    def __enter__(self) -> ImapProxy:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream, timeout=30)
+            self._sockets += [client, server]
+            write = threading.Lock()
+            threading.Thread(target=self._down, args=(server, client, write), daemon=True).start()
+            threading.Thread(target=self._up, args=(client, server, write), daemon=True).start()
+
+    def _down(self, server: socket.socket, client: socket.socket, write: threading.Lock) -> None:
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                with write:
+                    client.sendall(data)
+        with contextlib.suppress(OSError):
+            client.shutdown(socket.SHUT_WR)
+
+    def _up(self, client: socket.socket, server: socket.socket, write: threading.Lock) -> None:
+        state: dict[str, object] = {}
+        with contextlib.suppress(OSError), client.makefile("rb") as lines:
+            while line := lines.readline():
+                tag, _, command = line.rstrip(b"\r\n").partition(b" ")
+                self.commands.append(command)
+                answer = self.rule(state, tag, command)
+                if answer is None:
+                    server.sendall(line)
+                else:
+                    with write:
+                        client.sendall(answer)
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_WR)
