@@ -113,6 +113,10 @@ class Settings(BaseSettings):
     max_poll_interval_seconds: int = 7 * 24 * 3600
     backoff_max_seconds: int = 3600
     max_consecutive_failures: int = 10
+    # A poll the provider throttled (not a failure: never disables) tries again after the
+    # wait the server named, at most THROTTLE_BACKOFF_MAX_SECONDS, or this when it named none.
+    throttle_backoff_seconds: int = Field(default=60, ge=1)
+    throttle_backoff_max_seconds: int = Field(default=900, ge=1)
     reconcile_interval_seconds: int = 300
     # A poll closes its IMAP connection at this age, whatever the server is doing (a
     # body trickled a byte at a time never trips IMAP_READ_TIMEOUT); below the soft limit.

@@ -42,12 +42,14 @@ class InitialSync(StrEnum):
 class ErrorKind(StrEnum):
     """How a failed poll is treated: auth waits for new credentials or the backoff,
     connection retries with backoff, protocol means the server said no or spoke nonsense,
-    internal is mailbeat's own bug."""
+    internal is mailbeat's own bug, throttled is the provider shedding load (retried after
+    its suggested wait or a short backoff, never counted as a failure)."""
 
     AUTH = "auth"
     CONNECTION = "connection"
     PROTOCOL = "protocol"
     INTERNAL = "internal"
+    THROTTLED = "throttled"
 
 
 class PollOutcome(StrEnum):
@@ -61,6 +63,7 @@ class PollOutcome(StrEnum):
     CONNECTION_ERROR = "connection_error"
     PROTOCOL_ERROR = "protocol_error"
     INTERNAL_ERROR = "internal_error"
+    THROTTLED_ERROR = "throttled_error"
 
     @classmethod
     def for_error(cls, kind: ErrorKind) -> PollOutcome:
