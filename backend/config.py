@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     # Logged-in sessions each worker process keeps for the next poll of the same mailbox.
     imap_pool_size: int = Field(default=4, ge=0, le=10000)
     imap_pool_max_age_seconds: float = Field(default=300, gt=0)
+    # How long a server's folder list (LIST) is kept for an account whose `folders` name
+    # special uses (\Sent) or `*`: a folder created later is polled within this.
+    folder_list_seconds: float = Field(default=300, ge=0)
     # What mailbeat tells the server about itself after login (RFC 2971 ID, a JSON
     # object). NetEase (163, 126, yeah.net) refuses every folder to a client that has not
     # sent ID. `{}` sends none.

@@ -14,13 +14,19 @@ A throttled poll (the provider shedding load, ErrorKind.THROTTLED) is not a fail
 mailbox: the status, the failures in a row and the events stay as they were; the error is
 shown and the next poll waits what the server asked for, or THROTTLE_BACKOFF_SECONDS.
 
+A folder that fails (gone, refused) while others of the mailbox are polled is not a
+failed poll: it is kept in `folder_errors` with failures and a backoff of its own, and
+tried again when that runs out; the other folders, and the account's status, go on.
+
 Every function changes the given account (or its row) on the caller's session and
 never commits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -68,6 +74,40 @@ def throttle_delay(error: ImapError) -> timedelta:
     asked = error.retry_after if isinstance(error, ImapThrottled) else None
     seconds = settings.throttle_backoff_seconds if asked is None else asked
     return timedelta(seconds=min(seconds, settings.throttle_backoff_max_seconds))
+
+
+def folder_due(account: Account, folder: str, now: datetime) -> bool:
+    """Whether a folder that failed before is to be tried again by a poll starting now."""
+    failed = (account.folder_errors or {}).get(folder)
+    return failed is None or datetime.fromisoformat(failed["retry_at"]) - BACKOFF_SLACK <= now
+
+
+def record_folders(
+    account: Account,
+    started_at: datetime,
+    *,
+    polled: Sequence[str],
+    tried: Sequence[str],
+    failed: Mapping[str, ImapError],
+) -> None:
+    """The folders' errors after a poll that was to go through `polled` and tried
+    `tried` (the due ones): a failure adds one with its backoff, a success or a folder no
+    longer polled drops it, a folder left waiting keeps it."""
+    before = account.folder_errors or {}
+    errors: dict[str, dict[str, Any]] = {}
+    for folder in polled:
+        if folder in failed:
+            previous = before.get(folder, {})
+            failures = int(previous.get("failures", 0)) + 1
+            errors[folder] = {
+                "error": failed[folder].message,
+                "failures": failures,
+                "since": previous.get("since", started_at.isoformat()),
+                "retry_at": (started_at + backoff_delay(account, failures)).isoformat(),
+            }
+        elif folder in before and folder not in tried:
+            errors[folder] = before[folder]
+    account.folder_errors = errors or None
 
 
 def clear_backoff(account: Account) -> None:

@@ -40,6 +40,7 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginEr
 from backend import netpolicy
 from backend.config import get_settings
 from backend.errors import MailbeatError
+from backend.mailbox.folders import Listed
 from backend.models import Account, AuthMethod, ErrorKind, ImapSecurity
 
 Stage = Literal["dns", "connect", "tls", "auth", "folder"]
@@ -472,6 +473,18 @@ class ImapSession:
             exists=int(info.get(b"EXISTS", 0)),
             uidnext=None if uidnext is None else int(uidnext),
         )
+
+    def list_folders(self) -> list[Listed]:
+        """LIST "" "*": every folder with its attributes (RFC 6154's special uses among
+        them), names decoded from modified UTF-7."""
+        listing = self._command(self._client.list_folders)
+        return [
+            Listed(
+                name=_decoded(name),
+                attributes=frozenset(_decoded(flag).lower() for flag in flags),
+            )
+            for flags, _delimiter, name in listing
+        ]
 
     def status(self, folder: str) -> FolderStatus:
         """STATUS: a folder's UIDVALIDITY, UIDNEXT and message count, without selecting."""

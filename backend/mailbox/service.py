@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from backend.accounts import state
 from backend.config import get_settings
 from backend.db import bulk_insert, insert_for, session_scope
-from backend.mailbox import credentials, cursors, imap, parsing, pool
+from backend.mailbox import credentials, cursors, folders, imap, parsing, pool
 from backend.mailbox.imap import (
     ERROR_TEXT_MAX,
     MAX_UID,
@@ -195,7 +195,7 @@ def poll_account(
                 get_settings().poll_deadline_seconds - (time.monotonic() - started)
             )
             try:
-                error = poller.poll_folders(mailbox)
+                error = poller.poll_folders(mailbox, started_at, force=force)
             finally:
                 note = _ignored_uids_note(account_id, mailbox.ignored_uids)
             if error is not None:
@@ -211,6 +211,9 @@ def poll_account(
         log.error("poll of account %s failed: %s", account_id, error.message)
 
     outcome = PollOutcome.SUCCESS if error is None else PollOutcome.for_error(error.kind)
+    if error is None and poller.failed:
+        failed = "; ".join(exc.message for exc in poller.failed.values())
+        note = f"{note}; {failed}" if note else failed
     event = _finish(
         account_id,
         run_id,
@@ -221,6 +224,10 @@ def poll_account(
         bytes_=poller.new_bytes,
         note=note,
         uidnexts=poller.uidnexts,
+        # A mailbox that failed as a whole keeps its folders' errors as they were.
+        polled=poller.polled if error is None else None,
+        tried=poller.tried,
+        failed=poller.failed,
     )
     if error is not None:
         log.warning("poll of account %s: %s: %s", account_id, outcome, error.message)
@@ -247,11 +254,17 @@ def _finish(
     bytes_: int,
     note: str | None = None,
     uidnexts: dict[str, tuple[int, int]] | None = None,
+    polled: list[str] | None = None,
+    tried: list[str] | None = None,
+    failed: dict[str, ImapError] | None = None,
 ) -> EventType | None:
     """Record the poll on its PollRun row and the account's state, in one transaction;
     returns the account event when the account's status changed. `note`: something a
-    successful poll left out (absurd UIDs), kept on the PollRun. `uidnexts`: the
-    (UIDVALIDITY, UIDNEXT) of each folder the poll went through completely."""
+    successful poll left out (absurd UIDs, a folder that failed), kept on the PollRun.
+    `uidnexts`: the (UIDVALIDITY, UIDNEXT) of each folder the poll went through
+    completely. `polled`, `tried` and `failed`: the folders it was to go through, those
+    that were due and those that failed (`polled` None: it never got to them, and the
+    folders' errors stay as they were)."""
     now = utcnow()
     if error is not None:
         error.message = error.message[:ERROR_TEXT_MAX]
@@ -269,7 +282,13 @@ def _finish(
         )
         for folder, (uidvalidity, uidnext) in (uidnexts or {}).items():
             cursors.saw_uidnext(session, account_id, folder, uidvalidity, uidnext)
-        return state.record_poll(session, account_id, started_at=started_at, now=now, error=error)
+        event = state.record_poll(session, account_id, started_at=started_at, now=now, error=error)
+        account = session.get(Account, account_id)
+        if account is not None and polled is not None:
+            state.record_folders(
+                account, started_at, polled=polled, tried=tried or [], failed=failed or {}
+            )
+        return event
 
 
 def _close_dead_runs(session: Session, account_id: int, now: datetime) -> bool:
@@ -353,6 +372,10 @@ class _Poller:
         self.max_bytes = settings.max_message_bytes
         self.new_ids: list[int] = []
         self.new_bytes = 0
+        # The folders this poll was to go through, and those that failed (poll_folders).
+        self.polled: list[str] | None = None
+        self.tried: list[str] = []
+        self.failed: dict[str, ImapError] = {}
         # None for a backfill, which stores outside the sync.
         self.progress = progress
 
@@ -363,20 +386,30 @@ class _Poller:
             self.pool = writers
             yield
 
-    def poll_folders(self, mailbox: ImapSession) -> ImapError | None:
-        """Poll each folder; a folder the server refuses does not stop the others, but a
-        lost connection does. Returns the first folder error, if any."""
+    def poll_folders(
+        self, mailbox: ImapSession, started_at: datetime, *, force: bool = False
+    ) -> ImapError | None:
+        """Poll each folder that is due (one that failed waits out its own backoff, unless
+        `force`); a folder the server refuses does not stop the others, but a lost
+        connection does. Returns an error only when every folder tried failed: then the
+        mailbox failed."""
+        self.polled = folders.for_account(self.account_id, self.account.folders, mailbox)
+        due = [f for f in self.polled if state.folder_due(self.account, f, started_at)]
+        if force or not due:
+            due = self.polled
+        self.tried = due
         with self.storing():
-            first_error: ImapError | None = None
-            for folder in self.account.folders or ["INBOX"]:
+            for folder in due:
                 try:
                     self.poll_folder(mailbox, folder)
                 except ImapError as exc:
                     if exc.kind != ErrorKind.PROTOCOL:
                         raise
                     log.warning("account %s folder %r: %s", self.account_id, folder, exc.message)
-                    first_error = first_error or ImapProtocolError(f"folder {folder!r}: {exc}")
-            return first_error
+                    self.failed[folder] = ImapProtocolError(f"folder {folder!r}: {exc}")
+        if due and len(self.failed) == len(due):
+            return next(iter(self.failed.values()))
+        return None
 
     def poll_folder(self, mailbox: ImapSession, folder: str) -> None:
         # STATUS first: most polls find nothing new, and then need no SELECT, no SEARCH

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -98,6 +98,9 @@ class Account(TimestampMixin, Base):
     # How far the latest sync of each folder has come: {"INBOX": {"done": 120, "total":
     # 5000}}, written with each batch the poll commits (a first sync shows it filling).
     sync_progress: Mapped[dict[str, dict[str, int]] | None] = mapped_column(JSON)
+    # The folders whose last try failed while others were polled (gone, refused): by
+    # name, the error, failures in a row, since when and when it is tried again.
+    folder_errors: Mapped[dict[str, dict[str, Any]] | None] = mapped_column(JSON)
 
     cursors: Mapped[list[FolderCursor]] = relationship(
         back_populates="account", cascade="all, delete-orphan", passive_deletes=True

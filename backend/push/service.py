@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 
 from backend.db import session_scope
+from backend.mailbox import folders
 from backend.models import Account, AccountStatus, PushStatus
 
 
@@ -37,9 +38,7 @@ def pushed_accounts() -> dict[int, Pushed]:
                 Account.push_status.is_distinct_from(PushStatus.UNSUPPORTED),
             )
         )
-        return {
-            row.id: Pushed(row.id, row.imap_host, tuple(row.folders or ["INBOX"])) for row in rows
-        }
+        return {row.id: Pushed(row.id, row.imap_host, folders.watched(row.folders)) for row in rows}
 
 
 def load_account(account_id: int) -> Account | None:

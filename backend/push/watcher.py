@@ -41,7 +41,7 @@ from types import FrameType
 
 from backend import dispatch, metrics, redis
 from backend.config import get_settings
-from backend.mailbox import credentials, imap
+from backend.mailbox import credentials, folders, imap
 from backend.models import PushStatus
 from backend.push import service
 from backend.push.leases import Leases, watcher_name
@@ -248,7 +248,10 @@ class Watcher:
                 session.close()
                 self._opened.put(Opened(watch, None, unsupported=True))
             else:
-                session.select(watch.folder)
+                folder = folders.one(watch.folder, session)
+                if folder is None:
+                    raise imap.ImapProtocolError(f"the server has no {watch.folder} folder")
+                session.select(folder)
                 self._opened.put(Opened(watch, session.idle()))
         except imap.ImapError as exc:
             if session is not None:
