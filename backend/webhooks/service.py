@@ -157,6 +157,13 @@ def create_message_deliveries(
     return _create(session, message.account, EventType.MESSAGE_RECEIVED, key, message_id=message.id)
 
 
+def create_update_deliveries(session: Session, message: Message) -> list[int]:
+    """A message.updated event of a message (its parsed fields changed), once per target;
+    each change is an event of its own. Only flushes."""
+    key = f"{EventType.MESSAGE_UPDATED}:{message.id}:{uuid.uuid4().hex}"
+    return _create(session, message.account, EventType.MESSAGE_UPDATED, key, message_id=message.id)
+
+
 def create_account_event(session: Session, account: Account, event_type: str) -> list[int]:
     """An account state change, with the account's state as it is now. Only flushes."""
     if event_type not in ACCOUNT_EVENTS:

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from backend.mailbox.parser import decode_words as decode
 from backend.mailbox.service import poll_account
 from backend.models import Message, WebhookDelivery, utcnow
 from backend.processing.service import after_poll, hand_on, process_batch, sweep
@@ -116,7 +117,6 @@ def test_a_header_that_cannot_be_decoded_goes_as_sent_and_is_named(
     """Whatever the decoder raises on one header, the event carries the others decoded."""
     account = make_account(db)
     message = store_message(db, account, 1)
-    decode = events.decode_words
 
     def failing(value: Any) -> str:
         text = decode(value)
@@ -124,7 +124,7 @@ def test_a_header_that_cannot_be_decoded_goes_as_sent_and_is_named(
             raise HeaderParseError("Base64 decoding error")
         return text
 
-    monkeypatch.setattr(events, "decode_words", failing)
+    monkeypatch.setattr("backend.webhooks.events.decode_words", failing)
     data = events.message_data(message, account)["message"]
 
     assert data["decode_errors"] == [
