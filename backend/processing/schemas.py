@@ -86,8 +86,10 @@ class BackfillRead(BaseModel):
 class ReparseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"notify": False}]})
 
+    # Strict: `"notify": 0` or `"yes"` is a 422, not a guess.
     notify: bool = Field(
         default=False,
+        strict=True,
         description="send a message.updated event for each processed message whose "
         "parsed fields changed (nothing is sent without it)",
     )

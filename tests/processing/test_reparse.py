@@ -193,4 +193,5 @@ def test_the_routes_reparse_as_a_task(
     assert [r.json()["type"] for r in receiver.delivered()][2:] == ["message.updated"]
 
     assert api.post("/accounts/999999/reparse").status_code == 404
-    assert api.post("/admin/reparse", json={"notify": "often"}).status_code == 422
+    for wrong in ("often", 0, None):
+        assert api.post("/admin/reparse", json={"notify": wrong}).status_code == 422
