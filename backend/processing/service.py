@@ -6,9 +6,11 @@ registered steps (backend/processing/handlers.py) in one transaction that also m
 messages processed, so processing them again does nothing; then each step's
 after-commit work runs (sending the batch's webhooks). A batch whose transaction fails
 is processed again one message per transaction, so one bad message does not hold back
-the others. A message that fails on its own counts the failure and keeps the reason
-(`process_failures`, `process_error`); after MAX_PROCESS_FAILURES it is a processing
-dead letter: it is no longer retried, and the sweep leaves it.
+the others. A message that fails on its own (others of its batch went through) counts
+the failure and keeps the reason (`process_failures`, `process_error`); after
+MAX_PROCESS_FAILURES it is a processing dead letter: it is no longer retried, and the
+sweep leaves it. A batch whose every message fails counts nothing: the cause is not one
+message, and they are retried as before.
 """
 
 from __future__ import annotations
@@ -109,7 +111,9 @@ def process_and_send_batch(message_ids: int | Sequence[int]) -> int:
         if step.after_commit is not None:
             for message_id in done:
                 step.after_commit(message_id)
-    retry = _record_failures(failed)
+    # A failure counts against a message only when others of its batch went through:
+    # when they all fail, the cause is not in one message (a step's service is down).
+    retry = _record_failures(failed, counted=bool(done))
     if retry:
         raise ProcessingFailed(f"messages {retry} could not be processed (see the log)")
     return processed
@@ -129,11 +133,13 @@ def _one_at_a_time(message_ids: Sequence[int]) -> tuple[int, dict[int, str]]:
     return processed, failed
 
 
-def _record_failures(failed: dict[int, str]) -> list[int]:
-    """Count each message's failure with its reason (a short transaction of its own);
-    returns those to retry, leaving those that reached MAX_PROCESS_FAILURES."""
+def _record_failures(failed: dict[int, str], *, counted: bool) -> list[int]:
+    """Keep each message's reason and, when `counted`, count the failure (a short
+    transaction of its own); returns those to retry, leaving those that reached
+    MAX_PROCESS_FAILURES."""
     if not failed:
         return []
+    increment = 1 if counted else 0
     try:
         with session_scope() as session:
             counts = dict(
@@ -141,7 +147,7 @@ def _record_failures(failed: dict[int, str]) -> list[int]:
                     update(Message)
                     .where(Message.id.in_(failed), Message.processed_at.is_(None))
                     .values(
-                        process_failures=Message.process_failures + 1,
+                        process_failures=Message.process_failures + increment,
                         process_error=case(failed, value=Message.id),
                     )
                     .returning(Message.id, Message.process_failures)
