@@ -692,7 +692,7 @@ class _Poller:
         if isinstance(outcome, str):
             row["parse_error"] = outcome
             return []
-        row.update(_parsed_fields(outcome))
+        row.update(parsed_fields(outcome))
         parts = []
         for index, attachment in enumerate(outcome.attachments, start=1):
             part_key = attachment_key(
@@ -768,7 +768,8 @@ def _prefetched(batches: Iterator[list[_Fetched]]) -> Iterator[list[_Fetched]]:
         producer.join()
 
 
-def _parsed_fields(parsed: ParsedMessage) -> dict[str, Any]:
+def parsed_fields(parsed: ParsedMessage) -> dict[str, Any]:
+    """The message row's columns the parser fills (re-parsing changes only these)."""
     return {
         "message_id": parsed.message_id,
         "subject": parsed.subject,

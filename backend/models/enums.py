@@ -78,6 +78,8 @@ class EventType(StrEnum):
     """Webhook event types. The account events report a change of AccountStatus."""
 
     MESSAGE_RECEIVED = "message.received"
+    # A message re-parsed from its raw bytes (a parser upgrade), sent only when asked.
+    MESSAGE_UPDATED = "message.updated"
     ACCOUNT_ERROR = "account.error"
     ACCOUNT_DISABLED = "account.disabled"
     ACCOUNT_RECOVERED = "account.recovered"
