@@ -1,7 +1,7 @@
 """messages: process_failures and process_error (a message whose processing keeps failing)
 
-Revision ID: 0011_message_process_failures
-Revises: 0010_message_bodies_lz4
+Revision ID: 0012_message_process_failures
+Revises: 0011_account_folder_errors
 Create Date: 2026-12-07 05:20:00
 
 A message whose processing fails on its own (its batch's others processed) counts the
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0011_message_process_failures"
-down_revision: str | None = "0010_message_bodies_lz4"
+revision: str = "0012_message_process_failures"
+down_revision: str | None = "0011_account_folder_errors"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
