@@ -338,10 +338,12 @@ def _claim(
             # An event that cannot be built at all (what a message's headers or storage do
             # is handled in the event itself) is a dead letter alone, with the reason: the
             # batch's other events still go out. A replay builds it again.
-            log.exception(
-                "webhook %s %s: the event could not be built",
+            # No traceback: its frames may quote the message's content.
+            log.error(
+                "webhook %s %s: the event could not be built: %s",
                 delivery.event_type,
                 delivery.event_id,
+                events.reason(exc),
             )
             delivery.status = DeliveryStatus.DEAD
             delivery.attempts += 1
