@@ -30,7 +30,7 @@ from backend.console.endpoints import mount_console
 from backend.deps import KnownQueryDep
 from backend.errors import MailbeatError, ValidationError, error_responses
 from backend.guard import RequestGuard
-from backend.mailbox.polling import prune_poll_runs, run_poll
+from backend.mailbox.polling import prune_poll_runs, run_poll, sweep_dead_polls
 from backend.messages.endpoints import router as messages_router
 from backend.processing.endpoints import router as processing_router
 from backend.processing.service import sweep
@@ -61,6 +61,7 @@ def local_housekeeping() -> None:
     accounts. (Beat's reconcile is the local scheduler's own re-read.)"""
     sweep()
     prune_poll_runs()
+    sweep_dead_polls()
     storage_tasks.purge_deleted()
     if get_settings().s3_enabled:
         storage_tasks.sync_all()
