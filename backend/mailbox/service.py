@@ -354,8 +354,11 @@ def _close_dead_runs(
 
 def close_dead_runs(session: Session, runs: Sequence[PollRun], now: datetime) -> None:
     """Record these polls as killed. Each counts as a failure of its mailbox, so one that
-    kills its worker backs off and is disabled in the end like any failing mailbox; a
-    disabled mailbox's run is only closed (its state stays as it is)."""
+    kills its worker again and again backs off and is disabled in the end like any
+    failing mailbox; but a first one in a row sets no backoff: a worker killed for
+    reasons of its own (out of memory, a lost host, a deployment) must not keep its
+    mailboxes waiting an interval. A disabled mailbox's run is only closed (its state
+    stays as it is)."""
     for run in runs:
         error = ImapError(DEAD_RUN)
         error.kind = ErrorKind.INTERNAL
@@ -365,6 +368,8 @@ def close_dead_runs(session: Session, runs: Sequence[PollRun], now: datetime) ->
         account = session.get(Account, run.account_id)
         if account is not None and state.wants_polls(account):
             state.record_poll(session, run.account_id, started_at=now, now=now, error=error)
+            if account.consecutive_failures == 1:
+                state.clear_backoff(account)
         log.warning("poll run %s of account %s: %s", run.id, run.account_id, error.message)
     session.flush()
 
