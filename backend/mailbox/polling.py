@@ -45,6 +45,7 @@ from backend.models import (
 )
 from backend.processing.service import after_poll
 from backend.schedules import service as schedules
+from backend.schedules import store
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,12 @@ def sweep_dead_polls(*, limit: int = SWEEP_LIMIT) -> list[int]:
         ]
     if not local:
         for account_id in wanted:
-            # The dead poll's mailbox now, not at its next interval; coalesced.
+            # The dead poll's mailbox now, not at its next interval. A poll the dead
+            # worker had taken but not started holds the coalescing key until the broker
+            # hands it out again (its visibility timeout, 2 x POLL_TIME_LIMIT_SECONDS):
+            # the key goes with the worker, and that poll, when it comes back, is one
+            # more poll that finds nothing new.
+            dispatch.release(store.pending_key(account_id))
             schedules.enqueue_news_poll(account_id)
     if runs:
         log.warning("sweep: %d polls whose worker died closed as failures", len(runs))

@@ -40,6 +40,14 @@ def alive() -> bool:
     return any(fenced.text(beat).startswith(prefix) for beat in cast(list[bytes | str], beats))
 
 
+def live_processes() -> set[str]:
+    """The watchers that announced themselves within their lease, as `host-pid` (how
+    backend/metrics.py names a process's files)."""
+    with redis.probe(timeout=5) as client:
+        beats = client.zrangebyscore(WATCHERS_KEY, time.time() - _lease_seconds(), "+inf")
+    return {fenced.text(beat).rsplit("-", 1)[0] for beat in cast(list[bytes | str], beats)}
+
+
 def _lease_seconds() -> float:
     return get_settings().watcher_lease_seconds
 

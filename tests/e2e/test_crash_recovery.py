@@ -16,15 +16,17 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from backend.mailbox.lock import lock_key
 from backend.mailbox.polling import run_poll
 from backend.mailbox.service import DEAD_RUN, LOST_LEASE, PollResult
-from backend.models import Account, Message, PollOutcome, PollRun
+from backend.models import Account, Message, PollOutcome, PollRun, utcnow
 from backend.schedules import service
 from tests.support.accounts import make_account
 from tests.support.celery import ROOT, Celery, running_celery
@@ -38,6 +40,7 @@ pytestmark = pytest.mark.e2e
 
 LEASE = 3
 BATCH = 10
+CONNECTIONS = "mailbeat_push_connections{"
 
 
 @pytest.fixture
@@ -182,3 +185,37 @@ def test_a_poll_stopped_past_its_lease_cannot_write_after_another_took_the_mailb
     assert stale_run.messages_count + second_run.messages_count == messages
     assert second_run.outcome == PollOutcome.SUCCESS
     _exactly_once(db, dovecot, account)
+
+
+def _push_connections(api: TestClient) -> float:
+    lines = api.get("/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(CONNECTIONS))
+
+
+def test_a_killed_watcher_leaves_no_push_status_or_gauge_that_looks_alive(
+    db: Session, dovecot: Dovecot, celery: Celery, set_env: Callable[..., None], api: TestClient
+) -> None:
+    set_env(WATCHER_LEASE_SECONDS=1)
+    account = make_account(
+        db, dovecot, push=True, poll_interval_seconds=3600, last_polled_at=utcnow()
+    )
+    watcher = celery.watcher()
+
+    def shown() -> dict[str, Any]:
+        body: dict[str, Any] = api.get(f"/accounts/{account.id}").json()
+        return body
+
+    wait_for(lambda: shown()["push_status"] == "watching", "IDLE held", details=celery.logs)
+    confirmed = shown()["push_confirmed_at"]
+    wait_for(
+        lambda: shown()["push_confirmed_at"] != confirmed,
+        "the live watcher to confirm it again",
+        details=celery.logs,
+    )
+    assert _push_connections(api) == 1
+
+    watcher.kill()  # SIGKILL: it cannot set its status or zero its gauge
+    wait_for(lambda: shown()["push_status"] == "stale", "push_status to turn stale")
+    db.rollback()
+    assert db.scalar(select(Account.push_status).where(Account.id == account.id)) == "watching"
+    wait_for(lambda: _push_connections(api) == 0, "the dead watcher's connections to go")

@@ -4,6 +4,7 @@ sweep, their mailboxes polled again. Real PostgreSQL, Redis and Dovecot."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -12,6 +13,8 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
+from backend import dispatch
+from backend.celery_app import queue_keys
 from backend.db import session_scope
 from backend.dispatch import COALESCE_PREFIX
 from backend.mailbox import cursors
@@ -28,7 +31,7 @@ from backend.models import (
     PollRun,
     utcnow,
 )
-from backend.schedules.store import pending_key
+from backend.schedules.store import POLL_QUEUE, pending_key
 from tests.support.accounts import make_account
 from tests.support.dovecot import Dovecot
 from tests.support.mail import generated
@@ -121,6 +124,9 @@ def test_the_sweep_closes_dead_polls_and_polls_their_mailboxes_again(
     disabled_run = _dead_run(db, disabled, lease + 5)
     holder = MailboxLock(live.id)
     assert holder.acquire()  # a long poll, alive: its process renews its lease
+    # A poll of the dead mailbox its worker had taken but not started: its coalescing key
+    # would stand until the broker's visibility timeout.
+    assert dispatch.claim_many([pending_key(dead.id)], 3600) == [True]
 
     assert sweep_dead_polls() == sorted([dead.id, disabled.id])
 
@@ -138,6 +144,13 @@ def test_the_sweep_closes_dead_polls_and_polls_their_mailboxes_again(
         for account in (dead, live, young, disabled)
         if redis_db.client().exists(COALESCE_PREFIX + pending_key(account.id))
     }
-    assert pending == {dead.id}  # polled again now, not at its next interval
+    assert pending == {dead.id}
+    # Polled again now, not at its next interval nor after the lost poll's key expired.
+    queued = [
+        json.loads(raw)["headers"]["argsrepr"]
+        for key in queue_keys(POLL_QUEUE)
+        for raw in redis_db.client().lrange(key, 0, -1)
+    ]
+    assert queued == [f"[{dead.id}]"]
     assert sweep_dead_polls() == []  # closed once
     assert holder.release()
