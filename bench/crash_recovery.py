@@ -51,7 +51,10 @@ def main() -> None:
             INTERVAL,
         )
         with session_scope() as session:
-            accounts = dict(session.execute(select(Account.id, Account.username)).tuples())
+            accounts = {
+                row.id: row.username
+                for row in session.execute(select(Account.id, Account.username))
+            }
         settings = get_settings()
         print(
             f"MAILBOX_LEASE_SECONDS {settings.mailbox_lease_seconds:g}, "
@@ -63,7 +66,7 @@ def main() -> None:
                 rows = session.execute(
                     select(Message.account_id, func.count()).group_by(Message.account_id)
                 )
-                return dict(rows.tuples())
+                return {account_id: count for account_id, count in rows}
 
         def newest() -> dict[int, float]:
             with session_scope() as session:
@@ -72,7 +75,7 @@ def main() -> None:
                         Message.account_id
                     )
                 )
-                return {account_id: at.timestamp() for account_id, at in rows.tuples()}
+                return {account_id: at.timestamp() for account_id, at in rows}
 
         stop_mail = threading.Event()
 
