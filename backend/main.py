@@ -57,9 +57,9 @@ problem in `errors`. Passwords and tokens are write-only: no response carries th
 def local_housekeeping() -> None:
     """Beat's periodic work (beat_schedule in backend/celery_app.py), for local mode: pick
     up lost processing and deliveries, delete old poll runs, close the runs of polls
-    that died with a previous process, move objects that fell back
-    to local files up to S3 once it answers, and remove the stored objects of deleted
-    accounts. (Beat's reconcile is the local scheduler's own re-read.)"""
+    that died with a previous process, move objects that fell back to local files up to
+    S3 once it answers, and remove the stored objects of deleted accounts. (Beat's
+    reconcile is the local scheduler's own re-read.)"""
     sweep()
     prune_poll_runs()
     sweep_dead_polls()
