@@ -42,9 +42,10 @@ def test_the_lease_is_short_and_fenced(redis_db: RedisDb) -> None:
 
 
 def test_a_live_holder_keeps_the_mailbox_past_its_lease(redis_db: RedisDb) -> None:
-    holder = MailboxLock(1, seconds=1)
+    # Leases of 3 s renewed every second: a renewal may come 2 s late on a loaded machine.
+    holder = MailboxLock(1, seconds=3)
     assert holder.acquire()
-    time.sleep(3)  # three leases: only the heartbeat's renewals keep it
+    time.sleep(7.5)  # two and a half leases: only the heartbeat's renewals keep it
     assert redis_db.client().exists(lock_key(1))
     assert not MailboxLock(1).acquire()
     assert not holder.lost.is_set()
@@ -73,10 +74,10 @@ def test_a_stale_holder_learns_it_lost_and_cannot_release(redis_db: RedisDb) -> 
 
 
 def test_a_rerun_request_lives_as_long_as_its_holder(redis_db: RedisDb) -> None:
-    holder = MailboxLock(1, seconds=1)
+    holder = MailboxLock(1, seconds=3)
     assert holder.acquire()
-    redis_db.client().set(rerun_key(1), 1, px=1000)  # as a refused poll leaves it
-    time.sleep(3)
+    redis_db.client().set(rerun_key(1), 1, px=3000)  # as a refused poll leaves it
+    time.sleep(7.5)
     assert redis_db.client().exists(rerun_key(1))  # renewed with the lease
     holder._stop.set()
     holder._heartbeat.join()  # type: ignore[union-attr]
