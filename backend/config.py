@@ -126,6 +126,10 @@ class Settings(BaseSettings):
     poll_deadline_seconds: float = Field(default=540, gt=0)
     poll_soft_time_limit_seconds: int = 600
     poll_time_limit_seconds: int = 660
+    # A poll's hold on its mailbox (a lease in Redis) lasts this long unless renewed; the
+    # polling process renews it every third of it for as long as the poll runs, so a
+    # poll whose worker died frees its mailbox within it (docs/operations.md, "Crashes").
+    mailbox_lease_seconds: float = Field(default=20.0, ge=1)
     # /health says "degraded" when the oldest queued poll has waited longer than this:
     # the workers complete fewer polls than the schedule asks for.
     poll_lag_degraded_seconds: int = Field(default=300, ge=1)

@@ -30,7 +30,7 @@ from backend.console.endpoints import mount_console
 from backend.deps import KnownQueryDep
 from backend.errors import MailbeatError, ValidationError, error_responses
 from backend.guard import RequestGuard
-from backend.mailbox.polling import prune_poll_runs, run_poll
+from backend.mailbox.polling import prune_poll_runs, run_poll, sweep_dead_polls
 from backend.messages.endpoints import router as messages_router
 from backend.processing.endpoints import router as processing_router
 from backend.processing.service import sweep
@@ -56,11 +56,13 @@ problem in `errors`. Passwords and tokens are write-only: no response carries th
 
 def local_housekeeping() -> None:
     """Beat's periodic work (beat_schedule in backend/celery_app.py), for local mode: pick
-    up lost processing and deliveries, delete old poll runs, move objects that fell back
-    to local files up to S3 once it answers, and remove the stored objects of deleted
-    accounts. (Beat's reconcile is the local scheduler's own re-read.)"""
+    up lost processing and deliveries, delete old poll runs, close the runs of polls
+    that died with a previous process, move objects that fell back to local files up to
+    S3 once it answers, and remove the stored objects of deleted accounts. (Beat's
+    reconcile is the local scheduler's own re-read.)"""
     sweep()
     prune_poll_runs()
+    sweep_dead_polls()
     storage_tasks.purge_deleted()
     if get_settings().s3_enabled:
         storage_tasks.sync_all()

@@ -33,6 +33,7 @@ from backend.models.enums import (
     SchedulerMode,
 )
 from backend.paging import NextAfter
+from backend.push import service as push
 
 # Explicit characters rather than \s, which means more in Python than in JSON Schema.
 # NUL too: PostgreSQL text cannot hold it.
@@ -484,9 +485,14 @@ class AccountRead(BaseModel):
     enabled: bool
     push: bool
     push_status: PushStatus | None = Field(
-        description="with push on, what the watcher found: 'watching' (IDLE held) or "
+        description="with push on, what the watcher found: 'watching' (IDLE held, "
+        "confirmed by a live watcher within two WATCHER_LEASE_SECONDS), 'stale' (was "
+        "watching, but no live watcher has confirmed it since: none runs, or it died) or "
         "'unsupported' (the server has no IDLE: polled on the interval only); null before "
         "a watcher has tried"
+    )
+    push_confirmed_at: datetime | None = Field(
+        description="when a live watcher last confirmed push_status 'watching'"
     )
     initial_sync: str
     initial_sync_count: int | None
@@ -506,6 +512,11 @@ class AccountRead(BaseModel):
     )
     created_at: datetime
     updated_at: datetime
+
+    @model_validator(mode="after")
+    def _stale_push(self) -> AccountRead:
+        self.push_status = push.shown_status(self.push_status, self.push_confirmed_at)
+        return self
 
 
 class AccountList(BaseModel):
