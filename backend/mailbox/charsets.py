@@ -276,12 +276,12 @@ def _user_defined(text: str) -> str:
     return "".join(chr(0xF700 + ord(c)) if ord(c) >= 0x80 else c for c in text)
 
 
-_BROKEN_LINE = re.compile(rb"([\xc2-\xf4][\x80-\xbf]{0,2})\r?\n([\x80-\xbf]{1,3})")
+_BROKEN_LINE = re.compile(rb"([\xc2-\xf4][\x80-\xbf]{0,2})(\r?\n)([\x80-\xbf]{1,3})")
 
 
 def _rejoin_utf8(data: bytes) -> str | None:
     """UTF-8 whose lines some mailer broke inside a character: the character joined."""
-    joined = _BROKEN_LINE.sub(rb"\1\2\n", data)
+    joined = _BROKEN_LINE.sub(rb"\1\3\2", data)
     if joined == data:
         return None
     try:

@@ -49,7 +49,7 @@ class _RawHeaders(Compat32):
     bytes as surrogates), not as a Header whose str() makes each byte a U+FFFD: the
     decoding below reads those bytes."""
 
-    def header_fetch_parse(self, name: str, value: str) -> str:  # type: ignore[override]
+    def header_fetch_parse(self, name: str, value: str) -> str:
         return value
 
 
@@ -290,7 +290,7 @@ def _word_text(data: bytes, label: str, decoding: _Decoding) -> tuple[str, bool]
     encoding = charsets.lookup(label)
     if encoding is None:  # unknown-8bit, x-unknown, a label nobody knows
         return _raw_bytes(data, decoding)
-    return _declared(data, encoding)
+    return _declared(data, encoding, label)
 
 
 def _raw_text(text: str, decoding: _Decoding) -> tuple[str, bool]:
@@ -318,8 +318,15 @@ def _raw_bytes(data: bytes, decoding: _Decoding) -> tuple[str, bool]:
     return charsets.decode_lenient(data, charsets.WINDOWS_1252)[0], False
 
 
-def _declared(data: bytes, encoding: Encoding) -> tuple[str, bool]:
-    """Text in the charset it names; mislabelled UTF-8 (common) is still read as UTF-8."""
+def _declared(data: bytes, encoding: Encoding, label: str | None = None) -> tuple[str, bool]:
+    """Text in the charset it names; mislabelled UTF-8 (common) is still read as UTF-8.
+    A label of ASCII says nothing of 8-bit bytes: UTF-8 when they are, else what WHATWG
+    reads ASCII as (windows-1252)."""
+    if label in _ASCII_LABELS and not data.isascii():
+        try:
+            return data.decode("utf-8"), True
+        except UnicodeDecodeError:
+            pass
     text = charsets.decode(data, encoding)
     if text is not None:
         return text, True
@@ -459,8 +466,8 @@ def _part_text(
     data = _part_bytes(part)
     label = part.get_content_charset()
     encoding = charsets.lookup(label)
-    if encoding is not None and not (label in _ASCII_LABELS and not data.isascii()):
-        text, clean = _declared(data, encoding)
+    if encoding is not None:
+        text, clean = _declared(data, encoding, label)
         decoding.note(field, clean)
         return clean_text(text)
     if data.isascii() and b"\x1b" not in data:
