@@ -2,7 +2,9 @@
 text and HTML bodies, attachments with safe names.
 
 Real mail is often malformed. The compat32 parser is used because it is tolerant and
-fast; every field is decoded on its own, so one bad header costs that header only.
+fast, with a policy that hands raw 8-bit header bytes over as bytes; every field is
+decoded on its own, as a mail reader shows it (docs/architecture.md, "Decoding mail":
+the fallback order), so one bad header costs that header only, and never an exception.
 Text going to the database is made valid UTF-8 without NUL (PostgreSQL refuses both).
 """
 
