@@ -222,6 +222,7 @@ def test_html_meta_charset(meta: bytes) -> None:
     html = b"<html><head>" + meta + b"</head><body>" + "Привет, мир".encode("cp1251")
     parsed = parse(message(b"MIME-Version: 1.0\r\n", html, content_type=b"text/html"))
     assert parsed.html_body is not None and parsed.html_body.endswith("<body>Привет, мир")
+    assert parsed.decode_fallbacks == []  # named by the document, not guessed
 
 
 def test_undeclared_legacy_body_is_detected_and_flagged() -> None:
@@ -355,24 +356,30 @@ def attachment(disposition: bytes, content_type: bytes = b"application/msword") 
 
 
 @pytest.mark.parametrize(
-    ("disposition", "content_type"),
+    ("disposition", "content_type", "guessed"),
     [
         # RFC 2231 continuations in GBK, the first part encoded, the second not.
-        (b"attachment; filename*0*=gbk''%B9%DC%C0%ED; filename*1=.doc", b"application/msword"),
-        (b"attachment; filename*=gbk''%B9%DC%C0%ED.doc", b"application/msword"),
-        (b"attachment; filename*=GB2312'zh'%B9%DC%C0%ED.doc", b"application/msword"),
-        # Raw 8-bit bytes (the message's text is GBK) and RFC 2047 in name=.
-        (b'attachment; filename="' + "管理.doc".encode("gbk") + b'"', b"application/msword"),
-        (b"attachment", b'application/msword; name="=?gb2312?B?' + b64("管理", "gbk") + b'?=.doc"'),
-        (b'attachment; filename="=?UTF-8?B?566h55CG?=.doc"', b"application/msword"),
+        (b"attachment; filename*0*=gbk''%B9%DC%C0%ED; filename*1=.doc", b"application/msword", 0),
+        (b"attachment; filename*=gbk''%B9%DC%C0%ED.doc", b"application/msword", 0),
+        (b"attachment; filename*=GB2312'zh'%B9%DC%C0%ED.doc", b"application/msword", 0),
+        # Raw 8-bit bytes: read in the charset of the message's text (GBK), a guess.
+        (b'attachment; filename="' + "管理.doc".encode("gbk") + b'"', b"application/msword", 1),
+        # RFC 2047 in name= and inside filename's quotes, as Outlook writes them.
+        (
+            b"attachment",
+            b'application/msword; name="=?gb2312?B?' + b64("管理", "gbk") + b'?=.doc"',
+            0,
+        ),
+        (b'attachment; filename="=?UTF-8?B?566h55CG?=.doc"', b"application/msword", 0),
     ],
 )
-def test_attachment_names(disposition: bytes, content_type: bytes) -> None:
+def test_attachment_names(disposition: bytes, content_type: bytes, guessed: int) -> None:
     parsed = parse(attachment(disposition, content_type))
     assert parsed.text_body == "正文"
     (document,) = parsed.attachments
     assert document.filename == "管理.doc"
     assert document.safe_name == "管理.doc"
+    assert parsed.decode_fallbacks == (["attachments[0].filename"] if guessed else [])
 
 
 # -- never an exception, never a lone surrogate -----------------------------------------
