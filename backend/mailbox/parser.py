@@ -193,6 +193,9 @@ class _Decoding:
         self.header_fallback = header_fallback
         self._charsets: tuple[Encoding, ...] | None = None
         self.fallbacks: list[str] = []
+        # The first legacy charset the message's encoded words name: the sender's own,
+        # a better guess for a body that names none than detection.
+        self.word_charset: Encoding | None = None
 
     def header_charsets(self) -> tuple[Encoding, ...]:
         if self._charsets is None:
@@ -292,6 +295,10 @@ def _word_text(data: bytes, label: str, decoding: _Decoding) -> tuple[str, bool]
     encoding = charsets.lookup(label)
     if encoding is None:  # unknown-8bit, x-unknown, a label nobody knows
         return _raw_bytes(data, decoding)
+    if decoding.word_charset is None and not (
+        label in _ASCII_LABELS or encoding.name.startswith("utf-")
+    ):
+        decoding.word_charset = encoding
     return _declared(data, encoding, label)
 
 
@@ -464,7 +471,8 @@ def _part_text(
     part: EmailMessage, decoding: _Decoding, inherited: Encoding | None, field: str
 ) -> str:
     """The declared charset; when none is (or an unknown one): the enclosing part's, an
-    HTML meta charset, ISO-2022-JP by its escapes, UTF-8 when valid, then detection."""
+    HTML meta charset, ISO-2022-JP by its escapes, ASCII or UTF-8 when valid, the
+    charset the message's encoded words name, then detection."""
     data = _part_bytes(part)
     label = part.get_content_charset()
     encoding = charsets.lookup(label)
@@ -486,8 +494,12 @@ def _part_text(
     text, clean = charsets.decode_lenient(data, charsets.UTF8)
     if clean:
         return clean_text(text)
-    guess = charsets.detect(data)
     decoding.note(field, False)
+    if decoding.word_charset is not None:
+        text, clean = charsets.decode_lenient(data, decoding.word_charset)
+        if clean:
+            return clean_text(text)
+    guess = charsets.detect(data)
     if guess is not None:
         return clean_text(charsets.decode_lenient(data, guess)[0])
     return clean_text(_raw_bytes(data, decoding)[0])

@@ -235,6 +235,19 @@ def test_undeclared_legacy_body_is_detected_and_flagged() -> None:
     assert parsed.decode_fallbacks == ["text_body"]
 
 
+def test_undeclared_body_in_the_charset_of_the_encoded_subject() -> None:
+    text = "Türkcellden tanıdık buldum, ilk partide alıyorum inşallah.\r\n"
+    raw = message(
+        b"Subject: =?iso-8859-9?Q?=DCye_oldu=F0unuz?=\r\nMIME-Version: 1.0\r\n",
+        text.encode("cp1254"),
+        content_type=b"text/plain",
+    )
+    parsed = parse(raw)
+    assert parsed.subject == "Üye olduğunuz"
+    assert parsed.text_body == text
+    assert parsed.decode_fallbacks == ["text_body"]
+
+
 def test_undeclared_utf8_body() -> None:
     parsed = parse(message(b"", "Grüße ✔\r\n".encode()))
     assert parsed.text_body == "Grüße ✔\r\n"
