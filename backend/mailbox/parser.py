@@ -328,12 +328,14 @@ def _raw_bytes(data: bytes, decoding: _Decoding) -> tuple[str, bool]:
 
 
 def _declared(data: bytes, encoding: Encoding, label: str | None = None) -> tuple[str, bool]:
-    """Text in the charset it names; mislabelled UTF-8 (common) is still read as UTF-8.
-    A label of ASCII says nothing of 8-bit bytes: UTF-8 when they are, else what WHATWG
-    reads ASCII as (windows-1252)."""
-    if label in _ASCII_LABELS and not data.isascii():
+    """Text in the charset it names; mislabelled UTF-8 (common) is still read as UTF-8:
+    when the bytes are not valid in that charset, or when it is a single-byte one (which
+    reads any byte) and they are valid UTF-8 (text in a single-byte charset almost never
+    is). A label of ASCII says nothing of 8-bit bytes: UTF-8 when they are, else what
+    WHATWG reads ASCII as (windows-1252)."""
+    if (label in _ASCII_LABELS or encoding.single_byte) and not data.isascii():
         try:
-            return data.decode("utf-8"), True
+            return data.decode("utf-8"), label in _ASCII_LABELS
         except UnicodeDecodeError:
             pass
     text = charsets.decode(data, encoding)

@@ -143,6 +143,19 @@ def test_mislabelled_and_unknown_labels(label: str, text: str, codec: str) -> No
     assert parsed.decode_fallbacks == []
 
 
+@pytest.mark.parametrize("label", [b"iso-8859-1", b"x-mac-cyrillic", b"windows-1251"])
+def test_utf8_under_a_single_byte_label_is_utf8(label: bytes) -> None:
+    text = "© 2019 Текущий счёт"
+    raw = message(
+        b"Subject: =?" + label + b"?B?" + b64(text, "utf-8") + b"?=\r\nMIME-Version: 1.0\r\n",
+        text.encode(),
+        content_type=b"text/plain; charset=" + label,
+    )
+    parsed = parse(raw)
+    assert (parsed.subject, parsed.text_body) == (text, text)
+    assert parsed.decode_fallbacks == ["subject", "text_body"]  # against the label: said
+
+
 def test_every_whatwg_label_names_an_encoding() -> None:
     table = charsets._labels(charsets._WHATWG_TABLE)
     assert len(table) == 228  # the Encoding Standard's whole list
