@@ -4,13 +4,14 @@ checkout against a baseline commit in the same run:
     python -m bench.parser DIR [--baseline REF] [--generated 2000] [--rounds 5] [--show]
 
 For each variant (a process of its own, with that checkout first on sys.path) it reports
-for DIR: messages/s, messages the parser could not read, the decoded fields (subject,
-from, to, cc, text, HTML, attachment names), how many needed a fallback (the parser's
-`decode_fallbacks`; the baseline may have none), and how many still hold U+FFFD, raw
-escape codes (ESC) or UTF-8 read as Latin-1 ("Ã©"). Then the same for `--generated`
-messages of the ingest benchmark (`bench.ingest.build_message`, seed 7), parsed
-`--rounds` times, the variants taking turns; the best round counts. `--show` prints
-each field that still holds U+FFFD, ESC or that mojibake.
+for DIR: messages/s (the best of `--rounds` passes), messages the parser could not read,
+the decoded fields (subject, from, to, cc, text, HTML, attachment names), how many
+needed a fallback (the parser's `decode_fallbacks`; the baseline may have none), and
+how many still hold U+FFFD, raw escape codes (ESC) or UTF-8 read as Latin-1 ("Ã©").
+Then the speed on `--generated` messages of the ingest benchmark
+(`bench.ingest.build_message`, seed 7), parsed `--rounds` times, the variants taking
+turns; the best round counts. `--show` prints each field that still holds U+FFFD, ESC
+or that mojibake.
 
 The baseline runs from a copy of REF (git archive) with this file's child code, which
 only uses what both versions have (`parse_message`).
@@ -71,14 +72,16 @@ def child(args: argparse.Namespace) -> None:
     result: dict[str, Any] = dict.fromkeys(["failed", "fields", "fallback"], 0)
     result.update(dict.fromkeys(SUSPECT, 0))
     shown: list[str] = []
-    start = time.perf_counter()
-    outcomes: list[Any] = []
-    for raw in raws:
-        try:
-            outcomes.append(parse_message(raw))
-        except Exception as exc:
-            outcomes.append(f"{type(exc).__name__}: {exc}")
-    result["seconds"] = time.perf_counter() - start
+    result["seconds"] = float("inf")
+    for _ in range(args.rounds):  # the best of the rounds
+        start = time.perf_counter()
+        outcomes: list[Any] = []
+        for raw in raws:
+            try:
+                outcomes.append(parse_message(raw))
+            except Exception as exc:
+                outcomes.append(f"{type(exc).__name__}: {exc}")
+        result["seconds"] = min(result["seconds"], time.perf_counter() - start)
     result["messages"] = len(raws)
     for path, parsed in zip(paths, outcomes, strict=True):
         if isinstance(parsed, str):
@@ -137,7 +140,7 @@ def main() -> None:
         if args.directory:
             print(f"{args.directory}:")
             for name, checkout in variants.items():
-                r = _run(checkout, args.directory, "--generated", "0")
+                r = _run(checkout, args.directory, "--generated", "0", "--rounds", str(args.rounds))
                 print(
                     f"  {name}: {r['messages']} messages in {r['seconds']:.2f} s "
                     f"({r['messages'] / r['seconds']:.0f}/s), {r['failed']} not parsed; "
