@@ -19,6 +19,7 @@ import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.errors import MissingHeaderBodySeparatorDefect
 from email.header import Header, decode_header
 from email.message import Message as EmailMessage
 from email.policy import Compat32
@@ -41,6 +42,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # An RFC 2047 encoded word; the text may hold raw 8-bit bytes (as surrogates), not "?".
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([qQbB])\?([^?]*)\?=")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")  # RFC 5322: printable, no colon
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
 _URLSAFE = bytes.maketrans(b"-_", b"+/")
 _ASCII_LABELS = frozenset({"us-ascii", "ascii", "ansi_x3.4-1968"})
@@ -99,6 +101,10 @@ def parse_message(
         msg = _fast_tree(raw.decode("ascii", "surrogateescape"), depth=0)
     if msg is None:
         msg = email.message_from_bytes(raw, policy=POLICY)
+        if any(isinstance(d, MissingHeaderBodySeparatorDefect) for d in msg.defects):
+            mended = _mend_header_block(raw)
+            if mended is not None:
+                msg = email.message_from_bytes(mended, policy=POLICY)
     decoding = _Decoding(msg, header_fallback)
     parsed = ParsedMessage(
         message_id=_header_text(msg, "message-id", decoding, field="message_id", limit=998),
@@ -112,6 +118,33 @@ def parse_message(
     _walk(msg, parsed, decoding, None)
     parsed.decode_fallbacks = decoding.fallbacks
     return parsed
+
+
+def _mend_header_block(raw: bytes) -> bytes | None:
+    """The feed parser ends the header block at the first line that is not a header;
+    mail readers end it at the blank line. When every line up to the blank line is a
+    header or a continuation, but a field name holds a space or a tab (`Subject :`,
+    `X-Name/with\tspace:`), the names are mended (or the field dropped when nothing
+    valid is left of its name), so the body starts where the sender put it. None when
+    the block has a line that is no header at all (then it is left as it is)."""
+    end = _HEADER_END.search(raw.decode("ascii", "surrogateescape"))
+    if end is None:
+        return None
+    kept: list[bytes] = []
+    dropping = False
+    for line in raw[: end.start()].split(b"\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon:
+            return None
+        name = name.rstrip(b" \t")
+        dropping = _FIELD_NAME.fullmatch(name) is None
+        if not dropping:
+            kept.append(name + b":" + value)
+    return b"\n".join(kept) + raw[end.start() :]
 
 
 def _fast_tree(text: str, *, depth: int) -> EmailMessage | None:

@@ -367,6 +367,22 @@ def test_quoted_printable_body_is_decoded_whatever_the_header_block_ends_with(
     assert text is not None and text.strip() == "Welcome to APPNAME™."
 
 
+def test_a_field_name_with_a_space_does_not_end_the_header_block() -> None:
+    """Mail readers end the header block at the blank line; the feed parser at the first
+    line that is no header, which made the rest of the block the body."""
+    raw = (
+        "From: a@example.org\r\nSubject : Grüße\r\n".encode()
+        + b"X-Odd/name\t !: value\r\n continued\r\n"
+        + b"Content-Type: text/plain; charset=GB18030\r\nContent-Transfer-Encoding: base64\r\n"
+        + b"\r\n"
+        + b64("石室诗士施氏", "gb18030")
+        + b"\r\n"
+    )
+    parsed = parse(raw)
+    assert parsed.subject == "Grüße"
+    assert parsed.text_body == "石室诗士施氏"
+
+
 def attachment(disposition: bytes, content_type: bytes = b"application/msword") -> bytes:
     return message(
         b"Subject: files\r\nMIME-Version: 1.0\r\n",
