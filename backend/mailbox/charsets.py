@@ -150,6 +150,11 @@ _PYTHON_NAMES = {
     "utf-8": "utf-8",
 }
 _LABELS = _labels(_WHATWG_TABLE)
+# Python codecs that are not charsets: bytes to bytes, escapes, host names, none at all.
+_NOT_CHARSETS = frozenset(
+    {"base64", "quopri", "uu", "zlib", "bz2", "hex", "rot-13", "undefined", "idna"}
+    | {"punycode", "unicode-escape", "raw-unicode-escape", "charmap"}
+)
 # Escape sequences of ISO-2022-JP's double-byte sets (and its half-width katakana).
 _ISO2022JP = re.compile(rb"\x1b(?:\$[@B]|\$\(D|\(I)")
 _META = re.compile(rb"<meta[^>]{0,200}?charset\s*=\s*[\"']?\s*([A-Za-z0-9._:-]{1,40})", re.I)
@@ -192,8 +197,8 @@ def lookup(label: str | None) -> Encoding | None:
         return None
     if python_name in _PYTHON_NAMES:
         return lookup(_PYTHON_NAMES[python_name])
-    if python_name in ("base64", "quopri", "uu", "zlib", "bz2", "hex", "rot-13"):
-        return None  # bytes-to-bytes codecs, not charsets
+    if python_name in _NOT_CHARSETS:
+        return None
     return Encoding(python_name, (python_name,))
 
 
@@ -222,7 +227,7 @@ def decode(data: bytes, encoding: Encoding) -> str | None:
     for codec in encoding.codecs:
         try:
             text = data.decode(codec)
-        except UnicodeDecodeError:
+        except UnicodeError:
             continue
         return _user_defined(text) if encoding.name == "x-user-defined" else text
     if encoding.name == "iso-2022-jp":
@@ -250,7 +255,10 @@ def decode_lenient(data: bytes, encoding: Encoding) -> tuple[str, bool]:
     if encoding.single_byte:
         text = data.decode(encoding.codecs[0], "mailbeat-c1")
         return text, "\ufffd" not in text
-    return data.decode(encoding.codecs[0], "replace"), False
+    try:
+        return data.decode(encoding.codecs[0], "replace"), False
+    except UnicodeError:  # a codec that cannot replace: every byte as windows-1252 reads it
+        return data.decode("cp1252", "mailbeat-c1"), False
 
 
 def _c1(error: UnicodeError) -> tuple[str, int]:

@@ -486,8 +486,10 @@ def _filename(part: EmailMessage, decoding: _Decoding, field: str) -> str | None
 
 
 def _part_bytes(part: EmailMessage) -> bytes:
-    inner = part.get_payload()
-    if isinstance(inner, list):  # message/rfc822 (one message), message/delivery-status
+    # Not get_payload() first: undecoded, it reads 8-bit text in the part's charset with
+    # Python's codec of that name, which raises for a label such as "idna".
+    if part.is_multipart():  # message/rfc822 (one message), message/delivery-status
+        inner = part.get_payload()
         return b"\n".join(m.as_bytes() for m in inner if isinstance(m, EmailMessage))
     encoding = part.get("content-transfer-encoding")
     if encoding is not None:
@@ -497,9 +499,7 @@ def _part_bytes(part: EmailMessage) -> bytes:
         if token != str(encoding).lower():
             part.replace_header("content-transfer-encoding", token)
     payload = part.get_payload(decode=True)
-    if isinstance(payload, bytes):
-        return payload
-    return str(part.get_payload()).encode("utf-8", "surrogateescape")
+    return payload if isinstance(payload, bytes) else b""
 
 
 def _part_text(

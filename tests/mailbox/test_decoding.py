@@ -156,6 +156,17 @@ def test_utf8_under_a_single_byte_label_is_utf8(label: bytes) -> None:
     assert parsed.decode_fallbacks == ["subject", "text_body"]  # against the label: said
 
 
+@pytest.mark.parametrize("label", [b"idna", b"undefined", b"punycode", b"unicode_escape"])
+def test_python_codecs_that_are_no_charsets_are_unknown_labels(label: bytes) -> None:
+    raw = message(
+        b"Subject: =?" + label + b"?q?caf=C3=A9?=\r\n",
+        "café\r\n".encode(),
+        content_type=b"text/plain; charset=" + label,
+    )
+    parsed = parse(raw)
+    assert (parsed.subject, parsed.text_body) == ("café", "café\r\n")
+
+
 def test_every_whatwg_label_names_an_encoding() -> None:
     table = charsets._labels(charsets._WHATWG_TABLE)
     assert len(table) == 228  # the Encoding Standard's whole list
