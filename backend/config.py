@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     max_message_bytes: int = 50 * 1024 * 1024
     # Processes per poll worker process that parse large batches (0: in the poll).
     parse_processes: int = Field(default=2, ge=0, le=64)
+    # The charset of raw 8-bit header bytes that are not UTF-8, when the message's first
+    # text part names none (docs/architecture.md, "Decoding"). A label of the WHATWG
+    # Encoding Standard; a mostly Chinese mailbox sets gb18030.
+    header_fallback_charset: str = "windows-1252"
 
     # Polling and scheduling.
     default_poll_interval_seconds: int = 300
