@@ -314,9 +314,11 @@ def _finish(
             session=session,
             now=now,
         )
+        # The account row (locked by record_poll) before the cursor rows, the order a
+        # batch locks them in: a poll finishing while another stores cannot deadlock.
+        event = state.record_poll(session, account_id, started_at=started_at, now=now, error=error)
         for folder, (uidvalidity, uidnext) in (uidnexts or {}).items():
             cursors.saw_uidnext(session, account_id, folder, uidvalidity, uidnext)
-        event = state.record_poll(session, account_id, started_at=started_at, now=now, error=error)
         account = session.get(Account, account_id)
         if account is not None and polled is not None:
             state.record_folders(
