@@ -660,9 +660,24 @@ def _said(line: bytes) -> str:
     return line.decode("utf-8", "replace")[:ERROR_TEXT_MAX]
 
 
+def is_encodable(value: str) -> bool:
+    """Whether UTF-8 can write `value`: a lone surrogate ("\\ud800" from JSON) it cannot,
+    and the codec's error would name the character and its position."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _refuse_unsendable(username: str, secret: str, *, ascii_only: bool) -> None:
     """Never the character or where it is: these are credentials."""
     for what, value in (("username", username), ("password or token", secret)):
+        if not is_encodable(value):
+            raise ImapAuthError(
+                f"the stored {what} is not valid Unicode text (a lone surrogate), which "
+                "nothing can send; set it again through the API"
+            )
         if any(ord(char) < 0x20 or 0x7F <= ord(char) <= 0x9F for char in value):
             raise ImapAuthError(
                 f"the stored {what} contains control characters, which IMAP cannot carry; "
