@@ -25,8 +25,12 @@ from urllib.parse import urlsplit, urlunsplit
 import httpcore
 import httpx
 
+from backend import redaction
 from backend.config import get_settings
 from backend.errors import MailbeatError
+
+# httpx logs each request's URL, a webhook's basic-auth password included.
+redaction.install(redaction.CLIENT_LOGGERS)
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
