@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     max_request_body_bytes: int = Field(default=1024 * 1024, ge=1)
     # /docs, /redoc and /openapi.json without a token; unset: yes, except in production.
     api_docs_public: bool | None = None
+    # Slow clients (backend/serving.py): a connection is closed when its request's headers
+    # take longer than this from the connection opening (or a kept-alive request's first
+    # byte), or its body longer than this after the headers.
+    request_header_timeout_seconds: float = Field(default=10.0, gt=0)
+    request_body_timeout_seconds: float = Field(default=30.0, gt=0)
 
     # Outbound connections (IMAP servers, webhook receivers, OAuth token URLs) are named by
     # API callers. Unset: loopback, link-local, private, multicast and reserved addresses

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
+from backend import serving
 from tests.support.net import free_port, wait_for_port
 from tests.support.processes import stop_group
 
@@ -55,7 +56,10 @@ def serve(set_env: Callable[..., None]) -> Iterator[Callable[..., Server]]:
         log_path = ARTIFACTS / f"uvicorn-{port}.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "backend.main:app", "--port", str(port)],
+                [
+                    *(sys.executable, "-m", "uvicorn", "backend.main:app", "--port", str(port)),
+                    *("--http", serving.PROTOCOL),
+                ],
                 cwd=ROOT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 stdout=log,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from backend import serving
 from tests.support.processes import stop_group
 from tests.support.wait import wait_for
 
@@ -46,6 +47,7 @@ def running_api(
     log_path = log_dir / f"uvicorn-{port}.log"
     environment = {**os.environ, **env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     argv = [sys.executable, "-m", "uvicorn", "backend.main:app", "--fd", str(listener.fileno())]
+    argv += ["--http", serving.PROTOCOL]
     with listener, log_path.open("ab") as log:
         process = subprocess.Popen(
             [*argv, "--log-level", log_level, *options],
