@@ -19,6 +19,14 @@ DEFAULT_DATA_DIR = Path("data")
 DEFAULT_PUBLIC_BASE_URL = "http://127.0.0.1:8000"
 
 
+# A production token is guessed by no one: 32 characters at least (`make env` writes 43).
+MIN_ADMIN_TOKEN_LENGTH = 32
+GENERATE_HINT = (
+    "`make env` writes both into .env; a key alone: python -c 'from cryptography.fernet "
+    "import Fernet; print(Fernet.generate_key().decode())'"
+)
+
+
 class UnsafeSettingsError(RuntimeError):
     """Raised at start-up when a setting that production needs is missing."""
 
@@ -187,10 +195,23 @@ class Settings(BaseSettings):
         ]
         if missing:
             raise UnsafeSettingsError(
-                f"{', '.join(missing)} must be set when ENVIRONMENT=production "
-                "(generate a key with: python -c 'from cryptography.fernet import Fernet; "
-                "print(Fernet.generate_key().decode())')"
+                f"{', '.join(missing)} must be set when ENVIRONMENT=production ({GENERATE_HINT})"
             )
+        assert self.admin_api_token is not None and self.encryption_key is not None
+        if len(self.admin_api_token.get_secret_value().strip()) < MIN_ADMIN_TOKEN_LENGTH:
+            raise UnsafeSettingsError(
+                f"ADMIN_API_TOKEN must be at least {MIN_ADMIN_TOKEN_LENGTH} characters when "
+                "ENVIRONMENT=production (generate one with: python -c 'import secrets; "
+                f"print(secrets.token_urlsafe(32))'; {GENERATE_HINT})"
+            )
+        try:
+            for key in self.fernet_keys():
+                Fernet(key)
+        except ValueError:
+            raise UnsafeSettingsError(
+                "ENCRYPTION_KEY must be one or more comma-separated Fernet keys (32 url-safe "
+                f"base64-encoded bytes) when ENVIRONMENT=production ({GENERATE_HINT})"
+            ) from None
         return self
 
     @property

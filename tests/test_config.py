@@ -7,6 +7,9 @@ from pydantic import ValidationError
 from backend.config import Settings, UnsafeSettingsError
 
 
+STRONG_TOKEN = "t" * 32
+
+
 def _clear(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("ADMIN_API_TOKEN", "ENCRYPTION_KEY", "ENVIRONMENT", "DATABASE_URL"):
         monkeypatch.delenv(name, raising=False)
@@ -52,10 +55,10 @@ def test_production_with_secrets_set(monkeypatch: pytest.MonkeyPatch) -> None:
     _clear(monkeypatch)
     key = Fernet.generate_key().decode()
     monkeypatch.setenv("ENVIRONMENT", "production")
-    monkeypatch.setenv("ADMIN_API_TOKEN", "a-token")
+    monkeypatch.setenv("ADMIN_API_TOKEN", STRONG_TOKEN)
     monkeypatch.setenv("ENCRYPTION_KEY", f"{key}, {Fernet.generate_key().decode()}")
     settings = Settings()
-    assert settings.admin_token() == "a-token"
+    assert settings.admin_token() == STRONG_TOKEN
     assert settings.fernet_keys()[0] == key.encode()
     assert len(settings.fernet_keys()) == 2
 
@@ -73,3 +76,25 @@ def test_empty_values_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings()
     assert settings.imap_ca_bundle is None
     assert not settings.s3_enabled
+
+
+@pytest.mark.parametrize(
+    ("token", "key", "named"),
+    [
+        ("a", Fernet.generate_key().decode(), "ADMIN_API_TOKEN must be at least 32 characters"),
+        ("t" * 31, Fernet.generate_key().decode(), "ADMIN_API_TOKEN must be at least 32"),
+        (STRONG_TOKEN, "x", "ENCRYPTION_KEY must be one or more comma-separated Fernet keys"),
+        (STRONG_TOKEN, f"{Fernet.generate_key().decode()},short", "ENCRYPTION_KEY must be"),
+    ],
+)
+def test_production_refuses_weak_secrets(
+    monkeypatch: pytest.MonkeyPatch, token: str, key: str, named: str
+) -> None:
+    # Issue 31: ADMIN_API_TOKEN=a and ENCRYPTION_KEY=x started in production.
+    _clear(monkeypatch)
+    monkeypatch.setenv("ENVIRONMENT", "production")
+    monkeypatch.setenv("ADMIN_API_TOKEN", token)
+    monkeypatch.setenv("ENCRYPTION_KEY", key)
+    with pytest.raises(UnsafeSettingsError, match=named) as raised:
+        Settings()
+    assert "make env" in str(raised.value)  # and how to make good ones
