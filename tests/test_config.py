@@ -6,7 +6,6 @@ from pydantic import ValidationError
 
 from backend.config import Settings, UnsafeSettingsError
 
-
 STRONG_TOKEN = "t" * 32
 
 
