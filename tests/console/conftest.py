@@ -90,8 +90,18 @@ def page(browser: Browser) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1360, "height": 900}, accept_downloads=True)
     page = context.new_page()
     page.set_default_timeout(20_000)
+    # The console is served with a strict CSP (backend/console/endpoints.py): anything it
+    # refuses (an inline style or script) is a console error, and a broken console.
+    refused: list[str] = []
+    page.on(
+        "console",
+        lambda message: (
+            refused.append(message.text) if "Content Security Policy" in message.text else None
+        ),
+    )
     yield page
     context.close()
+    assert refused == [], refused
 
 
 def screenshot(page: Page, name: str) -> Path:
