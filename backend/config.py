@@ -179,6 +179,14 @@ class Settings(BaseSettings):
     health_check_timeout_seconds: float = 2.0
     # /health answers from its last result for this long (it needs no token).
     health_cache_seconds: float = Field(default=2.0, ge=0)
+    # /metrics: its gauges read from the database and Redis are computed at most once per
+    # this many seconds, one computation for all scrapes. With METRICS_TOKEN set it needs
+    # `Authorization: Bearer <METRICS_TOKEN>` (or the admin token); without, no token.
+    # IMAP host names are a label of mailbeat_push_connections only with
+    # METRICS_HOST_LABEL on: an unauthenticated /metrics would show them to anyone.
+    metrics_cache_seconds: float = Field(default=5.0, ge=0)
+    metrics_token: SecretStr | None = None
+    metrics_host_label: bool = False
     celery_inspect_timeout_seconds: float = 1.0
 
     @model_validator(mode="after")

@@ -109,6 +109,7 @@ def create_app() -> FastAPI:
     )
     app.add_middleware(RequestGuard)
     app.state.health = HealthCache()
+    app.state.metrics = metrics.StateCache()
     _serve_docs(app)
     app.include_router(accounts_router)
     app.include_router(messages_router)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -27,7 +27,7 @@ from prometheus_client import (
     values,
 )
 from prometheus_client import generate_latest as _generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -38,6 +38,7 @@ from backend.config import get_settings
 from backend.db import get_sessionmaker, session_scope
 from backend.models import Account, AccountStatus, PollOutcome, utcnow
 from backend.schedules import service as schedules
+from backend.singleflight import SharedResult
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def _push_metrics() -> _PushMetrics:
         # Summed over the live watchers; a watcher zeroes its own as it stops.
         connections=Gauge(
             "mailbeat_push_connections",
-            "IDLE connections held by watchers, by IMAP host.",
+            "IDLE connections held by watchers (by IMAP host with METRICS_HOST_LABEL on).",
             ["host"],
             registry=None,
             multiprocess_mode="livesum",
@@ -254,30 +255,74 @@ STATE_SOURCES: dict[str, Callable[[], Iterator[GaugeMetricFamily]]] = {
 }
 
 
-class _StateCollector(Collector):
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        up = GaugeMetricFamily(
-            "mailbeat_metrics_source_up",
-            "1 when the scrape could read this source, 0 when it failed.",
-            labels=["source"],
+def state_families() -> list[Metric]:
+    """The scrape-time gauges of every source, and whether each could be read."""
+    up = GaugeMetricFamily(
+        "mailbeat_metrics_source_up",
+        "1 when the scrape could read this source, 0 when it failed.",
+        labels=["source"],
+    )
+    found: list[Metric] = []
+    for name, source in STATE_SOURCES.items():
+        try:
+            families = list(source())
+        except Exception as exc:
+            log.warning("metrics: %s unavailable: %s", name, type(exc).__name__)
+            up.add_metric([name], 0)
+            continue
+        up.add_metric([name], 1)
+        found.extend(families)
+    return [*found, up]
+
+
+class StateCache:
+    """/metrics may answer without a token: its database queries and Redis pipeline run
+    at most once per METRICS_CACHE_SECONDS, one computation shared by all scrapes
+    (four unauthenticated scrape loops used to raise the API's p95 from 35 to 84 ms)."""
+
+    def __init__(self) -> None:
+        self._shared = SharedResult(
+            state_families,
+            fresh_seconds=lambda: get_settings().metrics_cache_seconds,
+            wait_seconds=lambda: get_settings().health_check_timeout_seconds * 4,
         )
-        for name, source in STATE_SOURCES.items():
-            try:
-                families = list(source())
-            except Exception as exc:
-                log.warning("metrics: %s unavailable: %s", name, type(exc).__name__)
-                up.add_metric([name], 0)
-                continue
-            up.add_metric([name], 1)
-            yield from families
-        yield up
+
+    def families(self) -> list[Metric]:
+        return self._shared.get() or []
 
 
-def generate_latest() -> bytes:
+class _Collected(Collector):
+    """The multiprocess files' metrics, then the state's; IMAP host names summed away
+    unless METRICS_HOST_LABEL asks for them."""
+
+    def __init__(self, state: list[Metric]) -> None:
+        self._files = MultiProcessCollector(None, path=str(multiproc_dir()))  # type: ignore[no-untyped-call]
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        host_label = get_settings().metrics_host_label
+        for family in self._files.collect():  # type: ignore[no-untyped-call]
+            yield family if host_label else _without_label(family, "host")
+        yield from self._state
+
+
+def _without_label(family: Metric, label: str) -> Metric:
+    if not any(label in sample.labels for sample in family.samples):
+        return family
+    totals: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for sample in family.samples:
+        labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != label))
+        totals[(sample.name, labels)] = totals.get((sample.name, labels), 0.0) + sample.value
+    merged = Metric(family.name, family.documentation, family.type)
+    for (name, labels), value in totals.items():
+        merged.add_sample(name, dict(labels), value)
+    return merged
+
+
+def generate_latest(state: list[Metric]) -> bytes:
     _poll_metrics()  # so a scrape before any poll already lists the poll metrics at 0
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(multiproc_dir()))  # type: ignore[no-untyped-call]
-    registry.register(_StateCollector())
+    registry.register(_Collected(state))
     return _generate_latest(registry)
 
 
@@ -289,8 +334,9 @@ router = APIRouter(tags=["health"])
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
 )
-def metrics() -> Response:
+def metrics(request: Request) -> Response:
     """Prometheus text: polls by outcome, messages and bytes ingested, poll durations,
     mailboxes by status, ingestion lag, queue lengths, schedule entries and capacity
     (polls demanded and completed per second, the oldest queued poll's wait)."""
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    cache: StateCache = request.app.state.metrics
+    return Response(generate_latest(cache.families()), media_type=CONTENT_TYPE_LATEST)
