@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from backend import crypto
 from backend.mailbox.service import poll_account
 from backend.models import Account
+from backend.models.enums import AuthMethod
 from tests.support.api import auth_headers, create_dovecot_account, make_client
 from tests.support.dovecot import Dovecot
 from tests.support.imap_server import FakeImapServer
@@ -202,7 +203,7 @@ def test_a_server_that_disables_login_in_clear_gets_no_credentials(
     with FakeImapServer(respond=_login_disabled) as server:
         account = stored_account(db, "127.0.0.1", server.port, "probe", secret)
         if method == "oauth2":
-            account.auth_method = "oauth2"
+            account.auth_method = AuthMethod.OAUTH2
             account.credentials_encrypted = crypto.encrypt_json(
                 {"access_token": secret, "expires_at": 4_000_000_000}
             )
