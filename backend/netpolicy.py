@@ -164,16 +164,29 @@ def url_refusal(url: str, *, https: bool = False) -> str | None:
     return address_refusal(parts.hostname or "")
 
 
+def split_userinfo(url: str) -> tuple[str, str | None]:
+    """(the URL with `user:password@` replaced by `***@`, the userinfo as written), or
+    (the URL, None) when it has none. The userinfo is basic auth for a receiver: a
+    secret, kept encrypted apart from the rest of the URL."""
+    parts = urlsplit(url)
+    userinfo, at, host_port = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    return urlunsplit(parts._replace(netloc=f"***@{host_port}")), userinfo
+
+
+def with_userinfo(url: str, userinfo: str | None) -> str:
+    """The URL with its userinfo (a `***` placeholder or none) set to `userinfo`."""
+    if userinfo is None:
+        return url
+    parts = urlsplit(url)
+    host_port = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host_port}"))
+
+
 def redact_userinfo(url: str) -> str:
     """The URL without `user:password@`, for responses and logs."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port is not None else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return split_userinfo(url)[0]
 
 
 def checked_addresses(host: str, port: int) -> Iterator[tuple[Any, ...]]:
