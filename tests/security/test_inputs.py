@@ -144,13 +144,14 @@ def test_webhook_url_userinfo_is_encrypted_at_rest(api: TestClient, db: Session)
     assert target.url == url
 
     # A new URL without userinfo drops the old userinfo; null drops both.
+    def stored() -> tuple[str | None, str | None]:
+        db.expire_all()
+        found = db.get(Account, account_id)
+        assert found is not None
+        return found.webhook_url, found.webhook_userinfo_encrypted
+
     api.patch(f"/accounts/{account_id}", json={"webhook_url": "https://hooks.example.com/b"})
-    db.expire_all()
-    assert (account.webhook_url, account.webhook_userinfo_encrypted) == (
-        "https://hooks.example.com/b",
-        None,
-    )
+    assert stored() == ("https://hooks.example.com/b", None)
     api.patch(f"/accounts/{account_id}", json={"webhook_url": url})
     api.patch(f"/accounts/{account_id}", json={"webhook_url": None})
-    db.expire_all()
-    assert (account.webhook_url, account.webhook_userinfo_encrypted) == (None, None)
+    assert stored() == (None, None)
