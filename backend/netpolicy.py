@@ -128,12 +128,12 @@ def refusal(address: IpAddress, host: str | None = None) -> str | None:
     if kind is None:
         return None
     what = (
-        f"{address} embeds {inner}, a {kind} address"
+        f"{address} embeds {inner}, a {kind}"
         if inner is not None and _own_kind(inner) is not None
-        else f"{address} is a {kind} address"
+        else f"{address} is a {kind}"
     )
     return (
-        f"{what}, refused by the outbound policy "
+        f"{what} address, refused by the outbound policy "
         "(name the host or its network in OUTBOUND_ALLOWLIST to allow it)"
     )
 
