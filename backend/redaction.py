@@ -1,6 +1,6 @@
 """What no log line may carry, whichever library writes it: a URL's userinfo
-(`user:password@`, basic auth for a webhook receiver) and the values of query
-parameters that carry credentials (`?token=...`).
+(`user:password@`, basic auth for a webhook receiver), the values of query parameters
+that carry credentials (`?token=...`) and the secrets among the settings.
 
 mailbeat's own messages never hold these; third-party loggers do: httpx logs every
 request's full URL at INFO (`HTTP Request: POST http://user:password@host/...`), and
@@ -13,7 +13,10 @@ from __future__ import annotations
 import logging
 import re
 
+from backend.config import get_settings
+
 REDACTED = "***"
+MIN_SECRET_LENGTH = 8
 # scheme://userinfo@ : what lies between the scheme and the '@' before the host.
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s@\"']*@")
 # Query parameters whose value is a credential, in any case.
@@ -39,8 +42,36 @@ CLIENT_LOGGERS = ("httpx", "httpcore")
 SERVER_LOGGERS = ("uvicorn.access", "uvicorn.error")
 
 
+def known_secrets() -> list[str]:
+    """The secrets among the settings, each as it would appear in a line: the admin and
+    metrics tokens, the encryption keys, the global webhook secret, S3's secret key,
+    Flower's login. Short values (none is, in production) are left: they would redact
+    ordinary words."""
+    settings = get_settings()
+    values = [
+        settings.admin_api_token,
+        settings.encryption_key,
+        settings.metrics_token,
+        settings.webhook_secret,
+        settings.s3_secret_access_key,
+        settings.flower_basic_auth,
+    ]
+    found = []
+    for value in values:
+        if value is None:
+            continue
+        for part in value.get_secret_value().split(","):  # several encryption keys
+            if len(part.strip()) >= MIN_SECRET_LENGTH:
+                found.append(part.strip())
+    return found
+
+
 def redact(text: str) -> str:
-    """`text` with URL userinfo and credential query values replaced by ***."""
+    """`text` with URL userinfo, credential query values and the settings' secrets
+    replaced by ***."""
+    for secret in known_secrets():
+        if secret in text:
+            text = text.replace(secret, REDACTED)
     if "@" in text:
         text = _USERINFO.sub(lambda found: found["scheme"] + REDACTED + "@", text)
     if "=" in text:

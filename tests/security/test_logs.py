@@ -73,3 +73,17 @@ def test_the_access_log_does_not_write_a_token_from_the_query(tmp_path: Path) ->
     assert "GET /accounts?token=***&limit=1 HTTP/1.1" in log  # the line is there, redacted
     assert "/health?access_token=***" in log
     assert "sekrit" not in log
+
+
+def test_the_settings_secrets_are_redacted_whoever_logs_them(
+    set_env: Callable[..., None], caplog: pytest.LogCaptureFixture
+) -> None:
+    token = "an-admin-token-of-more-than-32-characters"
+    set_env(ADMIN_API_TOKEN=token, WEBHOOK_SECRET="whsec-global-secret", METRICS_TOKEN="short")
+    caplog.set_level(logging.INFO)
+    logging.getLogger("httpx").warning("sent Authorization: Bearer %s", token)
+    logging.getLogger("uvicorn.error").info("whsec-global-secret in a message")
+    assert token not in caplog.text and "whsec-global-secret" not in caplog.text
+    assert "sent Authorization: Bearer ***" in caplog.text
+    # Too short to redact without redacting words: production refuses such tokens anyway.
+    assert redaction.redact("a short story") == "a short story"
