@@ -275,6 +275,11 @@ def state_families() -> list[Metric]:
     return [*found, up]
 
 
+# Before there is any result, a scrape waits this long for the computation in flight,
+# then answers with the counters only: Prometheus's default scrape timeout.
+FIRST_SCRAPE_WAIT_SECONDS = 10.0
+
+
 class StateCache:
     """/metrics may answer without a token: its database queries and Redis pipeline run
     at most once per METRICS_CACHE_SECONDS, one computation shared by all scrapes
@@ -284,7 +289,7 @@ class StateCache:
         self._shared = SharedResult(
             state_families,
             fresh_seconds=lambda: get_settings().metrics_cache_seconds,
-            wait_seconds=lambda: get_settings().health_check_timeout_seconds * 4,
+            wait_seconds=lambda: FIRST_SCRAPE_WAIT_SECONDS,
         )
 
     def families(self) -> list[Metric]:
