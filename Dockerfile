@@ -41,4 +41,4 @@ COPY backend ./backend
 
 USER mailbeat
 EXPOSE 8000
-CMD ["uvicorn", "backend.main:app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["uvicorn", "backend.main:app", "--host", "0.0.0.0", "--port", "8000", "--http", "backend.serving:BoundedHttpProtocol"]

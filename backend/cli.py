@@ -18,7 +18,7 @@ from typing import NoReturn
 
 import uvicorn
 
-from backend import dispatch
+from backend import dispatch, serving
 from backend.config import Settings, get_settings
 from backend.console.commands import add_commands, poll, run_command
 from backend.db import DatabaseUnavailable, check_database, reset_caches
@@ -56,7 +56,10 @@ def migrate() -> None:
 def stack_commands(host: str, port: int) -> dict[str, list[str]]:
     python = sys.executable
     return {
-        "api": [python, "-m", "uvicorn", "backend.main:app", "--host", host, "--port", str(port)],
+        "api": [
+            *(python, "-m", "uvicorn", "backend.main:app", "--host", host, "--port", str(port)),
+            *("--http", serving.PROTOCOL),
+        ],
         "beat": [python, "-m", "celery", "-A", "backend.celery_app", "beat"],
         "watcher": [python, "-m", "backend.cli", "watch"],
         **{
@@ -207,7 +210,7 @@ def run(host: str, port: int, flower_port: int | None = None) -> None:
     print(banner(settings, host, port, mode), flush=True)
     # uvicorn shuts down cleanly, then re-raises Ctrl-C; a traceback would only alarm.
     with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.run("backend.main:app", host=host, port=port)
+        uvicorn.run("backend.main:app", host=host, port=port, http=serving.PROTOCOL)
 
 
 def flower_command(host: str, port: int) -> list[str]:

@@ -19,6 +19,14 @@ DEFAULT_DATA_DIR = Path("data")
 DEFAULT_PUBLIC_BASE_URL = "http://127.0.0.1:8000"
 
 
+# A production token is guessed by no one: 32 characters at least (`make env` writes 43).
+MIN_ADMIN_TOKEN_LENGTH = 32
+GENERATE_HINT = (
+    "`make env` writes both into .env; a key alone: python -c 'from cryptography.fernet "
+    "import Fernet; print(Fernet.generate_key().decode())'"
+)
+
+
 class UnsafeSettingsError(RuntimeError):
     """Raised at start-up when a setting that production needs is missing."""
 
@@ -61,6 +69,11 @@ class Settings(BaseSettings):
     max_request_body_bytes: int = Field(default=1024 * 1024, ge=1)
     # /docs, /redoc and /openapi.json without a token; unset: yes, except in production.
     api_docs_public: bool | None = None
+    # Slow clients (backend/serving.py): a connection is closed when its request's headers
+    # take longer than this from the connection opening (or a kept-alive request's first
+    # byte), or its body longer than this after the headers.
+    request_header_timeout_seconds: float = Field(default=10.0, gt=0)
+    request_body_timeout_seconds: float = Field(default=30.0, gt=0)
 
     # Outbound connections (IMAP servers, webhook receivers, OAuth token URLs) are named by
     # API callers. Unset: loopback, link-local, private, multicast and reserved addresses
@@ -187,6 +200,14 @@ class Settings(BaseSettings):
     health_check_timeout_seconds: float = 2.0
     # /health answers from its last result for this long (it needs no token).
     health_cache_seconds: float = Field(default=2.0, ge=0)
+    # /metrics: its gauges read from the database and Redis are computed at most once per
+    # this many seconds, one computation for all scrapes. With METRICS_TOKEN set it needs
+    # `Authorization: Bearer <METRICS_TOKEN>` (or the admin token); without, no token.
+    # IMAP host names are a label of mailbeat_push_connections only with
+    # METRICS_HOST_LABEL on: an unauthenticated /metrics would show them to anyone.
+    metrics_cache_seconds: float = Field(default=5.0, ge=0)
+    metrics_token: SecretStr | None = None
+    metrics_host_label: bool = False
     celery_inspect_timeout_seconds: float = 1.0
 
     @field_validator("imap_id")
@@ -217,10 +238,23 @@ class Settings(BaseSettings):
         ]
         if missing:
             raise UnsafeSettingsError(
-                f"{', '.join(missing)} must be set when ENVIRONMENT=production "
-                "(generate a key with: python -c 'from cryptography.fernet import Fernet; "
-                "print(Fernet.generate_key().decode())')"
+                f"{', '.join(missing)} must be set when ENVIRONMENT=production ({GENERATE_HINT})"
             )
+        assert self.admin_api_token is not None and self.encryption_key is not None
+        if len(self.admin_api_token.get_secret_value().strip()) < MIN_ADMIN_TOKEN_LENGTH:
+            raise UnsafeSettingsError(
+                f"ADMIN_API_TOKEN must be at least {MIN_ADMIN_TOKEN_LENGTH} characters when "
+                "ENVIRONMENT=production (generate one with: python -c 'import secrets; "
+                f"print(secrets.token_urlsafe(32))'; {GENERATE_HINT})"
+            )
+        try:
+            for key in self.fernet_keys():
+                Fernet(key)
+        except ValueError:
+            raise UnsafeSettingsError(
+                "ENCRYPTION_KEY must be one or more comma-separated Fernet keys (32 url-safe "
+                f"base64-encoded bytes) when ENVIRONMENT=production ({GENERATE_HINT})"
+            ) from None
         return self
 
     @property

@@ -26,13 +26,20 @@ def _fernet() -> MultiFernet:
         ) from exc
 
 
+# "surrogatepass": a lone surrogate (JSON's "\ud800") is a str Python holds but UTF-8
+# cannot encode; it is kept as it came instead of failing with an error that names the
+# character and its position. The API refuses such text; this is for values from
+# elsewhere (the CLI, rows written before), which the IMAP layer then refuses to send.
+_ERRORS = "surrogatepass"
+
+
 def encrypt(plain: str) -> str:
-    return _fernet().encrypt(plain.encode()).decode()
+    return _fernet().encrypt(plain.encode("utf-8", _ERRORS)).decode()
 
 
 def decrypt(token: str) -> str:
     try:
-        return _fernet().decrypt(token.encode()).decode()
+        return _fernet().decrypt(token.encode()).decode("utf-8", _ERRORS)
     except InvalidToken as exc:
         raise SecretDecryptError(
             "a stored secret cannot be decrypted with ENCRYPTION_KEY (was the key changed "

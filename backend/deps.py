@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 from collections.abc import Iterator
 from typing import Annotated
@@ -36,13 +37,27 @@ def require_admin_token(authorization: Annotated[str | None, Header()] = None) -
 
 def check_token(authorization: str | None) -> None:
     """Raises Unauthorized unless `authorization` is `Bearer <ADMIN_API_TOKEN>`."""
-    expected = get_settings().admin_token()
+    _check_bearer(authorization, "admin token", "ADMIN_API_TOKEN", get_settings().admin_token())
+
+
+def check_metrics_token(authorization: str | None) -> None:
+    """/metrics when METRICS_TOKEN is set: that token (a scraper's), or the admin token."""
+    settings = get_settings()
+    assert settings.metrics_token is not None
+    with contextlib.suppress(Unauthorized):
+        return check_token(authorization)
+    _check_bearer(
+        authorization, "metrics token", "METRICS_TOKEN", settings.metrics_token.get_secret_value()
+    )
+
+
+def _check_bearer(authorization: str | None, what: str, setting: str, expected: str) -> None:
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("send the admin token as 'Authorization: Bearer <ADMIN_API_TOKEN>'")
+        raise Unauthorized(f"send the {what} as 'Authorization: Bearer <{setting}>'")
     # Constant time, so the token cannot be guessed byte by byte from response times.
     if not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        raise Unauthorized("the admin token is wrong")
+        raise Unauthorized(f"the {what} is wrong")
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

@@ -17,9 +17,10 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.config import get_settings
-from backend.deps import Unauthorized, check_token
+from backend.deps import Unauthorized, check_metrics_token, check_token
 
-# Monitoring answers without a token; so do the API docs when API_DOCS_PUBLIC says so.
+# Monitoring answers without a token (/metrics wants METRICS_TOKEN when it is set); so do
+# the API docs when API_DOCS_PUBLIC says so.
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
@@ -51,9 +52,12 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        if not is_open(scope["path"]):
+        check = None if is_open(scope["path"]) else check_token
+        if scope["path"] == "/metrics" and get_settings().metrics_token is not None:
+            check = check_metrics_token
+        if check is not None:
             try:
-                check_token(headers.get("authorization"))
+                check(headers.get("authorization"))
             except Unauthorized as exc:
                 await _error(401, exc.name, exc.message, {"WWW-Authenticate": "Bearer"})(
                     scope, receive, send

@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from backend import metrics
+from backend import metrics, redaction
 from backend.accounts.endpoints import router as accounts_router
 from backend.admin.endpoints import health_router
 from backend.admin.endpoints import router as admin_router
@@ -39,6 +39,8 @@ from backend.storage import tasks as storage_tasks
 from backend.webhooks.endpoints import router as webhooks_router
 
 log = logging.getLogger(__name__)
+# uvicorn's access log writes each path with its query string (`?token=...`).
+redaction.install(redaction.SERVER_LOGGERS)
 
 # Swagger UI and ReDoc come from the fastapi-offline package, so /docs works offline.
 DOCS_ASSETS = Path(str(files("fastapi_offline") / "static"))
@@ -109,6 +111,7 @@ def create_app() -> FastAPI:
     )
     app.add_middleware(RequestGuard)
     app.state.health = HealthCache()
+    app.state.metrics = metrics.StateCache()
     _serve_docs(app)
     app.include_router(accounts_router)
     app.include_router(messages_router)

@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -29,7 +29,7 @@ from prometheus_client import (
     values,
 )
 from prometheus_client import generate_latest as _generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -41,6 +41,7 @@ from backend.db import get_sessionmaker, session_scope
 from backend.models import Account, AccountStatus, PollOutcome, utcnow
 from backend.push import leases as push_leases
 from backend.schedules import service as schedules
+from backend.singleflight import SharedResult
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def _push_metrics() -> _PushMetrics:
         # Summed over the live watchers; a watcher zeroes its own as it stops.
         connections=Gauge(
             "mailbeat_push_connections",
-            "IDLE connections held by watchers, by IMAP host.",
+            "IDLE connections held by watchers (by IMAP host with METRICS_HOST_LABEL on).",
             ["host"],
             registry=None,
             multiprocess_mode="livesum",
@@ -257,23 +258,45 @@ STATE_SOURCES: dict[str, Callable[[], Iterator[GaugeMetricFamily]]] = {
 }
 
 
-class _StateCollector(Collector):
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        up = GaugeMetricFamily(
-            "mailbeat_metrics_source_up",
-            "1 when the scrape could read this source, 0 when it failed.",
-            labels=["source"],
+def state_families() -> list[Metric]:
+    """The scrape-time gauges of every source, and whether each could be read."""
+    up = GaugeMetricFamily(
+        "mailbeat_metrics_source_up",
+        "1 when the scrape could read this source, 0 when it failed.",
+        labels=["source"],
+    )
+    found: list[Metric] = []
+    for name, source in STATE_SOURCES.items():
+        try:
+            families = list(source())
+        except Exception as exc:
+            log.warning("metrics: %s unavailable: %s", name, type(exc).__name__)
+            up.add_metric([name], 0)
+            continue
+        up.add_metric([name], 1)
+        found.extend(families)
+    return [*found, up]
+
+
+# Before there is any result, a scrape waits this long for the computation in flight,
+# then answers with the counters only: Prometheus's default scrape timeout.
+FIRST_SCRAPE_WAIT_SECONDS = 10.0
+
+
+class StateCache:
+    """/metrics may answer without a token: its database queries and Redis pipeline run
+    at most once per METRICS_CACHE_SECONDS, one computation shared by all scrapes
+    (four unauthenticated scrape loops used to raise the API's p95 from 35 to 84 ms)."""
+
+    def __init__(self) -> None:
+        self._shared = SharedResult(
+            state_families,
+            fresh_seconds=lambda: get_settings().metrics_cache_seconds,
+            wait_seconds=lambda: FIRST_SCRAPE_WAIT_SECONDS,
         )
-        for name, source in STATE_SOURCES.items():
-            try:
-                families = list(source())
-            except Exception as exc:
-                log.warning("metrics: %s unavailable: %s", name, type(exc).__name__)
-                up.add_metric([name], 0)
-                continue
-            up.add_metric([name], 1)
-            yield from families
-        yield up
+
+    def families(self) -> list[Metric]:
+        return self._shared.get() or []
 
 
 # prometheus-client's gauge modes that count only live processes (multiprocess mode).
@@ -309,11 +332,38 @@ def _kept(path: str, alive: set[str]) -> bool:
     return True
 
 
-def generate_latest() -> bytes:
+class _Collected(Collector):
+    """The multiprocess files' metrics (dead watchers' live gauges left out), then the
+    state's; IMAP host names summed away unless METRICS_HOST_LABEL asks for them."""
+
+    def __init__(self, state: list[Metric]) -> None:
+        self._files = _ProcessFiles(None, path=str(multiproc_dir()))  # type: ignore[no-untyped-call]
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        host_label = get_settings().metrics_host_label
+        for family in self._files.collect():
+            yield family if host_label else _without_label(family, "host")
+        yield from self._state
+
+
+def _without_label(family: Metric, label: str) -> Metric:
+    if not any(label in sample.labels for sample in family.samples):
+        return family
+    totals: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for sample in family.samples:
+        labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != label))
+        totals[(sample.name, labels)] = totals.get((sample.name, labels), 0.0) + sample.value
+    merged = Metric(family.name, family.documentation, family.type)
+    for (name, labels), value in totals.items():
+        merged.add_sample(name, dict(labels), value)
+    return merged
+
+
+def generate_latest(state: list[Metric]) -> bytes:
     _poll_metrics()  # so a scrape before any poll already lists the poll metrics at 0
     registry = CollectorRegistry()
-    _ProcessFiles(registry, path=str(multiproc_dir()))  # type: ignore[no-untyped-call]
-    registry.register(_StateCollector())
+    registry.register(_Collected(state))
     return _generate_latest(registry)
 
 
@@ -325,8 +375,9 @@ router = APIRouter(tags=["health"])
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
 )
-def metrics() -> Response:
+def metrics(request: Request) -> Response:
     """Prometheus text: polls by outcome, messages and bytes ingested, poll durations,
     mailboxes by status, ingestion lag, queue lengths, schedule entries and capacity
     (polls demanded and completed per second, the oldest queued poll's wait)."""
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    cache: StateCache = request.app.state.metrics
+    return Response(generate_latest(cache.families()), media_type=CONTENT_TYPE_LATEST)

@@ -25,8 +25,12 @@ from urllib.parse import urlsplit, urlunsplit
 import httpcore
 import httpx
 
+from backend import redaction
 from backend.config import get_settings
 from backend.errors import MailbeatError
+
+# httpx logs each request's URL, a webhook's basic-auth password included.
+redaction.install(redaction.CLIENT_LOGGERS)
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -36,12 +40,17 @@ _KINDS: tuple[tuple[str, str], ...] = (
     ("unspecified", "is_unspecified"),
     ("loopback", "is_loopback"),
     ("link-local", "is_link_local"),
+    ("site-local", "is_site_local"),  # fec0::/10: deprecated, and not global
     ("multicast", "is_multicast"),
     ("private", "is_private"),
     ("reserved", "is_reserved"),
 )
 # Not global but in none of the groups above (100.64.0.0/10, shared address space).
 _NOT_GLOBAL = "non-public"
+# IPv6 forms that carry an IPv4 address in their last 32 bits and reach it: NAT64's
+# well-known prefix (RFC 6052) and the deprecated IPv4-compatible addresses (::a.b.c.d).
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 
 
 class OutboundRefused(MailbeatError):
@@ -64,13 +73,45 @@ def _allowlist() -> tuple[set[str], list[Network]]:
     return hosts, networks
 
 
-def _kind(address: IpAddress) -> str | None:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+def embedded_ipv4(address: IpAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address leads to: IPv4-mapped (::ffff:a.b.c.d),
+    IPv4-compatible (::a.b.c.d), 6to4 (2002:aabb:ccdd::/48), NAT64 (64:ff9b::a.b.c.d) and
+    Teredo's client (2001::/32). A packet to any of them can end at that IPv4 address (a
+    host's own 6to4 relay or NAT64 gateway forwards it), so it is judged by its rules."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    if address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def _own_kind(address: IpAddress) -> str | None:
     for kind, test in _KINDS:
-        if getattr(address, test):
+        if getattr(address, test, False):  # IPv4 addresses have no is_site_local
             return kind
     return None if address.is_global else _NOT_GLOBAL
+
+
+def _kind(address: IpAddress) -> str | None:
+    """The kind of address that makes `address` refused ("loopback"), or None. An IPv6
+    form that embeds an IPv4 address is refused when that address is; the forms that
+    only carry it (mapped, compatible, 6to4, NAT64) are otherwise judged as that
+    address, while Teredo stays judged as IPv6 (2001::/32 is not global)."""
+    inner = embedded_ipv4(address)
+    if inner is None:
+        return _own_kind(address)
+    inner_kind = _own_kind(inner)
+    if inner_kind is not None:
+        return inner_kind
+    if isinstance(address, ipaddress.IPv6Address) and address.teredo is not None:
+        return _own_kind(address)
+    return None
 
 
 def refusal(address: IpAddress, host: str | None = None) -> str | None:
@@ -80,13 +121,19 @@ def refusal(address: IpAddress, host: str | None = None) -> str | None:
     hosts, networks = _allowlist()
     if host is not None and host.lower().rstrip(".") in hosts:
         return None
-    if any(address in network for network in networks):
+    inner = embedded_ipv4(address)
+    if any(address in network or (inner is not None and inner in network) for network in networks):
         return None
     kind = _kind(address)
     if kind is None:
         return None
+    what = (
+        f"{address} embeds {inner}, a {kind}"
+        if inner is not None and _own_kind(inner) is not None
+        else f"{address} is a {kind}"
+    )
     return (
-        f"{address} is a {kind} address, refused by the outbound policy "
+        f"{what} address, refused by the outbound policy "
         "(name the host or its network in OUTBOUND_ALLOWLIST to allow it)"
     )
 
@@ -117,16 +164,29 @@ def url_refusal(url: str, *, https: bool = False) -> str | None:
     return address_refusal(parts.hostname or "")
 
 
+def split_userinfo(url: str) -> tuple[str, str | None]:
+    """(the URL with `user:password@` replaced by `***@`, the userinfo as written), or
+    (the URL, None) when it has none. The userinfo is basic auth for a receiver: a
+    secret, kept encrypted apart from the rest of the URL."""
+    parts = urlsplit(url)
+    userinfo, at, host_port = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    return urlunsplit(parts._replace(netloc=f"***@{host_port}")), userinfo
+
+
+def with_userinfo(url: str, userinfo: str | None) -> str:
+    """The URL with its userinfo (a `***` placeholder or none) set to `userinfo`."""
+    if userinfo is None:
+        return url
+    parts = urlsplit(url)
+    host_port = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host_port}"))
+
+
 def redact_userinfo(url: str) -> str:
     """The URL without `user:password@`, for responses and logs."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port is not None else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return split_userinfo(url)[0]
 
 
 def checked_addresses(host: str, port: int) -> Iterator[tuple[Any, ...]]:

@@ -99,6 +99,7 @@ def main() -> None:
         from backend.cli import migrate
 
         migrate()
+        from backend.config import get_settings
         from backend.main import create_app
 
         account_id = _fill(accounts, messages)
@@ -135,7 +136,13 @@ def main() -> None:
                 "GET /admin/schedules?limit=1000",
                 _timed(10, lambda: api.get("/admin/schedules?limit=1000")),
             )
-            print("GET /metrics                ", _timed(10, lambda: api.get("/metrics")))
+            # Each scrape computing its gauges, then scrapes within METRICS_CACHE_SECONDS.
+            os.environ["METRICS_CACHE_SECONDS"] = "0"
+            get_settings.cache_clear()
+            print("GET /metrics (no cache)     ", _timed(10, lambda: api.get("/metrics")))
+            os.environ["METRICS_CACHE_SECONDS"] = "3600"
+            get_settings.cache_clear()
+            print("GET /metrics (cached)       ", _timed(50, lambda: api.get("/metrics")))
             print("GET /health (no worker)     ", _timed(3, lambda: api.get("/health")))
             print(
                 "PATCH interval (+ schedule) ",

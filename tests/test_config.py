@@ -6,6 +6,8 @@ from pydantic import ValidationError
 
 from backend.config import Settings, UnsafeSettingsError
 
+STRONG_TOKEN = "t" * 32
+
 
 def _clear(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("ADMIN_API_TOKEN", "ENCRYPTION_KEY", "ENVIRONMENT", "DATABASE_URL"):
@@ -52,10 +54,10 @@ def test_production_with_secrets_set(monkeypatch: pytest.MonkeyPatch) -> None:
     _clear(monkeypatch)
     key = Fernet.generate_key().decode()
     monkeypatch.setenv("ENVIRONMENT", "production")
-    monkeypatch.setenv("ADMIN_API_TOKEN", "a-token")
+    monkeypatch.setenv("ADMIN_API_TOKEN", STRONG_TOKEN)
     monkeypatch.setenv("ENCRYPTION_KEY", f"{key}, {Fernet.generate_key().decode()}")
     settings = Settings()
-    assert settings.admin_token() == "a-token"
+    assert settings.admin_token() == STRONG_TOKEN
     assert settings.fernet_keys()[0] == key.encode()
     assert len(settings.fernet_keys()) == 2
 
@@ -84,3 +86,25 @@ def test_imap_id_is_a_json_object_within_rfc_2971(monkeypatch: pytest.MonkeyPatc
         monkeypatch.setenv("IMAP_ID", bad)
         with pytest.raises(ValidationError, match="IMAP_ID"):
             Settings()
+
+
+@pytest.mark.parametrize(
+    ("token", "key", "named"),
+    [
+        ("a", Fernet.generate_key().decode(), "ADMIN_API_TOKEN must be at least 32 characters"),
+        ("t" * 31, Fernet.generate_key().decode(), "ADMIN_API_TOKEN must be at least 32"),
+        (STRONG_TOKEN, "x", "ENCRYPTION_KEY must be one or more comma-separated Fernet keys"),
+        (STRONG_TOKEN, f"{Fernet.generate_key().decode()},short", "ENCRYPTION_KEY must be"),
+    ],
+)
+def test_production_refuses_weak_secrets(
+    monkeypatch: pytest.MonkeyPatch, token: str, key: str, named: str
+) -> None:
+    # Issue 31: ADMIN_API_TOKEN=a and ENCRYPTION_KEY=x started in production.
+    _clear(monkeypatch)
+    monkeypatch.setenv("ENVIRONMENT", "production")
+    monkeypatch.setenv("ADMIN_API_TOKEN", token)
+    monkeypatch.setenv("ENCRYPTION_KEY", key)
+    with pytest.raises(UnsafeSettingsError, match=named) as raised:
+        Settings()
+    assert "make env" in str(raised.value)  # and how to make good ones

@@ -35,3 +35,11 @@ def test_bad_key_is_explained(set_env: Callable[..., None]) -> None:
     set_env(ENCRYPTION_KEY="not-a-fernet-key")
     with pytest.raises(ValueError, match="Fernet keys"):
         crypto.encrypt("x")
+
+
+def test_a_lone_surrogate_is_kept_not_an_error() -> None:
+    # "\ud800" in JSON is a str Python holds but UTF-8 cannot encode: encrypt used to
+    # raise UnicodeEncodeError naming the character and its position (a 500 on create).
+    for secret in ("\ud800", "pre\udfffpost"):
+        assert crypto.decrypt(crypto.encrypt(secret)) == secret
+    assert crypto.decrypt_json(crypto.encrypt_json({"s": "\ud800"})) == {"s": "\ud800"}

@@ -3,11 +3,15 @@ must match what the schema promises (status codes, content types, bodies)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+import json
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import schemathesis
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -163,3 +167,94 @@ def test_hostile_account_data_is_a_4xx(
             continue
         assert response.status_code == 422, response.text
         case.validate_response(response, excluded_checks=[positive_data_acceptance])
+
+
+# Text no codec can write (lone surrogates), control characters (C0, C1) and a
+# bidirectional override: in every string field of every request body, and in the string
+# path and query parameters (issue 31: a lone surrogate in webhook_secret was a 500).
+BAD_TEXT = ["\ud800", "a\udfffb", "\x00", "x\x85y", "\u202eexe.png", "\r\nA1 NOOP"]
+
+
+def _string_paths(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    if isinstance(value, str):
+        yield path
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _string_paths(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _string_paths(item, (*path, index))
+
+
+def _with(value: Any, path: tuple[Any, ...], new: str) -> Any:
+    copied = copy.deepcopy(value)
+    target = copied
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = new
+    return copied
+
+
+def _bodies(closed_port: int) -> list[tuple[str, str, dict[str, Any]]]:
+    server = {"imap_host": "127.0.0.1", "imap_port": closed_port, "imap_security": "none"}
+    oauth2 = {
+        "access_token": "at",
+        "refresh_token": "rt",
+        "client_id": "cid",
+        "client_secret": "cs",
+        "token_url": "https://tokens.example.org/token",
+    }
+    webhook = {"webhook_url": "https://hooks.example.org/in", "webhook_secret": "whsec"}
+    create = account_payload(**server, **webhook)
+    with_oauth2 = {k: v for k, v in account_payload(**server).items() if k != "password"}
+    update = {k: v for k, v in create.items() if k not in ("imap_port", "poll_interval_seconds")}
+    connection = {k: create[k] for k in ("imap_host", "imap_security", "username", "password")}
+    return [
+        ("POST", "/accounts", create),
+        ("POST", "/accounts", {**with_oauth2, "oauth2": oauth2}),
+        ("PATCH", "/accounts/{account_id}", update),
+        ("PATCH", "/accounts/{account_id}", {"oauth2": oauth2}),
+        ("POST", "/accounts/test", {**connection, "imap_port": closed_port}),
+        ("POST", "/accounts/{account_id}/backfill", {"folders": ["INBOX"], "dry_run": True}),
+    ]
+
+
+def test_no_string_field_of_any_body_can_cause_a_500(
+    api: TestClient, existing: dict[str, object]
+) -> None:
+    tried = 0
+    for method, template, body in _bodies(free_port()):
+        path = template.format(**existing)
+        for field in _string_paths(body):
+            for bad in BAD_TEXT:
+                # A mailbox of its own each time: a duplicate would be a 409 before the
+                # value reached anything.
+                unique = uuid.uuid4().hex[:10]
+                fresh = {**body, "username": unique, "email": f"{unique}@example.com"}
+                if "username" not in body:
+                    fresh = body
+                response = api.request(
+                    method,
+                    path,
+                    content=json.dumps(_with(fresh, field, bad), ensure_ascii=True),
+                    headers={"Content-Type": "application/json"},
+                )
+                tried += 1
+                where = (method, template, field, bad)
+                assert response.status_code < 500 or response.status_code in (502, 503), where
+                assert "\\ud800" not in response.text and "\\udfff" not in response.text, where
+    assert tried > 200  # every field of every body was tried
+
+
+@pytest.mark.parametrize("bad", ["%ED%A0%80", "%00", "%C2%85", "%E2%80%AE"])
+def test_no_string_parameter_can_cause_a_500(api: TestClient, bad: str) -> None:
+    for path in (
+        f"/admin/celery/tasks/{bad}",
+        f"/admin/celery/tasks/{bad}/retry",
+        f"/accounts?status={bad}",
+        f"/accounts?{bad}=1",
+        f"/accounts/{bad}",
+    ):
+        method = "POST" if path.endswith("/retry") else "GET"
+        response = api.request(method, path)
+        assert response.status_code < 500, (path, response.text)

@@ -3,13 +3,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session
 
+from backend import metrics
 from backend.metrics import record_poll
 from backend.models import utcnow
 from tests.support.accounts import make_account
@@ -70,7 +75,10 @@ def test_polls_recorded_by_another_process_reach_the_scrape(anonymous):
     assert after[key] - before.get(key, 0.0) == 7
 
 
-def test_state_gauges_from_the_database_and_redis(anonymous, db: Session, redis_db: RedisDb):
+def test_state_gauges_from_the_database_and_redis(
+    anonymous, db: Session, redis_db: RedisDb, set_env: Callable[..., None]
+):
+    set_env(METRICS_CACHE_SECONDS=0)  # the second scrape below must see the sync
     make_account(db, last_success_at=utcnow() - timedelta(minutes=10))
     make_account(db, last_success_at=utcnow() - timedelta(minutes=1))
     make_account(db, status="error")
@@ -117,3 +125,72 @@ def test_metric_files_are_named_by_host_and_pid():
     record_poll("success", 1, 10, 0.1)
     names = [p.name for p in multiproc_dir().glob("*.db")]
     assert any(f"{socket.gethostname()}-{os.getpid()}" in name for name in names), names
+
+
+def test_scrape_time_gauges_are_cached_but_counters_are_not(
+    anonymous, db: Session, set_env: Callable[..., None]
+):
+    set_env(METRICS_CACHE_SECONDS=3600)
+    make_account(db)
+    first = scrape(anonymous)
+    make_account(db)
+    record_poll("success", 1, 1, 0.1)
+    second = scrape(anonymous)
+    # The account added since is not counted yet: the gauges are the first scrape's.
+    active = ("mailbeat_mailboxes", (("status", "active"),))
+    assert first[active] == second[active] == 1
+    polls = ("mailbeat_polls_total", (("outcome", "success"),))
+    assert second[polls] == first[polls] + 1
+
+
+def test_concurrent_scrapes_share_one_computation(
+    anonymous, monkeypatch: pytest.MonkeyPatch, set_env: Callable[..., None]
+):
+    set_env(METRICS_CACHE_SECONDS=3600)
+    calls = []
+    started = threading.Event()
+    release = threading.Event()
+    database = metrics.STATE_SOURCES["database"]
+
+    def counted() -> Iterator[GaugeMetricFamily]:
+        calls.append(1)
+        started.set()
+        release.wait(30)  # held until every scrape has been sent
+        return database()
+
+    monkeypatch.setitem(metrics.STATE_SOURCES, "database", counted)
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(scrape, anonymous)
+        assert started.wait(30)
+        others = [pool.submit(scrape, anonymous) for _ in range(7)]
+        release.set()
+        results = [first.result(), *(other.result() for other in others)]
+    assert len(calls) == 1
+    assert all(("mailbeat_ingestion_lag_seconds", ()) in result for result in results)
+
+
+def test_metrics_token(anonymous, set_env: Callable[..., None]):
+    set_env(METRICS_TOKEN="scraper-token-0123456789")
+    assert anonymous.get("/metrics").status_code == 401
+    assert "METRICS_TOKEN" in anonymous.get("/metrics").json()["detail"]
+    wrong = anonymous.get("/metrics", headers={"Authorization": "Bearer nope"})
+    assert wrong.json() == {"error": "Unauthorized", "detail": "the metrics token is wrong"}
+    scraper = {"Authorization": "Bearer scraper-token-0123456789"}
+    assert anonymous.get("/metrics", headers=scraper).status_code == 200
+    assert anonymous.get("/metrics", headers=auth_headers()).status_code == 200
+    # The metrics token opens nothing else.
+    assert anonymous.get("/accounts", headers=scraper).status_code == 401
+
+
+def test_imap_host_names_only_when_asked_for(anonymous, set_env: Callable[..., None]):
+    set_env(METRICS_CACHE_SECONDS=0)
+    metrics.set_push_connections({"imap.internal-host.example": 3, "imap.other.example": 2})
+    try:
+        text = anonymous.get("/metrics").text
+        assert "internal-host" not in text
+        assert "mailbeat_push_connections 5.0" in text
+        set_env(METRICS_HOST_LABEL="true")
+        text = anonymous.get("/metrics").text
+        assert 'mailbeat_push_connections{host="imap.internal-host.example"} 3.0' in text
+    finally:
+        metrics.set_push_connections({"imap.internal-host.example": 0, "imap.other.example": 0})

@@ -37,11 +37,15 @@ from backend.push import service as push
 
 # Explicit characters rather than \s, which means more in Python than in JSON Schema.
 # NUL too: PostgreSQL text cannot hold it.
-_EMAIL = re.compile(r"^[^@ \t\r\n\x00]+@[^@ \t\r\n\x00]+$")
+_EMAIL = re.compile(r"^[^@ \t\r\n\x00\ud800-\udfff]+@[^@ \t\r\n\x00\ud800-\udfff]+$")
 _HOST = re.compile(r"^[A-Za-z0-9.\-:\[\]_]+$")
 # C0 and C1 control characters and DEL. A CR or LF in a value sent to an IMAP server ends
 # the command and starts the next one (command injection); PostgreSQL cannot store NUL.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# A lone surrogate ("\ud800" in JSON) is a str Python holds but no codec can write: it
+# failed in encryption, in the database driver, in an IMAP command, each time as a 500
+# or an error naming the character and its position.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 # IMAP LOGIN sends only ASCII; other characters are refused here rather than by the
 # server (or, before, with the offending character in a 500).
 _PRINTABLE_ASCII = re.compile(r"^[ -~]*$")
@@ -127,6 +131,10 @@ def _password(value: SecretStr) -> SecretStr:
 
 
 def _no_control(value: str) -> str:
+    """Text that any codec can write and no protocol reads as a command's end. The
+    message never names the character or where it is: the value may be a secret."""
+    if _SURROGATE.search(value):
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)")
     if _CONTROL.search(value):
         raise ValueError("must not contain control characters (CR, LF, NUL, tab and the like)")
     return value
@@ -139,12 +147,13 @@ def _ascii(value: str) -> str:
 
 
 # The patterns repeat the validators in the schema, so clients (and the fuzzer) know them.
-_NO_CONTROL = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+_NO_CONTROL = "^[^\\u0000-\\u001f\\u007f-\\u009f\\ud800-\\udfff]*$"
 _ASCII_PATTERN = "^[ -~]*$"
 # No control character, and at least one that is not a space.
 _NON_BLANK_NO_CONTROL = (
-    "^[^\\u0000-\\u001f\\u007f-\\u009f]*[^\\u0000-\\u0020\\u007f-\\u009f]"
-    "[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+    "^[^\\u0000-\\u001f\\u007f-\\u009f\\ud800-\\udfff]*"
+    "[^\\u0000-\\u0020\\u007f-\\u009f\\ud800-\\udfff]"
+    "[^\\u0000-\\u001f\\u007f-\\u009f\\ud800-\\udfff]*$"
 )
 Text = Annotated[
     str,

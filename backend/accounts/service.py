@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from backend import crypto, paging
+from backend import crypto, netpolicy, paging
 from backend.accounts import state
 from backend.accounts.schemas import (
     AccountConnection,
@@ -145,7 +145,7 @@ def create_account(session: Session, data: AccountCreate) -> Account:
         initial_sync=data.initial_sync or InitialSync.ALL,
         initial_sync_count=data.initial_sync_count,
         initial_sync_since=data.initial_sync_since,
-        webhook_url=None if data.webhook_url is None else str(data.webhook_url),
+        **_webhook_url_columns(data.webhook_url),
         webhook_secret_encrypted=(
             None
             if data.webhook_secret is None
@@ -157,6 +157,17 @@ def create_account(session: Session, data: AccountCreate) -> Account:
     session.add(account)
     _flush(session, account)
     return account
+
+
+def _webhook_url_columns(url: object | None) -> dict[str, str | None]:
+    """The URL as stored: its userinfo (a receiver's basic auth) encrypted apart."""
+    if url is None:
+        return {"webhook_url": None, "webhook_userinfo_encrypted": None}
+    redacted, userinfo = netpolicy.split_userinfo(str(url))
+    return {
+        "webhook_url": redacted,
+        "webhook_userinfo_encrypted": None if userinfo is None else crypto.encrypt(userinfo),
+    }
 
 
 def unsaved_account(data: AccountConnection) -> Account:
@@ -178,7 +189,7 @@ def update_account(session: Session, account: Account, data: AccountUpdate) -> A
     given = data.model_fields_set
     changes: dict[str, Any] = {name: getattr(data, name) for name in PLAIN_FIELDS if name in given}
     if "webhook_url" in given:
-        changes["webhook_url"] = None if data.webhook_url is None else str(data.webhook_url)
+        changes.update(_webhook_url_columns(data.webhook_url))
     _check_initial_sync(account, changes)
 
     new_server = {

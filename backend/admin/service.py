@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -52,6 +50,7 @@ from backend.models import (
     utcnow,
 )
 from backend.schedules import service as schedules
+from backend.singleflight import SharedResult
 from backend.storage import service as storage
 
 log = logging.getLogger(__name__)
@@ -407,37 +406,18 @@ CHECK_NAMES = ("database", "redis", "celery_worker", "polls", "storage")
 
 
 class HealthCache:
-    """/health answers without a token, so a burst of it must cost no more than one
-    check: a result is reused for HEALTH_CACHE_SECONDS, and while a check runs the
-    other callers get the last result instead of starting (or queueing for) their own."""
+    """/health answers without a token: one check at a time, its result reused for
+    HEALTH_CACHE_SECONDS (backend/singleflight.py)."""
 
     def __init__(self) -> None:
-        self._running = threading.Lock()
-        self._last: tuple[HealthRead, bool] | None = None
-        self._at = 0.0
-
-    def _fresh(self) -> tuple[HealthRead, bool] | None:
-        if self._last is not None and time.monotonic() - self._at < _cache_seconds():
-            return self._last
-        return None
+        self._shared = SharedResult(
+            run_checks,
+            fresh_seconds=_cache_seconds,
+            wait_seconds=lambda: _checks_timeout() + 1,
+        )
 
     def get(self) -> tuple[HealthRead, bool]:
-        cached = self._fresh()
-        if cached is not None:
-            return cached
-        last = self._last
-        if last is not None:
-            acquired = self._running.acquire(blocking=False)
-        else:  # nothing to show yet: wait for the check in flight, as long as it may take
-            acquired = self._running.acquire(timeout=_checks_timeout() + 1)
-        if not acquired:
-            return last or _still_checking()
-        try:
-            result = self._fresh() or run_checks()
-            self._last, self._at = result, time.monotonic()
-            return result
-        finally:
-            self._running.release()
+        return self._shared.get() or _still_checking()
 
 
 def _cache_seconds() -> float:

@@ -76,6 +76,11 @@ class ImapAuthError(ImapError):
     stage: Stage = "auth"
 
 
+class ImapTlsRequired(ImapAuthError):
+    """The server takes no credentials over this connection until TLS: none were sent,
+    and a refreshed token would not change that."""
+
+
 class ImapConnectionError(ImapError):
     kind: ErrorKind = ErrorKind.CONNECTION
     stage: Stage = "connect"
@@ -150,6 +155,12 @@ def translate(exc: BaseException, *, stage: Stage = "folder") -> ImapError:
     """Map what imapclient, ssl and socket raise to one of our kinds."""
     if isinstance(exc, ImapError):
         return exc
+    if isinstance(exc, LoginError) and "[PRIVACYREQUIRED]" in str(exc):
+        # RFC 5530: the server wants TLS first, whatever the password.
+        return ImapTlsRequired(
+            "authentication refused: [PRIVACYREQUIRED]. The server wants TLS first: set "
+            "imap_security to 'starttls' (or 'ssl' on the server's TLS port, usually 993)"
+        )
     throttled = _throttled(exc, stage)
     if throttled is not None:
         return throttled
@@ -387,6 +398,7 @@ class ImapSession:
         either way (a CR LF in a username stored before the API refused it used to end
         LOGIN and start a command of the caller's own), and so is non-ASCII for LOGIN."""
         username = account.username
+        self._refuse_plain_text_login()
         try:
             if account.auth_method == AuthMethod.OAUTH2:
                 token = str(credentials["access_token"])
@@ -415,6 +427,19 @@ class ImapSession:
             return
         with contextlib.suppress(ImapProtocolError):
             self._command(lambda: self._client.id_(fields), stage="auth")
+
+    def _refuse_plain_text_login(self) -> None:
+        """A server that advertises LOGINDISABLED takes no credentials before TLS (RFC
+        3501 6.2.3; Cyrus with `allowplaintext: no`): mailbeat sends none rather than a
+        LOGIN the server would refuse once the password has crossed the network in clear."""
+        if isinstance(self._client.socket(), ssl.SSLSocket):
+            return
+        if self._command(lambda: self._client.has_capability("LOGINDISABLED"), stage="auth"):
+            raise ImapTlsRequired(
+                "the server refuses logins without TLS (it advertises LOGINDISABLED) and no "
+                "credentials were sent: set imap_security to 'starttls' (or 'ssl' on the "
+                "server's TLS port, usually 993)"
+            )
 
     def noop(self) -> None:
         """NOOP: whether a kept connection still answers (before it is used again)."""
@@ -744,9 +769,24 @@ def _said(line: bytes) -> str:
     return line.decode("utf-8", "replace")[:ERROR_TEXT_MAX]
 
 
+def is_encodable(value: str) -> bool:
+    """Whether UTF-8 can write `value`: a lone surrogate ("\\ud800" from JSON) it cannot,
+    and the codec's error would name the character and its position."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _refuse_unsendable(username: str, secret: str, *, ascii_only: bool) -> None:
     """Never the character or where it is: these are credentials."""
     for what, value in (("username", username), ("password or token", secret)):
+        if not is_encodable(value):
+            raise ImapAuthError(
+                f"the stored {what} is not valid Unicode text (a lone surrogate), which "
+                "nothing can send; set it again through the API"
+            )
         if any(ord(char) < 0x20 or 0x7F <= ord(char) <= 0x9F for char in value):
             raise ImapAuthError(
                 f"the stored {what} contains control characters, which IMAP cannot carry; "
@@ -910,8 +950,8 @@ def open_account(
     try:
         try:
             session.login(account, credentials(False))
-        except ImapAuthError:
-            if account.auth_method != AuthMethod.OAUTH2:
+        except ImapAuthError as exc:
+            if account.auth_method != AuthMethod.OAUTH2 or isinstance(exc, ImapTlsRequired):
                 raise
             # A failed AUTHENTICATE leaves the connection unauthenticated: try again on it.
             session.login(account, credentials(True))

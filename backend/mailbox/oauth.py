@@ -15,7 +15,7 @@ import httpx
 
 from backend import netpolicy
 from backend.config import get_settings
-from backend.mailbox.imap import ImapAuthError, ImapConnectionError
+from backend.mailbox.imap import ImapAuthError, ImapConnectionError, is_encodable
 
 # Refresh this long before the stated expiry: a token must survive the whole login.
 EXPIRY_MARGIN_SECONDS = 60
@@ -68,6 +68,14 @@ def refresh(credentials: dict[str, Any]) -> dict[str, Any]:
     for name in ("client_id", "client_secret"):
         if credentials.get(name):
             form[name] = str(credentials[name])
+    for name, value in form.items():
+        if not is_encodable(value):
+            # Stored before the API refused such text; the codec's own error would name
+            # the character and where it is in the secret.
+            raise ImapAuthError(
+                f"the stored {name} is not valid Unicode text (a lone surrogate); "
+                "set the oauth2 credentials again through the API"
+            )
     try:
         with _client() as client:
             response = client.post(

@@ -37,7 +37,11 @@ MAX_SAFE_NAME = 200
 FAST_PATH_BYTES = 8 * 1024
 MAX_FAST_DEPTH = 20
 _HEADER_END = re.compile(r"\r?\n\r?\n")
-_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]+")
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f-\x9f/\\:*?\"<>|]+")
+# Characters that change how a name displays without showing themselves: bidirectional
+# controls ('\u202egnp.exe' displays as 'exe.png') and zero-width ones.
+_INVISIBLE = re.compile("[\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # An RFC 2047 encoded word; the text may hold raw 8-bit bytes (as surrogates), not "?".
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([qQbB])\?([^?]*)\?=")
@@ -540,11 +544,17 @@ def _part_text(
     return clean_text(_raw_bytes(data, decoding)[0])
 
 
+def displayable(name: str) -> str:
+    """`name` without the characters that hide or reorder what a reader sees: C0 and C1
+    controls, bidirectional controls and zero-width characters."""
+    return _CONTROLS.sub("", _INVISIBLE.sub("", name))
+
+
 def safe_filename(name: str | None, *, index: int, content_type: str) -> str:
     """A name that is safe on any file system and in any object key: the last path
     component only, no separators or control characters, no leading dots, bounded."""
     text = unicodedata.normalize("NFC", name or "")
-    text = re.split(r"[/\\]", text)[-1]
+    text = _INVISIBLE.sub("", re.split(r"[/\\]", text)[-1])
     text = _UNSAFE_NAME.sub("_", text).strip().lstrip(".").strip()
     if not text or set(text) <= {".", "_", " "}:
         extension = mimetypes.guess_extension(content_type) or ".bin"

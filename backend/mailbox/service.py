@@ -221,7 +221,9 @@ def poll_account(
     except Exception as exc:
         # The traceback and the text may carry a message's content (an SQL statement's
         # parameters): the log gets the first line of the text, cut, and no traceback.
-        first_line = (str(exc).splitlines() or [""])[0]
+        # A codec's error names the character it failed on and where: it may be a
+        # secret's, so only its kind is kept.
+        first_line = "" if isinstance(exc, UnicodeError) else (str(exc).splitlines() or [""])[0]
         error = ImapError(f"internal error: {type(exc).__name__}: {first_line}"[:ERROR_TEXT_MAX])
         error.kind = ErrorKind.INTERNAL
         log.error("poll of account %s failed: %s", account_id, error.message)

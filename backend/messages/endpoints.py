@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from backend.deps import AdminDep, After, KnownQueryDep, SessionDep
 from backend.errors import error_responses
+from backend.mailbox.parser import displayable
 from backend.messages import service
 from backend.messages.schemas import MessageList, MessageRead, MessageSummary
 
@@ -106,6 +107,6 @@ def _download_headers(safe_name: str, original: str | None) -> dict[str, str]:
     disposition = f'attachment; filename="{ascii_name[:150]}"'
     if original:
         # "replace": names decoded from broken mail headers may hold lone surrogates.
-        encoded = original[:150].encode("utf-8", "replace")
+        encoded = displayable(original)[:150].encode("utf-8", "replace")
         disposition += f"; filename*=UTF-8''{quote(encoded, safe='')}"
     return {"Content-Disposition": disposition, "X-Content-Type-Options": "nosniff"}

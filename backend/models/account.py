@@ -82,7 +82,10 @@ class Account(TimestampMixin, Base):
     initial_sync_count: Mapped[int | None] = mapped_column(Integer)
     initial_sync_since: Mapped[date | None] = mapped_column(Date)
 
+    # The URL with any userinfo (basic auth) as `***@`; the userinfo is encrypted apart
+    # (netpolicy.split_userinfo), like every other secret.
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    webhook_userinfo_encrypted: Mapped[str | None] = mapped_column(Text)
     webhook_secret_encrypted: Mapped[str | None] = mapped_column(Text)
 
     status: Mapped[AccountStatus] = mapped_column(

@@ -50,7 +50,8 @@ class WebhookDelivery(Base):
     # Account events describe a state that changes later, so their data is kept as it
     # was; a message event is built from the stored message when it is sent.
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    url: Mapped[str | None] = mapped_column(String(2048))  # where the last attempt went
+    # Where the last attempt went; any userinfo (basic auth) as `***@`.
+    url: Mapped[str | None] = mapped_column(String(2048))
 
     status: Mapped[DeliveryStatus] = mapped_column(
         EnumString(DeliveryStatus, 16), default=DeliveryStatus.PENDING

@@ -36,7 +36,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, selectinload
 
-from backend import crypto, paging
+from backend import crypto, netpolicy, paging
 from backend.config import get_settings
 from backend.db import insert_for, session_scope
 from backend.dispatch import enqueue, register
@@ -108,7 +108,13 @@ def resolve_target(kind: DeliveryTarget, account: Account) -> Target | None:
         if account.webhook_secret_encrypted
         else None
     )
-    return Target(DeliveryTarget.ACCOUNT, account.webhook_url, secret or None)
+    userinfo = (
+        crypto.decrypt(account.webhook_userinfo_encrypted)
+        if account.webhook_userinfo_encrypted
+        else None
+    )
+    url = netpolicy.with_userinfo(account.webhook_url, userinfo)
+    return Target(DeliveryTarget.ACCOUNT, url, secret or None)
 
 
 def _create(
@@ -137,7 +143,7 @@ def _create(
             account_id=account.id,
             message_id=message_id,
             data=data,
-            url=target.url,
+            url=netpolicy.redact_userinfo(target.url),
             next_attempt_at=utcnow(),
         )
         session.add(delivery)
@@ -192,7 +198,7 @@ def create_batch_deliveries(session: Session, message_ids: Sequence[int]) -> Non
             "target": target.kind,
             "account_id": account_id,
             "message_id": message_id,
-            "url": target.url,
+            "url": netpolicy.redact_userinfo(target.url),
             "status": DeliveryStatus.PENDING,
             "attempts": 0,
             "next_attempt_at": now,
@@ -361,7 +367,7 @@ def _claim(
         rounds = math.ceil(per_origin[client.origin(target.url)] / settings.webhook_concurrency)
         delivery.attempts += 1
         delivery.last_attempt_at = now
-        delivery.url = target.url
+        delivery.url = netpolicy.redact_userinfo(target.url)
         delivery.claimed_until = now + timedelta(seconds=rounds * attempt_seconds) + CLAIM_SLACK
         headers = _headers(target, delivery.event_id, delivery.event_type, delivery.attempts, body)
         attempts.append(

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from backend import serving
 from tests.support.net import free_port, wait_for_port
 from tests.support.processes import stop_group
 
@@ -55,7 +56,10 @@ def serve(set_env: Callable[..., None]) -> Iterator[Callable[..., Server]]:
         log_path = ARTIFACTS / f"uvicorn-{port}.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "backend.main:app", "--port", str(port)],
+                [
+                    *(sys.executable, "-m", "uvicorn", "backend.main:app", "--port", str(port)),
+                    *("--http", serving.PROTOCOL),
+                ],
                 cwd=ROOT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 stdout=log,
@@ -89,8 +93,18 @@ def page(browser: Browser) -> Iterator[Page]:
     # console's tests under a second suite, with the page only late, not wrong.
     page.set_default_timeout(30_000)
     expect.set_options(timeout=30_000)
+    # The console is served with a strict CSP (backend/console/endpoints.py): anything it
+    # refuses (an inline style or script) is a console error, and a broken console.
+    refused: list[str] = []
+    page.on(
+        "console",
+        lambda message: (
+            refused.append(message.text) if "Content Security Policy" in message.text else None
+        ),
+    )
     yield page
     context.close()
+    assert refused == [], refused
 
 
 def screenshot(page: Page, name: str) -> Path:

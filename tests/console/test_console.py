@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Callable
 
 import httpx
-from playwright.sync_api import Locator, Page, expect
+from playwright.sync_api import Browser, Locator, Page, expect
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -301,3 +301,29 @@ def test_push_and_its_fallback_show_and_push_can_be_switched_on(
         f"{server.url}/accounts/{plain}", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
     ).json()
     assert (check["push"], check["push_status"]) == (True, None)
+
+
+def test_the_console_is_served_with_a_strict_csp(
+    browser: Browser, serve: Callable[..., Server]
+) -> None:
+    server = serve()
+    for path in ("/ui", "/ui/", "/ui/app.js", "/ui/style.css"):
+        headers = httpx.get(server.url + path, timeout=10).headers
+        assert "script-src 'self';" in headers["content-security-policy"], path
+        assert "frame-ancestors 'none'" in headers["content-security-policy"], path
+        assert headers["x-frame-options"] == "DENY", path
+        assert headers["x-content-type-options"] == "nosniff", path
+        assert headers["referrer-policy"] == "no-referrer", path
+    # Not the `page` fixture: that one fails on any CSP refusal, and here it is wanted.
+    page = browser.new_page()
+    try:
+        sign_in(page, server)
+        # Markup that reached the page anyway runs no script of its own.
+        with page.expect_console_message(lambda m: "Content Security Policy" in m.text):
+            page.evaluate(
+                "const s = document.createElement('script');"
+                "s.textContent = 'window.injected = 1'; document.body.append(s);"
+            )
+        assert page.evaluate("window.injected") is None
+    finally:
+        page.close()

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 # docs/architecture.md, "Processes and commands": compose runs exactly these.
 DESIGN_COMMANDS = {
-    "api": "uvicorn backend.main:app --host 0.0.0.0 --port 8000",
+    "api": "uvicorn backend.main:app --host 0.0.0.0 --port 8000 "
+    "--http backend.serving:BoundedHttpProtocol",
     "celery-worker": "celery -A backend.celery_app worker -Q email",
     "celery-processor": "celery -A backend.celery_app worker -Q workflow,default",
     "celery-beat": "celery -A backend.celery_app beat",

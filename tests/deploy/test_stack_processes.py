@@ -34,6 +34,8 @@ from tests.deploy.stack import (
 )
 from tests.support.dovecot import Dovecot
 from tests.support.net import free_port, wait_for_port
+from tests.support.receiver import SECRET as RECEIVER_SECRET
+from tests.support.receiver import Receiver
 from tests.support.redis_db import RedisDb
 from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoS3
 from tests.support.wait import wait_for
@@ -55,6 +57,7 @@ class Stack:
     flower_url: str
     processes: dict[str, ServiceProcess]
     bucket: str
+    secrets: dict[str, str]
 
     def all(self) -> list[ServiceProcess]:
         return list(self.processes.values())
@@ -149,6 +152,7 @@ def stack(
             flower_url=f"http://127.0.0.1:{flower_port}",
             processes=processes,
             bucket=bucket,
+            secrets=secrets,
         )
     finally:
         codes = {name: process.stop() for name, process in processes.items()}
@@ -160,9 +164,13 @@ def stack(
     assert top_level_files() == files_before
 
 
+HOOK_PASSWORD = "hook-basic-" + uuid.uuid4().hex
+QUERY_TOKEN = "query-token-" + uuid.uuid4().hex
+
+
 @pytest.mark.e2e
 def test_the_compose_services_ingest_mail_end_to_end(
-    stack: Stack, dovecot: Dovecot, moto_s3: MotoS3
+    stack: Stack, dovecot: Dovecot, moto_s3: MotoS3, receiver: Receiver
 ) -> None:
     node_names = {f"{name}@{socket.gethostname()}" for name in (*WORKERS, *PROCESSORS)}
     logs = stack.all()
@@ -209,11 +217,20 @@ def test_the_compose_services_ingest_mail_end_to_end(
         dovecot.add_user(username, "pw-" + username)
         dovecot.append_many(username, [email(f"{username} {i}") for i in range(count)])
         sizes[username] = count
+    # The first one's webhook has basic auth: a secret that must reach the receiver and
+    # no log.
+    hook = {
+        "webhook_url": f"http://hookuser:{HOOK_PASSWORD}@127.0.0.1:{receiver.port}/hook",
+        "webhook_secret": RECEIVER_SECRET,
+    }
     accounts = {
         username: api.create_account(
-            account_body(dovecot, username, ssl=True, interval=INTERVAL_SECONDS)
+            {
+                **account_body(dovecot, username, ssl=True, interval=INTERVAL_SECONDS),
+                **(hook if index == 0 else {}),
+            }
         )
-        for username in sizes
+        for index, username in enumerate(sizes)
     }
 
     def all_ingested() -> bool:
@@ -240,6 +257,17 @@ def test_the_compose_services_ingest_mail_end_to_end(
     assert raw.status_code == 200
     assert b"body of " in raw.content
 
+    # The processor delivered the first mailbox's mail, with the basic auth; and a token
+    # sent in a query string is refused.
+    wait_for(
+        lambda: len(receiver.delivered()) >= sizes[first],
+        "the webhooks delivered",
+        START_TIMEOUT,
+        **watched(*logs),
+    )
+    assert all(r.headers["authorization"].startswith("Basic ") for r in receiver.delivered())
+    assert httpx.get(f"{api.url}/accounts?token={QUERY_TOKEN}", timeout=30).status_code == 401
+
     # /health sees every dependency and both workers; /metrics has the workers' polls.
     health = api("GET", "/health")
     assert health.status_code == 200, health.text
@@ -261,3 +289,19 @@ def test_the_compose_services_ingest_mail_end_to_end(
     remaining = [p for p in logs if p.name != "worker1"]
     wait_for(all_ingested, "mail after the scale-down", START_TIMEOUT, **watched(*remaining))
     assert api("GET", "/health").json()["checks"]["celery_worker"] == "ok (2 workers)"
+
+    # No process wrote a secret it was given or handled (issue 31: httpx's request line
+    # carried the webhook's password; the access log the query's token).
+    secrets = {
+        **stack.secrets,
+        "the webhook's basic-auth password": HOOK_PASSWORD,
+        "the webhook secret": RECEIVER_SECRET,
+        "a token in a query string": QUERY_TOKEN,
+        "the S3 secret key": SECRET_KEY,
+        "Flower's password": FLOWER_LOGIN[1],
+        **{f"{username}'s IMAP password": dovecot.passwords[username] for username in sizes},
+    }
+    for process in stack.all():
+        text = process.log()
+        leaked = [what for what, secret in secrets.items() if secret in text]
+        assert leaked == [], f"{process.name} logged {leaked}"

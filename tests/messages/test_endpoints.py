@@ -7,6 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
+from backend.mailbox.parser import displayable
 from backend.mailbox.service import poll_account
 from backend.models import Message
 from backend.storage import service as storage
@@ -111,7 +112,9 @@ def test_attachment_download_has_a_safe_content_disposition(api: TestClient, pol
     assert all(c.isalnum() or c in "._ ()+-" for c in plain), disposition
     assert "\r" not in disposition and "\n" not in disposition
     encoded = disposition.split("filename*=UTF-8''", 1)[1]
-    assert unquote(encoded) == attachment["filename"]
+    # The sender's name, without what would hide or reorder it (here its CR LF).
+    assert unquote(encoded) == displayable(attachment["filename"])
+    assert "\r" not in unquote(encoded)
     assert ";" not in encoded and '"' not in encoded
 
     other = api.get(f"/messages/{message['id']}/attachments/{attachment['id'] + 1000}")

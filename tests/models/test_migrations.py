@@ -12,6 +12,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 
+from backend import crypto
 from backend.db import build_engine
 from backend.models import Base
 from tests.support import postgres
@@ -153,3 +154,48 @@ def test_postgresql_compresses_message_bodies_with_lz4() -> None:
     finally:
         engine.dispose()
         postgres.drop_database(url)
+
+
+def test_0014_encrypts_the_userinfo_of_stored_webhook_urls(scratch_engine: Engine) -> None:
+    secret_url = "https://hookuser:basic-PASS@hooks.example.org/in?x=1"
+    _run(scratch_engine, "upgrade", "0010_message_bodies_lz4")
+    with scratch_engine.begin() as connection:
+        for n, url in ((1, secret_url), (2, "https://hooks.example.org/plain")):
+            connection.execute(
+                text(
+                    "INSERT INTO accounts (email, imap_host, imap_port, imap_security, "
+                    "username, auth_method, credentials_encrypted, folders, "
+                    "poll_interval_seconds, enabled, initial_sync, status, "
+                    "consecutive_failures, message_count, created_at, updated_at, "
+                    "webhook_url) VALUES "
+                    f"('a{n}@x', 'h', 993, 'ssl', 'u{n}', 'password', 'c', '[]', 60, true, "
+                    "'all', 'active', 0, 0, '2026-01-01', '2026-01-01', :url)"
+                ),
+                {"url": url},
+            )
+        connection.execute(
+            text(
+                "INSERT INTO webhook_deliveries (event_id, event_type, dedupe_key, target, "
+                "account_id, url, status, attempts, next_attempt_at, created_at) VALUES "
+                "('evt_1', 'message.received', 'k', 'account', 1, :url, 'dead', 1, "
+                "'2026-01-01', '2026-01-01')"
+            ),
+            {"url": secret_url},
+        )
+
+    _run(scratch_engine, "upgrade", "head")
+
+    with scratch_engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT webhook_url, webhook_userinfo_encrypted FROM accounts ORDER BY id")
+        ).all()
+        delivered = connection.execute(text("SELECT url FROM webhook_deliveries")).scalar()
+    assert rows[0][0] == "https://***@hooks.example.org/in?x=1"
+    assert crypto.decrypt(rows[0][1]) == "hookuser:basic-PASS"
+    assert rows[1] == ("https://hooks.example.org/plain", None)
+    assert delivered == "https://***@hooks.example.org/in?x=1"
+
+    _run(scratch_engine, "downgrade", "0010_message_bodies_lz4")
+    with scratch_engine.connect() as connection:
+        urls = connection.execute(text("SELECT webhook_url FROM accounts ORDER BY id")).scalars()
+        assert list(urls) == [secret_url, "https://hooks.example.org/plain"]

@@ -17,9 +17,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from backend import crypto
+from backend.mailbox.service import poll_account
 from backend.models import Account
+from backend.models.enums import AuthMethod
 from tests.support.api import auth_headers, create_dovecot_account, make_client
 from tests.support.dovecot import Dovecot
+from tests.support.imap_server import FakeImapServer
 
 
 def stored_account(
@@ -183,3 +186,39 @@ def test_test_does_not_return_a_service_banner(
     assert ssh_like.accepted == 1
     assert "OpenSSH" not in body["detail"]
     assert "internal-build" not in body["detail"]
+
+
+def _login_disabled(tag: bytes, command: bytes) -> bytes | None:
+    # Cyrus with `allowplaintext: no`, before STARTTLS.
+    if command.upper().startswith(b"CAPABILITY"):
+        return b"* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED\r\n" + tag + b" OK done\r\n"
+    return None
+
+
+@pytest.mark.parametrize("method", ["password", "oauth2"])
+def test_a_server_that_disables_login_in_clear_gets_no_credentials(
+    api: TestClient, db: Session, method: str
+) -> None:
+    secret = f"never-in-clear-{uuid.uuid4().hex}"
+    with FakeImapServer(respond=_login_disabled) as server:
+        account = stored_account(db, "127.0.0.1", server.port, "probe", secret)
+        if method == "oauth2":
+            account.auth_method = AuthMethod.OAUTH2
+            account.credentials_encrypted = crypto.encrypt_json(
+                {"access_token": secret, "expires_at": 4_000_000_000}
+            )
+            db.commit()
+
+        result = poll_account(account.id)
+        body = api.post(f"/accounts/{account.id}/test").json()
+        sent = b"\n".join(server.commands)
+
+    # Issue 31: LOGIN "probe" <password> went out in clear, and the error said to check
+    # the username and password.
+    assert secret.encode() not in sent
+    assert b"LOGIN" not in sent.upper() and b"AUTHENTICATE" not in sent.upper()
+    assert result.outcome == "auth_error"
+    db.expire_all()
+    assert "LOGINDISABLED" in (db.get(Account, account.id).last_error or "")  # type: ignore[union-attr]
+    assert body["ok"] is False and body["stage"] == "auth"
+    assert "set imap_security to 'starttls'" in body["detail"]

@@ -11,7 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from backend.models import WebhookDelivery
+from backend.models import Account, WebhookDelivery
+from backend.webhooks import service as webhooks
 from tests.support.accounts import make_account
 from tests.support.api import account_payload
 
@@ -127,3 +128,30 @@ def test_webhook_urls_are_returned_without_their_userinfo(
     letters = api.get("/admin/dead-letters")
     assert letters.json()["items"][0]["url"] == redacted
     assert "hook-s3cret" not in letters.text
+
+
+def test_webhook_url_userinfo_is_encrypted_at_rest(api: TestClient, db: Session) -> None:
+    # Issue 31: the API hid it, but accounts.webhook_url held it in clear.
+    url = "https://hook-user:hook-s3cret@hooks.example.com:8443/in?x=1"
+    account_id = api.post("/accounts", json=account_payload(webhook_url=url)).json()["id"]
+    account = db.get(Account, account_id)
+    assert account is not None
+    assert account.webhook_url == "https://***@hooks.example.com:8443/in?x=1"
+    assert account.webhook_userinfo_encrypted is not None
+    assert "s3cret" not in account.webhook_userinfo_encrypted
+    # What a delivery is sent to is the whole URL again.
+    [target] = [t for t in webhooks.targets(account) if t.kind == "account"]
+    assert target.url == url
+
+    # A new URL without userinfo drops the old userinfo; null drops both.
+    def stored() -> tuple[str | None, str | None]:
+        db.expire_all()
+        found = db.get(Account, account_id)
+        assert found is not None
+        return found.webhook_url, found.webhook_userinfo_encrypted
+
+    api.patch(f"/accounts/{account_id}", json={"webhook_url": "https://hooks.example.com/b"})
+    assert stored() == ("https://hooks.example.com/b", None)
+    api.patch(f"/accounts/{account_id}", json={"webhook_url": url})
+    api.patch(f"/accounts/{account_id}", json={"webhook_url": None})
+    assert stored() == (None, None)

@@ -4,6 +4,7 @@ must be https; a receiver's answer is never echoed (real HTTP receivers on loopb
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from backend import netpolicy
 from backend.mailbox import oauth
 from backend.mailbox.imap import ImapAuthError
 from backend.models import WebhookDelivery
@@ -50,6 +52,17 @@ def _deliveries(db: Session) -> list[WebhookDelivery]:
         ("0.0.0.0", "unspecified"),
         ("224.0.0.1", "multicast"),
         ("100.64.0.1", "non-public"),
+        # IPv6 forms that lead to an IPv4 address are judged by it (issue 31: 6to4 of
+        # loopback and of the metadata service, and site-local, passed).
+        ("2002:7f00:1::1", "loopback"),
+        ("2002:a9fe:a9fe::1", "link-local"),
+        ("2002:0a00:0005::1", "private"),
+        ("64:ff9b::127.0.0.1", "loopback"),
+        ("64:ff9b::169.254.169.254", "link-local"),
+        ("::127.0.0.1", "loopback"),
+        ("::ffff:10.0.0.5", "private"),
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", "loopback"),  # Teredo, client 127.0.0.1
+        ("fec0::1", "site-local"),
     ],
 )
 def test_production_refuses_internal_addresses_when_they_are_saved(
@@ -64,7 +77,8 @@ def test_production_refuses_internal_addresses_when_they_are_saved(
             assert response.status_code == 422, (field, response.text)
             [problem] = response.json()["errors"]
             assert problem["loc"] == ["body", field]
-            assert f"is a {kind} address, {REFUSED}" in problem["msg"]
+            # "::1 is a loopback address, ..." or "2002:7f00:1::1 embeds 127.0.0.1, a ..."
+            assert f"a {kind} address, {REFUSED}" in problem["msg"]
 
 
 def test_the_allowlist_lets_internal_hosts_through(production: Callable[..., None]) -> None:
@@ -172,3 +186,22 @@ def test_dead_letters_do_not_echo_the_receivers_answer(
     assert letter["last_status_code"] == 403
     assert letter["last_error"] == "HTTP 403 Forbidden"
     assert "internal-admin-console" not in letters.text
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["2002:808:808::1", "64:ff9b::8.8.8.8", "::ffff:8.8.8.8", "2606:4700:4700::1111"],
+)
+def test_ipv6_forms_of_a_public_ipv4_address_are_allowed(
+    production: Callable[..., None], address: str
+) -> None:
+    assert netpolicy.refusal(ipaddress.ip_address(address)) is None
+
+
+def test_an_embedded_address_the_allowlist_names_is_allowed(
+    production: Callable[..., None],
+) -> None:
+    production(OUTBOUND_ALLOWLIST="10.1.0.0/16")
+    assert netpolicy.refusal(ipaddress.ip_address("2002:0a01:0203::1")) is None
+    refused = netpolicy.refusal(ipaddress.ip_address("2002:0a02:0203::1"))
+    assert refused is not None and refused.startswith("2002:a02:203::1 embeds 10.2.2.3, a private")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from backend import serving
 from tests.support.processes import stop_group
 from tests.support.wait import wait_for
 
@@ -32,9 +33,11 @@ class RunningApi:
 
 
 @contextmanager
-def running_api(log_dir: Path, **env: str) -> Iterator[RunningApi]:
-    """`uvicorn backend.main:app` with the test bed's environment plus `env`; stopped at
-    the end of the block."""
+def running_api(
+    log_dir: Path, *, log_level: str = "warning", options: tuple[str, ...] = (), **env: str
+) -> Iterator[RunningApi]:
+    """`uvicorn backend.main:app` with the test bed's environment plus `env` (and uvicorn's
+    `options`); stopped at the end of the block."""
     # The socket is bound and listening here, and uvicorn serves it (--fd): a port merely
     # found free could be taken by another process before uvicorn binds it (other test
     # sessions start Flower, moto, uvicorn on free ports), and then this process's
@@ -44,9 +47,10 @@ def running_api(log_dir: Path, **env: str) -> Iterator[RunningApi]:
     log_path = log_dir / f"uvicorn-{port}.log"
     environment = {**os.environ, **env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     argv = [sys.executable, "-m", "uvicorn", "backend.main:app", "--fd", str(listener.fileno())]
+    argv += ["--http", serving.PROTOCOL]
     with listener, log_path.open("ab") as log:
         process = subprocess.Popen(
-            [*argv, "--log-level", "warning"],
+            [*argv, "--log-level", log_level, *options],
             cwd=ROOT,
             env=environment,
             stdout=log,
