@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 from backend import metrics
 from backend.metrics import record_poll
 from backend.models import utcnow
+from backend.push.leases import WATCHERS_KEY, watcher_name
 from tests.support.accounts import make_account
 from tests.support.api import auth_headers
 from tests.support.net import free_port
@@ -182,8 +184,12 @@ def test_metrics_token(anonymous, set_env: Callable[..., None]):
     assert anonymous.get("/accounts", headers=scraper).status_code == 401
 
 
-def test_imap_host_names_only_when_asked_for(anonymous, set_env: Callable[..., None]):
+def test_imap_host_names_only_when_asked_for(
+    anonymous, set_env: Callable[..., None], redis_db: RedisDb
+):
     set_env(METRICS_CACHE_SECONDS=0)
+    # The push gauge counts only live watchers' processes: this one announces itself.
+    redis_db.client().zadd(WATCHERS_KEY, {watcher_name(os.getpid(), "test"): time.time()})
     metrics.set_push_connections({"imap.internal-host.example": 3, "imap.other.example": 2})
     try:
         text = anonymous.get("/metrics").text
