@@ -762,6 +762,7 @@ class _Poller:
             "storage_backend": None,
             "storage_key": None,
             "parse_error": None,
+            "decode_fallbacks": None,
             "skipped_reason": None,
             "ingested_at": utcnow(),
         }
@@ -869,4 +870,5 @@ def parsed_fields(parsed: ParsedMessage) -> dict[str, Any]:
         "date": parsed.date,
         "text_body": parsed.text_body,
         "html_body": parsed.html_body,
+        "decode_fallbacks": parsed.decode_fallbacks or None,
     }

@@ -4,8 +4,9 @@ attachment download routes."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from backend.paging import NextAfter
 
@@ -42,6 +43,12 @@ class MessageSummary(BaseModel):
     content_hash: str | None
     storage_backend: str | None  # None: the body was not stored (see skipped_reason)
     parse_error: str | None
+    # None on rows stored before the column (and when nothing was a guess): [].
+    decode_fallbacks: Annotated[list[str], BeforeValidator(lambda value: value or [])] = Field(
+        description="the parsed fields whose text is a best guess (raw 8-bit header bytes "
+        "read in a fallback charset, a detected body charset, bytes that could not be read); "
+        "usually empty"
+    )
     skipped_reason: str | None
     ingested_at: datetime
     processed_at: datetime | None

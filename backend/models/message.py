@@ -66,6 +66,8 @@ class Message(Base):
     storage_backend: Mapped[StorageBackend | None] = mapped_column(EnumString(StorageBackend, 16))
     storage_key: Mapped[str | None] = mapped_column(String(1024))
     parse_error: Mapped[str | None] = mapped_column(Text)
+    # The parsed fields whose text is a best guess (ParsedMessage.decode_fallbacks).
+    decode_fallbacks: Mapped[list[str] | None] = mapped_column(JSON)
     skipped_reason: Mapped[str | None] = mapped_column(Text)  # e.g. larger than the maximum
 
     ingested_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

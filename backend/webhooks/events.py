@@ -68,6 +68,7 @@ def message_data(message: Message, account: Account) -> dict[str, Any]:
             "content_hash": message.content_hash,
             "ingested_at": _iso(message.ingested_at),
             "parse_error": message.parse_error,
+            "decode_fallbacks": message.decode_fallbacks or [],
             "skipped_reason": message.skipped_reason,
             **content,
             "raw_url": f"{base}/messages/{message.id}/raw" if message.storage_key else None,

@@ -24,6 +24,7 @@ from backend.storage.local import LocalStorage
 from backend.webhooks import events
 from backend.webhooks import service as webhooks
 from tests.support.accounts import MailAccount, make_account
+from tests.support.api import auth_headers, make_client
 from tests.support.dovecot import Dovecot
 from tests.support.mail import generated
 from tests.support.receiver import Receiver
@@ -232,3 +233,34 @@ def test_the_sweep_sends_a_batch_with_a_bad_message_in_it(
     assert statuses.pop(broken.id)[0] == "dead"
     assert {status for status, _ in statuses.values()} == {"delivered"}
     assert sweep() == {"messages": 0, "deliveries": 0}
+
+
+def test_a_guessed_field_is_named_in_the_api_and_the_event(
+    dovecot: Dovecot,
+    mail_account: MailAccount,
+    receiver: Receiver,
+    webhooks_on: Callable[..., None],
+    set_env: Callable[..., None],
+) -> None:
+    """A Subject of raw GBK bytes (no RFC 2047, no charset anywhere in the message) is
+    read in HEADER_FALLBACK_CHARSET, and the message says that its subject is a guess."""
+    set_env(HEADER_FALLBACK_CHARSET="gb18030")
+    account = mail_account()
+    raw = (
+        b"From: a@example.org\r\nTo: b@example.org\r\nSubject: "
+        + "管理费用报告".encode("gbk")
+        + b"\r\nMessage-ID: <gbk@example.org>\r\n\r\nplain ascii body\r\n"
+    )
+    dovecot.write_maildir(account.username, [raw, generated(1)])
+
+    result = poll_account(account.id)
+    after_poll(account.id, result.new_message_ids, result.account_event)
+
+    delivered = _events(receiver)
+    [guessed] = [m for m in delivered.values() if m["message_id"] == "<gbk@example.org>"]
+    assert (guessed["subject"], guessed["decode_fallbacks"]) == ("管理费用报告", ["subject"])
+    [other] = [m for m in delivered.values() if m is not guessed]
+    assert other["decode_fallbacks"] == []
+    with make_client(auth_headers()) as api:
+        listed = api.get(f"/messages/{guessed['id']}").json()
+    assert (listed["subject"], listed["decode_fallbacks"]) == ("管理费用报告", ["subject"])
