@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from backend import redis
+from backend.audit import freshness
 from backend.celery_app import app, queue_keys
 from backend.config import get_settings
 from backend.db import get_sessionmaker, session_scope
@@ -170,6 +171,38 @@ def record_news_stored(seconds: float) -> None:
         log.exception("could not record push metrics")
 
 
+@lru_cache
+def _audit_metrics() -> dict[str, Counter]:
+    _poll_metrics()  # the multiprocess directory and file naming, set up once
+    return {
+        name: Counter(f"mailbeat_audit_{name}", text, registry=None)
+        for name, text in (
+            ("messages_missing", "Messages audits found missing (on the server, not stored)."),
+            ("messages_repaired", "Missing messages audits stored again."),
+            ("objects_missing", "Stored objects audits found missing or altered."),
+            ("objects_repaired", "Objects audits wrote again, byte for byte."),
+        )
+    }
+
+
+def record_audit(
+    *, missing: int, repaired: int, objects_missing: int, objects_repaired: int
+) -> None:
+    """Count what an audit found and repaired. Never raises."""
+    try:
+        counters = _audit_metrics()
+        for name, value in (
+            ("messages_missing", missing),
+            ("messages_repaired", repaired),
+            ("objects_missing", objects_missing),
+            ("objects_repaired", objects_repaired),
+        ):
+            if value:
+                counters[name].inc(value)
+    except Exception:
+        log.exception("could not record audit metrics")
+
+
 def _database_gauges() -> Iterator[GaugeMetricFamily]:
     with get_sessionmaker()() as session:
         counts = dict(
@@ -181,6 +214,7 @@ def _database_gauges() -> Iterator[GaugeMetricFamily]:
                 Account.enabled.is_(True)
             )
         )
+        stale = freshness.staleness(session).stale
     by_status = GaugeMetricFamily("mailbeat_mailboxes", "Mailboxes by status.", labels=["status"])
     for status in sorted(set(AccountStatus) | set(counts)):
         by_status.add_metric([status], counts.get(status, 0))
@@ -192,6 +226,11 @@ def _database_gauges() -> Iterator[GaugeMetricFamily]:
         "mailbeat_ingestion_lag_seconds",
         "Age of the oldest last successful poll among enabled mailboxes (0 when none).",
         value=lag,
+    )
+    yield GaugeMetricFamily(
+        "mailbeat_mailboxes_stale",
+        "Scheduled mailboxes with no complete poll within their freshness limit.",
+        value=stale,
     )
 
 
@@ -275,6 +314,7 @@ class _StateCollector(Collector):
 
 def generate_latest() -> bytes:
     _poll_metrics()  # so a scrape before any poll already lists the poll metrics at 0
+    _audit_metrics()
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(multiproc_dir()))  # type: ignore[no-untyped-call]
     registry.register(_StateCollector())
@@ -291,6 +331,7 @@ router = APIRouter(tags=["health"])
 )
 def metrics() -> Response:
     """Prometheus text: polls by outcome, messages and bytes ingested, poll durations,
-    mailboxes by status, ingestion lag, queue lengths, schedule entries and capacity
-    (polls demanded and completed per second, the oldest queued poll's wait)."""
+    mailboxes by status, stale mailboxes, ingestion lag, queue lengths, schedule entries
+    and capacity (polls demanded and completed per second, the oldest queued poll's
+    wait), what audits found missing and repaired."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

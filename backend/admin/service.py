@@ -38,6 +38,7 @@ from backend.admin.schemas import (
     WorkerList,
     WorkerRead,
 )
+from backend.audit import freshness
 from backend.celery_app import app, broker_connection, queue_keys
 from backend.config import get_settings
 from backend.db import get_engine, session_scope
@@ -147,7 +148,7 @@ def capacity(session: Session) -> CapacityRead:
             f"the poll queue could not be read: Redis at {redis.location()} did not answer "
             f"({type(exc).__name__})"
         ) from exc
-    return CapacityRead(**vars(result))
+    return CapacityRead(**vars(result), stale_mailboxes=freshness.staleness(session).stale)
 
 
 def list_workers() -> WorkerList:
@@ -403,7 +404,22 @@ def _check_polls() -> str:
     return "ok"
 
 
-CHECK_NAMES = ("database", "redis", "celery_worker", "polls", "storage")
+def _check_freshness() -> str:
+    """Degraded when a scheduled mailbox has had no complete poll within its freshness
+    limit (backend/audit/freshness.py): how many, and the worst."""
+    with session_scope() as session:
+        found = freshness.staleness(session)
+    if found.stale:
+        raise CheckFailed(
+            f"{found.stale} stale mailbox{'es' if found.stale != 1 else ''} (no complete "
+            f"poll within the freshness limit); the worst: account {found.worst_account_id}, "
+            f"last complete poll {found.worst_seconds:g}s ago (limit "
+            f"{found.worst_limit_seconds:g}s)"
+        )
+    return "ok"
+
+
+CHECK_NAMES = ("database", "redis", "celery_worker", "polls", "freshness", "storage")
 
 
 class HealthCache:
@@ -462,6 +478,7 @@ def run_checks() -> tuple[HealthRead, bool]:
     checks: dict[str, Callable[[], str]] = {
         "database": _check_database,
         "storage": _check_storage,
+        "freshness": _check_freshness,
     }
     if not local:
         checks["redis"] = _check_redis

@@ -98,6 +98,11 @@ class Account(TimestampMixin, Base):
     # How far the latest sync of each folder has come: {"INBOX": {"done": 120, "total":
     # 5000}}, written with each batch the poll commits (a first sync shows it filling).
     sync_progress: Mapped[dict[str, dict[str, int]] | None] = mapped_column(JSON)
+    # Freshness and audits (backend/audit/): since when the account has had no complete
+    # poll within its freshness limit (None: fresh), set and cleared by the freshness
+    # check with the account.stale / account.fresh event; when its last audit was sent.
+    stale_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    audited_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     cursors: Mapped[list[FolderCursor]] = relationship(
         back_populates="account", cascade="all, delete-orphan", passive_deletes=True
