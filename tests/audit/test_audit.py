@@ -5,7 +5,9 @@ byte for byte, and nothing is handed on twice."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -21,6 +23,28 @@ from tests.support.accounts import MailAccount
 from tests.support.dovecot import Dovecot
 from tests.support.receiver import Receiver
 from tests.support.webhooks import sample_email
+
+
+@dataclass
+class Inbox:
+    """A Dovecot mailbox, accounts on it; webhooks go to the receiver."""
+
+    dovecot: Dovecot
+    username: str
+    account: MailAccount
+
+    def append(self, *raws: bytes) -> None:
+        self.dovecot.append_many(self.username, list(raws))
+
+
+@pytest.fixture
+def inbox(
+    dovecot: Dovecot,
+    mail_user: tuple[str, str],
+    mail_account: MailAccount,
+    webhooks_on: Callable[..., None],
+) -> Inbox:
+    return Inbox(dovecot, mail_user[0], mail_account)
 
 
 def _poll(account_id: int) -> list[int]:
@@ -54,18 +78,12 @@ def _events(receiver: Receiver, kind: str) -> list[dict[str, object]]:
 
 
 def test_an_audit_repairs_rows_and_objects_lost_to_a_restore_once_byte_for_byte(
-    db: Session,
-    dovecot: Dovecot,
-    mail_user: tuple[str, str],
-    mail_account: MailAccount,
-    webhooks_on: Callable[..., None],
-    receiver: Receiver,
+    db: Session, inbox: Inbox, set_env: Callable[..., None], receiver: Receiver
 ) -> None:
-    webhooks_on(MAX_MESSAGE_BYTES=20_000)
-    username = mail_user[0]
-    dovecot.append_many(username, [sample_email(n) for n in range(1, 7)])
-    dovecot.append(username, sample_email(7) + b"x" * 30_000)  # too large: skipped
-    account_id = mail_account().id
+    set_env(MAX_MESSAGE_BYTES=20_000)
+    inbox.append(*(sample_email(n) for n in range(1, 7)))
+    inbox.append(sample_email(7) + b"x" * 30_000)  # too large: skipped
+    account_id = inbox.account().id
     _poll(account_id)
     before = _rows(db, account_id)
     assert sorted(before) == [1, 2, 3, 4, 5, 6, 7] and before[7].skipped_reason
@@ -122,15 +140,10 @@ def test_an_audit_repairs_rows_and_objects_lost_to_a_restore_once_byte_for_byte(
 
 
 def test_a_deep_audit_finds_an_altered_object_and_writes_the_original_back(
-    db: Session,
-    dovecot: Dovecot,
-    mail_user: tuple[str, str],
-    mail_account: MailAccount,
-    webhooks_on: Callable[..., None],
-    receiver: Receiver,
+    db: Session, inbox: Inbox, receiver: Receiver
 ) -> None:
-    dovecot.append_many(mail_user[0], [sample_email(n) for n in (1, 2)])
-    account_id = mail_account().id
+    inbox.append(sample_email(1), sample_email(2))
+    account_id = inbox.account().id
     _poll(account_id)
     row = _rows(db, account_id)[2]
     original = _raw(row)
@@ -148,17 +161,13 @@ def test_a_deep_audit_finds_an_altered_object_and_writes_the_original_back(
 
 
 def test_what_the_initial_sync_left_out_and_new_mail_are_not_missing(
-    db: Session,
-    dovecot: Dovecot,
-    mail_user: tuple[str, str],
-    mail_account: MailAccount,
-    webhooks_on: Callable[..., None],
+    db: Session, inbox: Inbox
 ) -> None:
-    dovecot.append_many(mail_user[0], [sample_email(n) for n in range(1, 6)])
-    account_id = mail_account(initial_sync="newest", initial_sync_count=2).id
+    inbox.append(*(sample_email(n) for n in range(1, 6)))
+    account_id = inbox.account(initial_sync="newest", initial_sync_count=2).id
     _poll(account_id)
     assert sorted(_rows(db, account_id)) == [4, 5]
-    dovecot.append(mail_user[0], sample_email(6))  # above the cursor: the next poll's
+    inbox.append(sample_email(6))  # above the cursor: the next poll's
 
     [folder] = audit_account(account_id).folders
     assert (folder.server, folder.expected, folder.stored, folder.missing) == (6, 2, 2, 0)
@@ -188,16 +197,9 @@ def test_uid_ranges_come_compact_from_the_server(
         assert mailbox.uid_ranges() == [(1, 2), (5, 5), (7, 7)]
 
 
-def test_audit_routes(
-    api: TestClient,
-    db: Session,
-    dovecot: Dovecot,
-    mail_user: tuple[str, str],
-    mail_account: MailAccount,
-    webhooks_on: Callable[..., None],
-) -> None:
-    dovecot.append_many(mail_user[0], [sample_email(n) for n in (1, 2, 3)])
-    account_id = mail_account().id
+def test_audit_routes(api: TestClient, db: Session, inbox: Inbox) -> None:
+    inbox.append(*(sample_email(n) for n in (1, 2, 3)))
+    account_id = inbox.account().id
     _poll(account_id)
     db.execute(delete(Message).where(Message.account_id == account_id, Message.uid == 2))
     db.commit()
