@@ -4,47 +4,27 @@ byte for byte, and nothing is handed on twice."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from datetime import timedelta
 
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from backend.audit.service import audit_account
+from backend.audit.service import audit_account, schedule_due
+from backend.celery_app import queue_keys
 from backend.mailbox import credentials
 from backend.mailbox.imap import open_account
 from backend.mailbox.service import poll_account
-from backend.models import Account, Attachment, AuditOutcome, FolderAudit, Message
+from backend.models import Account, Attachment, AuditOutcome, FolderAudit, Message, utcnow
 from backend.processing.service import after_poll
 from backend.storage import service as storage
-from tests.support.accounts import MailAccount
-from tests.support.dovecot import Dovecot
+from tests.audit.conftest import Inbox
+from tests.support.accounts import make_accounts
 from tests.support.receiver import Receiver
+from tests.support.redis_db import RedisDb
 from tests.support.webhooks import sample_email
-
-
-@dataclass
-class Inbox:
-    """A Dovecot mailbox, accounts on it; webhooks go to the receiver."""
-
-    dovecot: Dovecot
-    username: str
-    account: MailAccount
-
-    def append(self, *raws: bytes) -> None:
-        self.dovecot.append_many(self.username, list(raws))
-
-
-@pytest.fixture
-def inbox(
-    dovecot: Dovecot,
-    mail_user: tuple[str, str],
-    mail_account: MailAccount,
-    webhooks_on: Callable[..., None],
-) -> Inbox:
-    return Inbox(dovecot, mail_user[0], mail_account)
 
 
 def _poll(account_id: int) -> list[int]:
@@ -174,24 +154,19 @@ def test_what_the_initial_sync_left_out_and_new_mail_are_not_missing(
     assert sorted(_rows(db, account_id)) == [4, 5]
 
 
-def test_a_folder_not_polled_yet_is_skipped(
-    db: Session, mail_account: MailAccount, webhooks_on: Callable[..., None]
-) -> None:
-    account_id = mail_account().id
+def test_a_folder_not_polled_yet_is_skipped(db: Session, inbox: Inbox) -> None:
+    account_id = inbox.account().id
     [folder] = audit_account(account_id).folders
     assert folder.outcome == AuditOutcome.SKIPPED and folder.error == "not polled yet"
 
 
-def test_uid_ranges_come_compact_from_the_server(
-    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
-) -> None:
-    username = mail_user[0]
-    dovecot.append_many(username, [sample_email(n, attachment=False) for n in range(1, 8)])
-    with dovecot.client(username) as client:
+def test_uid_ranges_come_compact_from_the_server(db: Session, inbox: Inbox) -> None:
+    inbox.append(*(sample_email(n, attachment=False) for n in range(1, 8)))
+    with inbox.dovecot.client(inbox.username) as client:
         client.select_folder("INBOX")
         client.delete_messages([3, 4, 6])
         client.expunge()
-    account = mail_account()
+    account = inbox.account()
     with open_account(account, credentials=credentials.loader(account)) as mailbox:
         mailbox.select("INBOX")
         assert mailbox.uid_ranges() == [(1, 2), (5, 5), (7, 7)]
@@ -223,3 +198,30 @@ def test_audit_routes(api: TestClient, db: Session, inbox: Inbox) -> None:
     assert api.post("/accounts/999999/audit").status_code == 404
     assert api.get("/accounts/999999/audit").status_code == 404
     assert api.post(f"/accounts/{account_id}/audit", json={"deeper": 1}).status_code == 422
+
+
+def _queued(redis_db: RedisDb, queue: str, task: str) -> int:
+    client = redis_db.client()
+    bodies = [raw for key in queue_keys(queue) for raw in client.lrange(key, 0, -1)]
+    return sum(1 for raw in bodies if json.loads(raw)["headers"]["task"] == task)
+
+
+def test_scheduled_audits_spread_over_the_interval(
+    db: Session, set_env: Callable[..., None], redis_db: RedisDb
+) -> None:
+    # Celery mode (Redis answers): the audits due are sent to the email queue.
+    set_env(AUDIT_INTERVAL_SECONDS=120)
+    accounts = make_accounts(db, 10)
+    ids = sorted(account.id for account in accounts)
+    now = utcnow()
+
+    # 10 mailboxes, a tick of 60 s, a pass every 120 s: 5 a tick, never audited first.
+    first = schedule_due(now)
+    second = schedule_due(now)
+    assert (first, second) == (ids[:5], ids[5:])
+    assert schedule_due(now) == []
+    assert schedule_due(now + timedelta(seconds=121)) == ids[:5]
+    assert _queued(redis_db, "email", "audit.run") == 15
+
+    set_env(AUDIT_INTERVAL_SECONDS=0)
+    assert schedule_due(now + timedelta(days=1)) == []
