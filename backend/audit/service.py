@@ -182,20 +182,22 @@ def schedule_due(now: datetime | None = None) -> list[int]:
     """Periodic (every AUDIT_TICK_SECONDS): send the audits now due, spread so that each
     scheduled mailbox is audited once per AUDIT_INTERVAL_SECONDS: per tick, the share of
     the mailboxes one tick is of the interval, those audited longest ago first (never
-    audited before all). Returns the accounts sent."""
+    audited before all; never polled successfully, not yet). Returns the accounts sent."""
     settings = get_settings()
     interval = settings.audit_interval_seconds
     if interval <= 0:
         return []
     now = now or utcnow()
+    # Scheduled and polled at least once (there is nothing to audit before).
+    auditable = wanted_clause() & Account.last_success_at.is_not(None)
     with session_scope() as session:
-        wanted = session.scalar(select(func.count(Account.id)).where(wanted_clause())) or 0
-        share = -(-wanted * AUDIT_TICK_SECONDS // interval)  # rounded up
+        total = session.scalar(select(func.count(Account.id)).where(auditable)) or 0
+        share = -(-total * AUDIT_TICK_SECONDS // interval)  # rounded up
         due = list(
             session.scalars(
                 select(Account.id)
                 .where(
-                    wanted_clause(),
+                    auditable,
                     (Account.audited_at.is_(None))
                     | (Account.audited_at <= now - timedelta(seconds=interval)),
                 )
@@ -239,34 +241,47 @@ def audit_account(
 ) -> AccountAudit:
     """Audit every folder the account polls and repair what is missing. Its own boundary:
     each folder's result commits as it is done. A folder that fails is recorded as
-    failed and the others go on, unless the connection itself is lost."""
+    failed and the others go on, unless the connection itself is lost. A mailbox never
+    polled is not logged in to."""
     with session_scope() as session:
         account = get_account(session, account_id)
         folders = list(account.folders or ["INBOX"])
+        polled = set(
+            session.scalars(
+                select(FolderCursor.folder).where(
+                    FolderCursor.account_id == account_id, FolderCursor.last_uid > 0
+                )
+            )
+        )
     result = AccountAudit(account_id=account_id, deep=deep)
+
+    def done(entry: FolderResult) -> None:
+        _record(account_id, entry)
+        result.folders.append(entry)
+        if on_folder is not None:
+            on_folder(entry)
+
+    # What the folders not audited are left with: none polled yet, or the session lost.
+    error = _NOT_POLLED
     try:
-        with open_mailbox(account) as mailbox:
-            for folder in folders:
-                entry = _audit_folder_safely(mailbox, account, folder, deep=deep)
-                result.folders.append(entry)
-                if on_folder is not None:
-                    on_folder(entry)
-                if entry.outcome == AuditOutcome.FAILED and entry.error == _LOST:
-                    break
+        if polled & set(folders):
+            with open_mailbox(account) as mailbox:
+                for folder in folders:
+                    entry = _audit_folder_safely(mailbox, account, folder, deep=deep)
+                    done(entry)
+                    if entry.outcome == AuditOutcome.FAILED and entry.error == _LOST:
+                        error = _LOST
+                        break
     except ImapError as exc:  # the login, or the connection lost between folders
         error = _first_line(exc)
-        done = {entry.folder for entry in result.folders}
-        for folder in folders:
-            if folder not in done:
-                entry = FolderResult(
-                    folder, AuditOutcome.FAILED, deep, started_at=utcnow(), error=error
-                )
-                _record(account_id, entry)
-                result.folders.append(entry)
+    for folder in folders[len(result.folders) :]:
+        outcome = AuditOutcome.FAILED if error != _NOT_POLLED else AuditOutcome.SKIPPED
+        done(FolderResult(folder, outcome, deep, started_at=utcnow(), error=error))
     _finish(account, result)
     return result
 
 
+_NOT_POLLED = "not polled yet"
 _LOST = "the connection to the server was lost"
 
 
@@ -286,7 +301,6 @@ def _audit_folder_safely(
             error=_LOST if lost else _first_line(exc),
         )
         log.warning("audit of account %s folder %r failed: %s", account.id, folder, entry.error)
-    _record(account.id, entry)
     return entry
 
 
@@ -315,7 +329,7 @@ def _audit_folder(
         entry.error = (
             "renumbered (UIDVALIDITY changed) since its last poll, which scans it again"
             if renumbered
-            else "not polled yet"
+            else _NOT_POLLED
         )
         return entry
     entry.cursor = last_uid

@@ -211,7 +211,8 @@ def test_scheduled_audits_spread_over_the_interval(
 ) -> None:
     # Celery mode (Redis answers): the audits due are sent to the email queue.
     set_env(AUDIT_INTERVAL_SECONDS=120)
-    accounts = make_accounts(db, 10)
+    accounts = make_accounts(db, 10, last_success_at=utcnow())
+    make_accounts(db, 3)  # never polled successfully: nothing to audit yet
     ids = sorted(account.id for account in accounts)
     now = utcnow()
 
