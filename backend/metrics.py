@@ -171,18 +171,39 @@ def record_news_stored(seconds: float) -> None:
         log.exception("could not record push metrics")
 
 
+@dataclass(frozen=True)
+class _AuditMetrics:
+    messages_missing: Counter
+    messages_repaired: Counter
+    objects_missing: Counter
+    objects_repaired: Counter
+
+
 @lru_cache
-def _audit_metrics() -> dict[str, Counter]:
+def _audit_metrics() -> _AuditMetrics:
     _poll_metrics()  # the multiprocess directory and file naming, set up once
-    return {
-        name: Counter(f"mailbeat_audit_{name}", text, registry=None)
-        for name, text in (
-            ("messages_missing", "Messages audits found missing (on the server, not stored)."),
-            ("messages_repaired", "Missing messages audits stored again."),
-            ("objects_missing", "Stored objects audits found missing or altered."),
-            ("objects_repaired", "Objects audits wrote again, byte for byte."),
-        )
-    }
+    return _AuditMetrics(
+        messages_missing=Counter(
+            "mailbeat_audit_messages_missing",
+            "Messages audits found missing (on the server, not stored).",
+            registry=None,
+        ),
+        messages_repaired=Counter(
+            "mailbeat_audit_messages_repaired",
+            "Missing messages audits stored again.",
+            registry=None,
+        ),
+        objects_missing=Counter(
+            "mailbeat_audit_objects_missing",
+            "Stored objects audits found missing (or altered: deep audits).",
+            registry=None,
+        ),
+        objects_repaired=Counter(
+            "mailbeat_audit_objects_repaired",
+            "Objects audits wrote back, byte for byte.",
+            registry=None,
+        ),
+    )
 
 
 def record_audit(
@@ -190,15 +211,11 @@ def record_audit(
 ) -> None:
     """Count what an audit found and repaired. Never raises."""
     try:
-        counters = _audit_metrics()
-        for name, value in (
-            ("messages_missing", missing),
-            ("messages_repaired", repaired),
-            ("objects_missing", objects_missing),
-            ("objects_repaired", objects_repaired),
-        ):
-            if value:
-                counters[name].inc(value)
+        metrics = _audit_metrics()
+        metrics.messages_missing.inc(missing)
+        metrics.messages_repaired.inc(repaired)
+        metrics.objects_missing.inc(objects_missing)
+        metrics.objects_repaired.inc(objects_repaired)
     except Exception:
         log.exception("could not record audit metrics")
 

@@ -17,6 +17,7 @@ from backend.celery_app import queue_keys
 from backend.mailbox import credentials
 from backend.mailbox.imap import open_account
 from backend.mailbox.service import poll_account
+from backend.metrics import generate_latest
 from backend.models import Account, Attachment, AuditOutcome, FolderAudit, Message, utcnow
 from backend.processing.service import after_poll
 from backend.storage import service as storage
@@ -25,6 +26,8 @@ from tests.support.accounts import make_accounts
 from tests.support.receiver import Receiver
 from tests.support.redis_db import RedisDb
 from tests.support.webhooks import sample_email
+
+COUNTERS = ("messages_missing", "messages_repaired", "objects_missing", "objects_repaired")
 
 
 def _poll(account_id: int) -> list[int]:
@@ -51,6 +54,13 @@ def _delivered_uids(receiver: Receiver) -> list[int]:
         for r in receiver.delivered()
         if r.json()["type"] == "message.received"
     )
+
+
+def _metric(name: str) -> float:
+    for line in generate_latest().decode().splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not scraped")
 
 
 def _events(receiver: Receiver, kind: str) -> list[dict[str, object]]:
@@ -81,6 +91,7 @@ def test_an_audit_repairs_rows_and_objects_lost_to_a_restore_once_byte_for_byte(
     db.execute(delete(Message).where(Message.id.in_([before[2].id, before[5].id])))
     db.commit()
 
+    counted = [_metric(f"mailbeat_audit_{name}_total") for name in COUNTERS]
     result = audit_account(account_id)
 
     [folder] = result.folders
@@ -107,6 +118,8 @@ def test_an_audit_repairs_rows_and_objects_lost_to_a_restore_once_byte_for_byte(
     assert (counts["missing"], counts["repaired"], counts["objects_missing"]) == (2, 2, 2)
     row = db.scalars(select(FolderAudit).where(FolderAudit.account_id == account_id)).one()
     assert (row.missing, row.repaired, row.objects_repaired) == (2, 2, 2)
+    now_counted = [_metric(f"mailbeat_audit_{name}_total") for name in COUNTERS]
+    assert [after - before for after, before in zip(now_counted, counted, strict=True)] == [2] * 4
 
     # Exactly once: a second audit finds everything in place and sends nothing.
     again = audit_account(account_id)
