@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Path, status
+from fastapi import APIRouter, Path, Query, status
 
 from backend.audit import service
-from backend.audit.schemas import AccountAuditRead, AuditQueued, AuditRequest, FolderAuditRead
+from backend.audit.schemas import AccountAuditRead, AuditQueued, FolderAuditRead
 from backend.deps import AdminDep, KnownQueryDep, SessionDep
 from backend.errors import error_responses
 
@@ -29,13 +29,15 @@ AccountId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 def audit(
     account_id: AccountId,
     session: SessionDep,
-    request: Annotated[AuditRequest | None, Body()] = None,
+    deep: Annotated[
+        bool,
+        Query(description="also read every stored object and compare its SHA-256 with the row's"),
+    ] = False,
 ) -> AuditQueued:
     """Audit the mailbox now, as a task: each polled folder's UIDs on the server against
     the stored and skipped ones, and each stored object against the store; missing
     messages and objects are fetched again and stored, exactly once. The answer (202) is
     at once; `GET /accounts/{id}/audit` shows the result per folder."""
-    deep = bool(request and request.deep)
     service.get_account(session, account_id)
     session.commit()
     service.enqueue(account_id, deep=deep)

@@ -7,15 +7,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from backend.models import AuditOutcome
 
 
-class AuditRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    deep: bool = Field(
-        default=False,
-        description="also read every stored object and compare its SHA-256 with the row's",
-    )
-
-
 class AuditQueued(BaseModel):
     account_id: int
     deep: bool

@@ -196,7 +196,7 @@ def test_audit_routes(api: TestClient, db: Session, inbox: Inbox) -> None:
     assert empty.status_code == 200 and empty.json()["folders"] == []
 
     # A task: in local mode (the tests) it has run by the time the request answers.
-    queued = api.post(f"/accounts/{account_id}/audit", json={"deep": True})
+    queued = api.post(f"/accounts/{account_id}/audit?deep=true")
     assert queued.status_code == 202, queued.text
     assert queued.json()["deep"] is True
     body = api.get(f"/accounts/{account_id}/audit").json()
@@ -207,10 +207,11 @@ def test_audit_routes(api: TestClient, db: Session, inbox: Inbox) -> None:
     account = db.get(Account, account_id)
     assert account is not None and account.audited_at is not None
 
-    assert api.post(f"/accounts/{account_id}/audit").status_code == 202  # no body: shallow
+    assert api.post(f"/accounts/{account_id}/audit").status_code == 202  # shallow
     assert api.post("/accounts/999999/audit").status_code == 404
     assert api.get("/accounts/999999/audit").status_code == 404
-    assert api.post(f"/accounts/{account_id}/audit", json={"deeper": 1}).status_code == 422
+    assert api.post(f"/accounts/{account_id}/audit?deeper=1").status_code == 422
+    assert api.post(f"/accounts/{account_id}/audit?deep=maybe").status_code == 422
 
 
 def _queued(redis_db: RedisDb, queue: str, task: str) -> int:

@@ -620,7 +620,7 @@ function drawAudit(container, id, audited) {
     guarded(async () => {
       button.disabled = true;
       try {
-        await api("POST", `/accounts/${id}/audit`, {});
+        await api("POST", `/accounts/${id}/audit`);
         toast("audit queued");
       } finally {
         button.disabled = false;
