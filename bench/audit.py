@@ -20,8 +20,10 @@ time is the time spent in statements (SQLAlchemy cursor events).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import hashlib
 import os
+import pstats
 import shutil
 import tempfile
 import time
@@ -193,6 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--lost", type=int, default=100)
+    parser.add_argument("--profile", action="store_true", help="cProfile the shallow audit")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mailbeat-bench-audit-"))
@@ -230,8 +233,15 @@ def main() -> None:
             session.execute(text("ANALYZE"))
 
         print(f"one folder of {args.messages:,} messages:")
+        profiler = cProfile.Profile() if args.profile else None
         with measured("shallow audit, nothing missing"):
+            if profiler is not None:
+                profiler.enable()
             [clean] = audit_account(account_id).folders
+            if profiler is not None:
+                profiler.disable()
+        if profiler is not None:
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
         assert (clean.missing, clean.objects_missing) == (0, 0), clean
         assert clean.server == args.messages and clean.objects_checked == args.messages
         with measured("deep audit (every object read and hashed)"):
