@@ -66,7 +66,8 @@ def local_housekeeping() -> None:
     sweep()
     prune_poll_runs()
     freshness.check()
-    audits.schedule_due()
+    # Housekeeping runs once per refresh, not once a minute as beat sends it.
+    audits.schedule_due(tick_seconds=get_settings().reconcile_interval_seconds)
     storage_tasks.purge_deleted()
     if get_settings().s3_enabled:
         storage_tasks.sync_all()

@@ -191,6 +191,28 @@ def seed(dovecot: Dovecot, username: str, count: int) -> tuple[int, dict[int, by
     return account_id, by_uid
 
 
+def compare_searches(account_id: int) -> None:
+    """The server's UIDs as ranges (ESEARCH) against the plain SEARCH ALL list."""
+    from backend.db import session_scope
+    from backend.mailbox.service import open_mailbox
+    from backend.models import Account
+
+    with session_scope() as session:
+        account = session.get_one(Account, account_id)
+    with open_mailbox(account) as mailbox:
+        mailbox.select("INBOX")
+        started = time.perf_counter()
+        ranges = mailbox.uid_ranges()
+        esearch = time.perf_counter() - started
+        started = time.perf_counter()
+        uids = mailbox.search()
+        plain = time.perf_counter() - started
+    print(
+        f"  UID SEARCH RETURN (ALL): {len(ranges)} range(s) in {esearch * 1000:.0f} ms; "
+        f"plain UID SEARCH ALL: {len(uids):,} UIDs in {plain * 1000:.0f} ms"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=100_000)
@@ -233,6 +255,7 @@ def main() -> None:
             session.execute(text("ANALYZE"))
 
         print(f"one folder of {args.messages:,} messages:")
+        compare_searches(account_id)
         profiler = cProfile.Profile() if args.profile else None
         with measured("shallow audit, nothing missing"):
             if profiler is not None:

@@ -181,10 +181,13 @@ def run(account_id: int, deep: bool = False) -> str:
 dispatch.register(RUN_TASK, run)
 
 
-def schedule_due(now: datetime | None = None) -> list[int]:
-    """Periodic (every AUDIT_TICK_SECONDS): send the audits now due, spread so that each
-    scheduled mailbox is audited once per AUDIT_INTERVAL_SECONDS: per tick, the share of
-    the mailboxes one tick is of the interval, those audited longest ago first (never
+def schedule_due(
+    now: datetime | None = None, *, tick_seconds: int = AUDIT_TICK_SECONDS
+) -> list[int]:
+    """Periodic (every `tick_seconds`: beat's AUDIT_TICK_SECONDS, or the local
+    scheduler's housekeeping): send the audits now due, spread so that each scheduled
+    mailbox is audited once per AUDIT_INTERVAL_SECONDS: per tick, the share of the
+    mailboxes one tick is of the interval, those audited longest ago first (never
     audited before all; never polled successfully, not yet). Returns the accounts sent."""
     settings = get_settings()
     interval = settings.audit_interval_seconds
@@ -195,7 +198,7 @@ def schedule_due(now: datetime | None = None) -> list[int]:
     auditable = wanted_clause() & Account.last_success_at.is_not(None)
     with session_scope() as session:
         total = session.scalar(select(func.count(Account.id)).where(auditable)) or 0
-        share = -(-total * AUDIT_TICK_SECONDS // interval)  # rounded up
+        share = -(-total * tick_seconds // interval)  # rounded up
         due = list(
             session.scalars(
                 select(Account.id)

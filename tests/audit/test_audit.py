@@ -237,6 +237,8 @@ def test_scheduled_audits_spread_over_the_interval(
     assert schedule_due(now) == []
     assert schedule_due(now + timedelta(seconds=121)) == ids[:5]
     assert _queued(redis_db, "email", "audit.run") == 15
+    # The local scheduler's housekeeping comes once per refresh: a share per refresh.
+    assert sorted(schedule_due(now + timedelta(seconds=300), tick_seconds=120)) == ids
 
     set_env(AUDIT_INTERVAL_SECONDS=0)
     assert schedule_due(now + timedelta(days=1)) == []
