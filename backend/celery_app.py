@@ -162,6 +162,13 @@ app.conf.update(
             "schedule": settings.processing_sweep_interval_seconds,
             "options": {"expires": settings.processing_sweep_interval_seconds},
         },
+        # Polls whose worker died: their runs closed, their mailboxes polled again, within
+        # a lease and half of one (backend/mailbox/polling.py).
+        "poll-runs-sweep": {
+            "task": "poll_runs.sweep",
+            "schedule": settings.mailbox_lease_seconds / 2,
+            "options": {"expires": settings.mailbox_lease_seconds / 2},
+        },
         # Poll runs past POLL_RUN_RETENTION_DAYS.
         "poll-runs-prune": {
             "task": "poll_runs.prune",

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     # Logged-in sessions each worker process keeps for the next poll of the same mailbox.
     imap_pool_size: int = Field(default=4, ge=0, le=10000)
     imap_pool_max_age_seconds: float = Field(default=300, gt=0)
+    # How long a server's folder list (LIST) is kept for an account whose `folders` name
+    # special uses (\Sent) or `*`: a folder created later is polled within this.
+    folder_list_seconds: float = Field(default=300, ge=0)
     # What mailbeat tells the server about itself after login (RFC 2971 ID, a JSON
     # object). NetEase (163, 126, yeah.net) refuses every folder to a client that has not
     # sent ID. `{}` sends none.
@@ -106,6 +109,10 @@ class Settings(BaseSettings):
     max_message_bytes: int = 50 * 1024 * 1024
     # Processes per poll worker process that parse large batches (0: in the poll).
     parse_processes: int = Field(default=2, ge=0, le=64)
+    # The charset of raw 8-bit header bytes that are not UTF-8, when the message's first
+    # text part names none (docs/architecture.md, "Decoding"). A label of the WHATWG
+    # Encoding Standard; a mostly Chinese mailbox sets gb18030.
+    header_fallback_charset: str = "windows-1252"
 
     # Polling and scheduling.
     default_poll_interval_seconds: int = 300
@@ -113,12 +120,20 @@ class Settings(BaseSettings):
     max_poll_interval_seconds: int = 7 * 24 * 3600
     backoff_max_seconds: int = 3600
     max_consecutive_failures: int = 10
+    # A poll the provider throttled (not a failure: never disables) tries again after the
+    # wait the server named, at most THROTTLE_BACKOFF_MAX_SECONDS, or this when it named none.
+    throttle_backoff_seconds: int = Field(default=60, ge=1)
+    throttle_backoff_max_seconds: int = Field(default=900, ge=1)
     reconcile_interval_seconds: int = 300
     # A poll closes its IMAP connection at this age, whatever the server is doing (a
     # body trickled a byte at a time never trips IMAP_READ_TIMEOUT); below the soft limit.
     poll_deadline_seconds: float = Field(default=540, gt=0)
     poll_soft_time_limit_seconds: int = 600
     poll_time_limit_seconds: int = 660
+    # A poll's hold on its mailbox (a lease in Redis) lasts this long unless renewed; the
+    # polling process renews it every third of it for as long as the poll runs, so a
+    # poll whose worker died frees its mailbox within it (docs/operations.md, "Crashes").
+    mailbox_lease_seconds: float = Field(default=20.0, ge=1)
     # /health says "degraded" when the oldest queued poll has waited longer than this:
     # the workers complete fewer polls than the schedule asks for.
     poll_lag_degraded_seconds: int = Field(default=300, ge=1)

@@ -181,6 +181,28 @@ def claim_many(keys: Sequence[str], expiry: float) -> list[bool]:
         return [bool(reply) for reply in pipe.execute()]
 
 
+def ages(keys: Sequence[str], expiry: float) -> list[float | None]:
+    """How long ago each of these coalescing keys was claimed with `expiry` (Celery mode),
+    from what is left of it; None where it is gone."""
+    with redis.shared().pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.pttl(COALESCE_PREFIX + key)
+        left = pipe.execute()
+    return [expiry - int(ms) / 1000 if int(ms) >= 0 else None for ms in left]
+
+
+def retake(keys: Sequence[str], expiry: float) -> list[bool]:
+    """Claim these coalescing keys anew whatever holds them (their task is known to be
+    lost): for each, whether it is now taken."""
+    milliseconds = max(1, round(expiry * 1000))
+    with redis.shared().pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.delete(COALESCE_PREFIX + key)
+            pipe.set(COALESCE_PREFIX + key, 1, nx=True, px=milliseconds)
+        replies = pipe.execute()
+    return [bool(reply) for reply in replies[1::2]]
+
+
 def release(key: str) -> None:
     """Free a coalescing key: the task it stood for will not run (or has started)."""
     if _in_process or mode() == SchedulerMode.LOCAL:

@@ -33,7 +33,7 @@ from backend.console.endpoints import mount_console
 from backend.deps import KnownQueryDep
 from backend.errors import MailbeatError, ValidationError, error_responses
 from backend.guard import RequestGuard
-from backend.mailbox.polling import prune_poll_runs, run_poll
+from backend.mailbox.polling import prune_poll_runs, run_poll, sweep_dead_polls
 from backend.messages.endpoints import router as messages_router
 from backend.processing.endpoints import router as processing_router
 from backend.processing.service import sweep
@@ -59,12 +59,14 @@ problem in `errors`. Passwords and tokens are write-only: no response carries th
 
 def local_housekeeping() -> None:
     """Beat's periodic work (beat_schedule in backend/celery_app.py), for local mode: pick
-    up lost processing and deliveries, delete old poll runs, announce mailboxes that
-    turned stale or fresh, send the audits due, move objects that fell back
-    to local files up to S3 once it answers, and remove the stored objects of deleted
-    accounts. (Beat's reconcile is the local scheduler's own re-read.)"""
+    up lost processing and deliveries, delete old poll runs, close the runs of polls
+    that died with a previous process, announce mailboxes that turned stale or fresh,
+    send the audits due, move objects that fell back to local files up to S3 once it
+    answers, and remove the stored objects of deleted accounts. (Beat's reconcile is the
+    local scheduler's own re-read.)"""
     sweep()
     prune_poll_runs()
+    sweep_dead_polls()
     freshness.check()
     # Housekeeping runs once per refresh, not once a minute as beat sends it.
     audits.schedule_due(tick_seconds=get_settings().reconcile_interval_seconds)

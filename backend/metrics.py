@@ -9,6 +9,7 @@ lengths, schedule entries) are computed at scrape time from the database and Red
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import socket
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Response
 from prometheus_client import (
@@ -38,6 +40,7 @@ from backend.celery_app import app, queue_keys
 from backend.config import get_settings
 from backend.db import get_sessionmaker, session_scope
 from backend.models import Account, AccountStatus, PollOutcome, utcnow
+from backend.push import leases as push_leases
 from backend.schedules import service as schedules
 
 log = logging.getLogger(__name__)
@@ -329,11 +332,44 @@ class _StateCollector(Collector):
         yield up
 
 
+# prometheus-client's gauge modes that count only live processes (multiprocess mode).
+LIVE_GAUGE_MODES = ("liveall", "livemin", "livemax", "livesum", "livemostrecent")
+
+
+class _ProcessFiles(MultiProcessCollector):
+    """Every process's files, but the live gauges only of processes still alive.
+
+    prometheus-client drops a process's live gauges only when told the process died
+    (`mark_process_dead`), which a SIGKILLed or lost process never does: its last value
+    would be summed in for ever. The processes that write live gauges are the watchers
+    (the push connections), and Redis knows which are alive (their heartbeats, named
+    `host-pid` like the files); a dead one's file is left out. When Redis cannot say,
+    every file counts. The files are left on disk: a watcher whose heartbeat was only
+    late keeps writing to its own, and shows again."""
+
+    def collect(self) -> Any:
+        files = glob.glob(os.path.join(self._path, "*.db"))
+        try:
+            alive = push_leases.live_processes()
+        except (redis.RedisError, OSError):
+            return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        return self.merge([f for f in files if _kept(f, alive)], accumulate=True)  # type: ignore[no-untyped-call]
+
+
+def _kept(path: str, alive: set[str]) -> bool:
+    name = os.path.basename(path).removesuffix(".db")
+    for mode in LIVE_GAUGE_MODES:
+        prefix = f"gauge_{mode}_"
+        if name.startswith(prefix):
+            return name.removeprefix(prefix) in alive
+    return True
+
+
 def generate_latest() -> bytes:
     _poll_metrics()  # so a scrape before any poll already lists the poll metrics at 0
     _audit_metrics()
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(multiproc_dir()))  # type: ignore[no-untyped-call]
+    _ProcessFiles(registry, path=str(multiproc_dir()))  # type: ignore[no-untyped-call]
     registry.register(_StateCollector())
     return _generate_latest(registry)
 

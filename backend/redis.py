@@ -1,8 +1,8 @@
-"""Every Redis client mailbeat uses is built here, with explicit timeouts: the mailbox
-locks, the admin API's and the metrics' looks at the broker, the health check, the
-scheduler-mode probe, and the schedule (RedBeat is handed the client built here, so its
-own modules and ours share one pool). Celery's broker connections are kombu's own, built
-from what `broker_url` and `broker_transport_options` say.
+"""Every Redis client mailbeat uses is built here, with explicit timeouts: the leases
+(mailboxes, watchers), the admin API's and the metrics' looks at the broker, the health
+check, the scheduler-mode probe, and the schedule (RedBeat is handed the client built
+here, so its own modules and ours share one pool). Celery's broker connections are
+kombu's own, built from what `broker_url` and `broker_transport_options` say.
 
 A URL is read in one function (`target`): `redis://`, `rediss://` and `unix://` name one
 Redis; Celery's Sentinel form (`sentinel://h1:26379;sentinel://h2:26379/0`, the master's
@@ -26,14 +26,12 @@ from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import LockError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.lock import Lock
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 from backend.config import Settings, get_settings
 
 __all__ = [
-    "Lock",
     "LockError",
     "Redis",
     "RedisConnectionError",
@@ -47,7 +45,6 @@ __all__ = [
     "close",
     "connect",
     "location",
-    "lock",
     "probe",
     "reset_cache",
     "shared",
@@ -285,7 +282,7 @@ def connect(
 
 @lru_cache
 def shared() -> Redis:
-    """This process's long-lived client on REDIS_URL (the mailbox locks): thread-safe,
+    """This process's long-lived client on REDIS_URL (the leases): thread-safe,
     one pool per process (redis-py opens a new pool in a forked child)."""
     return connect()
 
@@ -309,13 +306,6 @@ def close(client: Redis) -> None:
     pool = client.connection_pool
     if isinstance(pool, SentinelConnectionPool):
         pool.sentinel_manager.close()
-
-
-def lock(client: Redis, name: str, timeout: float) -> Lock:
-    """redis-py's lock: SET NX with a random token and an expiry, released by a Lua
-    compare-and-delete so only the holder frees it. Never blocks: a caller that does not
-    get it goes on without. Not thread-local: one poll's lock, whichever thread ends it."""
-    return Lock(client, name, timeout=timeout, blocking=False, thread_local=False)
 
 
 def location(url: str | None = None) -> str:

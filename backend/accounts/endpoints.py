@@ -92,10 +92,12 @@ def list_poll_runs(
 
 @router.get("/{account_id}/folders", responses=error_responses(404))
 def list_folders(account_id: AccountId, session: SessionDep) -> FolderList:
-    """The account's folders: their cursors (the UIDVALIDITY and last UID stored) and how
-    far their latest sync has come."""
+    """The account's folders: their cursors (the UIDVALIDITY and last UID stored), how far
+    their latest sync has come, and the error of one whose last try failed. Folders found
+    through a special use or `*` are listed by their names once polled."""
     account = service.get_account(session, account_id)
     progress = account.sync_progress or {}
+    errors = account.folder_errors or {}
     return FolderList(
         items=[
             FolderRead(
@@ -105,6 +107,9 @@ def list_folders(account_id: AccountId, session: SessionDep) -> FolderList:
                 updated_at=None if cursor is None else cursor.updated_at,
                 sync_done=progress.get(name, {}).get("done"),
                 sync_total=progress.get(name, {}).get("total"),
+                error=errors.get(name, {}).get("error"),
+                failures=errors.get(name, {}).get("failures", 0),
+                retry_at=errors.get(name, {}).get("retry_at"),
             )
             for name, cursor in service.folder_cursors(session, account)
         ]

@@ -23,6 +23,7 @@ from pydantic.config import JsonDict
 
 from backend import netpolicy
 from backend.config import get_settings
+from backend.mailbox import folders
 from backend.models.enums import (
     AccountStatus,
     AuthMethod,
@@ -32,6 +33,7 @@ from backend.models.enums import (
     SchedulerMode,
 )
 from backend.paging import NextAfter
+from backend.push import service as push
 
 # Explicit characters rather than \s, which means more in Python than in JSON Schema.
 # NUL too: PostgreSQL text cannot hold it.
@@ -103,6 +105,9 @@ def _folders(value: list[str]) -> list[str]:
     for folder in value:
         if folder in seen:
             raise ValueError(f"names folder {folder!r} twice")
+        refused = folders.invalid_entry(folder)
+        if refused is not None:
+            raise ValueError(refused)
         seen.add(folder)
     return value
 
@@ -178,11 +183,24 @@ Priority = Annotated[
         "mailboxes are polled first (default 5)",
     ),
 ]
+# A name without control characters, or a special use in any case (`\\Sent`, `\\sent`).
+_FOLDER_PATTERN = "^(?:[^\\\\{c}][^{c}]*|\\\\(?:{uses}))$".format(
+    c="\\u0000-\\u001f\\u007f-\\u009f",
+    uses="|".join(
+        "".join(f"[{letter.upper()}{letter.lower()}]" for letter in use[1:])
+        for use in folders.SPECIAL_USES
+    ),
+)
 Folder = Annotated[
     str,
     StringConstraints(min_length=1, max_length=1024),
     AfterValidator(_no_control),
-    Field(json_schema_extra={"pattern": _NO_CONTROL}),
+    Field(
+        json_schema_extra={"pattern": _FOLDER_PATTERN},
+        description="a folder as the server names it, a special use (\\Inbox, \\Sent, "
+        "\\All, \\Archive, \\Drafts, \\Flagged, \\Junk, \\Trash) or * (every folder "
+        "but junk and trash)",
+    ),
 ]
 Folders = Annotated[
     list[Folder],
@@ -467,9 +485,14 @@ class AccountRead(BaseModel):
     enabled: bool
     push: bool
     push_status: PushStatus | None = Field(
-        description="with push on, what the watcher found: 'watching' (IDLE held) or "
+        description="with push on, what the watcher found: 'watching' (IDLE held, "
+        "confirmed by a live watcher within two WATCHER_LEASE_SECONDS), 'stale' (was "
+        "watching, but no live watcher has confirmed it since: none runs, or it died) or "
         "'unsupported' (the server has no IDLE: polled on the interval only); null before "
         "a watcher has tried"
+    )
+    push_confirmed_at: datetime | None = Field(
+        description="when a live watcher last confirmed push_status 'watching'"
     )
     initial_sync: str
     initial_sync_count: int | None
@@ -497,6 +520,11 @@ class AccountRead(BaseModel):
     )
     created_at: datetime
     updated_at: datetime
+
+    @model_validator(mode="after")
+    def _stale_push(self) -> AccountRead:
+        self.push_status = push.shown_status(self.push_status, self.push_confirmed_at)
+        return self
 
 
 class AccountList(BaseModel):
@@ -538,6 +566,13 @@ class FolderRead(BaseModel):
     updated_at: datetime | None
     sync_done: int | None = Field(description="messages of the latest sync stored so far")
     sync_total: int | None = Field(description="messages the latest sync set out to fetch")
+    error: str | None = Field(
+        default=None,
+        description="why the folder's last try failed while the mailbox's other folders "
+        "were polled (gone, refused); null when it did not",
+    )
+    failures: int = Field(default=0, description="its failed tries in a row")
+    retry_at: datetime | None = Field(default=None, description="when it is tried again")
 
 
 class FolderList(BaseModel):

@@ -27,6 +27,7 @@ from backend.accounts.schemas import (
 from backend.admin.service import require_scheduler
 from backend.config import get_settings
 from backend.errors import Conflict, NotFound, ValidationError
+from backend.mailbox import folders
 from backend.models import (
     Account,
     AccountCleanup,
@@ -105,14 +106,20 @@ def list_poll_runs(
 
 def folder_cursors(session: Session, account: Account) -> list[tuple[str, FolderCursor | None]]:
     """Each configured folder with its cursor (None before its first poll), in the
-    account's order."""
+    account's order; where `folders` has special uses or `*`, the folders they were
+    found to mean (those with a cursor or an error) take their place, by name."""
     cursors = {
         cursor.folder: cursor
         for cursor in session.scalars(
             select(FolderCursor).where(FolderCursor.account_id == account.id)
         )
     }
-    return [(folder, cursors.get(folder)) for folder in account.folders or ["INBOX"]]
+    configured = account.folders or ["INBOX"]
+    names = [folder for folder in configured if not folders.is_pattern(folder)]
+    if len(names) < len(configured):
+        found = set(cursors) | set(account.folder_errors or {})
+        names += sorted(found - set(names))
+    return [(folder, cursors.get(folder)) for folder in names]
 
 
 def create_account(session: Session, data: AccountCreate) -> Account:

@@ -10,19 +10,29 @@ account events a change of status sends.
 A failed poll that does not disable the account sets a backoff: the next poll waits the
 poll interval, doubled for each further failure in a row (BACKOFF_MAX_SECONDS at most).
 
+A throttled poll (the provider shedding load, ErrorKind.THROTTLED) is not a failure of the
+mailbox: the status, the failures in a row and the events stay as they were; the error is
+shown and the next poll waits what the server asked for, or THROTTLE_BACKOFF_SECONDS.
+
+A folder that fails (gone, refused) while others of the mailbox are polled is not a
+failed poll: it is kept in `folder_errors` with failures and a backoff of its own, and
+tried again when that runs out; the other folders, and the account's status, go on.
+
 Every function changes the given account (or its row) on the caller's session and
 never commits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy.orm import Session
 
 from backend.config import get_settings
-from backend.mailbox.imap import ImapError
-from backend.models import Account, AccountStatus, EventType
+from backend.mailbox.imap import ImapError, ImapThrottled
+from backend.models import Account, AccountStatus, ErrorKind, EventType
 
 # A scheduled poll may run this much before backoff_until and still count as due:
 # beat ticks about once a second, and backoff is measured from the failed poll's start.
@@ -56,6 +66,48 @@ def backoff_delay(account: Account, failures: int) -> timedelta:
     cap = get_settings().backoff_max_seconds
     seconds = account.poll_interval_seconds * 2 ** min(failures - 1, 32)
     return timedelta(seconds=min(seconds, cap))
+
+
+def throttle_delay(error: ImapError) -> timedelta:
+    """The server's suggested wait (capped), or the setting's when it named none."""
+    settings = get_settings()
+    asked = error.retry_after if isinstance(error, ImapThrottled) else None
+    seconds = settings.throttle_backoff_seconds if asked is None else asked
+    return timedelta(seconds=min(seconds, settings.throttle_backoff_max_seconds))
+
+
+def folder_due(account: Account, folder: str, now: datetime) -> bool:
+    """Whether a folder that failed before is to be tried again by a poll starting now."""
+    failed = (account.folder_errors or {}).get(folder)
+    return failed is None or datetime.fromisoformat(failed["retry_at"]) - BACKOFF_SLACK <= now
+
+
+def record_folders(
+    account: Account,
+    started_at: datetime,
+    *,
+    polled: Sequence[str],
+    tried: Sequence[str],
+    failed: Mapping[str, ImapError],
+) -> None:
+    """The folders' errors after a poll that was to go through `polled` and tried
+    `tried` (the due ones): a failure adds one with its backoff, a success or a folder no
+    longer polled drops it, a folder left waiting keeps it."""
+    before = account.folder_errors or {}
+    errors: dict[str, dict[str, Any]] = {}
+    for folder in polled:
+        if folder in failed:
+            previous = before.get(folder, {})
+            failures = int(previous.get("failures", 0)) + 1
+            errors[folder] = {
+                "error": failed[folder].message,
+                "failures": failures,
+                "since": previous.get("since", started_at.isoformat()),
+                "retry_at": (started_at + backoff_delay(account, failures)).isoformat(),
+            }
+        elif folder in before and folder not in tried:
+            errors[folder] = before[folder]
+    account.folder_errors = errors or None
 
 
 def clear_backoff(account: Account) -> None:
@@ -111,10 +163,13 @@ def record_poll(
         account.last_error = None
         account.last_error_kind = None
         return event
-    failures = account.consecutive_failures + 1
-    account.consecutive_failures = failures
     account.last_error = error.message
     account.last_error_kind = error.kind
+    if error.kind == ErrorKind.THROTTLED:
+        account.backoff_until = started_at + throttle_delay(error)
+        return None
+    failures = account.consecutive_failures + 1
+    account.consecutive_failures = failures
     if failures >= get_settings().max_consecutive_failures:
         if account.status != AccountStatus.DISABLED:
             event = EventType.ACCOUNT_DISABLED

@@ -1,9 +1,9 @@
 """The operator's commands of `python -m backend.cli`: accounts, status, schedules, dead
-letters, backfill and audit. They call the same services as the API, in this process, and each
-command is its own boundary: it commits, then brings the schedule along.
+letters, backfill, re-parsing and audit. They call the same services as the API, in this
+process, and each command is its own boundary: it commits, then brings the schedule along.
 
 Every command prints a readable table, or with `--json` the API's own shapes. Work that
-takes a while (a poll, a backfill, an audit) draws a progress bar on stderr.
+takes a while (a poll, a backfill, a re-parse, an audit) draws a progress bar on stderr.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from backend.models import (
     utcnow,
 )
 from backend.processing import backfill as backfills
+from backend.processing import reparse as reparsing
 from backend.schedules import service as schedules
 from backend.webhooks import service as webhooks
 from backend.webhooks.schemas import DeadLetter
@@ -697,6 +698,38 @@ def _add_audit_commands(
     p.set_defaults(handler=audit_many)
 
 
+# -- re-parsing -----------------------------------------------------------------------------
+
+
+def messages_reparse(args: argparse.Namespace) -> int:
+    """Re-parse stored messages from their raw bytes, a page per transaction, in this
+    process (no worker needed)."""
+    if args.all == (args.account is not None):
+        raise CommandError("name --account ID, or --all for every account's messages")
+    with session_scope() as session:
+        total = reparsing.count(session, args.account)
+    progress = ProgressBar("reparse " + ("all" if args.all else f"account {args.account}"))
+    progress.update(0, total)
+    done = reparsing.Reparsed()
+    while True:
+        page = reparsing.reparse_page(args.account, done.last_id, notify=args.notify)
+        if not page.last_id:
+            break
+        done.add(page)
+        progress.update(min(total, done.reparsed + len(done.unreadable)), total)
+    progress.finish()
+    if args.json:
+        emit_json(done.as_dict())
+        return 0
+    table(
+        [(done.reparsed, done.changed, done.attachments_kept, len(done.unreadable), done.notified)],
+        ("REPARSED", "CHANGED", "ATTACHMENTS KEPT", "UNREADABLE", "NOTIFIED"),
+    )
+    for entry in done.unreadable:
+        print(f"message {entry.message_id} not re-parsed: {entry.reason}")
+    return 0
+
+
 # -- the parser ------------------------------------------------------------------------------
 
 
@@ -774,6 +807,18 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(handler=backfill)
 
     _add_audit_commands(sub, acc_sub, as_json)
+    msg = sub.add_parser("messages", help="stored messages")
+    msg_sub = msg.add_subparsers(dest="action", required=True)
+    p = msg_sub.add_parser(
+        "reparse", parents=[as_json], help="decode stored messages again from their raw bytes"
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--account", type=int, help="this account's messages")
+    which.add_argument("--all", action="store_true", help="every account's messages")
+    p.add_argument(
+        "--notify", action="store_true", help="send message.updated for each message changed"
+    )
+    p.set_defaults(handler=messages_reparse)
 
 
 def run_command(args: argparse.Namespace) -> int:

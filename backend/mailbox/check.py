@@ -7,6 +7,7 @@ from typing import Any
 
 from backend import crypto
 from backend.mailbox import credentials, imap
+from backend.mailbox import folders as mailbox_folders
 from backend.mailbox.imap import ImapError
 from backend.models import Account, ErrorKind
 
@@ -45,7 +46,11 @@ def check_account(account: Account, *, timeout: float) -> CheckResult:
         return CheckResult(ok=False, stage=exc.stage, detail=exc.message)
     folders: list[FolderCheck] = []
     with session:
-        for folder in account.folders or ["INBOX"]:
+        try:
+            names = mailbox_folders.current(account.folders, session)
+        except ImapError as exc:
+            return CheckResult(ok=False, stage="folder", detail=f"LIST failed: {exc.message}")
+        for folder in names:
             try:
                 count = session.select(folder).exists
             except ImapError as error:

@@ -18,9 +18,38 @@ from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from backend.db import insert_for
-from backend.models import FolderCursor, Message, utcnow
+from backend.models import Account, FolderCursor, Message, utcnow
 
 log = logging.getLogger(__name__)
+
+
+class LeaseLost(Exception):
+    """Another poll has taken the mailbox since this one did (its fencing token is newer):
+    this poll must not write (backend/mailbox/lock.py)."""
+
+
+def take_fence(session: Session, account_id: int) -> int:
+    """The next fencing token of the account's polls, for a poll that has just taken the
+    mailbox's lease: from now on only this poll's batches commit."""
+    fence = session.scalar(
+        update(Account)
+        .where(Account.id == account_id)
+        .values(poll_fence=Account.poll_fence + 1)
+        .returning(Account.poll_fence)
+    )
+    assert fence is not None  # the caller has just read the account
+    return int(fence)
+
+
+def hold_fence(session: Session, account_id: int, fence: int) -> None:
+    """Raise LeaseLost unless `fence` is still the account's newest token; the account
+    row stays locked until the caller's transaction ends, so no newer poll can take the
+    mailbox between this check and the commit."""
+    newest = session.scalar(
+        select(Account.poll_fence).where(Account.id == account_id).with_for_update()
+    )
+    if newest != fence:
+        raise LeaseLost(f"mailbox {account_id} was taken by a newer poll ({newest} > {fence})")
 
 
 def resume_after(session: Session, account_id: int, folder: str, uidvalidity: int) -> int | None:

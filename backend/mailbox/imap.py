@@ -40,6 +40,7 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginEr
 from backend import netpolicy
 from backend.config import get_settings
 from backend.errors import MailbeatError
+from backend.mailbox.folders import Listed
 from backend.mailbox.uidranges import UidRange, clip, parse_set, to_ranges
 from backend.models import Account, AuthMethod, ErrorKind, ImapSecurity
 
@@ -96,6 +97,19 @@ class ImapProtocolError(ImapError):
     stage: Stage = "folder"
 
 
+class ImapThrottled(ImapError):
+    """The provider sheds load or enforces a limit (`[UNAVAILABLE]`, `[THROTTLED]`,
+    `[LIMIT]`, Gmail's bandwidth limit, too many connections): not the mailbox's fault.
+    `retry_after`: the wait in seconds the server suggested, if it named one."""
+
+    kind: ErrorKind = ErrorKind.THROTTLED
+
+    def __init__(self, message: str, *, stage: Stage, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.retry_after = retry_after
+
+
 class ImapLiteralRefused(ImapConnectionError):
     """The server announced a body far larger than it said the message was; the
     connection is closed (the literal is left unread) and the message can be skipped."""
@@ -139,6 +153,9 @@ def translate(exc: BaseException, *, stage: Stage = "folder") -> ImapError:
     """Map what imapclient, ssl and socket raise to one of our kinds."""
     if isinstance(exc, ImapError):
         return exc
+    throttled = _throttled(exc, stage)
+    if throttled is not None:
+        return throttled
     if isinstance(exc, LoginError):
         return ImapAuthError(
             "authentication failed"
@@ -173,6 +190,41 @@ def translate(exc: BaseException, *, stage: Stage = "folder") -> ImapError:
         error.stage = stage
         return error
     raise exc
+
+
+# What providers answer when they shed load or enforce a limit, on any command or as a
+# BYE: RFC 5530's codes, Gmail's and Microsoft's words, and connection limits (Gmail,
+# Dovecot's mail_max_userip_connections). A login refused with [UNAVAILABLE] is the
+# server's trouble, not a wrong password.
+_THROTTLE = re.compile(
+    r"\[(UNAVAILABLE|THROTTLED|LIMIT|OVERQUOTA|INUSE)\b"
+    r"|bandwidth limit|command or bandwidth|too many (simultaneous |concurrent )?connections"
+    r"|maximum number of connections|server unavailable|rate limit|try again later",
+    re.IGNORECASE,
+)
+_RETRY_AFTER = re.compile(
+    r"(?:in|after|wait)\s+(\d{1,5})\s*(s|sec|secs|seconds?|m|min|mins|minutes?)\b", re.IGNORECASE
+)
+
+
+def _throttled(exc: BaseException, stage: Stage) -> ImapThrottled | None:
+    if not isinstance(exc, IMAPClientError):  # LoginError and aborts (BYE) are too
+        return None
+    text = _text(exc)
+    found = _THROTTLE.search(text)
+    if found is None:
+        return None
+    wait = _RETRY_AFTER.search(text)
+    retry_after = None
+    if wait is not None:
+        retry_after = float(wait.group(1)) * (60 if wait.group(2).lower().startswith("m") else 1)
+    # The code or phrase, not the free text around it: it may name the account.
+    return ImapThrottled(
+        f"throttled by the server ({stage}): {found.group(0).strip('[')}"
+        + (f", retry after {retry_after:.0f}s" if retry_after is not None else ""),
+        stage=stage,
+        retry_after=retry_after,
+    )
 
 
 def _response_code(exc: BaseException) -> str:
@@ -283,6 +335,10 @@ class ImapSession:
         except (IMAPClientError, OSError, EOFError) as exc:
             if self._expired:
                 raise self._deadline_error() from exc
+            bye = self._client._imap.untagged_responses.pop("BYE", None)
+            if bye:  # the server's last words say more than the EOF that followed them
+                said = IMAPClientAbortError(f"BYE {bytes(bye[-1]).decode('utf-8', 'replace')}")
+                raise translate(said, stage=stage) from exc
             raise translate(exc, stage=stage) from exc
 
     def arm_deadline(self, seconds: float) -> None:
@@ -420,6 +476,18 @@ class ImapSession:
             exists=int(info.get(b"EXISTS", 0)),
             uidnext=None if uidnext is None else int(uidnext),
         )
+
+    def list_folders(self) -> list[Listed]:
+        """LIST "" "*": every folder with its attributes (RFC 6154's special uses among
+        them), names decoded from modified UTF-7."""
+        listing = self._command(self._client.list_folders)
+        return [
+            Listed(
+                name=_decoded(name),
+                attributes=frozenset(_decoded(flag).lower() for flag in flags),
+            )
+            for flags, _delimiter, name in listing
+        ]
 
     def status(self, folder: str) -> FolderStatus:
         """STATUS: a folder's UIDVALIDITY, UIDNEXT and message count, without selecting."""

@@ -2,13 +2,15 @@
 text and HTML bodies, attachments with safe names.
 
 Real mail is often malformed. The compat32 parser is used because it is tolerant and
-fast; every field is decoded on its own, so one bad header costs that header only.
+fast, with a policy that hands raw 8-bit header bytes over as bytes; every field is
+decoded on its own, as a mail reader shows it (docs/architecture.md, "Decoding mail":
+the fallback order), so one bad header costs that header only, and never an exception.
 Text going to the database is made valid UTF-8 without NUL (PostgreSQL refuses both).
 """
 
 from __future__ import annotations
 
-import codecs
+import binascii
 import email
 import email.parser
 import mimetypes
@@ -17,10 +19,16 @@ import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.header import decode_header, make_header
+from email.errors import MissingHeaderBodySeparatorDefect
+from email.header import Header, decode_header
 from email.message import Message as EmailMessage
+from email.policy import Compat32
 from email.utils import getaddresses, parsedate_to_datetime
 from typing import Any
+
+from backend.config import get_settings
+from backend.mailbox import charsets
+from backend.mailbox.charsets import Encoding
 
 MAX_SAFE_NAME = 200
 # Messages at least this big are split into parts with regular expressions over the
@@ -31,6 +39,25 @@ MAX_FAST_DEPTH = 20
 _HEADER_END = re.compile(r"\r?\n\r?\n")
 _UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# An RFC 2047 encoded word; the text may hold raw 8-bit bytes (as surrogates), not "?".
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([qQbB])\?([^?]*)\?=")
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")  # RFC 5322: printable, no colon
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_ASCII_LABELS = frozenset({"us-ascii", "ascii", "ansi_x3.4-1968"})
+
+
+class _RawHeaders(Compat32):
+    """compat32, except that a header holding 8-bit bytes is handed over as parsed (the
+    bytes as surrogates), not as a Header whose str() makes each byte a U+FFFD: the
+    decoding below reads those bytes."""
+
+    def header_fetch_parse(self, name: str, value: str) -> str:
+        return value
+
+
+POLICY = _RawHeaders()
 
 
 @dataclass
@@ -53,28 +80,71 @@ class ParsedMessage:
     text_body: str | None = None
     html_body: str | None = None
     attachments: list[ParsedAttachment] = field(default_factory=list)
+    # The fields whose text is a guess: raw 8-bit header bytes that are not UTF-8 (read
+    # in a fallback charset), text not valid in its declared charset, a charset detected,
+    # or bytes that could not be read at all (U+FFFD). Names: "subject", "from_addr",
+    # "to_addrs", "cc_addrs", "message_id", "text_body", "html_body",
+    # "attachments[N].filename" (N: the index in `attachments`).
+    decode_fallbacks: list[str] = field(default_factory=list)
 
 
-def parse_message(raw: bytes, *, fast_path_bytes: int = FAST_PATH_BYTES) -> ParsedMessage:
+def parse_message(
+    raw: bytes, *, fast_path_bytes: int = FAST_PATH_BYTES, header_fallback: str | None = None
+) -> ParsedMessage:
     """Parse one message. Raises only when the message cannot be read at all; the
-    caller then stores it raw with the error."""
+    caller then stores it raw with the error. `header_fallback`: the charset for raw
+    8-bit header bytes when neither UTF-8 nor the first text part's (default:
+    HEADER_FALLBACK_CHARSET)."""
     msg = None
     # The feed parser also ends lines at a lone CR; the fast path only knows LF and CRLF.
     if len(raw) >= fast_path_bytes and raw.count(b"\r") == raw.count(b"\r\n"):
         msg = _fast_tree(raw.decode("ascii", "surrogateescape"), depth=0)
     if msg is None:
-        msg = email.message_from_bytes(raw)
+        msg = email.message_from_bytes(raw, policy=POLICY)
+        if any(isinstance(d, MissingHeaderBodySeparatorDefect) for d in msg.defects):
+            mended = _mend_header_block(raw)
+            if mended is not None:
+                msg = email.message_from_bytes(mended, policy=POLICY)
+    decoding = _Decoding(msg, header_fallback)
     parsed = ParsedMessage(
-        message_id=_header_text(msg, "message-id", limit=998),
-        subject=_header_text(msg, "subject"),
+        message_id=_header_text(msg, "message-id", decoding, field="message_id", limit=998),
+        subject=_header_text(msg, "subject", decoding, field="subject"),
         date=_date(msg.get("date")),
     )
-    senders = _addresses(msg, "from")
+    senders = _addresses(msg, "from", decoding, field="from_addr")
     parsed.from_addr = senders[0] if senders else None
-    parsed.to_addrs = _addresses(msg, "to")
-    parsed.cc_addrs = _addresses(msg, "cc")
-    _walk(msg, parsed)
+    parsed.to_addrs = _addresses(msg, "to", decoding, field="to_addrs")
+    parsed.cc_addrs = _addresses(msg, "cc", decoding, field="cc_addrs")
+    _walk(msg, parsed, decoding, None)
+    parsed.decode_fallbacks = decoding.fallbacks
     return parsed
+
+
+def _mend_header_block(raw: bytes) -> bytes | None:
+    """The feed parser ends the header block at the first line that is not a header;
+    mail readers end it at the blank line. When every line up to the blank line is a
+    header or a continuation, but a field name holds a space or a tab (`Subject :`,
+    `X-Name/with\tspace:`), the names are mended (or the field dropped when nothing
+    valid is left of its name), so the body starts where the sender put it. None when
+    the block has a line that is no header at all (then it is left as it is)."""
+    end = _HEADER_END.search(raw.decode("ascii", "surrogateescape"))
+    if end is None:
+        return None
+    kept: list[bytes] = []
+    dropping = False
+    for line in raw[: end.start()].split(b"\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon:
+            return None
+        name = name.rstrip(b" \t")
+        dropping = _FIELD_NAME.fullmatch(name) is None
+        if not dropping:
+            kept.append(name + b":" + value)
+    return b"\n".join(kept) + raw[end.start() :]
 
 
 def _fast_tree(text: str, *, depth: int) -> EmailMessage | None:
@@ -87,7 +157,7 @@ def _fast_tree(text: str, *, depth: int) -> EmailMessage | None:
     end = _HEADER_END.search(text)
     if end is None:
         return None
-    msg = email.parser.Parser().parsestr(text[: end.start()] + "\n", headersonly=True)
+    msg = email.parser.Parser(policy=POLICY).parsestr(text[: end.start()] + "\n", headersonly=True)
     if msg.defects or msg.get_payload():
         return None  # a line in the header block that is not a header
     body = text[end.end() :]
@@ -136,7 +206,8 @@ def _delimiters(body: str, marker: str) -> Iterator[tuple[int, int, bool]]:
 
 
 def clean_text(text: str) -> str:
-    """Valid UTF-8 without NUL: bytes smuggled in as surrogates become U+FFFD."""
+    """Valid UTF-8 without NUL: bytes smuggled in as surrogates are read as UTF-8, and
+    what is not UTF-8 becomes U+FFFD (text decoded here from bytes holds none)."""
     if _SURROGATE.search(text):
         try:  # raw 8-bit bytes the parser carried as surrogates: decode them as UTF-8
             text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
@@ -145,62 +216,192 @@ def clean_text(text: str) -> str:
     return text.replace("\x00", "") if "\x00" in text else text
 
 
-def decode_words(value: Any) -> str:
-    """An RFC 2047 header value as text; unknown charsets and bad bytes degrade to U+FFFD."""
-    try:
-        return clean_text(str(make_header(decode_header(value))))
-    except (LookupError, UnicodeError, ValueError, TypeError, AssertionError):
-        pass
-    try:
-        chunks = decode_header(value)
-    except Exception:
-        return clean_text(str(value))
-    return clean_text(
-        "".join(
-            part if isinstance(part, str) else _bytes_to_text(part, charset)
-            for part, charset in chunks
+class _Decoding:
+    """One message's decoding: where raw 8-bit header bytes that are not UTF-8 are read
+    from (the charset of the message's first text part, then HEADER_FALLBACK_CHARSET,
+    then windows-1252, which reads every byte), and the fields that needed a fallback."""
+
+    def __init__(self, msg: EmailMessage | None, header_fallback: str | None) -> None:
+        self.msg = msg
+        self.header_fallback = header_fallback
+        self._charsets: tuple[Encoding, ...] | None = None
+        self.fallbacks: list[str] = []
+        # The first legacy charset the message's encoded words name: the sender's own,
+        # a better guess for a body that names none than detection.
+        self.word_charset: Encoding | None = None
+
+    def header_charsets(self) -> tuple[Encoding, ...]:
+        if self._charsets is None:
+            found = [_first_text_charset(self.msg)] if self.msg is not None else []
+            label = self.header_fallback or get_settings().header_fallback_charset
+            found += [charsets.lookup(label), charsets.WINDOWS_1252]
+            self._charsets = tuple(dict.fromkeys(e for e in found if e is not None))
+        return self._charsets
+
+    def note(self, name: str, clean: bool) -> None:
+        if not clean and name not in self.fallbacks:
+            self.fallbacks.append(name)
+
+    def header(self, value: Any, name: str) -> str:
+        text, clean = _decode_header(value, self)
+        self.note(name, clean)
+        return text
+
+
+def decode_words(value: Any, *, header_fallback: str | None = None) -> str:
+    """A header value as text: RFC 2047 encoded words, raw 8-bit bytes (UTF-8, else the
+    fallback charsets), raw ISO-2022-JP. Never raises."""
+    return _decode_header(value, _Decoding(None, header_fallback))[0]
+
+
+def _first_text_charset(msg: EmailMessage) -> Encoding | None:
+    """The charset the message's first text part declares, when it says something about
+    8-bit bytes (not ASCII, not a Unicode form raw header bytes already failed as)."""
+    for part in msg.walk():
+        if part.get_content_maintype() != "text":
+            continue
+        label = part.get_content_charset()
+        encoding = charsets.lookup(label)
+        if encoding is None or label in _ASCII_LABELS or encoding.name.startswith("utf-"):
+            return None
+        return encoding
+    return None
+
+
+def _decode_header(value: Any, decoding: _Decoding) -> tuple[str, bool]:
+    if isinstance(value, Header):  # from a parser with another policy: its raw bytes
+        value = "".join(
+            chunk.decode("ascii", "surrogateescape") if isinstance(chunk, bytes) else chunk
+            for chunk, _ in decode_header(value)
         )
-    )
+    text = str(value)
+    if text.isascii() and "=?" not in text and "\x1b" not in text:
+        return clean_text(text), True
+    text = _FOLD.sub("", text)
+    out: list[str] = []
+    clean = True
+    position = 0
+    run: list[bytes] = []  # the bytes of adjacent encoded words in one charset, joined
+    run_label = ""  # (a character split between two words is whole again)
+    after_word = False
+    for match in _ENCODED_WORD.finditer(text):
+        gap = text[position : match.start()]
+        label = match.group(1).split("*", 1)[0].lower()
+        # Whitespace between two encoded words is dropped; any other text is kept.
+        between_words = after_word and not gap.strip(" \t\r\n")
+        if run and not (between_words and label == run_label):
+            piece, ok = _word_text(b"".join(run), run_label, decoding)
+            out.append(piece)
+            clean = clean and ok
+            run = []
+        if gap and not between_words:
+            piece, ok = _raw_text(gap, decoding)
+            out.append(piece)
+            clean = clean and ok
+        run.append(_word_bytes(match.group(2), match.group(3)))
+        run_label = label
+        after_word = True
+        position = match.end()
+    if run:
+        piece, ok = _word_text(b"".join(run), run_label, decoding)
+        out.append(piece)
+        clean = clean and ok
+    if position < len(text):
+        piece, ok = _raw_text(text[position:], decoding)
+        out.append(piece)
+        clean = clean and ok
+    return clean_text("".join(out)), clean
 
 
-def _bytes_to_text(data: bytes, charset: str | None) -> str:
-    """Text in its declared charset; mislabelled UTF-8 (common) is still read as UTF-8."""
-    codec = charset if charset and charset != "unknown-8bit" else None
-    if codec is not None:
+def _word_bytes(kind: str, payload: str) -> bytes:
+    data = payload.encode("utf-8", "surrogateescape")  # raw 8-bit bytes stay bytes
+    if kind in "qQ":
+        return binascii.a2b_qp(data, header=True)
+    # Base64 as mail readers take it: stray characters dropped, padding mended.
+    data = _NOT_BASE64.sub(b"", data.translate(_URLSAFE))
+    if len(data) % 4 == 1:
+        data = data[:-1]
+    return binascii.a2b_base64(data + b"=" * (-len(data) % 4))
+
+
+def _word_text(data: bytes, label: str, decoding: _Decoding) -> tuple[str, bool]:
+    encoding = charsets.lookup(label)
+    if encoding is None:  # unknown-8bit, x-unknown, a label nobody knows
+        return _raw_bytes(data, decoding)
+    if decoding.word_charset is None and not (
+        label in _ASCII_LABELS or encoding.name.startswith("utf-")
+    ):
+        decoding.word_charset = encoding
+    return _declared(data, encoding, label)
+
+
+def _raw_text(text: str, decoding: _Decoding) -> tuple[str, bool]:
+    if text.isascii():
+        if "\x1b" in text:  # ISO-2022-JP written into the header as it is
+            return charsets.decode_lenient(text.encode("ascii"), charsets.ISO_2022_JP)
+        return text, True
+    return _raw_bytes(text.encode("utf-8", "surrogateescape"), decoding)
+
+
+def _raw_bytes(data: bytes, decoding: _Decoding) -> tuple[str, bool]:
+    """8-bit bytes no charset is given for: UTF-8 (RFC 6532) when they are, else the
+    message's fallback charsets, the last of which reads any byte."""
+    try:
+        return data.decode("utf-8"), True
+    except UnicodeDecodeError:
+        pass
+    text = charsets.mostly_utf8(data)
+    if text is not None:
+        return text, False
+    for encoding in decoding.header_charsets():
+        text = charsets.decode(data, encoding)
+        if text is not None:
+            return text, False
+    return charsets.decode_lenient(data, charsets.WINDOWS_1252)[0], False
+
+
+def _declared(data: bytes, encoding: Encoding, label: str | None = None) -> tuple[str, bool]:
+    """Text in the charset it names; mislabelled UTF-8 (common) is still read as UTF-8:
+    when the bytes are not valid in that charset, or when it is a single-byte one (which
+    reads any byte) and they are valid UTF-8 (text in a single-byte charset almost never
+    is). A label of ASCII says nothing of 8-bit bytes: UTF-8 when they are, else what
+    WHATWG reads ASCII as (windows-1252)."""
+    if (label in _ASCII_LABELS or encoding.single_byte) and not data.isascii():
         try:
-            codecs.lookup(codec)
-        except LookupError:
-            codec = None
-    for candidate in (codec, "utf-8"):
-        if candidate is None:
-            continue
-        try:
-            return data.decode(candidate)
+            return data.decode("utf-8"), label in _ASCII_LABELS
         except UnicodeDecodeError:
-            continue
-    return data.decode(codec or "latin-1", "replace")
+            pass
+    text = charsets.decode(data, encoding)
+    if text is not None:
+        return text, True
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return charsets.decode_lenient(data, encoding)[0], False
 
 
-def _header_text(msg: EmailMessage, name: str, *, limit: int | None = None) -> str | None:
+def _header_text(
+    msg: EmailMessage, name: str, decoding: _Decoding, *, field: str, limit: int | None = None
+) -> str | None:
     value = msg.get(name)
     if value is None:
         return None
-    text = " ".join(decode_words(value).split())
+    text = " ".join(decoding.header(value, field).split())
     if not text:
         return None
     return text[:limit] if limit else text
 
 
-def _addresses(msg: EmailMessage, name: str) -> list[str]:
+def _addresses(msg: EmailMessage, name: str, decoding: _Decoding, *, field: str) -> list[str]:
     values = msg.get_all(name) or []
     try:
         pairs = getaddresses([str(v) for v in values])
     except Exception:
-        return [decode_words(v) for v in values]
+        return [decoding.header(v, field) for v in values]
     result: list[str] = []
     for raw_display, raw_addr in pairs:
-        display = " ".join(decode_words(raw_display).split()) if raw_display else ""
-        addr = clean_text(raw_addr.strip())
+        display = " ".join(decoding.header(raw_display, field).split()) if raw_display else ""
+        addr = decoding.header(raw_addr.strip(), field)
         if not addr and not display:
             continue
         result.append(f"{display} <{addr}>" if display and addr else addr or display)
@@ -224,37 +425,36 @@ def _date(value: Any) -> datetime | None:
         return None
 
 
-def _walk(part: EmailMessage, parsed: ParsedMessage) -> None:
+def _walk(
+    part: EmailMessage, parsed: ParsedMessage, decoding: _Decoding, inherited: Encoding | None
+) -> None:
     # An attached message (message/rfc822) is one attachment, not more bodies.
     if part.is_multipart() and part.get_content_maintype() != "message":
+        # A charset on a multipart (multipart/signed often carries it) holds for its parts.
+        own = charsets.lookup(part.get_content_charset())
         for child in part.get_payload():
             if isinstance(child, EmailMessage):
-                _walk(child, parsed)
+                _walk(child, parsed, decoding, own or inherited)
         return
     content_type = part.get_content_type()
     disposition = part.get_content_disposition()
-    raw_filename = part.get_param("filename", header="content-disposition") or part.get_param(
-        "name", header="content-type"
-    )
-    filename = None
-    if raw_filename:
-        filename = decode_words(email.utils.collapse_rfc2231_value(raw_filename)) or None
+    index = len(parsed.attachments)
+    filename = _filename(part, decoding, f"attachments[{index}].filename")
     is_body = disposition != "attachment" and filename is None
     if is_body and content_type == "text/plain" and parsed.text_body is None:
-        parsed.text_body = _part_text(part)
+        parsed.text_body = _part_text(part, decoding, inherited, "text_body")
         return
     if is_body and content_type == "text/html" and parsed.html_body is None:
-        parsed.html_body = _part_text(part)
+        parsed.html_body = _part_text(part, decoding, inherited, "html_body")
         return
     if is_body and content_type.startswith("text/") and disposition is None:
         return  # a second inline text part: it stays in the raw message
     data = _part_bytes(part)
-    index = len(parsed.attachments) + 1
     content_id = part.get("content-id")
     parsed.attachments.append(
         ParsedAttachment(
             filename=filename,
-            safe_name=safe_filename(filename, index=index, content_type=content_type),
+            safe_name=safe_filename(filename, index=index + 1, content_type=content_type),
             content_type=content_type[:255],
             content_id=decode_words(content_id).strip()[:998] if content_id else None,
             data=data,
@@ -262,18 +462,82 @@ def _walk(part: EmailMessage, parsed: ParsedMessage) -> None:
     )
 
 
+def _filename(part: EmailMessage, decoding: _Decoding, field: str) -> str | None:
+    """The attachment's name: RFC 2231 (continuations, a charset), RFC 2047 inside the
+    quotes (as Outlook writes it), or raw 8-bit bytes."""
+    raw = part.get_param("filename", header="content-disposition") or part.get_param(
+        "name", header="content-type"
+    )
+    if not raw:
+        return None
+    if isinstance(raw, tuple):  # RFC 2231: (charset, language, the bytes as latin-1)
+        label, _, value = raw
+        try:
+            data = value.encode("latin-1", "surrogateescape")
+        except UnicodeEncodeError:
+            data = value.encode("utf-8", "surrogateescape")
+        encoding = charsets.lookup(label)
+        text, clean = _declared(data, encoding) if encoding else _raw_bytes(data, decoding)
+        decoding.note(field, clean)
+        if "=?" not in text:
+            return clean_text(text) or None
+        raw = text
+    return decoding.header(raw, field) or None
+
+
 def _part_bytes(part: EmailMessage) -> bytes:
-    inner = part.get_payload()
-    if isinstance(inner, list):  # message/rfc822 (one message), message/delivery-status
+    # Not get_payload() first: undecoded, it reads 8-bit text in the part's charset with
+    # Python's codec of that name, which raises for a label such as "idna".
+    if part.is_multipart():  # message/rfc822 (one message), message/delivery-status
+        inner = part.get_payload()
         return b"\n".join(m.as_bytes() for m in inner if isinstance(m, EmailMessage))
+    encoding = part.get("content-transfer-encoding")
+    if encoding is not None:
+        # "quoted printable", or a value continued on a line holding only a space (the
+        # header block's last line): the decoder only knows the plain token.
+        token = "-".join(str(encoding).split(";", 1)[0].lower().split())
+        if token != str(encoding).lower():
+            part.replace_header("content-transfer-encoding", token)
     payload = part.get_payload(decode=True)
-    if isinstance(payload, bytes):
-        return payload
-    return str(part.get_payload()).encode("utf-8", "surrogateescape")
+    return payload if isinstance(payload, bytes) else b""
 
 
-def _part_text(part: EmailMessage) -> str:
-    return clean_text(_bytes_to_text(_part_bytes(part), part.get_content_charset()))
+def _part_text(
+    part: EmailMessage, decoding: _Decoding, inherited: Encoding | None, field: str
+) -> str:
+    """The declared charset; when none is (or an unknown one): the enclosing part's, an
+    HTML meta charset, ISO-2022-JP by its escapes, ASCII or UTF-8 when valid, the
+    charset the message's encoded words name, then detection."""
+    data = _part_bytes(part)
+    label = part.get_content_charset()
+    encoding = charsets.lookup(label)
+    if encoding is not None:
+        text, clean = _declared(data, encoding, label)
+        decoding.note(field, clean)
+        return clean_text(text)
+    if data.isascii() and b"\x1b" not in data:
+        return clean_text(data.decode("ascii"))
+    encoding = inherited
+    if encoding is None and part.get_content_subtype() == "html":
+        encoding = charsets.html_meta(data)
+    if encoding is None and charsets.has_iso2022jp(data):
+        encoding = charsets.ISO_2022_JP
+    if encoding is not None:
+        text, clean = _declared(data, encoding)
+        decoding.note(field, clean)
+        return clean_text(text)
+    text, clean = charsets.decode_lenient(data, charsets.UTF8)
+    if clean:
+        return clean_text(text)
+    decoding.note(field, False)
+    if decoding.word_charset is not None:
+        text, clean = charsets.decode_lenient(data, decoding.word_charset)
+        if clean:
+            return clean_text(text)
+    guess = charsets.detect(data)
+    if guess is not None:
+        return clean_text(charsets.decode_lenient(data, guess)[0])
+    return clean_text(_raw_bytes(data, decoding)[0])
 
 
 def safe_filename(name: str | None, *, index: int, content_type: str) -> str:

@@ -1,32 +1,51 @@
 """A poll with everything around it, the same wherever it runs: the Celery task
 `mailbox.poll`, the local scheduler and `cli poll`.
 
-Take the mailbox's lock; poll (backend/mailbox/service.py), which reads the account
-first: a deleted or disabled one is not polled, and its stale schedule entry is dropped;
-once the poll has committed, hand on its account event and messages, count it, and
-remove the entry of an account the poll has just disabled.
+Take the mailbox's lease (backend/mailbox/lock.py); poll (backend/mailbox/service.py),
+which reads the account first: a deleted or disabled one is not polled, and its stale
+schedule entry is dropped; once the poll has committed, hand on its account event and
+messages, count it, and remove the entry of an account the poll has just disabled.
+
+Also the housekeeping of poll runs: the sweep that closes the runs of polls whose
+process died (and polls their mailbox again), and the prune of old runs.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Literal, cast
 
 from sqlalchemy import CursorResult, delete, select
 
 from backend import dispatch
+from backend.accounts import state
 from backend.config import get_settings
 from backend.db import session_scope
-from backend.mailbox.lock import mailbox_lock, rerun_requested
+from backend.mailbox import lock
 from backend.mailbox.progress import OnProgress
-from backend.mailbox.service import PollResult, poll_account
+from backend.mailbox.service import (
+    DEAD_RUN_MARGIN_SECONDS,
+    PollResult,
+    close_dead_runs,
+    poll_account,
+)
 from backend.metrics import record_poll
-from backend.models import Account, EventType, PollOutcome, PollRun, SchedulerMode, utcnow
+from backend.models import (
+    Account,
+    EventType,
+    PollOutcome,
+    PollRun,
+    SchedulerMode,
+    utcnow,
+)
 from backend.processing.service import after_poll
 from backend.schedules import service as schedules
+from backend.schedules import store
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +61,9 @@ BUSY_REASON = "another poll of this mailbox is running"
 PRUNE_CHUNK = 10_000
 PRUNE_MAX_CHUNKS = 50
 PRUNE_TASK = "poll_runs.prune"
+SWEEP_TASK = "poll_runs.sweep"
+# Runs closed per sweep at most (the rest go with the next sweep).
+SWEEP_LIMIT = 1000
 
 
 def run_poll(
@@ -55,11 +77,17 @@ def run_poll(
     `on_progress` hears each folder's done and total as batches commit
     (backend/mailbox/progress.py)."""
     started = time.monotonic()
-    with _lock(account_id) as held:
+    with _lock(account_id) as (held, lease_lost):
         if not held:
             record_skip(account_id, task_id=task_id, reason=BUSY_REASON)
             return LOCKED
-        result = poll_account(account_id, task_id=task_id, force=force, on_progress=on_progress)
+        result = poll_account(
+            account_id,
+            task_id=task_id,
+            force=force,
+            on_progress=on_progress,
+            lease_lost=lease_lost,
+        )
     _rerun_if_asked(account_id)
     if result.stale:
         # Its poll was already queued, or the removal after its commit failed.
@@ -82,11 +110,15 @@ def run_poll(
     return result
 
 
-def _lock(account_id: int) -> AbstractContextManager[bool]:
+@contextmanager
+def _lock(account_id: int) -> Iterator[tuple[bool, threading.Event | None]]:
+    """Whether this poll has the mailbox, and the event its lease's loss sets."""
     # Local mode has no Redis, and its scheduler runs one poll per mailbox at a time.
     if dispatch.mode() == SchedulerMode.LOCAL:
-        return nullcontext(True)
-    return mailbox_lock(account_id)
+        yield True, None
+        return
+    with lock.mailbox_lock(account_id) as lease:
+        yield lease is not None, None if lease is None else lease.lost
 
 
 def _rerun_if_asked(account_id: int) -> None:
@@ -95,7 +127,7 @@ def _rerun_if_asked(account_id: int) -> None:
     if dispatch.mode() == SchedulerMode.LOCAL:
         return
     try:
-        if rerun_requested(account_id):
+        if lock.rerun_requested(account_id):
             schedules.enqueue_news_poll(account_id)
     except Exception:  # this poll has committed; the next scheduled one catches up
         log.warning(
@@ -123,6 +155,64 @@ def record_skip(account_id: int, *, task_id: str | None, reason: str) -> None:
         )
     record_poll(PollOutcome.SKIPPED, 0, 0, 0.0)
     log.info("poll of mailbox %s skipped: %s", account_id, reason)
+
+
+def sweep_dead_polls(*, limit: int = SWEEP_LIMIT) -> list[int]:
+    """Close the runs of polls whose process died, and poll their mailboxes again;
+    returns the accounts whose runs were closed.
+
+    A run is dead when it is still "running" a lease after it started and no poll holds
+    its mailbox's lease: a live poll renews its lease for as long as it runs, and a poll
+    that takes the mailbox closes the runs before it at once (backend/mailbox/service.py).
+    So this finds the polls nothing else would close, such as a disabled mailbox's or a
+    mailbox's with a long interval, within a lease and a sweep. Local mode (no leases,
+    one process) knows a run is dead only past the hard time limit.
+
+    Run every MAILBOX_LEASE_SECONDS / 2 (beat_schedule in backend/celery_app.py, the
+    default queue; with the housekeeping in local mode)."""
+    now = utcnow()
+    local = dispatch.mode() == SchedulerMode.LOCAL
+    settings = get_settings()
+    age = (
+        settings.poll_time_limit_seconds + DEAD_RUN_MARGIN_SECONDS
+        if local
+        else settings.mailbox_lease_seconds
+    )
+    with session_scope() as session:
+        # finished_at is NULL only on running rows (ix_poll_runs_finished_at finds them).
+        runs = session.scalars(
+            select(PollRun)
+            .where(
+                PollRun.finished_at.is_(None),
+                PollRun.outcome == PollOutcome.RUNNING,
+                PollRun.started_at < now - timedelta(seconds=age),
+            )
+            .order_by(PollRun.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        if not local:
+            live = lock.held({run.account_id for run in runs})
+            runs = [run for run in runs if run.account_id not in live]
+        close_dead_runs(session, runs, now)
+        accounts = sorted({run.account_id for run in runs})
+        wanted = [
+            account.id
+            for account in session.scalars(select(Account).where(Account.id.in_(accounts)))
+            if state.wants_polls(account)
+        ]
+    if not local:
+        for account_id in wanted:
+            # The dead poll's mailbox now, not at its next interval. A poll the dead
+            # worker had taken but not started holds the coalescing key until the broker
+            # hands it out again (its visibility timeout, 2 x POLL_TIME_LIMIT_SECONDS):
+            # the key goes with the worker, and that poll, when it comes back, is one
+            # more poll that finds nothing new.
+            dispatch.release(store.pending_key(account_id))
+            schedules.enqueue_news_poll(account_id)
+    if runs:
+        log.warning("sweep: %d polls whose worker died closed as failures", len(runs))
+    return accounts
 
 
 def prune_poll_runs(*, chunk: int = PRUNE_CHUNK, max_chunks: int = PRUNE_MAX_CHUNKS) -> int:

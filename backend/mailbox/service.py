@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from backend.accounts import state
 from backend.config import get_settings
 from backend.db import bulk_insert, insert_for, session_scope
-from backend.mailbox import credentials, cursors, imap, parsing, pool
+from backend.mailbox import credentials, cursors, folders, imap, parsing, pool
 from backend.mailbox.imap import (
     ERROR_TEXT_MAX,
     MAX_UID,
@@ -73,6 +73,11 @@ METADATA_CHUNK = 1000
 BATCH_MAX_BYTES = 32 * 1024 * 1024
 # A poll still "running" this long after its hard time limit was killed with its worker.
 DEAD_RUN_MARGIN_SECONDS = 60
+DEAD_RUN = (
+    "the poll never finished: its worker was killed (out of memory, SIGKILL, a lost host, "
+    "or the hard time limit POLL_TIME_LIMIT_SECONDS)"
+)
+LOST_LEASE = "lost the mailbox to a newer poll (this one stalled past MAILBOX_LEASE_SECONDS)"
 # Objects are written by this many threads while the poll parses the next message: a
 # write is mostly waiting (fsync, or an S3 round trip), not Python.
 STORE_THREADS = 8
@@ -147,10 +152,16 @@ def poll_account(
     task_id: str | None = None,
     force: bool = False,
     on_progress: OnProgress | None = None,
+    lease_lost: threading.Event | None = None,
 ) -> PollResult:
     """Poll every folder of one account. Never raises for a mailbox's own failures: they
     are classified and recorded on the account and the PollRun row. `force` polls
     through a backoff (see accounts/state.skip_reason).
+
+    `lease_lost`: this poll holds the mailbox's lease (backend/mailbox/lock.py), and the
+    event is set once the lease is found lost. The poll then takes the account's next
+    fencing token, every one of its writes is fenced with it, and any other poll of the
+    mailbox still "running" is dead (or stalled, and fenced out): it is closed at once.
 
     A poll that finds nothing new costs two transactions: this first one (the account,
     its PollRun row, the UIDNEXT each folder had) and `_finish`."""
@@ -161,8 +172,9 @@ def poll_account(
         if account is None or not state.wants_polls(account):
             why = "no such account" if account is None else "account is disabled"
             return PollResult(outcome=PollOutcome.SKIPPED, error=why, stale=True)
-        if _close_dead_runs(session, account_id, started_at):
+        if _close_dead_runs(session, account_id, started_at, all_others=lease_lost is not None):
             session.refresh(account)
+        fence = None if lease_lost is None else cursors.take_fence(session, account_id)
         reason = state.skip_reason(account, started_at, force=force)
         run = PollRun(
             account_id=account_id,
@@ -185,8 +197,10 @@ def poll_account(
         )
 
     poller = _Poller(account, seen, SyncProgress(account_id, account.sync_progress, on_progress))
+    poller.fence, poller.lease_lost = fence, lease_lost
     error: ImapError | None = None
     note: str | None = None
+    lost: cursors.LeaseLost | None = None
     try:
         # A session kept from this mailbox's last poll in this process, or a new one.
         with pool.session(account, open_mailbox) as mailbox:
@@ -195,13 +209,15 @@ def poll_account(
                 get_settings().poll_deadline_seconds - (time.monotonic() - started)
             )
             try:
-                error = poller.poll_folders(mailbox)
+                error = poller.poll_folders(mailbox, started_at, force=force)
             finally:
                 note = _ignored_uids_note(account_id, mailbox.ignored_uids)
             if error is not None:
                 mailbox.close()  # a folder refused: not kept
     except ImapError as exc:
         error = exc
+    except cursors.LeaseLost as exc:
+        lost = exc
     except Exception as exc:
         # The traceback and the text may carry a message's content (an SQL statement's
         # parameters): the log gets the first line of the text, cut, and no traceback.
@@ -210,7 +226,30 @@ def poll_account(
         error.kind = ErrorKind.INTERNAL
         log.error("poll of account %s failed: %s", account_id, error.message)
 
+    if lost is not None:
+        # Not the mailbox's failure: its new poll goes on; this one only says where it
+        # stopped, and leaves the account to that poll.
+        log.warning("poll of account %s: %s: it stops here", account_id, lost)
+        _record_run(
+            run_id,
+            outcome=PollOutcome.SKIPPED,
+            error=f"{LOST_LEASE}; {len(poller.new_ids)} messages stored before that",
+            messages=len(poller.new_ids),
+            bytes_=poller.new_bytes,
+        )
+        return PollResult(
+            outcome=PollOutcome.SKIPPED,
+            new_message_ids=poller.new_ids,
+            messages=len(poller.new_ids),
+            bytes=poller.new_bytes,
+            error=LOST_LEASE,
+            duration_seconds=time.monotonic() - started,
+            poll_run_id=run_id,
+        )
     outcome = PollOutcome.SUCCESS if error is None else PollOutcome.for_error(error.kind)
+    if error is None and poller.failed:
+        failed = "; ".join(exc.message for exc in poller.failed.values())
+        note = f"{note}; {failed}" if note else failed
     event = _finish(
         account_id,
         run_id,
@@ -221,6 +260,10 @@ def poll_account(
         bytes_=poller.new_bytes,
         note=note,
         uidnexts=poller.uidnexts,
+        # A mailbox that failed as a whole keeps its folders' errors as they were.
+        polled=poller.polled if error is None else None,
+        tried=poller.tried,
+        failed=poller.failed,
     )
     if error is not None:
         log.warning("poll of account %s: %s: %s", account_id, outcome, error.message)
@@ -247,63 +290,107 @@ def _finish(
     bytes_: int,
     note: str | None = None,
     uidnexts: dict[str, tuple[int, int]] | None = None,
+    polled: list[str] | None = None,
+    tried: list[str] | None = None,
+    failed: dict[str, ImapError] | None = None,
 ) -> EventType | None:
     """Record the poll on its PollRun row and the account's state, in one transaction;
     returns the account event when the account's status changed. `note`: something a
-    successful poll left out (absurd UIDs), kept on the PollRun. `uidnexts`: the
-    (UIDVALIDITY, UIDNEXT) of each folder the poll went through completely."""
+    successful poll left out (absurd UIDs, a folder that failed), kept on the PollRun.
+    `uidnexts`: the (UIDVALIDITY, UIDNEXT) of each folder the poll went through
+    completely. `polled`, `tried` and `failed`: the folders it was to go through, those
+    that were due and those that failed (`polled` None: it never got to them, and the
+    folders' errors stay as they were)."""
     now = utcnow()
     if error is not None:
         error.message = error.message[:ERROR_TEXT_MAX]
     with session_scope() as session:
-        session.execute(
-            update(PollRun)
-            .where(PollRun.id == run_id)
-            .values(
-                outcome=outcome,
-                finished_at=now,
-                messages_count=messages,
-                bytes_count=bytes_,
-                error=note if error is None else error.message,
-            )
+        _record_run(
+            run_id,
+            outcome=outcome,
+            error=note if error is None else error.message,
+            messages=messages,
+            bytes_=bytes_,
+            session=session,
+            now=now,
         )
         for folder, (uidvalidity, uidnext) in (uidnexts or {}).items():
             cursors.saw_uidnext(session, account_id, folder, uidvalidity, uidnext)
-        return state.record_poll(session, account_id, started_at=started_at, now=now, error=error)
+        event = state.record_poll(session, account_id, started_at=started_at, now=now, error=error)
+        account = session.get(Account, account_id)
+        if account is not None and polled is not None:
+            state.record_folders(
+                account, started_at, polled=polled, tried=tried or [], failed=failed or {}
+            )
+        return event
 
 
-def _close_dead_runs(session: Session, account_id: int, now: datetime) -> bool:
+def _record_run(
+    run_id: int,
+    *,
+    outcome: PollOutcome,
+    error: str | None,
+    messages: int,
+    bytes_: int,
+    session: Session | None = None,
+    now: datetime | None = None,
+) -> None:
+    """Close the poll's PollRun row (in the caller's transaction, or its own)."""
+    values = {
+        "outcome": outcome,
+        "finished_at": now or utcnow(),
+        "messages_count": messages,
+        "bytes_count": bytes_,
+        "error": error,
+    }
+    if session is not None:
+        session.execute(update(PollRun).where(PollRun.id == run_id).values(**values))
+        return
+    with session_scope() as own:
+        own.execute(update(PollRun).where(PollRun.id == run_id).values(**values))
+
+
+def _close_dead_runs(
+    session: Session, account_id: int, now: datetime, *, all_others: bool = False
+) -> bool:
     """Close this account's polls that never finished: their worker was killed (SIGKILL,
-    out of memory, the hard time limit) before it could record anything. Each counts as
-    a failure, so a mailbox that kills its worker backs off and is disabled in the end
-    like any failing mailbox. A poll still running at this age is impossible: the hard
-    time limit has ended it."""
-    limit = now - timedelta(
-        seconds=get_settings().poll_time_limit_seconds + DEAD_RUN_MARGIN_SECONDS
+    out of memory, the hard time limit) before it could record anything. `all_others`:
+    the caller holds the mailbox's lease, so every other running poll is dead (or
+    stalled past its lease, and fenced out). Without a lease (local mode), only a poll
+    past the hard time limit is known to be dead."""
+    query = select(PollRun).where(
+        PollRun.account_id == account_id, PollRun.outcome == PollOutcome.RUNNING
     )
-    dead = session.scalars(
-        select(PollRun)
-        .where(
-            PollRun.account_id == account_id,
-            PollRun.outcome == PollOutcome.RUNNING,
-            PollRun.started_at < limit,
+    if not all_others:
+        limit = now - timedelta(
+            seconds=get_settings().poll_time_limit_seconds + DEAD_RUN_MARGIN_SECONDS
         )
-        .order_by(PollRun.id)
-        .with_for_update(skip_locked=True)
-    ).all()
-    for run in dead:
-        error = ImapError(
-            "the poll never finished: its worker was killed (out of memory, SIGKILL, or "
-            "the hard time limit POLL_TIME_LIMIT_SECONDS)"
-        )
+        query = query.where(PollRun.started_at < limit)
+    dead = session.scalars(query.order_by(PollRun.id).with_for_update(skip_locked=True)).all()
+    close_dead_runs(session, dead, now)
+    return bool(dead)
+
+
+def close_dead_runs(session: Session, runs: Sequence[PollRun], now: datetime) -> None:
+    """Record these polls as killed. Each counts as a failure of its mailbox, so one that
+    kills its worker again and again backs off and is disabled in the end like any
+    failing mailbox; but a first one in a row sets no backoff: a worker killed for
+    reasons of its own (out of memory, a lost host, a deployment) must not keep its
+    mailboxes waiting an interval. A disabled mailbox's run is only closed (its state
+    stays as it is)."""
+    for run in runs:
+        error = ImapError(DEAD_RUN)
         error.kind = ErrorKind.INTERNAL
         run.outcome = PollOutcome.INTERNAL_ERROR
         run.finished_at = now
         run.error = error.message
-        state.record_poll(session, account_id, started_at=now, now=now, error=error)
-        log.warning("poll run %s of account %s: %s", run.id, account_id, error.message)
+        account = session.get(Account, run.account_id)
+        if account is not None and state.wants_polls(account):
+            state.record_poll(session, run.account_id, started_at=now, now=now, error=error)
+            if account.consecutive_failures == 1:
+                state.clear_backoff(account)
+        log.warning("poll run %s of account %s: %s", run.id, run.account_id, error.message)
     session.flush()
-    return bool(dead)
 
 
 def _ignored_uids_note(account_id: int, uids: Sequence[int]) -> str | None:
@@ -353,8 +440,24 @@ class _Poller:
         self.max_bytes = settings.max_message_bytes
         self.new_ids: list[int] = []
         self.new_bytes = 0
+        # The folders this poll was to go through, and those that failed (poll_folders).
+        self.polled: list[str] | None = None
+        self.tried: list[str] = []
+        self.failed: dict[str, ImapError] = {}
         # None for a backfill, which stores outside the sync.
         self.progress = progress
+        # The poll's fencing token and its lease's loss (see poll_account); None when
+        # the poll holds no lease (local mode, a backfill).
+        self.fence: int | None = None
+        self.lease_lost: threading.Event | None = None
+
+    def fenced(self, session: Session) -> None:
+        """Before any write of the poll: raise LeaseLost if another poll has taken the
+        mailbox (the account row then stays locked to the end of the transaction)."""
+        if self.lease_lost is not None and self.lease_lost.is_set():
+            raise cursors.LeaseLost(f"the lease of mailbox {self.account_id} was lost")
+        if self.fence is not None:
+            cursors.hold_fence(session, self.account_id, self.fence)
 
     @contextmanager
     def storing(self) -> Iterator[None]:
@@ -363,20 +466,30 @@ class _Poller:
             self.pool = writers
             yield
 
-    def poll_folders(self, mailbox: ImapSession) -> ImapError | None:
-        """Poll each folder; a folder the server refuses does not stop the others, but a
-        lost connection does. Returns the first folder error, if any."""
+    def poll_folders(
+        self, mailbox: ImapSession, started_at: datetime, *, force: bool = False
+    ) -> ImapError | None:
+        """Poll each folder that is due (one that failed waits out its own backoff, unless
+        `force`); a folder the server refuses does not stop the others, but a lost
+        connection does. Returns an error only when every folder tried failed: then the
+        mailbox failed."""
+        self.polled = folders.for_account(self.account_id, self.account.folders, mailbox)
+        due = [f for f in self.polled if state.folder_due(self.account, f, started_at)]
+        if force or not due:
+            due = self.polled
+        self.tried = due
         with self.storing():
-            first_error: ImapError | None = None
-            for folder in self.account.folders or ["INBOX"]:
+            for folder in due:
                 try:
                     self.poll_folder(mailbox, folder)
                 except ImapError as exc:
                     if exc.kind != ErrorKind.PROTOCOL:
                         raise
                     log.warning("account %s folder %r: %s", self.account_id, folder, exc.message)
-                    first_error = first_error or ImapProtocolError(f"folder {folder!r}: {exc}")
-            return first_error
+                    self.failed[folder] = ImapProtocolError(f"folder {folder!r}: {exc}")
+        if due and len(self.failed) == len(due):
+            return next(iter(self.failed.values()))
+        return None
 
     def poll_folder(self, mailbox: ImapSession, folder: str) -> None:
         # STATUS first: most polls find nothing new, and then need no SELECT, no SEARCH
@@ -387,6 +500,7 @@ class _Poller:
             return
         uidvalidity = mailbox.select(folder).uidvalidity
         with session_scope() as session:
+            self.fenced(session)
             cursor = cursors.resume_after(session, self.account_id, folder, uidvalidity)
             dedupe = cursors.has_other_generations(session, self.account_id, folder, uidvalidity)
         if cursor is None:
@@ -397,11 +511,13 @@ class _Poller:
         if self.progress is not None and (uids or cursor is None):
             # An idle poll leaves the last sync's numbers; a first sync always shows.
             with session_scope() as session:
+                self.fenced(session)
                 self.progress.start(session, folder, len(uids))
         self.ingest(mailbox, folder, uidvalidity, uids, dedupe=dedupe)
         if ceiling > (cursor or 0):
             # Messages the initial-sync policy left out stay behind the cursor for good.
             with session_scope() as session:
+                self.fenced(session)
                 cursors.advance(session, self.account_id, folder, uidvalidity, ceiling)
         # Renumbered between STATUS and SELECT: what STATUS said is not worth keeping.
         # A UIDNEXT beyond RFC 3501's range is not kept either (it would never repeat).
@@ -583,6 +699,9 @@ class _Poller:
         folder, uidvalidity, last_uid = prepared.folder, prepared.uidvalidity, prepared.last_uid
         rows, attachments = prepared.rows, prepared.attachments
         with session_scope() as session:
+            # First: a poll that has lost the mailbox commits nothing (and the account
+            # row, locked from here, is the first row the batch locks, as below).
+            self.fenced(session)
             inserted = [
                 (row.id, row.uid, row.size)
                 for row in bulk_insert(
@@ -659,7 +778,7 @@ class _Poller:
         if isinstance(outcome, str):
             row["parse_error"] = outcome
             return []
-        row.update(_parsed_fields(outcome))
+        row.update(parsed_fields(outcome))
         parts = []
         for index, attachment in enumerate(outcome.attachments, start=1):
             part_key = attachment_key(
@@ -735,7 +854,8 @@ def _prefetched(batches: Iterator[list[_Fetched]]) -> Iterator[list[_Fetched]]:
         producer.join()
 
 
-def _parsed_fields(parsed: ParsedMessage) -> dict[str, Any]:
+def parsed_fields(parsed: ParsedMessage) -> dict[str, Any]:
+    """The message row's columns the parser fills (re-parsing changes only these)."""
     return {
         "message_id": parsed.message_id,
         "subject": parsed.subject,

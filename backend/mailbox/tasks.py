@@ -11,7 +11,13 @@ import time
 from typing import Any
 
 from backend.celery_app import app
-from backend.mailbox.polling import PRUNE_TASK, prune_poll_runs, run_poll
+from backend.mailbox.polling import (
+    PRUNE_TASK,
+    SWEEP_TASK,
+    prune_poll_runs,
+    run_poll,
+    sweep_dead_polls,
+)
 from backend.mailbox.progress import Progress
 from backend.metrics import record_news_stored
 from backend.schedules.service import NEWS_AT_HEADER
@@ -43,3 +49,11 @@ def prune_runs() -> int:
     """Periodic (beat_schedule in backend/celery_app.py, every 10 minutes), on the
     default queue."""
     return prune_poll_runs()
+
+
+@app.task(name=SWEEP_TASK)
+def sweep_polls() -> int:
+    """Periodic (beat_schedule in backend/celery_app.py, every MAILBOX_LEASE_SECONDS / 2),
+    on the default queue: the runs of polls whose worker died, closed, and their
+    mailboxes polled again."""
+    return len(sweep_dead_polls())

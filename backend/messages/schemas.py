@@ -45,6 +45,9 @@ class MessageSummary(BaseModel):
     skipped_reason: str | None
     ingested_at: datetime
     processed_at: datetime | None
+    # Times its processing failed on its own, and the last reason (docs/operations.md).
+    process_failures: int
+    process_error: str | None
 
 
 class MessageRead(MessageSummary):

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -72,6 +72,9 @@ class Account(TimestampMixin, Base):
     # found (unsupported: no IDLE on the server, polling only).
     push: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     push_status: Mapped[PushStatus | None] = mapped_column(EnumString(PushStatus, 16))
+    # When a live watcher last confirmed push_status (every WATCHER_LEASE_SECONDS): a
+    # status nobody confirms any more is shown as stale (backend/accounts/schemas.py).
+    push_confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     initial_sync: Mapped[InitialSync] = mapped_column(
         EnumString(InitialSync, 16), default=InitialSync.ALL
@@ -95,6 +98,9 @@ class Account(TimestampMixin, Base):
     disabled_reason: Mapped[str | None] = mapped_column(Text)
     # Kept in the poll transaction so listing accounts needs no COUNT over messages.
     message_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The fencing token of the poll that last took the mailbox: a batch commits only
+    # while it is the committing poll's own (backend/mailbox/lock.py).
+    poll_fence: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # How far the latest sync of each folder has come: {"INBOX": {"done": 120, "total":
     # 5000}}, written with each batch the poll commits (a first sync shows it filling).
     sync_progress: Mapped[dict[str, dict[str, int]] | None] = mapped_column(JSON)
@@ -103,6 +109,9 @@ class Account(TimestampMixin, Base):
     # check with the account.stale / account.fresh event; when its last audit was sent.
     stale_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
     audited_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The folders whose last try failed while others were polled (gone, refused): by
+    # name, the error, failures in a row, since when and when it is tried again.
+    folder_errors: Mapped[dict[str, dict[str, Any]] | None] = mapped_column(JSON)
 
     cursors: Mapped[list[FolderCursor]] = relationship(
         back_populates="account", cascade="all, delete-orphan", passive_deletes=True

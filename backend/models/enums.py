@@ -42,12 +42,14 @@ class InitialSync(StrEnum):
 class ErrorKind(StrEnum):
     """How a failed poll is treated: auth waits for new credentials or the backoff,
     connection retries with backoff, protocol means the server said no or spoke nonsense,
-    internal is mailbeat's own bug."""
+    internal is mailbeat's own bug, throttled is the provider shedding load (retried after
+    its suggested wait or a short backoff, never counted as a failure)."""
 
     AUTH = "auth"
     CONNECTION = "connection"
     PROTOCOL = "protocol"
     INTERNAL = "internal"
+    THROTTLED = "throttled"
 
 
 class PollOutcome(StrEnum):
@@ -61,6 +63,7 @@ class PollOutcome(StrEnum):
     CONNECTION_ERROR = "connection_error"
     PROTOCOL_ERROR = "protocol_error"
     INTERNAL_ERROR = "internal_error"
+    THROTTLED_ERROR = "throttled_error"
 
     @classmethod
     def for_error(cls, kind: ErrorKind) -> PollOutcome:
@@ -77,6 +80,8 @@ class EventType(StrEnum):
     or an audit that found messages or objects missing (backend/audit/)."""
 
     MESSAGE_RECEIVED = "message.received"
+    # A message re-parsed from its raw bytes (a parser upgrade), sent only when asked.
+    MESSAGE_UPDATED = "message.updated"
     ACCOUNT_ERROR = "account.error"
     ACCOUNT_DISABLED = "account.disabled"
     ACCOUNT_RECOVERED = "account.recovered"
@@ -150,10 +155,13 @@ class SchedulerMode(StrEnum):
 class PushStatus(StrEnum):
     """An account with push on, as its watcher last found it. watching: an IDLE
     connection held on every folder; unsupported: the server has no IDLE, so the account
-    is polled on its interval only (the fallback). Unset until a watcher has tried."""
+    is polled on its interval only (the fallback). Unset until a watcher has tried.
+    stale: only shown, never stored: "watching" that no live watcher has confirmed for
+    PUSH_STALE_LEASES watcher leases (no watcher runs, or none holds the mailbox)."""
 
     WATCHING = "watching"
     UNSUPPORTED = "unsupported"
+    STALE = "stale"
 
 
 class HealthStatus(StrEnum):

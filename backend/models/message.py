@@ -70,6 +70,10 @@ class Message(Base):
 
     ingested_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Times its processing failed on its own, and the last reason; at MAX_PROCESS_FAILURES
+    # (backend/processing/service.py) the sweep leaves it: a processing dead letter.
+    process_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    process_error: Mapped[str | None] = mapped_column(Text)
 
     account: Mapped[Account] = relationship(back_populates="messages")
     attachments: Mapped[list[Attachment]] = relationship(

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from backend import dispatch
 from backend.db import session_scope
 from backend.errors import MailbeatError, NotFound
+from backend.mailbox import folders as mailbox_folders
 from backend.mailbox.imap import ERROR_TEXT_MAX, ImapSession
 from backend.mailbox.service import open_mailbox, store_uids
 from backend.models import Account, Backfill, BackfillStatus, Message, utcnow
@@ -73,9 +74,13 @@ class BackfillResult:
 
 
 def _folders(account: Account, folders: Sequence[str] | None) -> list[str]:
-    """The folders to go through; InvalidBackfill (422) names any the account lacks."""
+    """The folders to go through (special uses and `*` are looked up on the server as
+    the backfill starts); InvalidBackfill (422) names any the account lacks. An account
+    that polls special uses or `*` may name any folder: only its server knows."""
     configured = account.folders or ["INBOX"]
     chosen = list(folders or configured)
+    if any(mailbox_folders.is_pattern(entry) for entry in configured):
+        return chosen
     unknown = [folder for folder in chosen if folder not in configured]
     if unknown:
         raise InvalidBackfill(
@@ -176,7 +181,7 @@ def backfill(
     result = BackfillResult(dry_run=dry_run)
     unprocessed: list[int] = []
     with open_mailbox(account) as mailbox:
-        for folder in chosen:
+        for folder in mailbox_folders.current(chosen, mailbox):
             entry, held, stored = _folder(mailbox, account, folder, window, dry_run=dry_run)
             result.stored_message_ids += stored
             result.folders.append(entry)

@@ -8,11 +8,18 @@ from backend.deps import AdminDep, SessionDep
 from backend.errors import NotFound, error_responses
 from backend.models import Backfill
 from backend.processing import backfill as backfill_service
-from backend.processing.schemas import BackfillRead, BackfillRequest
+from backend.processing import reparse as reparse_service
+from backend.processing.schemas import (
+    BackfillRead,
+    BackfillRequest,
+    ReparseRead,
+    ReparseRequest,
+)
 
 router = APIRouter(dependencies=[AdminDep], tags=["processing"])
 
 Id = Annotated[int, Path(ge=1, le=2**63 - 1)]
+AccountId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 @router.post(
@@ -21,7 +28,7 @@ Id = Annotated[int, Path(ge=1, le=2**63 - 1)]
     responses=error_responses(404, 422),
 )
 def backfill(
-    account_id: Annotated[int, Path(ge=1, le=2**31 - 1)],
+    account_id: AccountId,
     request: BackfillRequest,
     session: SessionDep,
 ) -> BackfillRead:
@@ -44,3 +51,33 @@ def get_backfill(backfill_id: Id, session: SessionDep) -> BackfillRead:
     if row is None:
         raise NotFound(f"backfill {backfill_id} not found")
     return BackfillRead.model_validate(row)
+
+
+def _reparse(
+    account_id: int | None, request: ReparseRequest | None, session: SessionDep
+) -> ReparseRead:
+    notify = request.notify if request is not None else False
+    messages = reparse_service.count(session, account_id)
+    reparse_service.enqueue(account_id, notify=notify)
+    return ReparseRead(account_id=account_id, messages=messages, notify=notify)
+
+
+@router.post(
+    "/accounts/{account_id}/reparse",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=error_responses(404, 422),
+)
+def reparse_account(
+    account_id: AccountId, session: SessionDep, request: ReparseRequest | None = None
+) -> ReparseRead:
+    """Re-parse the account's stored messages from their raw bytes (after a parser
+    upgrade): only the parsed fields change (subject, addresses, date, bodies, attachment
+    names and types). Runs as a task (202), in pages, in id order; a message whose raw
+    bytes cannot be read is logged and left as it was. Sends nothing unless `notify`."""
+    return _reparse(account_id, request, session)
+
+
+@router.post("/admin/reparse", status_code=status.HTTP_202_ACCEPTED, responses=error_responses(422))
+def reparse_all(session: SessionDep, request: ReparseRequest | None = None) -> ReparseRead:
+    """`POST /accounts/{id}/reparse` for every account's stored messages."""
+    return _reparse(None, request, session)

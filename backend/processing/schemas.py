@@ -81,3 +81,21 @@ class BackfillRead(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+
+class ReparseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"notify": False}]})
+
+    # Strict: `"notify": 0` or `"yes"` is a 422, not a guess.
+    notify: bool = Field(
+        default=False,
+        strict=True,
+        description="send a message.updated event for each processed message whose "
+        "parsed fields changed (nothing is sent without it)",
+    )
+
+
+class ReparseRead(BaseModel):
+    account_id: int | None = Field(description="null: every account")
+    messages: int = Field(description="stored messages to re-parse")
+    notify: bool

@@ -6,7 +6,11 @@ registered steps (backend/processing/handlers.py) in one transaction that also m
 messages processed, so processing them again does nothing; then each step's
 after-commit work runs (sending the batch's webhooks). A batch whose transaction fails
 is processed again one message per transaction, so one bad message does not hold back
-the others.
+the others. A message that fails on its own (others of its batch went through) counts
+the failure and keeps the reason (`process_failures`, `process_error`); after
+MAX_PROCESS_FAILURES it is a processing dead letter: it is no longer retried, and the
+sweep leaves it. A batch whose every message fails counts nothing: the cause is not one
+message, and they are retried as before.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -28,6 +32,11 @@ from backend.webhooks import service as webhooks
 log = logging.getLogger(__name__)
 
 PROCESS_TASK = "message.process"
+# Failures of a message on its own after which it is left alone (a dead letter): not
+# retried by its task, skipped by the sweep. A backfill hands it on again.
+MAX_PROCESS_FAILURES = 10
+# A failure's reason, as the message row keeps it.
+PROCESS_ERROR_MAX = 500
 
 
 class ProcessingFailed(Exception):
@@ -85,16 +94,15 @@ def process_and_send_batch(message_ids: int | Sequence[int]) -> int:
     """A boundary: process the messages in one transaction, then the steps' after-commit
     work; returns how many were processed now. An int is one message (a task queued
     before batches). Raises ProcessingFailed, after handing the others on, when some
-    messages could not be processed: the task is retried for them."""
+    messages could not be processed and have failures left: the task is retried for
+    them."""
     ids = [message_ids] if isinstance(message_ids, int) else list(message_ids)
-    failed: list[int] = []
+    failed: dict[int, str] = {}
     try:
         with session_scope() as session:
             processed = len(process_batch(session, ids))
     except Exception:
-        if len(ids) == 1:
-            raise
-        log.exception("processing a batch of %d messages failed: one at a time now", len(ids))
+        log.exception("processing %d messages failed: one at a time now", len(ids))
         processed, failed = _one_at_a_time(ids)
     done = [message_id for message_id in ids if message_id not in failed]
     for step in handlers.registered():
@@ -103,21 +111,61 @@ def process_and_send_batch(message_ids: int | Sequence[int]) -> int:
         if step.after_commit is not None:
             for message_id in done:
                 step.after_commit(message_id)
-    if failed:
-        raise ProcessingFailed(f"messages {failed} could not be processed (see the log)")
+    # A failure counts against a message only when others of its batch went through:
+    # when they all fail, the cause is not in one message (a step's service is down).
+    retry = _record_failures(failed, counted=bool(done))
+    if retry:
+        raise ProcessingFailed(f"messages {retry} could not be processed (see the log)")
     return processed
 
 
-def _one_at_a_time(message_ids: Sequence[int]) -> tuple[int, list[int]]:
-    processed, failed = 0, []
+def _one_at_a_time(message_ids: Sequence[int]) -> tuple[int, dict[int, str]]:
+    """Each message in its own transaction; returns how many were processed and the
+    reason of each that failed."""
+    processed, failed = 0, {}
     for message_id in message_ids:
         try:
             with session_scope() as session:
                 processed += len(process_batch(session, [message_id]))
-        except Exception:
+        except Exception as exc:
             log.exception("processing message %s failed", message_id)
-            failed.append(message_id)
+            failed[message_id] = f"{type(exc).__name__}: {exc}"[:PROCESS_ERROR_MAX]
     return processed, failed
+
+
+def _record_failures(failed: dict[int, str], *, counted: bool) -> list[int]:
+    """Keep each message's reason and, when `counted`, count the failure (a short
+    transaction of its own); returns those to retry, leaving those that reached
+    MAX_PROCESS_FAILURES."""
+    if not failed:
+        return []
+    increment = 1 if counted else 0
+    try:
+        with session_scope() as session:
+            counts = dict(
+                session.execute(
+                    update(Message)
+                    .where(Message.id.in_(failed), Message.processed_at.is_(None))
+                    .values(
+                        process_failures=Message.process_failures + increment,
+                        process_error=case(failed, value=Message.id),
+                    )
+                    .returning(Message.id, Message.process_failures)
+                ).all()
+            )
+    except Exception:
+        # Not counted (the database is away?): retried like any failure.
+        log.exception("the failures of messages %s could not be recorded", sorted(failed))
+        return sorted(failed)
+    for message_id, failures in sorted(counts.items()):
+        if failures >= MAX_PROCESS_FAILURES:
+            log.error(
+                "message %s failed processing %d times: left as a dead letter (%s)",
+                message_id,
+                failures,
+                failed[message_id],
+            )
+    return sorted(i for i, failures in counts.items() if failures < MAX_PROCESS_FAILURES)
 
 
 def process_and_send(message_id: int) -> bool:
@@ -152,14 +200,19 @@ def emit_account_event(account_id: int, event_type: str) -> None:
 
 def sweep(*, limit: int = 500) -> dict[str, int]:
     """Pick up work whose task was lost (Redis flushed, a worker killed before acking):
-    messages never processed and deliveries well past due. Run periodically; what it
-    sends twice is harmless (processing and delivery attempts are idempotent)."""
+    messages never processed (but not the dead letters of processing) and deliveries
+    well past due. Run periodically; what it sends twice is harmless (processing and
+    delivery attempts are idempotent)."""
     cutoff = utcnow() - webhooks.SWEEP_GRACE
     with session_scope() as session:
         message_ids = list(
             session.scalars(
                 select(Message.id)
-                .where(Message.processed_at.is_(None), Message.ingested_at < cutoff)
+                .where(
+                    Message.processed_at.is_(None),
+                    Message.ingested_at < cutoff,
+                    Message.process_failures < MAX_PROCESS_FAILURES,
+                )
                 .order_by(Message.id)
                 .limit(limit)
             )

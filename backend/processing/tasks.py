@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from backend.celery_app import app
-from backend.processing import backfill
+from backend.processing import backfill, reparse
 from backend.processing.service import PROCESS_TASK, process_and_send_batch
 from backend.processing.service import sweep as sweep_lost_work
 
@@ -31,3 +31,9 @@ def sweep() -> dict[str, int]:
 @app.task(name=backfill.RUN_TASK)
 def run_backfill(backfill_id: int) -> str:
     return backfill.run(backfill_id)
+
+
+@app.task(name=reparse.REPARSE_TASK)
+def reparse_messages(account_id: int | None, after: int, notify: bool) -> dict[str, object]:
+    """Re-parse stored messages above id `after` (of one account, or all); sends itself on."""
+    return reparse.run(account_id, after, notify)

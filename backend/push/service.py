@@ -3,13 +3,20 @@ account to log in with, and what it found (push_status)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 
+from backend.config import get_settings
 from backend.db import session_scope
-from backend.models import Account, AccountStatus, PushStatus
+from backend.mailbox import folders
+from backend.models import Account, AccountStatus, PushStatus, utcnow
+
+# "watching" unconfirmed for this many watcher leases is shown as stale: a live watcher
+# confirms every lease, so one late confirmation does not flap the status.
+PUSH_STALE_LEASES = 2
 
 
 @dataclass(frozen=True)
@@ -37,9 +44,7 @@ def pushed_accounts() -> dict[int, Pushed]:
                 Account.push_status.is_distinct_from(PushStatus.UNSUPPORTED),
             )
         )
-        return {
-            row.id: Pushed(row.id, row.imap_host, tuple(row.folders or ["INBOX"])) for row in rows
-        }
+        return {row.id: Pushed(row.id, row.imap_host, folders.watched(row.folders)) for row in rows}
 
 
 def load_account(account_id: int) -> Account | None:
@@ -52,11 +57,40 @@ def load_account(account_id: int) -> Account | None:
 
 
 def save_statuses(statuses: Mapping[int, PushStatus]) -> None:
-    """Write what the watcher found, where it changed (one transaction)."""
+    """Write what the watcher found, where it changed (one transaction); "watching" is
+    confirmed as it is written."""
+    now = utcnow()
     with session_scope() as session:
         for account_id, status in statuses.items():
+            confirmed = {"push_confirmed_at": now} if status == PushStatus.WATCHING else {}
             session.execute(
                 update(Account)
                 .where(Account.id == account_id, Account.push_status.is_distinct_from(status))
-                .values(push_status=status)
+                .values(push_status=status, **confirmed)
             )
+
+
+def confirm_watching(account_ids: Collection[int]) -> None:
+    """A live watcher still holds IDLE on every folder of these mailboxes (one statement,
+    every WATCHER_LEASE_SECONDS)."""
+    if not account_ids:
+        return
+    with session_scope() as session:
+        session.execute(
+            update(Account)
+            .where(Account.id.in_(list(account_ids)), Account.push_status == PushStatus.WATCHING)
+            .values(push_confirmed_at=utcnow())
+        )
+
+
+def shown_status(
+    status: PushStatus | None, confirmed_at: datetime | None, now: datetime | None = None
+) -> PushStatus | None:
+    """The push_status the API shows: "watching" that no watcher has confirmed lately is
+    stale (the watcher died, or none runs)."""
+    if status != PushStatus.WATCHING:
+        return status
+    horizon = timedelta(seconds=PUSH_STALE_LEASES * get_settings().watcher_lease_seconds)
+    if confirmed_at is None or confirmed_at < (now or utcnow()) - horizon:
+        return PushStatus.STALE
+    return status

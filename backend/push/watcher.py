@@ -41,7 +41,7 @@ from types import FrameType
 
 from backend import dispatch, metrics, redis
 from backend.config import get_settings
-from backend.mailbox import credentials, imap
+from backend.mailbox import credentials, folders, imap
 from backend.models import PushStatus
 from backend.push import service
 from backend.push.leases import Leases, watcher_name
@@ -110,6 +110,7 @@ class Watcher:
         self._outbox: queue.SimpleQueue[tuple[str, int, object] | None] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="watch-send", daemon=True)
         self._hosts_seen: set[str] = set()
+        self._next_confirm = 0.0
 
     # -- running -------------------------------------------------------------------------
 
@@ -165,6 +166,7 @@ class Watcher:
             log.exception("watcher: lease turn failed; trying again")
         self._open_due()
         self._report()
+        self._confirm()
 
     def _share(self, watchers: int) -> int:
         total = sum(p.connections for p in self.pushed.values())
@@ -248,7 +250,10 @@ class Watcher:
                 session.close()
                 self._opened.put(Opened(watch, None, unsupported=True))
             else:
-                session.select(watch.folder)
+                folder = folders.one(watch.folder, session)
+                if folder is None:
+                    raise imap.ImapProtocolError(f"the server has no {watch.folder} folder")
+                session.select(folder)
                 self._opened.put(Opened(watch, session.idle()))
         except imap.ImapError as exc:
             if session is not None:
@@ -377,12 +382,29 @@ class Watcher:
                     assert isinstance(value, float)
                     if schedules.enqueue_news_poll(account_id, value):
                         metrics.record_push_poll()
+                elif kind == "confirm":
+                    assert isinstance(value, list)
+                    service.confirm_watching(value)
                 else:
                     assert isinstance(value, PushStatus)
                     service.save_statuses({account_id: value})
             except Exception:
                 # The interval's poll is the safety net; the next news sends another.
                 log.exception("mailbox %s: sending the %s failed", account_id, kind)
+
+    def _confirm(self) -> None:
+        """Once a lease: the mailboxes watched on every folder are still watched (their
+        push_status would turn stale without it)."""
+        now = time.monotonic()
+        if now < self._next_confirm:
+            return
+        self._next_confirm = now + self.leases.seconds
+        watched = [
+            account_id
+            for account_id, held in self.held.items()
+            if held.watches and all(w.link is not None for w in held.watches.values())
+        ]
+        self._outbox.put(("confirm", 0, watched))
 
     def _report(self) -> None:
         by_host = Counter[str]()

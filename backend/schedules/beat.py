@@ -43,6 +43,7 @@ from redbeat.schedulers import (
 )
 
 from backend import dispatch, redis
+from backend.config import get_settings
 from backend.db import session_scope
 from backend.schedules import service, store
 
@@ -209,6 +210,8 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
             pipe.execute()
         pending = [store.pending_key(poll.account_id) for _, poll in polls]
         free = dispatch.claim_many(pending, store.pending_seconds()) if pending else []
+        if not all(free):
+            free = self._retake_lost(pending, free)
         waiting = 0
         renewed = time.monotonic()
         batched: list[str] = []  # the coalescing keys of the polls in the broker batch
@@ -238,6 +241,37 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
                 "the queue (the workers are behind; see GET /admin/capacity)",
                 waiting,
             )
+
+    def _retake_lost(self, pending: list[str], free: list[bool]) -> list[bool]:
+        """A coalescing key stands for a poll waiting in the queue: the poll frees it as
+        it starts. A key claimed longer ago than the oldest poll in the queue was sent
+        (by a margin of MAILBOX_LEASE_SECONDS, for the clocks and a worker between
+        taking a poll and starting it) stands for a poll that is gone: lost with a Redis
+        failover's last writes, or taken by a worker that died. Such keys are claimed
+        anew and their mailboxes' polls sent, rather than waiting for the key to expire
+        (twice POLL_TIME_LIMIT_SECONDS). Returns `free` with those keys taken."""
+        expiry = store.pending_seconds()
+        held = [key for key, is_free in zip(pending, free, strict=True) if not is_free]
+        try:
+            _length, oldest = service.poll_queue()
+            margin = (oldest or 0.0) + get_settings().mailbox_lease_seconds
+            lost = [
+                key
+                for key, age in zip(held, dispatch.ages(held, expiry), strict=True)
+                if age is not None and age > margin
+            ]
+            if not lost:
+                return free
+            taken = {key for key, ok in zip(lost, dispatch.retake(lost, expiry), strict=True) if ok}
+        except redis.RedisError:
+            log.warning("beat: could not look for lost polls' coalescing keys", exc_info=True)
+            return free
+        log.warning(
+            "beat: %d mailboxes held by a poll no longer in the queue (lost with a Redis "
+            "failover or a dead worker): polled again",
+            len(taken),
+        )
+        return [is_free or key in taken for key, is_free in zip(pending, free, strict=True)]
 
     def _send_poll(self, poll: store.PollEntry, pending_key: str) -> bool:
         log.info("Scheduler: Sending due task %s (%s)", poll.name, store.POLL_TASK)

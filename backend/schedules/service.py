@@ -341,7 +341,7 @@ def capacity(session: Session) -> Capacity:
     queue_length: int | None = None
     oldest: float | None = None
     if dispatch.mode() == SchedulerMode.CELERY:
-        queue_length, oldest = _poll_queue()
+        queue_length, oldest = poll_queue()
     stretch = None if not completed_rate else max(float(demanded) / completed_rate, 1.0)
     lag_limit = get_settings().poll_lag_degraded_seconds
     return Capacity(
@@ -356,7 +356,7 @@ def capacity(session: Session) -> Capacity:
     )
 
 
-def _poll_queue() -> tuple[int, float | None]:
+def poll_queue() -> tuple[int, float | None]:
     """The polls waiting in the email queue and the age of the oldest. Each priority
     level is a list consumed from its tail, so the oldest poll of a level is its last
     element: one LLEN and one LINDEX per level."""

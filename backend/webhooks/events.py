@@ -8,10 +8,13 @@ from email.parser import BytesHeaderParser
 from typing import Any
 
 from backend.config import get_settings
-from backend.mailbox.parser import decode_words
+from backend.mailbox.parser import clean_text, decode_words
 from backend.models import Account, Message, WebhookDelivery
 from backend.storage import service as storage
 from backend.storage.base import StorageError
+
+# Why something could not be decoded or built, as an event or a dead letter carries it.
+REASON_MAX = 500
 
 
 def envelope(delivery: WebhookDelivery, data: dict[str, Any]) -> bytes:
@@ -86,8 +89,9 @@ def message_data(message: Message, account: Account) -> dict[str, Any]:
 
 
 def _content(message: Message, max_bytes: int) -> dict[str, Any]:
-    """Bodies as ingestion decoded them; headers decoded from the stored raw bytes."""
-    content: dict[str, Any] = {"headers": [], "raw_error": None}
+    """Bodies as ingestion decoded them; headers decoded from the stored raw bytes, each
+    on its own: one that cannot be decoded goes as it was sent, named in `decode_errors`."""
+    content: dict[str, Any] = {"headers": [], "raw_error": None, "decode_errors": []}
     for key, text in (("text", message.text_body), ("html", message.html_body)):
         content[key], content[f"{key}_truncated"] = _cut(text, max_bytes)
     if not (message.storage_backend and message.storage_key):
@@ -101,11 +105,19 @@ def _content(message: Message, max_bytes: int) -> dict[str, Any]:
         return content
     # Headers only: the body is not parsed again, nor even handed to the parser.
     headers = BytesHeaderParser().parsebytes(_header_block(raw))
-    content["headers"] = [
-        {"name": name, "value": " ".join(decode_words(value).split())}
-        for name, value in headers.items()
-    ]
+    for name, value in headers.items():
+        try:
+            text = decode_words(value)
+        except Exception as exc:
+            # The receiver still gets the header, undecoded, and learns why.
+            text = clean_text(str(value))
+            content["decode_errors"].append({"header": name, "error": reason(exc)})
+        content["headers"].append({"name": name, "value": " ".join(text.split())})
     return content
+
+
+def reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"[:REASON_MAX]
 
 
 def _header_block(raw: bytes) -> bytes:

@@ -5,7 +5,9 @@ retries run out, replayed on request.
 A `webhook.deliver` task sends a batch of deliveries (up to PROCESSING_BATCH_SIZE):
 1. claim: one short transaction locks the batch's rows and claims each pending, due,
    unclaimed one (`claimed_until`, long enough for every request of the batch to its
-   receiver, WEBHOOK_CONCURRENCY at a time); the others are left to whoever holds them;
+   receiver, WEBHOOK_CONCURRENCY at a time); the others are left to whoever holds them.
+   The claimed events' bodies are built here, each on its own: one that cannot be built
+   is a dead letter at once, with the reason, and never holds back the batch's others;
 2. send: the claimed ones are posted concurrently, with no transaction open, at most
    WEBHOOK_CONCURRENCY at a time to one receiver, over kept-alive connections;
 3. record: the answers are written in bulk as they come back (a transaction per group
@@ -155,6 +157,13 @@ def create_message_deliveries(
     return _create(session, message.account, EventType.MESSAGE_RECEIVED, key, message_id=message.id)
 
 
+def create_update_deliveries(session: Session, message: Message) -> list[int]:
+    """A message.updated event of a message (its parsed fields changed), once per target;
+    each change is an event of its own. Only flushes."""
+    key = f"{EventType.MESSAGE_UPDATED}:{message.id}:{uuid.uuid4().hex}"
+    return _create(session, message.account, EventType.MESSAGE_UPDATED, key, message_id=message.id)
+
+
 def create_account_event(session: Session, account: Account, event_type: str) -> list[int]:
     """An account state change, with the account's state as it is now. Only flushes."""
     if event_type not in ACCOUNT_EVENTS:
@@ -280,7 +289,8 @@ def _claim(
     not_due: dict[int, list[int]],
 ) -> list[_Attempt]:
     """Claim the batch's deliveries that are pending, unclaimed and due, and build their
-    requests; notes the others in `outcomes` and `not_due`. Only flushes."""
+    requests; notes the others in `outcomes` and `not_due`. An event that cannot be built
+    becomes a dead letter here. Only flushes."""
     settings = get_settings()
     now = utcnow()
     rows = session.scalars(
@@ -320,14 +330,35 @@ def _claim(
         sendable.append((delivery, target))
 
     messages = _messages(session, [delivery for delivery, _ in sendable])
+    built: list[tuple[WebhookDelivery, Target, bytes]] = []
+    for delivery, target in sendable:
+        try:
+            body = _body(delivery, accounts[delivery.account_id], messages)
+        except Exception as exc:
+            # An event that cannot be built at all (what a message's headers or storage do
+            # is handled in the event itself) is a dead letter alone, with the reason: the
+            # batch's other events still go out. A replay builds it again.
+            # No traceback: its frames may quote the message's content.
+            log.error(
+                "webhook %s %s: the event could not be built: %s",
+                delivery.event_type,
+                delivery.event_id,
+                events.reason(exc),
+            )
+            delivery.status = DeliveryStatus.DEAD
+            delivery.attempts += 1
+            delivery.last_attempt_at = now
+            delivery.last_error = f"the event could not be built: {events.reason(exc)}"
+            outcomes[delivery.id] = "dead"
+            continue
+        built.append((delivery, target, body))
     # A receiver takes its requests WEBHOOK_CONCURRENCY at a time: the claim covers every
     # round of the batch to it, or a late request could go out after its claim ran out.
-    per_origin = Counter(client.origin(target.url) for _, target in sendable)
+    per_origin = Counter(client.origin(target.url) for _, target, _ in built)
     attempt_seconds = settings.webhook_timeout_seconds + settings.webhook_connect_timeout_seconds
     attempts = []
-    for delivery, target in sendable:
+    for delivery, target, body in built:
         rounds = math.ceil(per_origin[client.origin(target.url)] / settings.webhook_concurrency)
-        body = _body(delivery, accounts[delivery.account_id], messages)
         delivery.attempts += 1
         delivery.last_attempt_at = now
         delivery.url = target.url

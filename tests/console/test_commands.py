@@ -9,17 +9,20 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from backend.cli import main
 from backend.console.commands import ProgressBar
 from backend.models import Account, Message, WebhookDelivery
+from backend.processing import reparse
+from backend.processing.service import hand_on
 from backend.schedules import service as schedules
 from tests.support.accounts import make_account
 from tests.support.dovecot import Dovecot
 from tests.support.mail import generated
 from tests.support.receiver import SECRET, Receiver
+from tests.support.webhooks import store_message
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -277,6 +280,53 @@ def test_backfill_with_progress(
         ("INBOX", 3, 3)
     ]
     assert len(result["stored_message_ids"]) == 3
+
+
+def test_messages_reparse_with_progress(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    db: Session,
+    receiver: Receiver,
+    set_env: Any,
+):
+    set_env(WEBHOOK_URL=receiver.url, WEBHOOK_SECRET=SECRET, SCHEDULER_MODE="local")
+    monkeypatch.setattr(reparse, "PAGE", 2)
+    account = make_account(db)
+    ids = [store_message(db, account, uid).id for uid in range(1, 4)]
+    hand_on(ids)
+    db.execute(update(Message).where(Message.id != ids[1]).values(subject="Gr\ufffd\ufffde"))
+    db.commit()
+
+    code, out, err = cli(capsys, "messages", "reparse", "--account", str(account.id))
+
+    assert code == 0, err
+    assert err.splitlines() == [
+        f"reparse account {account.id} [{'.' * 30}] 0/3 0%",
+        f"reparse account {account.id} [{'#' * 20}{'.' * 10}] 2/3 66%",
+        f"reparse account {account.id} [{'#' * 30}] 3/3 100%",
+    ]
+    assert out.splitlines()[1].split() == ["3", "2", "0", "0", "0"]
+    db.expire_all()
+    assert db.scalars(select(Message.subject).order_by(Message.id)).all() == [
+        f"Grüße {uid}" for uid in range(1, 4)
+    ]
+    assert len(receiver.delivered()) == 3  # the message.received events only
+
+    db.execute(update(Message).where(Message.id == ids[0]).values(to_addrs=[]))
+    db.commit()
+    result = cli_json(capsys, "messages", "reparse", "--all", "--notify")
+    assert result == {
+        "reparsed": 3,
+        "changed": 1,
+        "attachments_kept": 0,
+        "notified": 1,
+        "unreadable": [],
+    }
+    assert receiver.delivered()[-1].json()["type"] == "message.updated"
+    code, _, err = cli(capsys, "messages", "reparse")
+    assert code == 1 and "--account ID, or --all" in err
+    code, _, err = cli(capsys, "messages", "reparse", "--account", "999999")
+    assert code == 1 and "account 999999 not found" in err
 
 
 def test_progress_bar_redraws_in_place_on_a_terminal():

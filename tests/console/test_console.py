@@ -10,7 +10,7 @@ from playwright.sync_api import Locator, Page, expect
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from backend.models import Account, WebhookDelivery
+from backend.models import Account, WebhookDelivery, utcnow
 from tests.conftest import ADMIN_TOKEN
 from tests.console.conftest import Server, screenshot
 from tests.support.accounts import make_account
@@ -272,11 +272,20 @@ def test_push_and_its_fallback_show_and_push_can_be_switched_on(
     page: Page, serve: Callable[..., Server], db: Session
 ):
     server = serve()
-    make_account(db, email="watched@example.org", push=True, push_status="watching")
+    make_account(
+        db,
+        email="watched@example.org",
+        push=True,
+        push_status="watching",
+        push_confirmed_at=utcnow(),
+    )
+    # Watching once, but no live watcher has confirmed it since (it was killed).
+    make_account(db, email="orphan@example.org", push=True, push_status="watching")
     make_account(db, email="noidle@example.org", push=True, push_status="unsupported")
     plain = make_account(db, email="plain@example.org").id
     sign_in(page, server)
     expect(row(page, "watched@example.org")).to_contain_text("watching")
+    expect(row(page, "orphan@example.org")).to_contain_text("stale: no watcher")
     expect(row(page, "noidle@example.org").locator(".badge.degraded")).to_have_text("polling only")
     row(page, "noidle@example.org").locator("a").first.click()
     expect(page.locator("#main dl.facts")).to_contain_text("polling only: the server has no IDLE")

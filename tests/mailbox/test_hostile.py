@@ -122,14 +122,17 @@ def test_uids_beyond_32_bits_are_skipped_and_recorded(db: Session) -> None:
     assert db.get(Account, account.id).last_error is None  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("age_minutes", [60])
-def test_a_poll_that_never_finished_is_closed_as_a_failure(db: Session, age_minutes: int) -> None:
+@pytest.mark.parametrize("failures_before", [0, 1])
+def test_a_poll_that_never_finished_is_closed_as_a_failure(
+    db: Session, failures_before: int
+) -> None:
     with FakeImapServer([FakeMessage(1, raw(1))]) as server:
         account = account_on(db, server)
+        account.consecutive_failures = failures_before
         # The worker running this poll was killed (SIGKILL, OOM, the hard time limit).
         dead = PollRun(
             account_id=account.id,
-            started_at=utcnow() - timedelta(minutes=age_minutes),
+            started_at=utcnow() - timedelta(minutes=60),
             outcome=PollOutcome.RUNNING,
         )
         db.add(dead)
@@ -143,6 +146,12 @@ def test_a_poll_that_never_finished_is_closed_as_a_failure(db: Session, age_minu
     assert "never finished" in (closed.error or "")
     refreshed = db.get(Account, account.id)
     assert refreshed is not None
-    assert refreshed.consecutive_failures == 1 and refreshed.backoff_until is not None
-    # The failure's backoff applies to the poll that found it.
-    assert result.outcome == PollOutcome.SKIPPED
+    if failures_before == 0:
+        # A worker killed once (out of memory, a lost host) is no reason to wait an
+        # interval: the poll that found it goes on, and succeeds.
+        assert result.outcome == PollOutcome.SUCCESS
+        assert refreshed.consecutive_failures == 0 and refreshed.backoff_until is None
+    else:
+        # Killed again: the mailbox backs off like any failing one, from this poll on.
+        assert refreshed.consecutive_failures == 2 and refreshed.backoff_until is not None
+        assert result.outcome == PollOutcome.SKIPPED

@@ -88,3 +88,57 @@ def test_the_id_fields_are_a_setting(
         account = mail_account(imap_host=proxy.host, imap_port=proxy.port)
         assert poll_account(account.id).messages == 1
     assert b'ID ("name" "helpdesk" "contact" "ops@example.org")' in proxy.commands
+
+
+# What providers answer when they shed load, each on the command it refuses, and the
+# wait the account should then have (seconds; None: THROTTLE_BACKOFF_SECONDS).
+THROTTLES = [
+    (b"AUTHENTICATE", b"* BYE [UNAVAILABLE] Server busy, come back later\r\n", None),
+    (b"EXAMINE", b"{tag} NO [THROTTLED] Request is throttled. Try again in 90 seconds.\r\n", 90),
+    (b"STATUS", b"{tag} NO [LIMIT] Too many commands\r\n", None),
+    (b"EXAMINE", b"{tag} NO Account exceeded command or bandwidth limits. (Failure)\r\n", None),
+    (b"STATUS", b"* BYE Server Unavailable. 15\r\n", None),
+    (b"AUTHENTICATE", b"{tag} NO [UNAVAILABLE] Temporary authentication failure\r\n", None),
+]
+
+
+def test_a_throttling_provider_never_disables_the_mailbox(
+    db: Session,
+    dovecot: Dovecot,
+    mail_user: tuple[str, str],
+    mail_account: MailAccount,
+    set_env: Callable[..., None],
+) -> None:
+    set_env(MAX_CONSECUTIVE_FAILURES=3, THROTTLE_BACKOFF_SECONDS=45)
+    username, _ = mail_user
+    dovecot.append_many(username, [generated(index) for index in range(5)])
+    throttle: list[tuple[bytes, bytes, int | None]] = []
+
+    def provider(state: dict[str, object], tag: bytes, command: bytes) -> bytes | None:
+        if throttle and command.upper().startswith(throttle[0][0]):
+            return throttle[0][1].replace(b"{tag}", tag)
+        return None
+
+    with ImapProxy(dovecot.host, dovecot.imap_port, provider) as proxy:
+        account = mail_account(imap_host=proxy.host, imap_port=proxy.port)
+        for answer in THROTTLES:
+            throttle[:] = [answer]
+            result = poll_account(account.id, force=True)
+
+            assert result.outcome == "throttled_error", (answer, result.error)
+            assert result.account_event is None
+            db.refresh(account)
+            assert (account.enabled, account.status) == (True, "active")
+            assert (account.consecutive_failures, account.last_error_kind) == (0, "throttled")
+            assert "throttled by the server" in (account.last_error or "")
+            assert account.backoff_until is not None and account.last_polled_at is not None
+            wait = (account.backoff_until - account.last_polled_at).total_seconds()
+            assert abs(wait - (answer[2] or 45)) < 5, (answer, wait)
+            assert poll_account(account.id).outcome == "skipped"  # waits as asked
+
+        throttle.clear()  # the throttle ends
+        result = poll_account(account.id, force=True)
+
+    assert (result.outcome, result.messages) == ("success", 5)
+    db.refresh(account)
+    assert (account.status, account.last_error, account.backoff_until) == ("active", None, None)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session
 
@@ -19,6 +20,7 @@ from backend.mailbox.service import PollResult, poll_account
 from backend.models import Account, Attachment, FolderCursor, Message, PollRun
 from backend.storage import service as storage
 from tests.support.accounts import MailAccount
+from tests.support.api import auth_headers
 from tests.support.dovecot import Dovecot
 from tests.support.fsync import fsync_spy
 from tests.support.mail import corpus, generated
@@ -376,17 +378,59 @@ def test_flags_are_recorded_and_left_untouched(
 
 
 def test_several_folders_and_a_missing_one(
-    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
+    db: Session,
+    dovecot: Dovecot,
+    mail_user: tuple[str, str],
+    mail_account: MailAccount,
+    api: TestClient,
 ) -> None:
+    """A folder that fails is reported on that folder and retried on its own backoff;
+    the others, and the mailbox's state, go on."""
     username, _ = mail_user
     dovecot.append(username, generated(1))
     dovecot.append(username, generated(2), folder="Archive")
-    account = mail_account(folders=["INBOX", "Nope", "Archive"])
+    account = mail_account(folders=["INBOX", "Nope", "Archive"], poll_interval_seconds=60)
+
     result = poll_account(account.id)
-    # The missing folder is a protocol error; the others are still ingested.
+
+    assert (result.outcome, result.account_event) == ("success", None)
+    assert sorted(m.folder for m in messages(db, account.id)) == ["Archive", "INBOX"]
+    db.refresh(account)
+    assert (account.status, account.consecutive_failures, account.backoff_until) == (
+        "active",
+        0,
+        None,
+    )
+    run = db.scalars(select(PollRun).where(PollRun.account_id == account.id)).one()
+    assert run.error is not None and "Nope" in run.error  # the note of a successful poll
+    listed = api.get(f"/accounts/{account.id}/folders", headers=auth_headers()).json()["items"]
+    nope = next(item for item in listed if item["name"] == "Nope")
+    assert "Nope" in nope["error"] and nope["failures"] == 1 and nope["retry_at"]
+    assert all(item["error"] is None for item in listed if item["name"] != "Nope")
+
+    # Not tried again before its own backoff (the interval) runs out; the others are.
+    dovecot.append(username, generated(3))
+    assert poll_account(account.id).messages == 1
+    db.refresh(account)
+    assert account.folder_errors is not None
+    assert account.folder_errors["Nope"]["failures"] == 1
+
+    # Once it exists, the next try (here forced) polls it and its error is gone.
+    dovecot.append(username, generated(4), folder="Nope")
+    assert poll_account(account.id, force=True).messages == 1
+    db.refresh(account)
+    assert account.folder_errors is None
+
+
+def test_a_mailbox_whose_every_folder_fails_has_failed(
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
+) -> None:
+    account = mail_account(folders=["Nope", "Gone"])
+    result = poll_account(account.id)
     assert result.outcome == "protocol_error"
     assert result.error is not None and "Nope" in result.error
-    assert sorted(m.folder for m in messages(db, account.id)) == ["Archive", "INBOX"]
+    db.refresh(account)
+    assert (account.status, account.consecutive_failures) == ("error", 1)
 
 
 def test_wrong_password_is_an_auth_failure_with_backoff(

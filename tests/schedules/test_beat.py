@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from sqlalchemy.orm import Session
 
+from backend import dispatch
 from backend.celery_app import app, queue_keys
 from backend.models import Account
 from backend.schedules import beat, service, store
@@ -188,3 +189,35 @@ def test_entries_sent_late_spread_out_again_as_they_were_due(
     for account_id, when in due.items():
         score = conn.zscore(store.schedule_key(), store.entry_key(account_id))
         assert score == pytest.approx(when + 600, abs=0.01)
+
+
+def test_a_mailbox_whose_queued_poll_was_lost_is_polled_again(
+    db: Session, redis_db: RedisDb, scheduler: MailbeatScheduler, set_env: Callable[..., None]
+) -> None:
+    set_env(MAILBOX_LEASE_SECONDS=1)
+    lost, waiting = make_accounts(db, 2, poll_interval_seconds=600)
+    scheduler._reconcile("test")
+    expiry = store.pending_seconds()
+    # `waiting`'s poll has been in the queue for 5 s (the workers are behind): its key
+    # holds the mailbox. `lost`'s key was claimed 10 s ago, before any poll now in the
+    # queue was sent, so its poll is not in the queue: it went with a Redis failover's
+    # last writes (or with a worker that died).
+    dispatch.enqueue(
+        store.POLL_TASK,
+        waiting.id,
+        coalesce_key=store.pending_key(waiting.id),
+        coalesce_expiry=expiry,
+        headers={service.SENT_AT_HEADER: time.time() - 5},
+    )
+    assert dispatch.claim_many([store.pending_key(lost.id)], expiry) == [True]
+    for account, age in ((lost, 10), (waiting, 5)):
+        key = dispatch.COALESCE_PREFIX + store.pending_key(account.id)
+        redis_db.client().pexpire(key, round((expiry - age) * 1000))
+    _all_due(redis_db, [lost, waiting])
+    take_lock(scheduler)
+
+    scheduler.tick()
+
+    # The lost one is polled again now, not once its key expires (1,320 s); the waiting
+    # one still has one poll in the queue.
+    assert sorted(_queued_polls(redis_db)) == sorted([lost.id, waiting.id])

@@ -53,6 +53,26 @@ imap_max_line_length = 2M
 mail_max_userip_connections = 200
 # IDLE notices appends by inotify; this is its fallback check, at 1 s rather than 30 s.
 mailbox_idle_check_interval = 1 secs
+# RFC 6154 special uses on the folders of those names (none is created by itself), as
+# Debian's own configuration has them: what LIST tells a client that asks for `\\Sent`.
+namespace inbox {{
+  inbox = yes
+  mailbox Drafts {{
+    special_use = \\Drafts
+  }}
+  mailbox Junk {{
+    special_use = \\Junk
+  }}
+  mailbox Trash {{
+    special_use = \\Trash
+  }}
+  mailbox Sent {{
+    special_use = \\Sent
+  }}
+  mailbox "Sent Messages" {{
+    special_use = \\Sent
+  }}
+}}
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {root}/users/%u

@@ -11,7 +11,7 @@ server answers everything, and the rule may answer a command in its place.
 
 The client's side is read a line at a time (mailbeat sends no literals; an AUTHENTICATE
 continuation is a line of its own and is forwarded like any other); the server's side is
-copied as it comes. `state` is per connection.
+copied as it comes. `state` is per connection; an answer that is a BYE hangs up.
 """
 
 from __future__ import annotations
@@ -84,5 +84,8 @@ class ImapProxy:
                 else:
                     with write:
                         client.sendall(answer)
-        with contextlib.suppress(OSError):
-            server.shutdown(socket.SHUT_WR)
+                    if answer.startswith(b"* BYE"):  # as a server does, it hangs up
+                        break
+        for sock in (server, client):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)

@@ -434,10 +434,12 @@ function staleBadge(account) {
   );
 }
 
-// Push: off, on (no watcher has looked yet), watching (IDLE held), or the fallback.
+// Push: off, on (no watcher has looked yet), watching (IDLE held), stale (no live
+// watcher confirms it), or the fallback.
 function pushText(account) {
   if (!account.push) return "";
   if (account.push_status === "unsupported") return "polling only";
+  if (account.push_status === "stale") return "stale: no watcher";
   return account.push_status === "watching" ? "watching" : "on";
 }
 

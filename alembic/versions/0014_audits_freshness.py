@@ -1,7 +1,7 @@
 """folder audits (the latest per folder) and account freshness
 
-Revision ID: 0011_audits_freshness
-Revises: 0010_message_bodies_lz4
+Revision ID: 0014_audits_freshness
+Revises: 0013_poll_fence_push_confirmed
 Create Date: 2026-12-07 05:40:00
 """
 
@@ -12,8 +12,8 @@ from alembic import op
 
 import backend.models.base
 
-revision: str = "0011_audits_freshness"
-down_revision: str | None = "0010_message_bodies_lz4"
+revision: str = "0014_audits_freshness"
+down_revision: str | None = "0013_poll_fence_push_confirmed"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
