@@ -18,7 +18,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Integer, case, cast, func, select, text
+from sqlalchemy import Integer, case, cast, func, select, text
 from sqlalchemy.orm import Session
 
 from backend import dispatch, redis
@@ -41,7 +41,7 @@ from backend.admin.schemas import (
 from backend.audit import freshness
 from backend.celery_app import app, broker_connection, queue_keys
 from backend.config import get_settings
-from backend.db import get_engine, session_scope
+from backend.db import epoch, get_engine, session_scope
 from backend.errors import Conflict, NotFound, ServiceUnavailable
 from backend.models import (
     FAILED_POLL_OUTCOMES,
@@ -315,7 +315,7 @@ def activity(session: Session, *, minutes: int) -> ActivityRead:
     now = utcnow()
     start = now - timedelta(seconds=bucket_seconds * ACTIVITY_BUCKETS)
     index = cast(
-        func.floor((_epoch(session, PollRun.finished_at) - start.timestamp()) / bucket_seconds),
+        func.floor((epoch(session, PollRun.finished_at) - start.timestamp()) / bucket_seconds),
         Integer,
     ).label("bucket")
     rows = session.execute(
@@ -341,12 +341,6 @@ def activity(session: Session, *, minutes: int) -> ActivityRead:
             )
         )
     return ActivityRead(bucket_seconds=bucket_seconds, buckets=buckets)
-
-
-def _epoch(session: Session, column: Any) -> ColumnElement[Any]:
-    if session.get_bind().dialect.name == "sqlite":
-        return cast(func.strftime("%s", column), Integer)
-    return func.extract("epoch", column)
 
 
 # -- health ------------------------------------------------------------------------------

@@ -15,13 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, Float, Integer, case, cast, func, select, update
+from sqlalchemy import ColumnElement, Float, case, cast, func, select, update
 from sqlalchemy.orm import Session
 
 from backend import dispatch
 from backend.accounts import state
 from backend.config import get_settings
-from backend.db import session_scope
+from backend.db import epoch, session_scope
 from backend.models import Account, EventType, utcnow
 from backend.schedules.service import wanted_clause
 from backend.webhooks import service as webhooks
@@ -37,16 +37,10 @@ def limit_seconds(poll_interval_seconds: int) -> float:
     )
 
 
-def _epoch(session: Session, column: ColumnElement[datetime]) -> ColumnElement[float]:
-    if session.get_bind().dialect.name == "sqlite":
-        return cast(cast(func.strftime("%s", column), Integer), Float)
-    return cast(func.extract("epoch", column), Float)
-
-
 def _last_complete(session: Session) -> ColumnElement[float]:
     """When the account was last polled completely, in epoch seconds (its creation if
     never: it has been waiting since then)."""
-    return _epoch(session, func.coalesce(Account.last_success_at, Account.created_at))
+    return cast(epoch(session, func.coalesce(Account.last_success_at, Account.created_at)), Float)
 
 
 def _limit() -> ColumnElement[float]:
