@@ -51,6 +51,9 @@ BEAT_LOCK_SECONDS = int(settings.redis_socket_timeout) + 5
 # hour (backend/mailbox/polling.py), against 1.2 million new ones an hour at 100,000
 # mailboxes every 5 minutes.
 PRUNE_SECONDS = 600
+# How often beat sends the audits due and checks freshness.
+AUDIT_TICK_SECONDS = 60
+FRESHNESS_CHECK_SECONDS = 60
 
 
 class SentinelChannel(kombu_redis.SentinelChannel):
@@ -114,6 +117,8 @@ app.conf.update(
         "mailbox.*": {"queue": "email", "priority": broker_priority(DEFAULT_PRIORITY)},
         # A backfill fetches and stores as a poll does: beside the polls.
         "backfill.*": {"queue": "email", "priority": broker_priority(DEFAULT_PRIORITY)},
+        # So does an audit's repair; its schedule and the freshness check stay on default.
+        "audit.run": {"queue": "email", "priority": broker_priority(DEFAULT_PRIORITY)},
         "message.*": {"queue": "workflow"},
         "webhook.*": {"queue": "workflow"},
     },
@@ -170,6 +175,18 @@ app.conf.update(
             "schedule": PRUNE_SECONDS,
             "options": {"expires": PRUNE_SECONDS},
         },
+        # The audits now due, spread over AUDIT_INTERVAL_SECONDS (backend/audit/service.py).
+        "audit-schedule": {
+            "task": "audit.schedule",
+            "schedule": AUDIT_TICK_SECONDS,
+            "options": {"expires": AUDIT_TICK_SECONDS},
+        },
+        # Mailboxes that turned stale or fresh: account.stale / account.fresh.
+        "freshness-check": {
+            "task": "freshness.check",
+            "schedule": FRESHNESS_CHECK_SECONDS,
+            "options": {"expires": FRESHNESS_CHECK_SECONDS},
+        },
     },
     imports=(
         "backend.processing.tasks",
@@ -177,6 +194,7 @@ app.conf.update(
         "backend.webhooks.tasks",
         "backend.mailbox.tasks",
         "backend.schedules.tasks",
+        "backend.audit.tasks",
     ),
 )
 

@@ -154,6 +154,17 @@ class Settings(BaseSettings):
     # (100,000 mailboxes every 5 minutes make about 29 million a day).
     poll_run_retention_days: int = Field(default=14, ge=1)
 
+    # Freshness (backend/audit/freshness.py): a scheduled mailbox with no complete poll for
+    # FRESHNESS_INTERVALS times its interval, and at least FRESHNESS_FLOOR_SECONDS, is
+    # stale (in /health, capacity, metrics and the console; account.stale sent once).
+    freshness_intervals: float = Field(default=3.0, ge=1)
+    freshness_floor_seconds: int = Field(default=900, ge=0)
+    # Audits (backend/audit/service.py): each scheduled mailbox is audited once per
+    # AUDIT_INTERVAL_SECONDS, spread over the interval (0: only on demand); AUDIT_DEEP
+    # makes the scheduled ones read every object and compare its hash too.
+    audit_interval_seconds: int = Field(default=86400, ge=0)
+    audit_deep: bool = False
+
     # Push (the watcher, `cli watch`): IDLE connections for accounts with push on.
     # Connections one watcher holds at most, in all and to one IMAP host (a provider's
     # per-address limit; Gmail allows 15 per user).

@@ -9,7 +9,19 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Engine, Row, Table, TypeDecorator, create_engine, event
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    Engine,
+    Integer,
+    Row,
+    Table,
+    TypeDecorator,
+    cast,
+    create_engine,
+    event,
+    func,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
@@ -74,6 +86,13 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def epoch(session: Session, column: Any) -> ColumnElement[Any]:
+    """A timestamp in epoch seconds, in SQL, for the session's database."""
+    if session.get_bind().dialect.name == "sqlite":
+        return cast(func.strftime("%s", column), Integer)
+    return func.extract("epoch", column)
 
 
 def insert_for(session: Session, table: type[Any] | Table) -> Any:

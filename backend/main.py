@@ -25,6 +25,9 @@ from backend.accounts.endpoints import router as accounts_router
 from backend.admin.endpoints import health_router
 from backend.admin.endpoints import router as admin_router
 from backend.admin.service import HealthCache
+from backend.audit import freshness
+from backend.audit import service as audits
+from backend.audit.endpoints import router as audit_router
 from backend.config import get_settings
 from backend.console.endpoints import mount_console
 from backend.deps import KnownQueryDep
@@ -59,12 +62,16 @@ problem in `errors`. Passwords and tokens are write-only: no response carries th
 def local_housekeeping() -> None:
     """Beat's periodic work (beat_schedule in backend/celery_app.py), for local mode: pick
     up lost processing and deliveries, delete old poll runs, close the runs of polls
-    that died with a previous process, move objects that fell back to local files up to
-    S3 once it answers, and remove the stored objects of deleted accounts. (Beat's
-    reconcile is the local scheduler's own re-read.)"""
+    that died with a previous process, announce mailboxes that turned stale or fresh,
+    send the audits due, move objects that fell back to local files up to S3 once it
+    answers, and remove the stored objects of deleted accounts. (Beat's reconcile is the
+    local scheduler's own re-read.)"""
     sweep()
     prune_poll_runs()
     sweep_dead_polls()
+    freshness.check()
+    # Housekeeping runs once per refresh, not once a minute as beat sends it.
+    audits.schedule_due(tick_seconds=get_settings().reconcile_interval_seconds)
     storage_tasks.purge_deleted()
     if get_settings().s3_enabled:
         storage_tasks.sync_all()
@@ -114,6 +121,7 @@ def create_app() -> FastAPI:
     app.state.metrics = metrics.StateCache()
     _serve_docs(app)
     app.include_router(accounts_router)
+    app.include_router(audit_router)
     app.include_router(messages_router)
     app.include_router(admin_router)
     app.include_router(health_router)

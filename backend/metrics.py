@@ -35,6 +35,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from backend import redis
+from backend.audit import freshness
 from backend.celery_app import app, queue_keys
 from backend.config import get_settings
 from backend.db import get_sessionmaker, session_scope
@@ -174,6 +175,55 @@ def record_news_stored(seconds: float) -> None:
         log.exception("could not record push metrics")
 
 
+@dataclass(frozen=True)
+class _AuditMetrics:
+    messages_missing: Counter
+    messages_repaired: Counter
+    objects_missing: Counter
+    objects_repaired: Counter
+
+
+@lru_cache
+def _audit_metrics() -> _AuditMetrics:
+    _poll_metrics()  # the multiprocess directory and file naming, set up once
+    return _AuditMetrics(
+        messages_missing=Counter(
+            "mailbeat_audit_messages_missing",
+            "Messages audits found missing (on the server, not stored).",
+            registry=None,
+        ),
+        messages_repaired=Counter(
+            "mailbeat_audit_messages_repaired",
+            "Missing messages audits stored again.",
+            registry=None,
+        ),
+        objects_missing=Counter(
+            "mailbeat_audit_objects_missing",
+            "Stored objects audits found missing (or altered: deep audits).",
+            registry=None,
+        ),
+        objects_repaired=Counter(
+            "mailbeat_audit_objects_repaired",
+            "Objects audits wrote back, byte for byte.",
+            registry=None,
+        ),
+    )
+
+
+def record_audit(
+    *, missing: int, repaired: int, objects_missing: int, objects_repaired: int
+) -> None:
+    """Count what an audit found and repaired. Never raises."""
+    try:
+        metrics = _audit_metrics()
+        metrics.messages_missing.inc(missing)
+        metrics.messages_repaired.inc(repaired)
+        metrics.objects_missing.inc(objects_missing)
+        metrics.objects_repaired.inc(objects_repaired)
+    except Exception:
+        log.exception("could not record audit metrics")
+
+
 def _database_gauges() -> Iterator[GaugeMetricFamily]:
     with get_sessionmaker()() as session:
         counts = dict(
@@ -185,6 +235,7 @@ def _database_gauges() -> Iterator[GaugeMetricFamily]:
                 Account.enabled.is_(True)
             )
         )
+        stale = freshness.staleness(session).stale
     by_status = GaugeMetricFamily("mailbeat_mailboxes", "Mailboxes by status.", labels=["status"])
     for status in sorted(set(AccountStatus) | set(counts)):
         by_status.add_metric([status], counts.get(status, 0))
@@ -196,6 +247,11 @@ def _database_gauges() -> Iterator[GaugeMetricFamily]:
         "mailbeat_ingestion_lag_seconds",
         "Age of the oldest last successful poll among enabled mailboxes (0 when none).",
         value=lag,
+    )
+    yield GaugeMetricFamily(
+        "mailbeat_mailboxes_stale",
+        "Scheduled mailboxes with no complete poll within their freshness limit.",
+        value=stale,
     )
 
 
@@ -362,6 +418,7 @@ def _without_label(family: Metric, label: str) -> Metric:
 
 def generate_latest(state: list[Metric]) -> bytes:
     _poll_metrics()  # so a scrape before any poll already lists the poll metrics at 0
+    _audit_metrics()
     registry = CollectorRegistry()
     registry.register(_Collected(state))
     return _generate_latest(registry)
@@ -377,7 +434,8 @@ router = APIRouter(tags=["health"])
 )
 def metrics(request: Request) -> Response:
     """Prometheus text: polls by outcome, messages and bytes ingested, poll durations,
-    mailboxes by status, ingestion lag, queue lengths, schedule entries and capacity
-    (polls demanded and completed per second, the oldest queued poll's wait)."""
+    mailboxes by status, stale mailboxes, ingestion lag, queue lengths, schedule entries
+    and capacity (polls demanded and completed per second, the oldest queued poll's
+    wait), what audits found missing and repaired."""
     cache: StateCache = request.app.state.metrics
     return Response(generate_latest(cache.families()), media_type=CONTENT_TYPE_LATEST)

@@ -519,6 +519,14 @@ class AccountRead(BaseModel):
     sync_progress: dict[str, SyncProgress] | None = Field(
         description="per folder, how far its latest sync has come (null before the first)"
     )
+    stale_since: datetime | None = Field(
+        default=None,
+        description="stale: since when it has had no complete poll within its freshness "
+        "limit (null: fresh); set by the freshness check, every minute",
+    )
+    audited_at: datetime | None = Field(
+        default=None, description="when its last audit was sent (GET /accounts/{id}/audit)"
+    )
     created_at: datetime
     updated_at: datetime
 

@@ -53,6 +53,9 @@ class CapacityRead(BaseModel):
     behind: bool = Field(
         description="the oldest waiting poll is older than POLL_LAG_DEGRADED_SECONDS"
     )
+    stale_mailboxes: int = Field(
+        description="scheduled mailboxes with no complete poll within their freshness limit"
+    )
 
 
 class WorkerRead(BaseModel):

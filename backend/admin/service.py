@@ -16,7 +16,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Integer, case, cast, func, select, text
+from sqlalchemy import Integer, case, cast, func, select, text
 from sqlalchemy.orm import Session
 
 from backend import dispatch, redis
@@ -36,9 +36,10 @@ from backend.admin.schemas import (
     WorkerList,
     WorkerRead,
 )
+from backend.audit import freshness
 from backend.celery_app import app, broker_connection, queue_keys
 from backend.config import get_settings
-from backend.db import get_engine, session_scope
+from backend.db import epoch, get_engine, session_scope
 from backend.errors import Conflict, NotFound, ServiceUnavailable
 from backend.models import (
     FAILED_POLL_OUTCOMES,
@@ -146,7 +147,7 @@ def capacity(session: Session) -> CapacityRead:
             f"the poll queue could not be read: Redis at {redis.location()} did not answer "
             f"({type(exc).__name__})"
         ) from exc
-    return CapacityRead(**vars(result))
+    return CapacityRead(**vars(result), stale_mailboxes=freshness.staleness(session).stale)
 
 
 def list_workers() -> WorkerList:
@@ -313,7 +314,7 @@ def activity(session: Session, *, minutes: int) -> ActivityRead:
     now = utcnow()
     start = now - timedelta(seconds=bucket_seconds * ACTIVITY_BUCKETS)
     index = cast(
-        func.floor((_epoch(session, PollRun.finished_at) - start.timestamp()) / bucket_seconds),
+        func.floor((epoch(session, PollRun.finished_at) - start.timestamp()) / bucket_seconds),
         Integer,
     ).label("bucket")
     rows = session.execute(
@@ -339,12 +340,6 @@ def activity(session: Session, *, minutes: int) -> ActivityRead:
             )
         )
     return ActivityRead(bucket_seconds=bucket_seconds, buckets=buckets)
-
-
-def _epoch(session: Session, column: Any) -> ColumnElement[Any]:
-    if session.get_bind().dialect.name == "sqlite":
-        return cast(func.strftime("%s", column), Integer)
-    return func.extract("epoch", column)
 
 
 # -- health ------------------------------------------------------------------------------
@@ -402,7 +397,22 @@ def _check_polls() -> str:
     return "ok"
 
 
-CHECK_NAMES = ("database", "redis", "celery_worker", "polls", "storage")
+def _check_freshness() -> str:
+    """Degraded when a scheduled mailbox has had no complete poll within its freshness
+    limit (backend/audit/freshness.py): how many, and the worst."""
+    with session_scope() as session:
+        found = freshness.staleness(session)
+    if found.stale:
+        raise CheckFailed(
+            f"{found.stale} stale mailbox{'es' if found.stale != 1 else ''} (no complete "
+            f"poll within the freshness limit); the worst: account {found.worst_account_id}, "
+            f"last complete poll {found.worst_seconds:g}s ago (limit "
+            f"{found.worst_limit_seconds:g}s)"
+        )
+    return "ok"
+
+
+CHECK_NAMES = ("database", "redis", "celery_worker", "polls", "freshness", "storage")
 
 
 class HealthCache:
@@ -442,6 +452,7 @@ def run_checks() -> tuple[HealthRead, bool]:
     checks: dict[str, Callable[[], str]] = {
         "database": _check_database,
         "storage": _check_storage,
+        "freshness": _check_freshness,
     }
     if not local:
         checks["redis"] = _check_redis

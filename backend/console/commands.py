@@ -1,9 +1,9 @@
 """The operator's commands of `python -m backend.cli`: accounts, status, schedules, dead
-letters, backfill and re-parsing. They call the same services as the API, in this
+letters, backfill, re-parsing and audit. They call the same services as the API, in this
 process, and each command is its own boundary: it commits, then brings the schedule along.
 
 Every command prints a readable table, or with `--json` the API's own shapes. Work that
-takes a while (a poll, a backfill, a re-parse) draws a progress bar on stderr.
+takes a while (a poll, a backfill, a re-parse, an audit) draws a progress bar on stderr.
 """
 
 from __future__ import annotations
@@ -25,11 +25,19 @@ from backend.accounts import service as accounts
 from backend.accounts.schemas import AccountCreate, AccountRead, AccountUpdate
 from backend.admin import service as admin
 from backend.admin.schemas import PollRunRead
+from backend.audit import service as audits
 from backend.config import get_settings
 from backend.db import session_scope
 from backend.errors import MailbeatError
 from backend.mailbox.check import check_account
-from backend.models import Account, AccountStatus, PollOutcome, SchedulerMode, utcnow
+from backend.models import (
+    Account,
+    AccountStatus,
+    AuditOutcome,
+    PollOutcome,
+    SchedulerMode,
+    utcnow,
+)
 from backend.processing import backfill as backfills
 from backend.processing import reparse as reparsing
 from backend.schedules import service as schedules
@@ -561,6 +569,135 @@ def backfill(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- audit ----------------------------------------------------------------------------------
+
+
+def accounts_audit(args: argparse.Namespace) -> int:
+    """Audit one mailbox now, in this process: a bar over its folders."""
+    with session_scope() as session:
+        folders = list(accounts.get_account(session, args.id).folders or ["INBOX"])
+    dispatch.run_in_process()  # what is stored again is handed on here, as `poll` does
+    bar = ProgressBar(f"audit {args.id}")
+    bar.update(0, len(folders))
+    done: list[audits.FolderResult] = []
+
+    def progress(entry: audits.FolderResult) -> None:
+        done.append(entry)
+        bar.update(len(done), len(folders))
+
+    result = audits.audit_account(args.id, deep=args.deep, on_folder=progress)
+    bar.finish()
+    return _audit_report([result], as_json=args.json)
+
+
+def audit_many(args: argparse.Namespace) -> int:
+    """Audit every scheduled mailbox (`--all`) or the ones named, one after another: a
+    bar over the mailboxes. One that fails does not stop the others."""
+    if bool(args.all) == bool(args.ids):
+        raise CommandError("name account ids, or --all (not both)")
+    with session_scope() as session:
+        query = select(Account.id).order_by(Account.id)
+        if args.all:
+            query = query.where(schedules.wanted_clause())
+        else:
+            query = query.where(Account.id.in_(args.ids))
+        ids = list(session.scalars(query))
+    unknown = sorted(set(args.ids or ()) - set(ids))
+    if unknown:
+        raise CommandError(f"no such account: {', '.join(map(str, unknown))}")
+    dispatch.run_in_process()
+    bar = ProgressBar("audit")
+    bar.update(0, len(ids))
+    results = []
+    for number, account_id in enumerate(ids, start=1):
+        try:
+            results.append(audits.audit_account(account_id, deep=args.deep))
+        except MailbeatError as exc:  # deleted meanwhile
+            print(f"mailbeat: account {account_id}: {exc.message}", file=sys.stderr)
+        bar.update(number, len(ids))
+    bar.finish()
+    return _audit_report(results, as_json=args.json)
+
+
+def _audit_report(results: Sequence[audits.AccountAudit], *, as_json: bool) -> int:
+    """The folders' counts; exit status 1 when a folder's audit failed."""
+    rows = [(result.account_id, entry) for result in results for entry in result.folders]
+    if as_json:
+        emit_json(
+            [
+                {
+                    "account_id": account_id,
+                    **entry.counts(),
+                    "deep": entry.deep,
+                    "error": entry.error,
+                }
+                for account_id, entry in rows
+            ]
+        )
+    else:
+        table(
+            [
+                (
+                    account_id,
+                    e.folder,
+                    e.outcome,
+                    e.server,
+                    e.expected,
+                    e.stored,
+                    e.skipped,
+                    e.missing,
+                    e.repaired,
+                    e.objects_checked,
+                    e.objects_missing,
+                    e.objects_repaired,
+                    e.error,
+                )
+                for account_id, e in rows
+            ],
+            (
+                "ACCOUNT",
+                "FOLDER",
+                "OUTCOME",
+                "SERVER",
+                "EXPECTED",
+                "STORED",
+                "SKIPPED",
+                "MISSING",
+                "REPAIRED",
+                "OBJECTS",
+                "OBJ MISSING",
+                "OBJ REPAIRED",
+                "ERROR",
+            ),
+        )
+    failed = any(entry.outcome == AuditOutcome.FAILED for _id, entry in rows)
+    return 1 if failed else 0
+
+
+def _add_audit_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    acc_sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    as_json: argparse.ArgumentParser,
+) -> None:
+    deep = argparse.ArgumentParser(add_help=False)
+    deep.add_argument(
+        "--deep", action="store_true", help="also read every object and compare its hash"
+    )
+    p = acc_sub.add_parser(
+        "audit",
+        parents=[as_json, deep],
+        help="audit it now: the server's messages against the stored ones, repair what is lost",
+    )
+    p.add_argument("id", type=int)
+    p.set_defaults(handler=accounts_audit)
+    p = sub.add_parser(
+        "audit", parents=[as_json, deep], help="audit mailboxes now, one after another"
+    )
+    p.add_argument("ids", type=int, nargs="*", help="account ids")
+    p.add_argument("--all", action="store_true", help="every scheduled mailbox")
+    p.set_defaults(handler=audit_many)
+
+
 # -- re-parsing -----------------------------------------------------------------------------
 
 
@@ -669,6 +806,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--redeliver", action="store_true", help="send held messages again")
     p.set_defaults(handler=backfill)
 
+    _add_audit_commands(sub, acc_sub, as_json)
     msg = sub.add_parser("messages", help="stored messages")
     msg_sub = msg.add_subparsers(dest="action", required=True)
     p = msg_sub.add_parser(

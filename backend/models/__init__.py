@@ -1,12 +1,14 @@
 """All tables. Import from here so Alembic and the app see the same metadata."""
 
 from backend.models.account import Account, AccountCleanup, FolderCursor
+from backend.models.audit import FolderAudit
 from backend.models.backfill import Backfill
 from backend.models.base import Base, utcnow
 from backend.models.enums import (
     ACCOUNT_EVENTS,
     FAILED_POLL_OUTCOMES,
     AccountStatus,
+    AuditOutcome,
     AuthMethod,
     BackfillStatus,
     DeliveryStatus,
@@ -32,6 +34,7 @@ __all__ = [
     "AccountCleanup",
     "AccountStatus",
     "Attachment",
+    "AuditOutcome",
     "AuthMethod",
     "Backfill",
     "BackfillStatus",
@@ -40,6 +43,7 @@ __all__ = [
     "DeliveryTarget",
     "ErrorKind",
     "EventType",
+    "FolderAudit",
     "FolderCursor",
     "HealthStatus",
     "ImapSecurity",

@@ -107,6 +107,11 @@ class Account(TimestampMixin, Base):
     # How far the latest sync of each folder has come: {"INBOX": {"done": 120, "total":
     # 5000}}, written with each batch the poll commits (a first sync shows it filling).
     sync_progress: Mapped[dict[str, dict[str, int]] | None] = mapped_column(JSON)
+    # Freshness and audits (backend/audit/): since when the account has had no complete
+    # poll within its freshness limit (None: fresh), set and cleared by the freshness
+    # check with the account.stale / account.fresh event; when its last audit was sent.
+    stale_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    audited_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # The folders whose last try failed while others were polled (gone, refused): by
     # name, the error, failures in a row, since when and when it is tried again.
     folder_errors: Mapped[dict[str, dict[str, Any]] | None] = mapped_column(JSON)

@@ -75,7 +75,9 @@ FAILED_POLL_OUTCOMES = tuple(PollOutcome.for_error(kind) for kind in ErrorKind)
 
 
 class EventType(StrEnum):
-    """Webhook event types. The account events report a change of AccountStatus."""
+    """Webhook event types. The account events report a change of AccountStatus, of its
+    freshness (stale: no complete poll within its freshness limit; fresh: polled again),
+    or an audit that found messages or objects missing (backend/audit/)."""
 
     MESSAGE_RECEIVED = "message.received"
     # A message re-parsed from its raw bytes (a parser upgrade), sent only when asked.
@@ -83,10 +85,20 @@ class EventType(StrEnum):
     ACCOUNT_ERROR = "account.error"
     ACCOUNT_DISABLED = "account.disabled"
     ACCOUNT_RECOVERED = "account.recovered"
+    ACCOUNT_STALE = "account.stale"
+    ACCOUNT_FRESH = "account.fresh"
+    ACCOUNT_AUDIT = "account.audit"
 
 
 ACCOUNT_EVENTS = frozenset(
-    {EventType.ACCOUNT_ERROR, EventType.ACCOUNT_DISABLED, EventType.ACCOUNT_RECOVERED}
+    {
+        EventType.ACCOUNT_ERROR,
+        EventType.ACCOUNT_DISABLED,
+        EventType.ACCOUNT_RECOVERED,
+        EventType.ACCOUNT_STALE,
+        EventType.ACCOUNT_FRESH,
+        EventType.ACCOUNT_AUDIT,
+    }
 )
 
 
@@ -113,6 +125,16 @@ class BackfillStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
+    FAILED = "failed"
+
+
+class AuditOutcome(StrEnum):
+    """A folder's audit: complete (every UID at or below the cursor accounted for, every
+    object checked), or skipped (not polled yet, or renumbered since: the poll comes
+    first), or failed (the error says why)."""
+
+    COMPLETE = "complete"
+    SKIPPED = "skipped"
     FAILED = "failed"
 
 

@@ -60,7 +60,7 @@ def wants_schedule(account: Account) -> bool:
     return state.wants_polls(account)
 
 
-def _wanted_clause() -> ColumnElement[bool]:
+def wanted_clause() -> ColumnElement[bool]:
     return Account.enabled.is_(True) & (Account.status != AccountStatus.DISABLED)
 
 
@@ -174,7 +174,7 @@ def wanted_pages(session: Session) -> Iterator[dict[int, store.Wanted]]:
     """The accounts that want an entry, RECONCILE_PAGE at a time, never all in memory."""
     query = select(
         Account.id, Account.poll_interval_seconds, Account.last_polled_at, Account.priority
-    ).where(_wanted_clause())
+    ).where(wanted_clause())
     result = session.execute(query.execution_options(yield_per=RECONCILE_PAGE))
     for rows in result.partitions():
         # The columns in Wanted's order.
@@ -182,7 +182,7 @@ def wanted_pages(session: Session) -> Iterator[dict[int, store.Wanted]]:
 
 
 def has_wanted_accounts(session: Session) -> bool:
-    return session.scalar(select(Account.id).where(_wanted_clause()).limit(1)) is not None
+    return session.scalar(select(Account.id).where(wanted_clause()).limit(1)) is not None
 
 
 def reconcile(session: Session) -> ReconcileResult:
@@ -240,7 +240,7 @@ def page_entries(
         )
     ids = paging.page(
         session,
-        select(Account.id).where(_wanted_clause()),
+        select(Account.id).where(wanted_clause()),
         Account.id,
         limit=limit,
         offset=offset,
@@ -333,7 +333,7 @@ def capacity(session: Session) -> Capacity:
         select(
             func.count(Account.id),
             func.coalesce(func.sum(1.0 / Account.poll_interval_seconds), 0.0),
-        ).where(_wanted_clause())
+        ).where(wanted_clause())
     ).one()
     since = utcnow() - timedelta(seconds=CAPACITY_WINDOW_SECONDS)
     completed = session.scalar(select(func.count(PollRun.id)).where(PollRun.finished_at >= since))

@@ -155,10 +155,14 @@ class LocalStorage:
         if start is None:
             return
         for dirpath, _dirs, files in os.walk(start):
+            # One relative path per directory, not a Path per file: an audit lists a
+            # folder of 100,000 objects (docs/benchmarks.md).
+            relative = Path(dirpath).relative_to(self.root).as_posix()
+            base = "" if relative == "." else f"{relative}/"
             for name in files:
                 if name.startswith(_TMP_PREFIX):
                     continue
-                key = Path(dirpath, name).relative_to(self.root).as_posix()
+                key = base + name
                 if key.startswith(prefix):
                     yield key
 

@@ -412,7 +412,7 @@ function cell(account, key) {
         h("div", { class: "muted" }, `${account.imap_host}:${account.imap_port}`),
       ];
     case "status":
-      return badge(account.status);
+      return [badge(account.status), staleBadge(account)];
     case "last_polled_at":
       return h("span", { title: when(account.last_polled_at) }, ago(account.last_polled_at));
     case "lag":
@@ -424,6 +424,16 @@ function cell(account, key) {
     default:
       return account[key] ?? "";
   }
+}
+
+// Stale: no complete poll within its freshness limit (FRESHNESS_INTERVALS x interval).
+function staleBadge(account) {
+  if (!account.stale_since) return null;
+  return h(
+    "span",
+    { class: "badge degraded stale", title: `No complete poll within its freshness limit since ${when(account.stale_since)}` },
+    "stale",
+  );
 }
 
 // Push: off, on (no watcher has looked yet), watching (IDLE held), stale (no live
@@ -470,6 +480,7 @@ function accountView(id) {
   const sync = h("div", { class: "card", id: "first-sync" });
   const folders = h("table", { id: "folders" });
   const runs = h("table", { id: "poll-runs" });
+  const audit = h("div", { id: "audit" });
   const messages = h("table", { id: "messages" });
   main.replaceChildren(
     h("p", {}, h("a", { href: "#/" }, "\u2190 Mailboxes")),
@@ -481,18 +492,21 @@ function accountView(id) {
     folders,
     h("h2", {}, "Recent polls"),
     runs,
+    h("h2", {}, "Latest audit"),
+    audit,
     h("h2", {}, "Recent messages"),
     messages,
   );
   show("account", `Mailbox ${id}`, async () => {
-    const [account, folderList, runList, messageList] = await Promise.all([
+    const [account, folderList, runList, messageList, audited] = await Promise.all([
       api("GET", `/accounts/${id}`),
       api("GET", `/accounts/${id}/folders`),
       api("GET", `/accounts/${id}/poll-runs?limit=20`),
       api("GET", `/accounts/${id}/messages?limit=20`),
+      api("GET", `/accounts/${id}/audit`),
     ]);
     document.title = `${account.email} - mailbeat`;
-    title.replaceChildren(account.email, badge(account.status));
+    title.replaceChildren(account.email, badge(account.status), staleBadge(account));
     facts.replaceChildren(
       h(
         "dl",
@@ -512,6 +526,9 @@ function accountView(id) {
           : null,
         fact("Last poll", `${ago(account.last_polled_at)} ${when(account.last_polled_at)}`),
         fact("Last success", `${ago(account.last_success_at)} ${when(account.last_success_at)}`),
+        account.stale_since
+          ? fact("Stale", `since ${when(account.stale_since)}: no complete poll within its freshness limit`)
+          : null,
         fact("Messages", account.message_count),
         account.last_error
           ? fact("Last error", `${account.last_error} (${account.last_error_kind})`)
@@ -523,6 +540,7 @@ function accountView(id) {
       h("p", {}, accountActions(account, () => view.refresh())),
     );
     drawSync(sync, folderList.items);
+    drawAudit(audit, id, audited);
     folders.replaceChildren(
       h(
         "thead",
@@ -596,6 +614,50 @@ function accountView(id) {
       ),
     );
   });
+}
+
+// The latest audit of each folder, and a button to audit now (a task: the result shows on
+// the next refresh).
+function drawAudit(container, id, audited) {
+  const button = h("button", { type: "button", "data-action": "audit" }, "Audit now");
+  button.addEventListener("click", () =>
+    guarded(async () => {
+      button.disabled = true;
+      try {
+        await api("POST", `/accounts/${id}/audit`);
+        toast("audit queued");
+      } finally {
+        button.disabled = false;
+      }
+      await view.refresh();
+    }),
+  );
+  const headers = ["Folder", "When", "Outcome", "On server", "Expected", "Stored", "Skipped", "Missing", "Repaired", "Objects", "Objects missing", "Objects repaired", "Note"];
+  const table = h(
+    "table",
+    { id: "audit-folders" },
+    h("thead", {}, h("tr", {}, headers.map((t) => h("th", {}, t)))),
+    h(
+      "tbody",
+      {},
+      audited.folders.length
+        ? audited.folders.map((f) =>
+            h(
+              "tr",
+              { "data-folder": f.folder },
+              h("td", {}, f.folder),
+              h("td", {}, when(f.finished_at)),
+              h("td", {}, badge(f.outcome, f.outcome === "failed" ? "failed" : f.missing || f.objects_missing ? "degraded" : "success")),
+              [f.server, f.expected, f.stored, f.skipped, f.missing, f.repaired, f.objects_checked, f.objects_missing, f.objects_repaired].map((n) =>
+                h("td", { class: "num" }, n),
+              ),
+              h("td", { class: "error" }, f.error || (f.deep ? "deep: hashes compared" : "")),
+            ),
+          )
+        : h("tr", {}, h("td", { colspan: headers.length, class: "muted" }, "Not audited yet.")),
+    ),
+  );
+  container.replaceChildren(table, h("p", {}, button));
 }
 
 function fact(name, value) {
@@ -879,7 +941,11 @@ function systemView() {
       stat("polls/s asked", number(capacity.demanded_polls_per_second, 2)),
       stat("polls/s done (last minute)", number(capacity.completed_polls_per_second, 2)),
       stat("interval stretch", capacity.interval_stretch ? `x${number(capacity.interval_stretch, 1)}` : "n/a"),
+      stat("stale mailboxes", capacity.stale_mailboxes ?? "n/a"),
     );
+    if (capacity.stale_mailboxes) {
+      stats.append(message("bad", `${capacity.stale_mailboxes} mailbox(es) stale: no complete poll within their freshness limit.`));
+    }
     if (capacity.behind) stats.append(message("bad", "Polls are falling behind: add workers or lengthen intervals."));
     if (capacity.error) stats.append(message("bad", capacity.error));
     chart.replaceChildren(activityChart(activity), legend());
