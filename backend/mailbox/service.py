@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from backend.accounts import state
 from backend.config import get_settings
 from backend.db import bulk_insert, insert_for, session_scope
-from backend.mailbox import credentials, cursors, imap, parsing, pool
+from backend.mailbox import changes, credentials, cursors, imap, parsing, pool
 from backend.mailbox.imap import (
     ERROR_TEXT_MAX,
     MAX_UID,
@@ -105,6 +105,7 @@ class _Fetched:
     size: int
     internal_date: datetime | None
     flags: list[str]
+    email_id: str | None = None  # the server's identity across folders, if it has one
     body: bytes | None = None  # None: larger than MAX_MESSAGE_BYTES, not fetched
     content_hash: str | None = None  # sha256 hex of body
 
@@ -176,6 +177,7 @@ def poll_account(
         session.flush()
         run_id = run.id
         seen = cursors.seen_uidnext(session, account_id)
+        tracked = changes.load(session, account)
     if reason:
         return PollResult(
             outcome=PollOutcome.SKIPPED,
@@ -184,7 +186,12 @@ def poll_account(
             poll_run_id=run_id,
         )
 
-    poller = _Poller(account, seen, SyncProgress(account_id, account.sync_progress, on_progress))
+    poller = _Poller(
+        account,
+        seen,
+        SyncProgress(account_id, account.sync_progress, on_progress),
+        changes.Tracker(account, tracked),
+    )
     error: ImapError | None = None
     note: str | None = None
     try:
@@ -340,6 +347,7 @@ class _Poller:
         account: Account,
         seen: dict[str, tuple[int, int]] | None = None,
         progress: SyncProgress | None = None,
+        tracker: changes.Tracker | None = None,
     ) -> None:
         settings = get_settings()
         parsing.relax_gc()
@@ -355,6 +363,8 @@ class _Poller:
         self.new_bytes = 0
         # None for a backfill, which stores outside the sync.
         self.progress = progress
+        # Flags, deletions and moves (backend/mailbox/changes.py); off for a backfill.
+        self.changes = tracker or changes.Tracker(account, None)
 
     @contextmanager
     def storing(self) -> Iterator[None]:
@@ -376,6 +386,7 @@ class _Poller:
                         raise
                     log.warning("account %s folder %r: %s", self.account_id, folder, exc.message)
                     first_error = first_error or ImapProtocolError(f"folder {folder!r}: {exc}")
+            self.new_ids = self.changes.finish(self.new_ids)
             return first_error
 
     def poll_folder(self, mailbox: ImapSession, folder: str) -> None:
@@ -383,7 +394,7 @@ class _Poller:
         # and no database.
         status = mailbox.status(folder)
         seen = (status.uidvalidity, status.uidnext)
-        if self.seen.get(folder) == seen:
+        if self.seen.get(folder) == seen and self.changes.unchanged(folder, status):
             return
         uidvalidity = mailbox.select(folder).uidvalidity
         with session_scope() as session:
@@ -403,6 +414,7 @@ class _Poller:
             # Messages the initial-sync policy left out stay behind the cursor for good.
             with session_scope() as session:
                 cursors.advance(session, self.account_id, folder, uidvalidity, ceiling)
+        self.changes.track(mailbox, folder, status, uidvalidity)
         # Renumbered between STATUS and SELECT: what STATUS said is not worth keeping.
         # A UIDNEXT beyond RFC 3501's range is not kept either (it would never repeat).
         if uidvalidity == status.uidvalidity and 0 < status.uidnext <= MAX_UID + 1:
@@ -506,7 +518,11 @@ class _Poller:
                 if data is None:
                     continue  # expunged since the search
                 item = _Fetched(
-                    uid=uid, size=data.size, internal_date=data.internal_date, flags=data.flags
+                    uid=uid,
+                    size=data.size,
+                    internal_date=data.internal_date,
+                    flags=data.flags,
+                    email_id=data.email_id,
                 )
                 fetch_size = item.size if item.size <= self.max_bytes else 0
                 if batch and (
@@ -634,6 +650,7 @@ class _Poller:
             "flags": item.flags,
             "size": item.size,
             "content_hash": item.content_hash,
+            "email_id": item.email_id,
             "text_body": None,
             "html_body": None,
             "storage_backend": None,

@@ -45,6 +45,9 @@ class MessageSummary(BaseModel):
     skipped_reason: str | None
     ingested_at: datetime
     processed_at: datetime | None
+    # When a poll found it expunged on the server (change tracking); the row and its
+    # objects are kept.
+    deleted_at: datetime | None = None
 
 
 class MessageRead(MessageSummary):

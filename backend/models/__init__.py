@@ -3,6 +3,7 @@
 from backend.models.account import Account, AccountCleanup, FolderCursor
 from backend.models.backfill import Backfill
 from backend.models.base import Base, utcnow
+from backend.models.changes import FolderChanges
 from backend.models.enums import (
     ACCOUNT_EVENTS,
     FAILED_POLL_OUTCOMES,
@@ -40,6 +41,7 @@ __all__ = [
     "DeliveryTarget",
     "ErrorKind",
     "EventType",
+    "FolderChanges",
     "FolderCursor",
     "HealthStatus",
     "ImapSecurity",

@@ -16,7 +16,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
-from sqlalchemy.sql.expression import false
+from sqlalchemy.sql.expression import false, true
 
 from backend.models.base import NO_ID_REUSE, Base, EnumString, TimestampMixin, UTCDateTime, utcnow
 from backend.models.enums import (
@@ -72,6 +72,9 @@ class Account(TimestampMixin, Base):
     # found (unsupported: no IDLE on the server, polling only).
     push: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     push_status: Mapped[PushStatus | None] = mapped_column(EnumString(PushStatus, 16))
+    # Change tracking (backend/mailbox/changes.py): flags, deletions and moves on the
+    # server reach the stored messages and the receivers.
+    track_changes: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
 
     initial_sync: Mapped[InitialSync] = mapped_column(
         EnumString(InitialSync, 16), default=InitialSync.ALL

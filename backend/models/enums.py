@@ -78,6 +78,10 @@ class EventType(StrEnum):
     """Webhook event types. The account events report a change of AccountStatus."""
 
     MESSAGE_RECEIVED = "message.received"
+    # Changes on the server to a message received before (backend/mailbox/changes.py).
+    MESSAGE_UPDATED = "message.updated"
+    MESSAGE_DELETED = "message.deleted"
+    MESSAGE_MOVED = "message.moved"
     ACCOUNT_ERROR = "account.error"
     ACCOUNT_DISABLED = "account.disabled"
     ACCOUNT_RECOVERED = "account.recovered"

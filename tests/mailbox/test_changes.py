@@ -1,0 +1,247 @@
+"""Change tracking (backend/mailbox/changes.py) against the real Dovecot fixture: flags,
+deletions and moves, with CONDSTORE and QRESYNC on and off, each change reaching the
+stored message and the receiver once."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from backend.mailbox import pool
+from backend.mailbox.service import PollResult, poll_account
+from backend.models import Account, FolderChanges, Message, PollOutcome
+from backend.webhooks import service as webhooks
+from tests.support.accounts import make_account
+from tests.support.dovecot import Dovecot
+from tests.support.mail import generated
+from tests.support.receiver import Receiver
+from tests.support.webhooks import receiver, webhooks_on
+
+__all__ = ["receiver", "webhooks_on"]  # fixtures
+
+# Dovecot's own capabilities less CONDSTORE and QRESYNC (and ESEARCH: the plain SEARCH
+# path of the UID set comparison).
+WITHOUT_CONDSTORE = "IMAP4rev1 SASL-IR LITERAL+ ID ENABLE IDLE UIDPLUS MOVE NAMESPACE"
+
+
+@pytest.fixture(scope="module")
+def plain_dovecot() -> Iterator[Dovecot]:
+    """A Dovecot that offers neither CONDSTORE nor QRESYNC nor ESEARCH."""
+    server = Dovecot(
+        Path(tempfile.mkdtemp(prefix="mailbeat-dovecot-plain-")), capabilities=WITHOUT_CONDSTORE
+    )
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.root, ignore_errors=True)
+
+
+@pytest.fixture(params=["condstore", "plain"])
+def either_server(request: pytest.FixtureRequest) -> Dovecot:
+    """The Dovecot fixture (CONDSTORE, QRESYNC), then the one without them."""
+    name = "dovecot" if request.param == "condstore" else "plain_dovecot"
+    server: Dovecot = request.getfixturevalue(name)
+    return server
+
+
+@pytest.fixture
+def tracked(db: Session, webhooks_on: Callable[..., None]) -> Callable[..., tuple[Account, str]]:
+    """An account with INBOX and Archive on a Dovecot (a new user), webhooks on."""
+
+    def make(server: Dovecot, **columns: Any) -> tuple[Account, str]:
+        username = f"user-{uuid.uuid4().hex[:10]}"
+        server.add_user(username)
+        server.create_folder(username, "Archive")
+        account = make_account(
+            db, server, username=username, folders=["INBOX", "Archive"], **columns
+        )
+        return account, username
+
+    return make
+
+
+def poll(account: Account) -> PollResult:
+    result = poll_account(account.id, force=True)
+    assert result.outcome == PollOutcome.SUCCESS, result.error
+    return result
+
+
+def stored(db: Session, account_id: int) -> dict[int, Message]:
+    db.expire_all()
+    rows = db.scalars(select(Message).where(Message.account_id == account_id))
+    return {message.id: message for message in rows}
+
+
+def events(receiver: Receiver) -> list[dict[str, Any]]:
+    return [request.json() for request in receiver.delivered()]
+
+
+def change_server(server: Dovecot, username: str, *, moves: bool = True) -> None:
+    """\\Seen on 10 messages, 5 expunged, 3 moved into Archive (INBOX UIDs 1-10, 11-15,
+    16-18), as a mail client would."""
+    with server.client(username) as client:
+        client.select_folder("INBOX")
+        client.add_flags(list(range(1, 11)), [b"\\Seen"])
+        client.add_flags(list(range(11, 16)), [b"\\Deleted"])
+        client.uid_expunge(list(range(11, 16)))
+        if moves:
+            client.move(list(range(16, 19)), "Archive")
+        client.logout()
+
+
+def test_flags_deletions_and_moves_reach_the_messages_and_the_receiver_once(
+    db: Session,
+    either_server: Dovecot,
+    tracked: Callable[..., tuple[Account, str]],
+    receiver: Receiver,
+) -> None:
+    server = either_server
+    condstore = server.capabilities is None
+    account, username = tracked(server)
+    server.append_many(username, [generated(index) for index in range(20)])
+    first = poll(account)
+    assert len(first.new_message_ids) == 20
+    before = stored(db, account.id)
+    by_uid = {message.uid: message.id for message in before.values()}
+    assert receiver.delivered() == []  # a baseline reports nothing
+    modseqs = db.scalars(
+        select(FolderChanges.highestmodseq).where(FolderChanges.account_id == account.id)
+    ).all()
+    assert len(modseqs) == 2
+    assert all((modseq is not None) == condstore for modseq in modseqs)
+
+    change_server(server, username)
+    second = poll(account)
+
+    assert second.new_message_ids == []  # the moved copies are not new messages
+    kinds = Counter(event["type"] for event in events(receiver))
+    assert kinds == {"message.updated": 10, "message.deleted": 5, "message.moved": 3}
+    after = stored(db, account.id)
+    assert set(after) == set(before)  # one row per message, the same ids
+    for uid in range(1, 11):
+        assert after[by_uid[uid]].flags == ["\\Seen"]
+        assert after[by_uid[uid]].deleted_at is None
+    for uid in range(11, 16):
+        assert after[by_uid[uid]].deleted_at is not None
+        assert after[by_uid[uid]].folder == "INBOX"
+    moved = [after[by_uid[uid]] for uid in range(16, 19)]
+    assert {message.folder for message in moved} == {"Archive"}
+    assert all(message.deleted_at is None for message in moved)
+    db.refresh(account)
+    assert account.message_count == 20
+
+    updated = [event for event in events(receiver) if event["type"] == "message.updated"]
+    assert {event["data"]["message"]["id"] for event in updated} == {
+        by_uid[uid] for uid in range(1, 11)
+    }
+    assert all(event["data"]["previous_flags"] == [] for event in updated)
+    assert all(event["data"]["message"]["flags"] == ["\\Seen"] for event in updated)
+    moves = [event["data"] for event in events(receiver) if event["type"] == "message.moved"]
+    assert {move["message"]["id"] for move in moves} == {by_uid[uid] for uid in range(16, 19)}
+    assert {move["from"]["uid"] for move in moves} == {16, 17, 18}
+    assert {move["to"]["folder"] for move in moves} == {"Archive"}
+
+    # Nothing changed since: nothing more is reported.
+    poll(account)
+    assert len(receiver.delivered()) == 18
+    assert len(set(receiver.event_ids())) == 18
+
+    # A flag cleared is a change too, with the flags it had.
+    with server.client(username) as client:
+        client.select_folder("INBOX")
+        client.remove_flags([1], [b"\\Seen"])
+        client.logout()
+    poll(account)
+    last = events(receiver)[-1]
+    assert last["type"] == "message.updated"
+    assert last["data"]["message"] == {
+        **last["data"]["message"],
+        "id": by_uid[1],
+        "flags": [],
+    }
+    assert last["data"]["previous_flags"] == ["\\Seen"]
+    assert stored(db, account.id)[by_uid[1]].flags == []
+
+
+def test_a_poll_that_fails_before_recording_its_changes_loses_and_repeats_nothing(
+    db: Session,
+    dovecot: Dovecot,
+    tracked: Callable[..., tuple[Account, str]],
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    account, username = tracked(dovecot)
+    server_uids = dovecot.append_many(username, [generated(index) for index in range(20)])
+    assert len(poll(account).new_message_ids) == len(server_uids)
+    # (A move's copy is stored by the failed poll and handed on as new: see
+    # docs/webhooks.md.)
+    change_server(dovecot, username, moves=False)
+
+    create = webhooks.create_change_deliveries
+
+    def dies(*args: Any, **kwargs: Any) -> list[int]:
+        raise RuntimeError("the worker died here")
+
+    monkeypatch.setattr(webhooks, "create_change_deliveries", dies)
+    failed = poll_account(account.id)
+    assert failed.outcome == PollOutcome.INTERNAL_ERROR
+    assert receiver.delivered() == []
+    assert all(
+        message.flags == [] and message.deleted_at is None
+        for message in stored(db, account.id).values()
+        if message.folder == "INBOX"
+    )
+
+    monkeypatch.setattr(webhooks, "create_change_deliveries", create)
+    assert poll_account(account.id, force=True).outcome == PollOutcome.SUCCESS
+    kinds = Counter(event["type"] for event in events(receiver))
+    assert kinds == {"message.updated": 10, "message.deleted": 5}
+    poll(account)
+    assert len(receiver.delivered()) == 15
+
+
+def test_a_renumbered_folder_is_matched_by_content_not_reported(
+    db: Session,
+    dovecot: Dovecot,
+    tracked: Callable[..., tuple[Account, str]],
+    receiver: Receiver,
+) -> None:
+    account, username = tracked(dovecot)
+    dovecot.append_many(username, [generated(index) for index in range(5)])
+    poll(account)
+    dovecot.reset_uidvalidity(username)
+    pool.clear()
+
+    assert poll(account).new_message_ids == []
+    poll(account)
+    assert receiver.delivered() == []
+    assert all(message.deleted_at is None for message in stored(db, account.id).values())
+
+
+def test_with_tracking_off_nothing_is_read_or_reported(
+    db: Session,
+    dovecot: Dovecot,
+    tracked: Callable[..., tuple[Account, str]],
+    receiver: Receiver,
+) -> None:
+    account, username = tracked(dovecot, track_changes=False)
+    dovecot.append_many(username, [generated(index) for index in range(20)])
+    poll(account)
+    change_server(dovecot, username)
+
+    second = poll(account)
+    assert len(second.new_message_ids) == 3  # the moved messages, as new ones
+    assert receiver.delivered() == []
+    assert all(
+        message.flags == [] and message.deleted_at is None
+        for message in stored(db, account.id).values()
+    )
