@@ -16,12 +16,14 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from backend.mailbox import pool
+from backend.mailbox import imap, pool
+from backend.mailbox.imap import MAX_UID
 from backend.mailbox.service import PollResult, poll_account
 from backend.models import Account, FolderChanges, Message, PollOutcome
 from backend.webhooks import service as webhooks
 from tests.support.accounts import make_account
 from tests.support.dovecot import Dovecot
+from tests.support.imap_server import UIDVALIDITY, FakeImapServer, FakeMessage
 from tests.support.mail import generated
 from tests.support.receiver import Receiver
 from tests.support.webhooks import receiver, webhooks_on
@@ -245,3 +247,71 @@ def test_with_tracking_off_nothing_is_read_or_reported(
         message.flags == [] and message.deleted_at is None
         for message in stored(db, account.id).values()
     )
+
+
+def test_a_server_that_reports_every_uid_vanished_costs_ranges_not_numbers(
+    db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
+) -> None:
+    """A hostile QRESYNC server says 1:4294967295 vanished: the stored messages are
+    marked deleted, and the range is never expanded into four billion numbers."""
+    modseq = {"value": 10}
+    capabilities = b"IMAP4rev1 ENABLE CONDSTORE QRESYNC"
+
+    def respond(tag: bytes, command: bytes) -> bytes | None:
+        upper = command.upper()
+        if upper.startswith(b"CAPABILITY"):
+            return b"* CAPABILITY " + capabilities + b"\r\n" + tag + b" OK done\r\n"
+        if upper.startswith(b"ENABLE"):
+            return b"* ENABLED QRESYNC\r\n" + tag + b" OK enabled\r\n"
+        if upper.startswith(b"STATUS"):
+            return (
+                b"* STATUS INBOX (MESSAGES 2 UIDNEXT 3 UIDVALIDITY %d HIGHESTMODSEQ %d)\r\n"
+                % (UIDVALIDITY, modseq["value"])
+                + tag
+                + b" OK status\r\n"
+            )
+        if b"CHANGEDSINCE" in upper:
+            return b"* VANISHED (EARLIER) 1:4294967295\r\n" + tag + b" OK fetched\r\n"
+        return None
+
+    messages = [FakeMessage(uid, generated(uid)) for uid in (1, 2)]
+    with FakeImapServer(messages, respond=respond) as server:
+        account = make_account(
+            db, imap_host="127.0.0.1", imap_port=server.port, imap_security="none"
+        )
+        assert len(poll(account).new_message_ids) == 2
+        modseq["value"] = 11
+        poll(account)
+        assert any(b"CHANGEDSINCE 10 VANISHED" in command for command in server.commands)
+
+    assert all(message.deleted_at is not None for message in stored(db, account.id).values())
+    assert Counter(event["type"] for event in events(receiver)) == {"message.deleted": 2}
+
+
+@pytest.mark.parametrize(
+    ("text", "ranges"),
+    [
+        (b"1:3,7", [(1, 3), (7, 7)]),
+        (b"(EARLIER) 5:2,3:9,11", [(2, 9), (11, 11)]),
+        (b"1:4294967295", [(1, MAX_UID)]),
+        (b"0:*,4294967296,x:2,9", [(9, 9)]),
+    ],
+)
+def test_sequence_sets_become_merged_ranges_never_numbers(
+    text: bytes, ranges: list[tuple[int, int]]
+) -> None:
+    assert imap._sequence_set(text.split(b" ")[-1]) == ranges
+
+
+@pytest.mark.parametrize(
+    ("data", "email_id"),
+    [
+        ({b"EMAILID": (b"M6d99ac3275bb4e",)}, "M6d99ac3275bb4e"),
+        ({b"X-GM-MSGID": 1278455344230334865}, "1278455344230334865"),
+        ({b"FLAGS": ()}, None),
+    ],
+)
+def test_the_servers_identity_of_a_message_is_read_from_emailid_or_x_gm_msgid(
+    data: dict[bytes, Any], email_id: str | None
+) -> None:
+    assert imap._email_id(data) == email_id
