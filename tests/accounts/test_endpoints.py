@@ -73,7 +73,9 @@ def test_create_defaults_and_lowercases_the_host(api: TestClient):
 def test_change_tracking_is_turned_off_and_on_per_account(api: TestClient, db: Session):
     created = api.post("/accounts", json=account_payload(track_changes=False)).json()
     assert created["track_changes"] is False
-    assert db.get(Account, created["id"]).track_changes is False
+    account = db.get(Account, created["id"])
+    assert account is not None
+    assert account.track_changes is False
     body = api.patch(f"/accounts/{created['id']}", json={"track_changes": True}).json()
     assert body["track_changes"] is True
     refused = api.patch(f"/accounts/{created['id']}", json={"track_changes": None})
