@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session
 from backend.config import get_settings
 from backend.db import insert_for, session_scope
 from backend.mailbox.imap import FolderStatus, ImapSession, UidRanges
-from backend.models import Account, EventType, FolderChanges, Message, utcnow
+from backend.models import Account, Attachment, EventType, FolderChanges, Message, utcnow
 from backend.storage import service as storage
 from backend.webhooks import events
 from backend.webhooks import service as webhooks
@@ -187,7 +187,7 @@ class Tracker:
             try:
                 storage.delete_object(backend, key)
             except Exception as exc:  # an orphan object costs space, not correctness
-                log.warning("account %s: moved copy %s not deleted: %s", self.account.id, key, exc)
+                log.warning("account %s: moved copy's %s stays: %s", self.account.id, key, exc)
         if recorded.events:
             log.info(
                 "account %s: %d changes recorded (%d moves)",
@@ -283,6 +283,14 @@ class _Recording:
                 )
             )
         if drop:
+            self.dropped_objects += [
+                (backend, key)
+                for backend, key in self.session.execute(
+                    select(Attachment.storage_backend, Attachment.storage_key).where(
+                        Attachment.message_id.in_(drop)
+                    )
+                )
+            ]
             # The copies first: the moved messages take their place in the unique key.
             self.session.execute(delete(Message).where(Message.id.in_(drop)))
             self.session.execute(

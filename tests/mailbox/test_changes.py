@@ -20,6 +20,8 @@ from backend.mailbox import imap, pool
 from backend.mailbox.imap import MAX_UID
 from backend.mailbox.service import PollResult, poll_account
 from backend.models import Account, FolderChanges, Message, PollOutcome
+from backend.storage import service as storage
+from backend.storage.base import message_key
 from backend.webhooks import service as webhooks
 from tests.support.accounts import make_account
 from tests.support.dovecot import Dovecot
@@ -87,6 +89,14 @@ def events(receiver: Receiver) -> list[dict[str, Any]]:
     return [request.json() for request in receiver.delivered()]
 
 
+def _fetch_all(server: Dovecot, username: str) -> dict[int, Any]:
+    with server.client(username) as client:
+        client.select_folder("INBOX", readonly=True)
+        found: dict[int, Any] = client.fetch(client.search("ALL"), ["BODY.PEEK[]"])
+        client.logout()
+    return found
+
+
 def change_server(server: Dovecot, username: str, *, moves: bool = True) -> None:
     """\\Seen on 10 messages, 5 expunged, 3 moved into Archive (INBOX UIDs 1-10, 11-15,
     16-18), as a mail client would."""
@@ -110,6 +120,7 @@ def test_flags_deletions_and_moves_reach_the_messages_and_the_receiver_once(
     condstore = server.capabilities is None
     account, username = tracked(server)
     server.append_many(username, [generated(index) for index in range(20)])
+    server_raw = {uid: bytes(item[b"BODY[]"]) for uid, item in _fetch_all(server, username).items()}
     first = poll(account)
     assert len(first.new_message_ids) == 20
     before = stored(db, account.id)
@@ -138,6 +149,13 @@ def test_flags_deletions_and_moves_reach_the_messages_and_the_receiver_once(
     moved = [after[by_uid[uid]] for uid in range(16, 19)]
     assert {message.folder for message in moved} == {"Archive"}
     assert all(message.deleted_at is None for message in moved)
+    for inbox_uid, message in zip(range(16, 19), moved, strict=True):
+        # Its bytes where they were stored; the copy's gone with the copy.
+        assert message.storage_backend is not None and message.storage_key is not None
+        store = storage.backend(message.storage_backend)
+        assert store.get(message.storage_key) == server_raw[inbox_uid]
+        copy_key = message_key(account.id, "Archive", message.uidvalidity, message.uid)
+        assert not store.exists(copy_key)
     db.refresh(account)
     assert account.message_count == 20
 
