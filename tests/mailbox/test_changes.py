@@ -19,7 +19,14 @@ from sqlalchemy.orm import Session
 from backend.mailbox import imap, pool
 from backend.mailbox.imap import MAX_UID
 from backend.mailbox.service import PollResult, poll_account
-from backend.models import Account, FolderChanges, Message, PollOutcome
+from backend.models import (
+    Account,
+    DeliveryStatus,
+    FolderChanges,
+    Message,
+    PollOutcome,
+    WebhookDelivery,
+)
 from backend.storage import service as storage
 from backend.storage.base import message_key
 from backend.webhooks import service as webhooks
@@ -28,6 +35,7 @@ from tests.support.dovecot import Dovecot
 from tests.support.imap_server import UIDVALIDITY, FakeImapServer, FakeMessage
 from tests.support.mail import generated
 from tests.support.receiver import Receiver
+from tests.support.wait import wait_for
 from tests.support.webhooks import receiver, webhooks_on
 
 __all__ = ["receiver", "webhooks_on"]  # fixtures
@@ -333,3 +341,38 @@ def test_the_servers_identity_of_a_message_is_read_from_emailid_or_x_gm_msgid(
     data: dict[bytes, Any], email_id: str | None
 ) -> None:
     assert imap._email_id(data) == email_id
+
+
+def test_a_change_event_is_retried_dead_lettered_and_replayed_like_any_event(
+    db: Session,
+    dovecot: Dovecot,
+    tracked: Callable[..., tuple[Account, str]],
+    receiver: Receiver,
+) -> None:
+    account, username = tracked(dovecot)
+    dovecot.append(username, generated(1))
+    poll(account)
+    receiver.fail(times=4)  # WEBHOOK_MAX_ATTEMPTS
+    with dovecot.client(username) as client:
+        client.select_folder("INBOX")
+        client.add_flags([1], [b"\\Flagged"])
+        client.logout()
+    poll(account)
+
+    def dead() -> list[WebhookDelivery]:
+        db.expire_all()
+        return list(
+            db.scalars(select(WebhookDelivery).where(WebhookDelivery.status == DeliveryStatus.DEAD))
+        )
+
+    [letter] = wait_for(dead, "the dead letter")
+    assert (letter.event_type, letter.attempts) == ("message.updated", 4)
+    tried = {request.json()["id"] for request in receiver.requests}
+    assert tried == {letter.event_id}
+
+    ids = webhooks.replay_dead_letter(db, letter.id)
+    db.commit()
+    webhooks.dispatch(ids)
+    [delivered] = events(receiver)
+    assert delivered["id"] == letter.event_id
+    assert delivered["data"]["message"]["flags"] == ["\\Flagged"]
