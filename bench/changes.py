@@ -86,11 +86,24 @@ def accounts_on(
 
 
 def idle_polls(name: str, server: Dovecot, mailboxes: int, rounds: int, *, repeat: int) -> None:
-    from sqlalchemy import update
+    from sqlalchemy import event, update
 
-    from backend.db import session_scope
-    from backend.mailbox import polling
+    from backend.db import get_engine, session_scope
+    from backend.mailbox import imap, polling
     from backend.models import Account
+
+    counted = {"imap": 0, "sql": 0}
+    command = imap.ImapSession._command
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counted["imap"] += 1
+        return command(self, *args, **kwargs)
+
+    def statement(*_args: Any) -> None:
+        counted["sql"] += 1
+
+    imap.ImapSession._command = counting  # type: ignore[method-assign]
+    event.listen(get_engine(), "before_cursor_execute", statement)
 
     ids = accounts_on(server, mailboxes, lambda index: [generated(index)])
     for account_id in ids:
@@ -102,15 +115,31 @@ def idle_polls(name: str, server: Dovecot, mailboxes: int, rounds: int, *, repea
             )
         for account_id in ids:  # settles: a first tracked poll sets each folder's baseline
             polling.run_poll(account_id, None)
+        counted.update(imap=0, sql=0)
         started = time.perf_counter()
         for _ in range(rounds):
             for account_id in ids:
                 polling.run_poll(account_id, None)
-        per_poll = (time.perf_counter() - started) / (rounds * len(ids)) * 1000
+        polls = rounds * len(ids)
+        per_poll = (time.perf_counter() - started) / polls * 1000
         print(
             f"{name}, tracking {'on' if tracking else 'off'}: {per_poll:.2f} ms per idle poll "
-            f"({rounds * len(ids)} polls); {load_average()}"
+            f"({polls} polls; per poll {counted['imap'] / polls:.2f} IMAP commands, "
+            f"{counted['sql'] / polls:.2f} SQL statements); {load_average()}"
         )
+    imap.ImapSession._command = command  # type: ignore[method-assign]
+    event.remove(get_engine(), "before_cursor_execute", statement)
+
+
+def state(uidvalidity: int, uidnext: int, messages: int, checked: str | None) -> dict[str, Any]:
+    """A folder's change tracking state (Account.change_state), no CONDSTORE."""
+    return {
+        "uidvalidity": uidvalidity,
+        "highestmodseq": None,
+        "uidnext": uidnext,
+        "messages": messages,
+        "full_check_at": checked,
+    }
 
 
 def deletion_check(server: Dovecot, count: int) -> None:
@@ -118,7 +147,7 @@ def deletion_check(server: Dovecot, count: int) -> None:
 
     from backend.db import bulk_insert, get_engine, session_scope
     from backend.mailbox import imap, polling
-    from backend.models import FolderChanges, FolderCursor, Message, utcnow
+    from backend.models import Account, FolderCursor, Message, utcnow
 
     [account_id] = accounts_on(server, 1, lambda _: [small(i) for i in range(count)], "big")
     username = "big-0"
@@ -154,15 +183,10 @@ def deletion_check(server: Dovecot, count: int) -> None:
                 updated_at=now,
             )
         )
-        session.add(
-            FolderChanges(
-                account_id=account_id,
-                folder="INBOX",
-                uidvalidity=uidvalidity,
-                uidnext=uidnext,
-                messages=count,
-                full_check_at=now,
-            )
+        session.execute(
+            update(Account)
+            .where(Account.id == account_id)
+            .values(change_state={"INBOX": state(uidvalidity, uidnext, count, now.isoformat())})
         )
     spent: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
@@ -214,7 +238,11 @@ def deletion_check(server: Dovecot, count: int) -> None:
         client.logout()
     one_poll(f"deletion check, {count} messages, 5 expunged")
     with session_scope() as session:
-        session.execute(update(FolderChanges).values(full_check_at=None))
+        session.execute(
+            update(Account)
+            .where(Account.id == account_id)
+            .values(change_state={"INBOX": state(uidvalidity, uidnext, count - 5, None)})
+        )
     one_poll(f"full check, {count} messages (every flag and the UID set)")
     event.remove(engine, "before_cursor_execute", start)
     event.remove(engine, "after_cursor_execute", stop)

@@ -24,39 +24,18 @@ def upgrade() -> None:
         batch.add_column(
             sa.Column("track_changes", sa.Boolean(), nullable=False, server_default="1")
         )
+        batch.add_column(sa.Column("change_state", sa.JSON(), nullable=True))
     with op.batch_alter_table("messages") as batch:
         batch.add_column(sa.Column("email_id", sa.String(255), nullable=True))
         batch.add_column(
             sa.Column("deleted_at", backend.models.base.UTCDateTime(timezone=True), nullable=True)
         )
-    op.create_table(
-        "folder_changes",
-        sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("account_id", sa.Integer(), nullable=False),
-        sa.Column("folder", sa.String(length=1024), nullable=False),
-        sa.Column("uidvalidity", sa.BigInteger(), nullable=False),
-        sa.Column("highestmodseq", sa.BigInteger(), nullable=True),
-        sa.Column("uidnext", sa.BigInteger(), nullable=False),
-        sa.Column("messages", sa.BigInteger(), nullable=False),
-        sa.Column("full_check_at", backend.models.base.UTCDateTime(timezone=True), nullable=True),
-        sa.ForeignKeyConstraint(
-            ["account_id"],
-            ["accounts.id"],
-            name=op.f("fk_folder_changes_account_id_accounts"),
-            ondelete="CASCADE",
-        ),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_folder_changes")),
-        sa.UniqueConstraint(
-            "account_id", "folder", name=op.f("uq_folder_changes_account_id_folder")
-        ),
-        sqlite_autoincrement=True,
-    )
 
 
 def downgrade() -> None:
-    op.drop_table("folder_changes")
     with op.batch_alter_table("messages") as batch:
         batch.drop_column("deleted_at")
         batch.drop_column("email_id")
     with op.batch_alter_table("accounts") as batch:
+        batch.drop_column("change_state")
         batch.drop_column("track_changes")

@@ -3,7 +3,7 @@
 A poll reads each folder's changes as it goes (`Tracker.track`, with the folder
 selected) and records them all at its end (`Tracker.finish`) in one transaction: the
 messages' new flags, `deleted_at`, new locations, the webhook deliveries of their
-events and where tracking stands in each folder (`FolderChanges`). A poll that dies
+events and where tracking stands in each folder (`Account.change_state`). A poll that dies
 before that commit recorded nothing, and the next one reads the same changes again
 from the same point; one that dies after it has recorded everything (its deliveries
 are sent by the sweep). Flags are compared with the stored ones, so reading a change
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -41,16 +41,17 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from backend.config import get_settings
-from backend.db import insert_for, session_scope
+from backend.db import session_scope
 from backend.mailbox.imap import FolderStatus, ImapSession, UidRanges
-from backend.models import Account, Attachment, EventType, FolderChanges, Message, utcnow
+from backend.models import Account, Attachment, EventType, Message, utcnow
 from backend.storage import service as storage
 from backend.webhooks import events
 from backend.webhooks import service as webhooks
 
 log = logging.getLogger(__name__)
 
-# Stored rows looked up with at most this many UIDs in one IN list.
+# Stored rows looked up with at most this many UIDs in one IN list; more, and the
+# folder's rows are read in one statement.
 LOOKUP_CHUNK = 1000
 # The columns a change needs of a stored message (never its bodies).
 _COLUMNS = (
@@ -65,17 +66,39 @@ _COLUMNS = (
     Message.storage_backend,
     Message.storage_key,
 )
+# What a flag change needs.
+_FLAG_COLUMNS = (
+    Message.id,
+    Message.folder,
+    Message.uidvalidity,
+    Message.uid,
+    Message.flags,
+    Message.message_id,
+)
 
 
 @dataclass(frozen=True)
 class _Known:
-    """A folder's FolderChanges row, as the poll started."""
+    """Where tracking stood in a folder as the poll started: the HIGHESTMODSEQ every
+    change up to which is recorded (CONDSTORE), what STATUS said then (so a poll can
+    tell an expunge from the counts) and the last full check."""
 
     uidvalidity: int
     highestmodseq: int | None
     uidnext: int
     messages: int
     full_check_at: datetime | None
+
+    @classmethod
+    def of(cls, value: dict[str, Any]) -> _Known:
+        checked = value.get("full_check_at")
+        return cls(
+            uidvalidity=int(value["uidvalidity"]),
+            highestmodseq=value.get("highestmodseq"),
+            uidnext=int(value["uidnext"]),
+            messages=int(value["messages"]),
+            full_check_at=datetime.fromisoformat(checked) if checked else None,
+        )
 
 
 @dataclass
@@ -92,27 +115,15 @@ class _Read:
     present: UidRanges | None = None
 
 
-def load(session: Session, account: Account) -> dict[str, _Known] | None:
-    """Where tracking stands in each of the account's folders (None: tracking is off).
-    Read in the poll's first transaction, so an idle poll costs no transaction more."""
-    if not account.track_changes:
-        return None
-    rows = session.scalars(select(FolderChanges).where(FolderChanges.account_id == account.id))
-    return {
-        row.folder: _Known(
-            row.uidvalidity, row.highestmodseq, row.uidnext, row.messages, row.full_check_at
-        )
-        for row in rows
-    }
-
-
 class Tracker:
     """The change tracking of one poll of one account."""
 
-    def __init__(self, account: Account, known: dict[str, _Known] | None) -> None:
+    def __init__(self, account: Account, *, enabled: bool = True) -> None:
+        """Read from the account row as the poll loaded it: no statement more."""
         self.account = account
-        self.enabled = known is not None
-        self.known = known or {}
+        self.enabled = enabled and account.track_changes
+        self.state = dict(account.change_state or {}) if self.enabled else {}
+        self.known = {folder: _Known.of(value) for folder, value in self.state.items()}
         self.read: list[_Read] = []
 
     def unchanged(self, folder: str, status: FolderStatus) -> bool:
@@ -180,7 +191,10 @@ class Tracker:
                 recorded.folder(read)
             recorded.settle()
             for read in self.read:
-                _save_state(session, self.account.id, read)
+                self.state[read.folder] = _state(read)
+            session.execute(
+                update(Account).where(Account.id == self.account.id).values(change_state=self.state)
+            )
             delivery_ids = webhooks.create_change_deliveries(session, self.account, recorded.events)
         webhooks.dispatch(delivery_ids)
         for backend, key in recorded.dropped_objects:
@@ -212,34 +226,30 @@ class _Recording:
         self.dropped_objects: list[tuple[str, str]] = []
 
     def folder(self, read: _Read) -> None:
-        """Flag changes of one folder recorded; what is gone from it collected."""
+        """Flag changes of one folder recorded; what is gone from it collected. A large
+        folder's rows are read as UIDs first: only the gone ones are read whole."""
         gone_uids: set[int] = set()
-        if read.vanished:
-            first, last = read.vanished[0][0], read.vanished[-1][1]
-            for row in self._rows(read, Message.uid.between(first, last)):
-                if _within(read.vanished, row.uid):
-                    self.gone.append(row)
-                    gone_uids.add(row.uid)
-        if read.present is not None:
-            for row in self._rows(read):
-                if row.uid not in gone_uids and not _within(read.present, row.uid):
-                    self.gone.append(row)
-                    gone_uids.add(row.uid)
-        updates = []
+        if read.vanished or read.present is not None:
+            held = self.session.scalars(select(Message.uid).where(*self._live(read))).all()
+            for uid in held:
+                if _within(read.vanished, uid) or (
+                    read.present is not None and not _within(read.present, uid)
+                ):
+                    gone_uids.add(uid)
+            self.gone += self._rows(read, _COLUMNS, sorted(gone_uids))
         uids = [uid for uid in read.flags if uid not in gone_uids]
-        for start in range(0, len(uids), LOOKUP_CHUNK):
-            chunk = uids[start : start + LOOKUP_CHUNK]
-            for row in self._rows(read, Message.uid.in_(chunk)):
-                flags = read.flags[row.uid]
-                if sorted(flags) == sorted(row.flags or []):
-                    continue
-                updates.append({"id": row.id, "flags": flags})
-                self.events.append(
-                    (
-                        EventType.MESSAGE_UPDATED,
-                        self._data(row, flags=flags, previous_flags=row.flags or []),
-                    )
+        updates = []
+        for row in self._rows(read, _FLAG_COLUMNS, uids):
+            flags = read.flags[row.uid]
+            if sorted(flags) == sorted(row.flags or []):
+                continue
+            updates.append({"id": row.id, "flags": flags})
+            self.events.append(
+                (
+                    EventType.MESSAGE_UPDATED,
+                    self._data(row, flags=flags, previous_flags=row.flags or []),
                 )
+            )
         if updates:
             self.session.execute(update(Message), updates)
 
@@ -316,17 +326,28 @@ class _Recording:
             ).all()
         return found
 
-    def _rows(self, read: _Read, *where: Any) -> Iterable[Any]:
+    def _live(self, read: _Read) -> tuple[Any, ...]:
         """The folder's stored messages not deleted, under the UIDVALIDITY read."""
-        return self.session.execute(
-            select(*_COLUMNS).where(
-                Message.account_id == self.account.id,
-                Message.folder == read.folder,
-                Message.uidvalidity == read.uidvalidity,
-                Message.deleted_at.is_(None),
-                *where,
-            )
-        ).all()
+        return (
+            Message.account_id == self.account.id,
+            Message.folder == read.folder,
+            Message.uidvalidity == read.uidvalidity,
+            Message.deleted_at.is_(None),
+        )
+
+    def _rows(self, read: _Read, columns: Sequence[Any], uids: Sequence[int]) -> list[Any]:
+        """These columns of the folder's live messages with these UIDs: by IN lists, or
+        the whole folder in one statement when the UIDs are many (a full check)."""
+        if not uids:
+            return []
+        if len(uids) > LOOKUP_CHUNK:
+            wanted = set(uids)
+            rows = self.session.execute(select(*columns).where(*self._live(read))).all()
+            return [row for row in rows if row.uid in wanted]
+        found = self.session.execute(
+            select(*columns).where(*self._live(read), Message.uid.in_(list(uids)))
+        )
+        return list(found.all())
 
     def _data(self, row: Any, **details: Any) -> dict[str, Any]:
         message = {
@@ -361,20 +382,14 @@ def _pop_match(copies: list[Any], gone: Any) -> Any | None:
     return None
 
 
-def _save_state(session: Session, account_id: int, read: _Read) -> None:
-    values = {
+def _state(read: _Read) -> dict[str, Any]:
+    return {
         "uidvalidity": read.uidvalidity,
         "highestmodseq": read.status.highestmodseq,
         "uidnext": read.status.uidnext,
         "messages": read.status.messages,
-        "full_check_at": read.full_check_at,
+        "full_check_at": read.full_check_at.isoformat() if read.full_check_at else None,
     }
-    statement = insert_for(session, FolderChanges).values(
-        account_id=account_id, folder=read.folder, **values
-    )
-    session.execute(
-        statement.on_conflict_do_update(index_elements=["account_id", "folder"], set_=values)
-    )
 
 
 def _expunged(known: _Known, status: FolderStatus) -> bool:

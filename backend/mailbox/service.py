@@ -177,7 +177,6 @@ def poll_account(
         session.flush()
         run_id = run.id
         seen = cursors.seen_uidnext(session, account_id)
-        tracked = changes.load(session, account)
     if reason:
         return PollResult(
             outcome=PollOutcome.SKIPPED,
@@ -190,7 +189,7 @@ def poll_account(
         account,
         seen,
         SyncProgress(account_id, account.sync_progress, on_progress),
-        changes.Tracker(account, tracked),
+        changes.Tracker(account),
     )
     error: ImapError | None = None
     note: str | None = None
@@ -364,7 +363,7 @@ class _Poller:
         # None for a backfill, which stores outside the sync.
         self.progress = progress
         # Flags, deletions and moves (backend/mailbox/changes.py); off for a backfill.
-        self.changes = tracker or changes.Tracker(account, None)
+        self.changes = tracker or changes.Tracker(account, enabled=False)
 
     @contextmanager
     def storing(self) -> Iterator[None]:

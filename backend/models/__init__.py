@@ -3,7 +3,6 @@
 from backend.models.account import Account, AccountCleanup, FolderCursor
 from backend.models.backfill import Backfill
 from backend.models.base import Base, utcnow
-from backend.models.changes import FolderChanges
 from backend.models.enums import (
     ACCOUNT_EVENTS,
     FAILED_POLL_OUTCOMES,
@@ -41,7 +40,6 @@ __all__ = [
     "DeliveryTarget",
     "ErrorKind",
     "EventType",
-    "FolderChanges",
     "FolderCursor",
     "HealthStatus",
     "ImapSecurity",

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -75,6 +75,9 @@ class Account(TimestampMixin, Base):
     # Change tracking (backend/mailbox/changes.py): flags, deletions and moves on the
     # server reach the stored messages and the receivers.
     track_changes: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    # Where change tracking stands in each folder (backend/mailbox/changes.py): on the
+    # account row, which every poll reads anyway, so an idle poll costs no statement more.
+    change_state: Mapped[dict[str, dict[str, Any]] | None] = mapped_column(JSON)
 
     initial_sync: Mapped[InitialSync] = mapped_column(
         EnumString(InitialSync, 16), default=InitialSync.ALL
