@@ -126,19 +126,24 @@ class Tracker:
         self.known = {folder: _Known.of(value) for folder, value in self.state.items()}
         self.read: list[_Read] = []
 
-    def unchanged(self, folder: str, status: FolderStatus) -> bool:
+    def unchanged(self, mailbox: ImapSession, folder: str, status: FolderStatus) -> bool:
         """Whether nothing can have changed in the folder since it was last tracked: only
         CONDSTORE can say so (an unchanged HIGHESTMODSEQ). Without it every poll looks at
-        the newest messages' flags."""
+        the newest messages' flags. A folder that will be looked into gets the session
+        ready first (QRESYNC must be enabled before a SELECT)."""
         if not self.enabled:
             return True
         known = self.known.get(folder)
-        return (
+        if (
             known is not None
             and status.highestmodseq is not None
             and (known.uidvalidity, known.highestmodseq)
             == (status.uidvalidity, status.highestmodseq)
-        )
+        ):
+            return True
+        if status.highestmodseq is not None:
+            mailbox.enable_qresync()
+        return False
 
     def track(
         self, mailbox: ImapSession, folder: str, status: FolderStatus, uidvalidity: int

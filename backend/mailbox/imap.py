@@ -314,7 +314,7 @@ class ImapSession:
         # Stated sizes of the bodies being fetched, by UID: their literals' limits.
         self._stated: dict[int, int] = {}
         self._max_bytes = get_settings().max_message_bytes
-        # QRESYNC enabled (at login): expunges are reported as VANISHED UIDs.
+        # QRESYNC enabled (`enable_qresync`): expunges are reported as VANISHED UIDs.
         self.qresync = False
         imap = client._imap
         read = imap.read
@@ -394,13 +394,21 @@ class ImapSession:
         return min(stated, self._max_bytes) + LITERAL_SLACK_BYTES, uid
 
     def login(self, account: Account, credentials: Mapping[str, Any]) -> None:
-        """Authenticate, identify mailbeat to the server (ID), and with change tracking
-        on, ENABLE QRESYNC where offered (only possible before a folder is selected)."""
+        """Authenticate, then identify mailbeat to the server (ID)."""
         self._authenticate(account, credentials)
         self._identify()
-        if account.track_changes and self.supports("QRESYNC"):
-            enabled = self._command(lambda: self._client.enable("QRESYNC"))
-            self.qresync = any(bytes(name).upper() == b"QRESYNC" for name in enabled)
+
+    def enable_qresync(self) -> bool:
+        """ENABLE QRESYNC (RFC 7162) where offered, once per session: from then on the
+        server reports expunged UIDs as VANISHED. Only possible while no folder is
+        selected (RFC 5161); a session that has one says no (False) and the caller does
+        without. Sent only when a folder is about to be looked into, so an idle poll
+        that a login starts pays no round trip for it."""
+        if self.qresync or self._selected or not self.supports("QRESYNC"):
+            return self.qresync
+        enabled = self._command(lambda: self._client.enable("QRESYNC"))
+        self.qresync = any(bytes(name).upper() == b"QRESYNC" for name in enabled)
+        return self.qresync
 
     def _authenticate(self, account: Account, credentials: Mapping[str, Any]) -> None:
         """AUTHENTICATE PLAIN (LOGIN where the server offers no PLAIN), or AUTHENTICATE

@@ -393,7 +393,7 @@ class _Poller:
         # and no database.
         status = mailbox.status(folder)
         seen = (status.uidvalidity, status.uidnext)
-        if self.seen.get(folder) == seen and self.changes.unchanged(folder, status):
+        if self.changes.unchanged(mailbox, folder, status) and self.seen.get(folder) == seen:
             return
         uidvalidity = mailbox.select(folder).uidvalidity
         with session_scope() as session:
