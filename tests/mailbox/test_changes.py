@@ -10,13 +10,14 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from backend.mailbox import imap, pool
+from backend.mailbox import changes, imap, pool
 from backend.mailbox.imap import MAX_UID
 from backend.mailbox.service import PollResult, poll_account
 from backend.models import (
@@ -374,3 +375,31 @@ def test_a_change_event_is_retried_dead_lettered_and_replayed_like_any_event(
     [delivered] = events(receiver)
     assert delivered["id"] == letter.event_id
     assert delivered["data"]["message"]["flags"] == ["\\Flagged"]
+
+
+def test_a_move_is_matched_by_the_servers_identity_before_content() -> None:
+    """Pure matching logic: EMAILID / X-GM-MSGID decides when both sides have one (the
+    same message re-encoded by a server still matches; identical content with another
+    identity does not); content hash and Message-ID decide otherwise."""
+
+    def row(folder: str, content: str, email_id: str | None) -> SimpleNamespace:
+        return SimpleNamespace(
+            folder=folder,
+            uidvalidity=1,
+            content_hash=content,
+            message_id="<m@example.org>",
+            email_id=email_id,
+        )
+
+    gone = row("INBOX", "hash-a", "M1")
+    other_identity = row("Archive", "hash-a", "M2")
+    same_identity = row("Archive", "hash-b", "M1")
+    copies = [other_identity, same_identity]
+    assert changes._pop_match(copies, gone) is same_identity
+    assert copies == [other_identity]
+
+    plain = row("INBOX", "hash-a", None)
+    assert changes._pop_match([row("INBOX", "hash-a", None)], plain) is None  # same folder
+    assert changes._pop_match([row("Archive", "hash-b", None)], plain) is None
+    found = row("Archive", "hash-a", None)
+    assert changes._pop_match([found], plain) is found
