@@ -153,6 +153,12 @@ class Settings(BaseSettings):
     # Finished poll runs are deleted this long after they finished, every 10 minutes
     # (100,000 mailboxes every 5 minutes make about 29 million a day).
     poll_run_retention_days: int = Field(default=14, ge=1)
+    # Change tracking on servers without CONDSTORE (backend/mailbox/changes.py): every
+    # poll compares the flags of a folder's newest CHANGES_WINDOW messages, and every
+    # CHANGES_FULL_CHECK_SECONDS all of them and the whole UID set (deletions; sooner
+    # when STATUS's counts show an expunge). Servers with QRESYNC need neither.
+    changes_window: int = Field(default=200, ge=0)
+    changes_full_check_seconds: int = Field(default=3600, ge=1)
 
     # Freshness (backend/audit/freshness.py): a scheduled mailbox with no complete poll for
     # FRESHNESS_INTERVALS times its interval, and at least FRESHNESS_FLOOR_SECONDS, is

@@ -408,6 +408,11 @@ class AccountCreate(_InitialSyncFields, AccountConnection):
         description="hold an IMAP IDLE connection (a watcher process) and poll at once when "
         "mail arrives; the interval's polls go on as the safety net",
     )
+    track_changes: bool = Field(
+        default=True,
+        description="follow flags, deletions and moves on the server (message.updated, "
+        "message.deleted, message.moved events)",
+    )
     webhook_url: Url | None = Field(default=None, description="this mailbox's own webhook")
     webhook_secret: Secret | None = None
 
@@ -451,6 +456,7 @@ class AccountUpdate(_InitialSyncFields):
     priority: Priority | None = None
     enabled: bool | None = None
     push: bool | None = None
+    track_changes: bool | None = None
     webhook_url: Url | None = None
     webhook_secret: Secret | None = None
 
@@ -503,6 +509,7 @@ class AccountRead(BaseModel):
     push_confirmed_at: datetime | None = Field(
         description="when a live watcher last confirmed push_status 'watching'"
     )
+    track_changes: bool
     initial_sync: str
     initial_sync_count: int | None
     initial_sync_since: date | None

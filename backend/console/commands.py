@@ -816,7 +816,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     which.add_argument("--account", type=int, help="this account's messages")
     which.add_argument("--all", action="store_true", help="every account's messages")
     p.add_argument(
-        "--notify", action="store_true", help="send message.updated for each message changed"
+        "--notify", action="store_true", help="send message.reparsed for each message changed"
     )
     p.set_defaults(handler=messages_reparse)
 

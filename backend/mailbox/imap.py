@@ -36,6 +36,7 @@ from typing import Any, Literal, TypeVar
 
 from imapclient import IMAPClient, SocketTimeout, imap4, tls
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
+from imapclient.response_parser import parse_fetch_response
 
 from backend import netpolicy
 from backend.config import get_settings
@@ -276,6 +277,8 @@ class FolderStatus:
     uidvalidity: int
     uidnext: int
     messages: int
+    # With CONDSTORE (RFC 7162): grows with every change to the folder's messages.
+    highestmodseq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -284,6 +287,22 @@ class MessageMeta:
     size: int  # RFC822.SIZE, as the server states it
     internal_date: datetime | None  # aware, UTC
     flags: list[str]
+    # The server's identity of the message across folders (OBJECTID EMAILID, RFC 8474;
+    # Gmail's X-GM-MSGID), when it offers one.
+    email_id: str | None = None
+
+
+# UIDs as ascending, disjoint, inclusive (first, last) ranges.
+UidRanges = list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class FolderChanges:
+    """What changed in the selected folder: current flags by UID, and the UIDs expunged
+    (QRESYNC's VANISHED; empty without it)."""
+
+    flags: dict[int, list[str]]
+    vanished: UidRanges
 
 
 # -- connections ----------------------------------------------------------------------
@@ -310,6 +329,8 @@ class ImapSession:
         # Stated sizes of the bodies being fetched, by UID: their literals' limits.
         self._stated: dict[int, int] = {}
         self._max_bytes = get_settings().max_message_bytes
+        # QRESYNC enabled (`enable_qresync`): expunges are reported as VANISHED UIDs.
+        self.qresync = False
         imap = client._imap
         read = imap.read
 
@@ -391,6 +412,18 @@ class ImapSession:
         """Authenticate, then identify mailbeat to the server (ID)."""
         self._authenticate(account, credentials)
         self._identify()
+
+    def enable_qresync(self) -> bool:
+        """ENABLE QRESYNC (RFC 7162) where offered, once per session: from then on the
+        server reports expunged UIDs as VANISHED. Only possible while no folder is
+        selected (RFC 5161); a session that has one says no (False) and the caller does
+        without. Sent only when a folder is about to be looked into, so an idle poll
+        that a login starts pays no round trip for it."""
+        if self.qresync or self._selected or not self.supports("QRESYNC"):
+            return self.qresync
+        enabled = self._command(lambda: self._client.enable("QRESYNC"))
+        self.qresync = any(bytes(name).upper() == b"QRESYNC" for name in enabled)
+        return self.qresync
 
     def _authenticate(self, account: Account, credentials: Mapping[str, Any]) -> None:
         """AUTHENTICATE PLAIN (LOGIN where the server offers no PLAIN), or AUTHENTICATE
@@ -515,17 +548,27 @@ class ImapSession:
         ]
 
     def status(self, folder: str) -> FolderStatus:
-        """STATUS: a folder's UIDVALIDITY, UIDNEXT and message count, without selecting."""
+        """STATUS: a folder's UIDVALIDITY, UIDNEXT and message count, without selecting;
+        and its HIGHESTMODSEQ where the server has CONDSTORE (in the same command)."""
         wanted = [b"UIDVALIDITY", b"UIDNEXT", b"MESSAGES"]
+        if self.supports("CONDSTORE"):
+            wanted.append(b"HIGHESTMODSEQ")
         info = self._command(lambda: self._client.folder_status(folder, wanted))
         try:
+            modseq = info.get(b"HIGHESTMODSEQ")
             return FolderStatus(
                 uidvalidity=int(info[b"UIDVALIDITY"]),
                 uidnext=int(info[b"UIDNEXT"]),
                 messages=int(info[b"MESSAGES"]),
+                # 0: the folder has no modseqs (RFC 7162, NOMODSEQ), as good as none.
+                highestmodseq=int(modseq) if modseq else None,
             )
         except KeyError as exc:
             raise ImapProtocolError(f"STATUS without {exc.args[0].decode()}") from exc
+
+    def supports(self, capability: str) -> bool:
+        """Whether the server offers this capability (as it stated after the login)."""
+        return bool(self._command(lambda: self._client.has_capability(capability)))
 
     # -- the selected folder's messages -------------------------------------------------
 
@@ -581,21 +624,28 @@ class ImapSession:
         """Size, INTERNALDATE and flags of these UIDs; a UID expunged since is missing."""
         if not uids:
             return {}
-        fetched = self._command(
-            lambda: self._client.fetch(list(uids), ["RFC822.SIZE", "INTERNALDATE", "FLAGS"])
-        )
+        items = ["RFC822.SIZE", "INTERNALDATE", "FLAGS"]
+        identity = self._identity_item()
+        if identity is not None:
+            items.append(identity)
+        fetched = self._command(lambda: self._client.fetch(list(uids), items))
         return {
             uid: MessageMeta(
                 uid=uid,
                 size=int(data.get(b"RFC822.SIZE", 0)),
                 internal_date=_aware(data.get(b"INTERNALDATE")),
-                # \Recent belongs to the session that saw the message first, not the message.
-                flags=[
-                    _decoded(flag) for flag in data.get(b"FLAGS", ()) if flag.lower() != b"\\recent"
-                ],
+                flags=_flags(data),
+                email_id=_email_id(data),
             )
             for uid, data in fetched.items()
         }
+
+    def _identity_item(self) -> str | None:
+        if self.supports("OBJECTID"):
+            return "EMAILID"
+        if self.supports("X-GM-EXT-1"):
+            return "X-GM-MSGID"
+        return None
 
     def fetch_bodies(self, stated: Mapping[int, int]) -> dict[int, bytes]:
         """The raw messages of these UIDs, given with the sizes the server stated for them
@@ -610,6 +660,78 @@ class ImapSession:
         finally:
             self._stated = {}
         return {uid: bytes(data[b"BODY[]"]) for uid, data in fetched.items() if b"BODY[]" in data}
+
+    # -- changes (backend/mailbox/changes.py) -------------------------------------------
+
+    def fetch_changes(self, modseq: int) -> FolderChanges:
+        """`UID FETCH 1:* (FLAGS) (CHANGEDSINCE modseq)` (CONDSTORE): the flags of every
+        message of the selected folder changed since; with QRESYNC also `VANISHED`: the
+        UIDs expunged since, as compact ranges."""
+        modifiers = f"CHANGEDSINCE {modseq}" + (" VANISHED" if self.qresync else "")
+        flags, vanished = self._uid_fetch_flags(b"1:*", modifiers)
+        return FolderChanges(flags=flags, vanished=vanished)
+
+    def fetch_flags(self, newest: int | None = None, *, exists: int = 0) -> dict[int, list[str]]:
+        """The flags of the selected folder's messages by UID: all of them (`UID FETCH 1:*
+        (FLAGS)`), or the `newest` of the `exists` it holds, by sequence number (no
+        search needed)."""
+        if newest is None:
+            return self._uid_fetch_flags(b"1:*", None)[0]
+        if newest <= 0 or exists <= 0:
+            return {}
+        first = max(1, exists - newest + 1)
+        return self._uid_fetch_flags(b"%d:*" % first, None, by_uid=False)[0]
+
+    def uid_set(self) -> UidRanges:
+        """Every UID of the selected folder: with ESEARCH (RFC 4731) sent as compact
+        ranges, so 100,000 messages are a few lines, not 100,000 numbers."""
+        if not self.supports("ESEARCH"):
+            return merge_ranges([(uid, uid) for uid in self.search()])
+        imap = self._client._imap
+
+        def esearch() -> list[bytes]:
+            typ, data = imap._simple_command("UID", "SEARCH", "RETURN", "(ALL)", "ALL")
+            self._ok("UID SEARCH", typ, data)
+            return [bytes(line) for line in imap.untagged_responses.pop("ESEARCH", []) if line]
+
+        found: UidRanges = []
+        for line in self._command(esearch):
+            match = _ESEARCH_ALL.search(line)
+            if match is not None:
+                found += _sequence_set(match.group(1))
+        return merge_ranges(found)
+
+    def _uid_fetch_flags(
+        self, messages: bytes, modifiers: str | None, *, by_uid: bool = True
+    ) -> tuple[dict[int, list[str]], UidRanges]:
+        imap = self._client._imap
+
+        def fetch() -> tuple[dict[int, list[str]], UidRanges]:
+            args: list[Any] = ["FETCH", messages, "(UID FLAGS)"]
+            if by_uid:
+                args.insert(0, "UID")
+            if modifiers:
+                args.append(f"({modifiers})")
+            imap.untagged_responses.pop("VANISHED", None)
+            tag = imap._command(*args)
+            typ, data = imap._command_complete("FETCH", tag)
+            self._ok("FETCH", typ, data)
+            typ, data = imap._untagged_response(typ, data, "FETCH")
+            parsed = parse_fetch_response(data, True, True)
+            vanished: UidRanges = []
+            for line in imap.untagged_responses.pop("VANISHED", []):
+                vanished += _sequence_set(bytes(line).split(b" ")[-1])
+            return (
+                {uid: _flags(item) for uid, item in parsed.items() if 1 <= uid <= MAX_UID},
+                merge_ranges(vanished),
+            )
+
+        return self._command(fetch)
+
+    def _ok(self, command: str, typ: str, data: list[Any]) -> None:
+        if typ != "OK":
+            said = b" ".join(bytes(part) for part in data if part).decode("utf-8", "replace")
+            raise IMAPClientError(f"{command} command error: {typ} {said}")
 
     # -- push ----------------------------------------------------------------------------
 
@@ -984,6 +1106,46 @@ def open_account(
         session.close()
         raise
     return session
+
+
+def _flags(data: Mapping[bytes, Any]) -> list[str]:
+    # \Recent belongs to the session that saw the message first, not the message.
+    return [_decoded(flag) for flag in data.get(b"FLAGS", ()) if flag.lower() != b"\\recent"]
+
+
+def _email_id(data: Mapping[bytes, Any]) -> str | None:
+    value = data.get(b"EMAILID", data.get(b"X-GM-MSGID"))
+    if isinstance(value, tuple | list):  # EMAILID (M6d99ac3275bb4e)
+        value = value[0] if value else None
+    return None if value is None else _decoded(value)[:255]
+
+
+_ESEARCH_ALL = re.compile(rb"\bALL ([0-9:,]+)", re.IGNORECASE)
+
+
+def _sequence_set(text: bytes) -> UidRanges:
+    """The ranges of an IMAP sequence set ("1:3,7"), merged and ascending, within
+    1..MAX_UID; "*" and nonsense are left out. Never expanded: a hostile server's
+    "1:4294967295" is one range, not four billion numbers."""
+    ranges = []
+    for part in text.strip(b"()").split(b","):
+        low, _, high = part.partition(b":")
+        if not low.isdigit() or (high and not high.isdigit()):
+            continue
+        first, last = sorted((int(low), int(high or low)))
+        if first <= MAX_UID and last >= 1:
+            ranges.append((max(first, 1), min(last, MAX_UID)))
+    return merge_ranges(ranges)
+
+
+def merge_ranges(ranges: Sequence[tuple[int, int]]) -> UidRanges:
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
 
 
 def _aware(value: Any) -> datetime | None:

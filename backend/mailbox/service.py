@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from backend.accounts import state
 from backend.config import get_settings
 from backend.db import bulk_insert, insert_for, session_scope
-from backend.mailbox import credentials, cursors, folders, imap, parsing, pool
+from backend.mailbox import changes, credentials, cursors, folders, imap, parsing, pool
 from backend.mailbox.imap import (
     ERROR_TEXT_MAX,
     MAX_UID,
@@ -110,6 +110,7 @@ class _Fetched:
     size: int
     internal_date: datetime | None
     flags: list[str]
+    email_id: str | None = None  # the server's identity across folders, if it has one
     body: bytes | None = None  # None: larger than MAX_MESSAGE_BYTES, not fetched
     content_hash: str | None = None  # sha256 hex of body
 
@@ -196,7 +197,12 @@ def poll_account(
             poll_run_id=run_id,
         )
 
-    poller = _Poller(account, seen, SyncProgress(account_id, account.sync_progress, on_progress))
+    poller = _Poller(
+        account,
+        seen,
+        SyncProgress(account_id, account.sync_progress, on_progress),
+        changes.Tracker(account),
+    )
     poller.fence, poller.lease_lost = fence, lease_lost
     error: ImapError | None = None
     note: str | None = None
@@ -431,6 +437,7 @@ class _Poller:
         account: Account,
         seen: dict[str, tuple[int, int]] | None = None,
         progress: SyncProgress | None = None,
+        tracker: changes.Tracker | None = None,
     ) -> None:
         settings = get_settings()
         parsing.relax_gc()
@@ -450,6 +457,8 @@ class _Poller:
         self.failed: dict[str, ImapError] = {}
         # None for a backfill, which stores outside the sync.
         self.progress = progress
+        # Flags, deletions and moves (backend/mailbox/changes.py); off for a backfill.
+        self.changes = tracker or changes.Tracker(account, enabled=False)
         # The poll's fencing token and its lease's loss (see poll_account); None when
         # the poll holds no lease (local mode, a backfill).
         self.fence: int | None = None
@@ -491,6 +500,7 @@ class _Poller:
                         raise
                     log.warning("account %s folder %r: %s", self.account_id, folder, exc.message)
                     self.failed[folder] = ImapProtocolError(f"folder {folder!r}: {exc}")
+            self.new_ids = self.changes.finish(self.new_ids, fenced=self.fenced)
         if due and len(self.failed) == len(due):
             return next(iter(self.failed.values()))
         return None
@@ -500,7 +510,7 @@ class _Poller:
         # and no database.
         status = mailbox.status(folder)
         seen = (status.uidvalidity, status.uidnext)
-        if self.seen.get(folder) == seen:
+        if self.changes.unchanged(mailbox, folder, status) and self.seen.get(folder) == seen:
             return
         uidvalidity = mailbox.select(folder).uidvalidity
         with session_scope() as session:
@@ -523,6 +533,7 @@ class _Poller:
             with session_scope() as session:
                 self.fenced(session)
                 cursors.advance(session, self.account_id, folder, uidvalidity, ceiling)
+        self.changes.track(mailbox, folder, status, uidvalidity)
         # Renumbered between STATUS and SELECT: what STATUS said is not worth keeping.
         # A UIDNEXT beyond RFC 3501's range is not kept either (it would never repeat).
         if uidvalidity == status.uidvalidity and 0 < status.uidnext <= MAX_UID + 1:
@@ -626,7 +637,11 @@ class _Poller:
                 if data is None:
                     continue  # expunged since the search
                 item = _Fetched(
-                    uid=uid, size=data.size, internal_date=data.internal_date, flags=data.flags
+                    uid=uid,
+                    size=data.size,
+                    internal_date=data.internal_date,
+                    flags=data.flags,
+                    email_id=data.email_id,
                 )
                 fetch_size = item.size if item.size <= self.max_bytes else 0
                 if batch and (
@@ -757,6 +772,7 @@ class _Poller:
             "flags": item.flags,
             "size": item.size,
             "content_hash": item.content_hash,
+            "email_id": item.email_id,
             "text_body": None,
             "html_body": None,
             "storage_backend": None,

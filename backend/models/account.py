@@ -16,7 +16,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
-from sqlalchemy.sql.expression import false
+from sqlalchemy.sql.expression import false, true
 
 from backend.models.base import NO_ID_REUSE, Base, EnumString, TimestampMixin, UTCDateTime, utcnow
 from backend.models.enums import (
@@ -75,6 +75,12 @@ class Account(TimestampMixin, Base):
     # When a live watcher last confirmed push_status (every WATCHER_LEASE_SECONDS): a
     # status nobody confirms any more is shown as stale (backend/accounts/schemas.py).
     push_confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Change tracking (backend/mailbox/changes.py): flags, deletions and moves on the
+    # server reach the stored messages and the receivers.
+    track_changes: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    # Where change tracking stands in each folder (backend/mailbox/changes.py): on the
+    # account row, which every poll reads anyway, so an idle poll costs no statement more.
+    change_state: Mapped[dict[str, dict[str, Any]] | None] = mapped_column(JSON)
 
     initial_sync: Mapped[InitialSync] = mapped_column(
         EnumString(InitialSync, 16), default=InitialSync.ALL

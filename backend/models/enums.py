@@ -81,7 +81,11 @@ class EventType(StrEnum):
 
     MESSAGE_RECEIVED = "message.received"
     # A message re-parsed from its raw bytes (a parser upgrade), sent only when asked.
+    MESSAGE_REPARSED = "message.reparsed"
+    # Changes on the server to a message received before (backend/mailbox/changes.py).
     MESSAGE_UPDATED = "message.updated"
+    MESSAGE_DELETED = "message.deleted"
+    MESSAGE_MOVED = "message.moved"
     ACCOUNT_ERROR = "account.error"
     ACCOUNT_DISABLED = "account.disabled"
     ACCOUNT_RECOVERED = "account.recovered"

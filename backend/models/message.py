@@ -70,7 +70,13 @@ class Message(Base):
     decode_fallbacks: Mapped[list[str] | None] = mapped_column(JSON)
     skipped_reason: Mapped[str | None] = mapped_column(Text)  # e.g. larger than the maximum
 
+    # The server's identity of the message across folders (OBJECTID EMAILID, Gmail's
+    # X-GM-MSGID), when it has one: a message moved between folders is recognised by it.
+    email_id: Mapped[str | None] = mapped_column(String(255))
+
     ingested_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # When a poll found it expunged on the server; the row and its objects are kept.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # Times its processing failed on its own, and the last reason; at MAX_PROCESS_FAILURES
     # (backend/processing/service.py) the sweep leaves it: a processing dead letter.

@@ -11,7 +11,7 @@ and the message is counted in `attachments_kept`.
 Messages go in pages (`PAGE`, one transaction each), in id order, read from the backend
 their row names. A message whose raw bytes cannot be read is reported with the reason
 and left as it was; the others go on. Nothing is sent unless asked: with `notify`, a
-processed message whose parsed fields changed gets a `message.updated` event (a message
+processed message whose parsed fields changed gets a `message.reparsed` event (a message
 not processed yet gets its `message.received` with the new fields anyway).
 
 The CLI (`messages reparse`) runs the pages in its process with a progress bar; the API
@@ -66,7 +66,7 @@ class Reparsed:
     reparsed: int = 0  # read and parsed again
     changed: int = 0  # of those, whose parsed fields changed
     attachments_kept: int = 0  # attachments differ in their bytes: left as they were
-    notified: int = 0  # message.updated deliveries created
+    notified: int = 0  # message.reparsed deliveries created
     unreadable: list[Unreadable] = field(default_factory=list)
     last_id: int = 0  # the highest message id looked at
 
@@ -112,7 +112,7 @@ def reparse_page(
     account_id: int | None, after: int = 0, *, notify: bool = False, limit: int | None = None
 ) -> Reparsed:
     """A boundary: the next `limit` stored messages above id `after` re-parsed in one
-    transaction (`limit`: PAGE); then their message.updated events sent, with `notify`.
+    transaction (`limit`: PAGE); then their message.reparsed events sent, with `notify`.
     Returns what it did; `last_id` 0 when there was nothing left."""
     result = Reparsed()
     deliveries: list[int] = []

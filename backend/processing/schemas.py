@@ -90,7 +90,7 @@ class ReparseRequest(BaseModel):
     notify: bool = Field(
         default=False,
         strict=True,
-        description="send a message.updated event for each processed message whose "
+        description="send a message.reparsed event for each processed message whose "
         "parsed fields changed (nothing is sent without it)",
     )
 

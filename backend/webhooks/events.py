@@ -45,6 +45,12 @@ def account_data(account: Account) -> dict[str, Any]:
     }
 
 
+def change_data(account: Account, message: dict[str, Any], **details: Any) -> dict[str, Any]:
+    """A change to a message received before (message.updated, .deleted, .moved): the
+    message's identity as the change left it, and what changed."""
+    return {"account": {"id": account.id, "email": account.email}, "message": message, **details}
+
+
 def message_data(message: Message, account: Account) -> dict[str, Any]:
     settings = get_settings()
     base = settings.public_base_url.rstrip("/")

@@ -31,14 +31,14 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import Table, and_, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from backend import crypto, netpolicy, paging
 from backend.config import get_settings
-from backend.db import insert_for, session_scope
+from backend.db import bulk_insert, insert_for, session_scope
 from backend.dispatch import enqueue, register
 from backend.errors import NotFound
 from backend.models import (
@@ -164,10 +164,10 @@ def create_message_deliveries(
 
 
 def create_update_deliveries(session: Session, message: Message) -> list[int]:
-    """A message.updated event of a message (its parsed fields changed), once per target;
+    """A message.reparsed event of a message (its parsed fields changed), once per target;
     each change is an event of its own. Only flushes."""
-    key = f"{EventType.MESSAGE_UPDATED}:{message.id}:{uuid.uuid4().hex}"
-    return _create(session, message.account, EventType.MESSAGE_UPDATED, key, message_id=message.id)
+    key = f"{EventType.MESSAGE_REPARSED}:{message.id}:{uuid.uuid4().hex}"
+    return _create(session, message.account, EventType.MESSAGE_REPARSED, key, message_id=message.id)
 
 
 def create_account_event(session: Session, account: Account, event_type: str) -> list[int]:
@@ -212,6 +212,39 @@ def create_batch_deliveries(session: Session, message_ids: Sequence[int]) -> Non
             index_elements=["dedupe_key", "target"]
         )
         session.execute(insert, rows)
+
+
+def create_change_deliveries(
+    session: Session, account: Account, changes: Sequence[tuple[EventType, dict[str, Any]]]
+) -> list[int]:
+    """Deliveries of an account's message changes (message.updated / .deleted / .moved,
+    backend/mailbox/changes.py), one per (change, target), in one INSERT. Their data is
+    kept as the change found it (like an account event's): the message changes later.
+    Only flushes; the caller dispatches the returned ids after committing."""
+    found = targets(account)
+    now = utcnow()
+    rows = [
+        {
+            "event_id": f"evt_{uuid.uuid4().hex}",
+            "event_type": event_type,
+            "dedupe_key": f"{event_type}:{data['message']['id']}:{uuid.uuid4().hex}",
+            "target": target.kind,
+            "account_id": account.id,
+            "message_id": None,
+            "data": data,
+            "url": target.url,
+            "status": DeliveryStatus.PENDING,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+        }
+        for event_type, data in changes
+        for target in found
+    ]
+    if not rows:
+        return []
+    table = cast(Table, WebhookDelivery.__table__)
+    return sorted(row.id for row in bulk_insert(session, table, rows, returning=("id",)))
 
 
 def pending_for_messages(session: Session, message_ids: Sequence[int]) -> list[int]:

@@ -67,6 +67,20 @@ def test_create_defaults_and_lowercases_the_host(api: TestClient):
     assert body["folders"] == ["INBOX"]
     assert body["poll_interval_seconds"] == 300
     assert body["imap_security"] == "ssl"
+    assert body["track_changes"] is True
+
+
+def test_change_tracking_is_turned_off_and_on_per_account(api: TestClient, db: Session):
+    created = api.post("/accounts", json=account_payload(track_changes=False)).json()
+    assert created["track_changes"] is False
+    account = db.get(Account, created["id"])
+    assert account is not None
+    assert account.track_changes is False
+    body = api.patch(f"/accounts/{created['id']}", json={"track_changes": True}).json()
+    assert body["track_changes"] is True
+    refused = api.patch(f"/accounts/{created['id']}", json={"track_changes": None})
+    assert refused.status_code == 422
+    assert "track_changes" in refused.text
 
 
 def test_create_with_oauth2_keeps_the_tokens_encrypted(api: TestClient, db: Session):

@@ -322,7 +322,7 @@ def test_messages_reparse_with_progress(
         "notified": 1,
         "unreadable": [],
     }
-    assert receiver.delivered()[-1].json()["type"] == "message.updated"
+    assert receiver.delivered()[-1].json()["type"] == "message.reparsed"
     code, _, err = cli(capsys, "messages", "reparse")
     assert code == 1 and "--account ID, or --all" in err
     code, _, err = cli(capsys, "messages", "reparse", "--account", "999999")

@@ -100,6 +100,34 @@ def test_mail_appended_is_stored_through_push_with_a_long_interval(
     wait_for(lambda: stored(db, account) == 2, "a second one", details=celery.logs)
 
 
+def test_a_flag_and_an_expunge_reach_the_message_through_push(
+    celery: Celery, db: Session, dovecot: Dovecot
+) -> None:
+    """IDLE reports FETCH and EXPUNGE (VANISHED) as news: the poll it sends records the
+    change, with the interval far away."""
+    account = pushed(db, dovecot)
+    celery.worker()
+    celery.watcher()
+    wait_for(lambda: watching(db, account), "the watcher's IDLE", details=celery.logs)
+    uid = dovecot.append(account.username, generated(1))
+    wait_for(lambda: stored(db, account) == 1, "the message, through push", details=celery.logs)
+
+    def message() -> Message:
+        db.rollback()
+        found = db.scalar(select(Message).where(Message.account_id == account.id))
+        assert found is not None
+        return found
+
+    with dovecot.client(account.username) as client:
+        client.select_folder("INBOX")
+        client.add_flags([uid], [b"\\Flagged"])
+        wait_for(lambda: message().flags == ["\\Flagged"], "the flag", details=celery.logs)
+        client.add_flags([uid], [b"\\Deleted"])
+        client.uid_expunge([uid])
+        client.logout()
+    wait_for(lambda: message().deleted_at is not None, "the expunge", details=celery.logs)
+
+
 def test_a_killed_watchers_mailboxes_move_to_another_and_mail_still_arrives(
     celery: Celery, db: Session, dovecot: Dovecot, redis_db: RedisDb
 ) -> None:

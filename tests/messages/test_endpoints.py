@@ -59,6 +59,28 @@ def test_list_is_newest_first_and_paginated(api: TestClient, polled):
     assert api.get(f"/accounts/{account_id}", params={}).json()["message_count"] == 3
 
 
+def test_flags_and_deletion_on_the_server_show_in_the_api(
+    api: TestClient, dovecot: Dovecot, polled
+):
+    account_id, user, uids = polled
+    first = api.get(f"/accounts/{account_id}/messages").json()["items"][-1]
+    assert (first["flags"], first["deleted_at"]) == ([], None)
+    with dovecot.client(user) as client:
+        client.select_folder("INBOX")
+        client.add_flags([uids[0]], [b"\\Answered"])
+        client.add_flags([uids[1]], [b"\\Deleted"])
+        client.uid_expunge([uids[1]])
+        client.logout()
+    assert poll_account(account_id).outcome == "success"
+
+    items = {m["uid"]: m for m in api.get(f"/accounts/{account_id}/messages").json()["items"]}
+    assert items[uids[0]]["flags"] == ["\\Answered"]
+    assert items[uids[0]]["deleted_at"] is None
+    assert items[uids[1]]["deleted_at"] is not None
+    one = api.get(f"/messages/{items[uids[1]]['id']}").json()
+    assert one["deleted_at"] == items[uids[1]]["deleted_at"]
+
+
 def test_list_of_an_unknown_account_is_404(api: TestClient):
     response = api.get("/accounts/31337/messages")
     assert response.status_code == 404

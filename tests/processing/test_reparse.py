@@ -86,7 +86,7 @@ def test_reparse_fixes_the_parsed_fields_only_and_sends_nothing(
     assert reparse.reparse_page(account.id, done.last_id).last_id == 0
 
 
-def test_with_notify_a_changed_message_gets_one_message_updated_event(
+def test_with_notify_a_changed_message_gets_one_message_reparsed_event(
     db: Session, receiver: Receiver, webhooks_on: Callable[..., None]
 ) -> None:
     account = make_account(db)
@@ -97,11 +97,11 @@ def test_with_notify_a_changed_message_gets_one_message_updated_event(
     done = reparse.reparse_page(None, notify=True)
 
     assert (done.reparsed, done.changed, done.notified) == (2, 1, 1)
-    [event] = [r.json() for r in receiver.delivered() if r.json()["type"] == "message.updated"]
+    [event] = [r.json() for r in receiver.delivered() if r.json()["type"] == "message.reparsed"]
     assert event["data"]["message"]["id"] == changed.id
     assert event["data"]["message"]["subject"] == "Grüße 1"
     assert event["data"]["message"]["attachments"][0]["filename"] == "a.pdf"
-    assert len(receiver.delivered()) == 3  # two message.received, one message.updated
+    assert len(receiver.delivered()) == 3  # two message.received, one message.reparsed
 
 
 def test_a_message_whose_raw_bytes_cannot_be_read_is_reported_and_the_rest_fixed(
@@ -190,7 +190,7 @@ def test_the_routes_reparse_as_a_task(
     assert response.status_code == 202
     assert response.json() == {"account_id": None, "messages": 2, "notify": True}
     assert _row(db, theirs.id) == good[theirs.id]
-    assert [r.json()["type"] for r in receiver.delivered()][2:] == ["message.updated"]
+    assert [r.json()["type"] for r in receiver.delivered()][2:] == ["message.reparsed"]
 
     assert api.post("/accounts/999999/reparse").status_code == 404
     for wrong in ("often", 0, None):

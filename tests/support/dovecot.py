@@ -73,6 +73,7 @@ namespace inbox {{
     special_use = \\Sent
   }}
 }}
+{capability_line}
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {root}/users/%u
@@ -142,6 +143,7 @@ class Dovecot:
         mail_location: str = "maildir:~/Maildir",
         also_listen: str | None = None,
         imap_connections: int = 512,
+        capabilities: str | None = None,
     ) -> None:
         """With `oauth2_introspection_url`, users can also log in with XOAUTH2; Dovecot
         posts each token to that URL (`token=...`) and wants {"active": true, "username"}.
@@ -149,7 +151,10 @@ class Dovecot:
         Gmail and Exchange have) instead of Maildir++'s '.'. `also_listen`: one more
         address to listen on besides loopback (the docker bridge's, for containers).
         `imap_connections`: how many logged-in connections the server holds at once (the
-        push benchmark's 1,000 IDLE connections are 1,000 imap processes)."""
+        push benchmark's 1,000 IDLE connections are 1,000 imap processes).
+        `capabilities`: the capabilities offered after login, in place of Dovecot's (a
+        server without CONDSTORE and QRESYNC, say)."""
+        self.capabilities = capabilities
         self.root = root
         self.mail_location = mail_location
         self.also_listen = also_listen
@@ -210,6 +215,9 @@ class Dovecot:
                 mail_location=self.mail_location,
                 imap_connections=self.imap_connections,
                 client_limit=max(1000, 2 * self.imap_connections),
+                capability_line=(
+                    f"imap_capability = {self.capabilities}" if self.capabilities else ""
+                ),
             )
         )
         self._process = subprocess.Popen(

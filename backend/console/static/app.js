@@ -592,7 +592,11 @@ function accountView(id) {
       h(
         "thead",
         {},
-        h("tr", {}, ["Subject", "From", "Date", "Folder", "Size", ""].map((t) => h("th", {}, t))),
+        h(
+          "tr",
+          {},
+          ["Subject", "From", "Date", "Folder", "Flags", "Size", ""].map((t) => h("th", {}, t)),
+        ),
       ),
       h(
         "tbody",
@@ -606,11 +610,13 @@ function accountView(id) {
                 h("td", {}, m.from_addr ?? ""),
                 h("td", {}, when(m.date || m.internal_date)),
                 h("td", {}, m.folder),
+                // The server's flags as the last poll found them; "deleted" once expunged.
+                h("td", {}, [...m.flags, m.deleted_at ? "deleted" : ""].join(" ").trim()),
                 h("td", { class: "num" }, bytes(m.size)),
                 h("td", {}, rawLink(m)),
               ),
             )
-          : h("tr", {}, h("td", { colspan: 6, class: "muted" }, "No message stored yet.")),
+          : h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No message stored yet.")),
       ),
     );
   });
