@@ -85,6 +85,8 @@ STORE_THREADS = 8
 # Core tables: rows are inserted in bulk without ORM objects.
 MESSAGES = cast(Table, Message.__table__)
 ATTACHMENTS = cast(Table, Attachment.__table__)
+# A message's identity, unique in the table.
+MESSAGE_KEY = ("account_id", "folder", "uidvalidity", "uid")
 
 
 @dataclass
