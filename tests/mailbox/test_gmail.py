@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from imapclient import imap_utf7
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -27,6 +28,7 @@ from backend.mailbox.service import MESSAGES, PollResult, poll_account
 from backend.models import Message, PollOutcome, utcnow
 from backend.processing.service import after_poll
 from tests.support.accounts import make_account
+from tests.support.api import auth_headers
 from tests.support.dovecot import Dovecot
 from tests.support.imap_proxy import ImapProxy
 from tests.support.mail import generated
@@ -250,7 +252,11 @@ def test_a_move_between_polled_folders_is_a_move_not_a_new_message(
 
 
 def test_a_label_changed_later_is_a_message_update(
-    db: Session, dovecot: Dovecot, receiver: Receiver, webhooks_on: Callable[..., None]
+    db: Session,
+    dovecot: Dovecot,
+    receiver: Receiver,
+    webhooks_on: Callable[..., None],
+    api: TestClient,
 ) -> None:
     gmail = IdentityServer(gmail=True)
     with ImapProxy(dovecot.host, dovecot.imap_port, up=gmail.up, down=gmail.down) as proxy:
@@ -270,6 +276,8 @@ def test_a_label_changed_later_is_a_message_update(
 
     (stored,) = rows(db, account.id)
     assert stored.labels == ["\\Inbox", RECUS]
+    read = api.get(f"/messages/{stored.id}", headers=auth_headers()).json()
+    assert (read["email_id"], read["thread_id"], read["labels"]) == ("1001", "7", stored.labels)
     (update,) = [
         request.json()["data"]
         for request in receiver.delivered()
