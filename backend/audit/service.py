@@ -355,10 +355,14 @@ def _audit_folder(
     entry.objects_missing = len(broken)
 
     if missing:
+        # Not missing: the same message (its EMAILID, X-GM-MSGID) is stored from
+        # another folder, once (a Gmail label's folder beside INBOX).
+        elsewhere: list[int] = []
         entry.repaired_message_ids = store_uids(
-            mailbox, account, folder, uidvalidity, list(expand(missing))
+            mailbox, account, folder, uidvalidity, list(expand(missing)), elsewhere=elsewhere
         )
         entry.repaired = len(entry.repaired_message_ids)
+        entry.missing -= len(elsewhere)
     if broken:
         entry.objects_repaired = _repair_objects(mailbox, account.id, folder, uidvalidity, broken)
     if entry.found_anything:

@@ -173,6 +173,22 @@ def held_hashes(
     )
 
 
+def held_email_ids(session: Session, account_id: int, email_ids: set[str]) -> set[str]:
+    """Which of these server identities (EMAILID, X-GM-MSGID) a live message of the
+    account holds: the same message met in a second folder, not to be stored again."""
+    if not email_ids:
+        return set()
+    return set(
+        session.scalars(
+            select(Message.email_id).where(
+                Message.account_id == account_id,
+                Message.email_id.in_(email_ids),
+                Message.deleted_at.is_(None),
+            )
+        )
+    )
+
+
 def held_uids(
     session: Session, account_id: int, folder: str, uidvalidity: int, uids: Sequence[int]
 ) -> set[int]:

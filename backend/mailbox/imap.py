@@ -29,12 +29,12 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
-from imapclient import IMAPClient, SocketTimeout, imap4, tls
+from imapclient import IMAPClient, SocketTimeout, imap4, imap_utf7, tls
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 from imapclient.response_parser import parse_fetch_response
 
@@ -288,8 +288,11 @@ class MessageMeta:
     internal_date: datetime | None  # aware, UTC
     flags: list[str]
     # The server's identity of the message across folders (OBJECTID EMAILID, RFC 8474;
-    # Gmail's X-GM-MSGID), when it offers one.
+    # Gmail's X-GM-MSGID), when it offers one; its thread (THREADID, X-GM-THRID).
     email_id: str | None = None
+    thread_id: str | None = None
+    # Gmail's X-GM-LABELS (`labels`); None from any other server.
+    labels: list[str] | None = None
 
 
 # UIDs as ascending, disjoint, inclusive (first, last) ranges.
@@ -303,6 +306,8 @@ class FolderChanges:
 
     flags: dict[int, list[str]]
     vanished: UidRanges
+    # Gmail's labels of the changed messages by UID (X-GM-EXT-1 only).
+    labels: dict[int, list[str]] = field(default_factory=dict)
 
 
 # -- connections ----------------------------------------------------------------------
@@ -624,10 +629,7 @@ class ImapSession:
         """Size, INTERNALDATE and flags of these UIDs; a UID expunged since is missing."""
         if not uids:
             return {}
-        items = ["RFC822.SIZE", "INTERNALDATE", "FLAGS"]
-        identity = self._identity_item()
-        if identity is not None:
-            items.append(identity)
+        items = ["RFC822.SIZE", "INTERNALDATE", "FLAGS", *self._identity_items()]
         fetched = self._command(lambda: self._client.fetch(list(uids), items))
         return {
             uid: MessageMeta(
@@ -636,16 +638,24 @@ class ImapSession:
                 internal_date=_aware(data.get(b"INTERNALDATE")),
                 flags=_flags(data),
                 email_id=_email_id(data),
+                thread_id=_thread_id(data),
+                labels=_labels(data),
             )
             for uid, data in fetched.items()
         }
 
-    def _identity_item(self) -> str | None:
+    @property
+    def gmail(self) -> bool:
+        """Whether the server speaks Gmail's extensions (X-GM-EXT-1): labels, and one
+        message in every label's folder and in All Mail."""
+        return self.supports("X-GM-EXT-1")
+
+    def _identity_items(self) -> list[str]:
         if self.supports("OBJECTID"):
-            return "EMAILID"
-        if self.supports("X-GM-EXT-1"):
-            return "X-GM-MSGID"
-        return None
+            return ["EMAILID", "THREADID"]
+        if self.gmail:
+            return ["X-GM-MSGID", "X-GM-THRID", "X-GM-LABELS"]
+        return []
 
     def fetch_bodies(self, stated: Mapping[int, int]) -> dict[int, bytes]:
         """The raw messages of these UIDs, given with the sizes the server stated for them
@@ -668,8 +678,8 @@ class ImapSession:
         message of the selected folder changed since; with QRESYNC also `VANISHED`: the
         UIDs expunged since, as compact ranges."""
         modifiers = f"CHANGEDSINCE {modseq}" + (" VANISHED" if self.qresync else "")
-        flags, vanished = self._uid_fetch_flags(b"1:*", modifiers)
-        return FolderChanges(flags=flags, vanished=vanished)
+        flags, vanished, labels = self._uid_fetch_flags(b"1:*", modifiers, labels=self.gmail)
+        return FolderChanges(flags=flags, vanished=vanished, labels=labels)
 
     def fetch_flags(self, newest: int | None = None, *, exists: int = 0) -> dict[int, list[str]]:
         """The flags of the selected folder's messages by UID: all of them (`UID FETCH 1:*
@@ -702,12 +712,17 @@ class ImapSession:
         return merge_ranges(found)
 
     def _uid_fetch_flags(
-        self, messages: bytes, modifiers: str | None, *, by_uid: bool = True
-    ) -> tuple[dict[int, list[str]], UidRanges]:
+        self, messages: bytes, modifiers: str | None, *, by_uid: bool = True, labels: bool = False
+    ) -> tuple[dict[int, list[str]], UidRanges, dict[int, list[str]]]:
+        """Flags by UID, the UIDs VANISHED, and with `labels` Gmail's labels by UID."""
         imap = self._client._imap
 
-        def fetch() -> tuple[dict[int, list[str]], UidRanges]:
-            args: list[Any] = ["FETCH", messages, "(UID FLAGS)"]
+        def fetch() -> tuple[dict[int, list[str]], UidRanges, dict[int, list[str]]]:
+            args: list[Any] = [
+                "FETCH",
+                messages,
+                "(UID FLAGS X-GM-LABELS)" if labels else "(UID FLAGS)",
+            ]
             if by_uid:
                 args.insert(0, "UID")
             if modifiers:
@@ -721,9 +736,12 @@ class ImapSession:
             vanished: UidRanges = []
             for line in imap.untagged_responses.pop("VANISHED", []):
                 vanished += _sequence_set(bytes(line).split(b" ")[-1])
+            valid = {uid: item for uid, item in parsed.items() if 1 <= uid <= MAX_UID}
+            found = {uid: _labels(item) for uid, item in valid.items()} if labels else {}
             return (
-                {uid: _flags(item) for uid, item in parsed.items() if 1 <= uid <= MAX_UID},
+                {uid: _flags(item) for uid, item in valid.items()},
                 merge_ranges(vanished),
+                {uid: value for uid, value in found.items() if value is not None},
             )
 
         return self._command(fetch)
@@ -1114,10 +1132,38 @@ def _flags(data: Mapping[bytes, Any]) -> list[str]:
 
 
 def _email_id(data: Mapping[bytes, Any]) -> str | None:
-    value = data.get(b"EMAILID", data.get(b"X-GM-MSGID"))
+    return _object_id(data.get(b"EMAILID", data.get(b"X-GM-MSGID")))
+
+
+def _thread_id(data: Mapping[bytes, Any]) -> str | None:
+    return _object_id(data.get(b"THREADID", data.get(b"X-GM-THRID")))
+
+
+def _object_id(value: Any) -> str | None:
     if isinstance(value, tuple | list):  # EMAILID (M6d99ac3275bb4e)
         value = value[0] if value else None
+    # THREADID NIL: a server that does not thread (RFC 8474).
     return None if value is None else _decoded(value)[:255]
+
+
+def _labels(data: Mapping[bytes, Any]) -> list[str] | None:
+    """X-GM-LABELS as text: system labels (`\\Inbox`, `\\Sent`) as sent, the others
+    folder names in modified UTF-7 (`&XfJT0ZAB-` is 已发送). None when not sent."""
+    value = data.get(b"X-GM-LABELS")
+    if value is None:
+        return None
+    if not isinstance(value, tuple | list):
+        value = (value,)
+    return [_label(label if isinstance(label, bytes) else str(label).encode()) for label in value]
+
+
+def _label(text: bytes) -> str:
+    if text.startswith(b"\\"):
+        return _decoded(text)
+    try:
+        return str(imap_utf7.decode(text))
+    except (UnicodeError, ValueError):  # not modified UTF-7 after all: as sent
+        return _decoded(text)
 
 
 _ESEARCH_ALL = re.compile(rb"\bALL ([0-9:,]+)", re.IGNORECASE)

@@ -111,6 +111,11 @@ class _Fetched:
     internal_date: datetime | None
     flags: list[str]
     email_id: str | None = None  # the server's identity across folders, if it has one
+    thread_id: str | None = None
+    labels: list[str] | None = None  # Gmail's
+    # Its identity is held by a message stored from another folder (or generation):
+    # the same message, neither fetched nor stored again.
+    held: bool = False
     body: bytes | None = None  # None: larger than MAX_MESSAGE_BYTES, not fetched
     content_hash: str | None = None  # sha256 hex of body
 
@@ -413,12 +418,20 @@ def _ignored_uids_note(account_id: int, uids: Sequence[int]) -> str | None:
 
 
 def store_uids(
-    mailbox: ImapSession, account: Account, folder: str, uidvalidity: int, uids: Sequence[int]
+    mailbox: ImapSession,
+    account: Account,
+    folder: str,
+    uidvalidity: int,
+    uids: Sequence[int],
+    *,
+    elsewhere: list[int] | None = None,
 ) -> list[int]:
     """For backfill (backend/processing/backfill.py): fetch and store these UIDs of the
     selected folder as a poll does (what is held already is not stored again), without
     moving the folder cursor: UIDs picked out of order must not make the next poll skip
-    the ones between. Returns the new message ids for the caller to hand on."""
+    the ones between. Returns the new message ids for the caller to hand on; `elsewhere`
+    gets the UIDs not stored because a message stored from another folder is the same
+    (its EMAILID or X-GM-MSGID)."""
     with session_scope() as session:
         dedupe = cursors.has_other_generations(session, account.id, folder, uidvalidity)
     poller = _Poller(account)
@@ -426,6 +439,8 @@ def store_uids(
         poller.ingest(
             mailbox, folder, uidvalidity, sorted(uids), dedupe=dedupe, advance_cursor=False
         )
+    if elsewhere is not None:
+        elsewhere += poller.elsewhere
     return poller.new_ids
 
 
@@ -451,6 +466,8 @@ class _Poller:
         self.max_bytes = settings.max_message_bytes
         self.new_ids: list[int] = []
         self.new_bytes = 0
+        # UIDs not stored: a message stored from another folder is the same one.
+        self.elsewhere: list[int] = []
         # The folders this poll was to go through, and those that failed (poll_folders).
         self.polled: list[str] | None = None
         self.tried: list[str] = []
@@ -582,9 +599,7 @@ class _Poller:
         row["skipped_reason"] = exc.message[:ERROR_TEXT_MAX]
         with session_scope() as session:
             inserted = session.connection().execute(
-                insert_for(session, MESSAGES)
-                .on_conflict_do_nothing(index_elements=list(MESSAGE_KEY))
-                .returning(Message.id),
+                insert_for(session, MESSAGES).on_conflict_do_nothing().returning(Message.id),
                 [row],
             )
             if inserted.first() is not None:
@@ -630,6 +645,10 @@ class _Poller:
                 held = cursors.held_uids(session, self.account_id, folder, uidvalidity, chunk)
             chunk = [uid for uid in chunk if uid not in held]
             meta = mailbox.fetch_metadata(chunk)
+            email_ids = {data.email_id for data in meta.values() if data.email_id}
+            if email_ids:
+                with session_scope() as session:
+                    email_ids = cursors.held_email_ids(session, self.account_id, email_ids)
             batch: list[_Fetched] = []
             batch_bytes = 0
             for uid in chunk:
@@ -642,8 +661,11 @@ class _Poller:
                     internal_date=data.internal_date,
                     flags=data.flags,
                     email_id=data.email_id,
+                    thread_id=data.thread_id,
+                    labels=data.labels,
+                    held=data.email_id in email_ids,
                 )
-                fetch_size = item.size if item.size <= self.max_bytes else 0
+                fetch_size = item.size if item.size <= self.max_bytes and not item.held else 0
                 if batch and (
                     len(batch) >= self.batch_size or batch_bytes + fetch_size > BATCH_MAX_BYTES
                 ):
@@ -656,11 +678,11 @@ class _Poller:
 
     def _bodies(self, mailbox: ImapSession, batch: list[_Fetched]) -> list[_Fetched]:
         bodies = mailbox.fetch_bodies(
-            {item.uid: item.size for item in batch if item.size <= self.max_bytes}
+            {item.uid: item.size for item in batch if item.size <= self.max_bytes and not item.held}
         )
         kept: list[_Fetched] = []
         for item in batch:
-            if item.size > self.max_bytes:
+            if item.size > self.max_bytes or item.held:
                 kept.append(item)
                 continue
             body = bodies.get(item.uid)
@@ -687,8 +709,13 @@ class _Poller:
         prepared = _Prepared(
             folder=folder, uidvalidity=uidvalidity, last_uid=batch[-1].uid, fetched=len(batch)
         )
-        # Not what is held from before a UIDVALIDITY change.
-        kept = [item for item in batch if item.content_hash not in held]
+        # Not what is held from before a UIDVALIDITY change, nor from another folder (a
+        # place where change tracking may find a stored message moved to).
+        kept = [item for item in batch if item.content_hash not in held and not item.held]
+        for item in batch:
+            if item.held:
+                self.elsewhere.append(item.uid)
+                self.changes.seen_elsewhere(folder, uidvalidity, item)
         # Raw messages first: their writes run while the batch is parsed.
         rows = [self._prepare(folder, uidvalidity, item, prepared.uploads) for item in kept]
         outcomes = iter(parsing.parse_all([item.body for item in kept if item.body is not None]))
@@ -721,10 +748,12 @@ class _Poller:
             # First: a poll that has lost the mailbox commits nothing (and the account
             # row, locked from here, is the first row the batch locks, as below).
             self.fenced(session)
+            # Any conflict: the message's identity, or its server identity held by a
+            # message a backfill or an audit stored from another folder meanwhile.
             inserted = [
                 (row.id, row.uid, row.size)
                 for row in bulk_insert(
-                    session, MESSAGES, rows, unique=MESSAGE_KEY, returning=("id", "uid", "size")
+                    session, MESSAGES, rows, any_conflict=True, returning=("id", "uid", "size")
                 )
             ]
             # Attachments only of the messages inserted now: a message held already has
@@ -773,6 +802,8 @@ class _Poller:
             "size": item.size,
             "content_hash": item.content_hash,
             "email_id": item.email_id,
+            "thread_id": item.thread_id,
+            "labels": item.labels,
             "text_body": None,
             "html_body": None,
             "storage_backend": None,

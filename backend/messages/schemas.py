@@ -50,6 +50,12 @@ class MessageSummary(BaseModel):
         "usually empty"
     )
     skipped_reason: str | None
+    # The server's identity of the message across folders (OBJECTID EMAILID, Gmail's
+    # X-GM-MSGID), its thread (THREADID, X-GM-THRID) and Gmail's labels (X-GM-LABELS),
+    # where the server has them.
+    email_id: str | None = None
+    thread_id: str | None = None
+    labels: list[str] | None = None
     ingested_at: datetime
     processed_at: datetime | None
     # Times its processing failed on its own, and the last reason (docs/operations.md).
