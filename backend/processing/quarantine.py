@@ -76,7 +76,7 @@ def release(
         if message.processed_at is not None:
             raise Conflict(f"message {message_id} is not quarantined: it was processed")
         raise Conflict(
-            f"message {message_id} is not quarantined: it has failed "
-            f"{message.process_failures} times, and its task still retries it"
+            f"message {message_id} is not quarantined: it waits for processing "
+            f"({message.process_failures} failures so far)"
         )
     return ids
