@@ -506,14 +506,16 @@ def dead_letters_list(args: argparse.Namespace) -> int:
 
 
 def dead_letters_replay(args: argparse.Namespace) -> int:
-    if not args.ids and args.account is None:
-        raise CommandError("name dead letter ids, or --account ID for all of one account's")
+    if sum((bool(args.ids), args.account is not None, args.all)) != 1:
+        raise CommandError(
+            "name dead letter ids, or --account ID for all of one account's, or --all"
+        )
     with session_scope() as session:
         ids: list[int] = []
         for delivery_id in args.ids:
-            ids += webhooks.replay_dead_letter(session, delivery_id)
-        if args.account is not None:
-            ids += webhooks.replay_account_dead_letters(session, args.account)
+            ids += webhooks.replay_dead_letters(session, delivery_id=delivery_id)
+        if args.account is not None or args.all:
+            ids += webhooks.replay_dead_letters(session, account_id=args.account)
         session.commit()
     # Sent after the commit, or a fast worker would find them still dead.
     webhooks.dispatch(ids)
@@ -835,6 +837,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = dl_sub.add_parser("replay", parents=[as_json], help="send them again")
     p.add_argument("ids", type=int, nargs="*", help="dead letter ids")
     p.add_argument("--account", type=int, help="every dead letter of this account")
+    p.add_argument("--all", action="store_true", help="every dead letter")
     p.set_defaults(handler=dead_letters_replay)
 
     p = sub.add_parser(

@@ -63,11 +63,7 @@ def release(
     if account_id is not None:
         query = query.where(Message.account_id == account_id)
     ids = sorted(
-        session.scalars(
-            query.values(process_failures=0, quarantined_at=None)
-            .returning(Message.id)
-            .execution_options(synchronize_session=False)
-        )
+        session.scalars(query.values(process_failures=0, quarantined_at=None).returning(Message.id))
     )
     if message_id is not None and not ids:
         message = session.get(Message, message_id)

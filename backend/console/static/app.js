@@ -870,6 +870,19 @@ function drawForm(id, account, fields) {
 function deadLettersView() {
   const table = h("table", { id: "dead-letters" });
   const total = h("p", { class: "muted" });
+  const all = h("button", { type: "button", "data-action": "replay all", hidden: true }, "Replay all");
+  all.addEventListener("click", () =>
+    guarded(async () => {
+      all.disabled = true;
+      try {
+        const done = await api("POST", "/admin/dead-letters/replay");
+        toast(`Replayed ${done.replayed} deliver${done.replayed === 1 ? "y" : "ies"}`);
+      } finally {
+        all.disabled = false;
+      }
+      await view.refresh();
+    }),
+  );
   main.replaceChildren(
     h("h1", {}, "Dead letters"),
     h(
@@ -880,10 +893,12 @@ function deadLettersView() {
     ),
     total,
     table,
+    h("p", {}, all),
   );
   show("dead-letters", "Dead letters", async () => {
     const page = await api("GET", "/admin/dead-letters?limit=200");
     total.textContent = `${page.total} dead letter${page.total === 1 ? "" : "s"}`;
+    all.hidden = !page.total;
     const head = ["Id", "Event", "Mailbox", "Target", "Attempts", "Last answer", "Last attempt", ""];
     table.replaceChildren(
       h("thead", {}, h("tr", {}, head.map((t) => h("th", {}, t)))),
