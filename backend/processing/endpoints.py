@@ -139,8 +139,7 @@ def replay_all(session: SessionDep) -> QuarantineReplayed:
 
 
 def _replay(session: Session, message_ids: list[int]) -> QuarantineReplayed:
-    # Handed on after the commit, as every task is sent: a failure of the new attempts
-    # must count from zero.
+    # Handed on after the commit, as every task is sent: the attempts see the count at zero.
     session.commit()
     hand_on(message_ids)
     return QuarantineReplayed(replayed=len(message_ids), message_ids=message_ids)

@@ -51,8 +51,8 @@ def release(
 ) -> list[int]:
     """Take quarantined messages out of quarantine (one, an account's, or all) with their
     failure count at zero; returns their ids, for the caller to hand on
-    (`service.hand_on`) after the commit. Only
-    flushes. The last reason (`process_error`) is kept until the next attempt."""
+    (`service.hand_on`) after the commit. Only flushes. The last reason
+    (`process_error`) is kept until the next attempt."""
     if account_id is not None and session.get(Account, account_id) is None:
         raise NotFound(f"account {account_id} does not exist")
     query = update(Message).where(
