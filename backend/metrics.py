@@ -40,6 +40,7 @@ from backend.celery_app import app, queue_keys
 from backend.config import get_settings
 from backend.db import get_sessionmaker, session_scope
 from backend.models import Account, AccountStatus, PollOutcome, utcnow
+from backend.processing import quarantine
 from backend.push import leases as push_leases
 from backend.schedules import service as schedules
 from backend.singleflight import SharedResult
@@ -236,6 +237,7 @@ def _database_gauges() -> Iterator[GaugeMetricFamily]:
             )
         )
         stale = freshness.staleness(session).stale
+        quarantined = quarantine.count(session)
     by_status = GaugeMetricFamily("mailbeat_mailboxes", "Mailboxes by status.", labels=["status"])
     for status in sorted(set(AccountStatus) | set(counts)):
         by_status.add_metric([status], counts.get(status, 0))
@@ -252,6 +254,11 @@ def _database_gauges() -> Iterator[GaugeMetricFamily]:
         "mailbeat_mailboxes_stale",
         "Scheduled mailboxes with no complete poll within their freshness limit.",
         value=stale,
+    )
+    yield GaugeMetricFamily(
+        "mailbeat_messages_quarantined",
+        "Messages whose processing failed MAX_PROCESS_FAILURES times, waiting for a replay.",
+        value=quarantined,
     )
 
 

@@ -1,6 +1,6 @@
 """the server's thread and labels of a message, and one live message per server identity
 
-Revision ID: 0018
+Revision ID: 0018_message_threads_labels
 Revises: 0017_change_tracking
 Create Date: 2026-12-07 08:00:00
 """
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0018"
+revision: str = "0018_message_threads_labels"
 down_revision: str | None = "0017_change_tracking"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

@@ -61,6 +61,9 @@ class MessageSummary(BaseModel):
     # Times its processing failed on its own, and the last reason (docs/operations.md).
     process_failures: int
     process_error: str | None
+    # When it was set aside after MAX_PROCESS_FAILURES: not retried until it is replayed
+    # (`POST /messages/{id}/replay`).
+    quarantined_at: datetime | None = None
     # When a poll found it expunged on the server (change tracking); the row and its
     # objects are kept.
     deleted_at: datetime | None = None

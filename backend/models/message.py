@@ -53,6 +53,14 @@ class Message(Base):
             postgresql_where=text("processed_at IS NULL"),
             sqlite_where=text("processed_at IS NULL"),
         ),
+        # Quarantined messages are few: listed and counted from their own index.
+        Index(
+            "ix_messages_quarantined",
+            "account_id",
+            "id",
+            postgresql_where=text("quarantined_at IS NOT NULL"),
+            sqlite_where=text("quarantined_at IS NOT NULL"),
+        ),
         NO_ID_REUSE,
     )
 
@@ -98,9 +106,11 @@ class Message(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # Times its processing failed on its own, and the last reason; at MAX_PROCESS_FAILURES
-    # (backend/processing/service.py) the sweep leaves it: a processing dead letter.
+    # (backend/processing/service.py) it is quarantined: set aside (not retried, left by
+    # the sweep) until it is replayed (backend/processing/quarantine.py) or processed.
     process_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     process_error: Mapped[str | None] = mapped_column(Text)
+    quarantined_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     account: Mapped[Account] = relationship(back_populates="messages")
     attachments: Mapped[list[Attachment]] = relationship(

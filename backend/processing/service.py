@@ -8,9 +8,10 @@ after-commit work runs (sending the batch's webhooks). A batch whose transaction
 is processed again one message per transaction, so one bad message does not hold back
 the others. A message that fails on its own (others of its batch went through) counts
 the failure and keeps the reason (`process_failures`, `process_error`); after
-MAX_PROCESS_FAILURES it is a processing dead letter: it is no longer retried, and the
-sweep leaves it. A batch whose every message fails counts nothing: the cause is not one
-message, and they are retried as before.
+MAX_PROCESS_FAILURES it is quarantined (`quarantined_at`): it is no longer retried, the
+sweep leaves it, and it waits to be listed and replayed after a fix
+(backend/processing/quarantine.py). A batch whose every message fails counts nothing:
+the cause is not one message, and they are retried as before.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from backend.webhooks import service as webhooks
 log = logging.getLogger(__name__)
 
 PROCESS_TASK = "message.process"
-# Failures of a message on its own after which it is left alone (a dead letter): not
-# retried by its task, skipped by the sweep. A backfill hands it on again.
+# Failures of a message on its own after which it is quarantined: not retried by its
+# task, skipped by the sweep, until it is replayed.
 MAX_PROCESS_FAILURES = 10
 # A failure's reason, as the message row keeps it.
 PROCESS_ERROR_MAX = 500
@@ -75,13 +76,18 @@ def process_batch(session: Session, message_ids: Sequence[int]) -> list[int]:
             for message in messages:
                 step.run(session, message)
     now = utcnow()
-    session.execute(update(Message).where(Message.id.in_(claimed)).values(processed_at=now))
+    # A quarantined message handed on another way (a backfill) and processed now is no
+    # longer set aside.
+    session.execute(
+        update(Message).where(Message.id.in_(claimed)).values(processed_at=now, quarantined_at=None)
+    )
     # Message objects this session holds (the steps', a caller's) show the change too: a
     # bulk UPDATE leaves them as they were loaded.
     done = set(claimed)
     for held in list(session.identity_map.values()):
         if isinstance(held, Message) and held.id in done:
             set_committed_value(held, "processed_at", now)
+            set_committed_value(held, "quarantined_at", None)
     return claimed
 
 
@@ -135,8 +141,8 @@ def _one_at_a_time(message_ids: Sequence[int]) -> tuple[int, dict[int, str]]:
 
 def _record_failures(failed: dict[int, str], *, counted: bool) -> list[int]:
     """Keep each message's reason and, when `counted`, count the failure (a short
-    transaction of its own); returns those to retry, leaving those that reached
-    MAX_PROCESS_FAILURES."""
+    transaction of its own); returns those to retry. Those that reached
+    MAX_PROCESS_FAILURES are quarantined instead."""
     if not failed:
         return []
     increment = 1 if counted else 0
@@ -153,6 +159,13 @@ def _record_failures(failed: dict[int, str], *, counted: bool) -> list[int]:
                     .returning(Message.id, Message.process_failures)
                 ).all()
             )
+            reached = [i for i, failures in counts.items() if failures >= MAX_PROCESS_FAILURES]
+            if reached:
+                session.execute(
+                    update(Message)
+                    .where(Message.id.in_(reached), Message.quarantined_at.is_(None))
+                    .values(quarantined_at=utcnow())
+                )
     except Exception:
         # Not counted (the database is away?): retried like any failure.
         log.exception("the failures of messages %s could not be recorded", sorted(failed))
@@ -160,7 +173,7 @@ def _record_failures(failed: dict[int, str], *, counted: bool) -> list[int]:
     for message_id, failures in sorted(counts.items()):
         if failures >= MAX_PROCESS_FAILURES:
             log.error(
-                "message %s failed processing %d times: left as a dead letter (%s)",
+                "message %s failed processing %d times: quarantined until replayed (%s)",
                 message_id,
                 failures,
                 failed[message_id],
@@ -200,7 +213,7 @@ def emit_account_event(account_id: int, event_type: str) -> None:
 
 def sweep(*, limit: int = 500) -> dict[str, int]:
     """Pick up work whose task was lost (Redis flushed, a worker killed before acking):
-    messages never processed (but not the dead letters of processing) and deliveries
+    messages never processed (but not quarantined ones) and deliveries
     well past due. Run periodically; what it sends twice is harmless (processing and
     delivery attempts are idempotent)."""
     cutoff = utcnow() - webhooks.SWEEP_GRACE
@@ -211,7 +224,7 @@ def sweep(*, limit: int = 500) -> dict[str, int]:
                 .where(
                     Message.processed_at.is_(None),
                     Message.ingested_at < cutoff,
-                    Message.process_failures < MAX_PROCESS_FAILURES,
+                    Message.quarantined_at.is_(None),
                 )
                 .order_by(Message.id)
                 .limit(limit)

@@ -369,7 +369,7 @@ def test_a_change_event_is_retried_dead_lettered_and_replayed_like_any_event(
     tried = {request.json()["id"] for request in receiver.requests}
     assert tried == {letter.event_id}
 
-    ids = webhooks.replay_dead_letter(db, letter.id)
+    ids = webhooks.replay_dead_letters(db, delivery_id=letter.id)
     db.commit()
     webhooks.dispatch(ids)
     [delivered] = events(receiver)
