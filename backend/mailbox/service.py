@@ -420,11 +420,16 @@ def store_uids(
     moving the folder cursor: UIDs picked out of order must not make the next poll skip
     the ones between. Returns the new message ids for the caller to hand on."""
     with session_scope() as session:
-        dedupe = cursors.has_other_generations(session, account.id, folder, uidvalidity)
+        match_below = cursors.match_below(session, account.id, folder, uidvalidity)
     poller = _Poller(account)
     with poller.storing():
         poller.ingest(
-            mailbox, folder, uidvalidity, sorted(uids), dedupe=dedupe, advance_cursor=False
+            mailbox,
+            folder,
+            uidvalidity,
+            sorted(uids),
+            match_below=match_below,
+            advance_cursor=False,
         )
     return poller.new_ids
 
@@ -512,11 +517,14 @@ class _Poller:
         seen = (status.uidvalidity, status.uidnext)
         if self.changes.unchanged(mailbox, folder, status) and self.seen.get(folder) == seen:
             return
-        uidvalidity = mailbox.select(folder).uidvalidity
+        selected = mailbox.select(folder)
+        uidvalidity = selected.uidvalidity
         with session_scope() as session:
             self.fenced(session)
-            cursor = cursors.resume_after(session, self.account_id, folder, uidvalidity)
-            dedupe = cursors.has_other_generations(session, self.account_id, folder, uidvalidity)
+            cursor = cursors.resume_after(
+                session, self.account_id, folder, uidvalidity, selected.uidnext
+            )
+            match_below = cursors.match_below(session, self.account_id, folder, uidvalidity)
         if cursor is None:
             uids, ceiling = self._first_sync_selection(mailbox, folder)
         else:
@@ -527,7 +535,7 @@ class _Poller:
             with session_scope() as session:
                 self.fenced(session)
                 self.progress.start(session, folder, len(uids))
-        self.ingest(mailbox, folder, uidvalidity, uids, dedupe=dedupe)
+        self.ingest(mailbox, folder, uidvalidity, uids, match_below=match_below)
         if ceiling > (cursor or 0):
             # Messages the initial-sync policy left out stay behind the cursor for good.
             with session_scope() as session:
@@ -546,7 +554,7 @@ class _Poller:
         uidvalidity: int,
         uids: Sequence[int],
         *,
-        dedupe: bool,
+        match_below: int,
         advance_cursor: bool = True,
     ) -> None:
         """Fetch and store these UIDs (ascending) of the selected folder, batch by batch.
@@ -558,7 +566,9 @@ class _Poller:
         with ThreadPoolExecutor(1, thread_name_prefix="mailbox-commit") as committer:
             try:
                 for batch in _prefetched(self._fetch(mailbox, folder, uidvalidity, uids)):
-                    prepared = self._prepare_batch(folder, uidvalidity, batch, dedupe=dedupe)
+                    prepared = self._prepare_batch(
+                        folder, uidvalidity, batch, match_below=match_below
+                    )
                     if committing is not None:
                         committing.result()  # at most one batch waits: bounded memory
                         committing = None
@@ -674,21 +684,26 @@ class _Poller:
         return kept
 
     def _prepare_batch(
-        self, folder: str, uidvalidity: int, batch: list[_Fetched], *, dedupe: bool
+        self, folder: str, uidvalidity: int, batch: list[_Fetched], *, match_below: int
     ) -> _Prepared | None:
         """Parse a batch and start writing its objects."""
         if not batch:
             return None
-        hashes = {item.content_hash for item in batch if item.content_hash is not None}
+        # What the folder held at a UIDVALIDITY change may be held from before it; what
+        # arrived later is new, even byte for byte the same (moved out and back).
+        hashes = {
+            item.content_hash
+            for item in batch
+            if item.content_hash is not None and item.uid < match_below
+        }
         held: set[str] = set()
-        if dedupe:
+        if hashes:
             with session_scope() as session:
                 held = cursors.held_hashes(session, self.account_id, folder, uidvalidity, hashes)
         prepared = _Prepared(
             folder=folder, uidvalidity=uidvalidity, last_uid=batch[-1].uid, fetched=len(batch)
         )
-        # Not what is held from before a UIDVALIDITY change.
-        kept = [item for item in batch if item.content_hash not in held]
+        kept = [item for item in batch if item.uid >= match_below or item.content_hash not in held]
         # Raw messages first: their writes run while the batch is parsed.
         rows = [self._prepare(folder, uidvalidity, item, prepared.uploads) for item in kept]
         outcomes = iter(parsing.parse_all([item.body for item in kept if item.body is not None]))
