@@ -259,3 +259,23 @@ def test_a_server_down_shows_failing_with_the_last_confirmation(
     assert now.push_confirmed_at is not None
     assert shown_status(now.push_status, now.push_confirmed_at) == PushStatus.FAILING
     assert db.scalar(select(Account.push).where(Account.id == account.id)) is True
+
+
+def test_a_folder_renumbered_by_the_server_is_watched_on(
+    celery: Celery, db: Session, dovecot: Dovecot
+) -> None:
+    """doveadm gives INBOX a new UIDVALIDITY under the watcher: its mail is matched once,
+    and news of mail after the change still comes through push."""
+    account = pushed(db, dovecot)
+    celery.worker()
+    celery.watcher()
+    wait_for(lambda: watching(db, account), "the watcher's IDLE", details=celery.logs)
+    dovecot.append(account.username, generated(1))
+    wait_for(lambda: stored(db, account) == 1, "the message, through push", details=celery.logs)
+
+    before = dovecot.folder_status(account.username)[b"UIDVALIDITY"]
+    dovecot.set_uidvalidity(account.username, "INBOX", before + 1000)
+    dovecot.append(account.username, generated(2))
+    wait_for(lambda: stored(db, account) == 2, "mail after the change", details=celery.logs)
+    dovecot.append(account.username, generated(3))
+    wait_for(lambda: stored(db, account) == 3, "and after that", details=celery.logs)
