@@ -249,6 +249,23 @@ def test_patch_password_clears_the_backoff(api: TestClient, db: Session):
     assert crypto.decrypt_json(account.credentials_encrypted) == {"password": "new-SECRET"}
 
 
+def test_a_new_login_is_marked_for_the_watcher_and_other_fields_are_not(
+    api: TestClient, db: Session
+):
+    account = make_account(db, push=True, push_status="watching")
+    api.patch(f"/accounts/{account.id}", json={"priority": 7, "folders": ["INBOX", "Sent"]})
+    db.refresh(account)
+    assert (account.login_changed_at, account.push_status) == (None, "watching")
+
+    for change in ({"password": "new-SECRET"}, {"username": "someone-else"}):
+        before = account.login_changed_at
+        assert api.patch(f"/accounts/{account.id}", json=change).status_code == 200
+        db.refresh(account)
+        assert account.login_changed_at is not None
+        assert before is None or account.login_changed_at > before
+        assert account.push_status is None  # until the watcher has connected with it
+
+
 def test_patch_other_fields_keep_the_backoff(api: TestClient, db: Session):
     until = utcnow() + timedelta(hours=1)
     account = make_account(db, status="error", consecutive_failures=4, backoff_until=until)
