@@ -503,8 +503,10 @@ class AccountRead(BaseModel):
         description="with push on, what the watcher found: 'watching' (IDLE held, "
         "confirmed by a live watcher within two WATCHER_LEASE_SECONDS), 'stale' (was "
         "watching, but no live watcher has confirmed it since: none runs, or it died) or "
-        "'unsupported' (the server has no IDLE: polled on the interval only); null before "
-        "a watcher has tried"
+        "'unsupported' (the server has no IDLE: polled on the interval only), 'failing' "
+        "(a watcher cannot connect or select a folder and keeps trying; push_confirmed_at "
+        "says when it last watched); null before a watcher has tried, and after a change "
+        "of login until the watcher has connected with it (seconds)"
     )
     push_confirmed_at: datetime | None = Field(
         description="when a live watcher last confirmed push_status 'watching'"

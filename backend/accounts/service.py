@@ -221,6 +221,7 @@ def update_account(session: Session, account: Account, data: AccountUpdate) -> A
 
     if connection_changed:
         state.forget_failures(account)
+        account.login_changed_at = utcnow()
     if connection_changed or "push" in changes:
         # What a watcher found was about this server (or an earlier try): it looks again.
         account.push_status = None

@@ -757,11 +757,12 @@ class ImapSession:
         """Whether the server offers IDLE (RFC 2177)."""
         return bool(self._command(lambda: self._client.has_capability("IDLE")))
 
-    def idle(self) -> IdleLink:
-        """Hand the connection, with a folder selected, to a caller that waits on many
-        sockets at once (backend/push/watcher.py): IDLE is sent, and from now on the
-        session is driven only through the IdleLink returned. The deadline, if armed,
-        is cancelled: the caller times the server's answers itself."""
+    def idle(self, selected: SelectedFolder) -> IdleLink:
+        """Hand the connection, with a folder selected (`selected`: what `select` said),
+        to a caller that waits on many sockets at once (backend/push/watcher.py): IDLE is
+        sent, and from now on the session is driven only through the IdleLink returned.
+        The deadline, if armed, is cancelled: the caller times the server's answers
+        itself."""
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
@@ -770,7 +771,7 @@ class ImapSession:
         if not self._selected:
             raise ImapProtocolError("IDLE needs a selected folder")
         self._broken = True  # no imapclient command on it from now on
-        link = IdleLink(self._client)
+        link = IdleLink(self._client, selected)
         link.start()
         return link
 
@@ -794,9 +795,14 @@ class IdleLink:
     and LOGOUT; `close()` shuts the socket. `waiting_since` is the monotonic time since
     which an answer is awaited (None while idling): the caller gives up after its read
     timeout. Every failure is an ImapError; a BYE, an EOF or a refused IDLE end the link.
+
+    `reselect` says why the folder is to be selected again, once the server has shown
+    that the one selected is gone (deleted and perhaps recreated) without ending the
+    link: every message expunged (Cyrus sends only that to a session on a deleted
+    folder), or a new UIDVALIDITY in an untagged OK.
     """
 
-    def __init__(self, client: IMAPClient) -> None:
+    def __init__(self, client: IMAPClient, selected: SelectedFolder) -> None:
         self._client = client
         self._imap = client._imap
         self._sock: socket.socket = client.socket()
@@ -808,6 +814,10 @@ class IdleLink:
         # starting (IDLE sent), idling, renewing (DONE sent), ending (DONE LOGOUT sent)
         self.state = "new"
         self.waiting_since: float | None = None
+        self.folder = selected.name
+        self.uidvalidity = selected.uidvalidity
+        self.exists = selected.exists
+        self.reselect: str | None = None
         # What imaplib had already read past the SELECT's answer, unsolicited news.
         with contextlib.suppress(BlockingIOError, ssl.SSLWantReadError, OSError):
             self._buffer += self._imap.file.peek(IDLE_READ_MAX)
@@ -917,6 +927,7 @@ class IdleLink:
                 if self.state == "ending":
                     return False
                 raise ImapConnectionError(f"connection lost: the server said BYE {_said(line)}")
+            self._count(word)
             # OK ("Still here"), NO and BAD carry no news of the folder.
             return kind not in (b"OK", b"NO", b"BAD", b"CAPABILITY")
         tag, _, rest = line.partition(b" ")
@@ -928,6 +939,22 @@ class IdleLink:
         if self.state == "renewing":
             self.start()
         return False
+
+    def _count(self, word: list[bytes]) -> None:
+        """Follow the selected folder's size and UIDVALIDITY through the untagged
+        responses (`word`: the line after "* ", split twice), for `reselect`."""
+        if len(word) < 2:
+            return
+        if word[0].isdigit() and word[1].upper() == b"EXISTS":
+            self.exists = int(word[0])
+        elif word[0].isdigit() and word[1].upper() == b"EXPUNGE" and self.exists > 0:
+            self.exists -= 1
+            if self.exists == 0:
+                self.reselect = "every message expunged"
+        elif word[0].upper() == b"OK" and word[1].upper() == b"[UIDVALIDITY":
+            found = re.match(rb"(\d+)\]", word[2] if len(word) > 2 else b"")
+            if found is not None and int(found.group(1)) != self.uidvalidity:
+                self.reselect = f"UIDVALIDITY {self.uidvalidity} -> {int(found.group(1))}"
 
 
 def _said(line: bytes) -> str:

@@ -433,11 +433,16 @@ def store_uids(
     gets the UIDs not stored because a message stored from another folder is the same
     (its EMAILID or X-GM-MSGID)."""
     with session_scope() as session:
-        dedupe = cursors.has_other_generations(session, account.id, folder, uidvalidity)
+        match_below = cursors.match_below(session, account.id, folder, uidvalidity)
     poller = _Poller(account)
     with poller.storing():
         poller.ingest(
-            mailbox, folder, uidvalidity, sorted(uids), dedupe=dedupe, advance_cursor=False
+            mailbox,
+            folder,
+            uidvalidity,
+            sorted(uids),
+            match_below=match_below,
+            advance_cursor=False,
         )
     if elsewhere is not None:
         elsewhere += poller.elsewhere
@@ -529,11 +534,14 @@ class _Poller:
         seen = (status.uidvalidity, status.uidnext)
         if self.changes.unchanged(mailbox, folder, status) and self.seen.get(folder) == seen:
             return
-        uidvalidity = mailbox.select(folder).uidvalidity
+        selected = mailbox.select(folder)
+        uidvalidity = selected.uidvalidity
         with session_scope() as session:
             self.fenced(session)
-            cursor = cursors.resume_after(session, self.account_id, folder, uidvalidity)
-            dedupe = cursors.has_other_generations(session, self.account_id, folder, uidvalidity)
+            cursor = cursors.resume_after(
+                session, self.account_id, folder, uidvalidity, selected.uidnext
+            )
+            match_below = cursors.match_below(session, self.account_id, folder, uidvalidity)
         if cursor is None:
             uids, ceiling = self._first_sync_selection(mailbox, folder)
         else:
@@ -544,7 +552,7 @@ class _Poller:
             with session_scope() as session:
                 self.fenced(session)
                 self.progress.start(session, folder, len(uids))
-        self.ingest(mailbox, folder, uidvalidity, uids, dedupe=dedupe)
+        self.ingest(mailbox, folder, uidvalidity, uids, match_below=match_below)
         if ceiling > (cursor or 0):
             # Messages the initial-sync policy left out stay behind the cursor for good.
             with session_scope() as session:
@@ -563,7 +571,7 @@ class _Poller:
         uidvalidity: int,
         uids: Sequence[int],
         *,
-        dedupe: bool,
+        match_below: int,
         advance_cursor: bool = True,
     ) -> None:
         """Fetch and store these UIDs (ascending) of the selected folder, batch by batch.
@@ -575,7 +583,9 @@ class _Poller:
         with ThreadPoolExecutor(1, thread_name_prefix="mailbox-commit") as committer:
             try:
                 for batch in _prefetched(self._fetch(mailbox, folder, uidvalidity, uids)):
-                    prepared = self._prepare_batch(folder, uidvalidity, batch, dedupe=dedupe)
+                    prepared = self._prepare_batch(
+                        folder, uidvalidity, batch, match_below=match_below
+                    )
                     if committing is not None:
                         committing.result()  # at most one batch waits: bounded memory
                         committing = None
@@ -696,14 +706,20 @@ class _Poller:
         return kept
 
     def _prepare_batch(
-        self, folder: str, uidvalidity: int, batch: list[_Fetched], *, dedupe: bool
+        self, folder: str, uidvalidity: int, batch: list[_Fetched], *, match_below: int
     ) -> _Prepared | None:
         """Parse a batch and start writing its objects."""
         if not batch:
             return None
-        hashes = {item.content_hash for item in batch if item.content_hash is not None}
+        # What the folder held at a UIDVALIDITY change may be held from before it; what
+        # arrived later is new, even byte for byte the same (moved out and back).
+        hashes = {
+            item.content_hash
+            for item in batch
+            if item.content_hash is not None and item.uid < match_below
+        }
         held: set[str] = set()
-        if dedupe:
+        if hashes:
             with session_scope() as session:
                 held = cursors.held_hashes(session, self.account_id, folder, uidvalidity, hashes)
         prepared = _Prepared(
@@ -711,7 +727,11 @@ class _Poller:
         )
         # Not what is held from before a UIDVALIDITY change, nor from another folder (a
         # place where change tracking may find a stored message moved to).
-        kept = [item for item in batch if item.content_hash not in held and not item.held]
+        kept = [
+            item
+            for item in batch
+            if not item.held and (item.uid >= match_below or item.content_hash not in held)
+        ]
         for item in batch:
             if item.held:
                 self.elsewhere.append(item.uid)

@@ -159,12 +159,15 @@ class SchedulerMode(StrEnum):
 class PushStatus(StrEnum):
     """An account with push on, as its watcher last found it. watching: an IDLE
     connection held on every folder; unsupported: the server has no IDLE, so the account
-    is polled on its interval only (the fallback). Unset until a watcher has tried.
+    is polled on its interval only (the fallback); failing: a watcher could not connect
+    or select a folder (server down, folder gone, login refused) and is trying again.
+    Unset until a watcher has tried, and again after a change of login.
     stale: only shown, never stored: "watching" that no live watcher has confirmed for
     PUSH_STALE_LEASES watcher leases (no watcher runs, or none holds the mailbox)."""
 
     WATCHING = "watching"
     UNSUPPORTED = "unsupported"
+    FAILING = "failing"
     STALE = "stale"
 
 

@@ -291,6 +291,29 @@ def test_uidvalidity_reset_stores_nothing_twice_and_loses_nothing(
     assert poll_account(account.id).messages == 0
 
 
+def test_a_copy_arriving_after_a_uidvalidity_change_is_stored(
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
+) -> None:
+    """Content matching covers what the folder held at the change: a byte-identical
+    message that arrives later (moved out and back, sent again) is new mail."""
+    username, _ = mail_user
+    raw = generated(1)
+    dovecot.append(username, raw)
+    account = mail_account()
+    assert poll_account(account.id).messages == 1
+    dovecot.reset_uidvalidity(username)
+    assert poll_account(account.id).messages == 0  # the same message, renumbered
+
+    uid = dovecot.append(username, raw)
+    result = poll_account(account.id)
+
+    assert result.messages == 1
+    validity = dovecot.folder_status(username)[b"UIDVALIDITY"]
+    (copy,) = [m for m in messages(db, account.id) if m.uidvalidity == validity]
+    assert copy.uid == uid
+    assert sorted(result.new_message_ids) == [copy.id]
+
+
 def test_oversized_message_is_recorded_without_its_body(
     db: Session,
     dovecot: Dovecot,

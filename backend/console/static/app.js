@@ -443,6 +443,7 @@ function pushText(account) {
   if (!account.push) return "";
   if (account.push_status === "unsupported") return "polling only";
   if (account.push_status === "stale") return "stale: no watcher";
+  if (account.push_status === "failing") return "failing: reconnecting";
   return account.push_status === "watching" ? "watching" : "on";
 }
 
