@@ -267,6 +267,15 @@ class Dovecot:
             time.sleep(1.1)  # let Dovecot's once-a-second check see the new password
         return password
 
+    def folder(self, name: str) -> str:
+        """A folder as this server spells it (the Cyrus fixture's keeps them below INBOX)."""
+        return name
+
+    @staticmethod
+    def takes(raw: bytes) -> bool:
+        """Whether APPEND takes the message: Dovecot stores any bytes (Cyrus does not)."""
+        return True
+
     def client(self, username: str, *, ssl: bool = False) -> IMAPClient:
         if ssl:
             import ssl as ssl_lib
