@@ -35,6 +35,15 @@ BIN = CYRUS_DIR / "usr/lib/cyrus/bin"
 LIBRARIES = CYRUS_DIR / "usr/lib/x86_64-linux-gnu"
 SASLPASSWD = "/usr/sbin/saslpasswd2"
 ADMIN = "cyrusadmin"
+# The special uses (RFC 6154) the Dovecot fixture gives folders of these names; Cyrus
+# takes them at CREATE.
+SPECIAL_USES = {
+    "Drafts": "\\Drafts",
+    "Junk": "\\Junk",
+    "Trash": "\\Trash",
+    "Sent": "\\Sent",
+    "Sent Messages": "\\Sent",
+}
 # A header field's name and colon (RFC 5322 2.2), an mbox "From " line, a continuation.
 HEADER_LINE = re.compile(rb"[!-9;-~]+:|From |[ \t]")
 
@@ -263,7 +272,7 @@ class Cyrus:
         uids: list[int] = []
         with self.client(username) as client:
             if folder.upper() != "INBOX" and not client.folder_exists(folder):
-                client.create_folder(folder)
+                self._create(client, folder)
             for raw in raws:
                 response = client.append(folder, raw, flags=tuple(flags), msg_time=when)
                 # APPENDUID: b'[APPENDUID <uidvalidity> <uid>] Completed'
@@ -274,8 +283,20 @@ class Cyrus:
 
     def create_folder(self, username: str, folder: str) -> None:
         with self.client(username) as client:
-            client.create_folder(folder)
+            self._create(client, folder)
             client.logout()
+
+    @staticmethod
+    def _create(client: IMAPClient, folder: str) -> None:
+        use = SPECIAL_USES.get(folder.removeprefix("INBOX."))
+        if use is None:
+            client.create_folder(folder)
+            return
+        # IMAPClient has no CREATE ... (USE ...): the command as RFC 6154 writes it.
+        name = client._normalise_folder(folder)
+        typ, data = client._imap._simple_command("CREATE", name, f"(USE ({use}))")
+        if typ != "OK":
+            raise RuntimeError(f"CREATE {folder} (USE ({use})) failed: {data!r}")
 
     def delete_folder(self, username: str, folder: str) -> None:
         with self.client(username) as client:
