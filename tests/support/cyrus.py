@@ -47,10 +47,10 @@ SPECIAL_USES = {
 # A header field's name and colon (RFC 5322 2.2), an mbox "From " line, a continuation.
 HEADER_LINE = re.compile(rb"[!-9;-~]+:|From |[ \t]")
 
-# Debian's own choices where they matter to a client (INBOX.Archive, `.`), everything
-# else in the fixture's directory. `delete_mode: immediate`: a deleted folder is gone,
-# not kept aside under DELETED.*. idled tells IDLE sessions of new mail at once (without
-# it they look every `imapidlepoll` seconds, 60).
+# Debian's own choices where they matter to a client (INBOX.Archive, `.`, a deleted
+# folder kept aside under DELETED.* as `delete_mode: delayed` does), everything else in
+# the fixture's directory. idled tells IDLE sessions of new mail at once (without it
+# they look every `imapidlepoll` seconds, 60).
 IMAPD_CONF = """\
 configdirectory: {root}/conf
 proc_path: {root}/proc
@@ -73,7 +73,6 @@ sasl_sasldb_path: {root}/sasldb2
 sasl_mech_list: PLAIN LOGIN
 tls_server_cert: {root}/cert.pem
 tls_server_key: {root}/key.pem
-delete_mode: immediate
 specialusealways: yes
 """
 
