@@ -28,7 +28,7 @@ from tests.support.dovecot import Dovecot
 from tests.support.env import reset_caches
 from tests.support.redis_db import RedisDb
 from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoS3, Outage
-from tests.support.servers import ImapServer
+from tests.support.servers import RealServer
 
 ADMIN_TOKEN = "test-admin-token-" + uuid.uuid4().hex
 
@@ -173,26 +173,26 @@ def cyrus() -> Iterator[Cyrus]:
 
 
 @pytest.fixture
-def imap_server(request: pytest.FixtureRequest) -> ImapServer:
+def mail_server(request: pytest.FixtureRequest) -> RealServer:
     """The Dovecot fixture; for a test marked `on_both_servers` (tests/support/servers.py)
     the Cyrus fixture too."""
-    server: ImapServer = request.getfixturevalue(getattr(request, "param", "dovecot"))
+    server: RealServer = request.getfixturevalue(getattr(request, "param", "dovecot"))
     return server
 
 
 @pytest.fixture
-def mail_user(imap_server: ImapServer) -> tuple[str, str]:
-    """A new, empty mailbox on `imap_server`: (username, password)."""
+def mail_user(mail_server: RealServer) -> tuple[str, str]:
+    """A new, empty mailbox on `mail_server`: (username, password)."""
     username = f"user-{uuid.uuid4().hex[:10]}"
-    return username, imap_server.add_user(username, f"pw-{uuid.uuid4().hex[:8]}")
+    return username, mail_server.add_user(username, f"pw-{uuid.uuid4().hex[:8]}")
 
 
 @pytest.fixture
-def mail_account(db: Session, imap_server: ImapServer, mail_user: tuple[str, str]) -> MailAccount:
-    """Accounts for `mail_user`'s mailbox on `imap_server`: mail_account(**columns)."""
+def mail_account(db: Session, mail_server: RealServer, mail_user: tuple[str, str]) -> MailAccount:
+    """Accounts for `mail_user`'s mailbox on `mail_server`: mail_account(**columns)."""
 
     def make(**overrides: Any) -> Account:
-        return make_account(db, imap_server, **{"username": mail_user[0], **overrides})
+        return make_account(db, mail_server, **{"username": mail_user[0], **overrides})
 
     return make
 

@@ -30,7 +30,7 @@ from tests.support.dovecot import Dovecot
 from tests.support.mail import generated
 from tests.support.receiver import Receiver
 from tests.support.redis_db import RedisDb
-from tests.support.servers import ImapServer, on_both_servers
+from tests.support.servers import RealServer, on_both_servers
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -63,7 +63,7 @@ def _wait(condition: Callable[[], object], what: str, celery: Celery) -> None:
         raise AssertionError(f"{timeout}\n{celery.logs()}") from None
 
 
-def _ingested(db: Session, server: ImapServer, celery: Celery, redis_db: RedisDb) -> list[int]:
+def _ingested(db: Session, server: RealServer, celery: Celery, redis_db: RedisDb) -> list[int]:
     """A mailbox with MESSAGES new messages, polled by a worker that only polls: the
     messages are stored and their `message.process` task (one batch) waits in the
     workflow queue."""
@@ -132,9 +132,9 @@ def _handed_on_exactly_once(
 
 @on_both_servers
 def test_a_worker_killed_inside_message_process(
-    db: Session, imap_server: ImapServer, receiver: Receiver, celery: Celery, redis_db: RedisDb
+    db: Session, mail_server: RealServer, receiver: Receiver, celery: Celery, redis_db: RedisDb
 ) -> None:
-    message_ids = _ingested(db, imap_server, celery, redis_db)
+    message_ids = _ingested(db, mail_server, celery, redis_db)
     with get_engine().connect() as conn:
         lock = conn.begin()
         conn.execute(select(Message.id).with_for_update())

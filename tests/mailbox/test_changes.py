@@ -36,7 +36,7 @@ from tests.support.dovecot import Dovecot
 from tests.support.imap_server import UIDVALIDITY, FakeImapServer, FakeMessage
 from tests.support.mail import generated
 from tests.support.receiver import Receiver
-from tests.support.servers import ImapServer, on_both_servers
+from tests.support.servers import RealServer, on_both_servers
 from tests.support.wait import wait_for
 from tests.support.webhooks import receiver, webhooks_on
 
@@ -60,11 +60,11 @@ def plain_dovecot() -> Iterator[Dovecot]:
 
 
 @pytest.fixture(params=["condstore", "plain", "cyrus"])
-def either_server(request: pytest.FixtureRequest) -> ImapServer:
+def either_server(request: pytest.FixtureRequest) -> RealServer:
     """The Dovecot fixture (CONDSTORE, QRESYNC), then the one without them, then Cyrus
     (CONDSTORE, QRESYNC, and folders spelled `INBOX.Archive`)."""
     name = {"condstore": "dovecot", "plain": "plain_dovecot"}.get(request.param, "cyrus")
-    server: ImapServer = request.getfixturevalue(name)
+    server: RealServer = request.getfixturevalue(name)
     return server
 
 
@@ -72,7 +72,7 @@ def either_server(request: pytest.FixtureRequest) -> ImapServer:
 def tracked(db: Session, webhooks_on: Callable[..., None]) -> Callable[..., tuple[Account, str]]:
     """An account with INBOX and Archive on a server (a new user), webhooks on."""
 
-    def make(server: ImapServer, **columns: Any) -> tuple[Account, str]:
+    def make(server: RealServer, **columns: Any) -> tuple[Account, str]:
         username = f"user-{uuid.uuid4().hex[:10]}"
         server.add_user(username)
         archive = server.folder("Archive")
@@ -99,7 +99,7 @@ def events(receiver: Receiver) -> list[dict[str, Any]]:
     return [request.json() for request in receiver.delivered()]
 
 
-def _fetch_all(server: ImapServer, username: str) -> dict[int, Any]:
+def _fetch_all(server: RealServer, username: str) -> dict[int, Any]:
     with server.client(username) as client:
         client.select_folder("INBOX", readonly=True)
         found: dict[int, Any] = client.fetch(client.search("ALL"), ["BODY.PEEK[]"])
@@ -107,7 +107,7 @@ def _fetch_all(server: ImapServer, username: str) -> dict[int, Any]:
     return found
 
 
-def change_server(server: ImapServer, username: str, *, moves: bool = True) -> None:
+def change_server(server: RealServer, username: str, *, moves: bool = True) -> None:
     """\\Seen on 10 messages, 5 expunged, 3 moved into Archive (INBOX UIDs 1-10, 11-15,
     16-18), as a mail client would."""
     with server.client(username) as client:
@@ -122,7 +122,7 @@ def change_server(server: ImapServer, username: str, *, moves: bool = True) -> N
 
 def test_flags_deletions_and_moves_reach_the_messages_and_the_receiver_once(
     db: Session,
-    either_server: ImapServer,
+    either_server: RealServer,
     tracked: Callable[..., tuple[Account, str]],
     receiver: Receiver,
 ) -> None:
@@ -247,14 +247,14 @@ def test_a_poll_that_fails_before_recording_its_changes_loses_and_repeats_nothin
 @on_both_servers
 def test_a_renumbered_folder_is_matched_by_content_not_reported(
     db: Session,
-    imap_server: ImapServer,
+    mail_server: RealServer,
     tracked: Callable[..., tuple[Account, str]],
     receiver: Receiver,
 ) -> None:
-    account, username = tracked(imap_server)
-    imap_server.append_many(username, [generated(index) for index in range(5)])
+    account, username = tracked(mail_server)
+    mail_server.append_many(username, [generated(index) for index in range(5)])
     poll(account)
-    imap_server.reset_uidvalidity(username)
+    mail_server.reset_uidvalidity(username)
     pool.clear()
 
     assert poll(account).new_message_ids == []

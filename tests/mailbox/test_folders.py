@@ -18,7 +18,7 @@ from tests.support.accounts import MailAccount
 from tests.support.api import account_payload, auth_headers
 from tests.support.dovecot import Dovecot
 from tests.support.mail import generated
-from tests.support.servers import ImapServer, on_both_servers
+from tests.support.servers import RealServer, on_both_servers
 
 FOLDERS = ["INBOX", "Sent", "Junk", "Trash", "Archive", "已发送"]
 
@@ -28,7 +28,7 @@ def stored_folders(db: Session, account_id: int) -> set[str]:
     return set(db.scalars(select(Message.folder).where(Message.account_id == account_id)))
 
 
-def fill(server: ImapServer, username: str) -> None:
+def fill(server: RealServer, username: str) -> None:
     for index, folder in enumerate(FOLDERS):
         server.append(username, generated(index), server.folder(folder))
 
@@ -36,15 +36,15 @@ def fill(server: ImapServer, username: str) -> None:
 @on_both_servers
 def test_special_uses_and_every_folder_are_found_in_the_list(
     db: Session,
-    imap_server: ImapServer,
+    mail_server: RealServer,
     mail_user: tuple[str, str],
     mail_account: MailAccount,
     set_env: Callable[..., None],
 ) -> None:
     set_env(FOLDER_LIST_SECONDS=0)  # every poll lists again
     username, _ = mail_user
-    fill(imap_server, username)
-    named = imap_server.folder  # Cyrus's are below INBOX: INBOX.Sent
+    fill(mail_server, username)
+    named = mail_server.folder  # Cyrus's are below INBOX: INBOX.Sent
 
     account = mail_account(folders=["\\Sent"])
     assert poll_account(account.id).messages == 1
@@ -58,7 +58,7 @@ def test_special_uses_and_every_folder_are_found_in_the_list(
     }
 
     # A folder created later is polled by the next poll; junk only when named.
-    imap_server.append(username, generated(10), named("Later"))
+    mail_server.append(username, generated(10), named("Later"))
     assert poll_account(account.id).messages == 1
     assert named("Later") in stored_folders(db, account.id)
     account.folders = ["*", "\\junk"]

@@ -11,14 +11,14 @@ from sqlalchemy.orm import Session
 
 from backend import crypto
 from backend.models import Account
-from tests.support.servers import ImapServer
+from tests.support.servers import RealServer
 
 # The `mail_account` fixture (tests/conftest.py): accounts on the `mail_user` mailbox.
 MailAccount = Callable[..., Account]
 
 
 def make_account(
-    db: Session, dovecot: ImapServer | None = None, *, commit: bool = True, **values: Any
+    db: Session, dovecot: RealServer | None = None, *, commit: bool = True, **values: Any
 ) -> Account:
     """`dovecot` (or the Cyrus fixture): the account logs in to a user there (created
     unless it exists), over plain IMAP. Without it the address is never dialled.

@@ -2,7 +2,9 @@
 database and spool in one directory, run from the packages unpacked by
 tests/support/cyrus_install.sh (Debian's cyrus-imapd conflicts with dovecot-imapd).
 
-The interface is the Dovecot fixture's where Cyrus allows it. Folders are spelled as
+The interface is the Dovecot fixture's (`MailServer`) where Cyrus allows it; as a
+UIDVALIDITY change it removes a folder's index and has `reconstruct` build a new one, and
+it kicks a user by the pids in Cyrus's proc directory. Folders are spelled as
 Debian's Cyrus has them: `.` separates, and a user's folders live below INBOX
 (`INBOX.Archive`); `folder("Archive")` gives a name in the server's spelling. Cyrus
 refuses to run as root: as root its processes run as `nobody`.
@@ -15,16 +17,14 @@ import os
 import pwd
 import re
 import signal
-import ssl as ssl_lib
 import subprocess
 import time
 import uuid
-from collections.abc import Iterable
-from datetime import datetime
 from pathlib import Path
 
 from imapclient import IMAPClient
 
+from tests.support.mail_server import MailServer
 from tests.support.net import free_port, wait_for_port
 from tests.support.processes import stop_group
 from tests.support.tls import self_signed_cert
@@ -103,7 +103,7 @@ def ensure_installed() -> None:
     )
 
 
-class Cyrus:
+class Cyrus(MailServer):
     # Every capability Cyrus offers: CONDSTORE, QRESYNC, OBJECTID, SPECIAL-USE (the
     # Dovecot fixture's `capabilities` names a cut-down set; None is the server's own).
     capabilities: str | None = None
@@ -165,7 +165,7 @@ class Cyrus:
         try:
             wait_for_port(self.imap_port)
             wait_for_port(self.imaps_port)
-        except TimeoutError as exc:
+        except AssertionError as exc:  # wait_for's timeout
             self.stop()
             raise RuntimeError(f"cyrus did not start: {self.log_tail()}") from exc
 
@@ -236,55 +236,6 @@ class Cyrus:
                 admin.logout()
         return password
 
-    def client(self, username: str, *, ssl: bool = False) -> IMAPClient:
-        if ssl:
-            context = ssl_lib.create_default_context(cafile=str(self.cert_path))
-            client = IMAPClient(
-                self.host, port=self.imaps_port, ssl=True, ssl_context=context, timeout=30
-            )
-        else:
-            client = IMAPClient(self.host, port=self.imap_port, ssl=False, timeout=30)
-        client.login(username, self.passwords[username])
-        return client
-
-    def append(
-        self,
-        username: str,
-        raw: bytes,
-        folder: str = "INBOX",
-        *,
-        flags: Iterable[str] = (),
-        when: datetime | None = None,
-    ) -> int:
-        """APPEND one message; returns its UID."""
-        return self.append_many(username, [raw], folder, flags=flags, when=when)[0]
-
-    def append_many(
-        self,
-        username: str,
-        raws: Iterable[bytes],
-        folder: str = "INBOX",
-        *,
-        flags: Iterable[str] = (),
-        when: datetime | None = None,
-    ) -> list[int]:
-        uids: list[int] = []
-        with self.client(username) as client:
-            if folder.upper() != "INBOX" and not client.folder_exists(folder):
-                self._create(client, folder)
-            for raw in raws:
-                response = client.append(folder, raw, flags=tuple(flags), msg_time=when)
-                # APPENDUID: b'[APPENDUID <uidvalidity> <uid>] Completed'
-                text = response.decode() if isinstance(response, bytes) else str(response)
-                uids.append(int(text.split("APPENDUID", 1)[1].split()[1].rstrip("]")))
-            client.logout()
-        return uids
-
-    def create_folder(self, username: str, folder: str) -> None:
-        with self.client(username) as client:
-            self._create(client, folder)
-            client.logout()
-
     @staticmethod
     def _create(client: IMAPClient, folder: str) -> None:
         use = SPECIAL_USES.get(folder.removeprefix("INBOX."))
@@ -296,19 +247,6 @@ class Cyrus:
         typ, data = client._imap._simple_command("CREATE", name, f"(USE ({use}))")
         if typ != "OK":
             raise RuntimeError(f"CREATE {folder} (USE ({use})) failed: {data!r}")
-
-    def delete_folder(self, username: str, folder: str) -> None:
-        with self.client(username) as client:
-            client.delete_folder(folder)
-            client.logout()
-
-    def folder_status(self, username: str, folder: str = "INBOX") -> dict[bytes, int]:
-        with self.client(username) as client:
-            status: dict[bytes, int] = client.folder_status(
-                folder, [b"MESSAGES", b"UIDVALIDITY", b"UIDNEXT"]
-            )
-            client.logout()
-        return status
 
     def kick(self, username: str) -> None:
         """Drop the user's connections server-side: each imapd serving one writes
