@@ -12,7 +12,9 @@ processing works from the other mailboxes, whichever worker processed them. Writ
 costs one Redis round trip per process at most every WRITE_EVERY_SECONDS, never one per
 message; reading it, one round trip per failed attempt. A success kept back by that
 pacing is seen later, or by this process at once: the evidence can be late, never
-invented, so an outage still counts nothing. Without Redis (the local mode runs
+invented, so an outage still counts nothing. (The times come from the workers' clocks:
+their skew, milliseconds, is nothing beside the seconds between two attempts at a
+message.) Without Redis (the local mode runs
 everything in one process, where its own time is the whole truth; or Redis away) a
 process goes on its own time alone.
 """

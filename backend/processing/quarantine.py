@@ -1,5 +1,5 @@
-"""Quarantined messages: those whose processing failed MAX_PROCESS_FAILURES times on
-their own (backend/processing/service.py), set aside with the reason while the others
+"""Quarantined messages: those whose processing failed MAX_PROCESS_FAILURES times while
+others went through (backend/processing/service.py), set aside with the reason while the others
 flow. They are listed, and replayed after a fix: the failure count starts again and the
 message is handed on through `hand_on`, as a new one is.
 

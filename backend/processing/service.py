@@ -27,7 +27,8 @@ message of that account while the others flow: its messages are quarantined like
 poison ones, on purpose. The account's fault is as local as a message's, and retrying
 its messages for ever would let them take the sweep's every turn; they are listed and
 replayed by account in one call once it is fixed. Two processes failing the same
-message at once count it once: the increment compares under the row's lock with the
+message at once (a redelivered task and the sweep) count it once, unless a success came
+between: the increment is computed under the row's lock, against the
 `process_failed_at` the other just wrote. The happy path pays no round trip per
 message for this (progress.py paces its writes); a failed attempt reads one key.
 """
