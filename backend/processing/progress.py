@@ -14,9 +14,8 @@ message; reading it, one round trip per failed attempt. A success kept back by t
 pacing is seen later, or by this process at once: the evidence can be late, never
 invented, so an outage still counts nothing. (The times come from the workers' clocks:
 their skew, milliseconds, is nothing beside the seconds between two attempts at a
-message.) Without Redis (the local mode runs
-everything in one process, where its own time is the whole truth; or Redis away) a
-process goes on its own time alone.
+message.) Without Redis (the local mode runs everything in one process, where its own
+time is the whole truth; or Redis away) a process goes on its own successes alone.
 """
 
 from __future__ import annotations
@@ -105,8 +104,8 @@ def last_success() -> datetime | None:
 
 
 def forget() -> None:
-    """This process's state only: its own latest success, its pacing (settings changed;
-    tests stand for another process)."""
+    """This process's state only: its own latest success, its pacing (tests: each starts
+    afresh, or one stands for another process that knows only what Redis says)."""
     global _progress  # noqa: PLW0603 - this process's state
     _progress = _Progress()
     _redis.cache_clear()

@@ -129,6 +129,8 @@ def process_and_send_batch(message_ids: int | Sequence[int]) -> int:
     except Exception:
         log.exception("processing %d messages failed: one at a time now", len(ids))
         processed, failed = _one_at_a_time(ids)
+    if processed:
+        progress.succeeded()
     done = [message_id for message_id in ids if message_id not in failed]
     for step in handlers.registered():
         if step.after_commit_batch is not None and done:
@@ -136,8 +138,6 @@ def process_and_send_batch(message_ids: int | Sequence[int]) -> int:
         if step.after_commit is not None:
             for message_id in done:
                 step.after_commit(message_id)
-    if processed:
-        progress.succeeded()
     retry = _record_failures(failed)
     if retry:
         raise ProcessingFailed(f"messages {retry} could not be processed (see the log)")
