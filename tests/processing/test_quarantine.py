@@ -1,6 +1,8 @@
 """Poison messages: one that keeps failing processing is quarantined while the others of
 its batch are handed on, listed (API, CLI, metrics), and replayed after a fix: handed on
-once, never twice to a receiver that had it."""
+once, never twice to a receiver that had it. Handed on alone it is quarantined too, once
+other mailboxes' messages go through; an outage, every message failing, quarantines
+nothing."""
 
 from __future__ import annotations
 
