@@ -113,8 +113,10 @@ def _clean_state(redis_db: RedisDb) -> Iterator[None]:
     from backend.db import get_engine
     from backend.mailbox import pool
     from backend.models import Base
+    from backend.processing import progress
 
     dispatch.reset()
+    progress.forget()  # a test's successes are no evidence for the next one's failures
     pool.clear()  # ids restart: a kept session must not meet a later test's account
 
     engine = get_engine()

@@ -58,9 +58,11 @@ class MessageSummary(BaseModel):
     labels: list[str] | None = None
     ingested_at: datetime
     processed_at: datetime | None
-    # Times its processing failed on its own, and the last reason (docs/operations.md).
+    # Times its processing failed while others went through, the last reason, and when
+    # it last failed (docs/operations.md).
     process_failures: int
     process_error: str | None
+    process_failed_at: datetime | None = None
     # When it was set aside after MAX_PROCESS_FAILURES: not retried until it is replayed
     # (`POST /messages/{id}/replay`).
     quarantined_at: datetime | None = None

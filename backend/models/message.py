@@ -105,11 +105,13 @@ class Message(Base):
     # When a poll found it expunged on the server; the row and its objects are kept.
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    # Times its processing failed on its own, and the last reason; at MAX_PROCESS_FAILURES
-    # (backend/processing/service.py) it is quarantined: set aside (not retried, left by
-    # the sweep) until it is replayed (backend/processing/quarantine.py) or processed.
+    # Times its processing failed while others went through, the last reason and when it
+    # last failed; at MAX_PROCESS_FAILURES (backend/processing/service.py) it is
+    # quarantined: set aside (not retried, left by the sweep) until it is replayed
+    # (backend/processing/quarantine.py) or processed.
     process_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     process_error: Mapped[str | None] = mapped_column(Text)
+    process_failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     quarantined_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     account: Mapped[Account] = relationship(back_populates="messages")

@@ -98,8 +98,8 @@ def list_quarantined(
     account_id: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
 ) -> MessageList:
     """Quarantined messages of every mailbox (or `account_id`'s), newest first: each failed
-    processing MAX_PROCESS_FAILURES times on its own (`process_failures`, the last reason
-    in `process_error`) and waits for a replay while the others flow."""
+    processing MAX_PROCESS_FAILURES times while others went through (`process_failures`,
+    the last reason in `process_error`) and waits for a replay while the others flow."""
     page = quarantine.list_quarantined(
         session, limit=limit, offset=offset, after=after, account_id=account_id
     )

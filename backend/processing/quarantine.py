@@ -1,7 +1,7 @@
-"""Quarantined messages: those whose processing failed MAX_PROCESS_FAILURES times on
-their own (backend/processing/service.py), set aside with the reason while the others
-flow. They are listed, and replayed after a fix: the failure count starts again and the
-message is handed on through `hand_on`, as a new one is.
+"""Quarantined messages: those whose processing failed MAX_PROCESS_FAILURES times while
+others went through (backend/processing/service.py), set aside with the reason while
+the others flow. They are listed, and replayed after a fix: the failure count starts
+again and the message is handed on through `hand_on`, as a new one is.
 
 A replay delivers to each receiver at most once: processing creates a message's
 `message.received` deliveries with ON CONFLICT DO NOTHING on their dedupe key, so a

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.models import Message, WebhookDelivery
-from backend.processing import handlers, service
+from backend.processing import handlers, progress, service
 from backend.processing.service import hand_on
 from tests.support.accounts import make_account
 from tests.support.celery import Celery, running_celery
@@ -92,6 +92,7 @@ def test_a_quarantined_message_replayed_from_the_api_is_delivered_once_by_the_wo
     try:
         with pytest.raises(service.ProcessingFailed):
             service.process_and_send_batch(ids)
+        progress.succeeded()  # other mailboxes' messages went through meanwhile
         assert service.process_and_send_batch(ids) == 0  # quarantined
     finally:
         handlers.unregister("broken")

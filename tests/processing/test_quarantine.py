@@ -1,6 +1,8 @@
 """Poison messages: one that keeps failing processing is quarantined while the others of
 its batch are handed on, listed (API, CLI, metrics), and replayed after a fix: handed on
-once, never twice to a receiver that had it."""
+once, never twice to a receiver that had it. Handed on alone it is quarantined too, once
+other mailboxes' messages go through; an outage, every message failing, quarantines
+nothing."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from backend import crypto
 from backend.models import Message, WebhookDelivery, utcnow
-from backend.processing import handlers, quarantine, service
+from backend.processing import handlers, progress, quarantine, service
 from backend.processing.service import hand_on
 from tests.console.test_commands import cli, cli_json
 from tests.support.accounts import make_account
@@ -42,10 +44,13 @@ def poison(monkeypatch: pytest.MonkeyPatch, webhooks_on: Callable[..., None]) ->
 
 
 def _quarantine(ids: list[int]) -> None:
-    """The batch's task and its retries, until the poison message is set aside."""
+    """The batch's task and its retries, until the poison message is set aside; between
+    two attempts other workers process other mailboxes' messages (what they record, not
+    their messages: this file's tests are about the list and the replay)."""
     for _ in range(FAILURES - 1):
         with pytest.raises(service.ProcessingFailed):
             service.process_and_send_batch(ids)
+        progress.succeeded()
     service.process_and_send_batch(ids)  # the last failure: quarantined, not retried
 
 
@@ -85,7 +90,7 @@ def test_a_poison_message_is_quarantined_listed_and_replayed_once_after_a_fix(
     [item] = listed["items"]
     assert (item["id"], item["process_failures"]) == (bad.id, FAILURES)
     assert item["process_error"] == "ValueError: no CRM contact for Zoë Sender <zoe@example.org>"
-    assert item["quarantined_at"] is not None
+    assert item["quarantined_at"] is not None and item["process_failed_at"] is not None
     assert api.get(f"/accounts/{account.id}/messages").json()["total"] == 5
     everywhere = api.get("/admin/quarantine").json()
     assert [m["id"] for m in everywhere["items"]] == [bad.id]
@@ -216,3 +221,101 @@ def test_a_message_still_failing_after_its_replay_is_quarantined_again(
     assert row is not None and row.quarantined_at is not None
     assert row.process_failures == FAILURES
     assert _delivered(receiver) == [good.id, other.id]
+
+
+@pytest.fixture
+def crm(monkeypatch: pytest.MonkeyPatch, webhooks_on: Callable[..., None]) -> Iterator[set[str]]:
+    """A step whose service every message needs: down while the returned set holds
+    "down" (empty it: the service is back)."""
+    monkeypatch.setattr(service, "MAX_PROCESS_FAILURES", FAILURES)
+    state: set[str] = set()
+
+    def lookup(session: Session, message: Message) -> None:
+        if "down" in state:
+            raise ConnectionError("CRM at crm.example.org does not answer")
+
+    handlers.register(handlers.Handler("crm", lookup))
+    yield state
+    handlers.unregister("crm")
+
+
+def _failures(db: Session, *messages: Message) -> list[tuple[int, bool]]:
+    """Each message's counted failures and whether it is quarantined."""
+    db.expire_all()
+    rows = [db.get(Message, m.id) for m in messages]
+    return [(r.process_failures, r.quarantined_at is not None) for r in rows if r is not None]
+
+
+def _age(db: Session) -> None:
+    """Every message old enough for the sweep."""
+    db.execute(update(Message).values(ingested_at=utcnow() - timedelta(hours=1)))
+    db.commit()
+
+
+def test_a_poison_message_handed_on_alone_is_quarantined_while_other_mailboxes_flow(
+    db: Session, receiver: Receiver, poison: set[int]
+) -> None:
+    """A mailbox whose only traffic is the poison message: a batch of one, then the sweep
+    alone. What tells it from an outage is another mailbox's messages going through,
+    processed by another worker process (this one forgets its own successes: it knows
+    them through Redis only)."""
+    quiet, busy = make_account(db), make_account(db)
+    bad = store_message(db, quiet, 1)
+    poison.add(bad.id)
+    _age(db)
+
+    # Its task and retries, alone, with nothing processed anywhere meanwhile: nothing
+    # tells it from an outage, and nothing is counted.
+    for _ in range(FAILURES + 1):
+        with pytest.raises(service.ProcessingFailed):
+            service.process_and_send_batch([bad.id])
+    assert _failures(db, bad) == [(0, False)]
+    db.expire_all()
+    assert db.get(Message, bad.id).process_failed_at is not None  # type: ignore[union-attr]
+
+    # The other mailbox's messages flow between the sweep's attempts at it.
+    others = []
+    for uid in range(1, FAILURES + 1):
+        other = store_message(db, busy, uid)
+        hand_on([other.id])
+        others.append(other.id)
+        progress.forget()
+        assert service.sweep()["messages"] == 1  # the poison message, alone
+        assert _failures(db, bad) == [(uid, uid == FAILURES)]
+
+    assert service.sweep()["messages"] == 0  # quarantined: the sweep leaves it
+    assert _delivered(receiver) == others
+
+
+def test_an_outage_quarantines_nothing_and_everything_flows_once_it_ends(
+    db: Session, receiver: Receiver, crm: set[str]
+) -> None:
+    """The service every message needs is down: batches of several, batches of one, a
+    batch retried whose other message went through before the outage, attempted three
+    times the quarantine's count; nothing is quarantined."""
+    first, second = make_account(db), make_account(db)
+    before = store_message(db, first, 1)
+    early = store_message(db, second, 1)  # ingested before the last success
+    hand_on([before.id])
+    crm.add("down")
+    during = [store_message(db, first, 2), *(store_message(db, second, uid) for uid in (2, 3))]
+
+    for _ in range(3 * FAILURES):
+        for batch in ([before, during[0]], [early, *during[1:]], [during[2]]):
+            with pytest.raises(service.ProcessingFailed):
+                service.process_and_send_batch([m.id for m in batch])
+
+    # Nothing is quarantined; only the first failure of the message ingested before the
+    # outage's last success counted.
+    assert _failures(db, early, *during) == [(1, False), (0, False), (0, False), (0, False)]
+    db.expire_all()
+    row = db.get(Message, during[0].id)
+    assert row is not None and row.process_error is not None
+    assert row.process_error.startswith("ConnectionError: CRM at crm.example.org")
+
+    # The service is back: the sweep hands every one on, once.
+    crm.clear()
+    _age(db)
+    assert service.sweep()["messages"] == 4
+    assert _delivered(receiver) == sorted(m.id for m in (before, early, *during))
+    assert service.sweep()["messages"] == 0
