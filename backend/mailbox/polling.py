@@ -94,6 +94,9 @@ def run_poll(
         log.info("mailbox %s is deleted or disabled: removing its stale schedule entry", account_id)
         schedules.remove_account(account_id)
         return STALE
+    if result.outcome == PollOutcome.NO_SLOT:
+        # Its turn comes soon: sent again after as long as it waited, no backoff.
+        schedules.enqueue_poll_later(account_id, get_settings().connection_slot_wait_seconds or 5)
     duration = time.monotonic() - started
     after_poll(account_id, result.new_message_ids, result.account_event)
     record_poll(result.outcome, result.messages, result.bytes, duration)
