@@ -69,18 +69,22 @@ end
 return {1}
 """
 # KEYS: a host set and a login set per slot. ARGV: lease ms, then each slot's member.
-# Held slots are written back even when an expiry dropped them: the connection is open.
+# Only slots still there are extended (XX): a release racing the renewal must win. The
+# number of slots lost (a process stalled past the lease) is returned.
 _RENEW = """
 local t = redis.call('time')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lost = 0
 for i = 2, #ARGV do
   for j = 0, 1 do
     local key = KEYS[2 * (i - 2) + 1 + j]
-    redis.call('zadd', key, now + tonumber(ARGV[1]), ARGV[i])
+    if redis.call('zadd', key, 'XX', 'CH', now + tonumber(ARGV[1]), ARGV[i]) == 0 then
+      lost = lost + 1
+    end
     redis.call('pexpire', key, 2 * tonumber(ARGV[1]))
   end
 end
-return #ARGV - 1
+return lost
 """
 
 
@@ -151,16 +155,21 @@ def acquire(host: str, username: str, purpose: str, *, wait: float | None = None
     seconds = get_settings().connection_slot_wait_seconds if wait is None else wait
     deadline = time.monotonic() + seconds
     backend = _backend()
-    waited = False
+    refusals = 0
     while True:
         slot = Slot(host, f"{host}:{username}", f"{_holder()}:{uuid.uuid4().hex[:8]}", purpose)
         refused = backend.claim(slot, limits(host))
         if refused is None:
-            if waited:
+            if refusals > 1:
                 log.info("%s on %s: got a connection slot", purpose, host)
             return slot
         used, limit, which = refused
-        if not waited:
+        refusals += 1
+        # This process's own kept sessions on the host go at once: asked again at once.
+        backend.want(host)
+        if refusals == 1:
+            continue
+        if refusals == 2:
             log.info(
                 "%s on %s: waiting for a connection slot (%s: %d of %d in use)",
                 purpose,
@@ -169,8 +178,6 @@ def acquire(host: str, username: str, purpose: str, *, wait: float | None = None
                 used,
                 limit,
             )
-            waited = True
-        backend.want(host)
         if time.monotonic() + WAIT_STEP_SECONDS > deadline:
             raise NoSlot(host, used, limit, which, throttled_until(host) is not None)
         time.sleep(WAIT_STEP_SECONDS)
@@ -311,12 +318,16 @@ class _Redis:
                 keys: list[str] = []
                 for slot in held:
                     keys += [HOST_PREFIX + slot.host, LOGIN_PREFIX + slot.login]
-                self._renew(keys=keys, args=[self._lease_ms(), *(s.member for s in held)])
+                lost = self._renew(keys=keys, args=[self._lease_ms(), *(s.member for s in held)])
                 hosts = sorted({slot.host for slot in held})
                 wanted = self._client.mget([WANTED_PREFIX + host for host in hosts])
             except redis.RedisError as exc:
                 log.warning("connection slots not renewed: %s", exc)
                 continue
+            if lost:
+                # Stalled past the lease, or released just now; a stall's connection
+                # goes uncounted until it closes.
+                log.debug("%s connection slots were gone when renewed", lost)
             for host, note in zip(hosts, cast(list[Any], wanted), strict=True):
                 if note is not None:
                     _call_wanted(host)

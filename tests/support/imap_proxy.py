@@ -12,6 +12,7 @@ server answers everything, and the rule may answer a command in its place.
 The client's side is read a line at a time (mailbeat sends no literals; an AUTHENTICATE
 continuation is a line of its own and is forwarded like any other); the server's side is
 copied as it comes. `state` is per connection; an answer that is a BYE hangs up.
+`open` and `most` count the client connections open now and the most open at once.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ class ImapProxy:
         self.host, self.port = "127.0.0.1", self._listener.getsockname()[1]
         self._stop = threading.Event()
         self._sockets: list[socket.socket] = []
+        # Client connections open now, and the most ever open at once.
+        self.open = 0
+        self.most = 0
+        self._count = threading.Lock()
 
     def __enter__(self) -> ImapProxy:
         threading.Thread(target=self._accept, daemon=True).start()
@@ -58,6 +63,9 @@ class ImapProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            with self._count:
+                self.open += 1
+                self.most = max(self.most, self.open)
             server = socket.create_connection(self.upstream, timeout=30)
             self._sockets += [client, server]
             write = threading.Lock()
@@ -89,3 +97,5 @@ class ImapProxy:
         for sock in (server, client):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        with self._count:
+            self.open -= 1
