@@ -1,11 +1,11 @@
 """Mail providers as data: how to reach each one (the account presets) and how many
 connections it accepts (the connection budget, backend/mailbox/budget.py).
 
-One table. `hosts` are the IMAP host names (and domain suffixes, starting with a dot)
-whose limits a provider sets: a mailbox is matched by its `imap_host`, whether or not it
-was created from a preset. `host_limit` caps mailbeat's connections to the host as a
+One table, documented in docs/providers.md. `hosts` are the IMAP host names whose limits
+a provider sets: a mailbox is matched by its `imap_host`, whether or not it was created
+from a preset. `host_limit` caps mailbeat's connections to the host as a
 whole (all its mailboxes, every process); `account_limit` caps one login's. None: no cap
-of that kind beyond DEFAULT's. CONNECTION_LIMITS (settings) overrides the host cap per
+of that kind. CONNECTION_LIMITS (settings) overrides the host cap per
 host.
 
 The figures are the providers' documented or observed per-user limits, with room left
