@@ -220,6 +220,12 @@ def in_use(host: str) -> int:
     return _backend().in_use(_key(host))
 
 
+def usage() -> tuple[dict[str, int], list[str]]:
+    """The slots held per host (every process), and the hosts throttled now: for the
+    metrics."""
+    return _backend().usage()
+
+
 # Called with a host some claim is waiting for: close idle kept sessions there.
 _wanted_hooks: list[Callable[[str], None]] = []
 
@@ -307,6 +313,21 @@ class _Redis:
             pipe.zcard(key)
             return int(pipe.execute()[-1])
 
+    def usage(self) -> tuple[dict[str, int], list[str]]:
+        now = _redis_now_ms(self._client)
+        hosts = [
+            _text(key)[len(HOST_PREFIX) :] for key in self._client.scan_iter(HOST_PREFIX + "*")
+        ]
+        with self._client.pipeline(transaction=False) as pipe:
+            for host in hosts:
+                pipe.zcount(HOST_PREFIX + host, f"({now}", "+inf")
+            counts = pipe.execute()
+        throttled = [
+            _text(key)[len(THROTTLED_PREFIX) :]
+            for key in self._client.scan_iter(THROTTLED_PREFIX + "*")
+        ]
+        return dict(zip(hosts, (int(n) for n in counts), strict=True)), throttled
+
     def _renew_forever(self) -> None:
         while True:
             time.sleep(get_settings().connection_slot_seconds / 3)
@@ -386,6 +407,11 @@ class _Local:
     def in_use(self, host: str) -> int:
         with self._guard:
             return len(self._hosts.get(host, ()))
+
+    def usage(self) -> tuple[dict[str, int], list[str]]:
+        with self._guard:
+            held = {host: len(members) for host, members in self._hosts.items() if members}
+            return held, [host for host in self._throttled if self._until(host) is not None]
 
 
 _backends: dict[tuple[int, SchedulerMode], _Redis | _Local] = {}
