@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -96,7 +97,7 @@ class Limits:
 
 def limits(host: str) -> Limits:
     """The caps on connections to `host`: CONNECTION_LIMITS's, else the provider's."""
-    host = host.lower().rstrip(".")
+    host = _key(host)
     provider = providers.for_host(host)
     override = get_settings().connection_limits.get(host)
     return Limits(override or provider.host_limit, provider.account_limit)
@@ -121,12 +122,12 @@ class NoSlot(ImapError):
 
 @dataclass
 class Slot:
-    """One connection's place in the budget; `release` it when the connection closes."""
+    """One connection's place in the budget; `release` it when the connection closes.
+    `member` names it in Redis: the process, what the connection is for, a random part."""
 
     host: str
     login: str
     member: str
-    purpose: str
     _released: bool = field(default=False, repr=False)
 
     def release(self) -> None:
@@ -140,10 +141,15 @@ def _key(host: str) -> str:
     return host.lower().rstrip(".")
 
 
+def _slot(host: str, username: str, purpose: str) -> Slot:
+    member = f"{socket.gethostname()}-{os.getpid()}:{purpose}:{uuid.uuid4().hex[:8]}"
+    return Slot(host, f"{host}:{username}", member)
+
+
 def claim(host: str, username: str, purpose: str) -> Slot | None:
     """A slot for one connection to `host` as `username`, if one is free now."""
     host = _key(host)
-    slot = Slot(host, f"{host}:{username}", f"{_holder()}:{uuid.uuid4().hex[:8]}", purpose)
+    slot = _slot(host, username, purpose)
     refused = _backend().claim(slot, limits(host))
     return None if refused else slot
 
@@ -157,7 +163,7 @@ def acquire(host: str, username: str, purpose: str, *, wait: float | None = None
     backend = _backend()
     refusals = 0
     while True:
-        slot = Slot(host, f"{host}:{username}", f"{_holder()}:{uuid.uuid4().hex[:8]}", purpose)
+        slot = _slot(host, username, purpose)
         refused = backend.claim(slot, limits(host))
         if refused is None:
             if refusals > 1:
@@ -243,10 +249,6 @@ def _call_wanted(host: str) -> None:
             log.exception("closing kept sessions on %s failed", host)
 
 
-def _holder() -> str:
-    return f"{os.getpid()}"
-
-
 # -- where the slots are kept --------------------------------------------------------
 
 
@@ -268,10 +270,20 @@ class _Redis:
         return max(1000, round(get_settings().connection_slot_seconds * 1000))
 
     def claim(self, slot: Slot, limit: Limits) -> Refused | None:
-        reply = self._claim(
-            keys=[HOST_PREFIX + slot.host, LOGIN_PREFIX + slot.login, THROTTLED_PREFIX + slot.host],
-            args=[slot.member, self._lease_ms(), limit.host or 0, limit.login or 0],
-        )
+        try:
+            reply = self._claim(
+                keys=[
+                    HOST_PREFIX + slot.host,
+                    LOGIN_PREFIX + slot.login,
+                    THROTTLED_PREFIX + slot.host,
+                ],
+                args=[slot.member, self._lease_ms(), limit.host or 0, limit.login or 0],
+            )
+        except redis.RedisError as exc:
+            # The budget protects the servers; it must not stop the polls while Redis
+            # is away (a failover): the connection goes ahead uncounted.
+            log.warning("connection budget unavailable (%s): %s connects uncounted", exc, slot.host)
+            return None
         if int(reply[0]) != 1:
             return int(reply[1]), int(reply[2]), _text(reply[3])
         with self._guard:
@@ -300,7 +312,10 @@ class _Redis:
 
     def throttle(self, host: str, seconds: float) -> None:
         until = time.time() + seconds
-        self._client.set(THROTTLED_PREFIX + host, until, px=max(1, round(seconds * 1000)))
+        try:
+            self._client.set(THROTTLED_PREFIX + host, until, px=max(1, round(seconds * 1000)))
+        except redis.RedisError as exc:  # the throttled mailbox's own backoff still holds
+            log.warning("%s's throttle not shared (%s)", host, exc)
 
     def throttled_until(self, host: str) -> float | None:
         value = self._client.get(THROTTLED_PREFIX + host)
