@@ -473,7 +473,13 @@ class AccountCreate(_InitialSyncFields, AccountConnection):
 
 
 # Null clears these; any other field sent as null is a mistake.
-NULLABLE_ON_UPDATE = {"initial_sync_count", "initial_sync_since", "webhook_url", "webhook_secret"}
+NULLABLE_ON_UPDATE = {
+    "initial_sync_count",
+    "initial_sync_since",
+    "webhook_url",
+    "webhook_secret",
+    "provider",
+}
 
 
 class AccountUpdate(_InitialSyncFields):
@@ -548,6 +554,9 @@ class AccountRead(BaseModel):
     imap_port: int
     imap_security: str
     username: str
+    provider: str | None = Field(
+        default=None, description="the provider preset it was made from (null: none)"
+    )
     auth_method: AuthMethod
     folders: list[str]
     poll_interval_seconds: int

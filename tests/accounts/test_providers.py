@@ -29,6 +29,7 @@ def test_a_preset_fills_the_server(api: TestClient) -> None:
         993,
         "ssl",
     )
+    assert body["provider"] == "qq"
 
 
 def test_fields_given_win_over_the_preset(api: TestClient) -> None:
@@ -84,7 +85,12 @@ def test_update_to_a_provider_moves_the_server(api: TestClient) -> None:
     response = api.patch(f"/accounts/{created['id']}", json={"provider": "icloud"})
 
     assert response.status_code == 200, response.text
-    assert response.json()["imap_host"] == "imap.mail.me.com"
+    assert (response.json()["imap_host"], response.json()["provider"]) == (
+        "imap.mail.me.com",
+        "icloud",
+    )
+    cleared = api.patch(f"/accounts/{created['id']}", json={"provider": None})
+    assert (cleared.json()["imap_host"], cleared.json()["provider"]) == ("imap.mail.me.com", None)
 
 
 def test_the_presets_are_listed_with_what_each_needs(api: TestClient) -> None:

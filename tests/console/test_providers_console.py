@@ -46,8 +46,13 @@ def test_a_preset_fills_the_form_and_says_what_the_provider_needs(
         f"{server.url}/accounts/{account_id}",
         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
     ).json()
-    assert (saved["imap_host"], saved["imap_port"], saved["imap_security"]) == (
+    assert (saved["provider"], saved["imap_host"], saved["imap_port"]) == (
+        "qq",
         "imap.qq.com",
         1993,
-        "ssl",
     )
+
+    # Editing offers the preset it was made from.
+    page.goto(f"{server.url}/ui/#/accounts/{account_id}/edit")
+    expect(page.locator("#field-provider")).to_have_value("qq")
+    expect(page.locator("#provider-needs")).to_contain_text("authorization code")

@@ -757,7 +757,7 @@ function drawForm(id, account, fields, presets = []) {
     "select",
     { name: "provider", id: "field-provider" },
     h("option", { value: "" }, "Other IMAP server"),
-    presets.map((p) => h("option", { value: p.name }, p.label)),
+    presets.map((p) => h("option", { value: p.name, selected: p.name === a.provider }, p.label)),
   );
   const form = h(
     "form",
@@ -807,13 +807,15 @@ function drawForm(id, account, fields, presets = []) {
       h("a", { class: "button", href: id ? `#/accounts/${id}` : "#/" }, "Cancel"),
     ),
   );
+  const preset = () => presets.find((p) => p.name === provider.value);
+  needs.textContent = preset() ? `Needs: ${preset().needs}` : "";
   provider.addEventListener("change", () => {
-    const preset = presets.find((p) => p.name === provider.value);
-    needs.textContent = preset ? `Needs: ${preset.needs}` : "";
-    if (!preset) return;
-    form.elements.imap_host.value = preset.imap_host;
-    form.elements.imap_port.value = preset.imap_port;
-    form.elements.imap_security.value = preset.imap_security;
+    const chosen = preset();
+    needs.textContent = chosen ? `Needs: ${chosen.needs}` : "";
+    if (!chosen) return;
+    form.elements.imap_host.value = chosen.imap_host;
+    form.elements.imap_port.value = chosen.imap_port;
+    form.elements.imap_security.value = chosen.imap_security;
   });
   const values = () => {
     const data = Object.fromEntries(new FormData(form));
