@@ -95,12 +95,17 @@ class Limits:
     login: int | None
 
 
-def limits(host: str) -> Limits:
-    """The caps on connections to `host`: CONNECTION_LIMITS's, else the provider's."""
+def limits(host: str, *, leave: int = 0) -> Limits:
+    """The caps on connections to `host`: CONNECTION_LIMITS's, else the provider's.
+    `leave`: that many fewer (at least 1), the slots a long-lived holder leaves to others."""
     host = _key(host)
     provider = providers.for_host(host)
     override = get_settings().connection_limits.get(host)
-    return Limits(override or provider.host_limit, provider.account_limit)
+
+    def less(cap: int | None) -> int | None:
+        return None if cap is None else max(1, cap - leave)
+
+    return Limits(less(override or provider.host_limit), less(provider.account_limit))
 
 
 class NoSlot(ImapError):
@@ -146,17 +151,20 @@ def _slot(host: str, username: str, purpose: str) -> Slot:
     return Slot(host, f"{host}:{username}", member)
 
 
-def claim(host: str, username: str, purpose: str) -> Slot | None:
-    """A slot for one connection to `host` as `username`, if one is free now."""
+def claim(host: str, username: str, purpose: str, *, leave: int = 0) -> Slot | None:
+    """A slot for one connection to `host` as `username`, if one is free now (and
+    `leave` more would still be)."""
     host = _key(host)
     slot = _slot(host, username, purpose)
-    refused = _backend().claim(slot, limits(host))
+    refused = _backend().claim(slot, limits(host, leave=leave))
     return None if refused else slot
 
 
-def acquire(host: str, username: str, purpose: str, *, wait: float | None = None) -> Slot:
+def acquire(
+    host: str, username: str, purpose: str, *, wait: float | None = None, leave: int = 0
+) -> Slot:
     """A slot, waiting up to `wait` seconds (CONNECTION_SLOT_WAIT_SECONDS) for one to come
-    free; raises NoSlot when none did."""
+    free; raises NoSlot when none did. `leave`: as for `claim`."""
     host = _key(host)
     seconds = get_settings().connection_slot_wait_seconds if wait is None else wait
     deadline = time.monotonic() + seconds
@@ -164,7 +172,7 @@ def acquire(host: str, username: str, purpose: str, *, wait: float | None = None
     refusals = 0
     while True:
         slot = _slot(host, username, purpose)
-        refused = backend.claim(slot, limits(host))
+        refused = backend.claim(slot, limits(host, leave=leave))
         if refused is None:
             if refusals > 1:
                 log.info("%s on %s: got a connection slot", purpose, host)
@@ -196,10 +204,12 @@ def connect(
     open_session: Callable[[], ImapSession],
     *,
     wait: float | None = None,
+    leave: int = 0,
 ) -> ImapSession:
     """`open_session()` once a slot is had (`acquire`); the slot is released when the
-    session (or the IDLE link it becomes) is closed."""
-    slot = acquire(host, username, purpose, wait=wait)
+    session (or the IDLE link it becomes) is closed. A connection held for long (IDLE)
+    passes `leave=1`, so the polls of its host always have a slot to wait for."""
+    slot = acquire(host, username, purpose, wait=wait, leave=leave)
     try:
         session = open_session()
     except BaseException:

@@ -772,7 +772,9 @@ class ImapSession:
         self._broken = True  # no imapclient command on it from now on
         link = IdleLink(self._client)
         # The connection is the link's now, and so is what its closing releases.
-        link.on_close, self._on_close = self._on_close, []
+        for callback in self._on_close:
+            link.on_close(callback)
+        self._on_close = []
         link.start()
         return link
 
@@ -801,7 +803,7 @@ class IdleLink:
     def __init__(self, client: IMAPClient) -> None:
         self._client = client
         # Called once when the link is closed (the session's, handed on by `idle`).
-        self.on_close: list[Callable[[], None]] = []
+        self._on_close: list[Callable[[], None]] = []
         self._imap = client._imap
         self._sock: socket.socket = client.socket()
         self._sock.settimeout(None)
@@ -859,9 +861,13 @@ class IdleLink:
             self._sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(Exception):
             self._client.shutdown()
-        callbacks, self.on_close = self.on_close, []
+        callbacks, self._on_close = self._on_close, []
         for callback in callbacks:
             callback()
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Have `callback` called once, after the link is closed."""
+        self._on_close.append(callback)
 
     def read(self) -> bool:
         """Take what the server sent; True when it reported a change to the folder.

@@ -243,8 +243,9 @@ class Watcher:
             account = service.load_account(watch.account_id)
             if account is None:
                 raise imap.ImapProtocolError("the account is gone")
-            # A slot in the host's connection budget, shared with the polls, or a retry
-            # later (budget.NoSlot is an ImapError).
+            # A slot in the host's connection budget, shared with the polls (one left
+            # for them: IDLE holds it for good), or a retry later (budget.NoSlot is an
+            # ImapError).
             loaded = account
             session = budget.connect(
                 account.imap_host,
@@ -252,6 +253,7 @@ class Watcher:
                 "watch",
                 lambda: imap.open_account(loaded, credentials=credentials.loader(loaded)),
                 wait=0,
+                leave=1,
             )
             settings = self.settings
             session.arm_deadline(settings.imap_connect_timeout + settings.imap_read_timeout)

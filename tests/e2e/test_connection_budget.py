@@ -55,7 +55,7 @@ def proxy(dovecot: Dovecot) -> Iterator[ImapProxy]:
 def celery(tmp_path: Path, set_env: Callable[..., None], proxy: ImapProxy) -> Iterator[Celery]:
     set_env(
         CONNECTION_LIMITS=json.dumps({proxy.host: LIMIT}),
-        CONNECTION_SLOT_SECONDS=3,
+        CONNECTION_SLOT_SECONDS=10,
         WATCHER_LEASE_SECONDS=2,
         MIN_POLL_INTERVAL_SECONDS=1,
         SCHEDULER_MODE="celery",

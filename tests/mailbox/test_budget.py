@@ -262,3 +262,11 @@ def test_a_provider_caps_one_login(set_env: Callable[..., None]) -> None:
     slots = [budget.claim("imap.qq.com", "same", "test") for _ in range(5)]
     assert [slot is not None for slot in slots] == [True] * 4 + [False]
     assert budget.claim("imap.qq.com", "another", "test") is not None
+
+
+def test_a_long_lived_holder_leaves_a_slot_to_the_polls(set_env: Callable[..., None]) -> None:
+    set_env(CONNECTION_LIMITS=json.dumps({"h.example": 3}))
+    watching = [budget.claim("h.example", f"w{i}", "watch", leave=1) for i in range(3)]
+    assert [slot is not None for slot in watching] == [True, True, False]
+    assert budget.claim("h.example", "p", "poll") is not None  # the one left
+    assert budget.claim("h.example", "q", "poll") is None

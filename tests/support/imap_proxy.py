@@ -12,7 +12,8 @@ server answers everything, and the rule may answer a command in its place.
 The client's side is read a line at a time (mailbeat sends no literals; an AUTHENTICATE
 continuation is a line of its own and is forwarded like any other); the server's side is
 copied as it comes. `state` is per connection; an answer that is a BYE hangs up.
-`open` and `most` count the client connections open now and the most open at once.
+`open` and `most` count the client connections open now and the most open at once (a
+connection is out from its LOGOUT, or its end without one).
 """
 
 from __future__ import annotations
@@ -82,10 +83,16 @@ class ImapProxy:
 
     def _up(self, client: socket.socket, server: socket.socket, write: threading.Lock) -> None:
         state: dict[str, object] = {}
+        counted = True
         with contextlib.suppress(OSError), client.makefile("rb") as lines:
             while line := lines.readline():
                 tag, _, command = line.rstrip(b"\r\n").partition(b" ")
                 self.commands.append(command)
+                if counted and command.upper() == b"LOGOUT":
+                    # The client is done: it waits for this answer before it lets go of
+                    # the connection, so it is counted out before it does.
+                    counted = False
+                    self._leave()
                 answer = self.rule(state, tag, command)
                 if answer is None:
                     server.sendall(line)
@@ -97,5 +104,9 @@ class ImapProxy:
         for sock in (server, client):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        if counted:
+            self._leave()
+
+    def _leave(self) -> None:
         with self._count:
             self.open -= 1
