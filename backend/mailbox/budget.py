@@ -317,8 +317,11 @@ class _Redis:
             log.warning("connection slot on %s not released (%s): it expires", slot.host, exc)
 
     def want(self, host: str) -> None:
-        self._client.set(WANTED_PREFIX + host, 1, px=self._lease_ms())
         _call_wanted(host)  # this process's own kept sessions, at once
+        try:
+            self._client.set(WANTED_PREFIX + host, 1, px=self._lease_ms())
+        except redis.RedisError as exc:  # the other processes' kept sessions age out
+            log.warning("the wait for a slot on %s not announced (%s)", host, exc)
 
     def throttle(self, host: str, seconds: float) -> None:
         until = time.time() + seconds
