@@ -344,7 +344,7 @@ _PROVIDER_DESCRIPTION = (
     "a provider preset ("
     + ", ".join(providers.PROVIDERS)
     + ") fills imap_host, imap_port and imap_security (fields given win) and checks the "
-    "login method; GET /providers lists them with what each needs"
+    "login method; GET /accounts/providers lists them with what each needs"
 )
 
 

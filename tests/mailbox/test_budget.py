@@ -84,7 +84,8 @@ def test_the_limit_holds_across_polls_a_backfill_and_kept_sessions(
         assert [stored(db, a) for a in [*polled, filled]] == [40, 40, 40, 40]
         assert proxy.most == 2, proxy.most
     db.rollback()
-    assert db.get(Backfill, row.id).status == BackfillStatus.DONE  # type: ignore[union-attr]
+    done = db.get(Backfill, row.id)
+    assert done is not None and done.status == BackfillStatus.DONE
 
 
 def test_a_poll_waits_for_a_slot_and_polls_once_one_frees(
