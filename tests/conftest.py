@@ -111,13 +111,14 @@ def _clean_state(redis_db: RedisDb) -> Iterator[None]:
     yield
     from backend import dispatch
     from backend.db import get_engine
-    from backend.mailbox import pool
+    from backend.mailbox import budget, pool
     from backend.models import Base
     from backend.processing import progress
 
     dispatch.reset()
     progress.forget()  # a test's successes are no evidence for the next one's failures
     pool.clear()  # ids restart: a kept session must not meet a later test's account
+    budget.reset()  # a local-mode budget's slots and throttles are this process's
 
     engine = get_engine()
     tables = ", ".join(t.name for t in Base.metadata.sorted_tables)

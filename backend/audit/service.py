@@ -271,7 +271,7 @@ def audit_account(
     error = _NOT_POLLED
     try:
         if polled & set(folders):
-            with open_mailbox(account) as mailbox:
+            with open_mailbox(account, purpose="audit") as mailbox:
                 for folder in folders:
                     entry = _audit_folder_safely(mailbox, account, folder, deep=deep)
                     done(entry)

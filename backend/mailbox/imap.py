@@ -110,10 +110,15 @@ class ImapThrottled(ImapError):
 
     kind: ErrorKind = ErrorKind.THROTTLED
 
-    def __init__(self, message: str, *, stage: Stage, retry_after: float | None) -> None:
+    def __init__(
+        self, message: str, *, stage: Stage, retry_after: float | None, host_wide: bool = True
+    ) -> None:
         super().__init__(message)
         self.stage = stage
         self.retry_after = retry_after
+        # About the server's load or connections, not this account's own quota: the
+        # host's other mailboxes slow down too (backend/mailbox/budget.throttled).
+        self.host_wide = host_wide
 
 
 class ImapLiteralRefused(ImapConnectionError):
@@ -214,6 +219,9 @@ _THROTTLE = re.compile(
     r"|maximum number of connections|server unavailable|rate limit|try again later",
     re.IGNORECASE,
 )
+# The throttle answers about one account's own use (its quota, Gmail's per-account
+# bandwidth), not the server's load.
+_ACCOUNT_ONLY = re.compile(r"OVERQUOTA|bandwidth", re.IGNORECASE)
 _RETRY_AFTER = re.compile(
     r"(?:in|after|wait)\s+(\d{1,5})\s*(s|sec|secs|seconds?|m|min|mins|minutes?)\b", re.IGNORECASE
 )
@@ -236,6 +244,7 @@ def _throttled(exc: BaseException, stage: Stage) -> ImapThrottled | None:
         + (f", retry after {retry_after:.0f}s" if retry_after is not None else ""),
         stage=stage,
         retry_after=retry_after,
+        host_wide=_ACCOUNT_ONLY.search(found.group(0)) is None,
     )
 
 
@@ -336,6 +345,8 @@ class ImapSession:
         self._max_bytes = get_settings().max_message_bytes
         # QRESYNC enabled (`enable_qresync`): expunges are reported as VANISHED UIDs.
         self.qresync = False
+        # Called once when the session is closed: its slot in the connection budget.
+        self._on_close: list[Callable[[], None]] = []
         imap = client._imap
         read = imap.read
 
@@ -505,6 +516,10 @@ class ImapSession:
         self.ignored_uids = []
         return True
 
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Have `callback` called once, after the connection is closed."""
+        self._on_close.append(callback)
+
     def close(self) -> None:
         """Log out politely; a connection that is already broken is just shut."""
         if self._deadline is not None:
@@ -517,6 +532,9 @@ class ImapSession:
         except Exception:
             with contextlib.suppress(Exception):
                 self._client.shutdown()
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            callback()
 
     def tls_version(self) -> str | None:
         """The TLS version in use ("TLSv1.3"), or None on a plain connection."""
@@ -772,6 +790,10 @@ class ImapSession:
             raise ImapProtocolError("IDLE needs a selected folder")
         self._broken = True  # no imapclient command on it from now on
         link = IdleLink(self._client, selected)
+        # The connection is the link's now, and so is what its closing releases.
+        for callback in self._on_close:
+            link.on_close(callback)
+        self._on_close = []
         link.start()
         return link
 
@@ -804,6 +826,8 @@ class IdleLink:
 
     def __init__(self, client: IMAPClient, selected: SelectedFolder) -> None:
         self._client = client
+        # Called once when the link is closed (the session's, handed on by `idle`).
+        self._on_close: list[Callable[[], None]] = []
         self._imap = client._imap
         self._sock: socket.socket = client.socket()
         self._sock.settimeout(None)
@@ -865,6 +889,13 @@ class IdleLink:
             self._sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(Exception):
             self._client.shutdown()
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            callback()
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Have `callback` called once, after the link is closed."""
+        self._on_close.append(callback)
 
     def read(self) -> bool:
         """Take what the server sent; True when it reported a change to the folder.

@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from backend.accounts import state
 from backend.config import get_settings
 from backend.db import bulk_insert, insert_for, session_scope
-from backend.mailbox import changes, credentials, cursors, folders, imap, parsing, pool
+from backend.mailbox import budget, changes, credentials, cursors, folders, imap, parsing, pool
 from backend.mailbox.imap import (
     ERROR_TEXT_MAX,
     MAX_UID,
@@ -46,6 +46,7 @@ from backend.mailbox.imap import (
     ImapLiteralRefused,
     ImapProtocolError,
     ImapSession,
+    ImapThrottled,
 )
 from backend.mailbox.parser import ParsedMessage
 from backend.mailbox.progress import OnProgress, SyncProgress
@@ -147,9 +148,19 @@ class _Prepared:
 # -- the poll ----------------------------------------------------------------------------
 
 
-def open_mailbox(account: Account) -> ImapSession:
-    """A logged-in session on the account's server (a context manager), as a poll makes it."""
-    return imap.open_account(account, credentials=credentials.loader(account))
+def open_mailbox(
+    account: Account, *, purpose: str = "poll", wait: float | None = None
+) -> ImapSession:
+    """A logged-in session on the account's server (a context manager), as a poll makes
+    it: first a slot in the host's connection budget (backend/mailbox/budget.py), waited
+    for up to `wait` seconds (budget.NoSlot when none came free), held until it closes."""
+    return budget.connect(
+        account.imap_host,
+        account.username,
+        purpose,
+        lambda: imap.open_account(account, credentials=credentials.loader(account)),
+        wait=wait,
+    )
 
 
 def poll_account(
@@ -225,6 +236,16 @@ def poll_account(
                 note = _ignored_uids_note(account_id, mailbox.ignored_uids)
             if error is not None:
                 mailbox.close()  # a folder refused: not kept
+    except budget.NoSlot as exc:
+        # Not the mailbox's failure: the host has all the connections it may have.
+        _record_run(run_id, outcome=PollOutcome.NO_SLOT, error=exc.message, messages=0, bytes_=0)
+        log.info("poll of account %s: %s", account_id, exc.message)
+        return PollResult(
+            outcome=PollOutcome.NO_SLOT,
+            error=exc.message,
+            duration_seconds=time.monotonic() - started,
+            poll_run_id=run_id,
+        )
     except ImapError as exc:
         error = exc
     except cursors.LeaseLost as exc:
@@ -260,6 +281,9 @@ def poll_account(
             poll_run_id=run_id,
         )
     outcome = PollOutcome.SUCCESS if error is None else PollOutcome.for_error(error.kind)
+    if isinstance(error, ImapThrottled) and error.host_wide:
+        # The host's other mailboxes slow down with this one (one connection at a time).
+        budget.throttled(account.imap_host, state.throttle_delay(error).total_seconds())
     if error is None and poller.failed:
         failed = "; ".join(exc.message for exc in poller.failed.values())
         note = f"{note}; {failed}" if note else failed

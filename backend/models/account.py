@@ -55,6 +55,9 @@ class Account(TimestampMixin, Base):
         EnumString(ImapSecurity, 16), default=ImapSecurity.SSL
     )
     username: Mapped[str] = mapped_column(String(320))
+    # The preset it was made from (backend/mailbox/providers.py), or None: shown, and
+    # offered again by the console's form. The limits go by imap_host either way.
+    provider: Mapped[str | None] = mapped_column(String(32), nullable=True)
     auth_method: Mapped[AuthMethod] = mapped_column(
         EnumString(AuthMethod, 16), default=AuthMethod.PASSWORD
     )

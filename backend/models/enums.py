@@ -54,7 +54,8 @@ class ErrorKind(StrEnum):
 
 class PollOutcome(StrEnum):
     """running: not finished (or the worker died); success: polled; skipped: another poll
-    held the lock or backoff applies; *_error: failed, see PollRun.error."""
+    held the lock or backoff applies; no_slot: the host's connection budget was full for
+    the whole wait; *_error: failed, see PollRun.error."""
 
     RUNNING = "running"
     SUCCESS = "success"
@@ -64,6 +65,9 @@ class PollOutcome(StrEnum):
     PROTOCOL_ERROR = "protocol_error"
     INTERNAL_ERROR = "internal_error"
     THROTTLED_ERROR = "throttled_error"
+    # No connection slot came free in time (backend/mailbox/budget.py): sent again soon,
+    # not a failure.
+    NO_SLOT = "no_slot"
 
     @classmethod
     def for_error(cls, kind: ErrorKind) -> PollOutcome:

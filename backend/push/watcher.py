@@ -43,7 +43,7 @@ from types import FrameType
 
 from backend import dispatch, metrics, redis
 from backend.config import get_settings
-from backend.mailbox import credentials, folders, imap
+from backend.mailbox import budget, credentials, folders, imap
 from backend.models import PushStatus
 from backend.push import service
 from backend.push.leases import Leases, watcher_name
@@ -249,7 +249,18 @@ class Watcher:
             account = service.load_account(watch.account_id)
             if account is None:
                 raise imap.ImapProtocolError("the account is gone")
-            session = imap.open_account(account, credentials=credentials.loader(account))
+            # A slot in the host's connection budget, shared with the polls (one left
+            # for them: IDLE holds it for good), or a retry later (budget.NoSlot is an
+            # ImapError).
+            loaded = account
+            session = budget.connect(
+                account.imap_host,
+                account.username,
+                "watch",
+                lambda: imap.open_account(loaded, credentials=credentials.loader(loaded)),
+                wait=0,
+                leave=1,
+            )
             settings = self.settings
             session.arm_deadline(settings.imap_connect_timeout + settings.imap_read_timeout)
             if not session.supports_idle():

@@ -16,6 +16,8 @@ copied as it comes. `state` is per connection; an answer that is a BYE hangs up.
 A fake may also change what passes: `up` rewrites a command line before it is forwarded,
 `down` each of the server's responses, whole (a line with its literals), e.g. to add a
 capability or answer FETCH items the server does not know (tests/mailbox/test_gmail.py).
+`open` and `most` count the client connections open now and the most open at once (a
+connection is out from its LOGOUT, or its end without one).
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ class ImapProxy:
         self.host, self.port = "127.0.0.1", self._listener.getsockname()[1]
         self._stop = threading.Event()
         self._sockets: list[socket.socket] = []
+        # Client connections open now, and the most ever open at once.
+        self.open = 0
+        self.most = 0
+        self._count = threading.Lock()
 
     def __enter__(self) -> ImapProxy:
         threading.Thread(target=self._accept, daemon=True).start()
@@ -79,6 +85,9 @@ class ImapProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            with self._count:
+                self.open += 1
+                self.most = max(self.most, self.open)
             server = socket.create_connection(self.upstream, timeout=30)
             self._sockets += [client, server]
             write = threading.Lock()
@@ -117,10 +126,16 @@ class ImapProxy:
         write: threading.Lock,
         state: dict[str, object],
     ) -> None:
+        counted = True
         with contextlib.suppress(OSError), client.makefile("rb") as lines:
             while line := lines.readline():
                 tag, _, command = line.rstrip(b"\r\n").partition(b" ")
                 self.commands.append(command)
+                if counted and command.upper() == b"LOGOUT":
+                    # The client is done: it waits for this answer before it lets go of
+                    # the connection, so it is counted out before it does.
+                    counted = False
+                    self._leave()
                 answer = self.rule(state, tag, command)
                 if answer is None:
                     server.sendall(line if self.up is None else self.up(state, line))
@@ -132,6 +147,12 @@ class ImapProxy:
         for sock in (server, client):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        if counted:
+            self._leave()
+
+    def _leave(self) -> None:
+        with self._count:
+            self.open -= 1
 
 
 def _responses(lines: Any) -> Iterator[bytes]:

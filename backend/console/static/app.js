@@ -730,15 +730,16 @@ async function accountFields() {
 function accountFormView(id) {
   main.replaceChildren(h("h1", {}, id ? `Edit mailbox ${id}` : "Add a mailbox"));
   show("form", id ? "Edit mailbox" : "Add mailbox", async () => {
-    const [fields, account] = await Promise.all([
+    const [fields, account, presets] = await Promise.all([
       accountFields(),
       id ? api("GET", `/accounts/${id}`) : null,
+      api("GET", "/accounts/providers").then((list) => list.items, () => []),
     ]);
-    drawForm(id, account, fields);
+    drawForm(id, account, fields, presets);
   });
 }
 
-function drawForm(id, account, fields) {
+function drawForm(id, account, fields, presets = []) {
   const a = account || {
     imap_port: 993,
     imap_security: "ssl",
@@ -757,10 +758,19 @@ function drawForm(id, account, fields) {
     ),
   );
   const result = h("div", { id: "form-result" });
+  // A preset fills the server's fields (they stay editable) and says what it needs.
+  const needs = h("div", { class: "muted", id: "provider-needs" });
+  const provider = h(
+    "select",
+    { name: "provider", id: "field-provider" },
+    h("option", { value: "" }, "Other IMAP server"),
+    presets.map((p) => h("option", { value: p.name, selected: p.name === a.provider }, p.label)),
+  );
   const form = h(
     "form",
     { class: "account card", id: "account-form" },
     row("Email", "email", input("email", { required: true })),
+    presets.length ? row("Provider", "provider", h("div", {}, provider, needs)) : null,
     row("IMAP host", "imap_host", input("imap_host", { required: true })),
     row("Port", "imap_port", input("imap_port", { type: "number", min: 1, max: 65535 })),
     row("Security", "imap_security", security),
@@ -804,6 +814,16 @@ function drawForm(id, account, fields) {
       h("a", { class: "button", href: id ? `#/accounts/${id}` : "#/" }, "Cancel"),
     ),
   );
+  const preset = () => presets.find((p) => p.name === provider.value);
+  needs.textContent = preset() ? `Needs: ${preset().needs}` : "";
+  provider.addEventListener("change", () => {
+    const chosen = preset();
+    needs.textContent = chosen ? `Needs: ${chosen.needs}` : "";
+    if (!chosen) return;
+    form.elements.imap_host.value = chosen.imap_host;
+    form.elements.imap_port.value = chosen.imap_port;
+    form.elements.imap_security.value = chosen.imap_security;
+  });
   const values = () => {
     const data = Object.fromEntries(new FormData(form));
     const body = {
@@ -819,6 +839,7 @@ function drawForm(id, account, fields) {
     if (data.priority !== undefined) body.priority = Number(data.priority);
     if (form.elements.push) body.push = form.elements.push.checked;
     if (data.password) body.password = data.password;
+    if (data.provider) body.provider = data.provider;
     return body;
   };
   form.querySelector("#test-settings").addEventListener("click", () =>
@@ -827,6 +848,7 @@ function drawForm(id, account, fields) {
       result.replaceChildren(message("", "Trying the server..."));
       const check = body.password
         ? await api("POST", "/accounts/test", {
+            ...(body.provider ? { provider: body.provider } : {}),
             imap_host: body.imap_host,
             imap_port: body.imap_port,
             imap_security: body.imap_security,
