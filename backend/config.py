@@ -130,6 +130,11 @@ class Settings(BaseSettings):
     # again this much later; never a failure of the mailbox.
     connection_slot_wait_seconds: float = Field(default=30.0, ge=0)
     max_message_bytes: int = 50 * 1024 * 1024
+    # An attachment of at most this many decoded bytes is kept only inside the raw
+    # message and decoded from it when asked for (one object per message, not one per
+    # part: a first sync's fsyncs are its bound); larger ones are objects of their own.
+    # 0: every attachment is its own object.
+    attachment_inline_max_bytes: int = Field(default=1024 * 1024, ge=0)
     # Processes per poll worker process that parse large batches (0: in the poll).
     parse_processes: int = Field(default=2, ge=0, le=64)
     # The charset of raw 8-bit header bytes that are not UTF-8, when the message's first

@@ -2,6 +2,12 @@
 first sync), beside mbsync (isync) syncing the same mailboxes to local maildirs.
 
     python -m bench.ingest [--mailboxes 1] [--messages 10000] [--runs 2] [--security ssl|none]
+        [--baseline DIR]
+
+`--baseline DIR`: DIR is a checkout of an earlier commit (`git worktree add DIR main`);
+each run then also times DIR's mailbeat, in a subprocess with a database of its own
+migrated by DIR, between mbsync and this tree's mailbeat: the three take turns under the
+same load, on the same Dovecot and mail.
 
 With several mailboxes (`--mailboxes 100 --messages 100`), mbsync syncs them one after
 the other in one process (`mbsync -a`) and mailbeat polls them one after the other in
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import pstats
 import random
@@ -23,6 +30,7 @@ import resource
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from email.message import EmailMessage
@@ -218,6 +226,56 @@ def run_mailbeat(
     return elapsed
 
 
+BASELINE_RUN = """
+import json, sys
+from pathlib import Path
+from types import SimpleNamespace
+from backend.mailbox import parsing
+from bench.ingest import run_mailbeat
+args = json.loads(sys.argv[1])
+parsing.parse_all([b"Subject: warm\\r\\n\\r\\nup\\r\\n"] * parsing.POOL_MIN_MESSAGES)
+elapsed = run_mailbeat(SimpleNamespace(**args["dovecot"]), args["usernames"], args["security"],
+                       Path(args["storage"]), profile=False)
+print(f"ELAPSED={elapsed}")
+"""
+
+
+def warm_pool() -> None:
+    """Start the parsing processes before timing (0.7 s once per process), as a worker
+    that has polled before has them (BASELINE_RUN does the same)."""
+    from backend.mailbox import parsing
+
+    parsing.parse_all([b"Subject: warm\r\n\r\nup\r\n"] * parsing.POOL_MIN_MESSAGES)
+
+
+def run_baseline(
+    baseline: Path, dovecot: Dovecot, usernames: list[str], security: str, env: dict[str, str]
+) -> float:
+    """DIR's mailbeat, in its own interpreter (its code, its database)."""
+    args = {
+        "dovecot": {
+            "host": dovecot.host,
+            "imap_port": dovecot.imap_port,
+            "imaps_port": dovecot.imaps_port,
+            "passwords": dovecot.passwords,
+        },
+        "usernames": usernames,
+        "security": security,
+        "storage": env["LOCAL_STORAGE_DIR"],
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", BASELINE_RUN, json.dumps(args)],
+        cwd=baseline,
+        env={**env, "PYTHONPATH": str(baseline)},
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    lines = done.stdout.splitlines()
+    print("  baseline" + next(line for line in lines if "mailbeat:" in line).strip()[8:])
+    return float(next(line for line in lines if line.startswith("ELAPSED="))[8:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mailboxes", type=int, default=1)
@@ -227,12 +285,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="cProfile the mailbeat runs")
     parser.add_argument("--skip-mbsync", action="store_true")
+    parser.add_argument("--baseline", type=Path, help="a checkout of an earlier commit")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mailbeat-bench-"))
     work.chmod(0o755)  # Dovecot's processes must reach the users and homes below it
     dovecot = Dovecot(work / "dovecot")
     database_url = postgres.create_database("mailbeat_bench")
+    baseline_url = postgres.create_database("mailbeat_bench") if args.baseline else ""
     try:
         dovecot.start()
         rng = random.Random(42)
@@ -268,13 +328,32 @@ def main() -> None:
         from alembic.config import Config
 
         command.upgrade(Config(str(Path(__file__).parent.parent / "alembic.ini")), "head")
+        baseline_env = {
+            **os.environ,
+            "DATABASE_URL": baseline_url,
+            "LOCAL_STORAGE_DIR": str(work / "storage-baseline"),
+        }
+        if args.baseline:
+            subprocess.run(
+                [sys.executable, "-m", "alembic", "upgrade", "head"],
+                cwd=args.baseline,
+                env={**baseline_env, "PYTHONPATH": str(args.baseline)},
+                check=True,
+                capture_output=True,
+            )
 
+        warm_pool()
         ours: list[float] = []
         theirs: list[float] = []
+        before: list[float] = []
         for run in range(args.runs):
             print(f"run {run + 1}:")
             if not args.skip_mbsync:
                 theirs.append(run_mbsync(dovecot, usernames, args.security, work))
+            if args.baseline:
+                before.append(
+                    run_baseline(args.baseline, dovecot, usernames, args.security, baseline_env)
+                )
             ours.append(
                 run_mailbeat(
                     dovecot, usernames, args.security, work / "storage", profile=args.profile
@@ -287,6 +366,12 @@ def main() -> None:
             f"median of {args.runs}: mailbeat {ours_rate:,.0f} messages/s, "
             f"mbsync {mbsync_rate:,.0f} messages/s ({ours_rate / mbsync_rate:.2f}x)"
         )
+        if before:
+            before_rate = total / statistics.median(before)
+            print(
+                f"baseline {before_rate:,.0f} messages/s ({before_rate / mbsync_rate:.2f}x "
+                f"mbsync); this tree {ours_rate / before_rate:.2f}x the baseline"
+            )
         print(f"load: {os.getloadavg()}")
     finally:
         from backend import db
@@ -294,6 +379,8 @@ def main() -> None:
         db.reset_caches()
         dovecot.stop()
         postgres.drop_database(database_url)
+        if baseline_url:
+            postgres.drop_database(baseline_url)
         if not os.environ.get("BENCH_KEEP"):
             shutil.rmtree(work, ignore_errors=True)
 

@@ -426,7 +426,8 @@ def _stored(
                 Attachment.id,
             )
             .join(Message, Message.id == Attachment.message_id)
-            .where(*of_folder)
+            # Not those kept only inside the raw message: they have no object.
+            .where(*of_folder, Attachment.storage_key.is_not(None))
         ).all()
     messages = {row[1]: row[2] is None for row in rows}
     objects = [

@@ -346,6 +346,8 @@ class _Recording:
                         Attachment.message_id.in_(drop)
                     )
                 )
+                # Not those kept only inside the raw message: they have no object.
+                if backend is not None and key is not None
             ]
             # The copies first: the moved messages take their place in the unique key.
             self.session.execute(delete(Message).where(Message.id.in_(drop)))

@@ -7,6 +7,11 @@ poll that finds a few new messages) are parsed in the calling thread, which cost
 pickling and starts no process. The processes are the same parser, so the result is
 the same either way (tests/mailbox/test_parsing.py).
 
+Ingestion asks for `parse_all_for_storage`: the processes also hash each attachment and
+send back the bytes of only those that are to be objects of their own (larger than
+ATTACHMENT_INLINE_MAX_BYTES); the others stay inside the raw message, so most parts are
+never pickled back.
+
 The pool is made on first use, per process (a Celery prefork child gets its own: a
 worker process that never ingests a large batch never starts one), from a fork server
 that has imported only the parser: each pool process is a small interpreter, not a copy
@@ -20,14 +25,18 @@ it again is stored raw with the reason, as any unparseable message is.
 from __future__ import annotations
 
 import gc
+import hashlib
 import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from functools import partial
 from multiprocessing.process import AuthenticationString  # type: ignore[attr-defined]
+from typing import TypeVar
 
 from backend.config import get_settings
 from backend.mailbox.parser import ParsedMessage, parse_message
@@ -45,6 +54,25 @@ PROCESS_DIED = "the parsing process died on this message"
 # str: why the message could not be parsed (it is stored raw, flagged).
 Outcome = ParsedMessage | str
 
+
+@dataclass
+class Part:
+    """An attachment as ingestion stores it."""
+
+    filename: str | None
+    safe_name: str
+    content_type: str
+    content_id: str | None
+    size: int
+    content_hash: str  # sha256 hex of the decoded bytes
+    data: bytes | None  # None: kept only inside the raw message (not an object)
+
+
+# The message's fields (its `attachments` emptied) and its attachments; or why it could
+# not be parsed.
+Stored = tuple[ParsedMessage, list[Part]] | str
+_T = TypeVar("_T")
+
 _lock = threading.Lock()
 _pool: ProcessPoolExecutor | None = None
 _pool_pid = 0
@@ -58,24 +86,56 @@ def parse_safely(raw: bytes) -> Outcome:
         return f"{type(exc).__name__}: {exc}"[:ERROR_MAX]
 
 
+def parse_for_storage(raw: bytes, inline_max: int) -> Stored:
+    """Runs in a pool process (or the calling thread): the message parsed as ingestion
+    stores it. Its attachments are hashed here, and only those larger than `inline_max`
+    keep their bytes: the others stay inside the raw message, and are not sent back."""
+    outcome = parse_safely(raw)
+    if isinstance(outcome, str):
+        return outcome
+    parts = [
+        Part(
+            filename=attachment.filename,
+            safe_name=attachment.safe_name,
+            content_type=attachment.content_type,
+            content_id=attachment.content_id,
+            size=len(attachment.data),
+            content_hash=hashlib.sha256(attachment.data).hexdigest(),
+            data=attachment.data if len(attachment.data) > inline_max else None,
+        )
+        for attachment in outcome.attachments
+    ]
+    outcome.attachments = []
+    return outcome, parts
+
+
 def parse_all(raws: Sequence[bytes]) -> list[Outcome]:
     """Each message parsed, in order."""
+    return _map(parse_safely, raws, PROCESS_DIED)
+
+
+def parse_all_for_storage(raws: Sequence[bytes], inline_max: int) -> list[Stored]:
+    """Each message parsed for ingestion (`parse_for_storage`), in order."""
+    return _map(partial(parse_for_storage, inline_max=inline_max), raws, PROCESS_DIED)
+
+
+def _map(function: Callable[[bytes], _T], raws: Sequence[bytes], died: _T) -> list[_T]:
     processes = get_settings().parse_processes
     if processes == 0 or len(raws) < POOL_MIN_MESSAGES:
-        return [parse_safely(raw) for raw in raws]
+        return [function(raw) for raw in raws]
     # A few chunks per process: fewer round trips, and the processes finish together.
     chunk = max(1, len(raws) // (processes * 4))
     try:
-        return list(_executor(processes).map(parse_safely, raws, chunksize=chunk))
+        return list(_executor(processes).map(function, raws, chunksize=chunk))
     except BrokenProcessPool:
         _discard()
-    outcomes: list[Outcome] = []
+    outcomes: list[_T] = []
     for raw in raws:
         try:
-            outcomes.append(_executor(processes).submit(parse_safely, raw).result())
+            outcomes.append(_executor(processes).submit(function, raw).result())
         except BrokenProcessPool:
             _discard()
-            outcomes.append(PROCESS_DIED)
+            outcomes.append(died)
     return outcomes
 
 

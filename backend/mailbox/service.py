@@ -121,14 +121,8 @@ class _Fetched:
     content_hash: str | None = None  # sha256 hex of body
 
 
-# A row and the write of its object: (storage backend, sha256 hex when asked for).
-_Upload = tuple[dict[str, Any], Future[tuple[str, str | None]]]
-
-
-def _put(key: str, data: bytes, content_type: str, *, hashed: bool) -> tuple[str, str | None]:
-    """Write an object (and hash it, here in a writing thread rather than the parsing one)."""
-    content_hash = hashlib.sha256(data).hexdigest() if hashed else None
-    return storage.put_object(key, data, content_type, sync=False), content_hash
+# A row and the write of its object (to the storage backend the future returns).
+_Upload = tuple[dict[str, Any], Future[StorageBackend]]
 
 
 @dataclass
@@ -493,6 +487,7 @@ class _Poller:
         self.uidnexts: dict[str, tuple[int, int]] = {}
         self.batch_size = settings.imap_fetch_batch_size
         self.max_bytes = settings.max_message_bytes
+        self.inline_max = settings.attachment_inline_max_bytes
         self.new_ids: list[int] = []
         self.new_bytes = 0
         # UIDs not stored: a message stored from another folder is the same one.
@@ -762,7 +757,11 @@ class _Poller:
                 self.changes.seen_elsewhere(folder, uidvalidity, item)
         # Raw messages first: their writes run while the batch is parsed.
         rows = [self._prepare(folder, uidvalidity, item, prepared.uploads) for item in kept]
-        outcomes = iter(parsing.parse_all([item.body for item in kept if item.body is not None]))
+        outcomes = iter(
+            parsing.parse_all_for_storage(
+                [item.body for item in kept if item.body is not None], self.inline_max
+            )
+        )
         for item, row in zip(kept, rows, strict=True):
             parts: list[dict[str, Any]] = []
             if item.body is not None:
@@ -778,9 +777,7 @@ class _Poller:
             return
         local_keys: list[str] = []
         for row, future in prepared.uploads:
-            row["storage_backend"], content_hash = future.result()
-            if content_hash is not None:
-                row["content_hash"] = content_hash
+            row["storage_backend"] = future.result()
             if row["storage_backend"] == StorageBackend.LOCAL:
                 local_keys.append(row["storage_key"])
         # Every object durable before the rows that point at it are committed: written
@@ -863,55 +860,54 @@ class _Poller:
             )
             return row
         key = message_key(self.account_id, folder, uidvalidity, item.uid)
-        self._upload(uploads, row, key, item.body, "message/rfc822", hash_it=False)
+        self._upload(uploads, row, key, item.body, "message/rfc822")
         return row
 
     def _parsed(
-        self, row: dict[str, Any], outcome: parsing.Outcome, uploads: list[_Upload]
+        self, row: dict[str, Any], outcome: parsing.Stored, uploads: list[_Upload]
     ) -> list[dict[str, Any]]:
-        """Fill the row from the parse and store the attachments; returns their rows. A
-        message that could not be parsed is kept raw, with the reason."""
+        """Fill the row from the parse and store the attachments that are objects of
+        their own; returns the attachments' rows. A message that could not be parsed is
+        kept raw, with the reason."""
         if isinstance(outcome, str):
             row["parse_error"] = outcome
             return []
-        row.update(parsed_fields(outcome))
+        parsed, attachments = outcome
+        row.update(parsed_fields(parsed))
         parts = []
-        for index, attachment in enumerate(outcome.attachments, start=1):
-            part_key = attachment_key(
-                self.account_id,
-                row["folder"],
-                row["uidvalidity"],
-                row["uid"],
-                index=index,
-                safe_name=attachment.safe_name,
-            )
+        for index, attachment in enumerate(attachments, start=1):
             part = {
                 "filename": attachment.filename,
                 "safe_name": attachment.safe_name,
                 "content_type": attachment.content_type,
                 "content_id": attachment.content_id,
-                "size": len(attachment.data),
+                "size": attachment.size,
+                "content_hash": attachment.content_hash,
+                "storage_backend": None,
+                "storage_key": None,
             }
-            self._upload(
-                uploads, part, part_key, attachment.data, attachment.content_type, hash_it=True
-            )
+            if attachment.data is not None:
+                part_key = attachment_key(
+                    self.account_id,
+                    row["folder"],
+                    row["uidvalidity"],
+                    row["uid"],
+                    index=index,
+                    safe_name=attachment.safe_name,
+                )
+                self._upload(uploads, part, part_key, attachment.data, attachment.content_type)
             parts.append(part)
         return parts
 
     def _upload(
-        self,
-        uploads: list[_Upload],
-        row: dict[str, Any],
-        key: str,
-        data: bytes,
-        content_type: str,
-        *,
-        hash_it: bool,
+        self, uploads: list[_Upload], row: dict[str, Any], key: str, data: bytes, content_type: str
     ) -> None:
-        """Write an object in a writing thread; `hash_it`: also set the row's content
-        hash there (messages are hashed by the fetching thread already)."""
+        """Write an object in a writing thread (its hash is on the row already: messages
+        are hashed by the fetching thread, attachments where they were parsed)."""
         row["storage_key"] = key
-        uploads.append((row, self.pool.submit(_put, key, data, content_type, hashed=hash_it)))
+        uploads.append(
+            (row, self.pool.submit(storage.put_object, key, data, content_type, sync=False))
+        )
 
 
 def _prefetched(batches: Iterator[list[_Fetched]]) -> Iterator[list[_Fetched]]:

@@ -94,9 +94,7 @@ def get_attachment(
 ) -> StreamingResponse:
     """Download one attachment (always as a download, never shown inline)."""
     attachment = service.get_attachment(session, message_id, attachment_id)
-    chunks = service.open_chunks(
-        attachment.storage_backend, attachment.storage_key, f"attachment {attachment.id}"
-    )
+    chunks = service.attachment_chunks(session, attachment)
     content_type = attachment.content_type.strip().lower()
     if not _CONTENT_TYPE.match(content_type):
         content_type = "application/octet-stream"

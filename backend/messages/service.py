@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from hashlib import sha256
 from itertools import chain
 
 from sqlalchemy import select
@@ -11,6 +12,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from backend import paging
 from backend.errors import NotFound, ServiceUnavailable
+from backend.mailbox import parsing
 from backend.models import Account, Attachment, Message
 from backend.processing import quarantine
 from backend.storage import service as storage
@@ -66,6 +68,30 @@ def get_attachment(session: Session, message_id: int, attachment_id: int) -> Att
     if attachment is None:
         raise NotFound(f"message {message_id} has no attachment {attachment_id}")
     return attachment
+
+
+def attachment_chunks(session: Session, attachment: Attachment) -> Iterator[bytes]:
+    """The attachment's decoded bytes: its own object, or, for one kept only inside the
+    raw message (ATTACHMENT_INLINE_MAX_BYTES), decoded from the raw message now."""
+    what = f"attachment {attachment.id}"
+    if attachment.storage_backend is not None and attachment.storage_key is not None:
+        return open_chunks(attachment.storage_backend, attachment.storage_key, what)
+    message = session.get(Message, attachment.message_id)
+    assert message is not None  # the attachment's row goes with its message's
+    raw = b"".join(raw_chunks(message))
+    outcome = parsing.parse_safely(raw)
+    if not isinstance(outcome, str):
+        # The part whose bytes the row's hash names: the parser that stored the row may
+        # have listed the message's parts otherwise than today's.
+        for part in outcome.attachments:
+            if len(part.data) == attachment.size and sha256(part.data).hexdigest() == (
+                attachment.content_hash
+            ):
+                return iter([part.data])
+    log.warning("%s of message %s: not found in the raw message", what, message.id)
+    raise NotFound(
+        f"the bytes of {what} are no longer found in message {message.id}'s stored raw message"
+    )
 
 
 def raw_chunks(message: Message) -> Iterator[bytes]:

@@ -137,7 +137,9 @@ class Attachment(Base):
     content_id: Mapped[str | None] = mapped_column(String(998))
     size: Mapped[int] = mapped_column(BigInteger)
     content_hash: Mapped[str] = mapped_column(String(64))
-    storage_backend: Mapped[StorageBackend] = mapped_column(EnumString(StorageBackend, 16))
-    storage_key: Mapped[str] = mapped_column(String(1024))
+    # None: kept only inside the raw message (ATTACHMENT_INLINE_MAX_BYTES), decoded from
+    # it when asked for.
+    storage_backend: Mapped[StorageBackend | None] = mapped_column(EnumString(StorageBackend, 16))
+    storage_key: Mapped[str | None] = mapped_column(String(1024))
 
     message: Mapped[Message] = relationship(back_populates="attachments")

@@ -43,7 +43,7 @@ def _rows(db: Session, account_id: int) -> dict[int, Message]:
     return {row.uid: row for row in rows}
 
 
-def _raw(row: Message) -> bytes:
+def _raw(row: Message | Attachment) -> bytes:
     assert row.storage_backend is not None and row.storage_key is not None
     return storage.get_object(row.storage_backend, row.storage_key)
 
@@ -70,7 +70,8 @@ def _events(receiver: Receiver, kind: str) -> list[dict[str, object]]:
 def test_an_audit_repairs_rows_and_objects_lost_to_a_restore_once_byte_for_byte(
     db: Session, inbox: Inbox, set_env: Callable[..., None], receiver: Receiver
 ) -> None:
-    set_env(MAX_MESSAGE_BYTES=20_000)
+    # Attachments as objects of their own, as rows stored before inline attachments.
+    set_env(MAX_MESSAGE_BYTES=20_000, ATTACHMENT_INLINE_MAX_BYTES=0)
     inbox.append(*(sample_email(n) for n in range(1, 7)))
     inbox.append(sample_email(7) + b"x" * 30_000)  # too large: skipped
     account_id = inbox.account().id
@@ -79,7 +80,7 @@ def test_an_audit_repairs_rows_and_objects_lost_to_a_restore_once_byte_for_byte(
     assert sorted(before) == [1, 2, 3, 4, 5, 6, 7] and before[7].skipped_reason
     originals = {uid: _raw(row) for uid, row in before.items() if uid != 7}
     attachment = db.scalars(select(Attachment).where(Attachment.message_id == before[4].id)).one()
-    attachment_bytes = storage.get_object(attachment.storage_backend, attachment.storage_key)
+    attachment_bytes = _raw(attachment)
     assert _delivered_uids(receiver) == [1, 2, 3, 4, 5, 6, 7]
 
     # The restore: rows 2 and 5 gone (their deliveries go with them), the local files of
@@ -105,9 +106,7 @@ def test_an_audit_repairs_rows_and_objects_lost_to_a_restore_once_byte_for_byte(
     assert sorted(after) == [1, 2, 3, 4, 5, 6, 7]
     for uid, raw in originals.items():
         assert _raw(after[uid]) == raw, uid
-    assert storage.get_object(attachment.storage_backend, attachment.storage_key) == (
-        attachment_bytes
-    )
+    assert _raw(attachment) == attachment_bytes
     # The restored rows are handed on once (nothing recorded that they had been); the
     # ones whose objects came back are not handed on again.
     assert _delivered_uids(receiver) == [1, 2, 2, 3, 4, 5, 5, 6, 7]
@@ -151,6 +150,29 @@ def test_a_deep_audit_finds_an_altered_object_and_writes_the_original_back(
     assert _raw(_rows(db, account_id)[2]) == original
     assert audit_account(account_id, deep=True).folders[0].objects_missing == 0
     assert _delivered_uids(receiver) == [1, 2]
+
+
+def test_attachments_kept_inside_the_raw_message_are_not_missing_objects(
+    db: Session, inbox: Inbox, set_env: Callable[..., None], receiver: Receiver
+) -> None:
+    """An attachment below ATTACHMENT_INLINE_MAX_BYTES has no object: the audits check the
+    raw message that holds it, and the objects of the rows stored before still count."""
+    set_env(ATTACHMENT_INLINE_MAX_BYTES=0)
+    inbox.append(sample_email(1))
+    account_id = inbox.account().id
+    _poll(account_id)
+    set_env(ATTACHMENT_INLINE_MAX_BYTES=1_000)
+    inbox.append(sample_email(2), sample_email(3))
+    _poll(account_id)
+    parts = db.scalars(select(Attachment).order_by(Attachment.id)).all()
+    assert [part.storage_key is None for part in parts] == [False, True, True]
+
+    for deep in (False, True):
+        [folder] = audit_account(account_id, deep=deep).folders
+        assert folder.outcome == AuditOutcome.COMPLETE
+        # Three raw messages and the one attachment object.
+        assert (folder.objects_checked, folder.objects_missing) == (4, 0), deep
+    assert _delivered_uids(receiver) == [1, 2, 3]
 
 
 def test_what_the_initial_sync_left_out_and_new_mail_are_not_missing(

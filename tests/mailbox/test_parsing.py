@@ -4,6 +4,7 @@ the calling thread, message for message, errors included."""
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import signal
 import subprocess
@@ -57,6 +58,46 @@ def test_the_pool_agrees_with_the_parser_in_this_thread(set_env: Callable[..., N
     assert isinstance(pooled[-3], str)  # the one too deep to parse: its reason
     assert pooled[-3].startswith("RecursionError")
     assert _pool_processes()  # the pool did the parsing
+
+
+def test_parsed_for_storage_in_the_pool_sends_back_only_large_parts(
+    set_env: Callable[..., None],
+) -> None:
+    """The pool hashes each attachment and sends back the bytes of only those larger than
+    the limit; the rest is what the parser gives in this thread."""
+    raws = batch()
+    set_env(PARSE_PROCESSES=0)
+    here = parsing.parse_all(raws)
+    set_env(PARSE_PROCESSES=2)
+    stored = parsing.parse_all_for_storage(raws, 9_500)
+    assert _pool_processes()
+
+    large = small = 0
+    for full, outcome in zip(here, stored, strict=True):
+        if isinstance(full, str):
+            assert outcome == full
+            continue
+        assert not isinstance(outcome, str)
+        fields, parts = outcome
+        assert fields.attachments == []
+        assert fields == ParsedMessage(**{**vars(full), "attachments": []})
+        assert len(parts) == len(full.attachments)
+        for part, attachment in zip(parts, full.attachments, strict=True):
+            assert (part.filename, part.safe_name, part.content_type, part.content_id) == (
+                attachment.filename,
+                attachment.safe_name,
+                attachment.content_type,
+                attachment.content_id,
+            )
+            assert part.size == len(attachment.data)
+            assert part.content_hash == hashlib.sha256(attachment.data).hexdigest()
+            if part.size > 9_500:
+                assert part.data == attachment.data
+                large += 1
+            else:
+                assert part.data is None
+                small += 1
+    assert large >= 5 and small >= 5
 
 
 def _in_a_daemonic_child(count: int) -> int:

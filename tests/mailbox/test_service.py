@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import threading
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
@@ -101,9 +102,10 @@ def test_corpus_and_generated_mail_ingested_once_and_byte_identical(
     ).all()
     assert attachment.filename == "../../etc/Bericht ä.pdf"
     assert attachment.safe_name == "Bericht ä.pdf"
-    assert storage.get_object(attachment.storage_backend, attachment.storage_key) == (
-        b"%PDF-1.4 fake"
-    )
+    # Small: kept only inside the raw message (ATTACHMENT_INLINE_MAX_BYTES).
+    assert (attachment.storage_backend, attachment.storage_key) == (None, None)
+    assert attachment.content_hash == hashlib.sha256(b"%PDF-1.4 fake").hexdigest()
+    assert attachment.size == len(b"%PDF-1.4 fake")
     assert by_uid[len(taken) + 2].message_id is None
 
     # The parser chokes on this one: stored raw and flagged, and it stopped nothing.
@@ -200,7 +202,8 @@ def test_objects_are_durable_before_their_rows_commit_each_fsynced_once(
     """The batch's objects are written unsynced and fsynced together before its commit:
     at every commit, each object a committed row names has been fsynced, and no object
     is fsynced twice (nor its temporary file at all)."""
-    set_env(IMAP_FETCH_BATCH_SIZE=3)
+    # Attachments of 5 to 40 bytes: those of 20 or fewer stay inside the raw message.
+    set_env(IMAP_FETCH_BATCH_SIZE=3, ATTACHMENT_INLINE_MAX_BYTES=20)
     username, _ = mail_user
     dovecot.append_many(username, [generated(i, attachment=b"%PDF-" * i) for i in range(1, 9)])
     account = mail_account()
@@ -226,8 +229,8 @@ def test_objects_are_durable_before_their_rows_commit_each_fsynced_once(
     assert result.messages == 8
     assert not_durable == []
     files = [path for path in synced if path.is_file() or path.name.startswith(".tmp-")]
-    assert len(files) == 16  # 8 messages, 8 attachments
-    assert len(set(files)) == 16
+    assert len(files) == 12  # 8 messages, the 4 attachments of more than 20 bytes
+    assert len(set(files)) == 12
     assert not any(path.name.startswith(".tmp-") for path in files)
 
 

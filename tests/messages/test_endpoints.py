@@ -1,15 +1,18 @@
 from __future__ import annotations
 
+import os
 from email.message import EmailMessage
-from urllib.parse import unquote
+from pathlib import Path
+from urllib.parse import quote, unquote
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.mailbox.parser import displayable
 from backend.mailbox.service import poll_account
-from backend.models import Message
+from backend.models import Attachment, Message
 from backend.storage import service as storage
 from tests.support.accounts import make_account
 from tests.support.api import create_dovecot_account
@@ -190,3 +193,93 @@ def test_empty_stored_object_downloads_empty(api: TestClient, db: Session):
     response = api.get(f"/messages/{message.id}/raw")
     assert response.status_code == 200
     assert response.content == b""
+
+
+def _with_parts(subject: str, small: bytes, large: bytes) -> bytes:
+    message = EmailMessage()
+    message["From"] = "alice@example.com"
+    message["To"] = "bob@example.com"
+    message["Subject"] = subject
+    message.set_content("Two files.\r\n")
+    message.add_attachment(small, maintype="image", subtype="png", filename="small é.png")
+    message.add_attachment(large, maintype="application", subtype="pdf", filename="large.pdf")
+    return bytes(message)
+
+
+def _download(api: TestClient, attachment: Attachment) -> tuple[bytes, str, str]:
+    response = api.get(f"/messages/{attachment.message_id}/attachments/{attachment.id}")
+    assert response.status_code == 200, response.text
+    return (
+        response.content,
+        response.headers["content-type"],
+        response.headers["content-disposition"],
+    )
+
+
+def test_small_attachments_live_in_the_raw_message_and_download_as_before(
+    api: TestClient, db: Session, dovecot: Dovecot, mail_user, set_env
+):
+    """Below ATTACHMENT_INLINE_MAX_BYTES an attachment has no object of its own and is
+    decoded from the raw message on request: the same bytes, type and name as a row
+    stored before (with its own object), which still downloads from that object."""
+    user, password = mail_user
+    small, large = bytes(range(256)) * 3, os.urandom(5_000)
+    account_id = create_dovecot_account(api, dovecot, user, password)
+    set_env(ATTACHMENT_INLINE_MAX_BYTES=0)  # as every row was stored before
+    dovecot.append(user, _with_parts("old", small, large))
+    assert poll_account(account_id).messages == 1
+    set_env(ATTACHMENT_INLINE_MAX_BYTES=1_000)
+    dovecot.append(user, _with_parts("new", small, large))
+    assert poll_account(account_id).messages == 1
+
+    parts: dict[str, list[Attachment]] = {}
+    for message in db.scalars(select(Message).where(Message.account_id == account_id)):
+        parts[message.subject or ""] = sorted(message.attachments, key=lambda a: a.id)
+    old_small, old_large = parts["old"]
+    new_small, new_large = parts["new"]
+    assert old_small.storage_key is not None and old_large.storage_key is not None
+    assert (new_small.storage_backend, new_small.storage_key) == (None, None)
+    assert new_large.storage_key is not None
+    assert storage.get_object(new_large.storage_backend or "", new_large.storage_key) == large
+    # The new message's only attachment object is the large one.
+    assert [
+        path.name
+        for path in storage.local_storage().path_for(new_large.storage_key).parent.iterdir()
+    ] == [Path(new_large.storage_key).name]
+    assert (new_small.size, new_small.content_hash) == (old_small.size, old_small.content_hash)
+
+    for old, new, data, content_type in (
+        (old_small, new_small, small, "image/png"),
+        (old_large, new_large, large, "application/pdf"),
+    ):
+        assert _download(api, old) == _download(api, new)
+        content, served_type, disposition = _download(api, new)
+        assert (content, served_type) == (data, content_type)
+        assert quote(new.filename or "") in disposition
+
+    # Listed the same way, with the same fields, whether an object or not.
+    listed = api.get(f"/messages/{new_small.message_id}").json()["attachments"]
+    assert [a["content_hash"] for a in listed] == [new_small.content_hash, new_large.content_hash]
+
+
+def test_an_inline_attachment_whose_raw_message_is_lost_is_404(
+    api: TestClient, db: Session, dovecot: Dovecot, mail_user
+):
+    user, password = mail_user
+    dovecot.append(user, _with_parts("lost", b"tiny", os.urandom(2_000_000)))
+    account_id = create_dovecot_account(api, dovecot, user, password)
+    assert poll_account(account_id).messages == 1
+    message = db.scalars(select(Message).where(Message.account_id == account_id)).one()
+    small = next(a for a in message.attachments if a.storage_key is None)
+    url = f"/messages/{message.id}/attachments/{small.id}"
+    # Bytes that are not the ones the row describes: not served in their place.
+    small.content_hash = "0" * 64
+    db.commit()
+    response = api.get(url)
+    assert response.status_code == 404
+    assert "no longer found" in response.json()["detail"]
+    assert message.storage_key is not None
+    storage.local_storage().path_for(message.storage_key).unlink()
+    response = api.get(url)
+    assert response.status_code == 404
+    assert "missing from local storage" in response.json()["detail"]
