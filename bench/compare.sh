@@ -14,19 +14,30 @@ after=$(cd "$(dirname "$0")/.." && pwd)
 python=${2:-$after/.venv/bin/python}
 skip=" ${SKIP:-} "
 
-run() {
-  local name=$1
+# One benchmark in one tree, with the load just before it.
+in_tree() {
+  local tree=$1
   shift
-  [[ $skip == *" $name "* ]] && return
-  for tree in "$before" "$after"; do
-    echo "=== $name in $tree ($(git -C "$tree" rev-parse --short HEAD)): $*"
-    echo "load: $(cut -d' ' -f1-3 /proc/loadavg) at $(date -u +%H:%M:%S)"
-    (cd "$tree" && BENCH_KEEP=1 "$python" -m "$@") 2>&1 | grep -v -e WARNING -e 'INFO  \[alembic'
-  done
+  echo "=== in $tree ($(git -C "$tree" rev-parse --short HEAD)): $*"
+  echo "load: $(cut -d' ' -f1-3 /proc/loadavg) at $(date -u +%H:%M:%S)"
+  (cd "$tree" && BENCH_KEEP=1 "$python" -m "$@") 2>&1 | grep -v -e WARNING -e 'INFO  \[alembic'
 }
 
-run ingest bench.ingest --messages 5000 --runs 3 --security none
-run ingest bench.ingest --mailboxes 100 --messages 100 --runs 3 --security none
+# Before, then after.
+run() {
+  [[ $skip == *" $1 "* ]] && return
+  in_tree "$before" "${@:2}"
+  in_tree "$after" "${@:2}"
+}
+
+# bench.ingest takes turns itself: mbsync, BEFORE_TREE's mailbeat, this one, in each run.
+once() {
+  [[ $skip == *" $1 "* ]] && return
+  in_tree "$after" "${@:2}"
+}
+
+once ingest bench.ingest --messages 5000 --runs 5 --security none --baseline "$before"
+once ingest bench.ingest --mailboxes 100 --messages 100 --runs 3 --security none --baseline "$before"
 run handoff bench.handoff 100 100 10 2 1
 run overload bench.schedule_overload 2000 10 120 2 4
 run push bench.idle_push --mailboxes 1000 --seconds 60 --rest 20
