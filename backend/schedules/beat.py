@@ -61,6 +61,10 @@ LOCK_RENEW_SECONDS = 1.0
 # Entries sent per pass of the tick: a backlog (a beat that was down, a rebuild) goes out
 # in passes of this many, each renewing the lock, rather than in one pass longer than it.
 DUE_BATCH = 1_000
+# The shortest wait between two ticks that are not sending a backlog: a poll goes out at
+# most this late, and each tick carries the entries due meanwhile (issue 32: at 200
+# entries a second beat ticked for every one or two).
+MIN_TICK_SECONDS = 0.1
 # How often beat looks for coalescing keys whose poll is gone (a failover, a dead worker).
 LOST_CHECK_SECONDS = 1.0
 
@@ -172,7 +176,13 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
         self._send_polls(polls, now)
         waits += self._send_others(others)
         # The waits were measured before sending: sending took part of them already.
-        return max(min(waits) - (time.monotonic() - started), 0.0)
+        wait = min(waits) - (time.monotonic() - started)
+        if len(due) == DUE_BATCH:
+            return max(wait, 0.0)
+        # Entries spread over the interval fall due every few milliseconds: a tick each
+        # would cost its round trips (the lock, the due range, the pipelines) for one
+        # or two entries. Ticks at least MIN_TICK_SECONDS apart send them in groups.
+        return max(wait, MIN_TICK_SECONDS)
 
     def _send_polls(self, due: dict[str, float], now: float) -> None:
         """`due`: the entries' keys and scores (when each was due).
