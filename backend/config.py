@@ -119,6 +119,16 @@ class Settings(BaseSettings):
     imap_id: dict[str, str] = Field(
         default_factory=lambda: {"name": "mailbeat", "version": "0.1.0", "vendor": "mailbeat"}
     )
+    # Connections to one IMAP host, in all, from every process (polls, kept sessions,
+    # backfills, audits, watchers): a JSON object of host -> limit that overrides the
+    # provider table's (backend/mailbox/providers.py), e.g. {"imap.example.org": 20}.
+    connection_limits: dict[str, int] = Field(default_factory=dict)
+    # A connection's slot in the budget lasts this long unless renewed (every third of
+    # it) by the process holding it: a dead process's slots are free within this.
+    connection_slot_seconds: float = Field(default=30.0, ge=1)
+    # How long a poll waits for a slot before it gives up (outcome no_slot) and is sent
+    # again this much later; never a failure of the mailbox.
+    connection_slot_wait_seconds: float = Field(default=30.0, ge=0)
     max_message_bytes: int = 50 * 1024 * 1024
     # Processes per poll worker process that parse large batches (0: in the poll).
     parse_processes: int = Field(default=2, ge=0, le=64)
@@ -249,6 +259,14 @@ class Settings(BaseSettings):
             if not (name + text).isascii() or not (name + text).isprintable():
                 raise ValueError("IMAP_ID: names and values of printable ASCII")
         return value
+
+    @field_validator("connection_limits")
+    @classmethod
+    def _limits_are_positive(cls, value: dict[str, int]) -> dict[str, int]:
+        refused = [host for host, limit in value.items() if limit < 1]
+        if refused:
+            raise ValueError(f"CONNECTION_LIMITS: each limit must be 1 or more ({refused})")
+        return {host.lower().rstrip("."): limit for host, limit in value.items()}
 
     @model_validator(mode="after")
     def _refuse_unsafe_defaults(self) -> Settings:

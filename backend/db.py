@@ -109,10 +109,12 @@ def bulk_insert(
     *,
     unique: Sequence[str] = (),
     returning: Sequence[str] = (),
+    any_conflict: bool = False,
 ) -> list[Row[Any]]:
     """Insert rows in one statement; each row has the same keys, with a value for every
     column that needs one (Python-side column defaults do not apply). With `unique`, rows that
-    would break that unique key are skipped (ON CONFLICT DO NOTHING). Returns the
+    would break that unique key are skipped (ON CONFLICT DO NOTHING); with `any_conflict`,
+    rows that would break any unique index of the table. Returns the
     `returning` columns of the rows inserted, in no particular order.
 
     PostgreSQL gets one `INSERT .. SELECT FROM unnest(array, ...)` with one array
@@ -125,7 +127,9 @@ def bulk_insert(
     dialect = connection.dialect
     if dialect.name != "postgresql":
         statement = insert_for(session, table)
-        if unique:
+        if any_conflict:
+            statement = statement.on_conflict_do_nothing()
+        elif unique:
             statement = statement.on_conflict_do_nothing(index_elements=list(unique))
         if returning:
             statement = statement.returning(*(table.c[name] for name in returning))
@@ -157,7 +161,9 @@ def bulk_insert(
         f"INSERT INTO {table.name} ({', '.join(names)}) "  # noqa: S608 - see above
         f"SELECT {', '.join(selects)} FROM unnest({', '.join(casts)}) AS t({', '.join(names)})"
     )
-    if unique:
+    if any_conflict:
+        sql += " ON CONFLICT DO NOTHING"
+    elif unique:
         sql += f" ON CONFLICT ({', '.join(unique)}) DO NOTHING"
     if returning:
         sql += f" RETURNING {', '.join(returning)}"

@@ -39,7 +39,9 @@ from backend.audit import freshness
 from backend.celery_app import app, queue_keys
 from backend.config import get_settings
 from backend.db import get_sessionmaker, session_scope
+from backend.mailbox import budget
 from backend.models import Account, AccountStatus, PollOutcome, utcnow
+from backend.processing import quarantine
 from backend.push import leases as push_leases
 from backend.schedules import service as schedules
 from backend.singleflight import SharedResult
@@ -271,6 +273,7 @@ def _database_gauges() -> Iterator[GaugeMetricFamily]:
             )
         )
         stale = freshness.staleness(session).stale
+        quarantined = quarantine.count(session)
     by_status = GaugeMetricFamily("mailbeat_mailboxes", "Mailboxes by status.", labels=["status"])
     for status in sorted(set(AccountStatus) | set(counts)):
         by_status.add_metric([status], counts.get(status, 0))
@@ -287,6 +290,11 @@ def _database_gauges() -> Iterator[GaugeMetricFamily]:
         "mailbeat_mailboxes_stale",
         "Scheduled mailboxes with no complete poll within their freshness limit.",
         value=stale,
+    )
+    yield GaugeMetricFamily(
+        "mailbeat_messages_quarantined",
+        "Messages whose processing failed MAX_PROCESS_FAILURES times, waiting for a replay.",
+        value=quarantined,
     )
 
 
@@ -346,12 +354,35 @@ def _capacity_gauges() -> Iterator[GaugeMetricFamily]:
     )
 
 
+def _budget_gauges() -> Iterator[GaugeMetricFamily]:
+    held, throttled = budget.usage()
+    labels = ["host"] if get_settings().metrics_host_label else []
+    slots = GaugeMetricFamily(
+        "mailbeat_connection_slots",
+        "IMAP connections holding a slot in the connection budget, every process together"
+        + (", by host." if labels else "."),
+        labels=labels,
+    )
+    if labels:
+        for host, count in sorted(held.items()):
+            slots.add_metric([host], count)
+    else:
+        slots.add_metric([], sum(held.values()))
+    yield slots
+    yield GaugeMetricFamily(
+        "mailbeat_hosts_throttled",
+        "IMAP hosts given one connection at a time after a throttle answer.",
+        value=len(throttled),
+    )
+
+
 # Each source of scrape-time gauges; one that fails is reported down, the rest still show.
 STATE_SOURCES: dict[str, Callable[[], Iterator[GaugeMetricFamily]]] = {
     "database": _database_gauges,
     "redis": _redis_gauges,
     "schedule": _schedule_gauges,
     "capacity": _capacity_gauges,
+    "budget": _budget_gauges,
 }
 
 

@@ -23,10 +23,12 @@ from sqlalchemy.orm import Session
 from backend.models import Account
 from tests.support import postgres
 from tests.support.accounts import MailAccount, make_account
+from tests.support.cyrus import Cyrus
 from tests.support.dovecot import Dovecot
 from tests.support.env import reset_caches
 from tests.support.redis_db import RedisDb
 from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoS3, Outage
+from tests.support.servers import RealServer
 
 ADMIN_TOKEN = "test-admin-token-" + uuid.uuid4().hex
 
@@ -109,11 +111,14 @@ def _clean_state(redis_db: RedisDb) -> Iterator[None]:
     yield
     from backend import dispatch
     from backend.db import get_engine
-    from backend.mailbox import pool
+    from backend.mailbox import budget, pool
     from backend.models import Base
+    from backend.processing import progress
 
     dispatch.reset()
+    progress.forget()  # a test's successes are no evidence for the next one's failures
     pool.clear()  # ids restart: a kept session must not meet a later test's account
+    budget.reset()  # a local-mode budget's slots and throttles are this process's
 
     engine = get_engine()
     tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
@@ -161,19 +166,36 @@ def dovecot() -> Iterator[Dovecot]:
     shutil.rmtree(server.root, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def cyrus() -> Iterator[Cyrus]:
+    server = Cyrus(Path(tempfile.mkdtemp(prefix="mailbeat-cyrus-")))
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.root, ignore_errors=True)
+
+
 @pytest.fixture
-def mail_user(dovecot: Dovecot) -> tuple[str, str]:
-    """A new, empty mailbox on the Dovecot fixture: (username, password)."""
+def mail_server(request: pytest.FixtureRequest) -> RealServer:
+    """The Dovecot fixture; for a test marked `on_both_servers` (tests/support/servers.py)
+    the Cyrus fixture too."""
+    server: RealServer = request.getfixturevalue(getattr(request, "param", "dovecot"))
+    return server
+
+
+@pytest.fixture
+def mail_user(mail_server: RealServer) -> tuple[str, str]:
+    """A new, empty mailbox on `mail_server`: (username, password)."""
     username = f"user-{uuid.uuid4().hex[:10]}"
-    return username, dovecot.add_user(username, f"pw-{uuid.uuid4().hex[:8]}")
+    return username, mail_server.add_user(username, f"pw-{uuid.uuid4().hex[:8]}")
 
 
 @pytest.fixture
-def mail_account(db: Session, dovecot: Dovecot, mail_user: tuple[str, str]) -> MailAccount:
-    """Accounts for `mail_user`'s mailbox on the Dovecot fixture: mail_account(**columns)."""
+def mail_account(db: Session, mail_server: RealServer, mail_user: tuple[str, str]) -> MailAccount:
+    """Accounts for `mail_user`'s mailbox on `mail_server`: mail_account(**columns)."""
 
     def make(**overrides: Any) -> Account:
-        return make_account(db, dovecot, **{"username": mail_user[0], **overrides})
+        return make_account(db, mail_server, **{"username": mail_user[0], **overrides})
 
     return make
 

@@ -200,3 +200,20 @@ def test_imap_host_names_only_when_asked_for(
         assert 'mailbeat_push_connections{host="imap.internal-host.example"} 3.0' in text
     finally:
         metrics.set_push_connections({"imap.internal-host.example": 0, "imap.other.example": 0})
+
+
+def test_the_connection_budget_is_in_the_scrape(anonymous, set_env: Callable[..., None]):
+    from backend.mailbox import budget
+
+    set_env(METRICS_HOST_LABEL="true")
+    held = [budget.claim("imap.one.example", f"u{i}", "test") for i in range(2)]
+    budget.throttled("imap.two.example", 600)
+
+    samples = scrape(anonymous)
+
+    assert samples[("mailbeat_connection_slots", (("host", "imap.one.example"),))] == 2
+    assert samples[("mailbeat_hosts_throttled", ())] == 1
+    assert samples[("mailbeat_metrics_source_up", (("source", "budget"),))] == 1
+    for slot in held:
+        assert slot is not None
+        slot.release()

@@ -20,11 +20,14 @@ from backend.accounts.schemas import (
     FolderList,
     FolderRead,
     PollQueued,
+    ProviderList,
+    ProviderRead,
 )
 from backend.admin.schemas import PollRunList, PollRunRead
 from backend.config import get_settings
 from backend.deps import AdminDep, After, KnownQueryDep, SessionDep
 from backend.errors import error_responses
+from backend.mailbox import providers
 from backend.mailbox.check import CheckResult, check_account
 from backend.models import AccountStatus
 from backend.schedules import service as schedules
@@ -65,6 +68,15 @@ def list_accounts(
         items=[AccountRead.model_validate(a) for a in page.items],
         total=page.total,
         next_after=page.next_after,
+    )
+
+
+@router.get("/providers")
+def list_providers() -> ProviderList:
+    """The provider presets an account's `provider` may name (backend/mailbox/providers.py):
+    what each fills in, what the provider needs of the user, its connection limits."""
+    return ProviderList(
+        items=[ProviderRead.model_validate(p) for p in providers.PROVIDERS.values()]
     )
 
 

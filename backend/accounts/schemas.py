@@ -23,7 +23,7 @@ from pydantic.config import JsonDict
 
 from backend import netpolicy
 from backend.config import get_settings
-from backend.mailbox import folders
+from backend.mailbox import folders, providers
 from backend.models.enums import (
     AccountStatus,
     AuthMethod,
@@ -340,6 +340,47 @@ _CREATE_EXAMPLE: JsonDict = {
 }
 
 
+_PROVIDER_DESCRIPTION = (
+    "a provider preset ("
+    + ", ".join(providers.PROVIDERS)
+    + ") fills imap_host, imap_port and imap_security (fields given win) and checks the "
+    "login method; GET /accounts/providers lists them with what each needs"
+)
+
+
+def _preset(data: Any) -> Any:
+    """The request with its provider's preset filled in under the fields it gave
+    (ValueError naming the known providers for an unknown one)."""
+    if not isinstance(data, dict) or not isinstance(data.get("provider"), str):
+        return data
+    preset = providers.named(data["provider"])
+    filled = {
+        "imap_host": preset.imap_host,
+        "imap_port": preset.imap_port,
+        "imap_security": preset.imap_security.value,
+        **data,
+        "provider": preset.name,
+    }
+    oauth2 = data.get("oauth2")
+    if isinstance(oauth2, dict) and preset.token_url and "token_url" not in oauth2:
+        filled["oauth2"] = {**oauth2, "token_url": preset.token_url}
+    return filled
+
+
+def _login_allowed(provider: str | None, password: object, oauth2: object) -> None:
+    """A preset's provider accepts the login method the request gives."""
+    if provider is None or (password is None and oauth2 is None):
+        return
+    preset = providers.named(provider)
+    method = AuthMethod.PASSWORD if password is not None else AuthMethod.OAUTH2
+    if method not in preset.auth_methods:
+        wanted = " or ".join(m.value for m in preset.auth_methods)
+        raise ValueError(
+            f"provider {provider!r} accepts only {wanted} logins, not {method.value}: "
+            f"{preset.needs}"
+        )
+
+
 class AccountConnection(BaseModel):
     """How to reach and log in to a mailbox: all that POST /accounts/test needs. Give
     exactly one of `password` and `oauth2`."""
@@ -360,6 +401,7 @@ class AccountConnection(BaseModel):
         },
     )
 
+    provider: str | None = Field(default=None, description=_PROVIDER_DESCRIPTION)
     imap_host: Host
     imap_port: Port = 993
     imap_security: ImapSecurity = ImapSecurity.SSL
@@ -368,10 +410,16 @@ class AccountConnection(BaseModel):
     oauth2: OAuth2Credentials | None = None
     folders: Folders = Field(default_factory=lambda: ["INBOX"])
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_preset(cls, data: Any) -> Any:
+        return _preset(data)
+
     @model_validator(mode="after")
     def _one_credential(self) -> AccountConnection:
         if (self.password is None) == (self.oauth2 is None):
             raise ValueError("give exactly one of 'password' and 'oauth2'")
+        _login_allowed(self.provider, self.password, self.oauth2)
         return self
 
 
@@ -425,7 +473,13 @@ class AccountCreate(_InitialSyncFields, AccountConnection):
 
 
 # Null clears these; any other field sent as null is a mistake.
-NULLABLE_ON_UPDATE = {"initial_sync_count", "initial_sync_since", "webhook_url", "webhook_secret"}
+NULLABLE_ON_UPDATE = {
+    "initial_sync_count",
+    "initial_sync_since",
+    "webhook_url",
+    "webhook_secret",
+    "provider",
+}
 
 
 class AccountUpdate(_InitialSyncFields):
@@ -444,6 +498,7 @@ class AccountUpdate(_InitialSyncFields):
         },
     )
 
+    provider: str | None = Field(default=None, description=_PROVIDER_DESCRIPTION)
     email: Email | None = None
     imap_host: Host | None = None
     imap_port: Port | None = None
@@ -460,10 +515,16 @@ class AccountUpdate(_InitialSyncFields):
     webhook_url: Url | None = None
     webhook_secret: Secret | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_preset(cls, data: Any) -> Any:
+        return _preset(data)
+
     @model_validator(mode="after")
     def _consistent(self) -> AccountUpdate:
         if self.password is not None and self.oauth2 is not None:
             raise ValueError("give at most one of 'password' and 'oauth2'")
+        _login_allowed(self.provider, self.password, self.oauth2)
         for name in self.model_fields_set - NULLABLE_ON_UPDATE:
             if getattr(self, name) is None:
                 raise ValueError(f"{name} cannot be null")
@@ -493,6 +554,9 @@ class AccountRead(BaseModel):
     imap_port: int
     imap_security: str
     username: str
+    provider: str | None = Field(
+        default=None, description="the provider preset it was made from (null: none)"
+    )
     auth_method: AuthMethod
     folders: list[str]
     poll_interval_seconds: int
@@ -503,8 +567,10 @@ class AccountRead(BaseModel):
         description="with push on, what the watcher found: 'watching' (IDLE held, "
         "confirmed by a live watcher within two WATCHER_LEASE_SECONDS), 'stale' (was "
         "watching, but no live watcher has confirmed it since: none runs, or it died) or "
-        "'unsupported' (the server has no IDLE: polled on the interval only); null before "
-        "a watcher has tried"
+        "'unsupported' (the server has no IDLE: polled on the interval only), 'failing' "
+        "(a watcher cannot connect or select a folder and keeps trying; push_confirmed_at "
+        "says when it last watched); null before a watcher has tried, and after a change "
+        "of login until the watcher has connected with it (seconds)"
     )
     push_confirmed_at: datetime | None = Field(
         description="when a live watcher last confirmed push_status 'watching'"
@@ -593,3 +659,24 @@ class FolderRead(BaseModel):
 
 class FolderList(BaseModel):
     items: list[FolderRead]
+
+
+class ProviderRead(BaseModel):
+    """A provider preset: what `provider` fills in on an account, what the provider
+    needs of the user, and the connections mailbeat allows itself there."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    label: str
+    imap_host: str
+    imap_port: int
+    imap_security: ImapSecurity
+    auth_methods: list[AuthMethod]
+    needs: str
+    host_limit: int | None = Field(description="connections to the host in all (null: none)")
+    account_limit: int | None = Field(description="connections per login (null: none)")
+
+
+class ProviderList(BaseModel):
+    items: list[ProviderRead]

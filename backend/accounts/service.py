@@ -49,6 +49,7 @@ CONNECTION_FIELDS = ("imap_host", "imap_port", "imap_security", "username")
 # Plain columns a PATCH copies as given.
 PLAIN_FIELDS = (
     "email",
+    "provider",
     *CONNECTION_FIELDS,
     "folders",
     "poll_interval_seconds",
@@ -132,6 +133,7 @@ def create_account(session: Session, data: AccountCreate) -> Account:
         imap_port=data.imap_port,
         imap_security=data.imap_security,
         username=data.username,
+        provider=data.provider,
         auth_method=auth_method,
         credentials_encrypted=crypto.encrypt_json(credentials),
         folders=list(data.folders),
@@ -221,6 +223,7 @@ def update_account(session: Session, account: Account, data: AccountUpdate) -> A
 
     if connection_changed:
         state.forget_failures(account)
+        account.login_changed_at = utcnow()
     if connection_changed or "push" in changes:
         # What a watcher found was about this server (or an earlier try): it looks again.
         account.push_status = None

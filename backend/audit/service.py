@@ -271,7 +271,7 @@ def audit_account(
     error = _NOT_POLLED
     try:
         if polled & set(folders):
-            with open_mailbox(account) as mailbox:
+            with open_mailbox(account, purpose="audit") as mailbox:
                 for folder in folders:
                     entry = _audit_folder_safely(mailbox, account, folder, deep=deep)
                     done(entry)
@@ -355,10 +355,14 @@ def _audit_folder(
     entry.objects_missing = len(broken)
 
     if missing:
+        # Not missing: the same message (its EMAILID, X-GM-MSGID) is stored from
+        # another folder, once (a Gmail label's folder beside INBOX).
+        elsewhere: list[int] = []
         entry.repaired_message_ids = store_uids(
-            mailbox, account, folder, uidvalidity, list(expand(missing))
+            mailbox, account, folder, uidvalidity, list(expand(missing)), elsewhere=elsewhere
         )
         entry.repaired = len(entry.repaired_message_ids)
+        entry.missing -= len(elsewhere)
     if broken:
         entry.objects_repaired = _repair_objects(mailbox, account.id, folder, uidvalidity, broken)
     if entry.found_anything:

@@ -1,6 +1,7 @@
 """The operator's commands of `python -m backend.cli`: accounts, status, schedules, dead
-letters, backfill, re-parsing and audit. They call the same services as the API, in this
-process, and each command is its own boundary: it commits, then brings the schedule along.
+letters, backfill, re-parsing, quarantined messages and audit. They call the same services
+as the API, in this process, and each command is its own boundary: it commits, then brings
+the schedule along.
 
 Every command prints a readable table, or with `--json` the API's own shapes. Work that
 takes a while (a poll, a backfill, a re-parse, an audit) draws a progress bar on stderr.
@@ -30,6 +31,7 @@ from backend.config import get_settings
 from backend.db import session_scope
 from backend.errors import MailbeatError
 from backend.mailbox.check import check_account
+from backend.messages.schemas import MessageSummary
 from backend.models import (
     Account,
     AccountStatus,
@@ -39,7 +41,9 @@ from backend.models import (
     utcnow,
 )
 from backend.processing import backfill as backfills
+from backend.processing import quarantine
 from backend.processing import reparse as reparsing
+from backend.processing.service import hand_on
 from backend.schedules import service as schedules
 from backend.webhooks import service as webhooks
 from backend.webhooks.schemas import DeadLetter
@@ -504,14 +508,16 @@ def dead_letters_list(args: argparse.Namespace) -> int:
 
 
 def dead_letters_replay(args: argparse.Namespace) -> int:
-    if not args.ids and args.account is None:
-        raise CommandError("name dead letter ids, or --account ID for all of one account's")
+    if sum((bool(args.ids), args.account is not None, args.all)) != 1:
+        raise CommandError(
+            "name dead letter ids, or --account ID for all of one account's, or --all"
+        )
     with session_scope() as session:
         ids: list[int] = []
         for delivery_id in args.ids:
-            ids += webhooks.replay_dead_letter(session, delivery_id)
-        if args.account is not None:
-            ids += webhooks.replay_account_dead_letters(session, args.account)
+            ids += webhooks.replay_dead_letters(session, delivery_id=delivery_id)
+        if args.account is not None or args.all:
+            ids += webhooks.replay_dead_letters(session, account_id=args.account)
         session.commit()
     # Sent after the commit, or a fast worker would find them still dead.
     webhooks.dispatch(ids)
@@ -732,6 +738,46 @@ def messages_reparse(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- quarantined messages ---------------------------------------------------------------------
+
+
+def messages_quarantined(args: argparse.Namespace) -> int:
+    with session_scope() as session:
+        page = quarantine.list_quarantined(session, limit=args.limit, account_id=args.account)
+        total = page.total
+        items = [MessageSummary.model_validate(m).model_dump(mode="json") for m in page.items]
+    if args.json:
+        emit_json({"items": items, "total": total})
+        return 0
+    print(f"{total} quarantined messages")
+    columns = ("id", "account_id", "folder", "uid", "process_failures", "quarantined_at")
+    table(
+        [[m[key] for key in (*columns, "subject", "process_error")] for m in items],
+        ("ID", "ACCOUNT", "FOLDER", "UID", "FAILURES", "SINCE", "SUBJECT", "REASON"),
+    )
+    return 0
+
+
+def messages_replay(args: argparse.Namespace) -> int:
+    """Quarantined messages handed on again after a fix (by Celery's workers, or here in
+    local mode)."""
+    if sum((bool(args.ids), args.account is not None, args.all)) != 1:
+        raise CommandError("name message ids, or --account ID, or --all (one of them)")
+    with session_scope() as session:
+        ids: list[int] = []
+        for message_id in args.ids:
+            ids += quarantine.release(session, message_id=message_id)
+        if args.account is not None or args.all:
+            ids += quarantine.release(session, account_id=args.account)
+        session.commit()
+    hand_on(ids)  # after the commit, as every task is sent
+    if args.json:
+        emit_json({"replayed": len(ids), "message_ids": ids})
+    else:
+        print(f"replayed {len(ids)}: {', '.join(map(str, ids)) or '-'}")
+    return 0
+
+
 # -- the parser ------------------------------------------------------------------------------
 
 
@@ -793,6 +839,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = dl_sub.add_parser("replay", parents=[as_json], help="send them again")
     p.add_argument("ids", type=int, nargs="*", help="dead letter ids")
     p.add_argument("--account", type=int, help="every dead letter of this account")
+    p.add_argument("--all", action="store_true", help="every dead letter")
     p.set_defaults(handler=dead_letters_replay)
 
     p = sub.add_parser(
@@ -821,6 +868,21 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--notify", action="store_true", help="send message.reparsed for each message changed"
     )
     p.set_defaults(handler=messages_reparse)
+    p = msg_sub.add_parser(
+        "quarantined",
+        parents=[as_json],
+        help="messages set aside after failing processing too often, newest first",
+    )
+    p.add_argument("--account", type=int, help="only this account's")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(handler=messages_quarantined)
+    p = msg_sub.add_parser(
+        "replay", parents=[as_json], help="hand quarantined messages on again, after a fix"
+    )
+    p.add_argument("ids", type=int, nargs="*", help="message ids")
+    p.add_argument("--account", type=int, help="every quarantined message of this account")
+    p.add_argument("--all", action="store_true", help="every quarantined message")
+    p.set_defaults(handler=messages_replay)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -23,9 +23,12 @@ A message gone from one folder and new in another in the same poll is a move, ma
 by the server's identity (OBJECTID EMAILID, X-GM-MSGID) or else by content hash and
 Message-ID: the stored message takes the new location, the copy just stored is dropped
 before it is handed on, and `message.moved` replaces `message.received` and
-`message.deleted`. A folder renumbered (UIDVALIDITY changed) starts again from a
-baseline: its messages are matched by content at ingestion, as before, and nothing is
-reported for it.
+`message.deleted`. A message with a server identity is not even stored again: the
+poller hands its new place over (`seen_elsewhere`), and the stored message takes it.
+Gmail's labels (X-GM-LABELS) are read with the flags under CONDSTORE: a change of
+labels is a `message.updated` too. A folder renumbered (UIDVALIDITY changed) starts
+again from a baseline: its messages are matched by content at ingestion, as before, and
+nothing is reported for it.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ _COLUMNS = (
     Message.message_id,
     Message.content_hash,
     Message.email_id,
+    Message.labels,
     Message.storage_backend,
     Message.storage_key,
 )
@@ -74,6 +78,7 @@ _FLAG_COLUMNS = (
     Message.uid,
     Message.flags,
     Message.message_id,
+    Message.labels,
 )
 
 
@@ -110,6 +115,7 @@ class _Read:
     status: FolderStatus
     full_check_at: datetime | None
     flags: dict[int, list[str]] = field(default_factory=dict)
+    labels: dict[int, list[str]] = field(default_factory=dict)  # Gmail's, with CONDSTORE
     vanished: UidRanges = field(default_factory=list)
     # The server's whole UID set, when it was compared this poll.
     present: UidRanges | None = None
@@ -125,6 +131,16 @@ class Tracker:
         self.state = dict(account.change_state or {}) if self.enabled else {}
         self.known = {folder: _Known.of(value) for folder, value in self.state.items()}
         self.read: list[_Read] = []
+        # Messages the poller did not store again: their server identity is held.
+        self.elsewhere: list[_Seen] = []
+
+    def seen_elsewhere(self, folder: str, uidvalidity: int, item: Any) -> None:
+        """A message in `folder` whose server identity a stored message holds: the same
+        message, in two folders (Gmail's labels) or moved (the stored one then gone)."""
+        if self.enabled:
+            self.elsewhere.append(
+                _Seen(folder, uidvalidity, item.uid, item.flags, item.email_id, item.labels)
+            )
 
     def unchanged(self, mailbox: ImapSession, folder: str, status: FolderStatus) -> bool:
         """Whether nothing can have changed in the folder since it was last tracked: only
@@ -172,6 +188,7 @@ class Tracker:
             if status.highestmodseq != known.highestmodseq:
                 changes = mailbox.fetch_changes(known.highestmodseq)
                 read.flags, read.vanished = changes.flags, changes.vanished
+                read.labels = changes.labels
             if not mailbox.qresync and (full_due or _expunged(known, status)):
                 read.present = mailbox.uid_set()
                 read.full_check_at = now
@@ -196,7 +213,7 @@ class Tracker:
         with session_scope() as session:
             if fenced is not None:
                 fenced(session)
-            recorded = _Recording(session, self.account, new_ids)
+            recorded = _Recording(session, self.account, new_ids, self.elsewhere)
             for read in self.read:
                 recorded.folder(read)
             recorded.settle()
@@ -225,10 +242,17 @@ class Tracker:
 class _Recording:
     """The work of `Tracker.finish`, on its session."""
 
-    def __init__(self, session: Session, account: Account, new_ids: Sequence[int]) -> None:
+    def __init__(
+        self,
+        session: Session,
+        account: Account,
+        new_ids: Sequence[int],
+        elsewhere: Sequence[_Seen] = (),
+    ) -> None:
         self.session = session
         self.account = account
         self.new_ids = set(new_ids)
+        self.elsewhere = list(elsewhere)
         self.now = utcnow()
         self.events: list[tuple[EventType, dict[str, Any]]] = []
         self.gone: list[Any] = []
@@ -247,19 +271,19 @@ class _Recording:
                 ):
                     gone_uids.add(uid)
             self.gone += self._rows(read, _COLUMNS, sorted(gone_uids))
-        uids = [uid for uid in read.flags if uid not in gone_uids]
+        uids = sorted(uid for uid in {*read.flags, *read.labels} if uid not in gone_uids)
         updates = []
         for row in self._rows(read, _FLAG_COLUMNS, uids):
-            flags = read.flags[row.uid]
-            if sorted(flags) == sorted(row.flags or []):
+            flags = read.flags.get(row.uid, row.flags or [])
+            labels = read.labels.get(row.uid, row.labels)
+            relabelled = labels is not None and sorted(labels) != sorted(row.labels or [])
+            if sorted(flags) == sorted(row.flags or []) and not relabelled:
                 continue
-            updates.append({"id": row.id, "flags": flags})
-            self.events.append(
-                (
-                    EventType.MESSAGE_UPDATED,
-                    self._data(row, flags=flags, previous_flags=row.flags or []),
-                )
-            )
+            updates.append({"id": row.id, "flags": flags, "labels": labels})
+            details: dict[str, Any] = {"flags": flags, "previous_flags": row.flags or []}
+            if relabelled:
+                details |= {"labels": labels, "previous_labels": row.labels or []}
+            self.events.append((EventType.MESSAGE_UPDATED, self._data(row, **details)))
         if updates:
             self.session.execute(update(Message), updates)
 
@@ -280,10 +304,15 @@ class _Recording:
                     )
                 )
                 continue
-            drop.append(copy.id)
-            self.moved_copies.add(copy.id)
-            if copy.storage_backend and copy.storage_key and copy.storage_key != row.storage_key:
-                self.dropped_objects.append((copy.storage_backend, copy.storage_key))
+            if copy.id is not None:  # a copy stored by this poll, not a _Seen
+                drop.append(copy.id)
+                self.moved_copies.add(copy.id)
+                if (
+                    copy.storage_backend
+                    and copy.storage_key
+                    and copy.storage_key != row.storage_key
+                ):
+                    self.dropped_objects.append((copy.storage_backend, copy.storage_key))
             moves.append(
                 {
                     "id": row.id,
@@ -292,6 +321,7 @@ class _Recording:
                     "uid": copy.uid,
                     "flags": copy.flags,
                     "email_id": copy.email_id or row.email_id,
+                    "labels": row.labels if copy.labels is None else copy.labels,
                 }
             )
             moved_from = {"folder": row.folder, "uidvalidity": row.uidvalidity, "uid": row.uid}
@@ -299,7 +329,13 @@ class _Recording:
             self.events.append(
                 (
                     EventType.MESSAGE_MOVED,
-                    self._data(copy, id=row.id, moved_from=moved_from, moved_to=moved_to),
+                    self._data(
+                        copy,
+                        id=row.id,
+                        message_id=row.message_id,
+                        moved_from=moved_from,
+                        moved_to=moved_to,
+                    ),
                 )
             )
         if drop:
@@ -318,6 +354,7 @@ class _Recording:
                 .where(Account.id == self.account.id)
                 .values(message_count=Account.message_count - len(drop))
             )
+        if moves:
             self.session.execute(update(Message), moves)
         if deleted:
             self.session.execute(
@@ -326,10 +363,10 @@ class _Recording:
 
     def _copies(self) -> list[Any]:
         """This poll's new messages, the candidates for the far end of a move."""
-        if not self.gone or not self.new_ids:
+        if not self.gone:
             return []
         ids = sorted(self.new_ids)
-        found: list[Any] = []
+        found: list[Any] = list(self.elsewhere)
         for start in range(0, len(ids), LOOKUP_CHUNK):
             found += self.session.execute(
                 select(*_COLUMNS).where(Message.id.in_(ids[start : start + LOOKUP_CHUNK]))
@@ -365,13 +402,32 @@ class _Recording:
             "folder": row.folder,
             "uidvalidity": row.uidvalidity,
             "uid": row.uid,
-            "message_id": row.message_id,
+            "message_id": details.pop("message_id", row.message_id),
             "flags": details.pop("flags", row.flags or []),
+            "labels": details.pop("labels", row.labels),
         }
         if "moved_from" in details:
             details["from"] = details.pop("moved_from")
             details["to"] = details.pop("moved_to")
         return events.change_data(self.account, message, **details)
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """A message the poller found in a folder and did not store: its server identity is
+    a stored message's. A copy for `settle` with no row of its own."""
+
+    folder: str
+    uidvalidity: int
+    uid: int
+    flags: list[str]
+    email_id: str
+    labels: list[str] | None
+    id: None = None
+    message_id: None = None
+    content_hash: None = None
+    storage_backend: None = None
+    storage_key: None = None
 
 
 def _pop_match(copies: list[Any], gone: Any) -> Any | None:

@@ -18,6 +18,7 @@ from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from backend.db import insert_for
+from backend.mailbox.imap import MAX_UID
 from backend.models import Account, FolderCursor, Message, utcnow
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,12 @@ def hold_fence(session: Session, account_id: int, fence: int) -> None:
         raise LeaseLost(f"mailbox {account_id} was taken by a newer poll ({newest} > {fence})")
 
 
-def resume_after(session: Session, account_id: int, folder: str, uidvalidity: int) -> int | None:
+def resume_after(
+    session: Session, account_id: int, folder: str, uidvalidity: int, uidnext: int | None = None
+) -> int | None:
     """The last UID stored under this UIDVALIDITY, or None when the folder is new or
-    was renumbered (then the cursor is reset, and the folder is scanned again)."""
+    was renumbered (then the cursor is reset, and the folder is scanned again). `uidnext`:
+    the folder's UIDNEXT as it was selected, kept as the new generation's `match_below`."""
     row = session.scalar(
         select(FolderCursor).where(
             FolderCursor.account_id == account_id, FolderCursor.folder == folder
@@ -70,6 +74,7 @@ def resume_after(session: Session, account_id: int, folder: str, uidvalidity: in
                 folder=folder,
                 uidvalidity=uidvalidity,
                 last_uid=0,
+                match_below=uidnext,
                 updated_at=utcnow(),
             )
             .on_conflict_do_nothing(index_elements=["account_id", "folder"])
@@ -84,6 +89,7 @@ def resume_after(session: Session, account_id: int, folder: str, uidvalidity: in
         )
         row.uidvalidity = uidvalidity
         row.last_uid = 0
+        row.match_below = uidnext
         row.updated_at = utcnow()
     return None
 
@@ -138,21 +144,30 @@ def oldest_held(session: Session, account_id: int, folder: str) -> datetime | No
     )
 
 
-def has_other_generations(session: Session, account_id: int, folder: str, uidvalidity: int) -> bool:
-    """Whether messages are held from this folder under another UIDVALIDITY: then new
-    ones are matched by content hash, so a renumbered folder is not stored twice."""
-    return (
-        session.scalar(
-            select(Message.id)
-            .where(
-                Message.account_id == account_id,
-                Message.folder == folder,
-                Message.uidvalidity != uidvalidity,
-            )
-            .limit(1)
+def match_below(session: Session, account_id: int, folder: str, uidvalidity: int) -> int:
+    """The UID below which this folder's new messages are matched by content hash with
+    those held from it under another UIDVALIDITY (so a renumbered folder is not stored
+    twice): the folder's UIDNEXT when this UIDVALIDITY was first seen. 0 when nothing is
+    held from another generation; everything (MAX_UID + 1) when the bound is unknown."""
+    other = session.scalar(
+        select(Message.id)
+        .where(
+            Message.account_id == account_id,
+            Message.folder == folder,
+            Message.uidvalidity != uidvalidity,
         )
-        is not None
+        .limit(1)
     )
+    if other is None:
+        return 0
+    bound = session.scalar(
+        select(FolderCursor.match_below).where(
+            FolderCursor.account_id == account_id,
+            FolderCursor.folder == folder,
+            FolderCursor.uidvalidity == uidvalidity,
+        )
+    )
+    return MAX_UID + 1 if bound is None else int(bound)
 
 
 def held_hashes(
@@ -168,6 +183,22 @@ def held_hashes(
                 Message.folder == folder,
                 Message.uidvalidity != uidvalidity,
                 Message.content_hash.in_(hashes),
+            )
+        )
+    )
+
+
+def held_email_ids(session: Session, account_id: int, email_ids: set[str]) -> set[str]:
+    """Which of these server identities (EMAILID, X-GM-MSGID) a live message of the
+    account holds: the same message met in a second folder, not to be stored again."""
+    if not email_ids:
+        return set()
+    return set(
+        session.scalars(
+            select(Message.email_id).where(
+                Message.account_id == account_id,
+                Message.email_id.in_(email_ids),
+                Message.deleted_at.is_(None),
             )
         )
     )

@@ -7,6 +7,11 @@ junk and trash ones (name those to have them too). Names need no LIST; a special
 `*` is looked up in the server's LIST, kept per process for FOLDER_LIST_SECONDS, so a
 folder created later is polled within that time and one deleted is no longer asked for
 (its messages stay stored).
+
+Gmail (X-GM-EXT-1) shows one message in every label's folder and in `[Gmail]/All Mail`
+(`\\All`): when All Mail is among the folders meant, it alone is polled, with Spam and
+Trash (which All Mail leaves out) when they are meant too; a message's labels come with
+it (X-GM-LABELS), so the label folders are not polled on their own.
 """
 
 from __future__ import annotations
@@ -50,6 +55,11 @@ class Lister(Protocol):
     def list_folders(self) -> list[Listed]: ...
 
 
+class Server(Lister, Protocol):
+    @property
+    def gmail(self) -> bool: ...
+
+
 def special_use(entry: str) -> str | None:
     """The special use an entry names (`\\sent` -> `\\Sent`), or None for a folder name."""
     return _BY_LOWER.get(entry.lower()) if entry.startswith("\\") else None
@@ -66,9 +76,10 @@ def invalid_entry(entry: str) -> str | None:
     return None
 
 
-def resolve(wanted: Sequence[str], listing: Iterable[Listed]) -> list[str]:
+def resolve(wanted: Sequence[str], listing: Iterable[Listed], *, gmail: bool = False) -> list[str]:
     """The folder names `wanted` means in this LIST, in the order asked, each once. A
-    special use the server has no folder for means none."""
+    special use the server has no folder for means none. `gmail`: the server has Gmail's
+    labels, and All Mail stands for every folder but Spam and Trash."""
     listed = [item for item in listing if not item.attributes & set(_UNSELECTABLE)]
     named = {special_use(entry) or entry for entry in wanted}
     found: list[str] = []
@@ -83,7 +94,18 @@ def resolve(wanted: Sequence[str], listing: Iterable[Listed]) -> list[str]:
             found += [item.name for item in listed if use.lower() in item.attributes]
         else:
             found.append(entry)
-    return list(dict.fromkeys(found))
+    found = list(dict.fromkeys(found))
+    return _all_mail_once(found, listed) if gmail else found
+
+
+def _all_mail_once(found: list[str], listed: Sequence[Listed]) -> list[str]:
+    """On Gmail, with All Mail among `found`: All Mail, and Spam and Trash if found (All
+    Mail leaves them out); the label folders (INBOX among them) hold nothing more."""
+    attributes = {item.name: item.attributes for item in listed}
+    if not any("\\all" in attributes.get(name, frozenset()) for name in found):
+        return found
+    kept = {"\\all", "\\junk", "\\trash"}
+    return [name for name in found if attributes.get(name, frozenset()) & kept]
 
 
 def watched(wanted: Sequence[str] | None) -> tuple[str, ...]:
@@ -107,16 +129,16 @@ _cache: dict[tuple[int, tuple[str, ...]], tuple[float, list[str]]] = {}
 _cache_lock = threading.Lock()
 
 
-def current(wanted: Sequence[str] | None, server: Lister) -> list[str]:
+def current(wanted: Sequence[str] | None, server: Server) -> list[str]:
     """The folders an account's `folders` (None: INBOX) mean now: as written when they are
     all names, else through the server's LIST."""
     entries = list(wanted or [INBOX])
     if not any(is_pattern(entry) for entry in entries):
         return entries
-    return resolve(entries, server.list_folders())
+    return resolve(entries, server.list_folders(), gmail=server.gmail)
 
 
-def for_account(account_id: int, wanted: Sequence[str] | None, server: Lister) -> list[str]:
+def for_account(account_id: int, wanted: Sequence[str] | None, server: Server) -> list[str]:
     """`current`, with the LIST kept FOLDER_LIST_SECONDS for the account."""
     entries = tuple(wanted or [INBOX])
     if not any(is_pattern(entry) for entry in entries):

@@ -29,12 +29,12 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
-from imapclient import IMAPClient, SocketTimeout, imap4, tls
+from imapclient import IMAPClient, SocketTimeout, imap4, imap_utf7, tls
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 from imapclient.response_parser import parse_fetch_response
 
@@ -110,10 +110,15 @@ class ImapThrottled(ImapError):
 
     kind: ErrorKind = ErrorKind.THROTTLED
 
-    def __init__(self, message: str, *, stage: Stage, retry_after: float | None) -> None:
+    def __init__(
+        self, message: str, *, stage: Stage, retry_after: float | None, host_wide: bool = True
+    ) -> None:
         super().__init__(message)
         self.stage = stage
         self.retry_after = retry_after
+        # About the server's load or connections, not this account's own quota: the
+        # host's other mailboxes slow down too (backend/mailbox/budget.throttled).
+        self.host_wide = host_wide
 
 
 class ImapLiteralRefused(ImapConnectionError):
@@ -214,6 +219,9 @@ _THROTTLE = re.compile(
     r"|maximum number of connections|server unavailable|rate limit|try again later",
     re.IGNORECASE,
 )
+# The throttle answers about one account's own use (its quota, Gmail's per-account
+# bandwidth), not the server's load.
+_ACCOUNT_ONLY = re.compile(r"OVERQUOTA|bandwidth", re.IGNORECASE)
 _RETRY_AFTER = re.compile(
     r"(?:in|after|wait)\s+(\d{1,5})\s*(s|sec|secs|seconds?|m|min|mins|minutes?)\b", re.IGNORECASE
 )
@@ -236,6 +244,7 @@ def _throttled(exc: BaseException, stage: Stage) -> ImapThrottled | None:
         + (f", retry after {retry_after:.0f}s" if retry_after is not None else ""),
         stage=stage,
         retry_after=retry_after,
+        host_wide=_ACCOUNT_ONLY.search(found.group(0)) is None,
     )
 
 
@@ -288,8 +297,11 @@ class MessageMeta:
     internal_date: datetime | None  # aware, UTC
     flags: list[str]
     # The server's identity of the message across folders (OBJECTID EMAILID, RFC 8474;
-    # Gmail's X-GM-MSGID), when it offers one.
+    # Gmail's X-GM-MSGID), when it offers one; its thread (THREADID, X-GM-THRID).
     email_id: str | None = None
+    thread_id: str | None = None
+    # Gmail's X-GM-LABELS (`labels`); None from any other server.
+    labels: list[str] | None = None
 
 
 # UIDs as ascending, disjoint, inclusive (first, last) ranges.
@@ -303,6 +315,8 @@ class FolderChanges:
 
     flags: dict[int, list[str]]
     vanished: UidRanges
+    # Gmail's labels of the changed messages by UID (X-GM-EXT-1 only).
+    labels: dict[int, list[str]] = field(default_factory=dict)
 
 
 # -- connections ----------------------------------------------------------------------
@@ -331,6 +345,8 @@ class ImapSession:
         self._max_bytes = get_settings().max_message_bytes
         # QRESYNC enabled (`enable_qresync`): expunges are reported as VANISHED UIDs.
         self.qresync = False
+        # Called once when the session is closed: its slot in the connection budget.
+        self._on_close: list[Callable[[], None]] = []
         imap = client._imap
         read = imap.read
 
@@ -500,6 +516,10 @@ class ImapSession:
         self.ignored_uids = []
         return True
 
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Have `callback` called once, after the connection is closed."""
+        self._on_close.append(callback)
+
     def close(self) -> None:
         """Log out politely; a connection that is already broken is just shut."""
         if self._deadline is not None:
@@ -512,6 +532,9 @@ class ImapSession:
         except Exception:
             with contextlib.suppress(Exception):
                 self._client.shutdown()
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            callback()
 
     def tls_version(self) -> str | None:
         """The TLS version in use ("TLSv1.3"), or None on a plain connection."""
@@ -624,10 +647,7 @@ class ImapSession:
         """Size, INTERNALDATE and flags of these UIDs; a UID expunged since is missing."""
         if not uids:
             return {}
-        items = ["RFC822.SIZE", "INTERNALDATE", "FLAGS"]
-        identity = self._identity_item()
-        if identity is not None:
-            items.append(identity)
+        items = ["RFC822.SIZE", "INTERNALDATE", "FLAGS", *self._identity_items()]
         fetched = self._command(lambda: self._client.fetch(list(uids), items))
         return {
             uid: MessageMeta(
@@ -636,16 +656,24 @@ class ImapSession:
                 internal_date=_aware(data.get(b"INTERNALDATE")),
                 flags=_flags(data),
                 email_id=_email_id(data),
+                thread_id=_thread_id(data),
+                labels=_labels(data),
             )
             for uid, data in fetched.items()
         }
 
-    def _identity_item(self) -> str | None:
+    @property
+    def gmail(self) -> bool:
+        """Whether the server speaks Gmail's extensions (X-GM-EXT-1): labels, and one
+        message in every label's folder and in All Mail."""
+        return self.supports("X-GM-EXT-1")
+
+    def _identity_items(self) -> list[str]:
         if self.supports("OBJECTID"):
-            return "EMAILID"
-        if self.supports("X-GM-EXT-1"):
-            return "X-GM-MSGID"
-        return None
+            return ["EMAILID", "THREADID"]
+        if self.gmail:
+            return ["X-GM-MSGID", "X-GM-THRID", "X-GM-LABELS"]
+        return []
 
     def fetch_bodies(self, stated: Mapping[int, int]) -> dict[int, bytes]:
         """The raw messages of these UIDs, given with the sizes the server stated for them
@@ -668,8 +696,8 @@ class ImapSession:
         message of the selected folder changed since; with QRESYNC also `VANISHED`: the
         UIDs expunged since, as compact ranges."""
         modifiers = f"CHANGEDSINCE {modseq}" + (" VANISHED" if self.qresync else "")
-        flags, vanished = self._uid_fetch_flags(b"1:*", modifiers)
-        return FolderChanges(flags=flags, vanished=vanished)
+        flags, vanished, labels = self._uid_fetch_flags(b"1:*", modifiers, labels=self.gmail)
+        return FolderChanges(flags=flags, vanished=vanished, labels=labels)
 
     def fetch_flags(self, newest: int | None = None, *, exists: int = 0) -> dict[int, list[str]]:
         """The flags of the selected folder's messages by UID: all of them (`UID FETCH 1:*
@@ -702,12 +730,17 @@ class ImapSession:
         return merge_ranges(found)
 
     def _uid_fetch_flags(
-        self, messages: bytes, modifiers: str | None, *, by_uid: bool = True
-    ) -> tuple[dict[int, list[str]], UidRanges]:
+        self, messages: bytes, modifiers: str | None, *, by_uid: bool = True, labels: bool = False
+    ) -> tuple[dict[int, list[str]], UidRanges, dict[int, list[str]]]:
+        """Flags by UID, the UIDs VANISHED, and with `labels` Gmail's labels by UID."""
         imap = self._client._imap
 
-        def fetch() -> tuple[dict[int, list[str]], UidRanges]:
-            args: list[Any] = ["FETCH", messages, "(UID FLAGS)"]
+        def fetch() -> tuple[dict[int, list[str]], UidRanges, dict[int, list[str]]]:
+            args: list[Any] = [
+                "FETCH",
+                messages,
+                "(UID FLAGS X-GM-LABELS)" if labels else "(UID FLAGS)",
+            ]
             if by_uid:
                 args.insert(0, "UID")
             if modifiers:
@@ -721,9 +754,12 @@ class ImapSession:
             vanished: UidRanges = []
             for line in imap.untagged_responses.pop("VANISHED", []):
                 vanished += _sequence_set(bytes(line).split(b" ")[-1])
+            valid = {uid: item for uid, item in parsed.items() if 1 <= uid <= MAX_UID}
+            found = {uid: _labels(item) for uid, item in valid.items()} if labels else {}
             return (
-                {uid: _flags(item) for uid, item in parsed.items() if 1 <= uid <= MAX_UID},
+                {uid: _flags(item) for uid, item in valid.items()},
                 merge_ranges(vanished),
+                {uid: value for uid, value in found.items() if value is not None},
             )
 
         return self._command(fetch)
@@ -739,11 +775,12 @@ class ImapSession:
         """Whether the server offers IDLE (RFC 2177)."""
         return bool(self._command(lambda: self._client.has_capability("IDLE")))
 
-    def idle(self) -> IdleLink:
-        """Hand the connection, with a folder selected, to a caller that waits on many
-        sockets at once (backend/push/watcher.py): IDLE is sent, and from now on the
-        session is driven only through the IdleLink returned. The deadline, if armed,
-        is cancelled: the caller times the server's answers itself."""
+    def idle(self, selected: SelectedFolder) -> IdleLink:
+        """Hand the connection, with a folder selected (`selected`: what `select` said),
+        to a caller that waits on many sockets at once (backend/push/watcher.py): IDLE is
+        sent, and from now on the session is driven only through the IdleLink returned.
+        The deadline, if armed, is cancelled: the caller times the server's answers
+        itself."""
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
@@ -752,7 +789,11 @@ class ImapSession:
         if not self._selected:
             raise ImapProtocolError("IDLE needs a selected folder")
         self._broken = True  # no imapclient command on it from now on
-        link = IdleLink(self._client)
+        link = IdleLink(self._client, selected)
+        # The connection is the link's now, and so is what its closing releases.
+        for callback in self._on_close:
+            link.on_close(callback)
+        self._on_close = []
         link.start()
         return link
 
@@ -790,10 +831,17 @@ class IdleLink:
     and LOGOUT; `close()` shuts the socket. `waiting_since` is the monotonic time since
     which an answer is awaited (None while idling): the caller gives up after its read
     timeout. Every failure is an ImapError; a BYE, an EOF or a refused IDLE end the link.
+
+    `reselect` says why the folder is to be selected again, once the server has shown
+    that the one selected is gone (deleted and perhaps recreated) without ending the
+    link: every message expunged (Cyrus sends only that to a session on a deleted
+    folder), or a new UIDVALIDITY in an untagged OK.
     """
 
-    def __init__(self, client: IMAPClient) -> None:
+    def __init__(self, client: IMAPClient, selected: SelectedFolder) -> None:
         self._client = client
+        # Called once when the link is closed (the session's, handed on by `idle`).
+        self._on_close: list[Callable[[], None]] = []
         self._imap = client._imap
         self._sock: socket.socket = client.socket()
         self._sock.settimeout(None)
@@ -804,6 +852,10 @@ class IdleLink:
         # starting (IDLE sent), idling, renewing (DONE sent), ending (DONE LOGOUT sent)
         self.state = "new"
         self.waiting_since: float | None = None
+        self.folder = selected.name
+        self.uidvalidity = selected.uidvalidity
+        self.exists = selected.exists
+        self.reselect: str | None = None
         # What imaplib had already read past the SELECT's answer, unsolicited news.
         with contextlib.suppress(BlockingIOError, ssl.SSLWantReadError, OSError):
             self._buffer += self._imap.file.peek(IDLE_READ_MAX)
@@ -851,6 +903,13 @@ class IdleLink:
             self._sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(Exception):
             self._client.shutdown()
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            callback()
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Have `callback` called once, after the link is closed."""
+        self._on_close.append(callback)
 
     def read(self) -> bool:
         """Take what the server sent; True when it reported a change to the folder.
@@ -913,6 +972,7 @@ class IdleLink:
                 if self.state == "ending":
                     return False
                 raise ImapConnectionError(f"connection lost: the server said BYE {_said(line)}")
+            self._count(word)
             # OK ("Still here"), NO and BAD carry no news of the folder.
             return kind not in (b"OK", b"NO", b"BAD", b"CAPABILITY")
         tag, _, rest = line.partition(b" ")
@@ -924,6 +984,22 @@ class IdleLink:
         if self.state == "renewing":
             self.start()
         return False
+
+    def _count(self, word: list[bytes]) -> None:
+        """Follow the selected folder's size and UIDVALIDITY through the untagged
+        responses (`word`: the line after "* ", split twice), for `reselect`."""
+        if len(word) < 2:
+            return
+        if word[0].isdigit() and word[1].upper() == b"EXISTS":
+            self.exists = int(word[0])
+        elif word[0].isdigit() and word[1].upper() == b"EXPUNGE" and self.exists > 0:
+            self.exists -= 1
+            if self.exists == 0:
+                self.reselect = "every message expunged"
+        elif word[0].upper() == b"OK" and word[1].upper() == b"[UIDVALIDITY":
+            found = re.match(rb"(\d+)\]", word[2] if len(word) > 2 else b"")
+            if found is not None and int(found.group(1)) != self.uidvalidity:
+                self.reselect = f"UIDVALIDITY {self.uidvalidity} -> {int(found.group(1))}"
 
 
 _STATUS_ITEMS = re.compile(rb"\(([^()]*)\)\s*$")
@@ -1294,10 +1370,38 @@ def _flags(data: Mapping[bytes, Any]) -> list[str]:
 
 
 def _email_id(data: Mapping[bytes, Any]) -> str | None:
-    value = data.get(b"EMAILID", data.get(b"X-GM-MSGID"))
+    return _object_id(data.get(b"EMAILID", data.get(b"X-GM-MSGID")))
+
+
+def _thread_id(data: Mapping[bytes, Any]) -> str | None:
+    return _object_id(data.get(b"THREADID", data.get(b"X-GM-THRID")))
+
+
+def _object_id(value: Any) -> str | None:
     if isinstance(value, tuple | list):  # EMAILID (M6d99ac3275bb4e)
         value = value[0] if value else None
+    # THREADID NIL: a server that does not thread (RFC 8474).
     return None if value is None else _decoded(value)[:255]
+
+
+def _labels(data: Mapping[bytes, Any]) -> list[str] | None:
+    """X-GM-LABELS as text: system labels (`\\Inbox`, `\\Sent`) as sent, the others
+    folder names in modified UTF-7 (`&XfJT0ZAB-` is 已发送). None when not sent."""
+    value = data.get(b"X-GM-LABELS")
+    if value is None:
+        return None
+    if not isinstance(value, tuple | list):
+        value = (value,)
+    return [_label(label if isinstance(label, bytes) else str(label).encode()) for label in value]
+
+
+def _label(text: bytes) -> str:
+    if text.startswith(b"\\"):
+        return _decoded(text)
+    try:
+        return str(imap_utf7.decode(text))
+    except (UnicodeError, ValueError):  # not modified UTF-7 after all: as sent
+        return _decoded(text)
 
 
 _ESEARCH_ALL = re.compile(rb"\bALL ([0-9:,]+)", re.IGNORECASE)

@@ -94,6 +94,8 @@ def run_poll(
         log.info("mailbox %s is deleted or disabled: removing its stale schedule entry", account_id)
         schedules.remove_account(account_id)
         return STALE
+    if result.outcome == PollOutcome.NO_SLOT:
+        _poll_again_soon(account_id)
     duration = time.monotonic() - started
     after_poll(account_id, result.new_message_ids, result.account_event)
     record_poll(result.outcome, result.messages, result.bytes, duration)
@@ -119,6 +121,14 @@ def _lock(account_id: int) -> Iterator[tuple[bool, threading.Event | None]]:
         return
     with lock.mailbox_lock(account_id) as lease:
         yield lease is not None, None if lease is None else lease.lost
+
+
+def _poll_again_soon(account_id: int) -> None:
+    """A poll that found no connection slot: its turn comes soon, not a backoff later."""
+    try:
+        schedules.enqueue_poll_later(account_id, get_settings().connection_slot_wait_seconds or 5)
+    except Exception:  # the schedule's next run polls it
+        log.warning("mailbox %s: the poll again after no connection slot was not sent", account_id)
 
 
 def _rerun_if_asked(account_id: int) -> None:

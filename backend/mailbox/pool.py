@@ -10,8 +10,10 @@ uses it after a NOOP shows it still answers. It is safe to reuse because:
 - a poll takes its session out of the pool, so no two threads ever use one at once;
 - a session is closed, never kept, after any error, a broken connection or a passed
   deadline (`ImapSession.end_poll`).
-Each worker process keeps its own: a mailbox may hold one kept connection per process,
-which counts against the server's per-user connection limit.
+Each worker process keeps its own: a mailbox may hold one kept connection per process.
+A kept session holds its slot in the host's connection budget (backend/mailbox/budget.py)
+until it is closed; when a claim anywhere waits for that host, the sessions kept on it
+are closed (`budget.on_wanted`), so idle connections never keep a poll waiting.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from backend.config import get_settings
+from backend.mailbox import budget
 from backend.mailbox.imap import ImapError, ImapSession
 from backend.models import Account
 
 _guard = threading.Lock()
-# account id -> (fingerprint, session), the least recently kept first.
-_kept: OrderedDict[int, tuple[str, ImapSession]] = OrderedDict()
+# account id -> (fingerprint, host, session), the least recently kept first.
+_kept: OrderedDict[int, tuple[str, str, ImapSession]] = OrderedDict()
 
 
 def fingerprint(account: Account) -> str:
@@ -58,7 +61,7 @@ def session(
     except BaseException:
         mailbox.close()
         raise
-    _keep(account.id, key, mailbox)
+    _keep(account.id, key, account.imap_host.lower(), mailbox)
 
 
 def _take(account_id: int, key: str) -> ImapSession | None:
@@ -66,7 +69,7 @@ def _take(account_id: int, key: str) -> ImapSession | None:
         kept = _kept.pop(account_id, None)
     if kept is None:
         return None
-    kept_key, mailbox = kept
+    kept_key, _host, mailbox = kept
     if kept_key != key or _too_old(mailbox):
         mailbox.close()
         return None
@@ -78,19 +81,19 @@ def _take(account_id: int, key: str) -> ImapSession | None:
     return mailbox
 
 
-def _keep(account_id: int, key: str, mailbox: ImapSession) -> None:
+def _keep(account_id: int, key: str, host: str, mailbox: ImapSession) -> None:
     size = get_settings().imap_pool_size
     if size == 0 or _too_old(mailbox) or not mailbox.end_poll():
         mailbox.close()
         return
     with _guard:
         dropped = [_kept.pop(account_id, None)]
-        _kept[account_id] = (key, mailbox)
+        _kept[account_id] = (key, host, mailbox)
         while len(_kept) > size:
             dropped.append(_kept.popitem(last=False)[1])
     for old in dropped:
         if old is not None:
-            old[1].close()
+            old[2].close()
 
 
 def _too_old(mailbox: ImapSession) -> bool:
@@ -102,8 +105,20 @@ def clear() -> None:
     with _guard:
         kept = list(_kept.values())
         _kept.clear()
-    for _key, mailbox in kept:
+    for _key, _host, mailbox in kept:
         mailbox.close()
+
+
+def drop_host(host: str) -> None:
+    """Log out of the sessions kept on `host`: a claim for a connection there waits."""
+    with _guard:
+        ids = [account_id for account_id, (_k, kept_host, _m) in _kept.items() if kept_host == host]
+        dropped = [_kept.pop(account_id)[2] for account_id in ids]
+    for mailbox in dropped:
+        mailbox.close()
+
+
+budget.on_wanted(drop_host)
 
 
 def kept() -> int:

@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from backend.accounts import state
 from backend.config import get_settings
 from backend.db import bulk_insert, insert_for, session_scope
-from backend.mailbox import changes, credentials, cursors, folders, imap, parsing, pool
+from backend.mailbox import budget, changes, credentials, cursors, folders, imap, parsing, pool
 from backend.mailbox.imap import (
     ERROR_TEXT_MAX,
     MAX_UID,
@@ -46,6 +46,7 @@ from backend.mailbox.imap import (
     ImapLiteralRefused,
     ImapProtocolError,
     ImapSession,
+    ImapThrottled,
 )
 from backend.mailbox.parser import ParsedMessage
 from backend.mailbox.progress import OnProgress, SyncProgress
@@ -111,6 +112,11 @@ class _Fetched:
     internal_date: datetime | None
     flags: list[str]
     email_id: str | None = None  # the server's identity across folders, if it has one
+    thread_id: str | None = None
+    labels: list[str] | None = None  # Gmail's
+    # Its identity is held by a message stored from another folder (or generation):
+    # the same message, neither fetched nor stored again.
+    held: bool = False
     body: bytes | None = None  # None: larger than MAX_MESSAGE_BYTES, not fetched
     content_hash: str | None = None  # sha256 hex of body
 
@@ -142,9 +148,19 @@ class _Prepared:
 # -- the poll ----------------------------------------------------------------------------
 
 
-def open_mailbox(account: Account) -> ImapSession:
-    """A logged-in session on the account's server (a context manager), as a poll makes it."""
-    return imap.open_account(account, credentials=credentials.loader(account))
+def open_mailbox(
+    account: Account, *, purpose: str = "poll", wait: float | None = None
+) -> ImapSession:
+    """A logged-in session on the account's server (a context manager), as a poll makes
+    it: first a slot in the host's connection budget (backend/mailbox/budget.py), waited
+    for up to `wait` seconds (budget.NoSlot when none came free), held until it closes."""
+    return budget.connect(
+        account.imap_host,
+        account.username,
+        purpose,
+        lambda: imap.open_account(account, credentials=credentials.loader(account)),
+        wait=wait,
+    )
 
 
 def poll_account(
@@ -220,6 +236,16 @@ def poll_account(
                 note = _ignored_uids_note(account_id, mailbox.ignored_uids)
             if error is not None:
                 mailbox.close()  # a folder refused: not kept
+    except budget.NoSlot as exc:
+        # Not the mailbox's failure: the host has all the connections it may have.
+        _record_run(run_id, outcome=PollOutcome.NO_SLOT, error=exc.message, messages=0, bytes_=0)
+        log.info("poll of account %s: %s", account_id, exc.message)
+        return PollResult(
+            outcome=PollOutcome.NO_SLOT,
+            error=exc.message,
+            duration_seconds=time.monotonic() - started,
+            poll_run_id=run_id,
+        )
     except ImapError as exc:
         error = exc
     except cursors.LeaseLost as exc:
@@ -255,6 +281,9 @@ def poll_account(
             poll_run_id=run_id,
         )
     outcome = PollOutcome.SUCCESS if error is None else PollOutcome.for_error(error.kind)
+    if isinstance(error, ImapThrottled) and error.host_wide:
+        # The host's other mailboxes slow down with this one (one connection at a time).
+        budget.throttled(account.imap_host, state.throttle_delay(error).total_seconds())
     if error is None and poller.failed:
         failed = "; ".join(exc.message for exc in poller.failed.values())
         note = f"{note}; {failed}" if note else failed
@@ -413,19 +442,34 @@ def _ignored_uids_note(account_id: int, uids: Sequence[int]) -> str | None:
 
 
 def store_uids(
-    mailbox: ImapSession, account: Account, folder: str, uidvalidity: int, uids: Sequence[int]
+    mailbox: ImapSession,
+    account: Account,
+    folder: str,
+    uidvalidity: int,
+    uids: Sequence[int],
+    *,
+    elsewhere: list[int] | None = None,
 ) -> list[int]:
     """For backfill (backend/processing/backfill.py): fetch and store these UIDs of the
     selected folder as a poll does (what is held already is not stored again), without
     moving the folder cursor: UIDs picked out of order must not make the next poll skip
-    the ones between. Returns the new message ids for the caller to hand on."""
+    the ones between. Returns the new message ids for the caller to hand on; `elsewhere`
+    gets the UIDs not stored because a message stored from another folder is the same
+    (its EMAILID or X-GM-MSGID)."""
     with session_scope() as session:
-        dedupe = cursors.has_other_generations(session, account.id, folder, uidvalidity)
+        match_below = cursors.match_below(session, account.id, folder, uidvalidity)
     poller = _Poller(account)
     with poller.storing():
         poller.ingest(
-            mailbox, folder, uidvalidity, sorted(uids), dedupe=dedupe, advance_cursor=False
+            mailbox,
+            folder,
+            uidvalidity,
+            sorted(uids),
+            match_below=match_below,
+            advance_cursor=False,
         )
+    if elsewhere is not None:
+        elsewhere += poller.elsewhere
     return poller.new_ids
 
 
@@ -451,6 +495,8 @@ class _Poller:
         self.max_bytes = settings.max_message_bytes
         self.new_ids: list[int] = []
         self.new_bytes = 0
+        # UIDs not stored: a message stored from another folder is the same one.
+        self.elsewhere: list[int] = []
         # The folders this poll was to go through, and those that failed (poll_folders).
         self.polled: list[str] | None = None
         self.tried: list[str] = []
@@ -512,11 +558,14 @@ class _Poller:
         seen = (status.uidvalidity, status.uidnext)
         if self.changes.unchanged(mailbox, folder, status) and self.seen.get(folder) == seen:
             return
-        uidvalidity = mailbox.select(folder).uidvalidity
+        selected = mailbox.select(folder)
+        uidvalidity = selected.uidvalidity
         with session_scope() as session:
             self.fenced(session)
-            cursor = cursors.resume_after(session, self.account_id, folder, uidvalidity)
-            dedupe = cursors.has_other_generations(session, self.account_id, folder, uidvalidity)
+            cursor = cursors.resume_after(
+                session, self.account_id, folder, uidvalidity, selected.uidnext
+            )
+            match_below = cursors.match_below(session, self.account_id, folder, uidvalidity)
         if cursor is None:
             uids, ceiling = self._first_sync_selection(mailbox, folder)
         else:
@@ -527,7 +576,7 @@ class _Poller:
             with session_scope() as session:
                 self.fenced(session)
                 self.progress.start(session, folder, len(uids))
-        self.ingest(mailbox, folder, uidvalidity, uids, dedupe=dedupe)
+        self.ingest(mailbox, folder, uidvalidity, uids, match_below=match_below)
         if ceiling > (cursor or 0):
             # Messages the initial-sync policy left out stay behind the cursor for good.
             with session_scope() as session:
@@ -546,7 +595,7 @@ class _Poller:
         uidvalidity: int,
         uids: Sequence[int],
         *,
-        dedupe: bool,
+        match_below: int,
         advance_cursor: bool = True,
     ) -> None:
         """Fetch and store these UIDs (ascending) of the selected folder, batch by batch.
@@ -558,7 +607,9 @@ class _Poller:
         with ThreadPoolExecutor(1, thread_name_prefix="mailbox-commit") as committer:
             try:
                 for batch in _prefetched(self._fetch(mailbox, folder, uidvalidity, uids)):
-                    prepared = self._prepare_batch(folder, uidvalidity, batch, dedupe=dedupe)
+                    prepared = self._prepare_batch(
+                        folder, uidvalidity, batch, match_below=match_below
+                    )
                     if committing is not None:
                         committing.result()  # at most one batch waits: bounded memory
                         committing = None
@@ -582,9 +633,7 @@ class _Poller:
         row["skipped_reason"] = exc.message[:ERROR_TEXT_MAX]
         with session_scope() as session:
             inserted = session.connection().execute(
-                insert_for(session, MESSAGES)
-                .on_conflict_do_nothing(index_elements=list(MESSAGE_KEY))
-                .returning(Message.id),
+                insert_for(session, MESSAGES).on_conflict_do_nothing().returning(Message.id),
                 [row],
             )
             if inserted.first() is not None:
@@ -630,6 +679,10 @@ class _Poller:
                 held = cursors.held_uids(session, self.account_id, folder, uidvalidity, chunk)
             chunk = [uid for uid in chunk if uid not in held]
             meta = mailbox.fetch_metadata(chunk)
+            email_ids = {data.email_id for data in meta.values() if data.email_id}
+            if email_ids:
+                with session_scope() as session:
+                    email_ids = cursors.held_email_ids(session, self.account_id, email_ids)
             batch: list[_Fetched] = []
             batch_bytes = 0
             for uid in chunk:
@@ -642,8 +695,11 @@ class _Poller:
                     internal_date=data.internal_date,
                     flags=data.flags,
                     email_id=data.email_id,
+                    thread_id=data.thread_id,
+                    labels=data.labels,
+                    held=data.email_id in email_ids,
                 )
-                fetch_size = item.size if item.size <= self.max_bytes else 0
+                fetch_size = item.size if item.size <= self.max_bytes and not item.held else 0
                 if batch and (
                     len(batch) >= self.batch_size or batch_bytes + fetch_size > BATCH_MAX_BYTES
                 ):
@@ -656,11 +712,11 @@ class _Poller:
 
     def _bodies(self, mailbox: ImapSession, batch: list[_Fetched]) -> list[_Fetched]:
         bodies = mailbox.fetch_bodies(
-            {item.uid: item.size for item in batch if item.size <= self.max_bytes}
+            {item.uid: item.size for item in batch if item.size <= self.max_bytes and not item.held}
         )
         kept: list[_Fetched] = []
         for item in batch:
-            if item.size > self.max_bytes:
+            if item.size > self.max_bytes or item.held:
                 kept.append(item)
                 continue
             body = bodies.get(item.uid)
@@ -674,21 +730,36 @@ class _Poller:
         return kept
 
     def _prepare_batch(
-        self, folder: str, uidvalidity: int, batch: list[_Fetched], *, dedupe: bool
+        self, folder: str, uidvalidity: int, batch: list[_Fetched], *, match_below: int
     ) -> _Prepared | None:
         """Parse a batch and start writing its objects."""
         if not batch:
             return None
-        hashes = {item.content_hash for item in batch if item.content_hash is not None}
+        # What the folder held at a UIDVALIDITY change may be held from before it; what
+        # arrived later is new, even byte for byte the same (moved out and back).
+        hashes = {
+            item.content_hash
+            for item in batch
+            if item.content_hash is not None and item.uid < match_below
+        }
         held: set[str] = set()
-        if dedupe:
+        if hashes:
             with session_scope() as session:
                 held = cursors.held_hashes(session, self.account_id, folder, uidvalidity, hashes)
         prepared = _Prepared(
             folder=folder, uidvalidity=uidvalidity, last_uid=batch[-1].uid, fetched=len(batch)
         )
-        # Not what is held from before a UIDVALIDITY change.
-        kept = [item for item in batch if item.content_hash not in held]
+        # Not what is held from before a UIDVALIDITY change, nor from another folder (a
+        # place where change tracking may find a stored message moved to).
+        kept = [
+            item
+            for item in batch
+            if not item.held and (item.uid >= match_below or item.content_hash not in held)
+        ]
+        for item in batch:
+            if item.held:
+                self.elsewhere.append(item.uid)
+                self.changes.seen_elsewhere(folder, uidvalidity, item)
         # Raw messages first: their writes run while the batch is parsed.
         rows = [self._prepare(folder, uidvalidity, item, prepared.uploads) for item in kept]
         outcomes = iter(parsing.parse_all([item.body for item in kept if item.body is not None]))
@@ -721,10 +792,12 @@ class _Poller:
             # First: a poll that has lost the mailbox commits nothing (and the account
             # row, locked from here, is the first row the batch locks, as below).
             self.fenced(session)
+            # Any conflict: the message's identity, or its server identity held by a
+            # message a backfill or an audit stored from another folder meanwhile.
             inserted = [
                 (row.id, row.uid, row.size)
                 for row in bulk_insert(
-                    session, MESSAGES, rows, unique=MESSAGE_KEY, returning=("id", "uid", "size")
+                    session, MESSAGES, rows, any_conflict=True, returning=("id", "uid", "size")
                 )
             ]
             # Attachments only of the messages inserted now: a message held already has
@@ -773,6 +846,8 @@ class _Poller:
             "size": item.size,
             "content_hash": item.content_hash,
             "email_id": item.email_id,
+            "thread_id": item.thread_id,
+            "labels": item.labels,
             "text_body": None,
             "html_body": None,
             "storage_backend": None,

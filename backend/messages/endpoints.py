@@ -33,12 +33,19 @@ _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._ ()+-]")
 def list_messages(
     account_id: AccountId,
     session: SessionDep,
+    *,
     limit: Limit = 50,
     offset: Offset = 0,
     after: After = None,
+    quarantined: Annotated[
+        bool,
+        Query(description="only the quarantined ones: processing failed too often, set aside"),
+    ] = False,
 ) -> MessageList:
     """The account's messages, newest first."""
-    page = service.list_messages(session, account_id, limit=limit, offset=offset, after=after)
+    page = service.list_messages(
+        session, account_id, limit=limit, offset=offset, after=after, quarantined=quarantined
+    )
     return MessageList(
         items=[MessageSummary.model_validate(m) for m in page.items],
         total=page.total,

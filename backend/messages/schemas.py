@@ -50,11 +50,22 @@ class MessageSummary(BaseModel):
         "usually empty"
     )
     skipped_reason: str | None
+    # The server's identity of the message across folders (OBJECTID EMAILID, Gmail's
+    # X-GM-MSGID), its thread (THREADID, X-GM-THRID) and Gmail's labels (X-GM-LABELS),
+    # where the server has them.
+    email_id: str | None = None
+    thread_id: str | None = None
+    labels: list[str] | None = None
     ingested_at: datetime
     processed_at: datetime | None
-    # Times its processing failed on its own, and the last reason (docs/operations.md).
+    # Times its processing failed while others went through, the last reason, and when
+    # it last failed (docs/operations.md).
     process_failures: int
     process_error: str | None
+    process_failed_at: datetime | None = None
+    # When it was set aside after MAX_PROCESS_FAILURES: not retried until it is replayed
+    # (`POST /messages/{id}/replay`).
+    quarantined_at: datetime | None = None
     # When a poll found it expunged on the server (change tracking); the row and its
     # objects are kept.
     deleted_at: datetime | None = None

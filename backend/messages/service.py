@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, selectinload
 from backend import paging
 from backend.errors import NotFound, ServiceUnavailable
 from backend.models import Account, Attachment, Message
+from backend.processing import quarantine
 from backend.storage import service as storage
 from backend.storage.base import ObjectNotFound
 
@@ -25,10 +26,16 @@ def list_messages(
     limit: int,
     offset: int = 0,
     after: int | None = None,
+    quarantined: bool = False,
 ) -> paging.Page[Message]:
-    """An account's messages, newest (most recently ingested) first."""
+    """An account's messages, newest (most recently ingested) first; `quarantined`: only
+    those set aside (backend/processing/quarantine.py)."""
     if session.get(Account, account_id) is None:
         raise NotFound(f"account {account_id} does not exist")
+    if quarantined:
+        return quarantine.list_quarantined(
+            session, limit=limit, offset=offset, after=after, account_id=account_id
+        )
     return paging.page(
         session,
         select(Message),

@@ -55,6 +55,9 @@ class Account(TimestampMixin, Base):
         EnumString(ImapSecurity, 16), default=ImapSecurity.SSL
     )
     username: Mapped[str] = mapped_column(String(320))
+    # The preset it was made from (backend/mailbox/providers.py), or None: shown, and
+    # offered again by the console's form. The limits go by imap_host either way.
+    provider: Mapped[str | None] = mapped_column(String(32), nullable=True)
     auth_method: Mapped[AuthMethod] = mapped_column(
         EnumString(AuthMethod, 16), default=AuthMethod.PASSWORD
     )
@@ -75,6 +78,9 @@ class Account(TimestampMixin, Base):
     # When a live watcher last confirmed push_status (every WATCHER_LEASE_SECONDS): a
     # status nobody confirms any more is shown as stale (backend/accounts/schemas.py).
     push_confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # When the login (server, username, password or OAuth token) was last changed through
+    # the API: a watcher holding IDLE on the old one connects again (backend/push/).
+    login_changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # Change tracking (backend/mailbox/changes.py): flags, deletions and moves on the
     # server reach the stored messages and the receivers.
     track_changes: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
@@ -147,6 +153,10 @@ class FolderCursor(Base):
     uidvalidity: Mapped[int] = mapped_column(BigInteger)
     last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
     uidnext: Mapped[int | None] = mapped_column(BigInteger)
+    # Set as a UIDVALIDITY is first seen: its UIDNEXT then. The UIDs below it are the
+    # messages the folder held at the change, matched by content with those held from
+    # earlier generations; those above arrived later and are new mail. None: match all.
+    match_below: Mapped[int | None] = mapped_column(BigInteger)
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     account: Mapped[Account] = relationship(back_populates="cursors")

@@ -54,7 +54,8 @@ class ErrorKind(StrEnum):
 
 class PollOutcome(StrEnum):
     """running: not finished (or the worker died); success: polled; skipped: another poll
-    held the lock or backoff applies; *_error: failed, see PollRun.error."""
+    held the lock or backoff applies; no_slot: the host's connection budget was full for
+    the whole wait; *_error: failed, see PollRun.error."""
 
     RUNNING = "running"
     SUCCESS = "success"
@@ -64,6 +65,9 @@ class PollOutcome(StrEnum):
     PROTOCOL_ERROR = "protocol_error"
     INTERNAL_ERROR = "internal_error"
     THROTTLED_ERROR = "throttled_error"
+    # No connection slot came free in time (backend/mailbox/budget.py): sent again soon,
+    # not a failure.
+    NO_SLOT = "no_slot"
 
     @classmethod
     def for_error(cls, kind: ErrorKind) -> PollOutcome:
@@ -159,12 +163,15 @@ class SchedulerMode(StrEnum):
 class PushStatus(StrEnum):
     """An account with push on, as its watcher last found it. watching: an IDLE
     connection held on every folder; unsupported: the server has no IDLE, so the account
-    is polled on its interval only (the fallback). Unset until a watcher has tried.
+    is polled on its interval only (the fallback); failing: a watcher could not connect
+    or select a folder (server down, folder gone, login refused) and is trying again.
+    Unset until a watcher has tried, and again after a change of login.
     stale: only shown, never stored: "watching" that no live watcher has confirmed for
     PUSH_STALE_LEASES watcher leases (no watcher runs, or none holds the mailbox)."""
 
     WATCHING = "watching"
     UNSUPPORTED = "unsupported"
+    FAILING = "failing"
     STALE = "stale"
 
 

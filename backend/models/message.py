@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from backend.models.account import Account
 
 
+_LIVE_WITH_ID = "email_id IS NOT NULL AND deleted_at IS NULL"
+
+
 class Message(Base):
     """One message as the server held it: (account, folder, UIDVALIDITY, UID) is its identity."""
 
@@ -32,12 +35,31 @@ class Message(Base):
         # Re-scan after a UIDVALIDITY change looks messages up by content hash.
         Index("ix_messages_account_folder_hash", "account_id", "folder", "content_hash"),
         Index("ix_messages_account_id_id", "account_id", "id"),
+        # One live message per server identity: the same Gmail message (X-GM-MSGID) or
+        # EMAILID met in a second polled folder is not stored again, even by a backfill
+        # or an audit racing the poll (their inserts skip it: ON CONFLICT DO NOTHING).
+        Index(
+            "ux_messages_account_email_id",
+            "account_id",
+            "email_id",
+            unique=True,
+            postgresql_where=text(_LIVE_WITH_ID),
+            sqlite_where=text(_LIVE_WITH_ID),
+        ),
         # The processing sweep looks for messages whose task was lost; only those are indexed.
         Index(
             "ix_messages_unprocessed",
             "id",
             postgresql_where=text("processed_at IS NULL"),
             sqlite_where=text("processed_at IS NULL"),
+        ),
+        # Quarantined messages are few: listed and counted from their own index.
+        Index(
+            "ix_messages_quarantined",
+            "account_id",
+            "id",
+            postgresql_where=text("quarantined_at IS NOT NULL"),
+            sqlite_where=text("quarantined_at IS NOT NULL"),
         ),
         NO_ID_REUSE,
     )
@@ -73,15 +95,24 @@ class Message(Base):
     # The server's identity of the message across folders (OBJECTID EMAILID, Gmail's
     # X-GM-MSGID), when it has one: a message moved between folders is recognised by it.
     email_id: Mapped[str | None] = mapped_column(String(255))
+    # The server's thread of the message (OBJECTID THREADID, X-GM-THRID), and its Gmail
+    # labels (X-GM-LABELS: system ones as `\Inbox`, the others decoded from modified
+    # UTF-7); None where the server has none.
+    thread_id: Mapped[str | None] = mapped_column(String(255))
+    labels: Mapped[list[str] | None] = mapped_column(JSON)
 
     ingested_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     # When a poll found it expunged on the server; the row and its objects are kept.
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    # Times its processing failed on its own, and the last reason; at MAX_PROCESS_FAILURES
-    # (backend/processing/service.py) the sweep leaves it: a processing dead letter.
+    # Times its processing failed while others went through, the last reason and when it
+    # last failed; at MAX_PROCESS_FAILURES (backend/processing/service.py) it is
+    # quarantined: set aside (not retried, left by the sweep) until it is replayed
+    # (backend/processing/quarantine.py) or processed.
     process_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     process_error: Mapped[str | None] = mapped_column(Text)
+    process_failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    quarantined_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     account: Mapped[Account] = relationship(back_populates="messages")
     attachments: Mapped[list[Attachment]] = relationship(

@@ -180,7 +180,7 @@ def backfill(
     chosen = _folders(account, folders)
     result = BackfillResult(dry_run=dry_run)
     unprocessed: list[int] = []
-    with open_mailbox(account) as mailbox:
+    with open_mailbox(account, purpose="backfill") as mailbox:
         for folder in mailbox_folders.current(chosen, mailbox):
             entry, held, stored = _folder(mailbox, account, folder, window, dry_run=dry_run)
             result.stored_message_ids += stored

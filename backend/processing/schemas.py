@@ -99,3 +99,11 @@ class ReparseRead(BaseModel):
     account_id: int | None = Field(description="null: every account")
     messages: int = Field(description="stored messages to re-parse")
     notify: bool
+
+
+class QuarantineReplayed(BaseModel):
+    """Messages taken out of quarantine and handed on again, their failure count at zero.
+    A receiver that had one already is not sent it twice."""
+
+    replayed: int
+    message_ids: list[int]

@@ -6,11 +6,31 @@ registered steps (backend/processing/handlers.py) in one transaction that also m
 messages processed, so processing them again does nothing; then each step's
 after-commit work runs (sending the batch's webhooks). A batch whose transaction fails
 is processed again one message per transaction, so one bad message does not hold back
-the others. A message that fails on its own (others of its batch went through) counts
-the failure and keeps the reason (`process_failures`, `process_error`); after
-MAX_PROCESS_FAILURES it is a processing dead letter: it is no longer retried, and the
-sweep leaves it. A batch whose every message fails counts nothing: the cause is not one
-message, and they are retried as before.
+the others. A message that fails keeps the reason and the time (`process_error`,
+`process_failed_at`), and counts the failure (`process_failures`) only when processing
+was seen to work since its previous failed attempt (since it was ingested, for its
+first): another message was processed meanwhile, by this attempt (others of its batch)
+or by any process (backend/processing/progress.py). After MAX_PROCESS_FAILURES it is
+quarantined (`quarantined_at`): it is no longer retried, the sweep leaves it, and it
+waits to be listed and replayed after a fix (backend/processing/quarantine.py).
+
+Why this rule. A failure alone cannot say whether the message is at fault or something
+every message needs (a handler's service, the database) is down; what others did
+meanwhile can. A poison message fails while the rest flow, so each of its attempts
+finds a success since the one before and counts, whether it was handed on in a batch,
+alone (a mailbox that gets one message per poll; evidence from any mailbox counts), by
+its task's retry or by the sweep. In an outage nothing is processed, so nothing counts
+however long it lasts and however often messages are retried; at most the first
+failure of a message ingested before the last success counts, once per outage. A
+handler failing for one account only (its credentials at a CRM revoked) fails every
+message of that account while the others flow: its messages are quarantined like
+poison ones, on purpose. The account's fault is as local as a message's, and retrying
+its messages for ever would let them take the sweep's every turn; they are listed and
+replayed by account in one call once it is fixed. Two processes failing the same
+message at once (a redelivered task and the sweep) count it once, unless a success came
+between: the increment is computed under the row's lock, against the
+`process_failed_at` the other just wrote. The happy path pays no round trip per
+message for this (progress.py paces its writes); a failed attempt reads one key.
 """
 
 from __future__ import annotations
@@ -18,7 +38,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from sqlalchemy import case, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -26,14 +46,14 @@ from backend import dispatch
 from backend.config import get_settings
 from backend.db import session_scope
 from backend.models import Account, Message, utcnow
-from backend.processing import handlers
+from backend.processing import handlers, progress
 from backend.webhooks import service as webhooks
 
 log = logging.getLogger(__name__)
 
 PROCESS_TASK = "message.process"
-# Failures of a message on its own after which it is left alone (a dead letter): not
-# retried by its task, skipped by the sweep. A backfill hands it on again.
+# Counted failures of a message (others were processed since each) after which it is
+# quarantined: not retried by its task, skipped by the sweep, until it is replayed.
 MAX_PROCESS_FAILURES = 10
 # A failure's reason, as the message row keeps it.
 PROCESS_ERROR_MAX = 500
@@ -75,13 +95,18 @@ def process_batch(session: Session, message_ids: Sequence[int]) -> list[int]:
             for message in messages:
                 step.run(session, message)
     now = utcnow()
-    session.execute(update(Message).where(Message.id.in_(claimed)).values(processed_at=now))
+    # A quarantined message handed on another way (a backfill) and processed now is no
+    # longer set aside.
+    session.execute(
+        update(Message).where(Message.id.in_(claimed)).values(processed_at=now, quarantined_at=None)
+    )
     # Message objects this session holds (the steps', a caller's) show the change too: a
     # bulk UPDATE leaves them as they were loaded.
     done = set(claimed)
     for held in list(session.identity_map.values()):
         if isinstance(held, Message) and held.id in done:
             set_committed_value(held, "processed_at", now)
+            set_committed_value(held, "quarantined_at", None)
     return claimed
 
 
@@ -104,6 +129,8 @@ def process_and_send_batch(message_ids: int | Sequence[int]) -> int:
     except Exception:
         log.exception("processing %d messages failed: one at a time now", len(ids))
         processed, failed = _one_at_a_time(ids)
+    if processed:
+        progress.succeeded()
     done = [message_id for message_id in ids if message_id not in failed]
     for step in handlers.registered():
         if step.after_commit_batch is not None and done:
@@ -111,9 +138,7 @@ def process_and_send_batch(message_ids: int | Sequence[int]) -> int:
         if step.after_commit is not None:
             for message_id in done:
                 step.after_commit(message_id)
-    # A failure counts against a message only when others of its batch went through:
-    # when they all fail, the cause is not in one message (a step's service is down).
-    retry = _record_failures(failed, counted=bool(done))
+    retry = _record_failures(failed)
     if retry:
         raise ProcessingFailed(f"messages {retry} could not be processed (see the log)")
     return processed
@@ -133,26 +158,37 @@ def _one_at_a_time(message_ids: Sequence[int]) -> tuple[int, dict[int, str]]:
     return processed, failed
 
 
-def _record_failures(failed: dict[int, str], *, counted: bool) -> list[int]:
-    """Keep each message's reason and, when `counted`, count the failure (a short
-    transaction of its own); returns those to retry, leaving those that reached
-    MAX_PROCESS_FAILURES."""
+def _record_failures(failed: dict[int, str]) -> list[int]:
+    """Keep each message's reason and the time, and count the failure of those that
+    failed after processing was seen to work since their previous failure (a short
+    transaction of its own); returns those to retry. Those that reached
+    MAX_PROCESS_FAILURES are quarantined instead."""
     if not failed:
         return []
-    increment = 1 if counted else 0
     try:
+        worked_at = progress.last_success()
+        previous = func.coalesce(Message.process_failed_at, Message.ingested_at)
+        counted = 0 if worked_at is None else case((previous < worked_at, 1), else_=0)
         with session_scope() as session:
             counts = dict(
                 session.execute(
                     update(Message)
                     .where(Message.id.in_(failed), Message.processed_at.is_(None))
                     .values(
-                        process_failures=Message.process_failures + increment,
+                        process_failures=Message.process_failures + counted,
                         process_error=case(failed, value=Message.id),
+                        process_failed_at=utcnow(),
                     )
                     .returning(Message.id, Message.process_failures)
                 ).all()
             )
+            reached = [i for i, failures in counts.items() if failures >= MAX_PROCESS_FAILURES]
+            if reached:
+                session.execute(
+                    update(Message)
+                    .where(Message.id.in_(reached), Message.quarantined_at.is_(None))
+                    .values(quarantined_at=utcnow())
+                )
     except Exception:
         # Not counted (the database is away?): retried like any failure.
         log.exception("the failures of messages %s could not be recorded", sorted(failed))
@@ -160,7 +196,7 @@ def _record_failures(failed: dict[int, str], *, counted: bool) -> list[int]:
     for message_id, failures in sorted(counts.items()):
         if failures >= MAX_PROCESS_FAILURES:
             log.error(
-                "message %s failed processing %d times: left as a dead letter (%s)",
+                "message %s failed processing %d times: quarantined until replayed (%s)",
                 message_id,
                 failures,
                 failed[message_id],
@@ -200,7 +236,7 @@ def emit_account_event(account_id: int, event_type: str) -> None:
 
 def sweep(*, limit: int = 500) -> dict[str, int]:
     """Pick up work whose task was lost (Redis flushed, a worker killed before acking):
-    messages never processed (but not the dead letters of processing) and deliveries
+    messages never processed (but not quarantined ones) and deliveries
     well past due. Run periodically; what it sends twice is harmless (processing and
     delivery attempts are idempotent)."""
     cutoff = utcnow() - webhooks.SWEEP_GRACE
@@ -211,7 +247,7 @@ def sweep(*, limit: int = 500) -> dict[str, int]:
                 .where(
                     Message.processed_at.is_(None),
                     Message.ingested_at < cutoff,
-                    Message.process_failures < MAX_PROCESS_FAILURES,
+                    Message.quarantined_at.is_(None),
                 )
                 .order_by(Message.id)
                 .limit(limit)

@@ -159,7 +159,7 @@ class HeldChecks:
         self, wanted: dict[int, Checked], watchers: int, push_by_host: Mapping[str, int]
     ) -> None:
         for account_id, held in list(self.sessions.items()):
-            if wanted.get(account_id) != held.checked:  # interval or server changed, gone
+            if wanted.get(account_id) != held.checked:  # interval, server or login changed
                 self._let_go(account_id)
         share = math.ceil(len(wanted) / watchers)
         for account_id in list(self.sessions)[share:]:  # a watcher joined: give some back

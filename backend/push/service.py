@@ -14,7 +14,7 @@ from backend.config import get_settings
 from backend.db import session_scope
 from backend.mailbox import cursors, folders
 from backend.mailbox.imap import FolderStatus
-from backend.models import Account, AccountStatus, PushStatus, utcnow
+from backend.models import Account, AccountStatus, FolderCursor, PushStatus, utcnow
 
 # "watching" unconfirmed for this many watcher leases is shown as stale: a live watcher
 # confirms every lease, so one late confirmation does not flap the status.
@@ -28,6 +28,8 @@ class Pushed:
     account_id: int
     host: str
     folders: tuple[str, ...]
+    # A new one: the watcher connects again with the new login (watcher._new_logins).
+    login_changed_at: datetime | None = None
 
     @property
     def connections(self) -> int:
@@ -39,14 +41,33 @@ def pushed_accounts() -> dict[int, Pushed]:
     IDLE (a change of server or of the push flag clears that: accounts/service.py)."""
     with session_scope() as session:
         rows = session.execute(
-            select(Account.id, Account.imap_host, Account.folders).where(
+            select(Account.id, Account.imap_host, Account.folders, Account.login_changed_at).where(
                 Account.push.is_(True),
                 Account.enabled.is_(True),
                 Account.status != AccountStatus.DISABLED,
                 Account.push_status.is_distinct_from(PushStatus.UNSUPPORTED),
             )
         )
-        return {row.id: Pushed(row.id, row.imap_host, folders.watched(row.folders)) for row in rows}
+        return {
+            row.id: Pushed(
+                row.id, row.imap_host, folders.watched(row.folders), row.login_changed_at
+            )
+            for row in rows
+        }
+
+
+def folder_generations(account_ids: Collection[int]) -> dict[tuple[int, str], int]:
+    """The UIDVALIDITY the polls last found in each folder of these mailboxes, by
+    (account, folder): a watcher's link on another one selected a folder since gone."""
+    if not account_ids:
+        return {}
+    with session_scope() as session:
+        rows = session.execute(
+            select(FolderCursor.account_id, FolderCursor.folder, FolderCursor.uidvalidity).where(
+                FolderCursor.account_id.in_(list(account_ids))
+            )
+        )
+        return {(row.account_id, row.folder): row.uidvalidity for row in rows}
 
 
 def load_account(account_id: int) -> Account | None:
@@ -70,6 +91,23 @@ def save_statuses(statuses: Mapping[int, PushStatus]) -> None:
                 .where(Account.id == account_id, Account.push_status.is_distinct_from(status))
                 .values(push_status=status, **confirmed)
             )
+
+
+def folder_selected(account_id: int, folder: str) -> None:
+    """A watcher has just selected this folder: if polls had found it failing (gone,
+    refused), the next poll tries it instead of waiting out its backoff, so mail in a
+    folder recreated meanwhile comes with the poll that IDLE sends."""
+    now = utcnow()
+    with session_scope() as session:
+        account = session.get(Account, account_id, with_for_update=True)
+        errors = None if account is None else account.folder_errors
+        if not errors or folder not in errors:
+            return
+        if datetime.fromisoformat(errors[folder]["retry_at"]) <= now:
+            return
+        assert account is not None
+        retry = {**errors[folder], "retry_at": now.isoformat()}
+        account.folder_errors = {**errors, folder: retry}
 
 
 def confirm_watching(account_ids: Collection[int]) -> None:
@@ -108,6 +146,8 @@ class Checked:
     account_id: int
     host: str
     interval: int
+    # A new one (a change of login): the held session is let go and opened again.
+    login_changed_at: datetime | None = None
 
 
 def held_accounts() -> dict[int, Checked]:
@@ -119,14 +159,22 @@ def held_accounts() -> dict[int, Checked]:
         return {}
     with session_scope() as session:
         rows = session.execute(
-            select(Account.id, Account.imap_host, Account.poll_interval_seconds).where(
+            select(
+                Account.id,
+                Account.imap_host,
+                Account.poll_interval_seconds,
+                Account.login_changed_at,
+            ).where(
                 Account.enabled.is_(True),
                 Account.status == AccountStatus.ACTIVE,
                 Account.push.is_(False),
                 Account.poll_interval_seconds <= longest,
             )
         )
-        return {row.id: Checked(row.id, row.imap_host, row.poll_interval_seconds) for row in rows}
+        return {
+            row.id: Checked(row.id, row.imap_host, row.poll_interval_seconds, row.login_changed_at)
+            for row in rows
+        }
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,9 @@ watcher joins. A dead watcher's leases run out and the others take its mailboxes
 A connection that fails is opened again after a backoff with full jitter (1 s doubling
 to 5 min); each time IDLE is (re)established a poll is sent, so news from while nobody
 watched is not left to the interval. IDLE is ended and issued again every
-WATCHER_IDLE_SECONDS (servers drop it after 29 minutes). On SIGTERM or SIGINT every
+WATCHER_IDLE_SECONDS (servers drop it after 29 minutes). A folder deleted, recreated or
+renumbered under a link is selected again at once (_reselect), and a login changed
+through the API is used at once (_new_logins). On SIGTERM or SIGINT every
 connection gets DONE and LOGOUT, and the leases are released for the others.
 """
 
@@ -41,7 +43,7 @@ from types import FrameType
 
 from backend import dispatch, metrics, redis
 from backend.config import get_settings
-from backend.mailbox import credentials, folders, imap
+from backend.mailbox import budget, credentials, folders, imap
 from backend.models import PushStatus
 from backend.push import service
 from backend.push.held import Found, HeldChecks, HeldSession
@@ -71,6 +73,8 @@ class Watch:
     renew_at: float = 0.0
     # Set once a connection failed: the next IDLE established sends a poll.
     lost: bool = False
+    # The UIDVALIDITY a poll found that this watch selected again for (_renumbered).
+    reselected_for: int | None = None
 
 
 @dataclass
@@ -167,7 +171,9 @@ class Watcher:
                 self._let_go(account_id, release=False)
             watchers = self.leases.heartbeat()
             self.pushed = service.pushed_accounts()
+            self._new_logins()
             self._rebalance(watchers)
+            self._renumbered()
         except (redis.RedisError, OSError) as exc:
             log.warning("watcher: cannot renew or claim leases (%s); trying again", exc)
             watchers = 0
@@ -255,7 +261,18 @@ class Watcher:
             account = service.load_account(watch.account_id)
             if account is None:
                 raise imap.ImapProtocolError("the account is gone")
-            session = imap.open_account(account, credentials=credentials.loader(account))
+            # A slot in the host's connection budget, shared with the polls (one left
+            # for them: IDLE holds it for good), or a retry later (budget.NoSlot is an
+            # ImapError).
+            loaded = account
+            session = budget.connect(
+                account.imap_host,
+                account.username,
+                "watch",
+                lambda: imap.open_account(loaded, credentials=credentials.loader(loaded)),
+                wait=0,
+                leave=1,
+            )
             settings = self.settings
             session.arm_deadline(settings.imap_connect_timeout + settings.imap_read_timeout)
             if not session.supports_idle():
@@ -265,8 +282,7 @@ class Watcher:
                 folder = folders.one(watch.folder, session)
                 if folder is None:
                     raise imap.ImapProtocolError(f"the server has no {watch.folder} folder")
-                session.select(folder)
-                self._opened.put(Opened(watch, session.idle()))
+                self._opened.put(Opened(watch, session.idle(session.select(folder))))
         except imap.ImapError as exc:
             if session is not None:
                 session.close()
@@ -302,6 +318,9 @@ class Watcher:
                 continue
             if opened.link is None:
                 self._failed(watch, opened.error)
+                # Connecting failed, not just a link that dropped: the mailbox is not
+                # watched until it works again, and says so.
+                self._outbox.put(("status", watch.account_id, PushStatus.FAILING))
                 continue
             watch.link = opened.link
             self.selector.register(opened.link, selectors.EVENT_READ, watch)
@@ -320,6 +339,8 @@ class Watcher:
             self._idling(watch)
         if changed:
             self._poll(watch.account_id)
+        if link.reselect is not None:
+            self._reselect(watch, link.reselect)
 
     def _idling(self, watch: Watch) -> None:
         """IDLE established (first time, again after a failure, or renewed): after a
@@ -331,7 +352,12 @@ class Watcher:
         else:
             if watch.failures or watch.lost:
                 log.info("mailbox %s: %r watched again", watch.account_id, watch.folder)
-            self._outbox.put(("status", watch.account_id, PushStatus.WATCHING))
+            held = self.held.get(watch.account_id)
+            others = [] if held is None else [w for w in held.watches.values() if w is not watch]
+            if not any(w.failures for w in others):  # else it stays "failing"
+                self._outbox.put(("status", watch.account_id, PushStatus.WATCHING))
+            if watch.link is not None and (watch.failures or watch.lost):
+                self._outbox.put(("selected", watch.account_id, watch.link.folder))
             self._poll(watch.account_id)
         watch.failures = 0
         watch.lost = False
@@ -367,6 +393,58 @@ class Watcher:
             error,
             delay,
         )
+
+    # -- a folder gone, recreated or renumbered; a new login ----------------------------------
+
+    def _reselect(self, watch: Watch, why: str) -> None:
+        """The folder selected is not the folder any more (deleted, recreated,
+        renumbered) and the server kept the link: connect and select it again at once,
+        not counted as a failure. A folder that is gone for good fails to open and is
+        retried on its own, with its backoff."""
+        log.info("mailbox %s: selecting %r again: %s", watch.account_id, watch.folder, why)
+        self._drop_link(watch, polite=True)
+        watch.lost = True
+        watch.retry_at = 0.0
+        watch.opening = True
+        self._logins.submit(self._open, watch)
+
+    def _renumbered(self) -> None:
+        """A poll found a watched folder under another UIDVALIDITY than the one its link
+        selected (a server that told the link nothing): select it again, once per
+        UIDVALIDITY found, so a link ahead of the poll is not selected over and over."""
+        links = {
+            (account_id, watch.link.folder): watch
+            for account_id, held in self.held.items()
+            for watch in held.watches.values()
+            if watch.link is not None
+        }
+        if not links:
+            return
+        for key, uidvalidity in service.folder_generations(list(self.held)).items():
+            watch = links.get(key)
+            if watch is None or watch.link is None:
+                continue
+            if uidvalidity not in (watch.link.uidvalidity, watch.reselected_for):
+                watch.reselected_for = uidvalidity
+                self._reselect(watch, f"a poll found UIDVALIDITY {uidvalidity}")
+
+    def _new_logins(self) -> None:
+        """Mailboxes whose login changed through the API (password, token, server,
+        username): drop IDLE on the old one and connect each folder again now, keeping
+        the lease; push_status is written again as IDLE is established."""
+        for account_id, held in self.held.items():
+            pushed = self.pushed.get(account_id)
+            if pushed is None or pushed.login_changed_at == held.pushed.login_changed_at:
+                continue
+            if (pushed.host, pushed.folders) != (held.pushed.host, held.pushed.folders):
+                continue  # another mailbox in effect: _rebalance lets it go
+            log.info("mailbox %s: new login; connecting again", account_id)
+            for watch in held.watches.values():
+                self._drop_link(watch, polite=True)
+            # New watches: a login still under way with the old one is dropped as it
+            # comes back (_take_opened), and the first IDLE writes push_status.
+            held.watches = {folder: Watch(account_id, folder) for folder in pushed.folders}
+            held.pushed = pushed
 
     def _drop_link(self, watch: Watch, *, polite: bool) -> None:
         link, watch.link = watch.link, None
@@ -407,6 +485,9 @@ class Watcher:
                 elif kind == "confirm":
                     assert isinstance(value, list)
                     service.confirm_watching(value)
+                elif kind == "selected":
+                    assert isinstance(value, str)
+                    service.folder_selected(account_id, value)
                 else:
                     assert isinstance(value, PushStatus)
                     service.save_statuses({account_id: value})

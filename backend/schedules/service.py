@@ -138,6 +138,20 @@ def enqueue_poll(account_id: int, *, force: bool = False) -> str:
     return task_id
 
 
+def enqueue_poll_later(account_id: int, seconds: float) -> bool:
+    """The mailbox's poll again in `seconds` (its poll found no connection slot free,
+    backend/mailbox/budget.py), coalesced with any poll already waiting."""
+    task_id = dispatch.enqueue(
+        store.POLL_TASK,
+        account_id,
+        countdown=seconds,
+        coalesce_key=store.pending_key(account_id),
+        coalesce_expiry=store.pending_seconds(),
+        headers={SENT_AT_HEADER: time.time() + seconds},
+    )
+    return task_id is not None
+
+
 def enqueue_news_poll(account_id: int, news_at: float | None = None) -> bool:
     """A poll because there may be news of the mailbox: the server reported it
     (backend/push/, `news_at` in epoch seconds travels with it to time the push), or a

@@ -1,4 +1,4 @@
-"""Dead letters: list them, replay one, replay all of an account's."""
+"""Dead letters: list them, replay one, all of an account's, or all."""
 
 from __future__ import annotations
 
@@ -40,13 +40,19 @@ def list_dead_letters(
 @router.post("/admin/dead-letters/{delivery_id}/replay", response_model=Replayed, status_code=202)
 def replay_dead_letter(delivery_id: DeliveryId, session: SessionDep) -> Replayed:
     """Queue one dead letter again: a full set of attempts, the same event id."""
-    return _send(session, service.replay_dead_letter(session, delivery_id))
+    return _send(session, service.replay_dead_letters(session, delivery_id=delivery_id))
 
 
 @router.post("/accounts/{account_id}/dead-letters/replay", response_model=Replayed, status_code=202)
 def replay_account_dead_letters(account_id: AccountId, session: SessionDep) -> Replayed:
     """Every dead letter of the account, queued again."""
-    return _send(session, service.replay_account_dead_letters(session, account_id))
+    return _send(session, service.replay_dead_letters(session, account_id=account_id))
+
+
+@router.post("/admin/dead-letters/replay", response_model=Replayed, status_code=202)
+def replay_all_dead_letters(session: SessionDep) -> Replayed:
+    """Every dead letter, queued again (after a receiver's long outage)."""
+    return _send(session, service.replay_dead_letters(session))
 
 
 def _send(session: Session, delivery_ids: list[int]) -> Replayed:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, or_, select
+from sqlalchemy import Table, and_, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from backend import crypto, netpolicy, paging
@@ -552,38 +552,30 @@ def list_dead_letters(
     )
 
 
-def _requeue(deliveries: Sequence[WebhookDelivery]) -> list[int]:
-    now = utcnow()
-    for delivery in deliveries:
-        # A full set of attempts again; the event id stays, the receiver never took it.
-        delivery.status = DeliveryStatus.PENDING
-        delivery.attempts = 0
-        delivery.next_attempt_at = now
-        delivery.claimed_until = None
-    return [delivery.id for delivery in deliveries]
-
-
-def replay_dead_letter(session: Session, delivery_id: int) -> list[int]:
-    """Only flushes; the caller dispatches the returned ids after committing."""
-    delivery = session.get(WebhookDelivery, delivery_id, with_for_update=True)
-    if delivery is None or delivery.status != DeliveryStatus.DEAD:
-        raise NotFound(f"dead letter {delivery_id} not found")
-    ids = _requeue([delivery])
-    session.flush()
-    return ids
-
-
-def replay_account_dead_letters(session: Session, account_id: int) -> list[int]:
-    if session.get(Account, account_id) is None:
+def replay_dead_letters(
+    session: Session, *, delivery_id: int | None = None, account_id: int | None = None
+) -> list[int]:
+    """Queue dead letters again (one, an account's, or all) with a full set of attempts;
+    the event id stays, the receiver never took it. Only flushes; the caller dispatches
+    the returned ids after committing. One UPDATE ... RETURNING: two replays racing send
+    a dead letter once."""
+    if account_id is not None and session.get(Account, account_id) is None:
         raise NotFound(f"account {account_id} not found")
-    deliveries = session.scalars(
-        select(WebhookDelivery)
-        .where(
-            WebhookDelivery.account_id == account_id, WebhookDelivery.status == DeliveryStatus.DEAD
+    query = update(WebhookDelivery).where(WebhookDelivery.status == DeliveryStatus.DEAD)
+    if delivery_id is not None:
+        query = query.where(WebhookDelivery.id == delivery_id)
+    if account_id is not None:
+        query = query.where(WebhookDelivery.account_id == account_id)
+    ids = sorted(
+        session.scalars(
+            query.values(
+                status=DeliveryStatus.PENDING,
+                attempts=0,
+                next_attempt_at=utcnow(),
+                claimed_until=None,
+            ).returning(WebhookDelivery.id)
         )
-        .order_by(WebhookDelivery.id)
-        .with_for_update()
-    ).all()
-    ids = _requeue(deliveries)
-    session.flush()
+    )
+    if delivery_id is not None and not ids:
+        raise NotFound(f"dead letter {delivery_id} not found")
     return ids

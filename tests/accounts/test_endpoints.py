@@ -18,6 +18,7 @@ from backend.models import (
     FolderCursor,
     Message,
     PollRun,
+    PushStatus,
     utcnow,
 )
 from backend.schedules import service as schedules
@@ -247,6 +248,28 @@ def test_patch_password_clears_the_backoff(api: TestClient, db: Session):
     assert "new-SECRET" not in response.text
     db.refresh(account)
     assert crypto.decrypt_json(account.credentials_encrypted) == {"password": "new-SECRET"}
+
+
+def test_a_new_login_is_marked_for_the_watcher_and_other_fields_are_not(
+    api: TestClient, db: Session
+):
+    account = make_account(db, push=True, push_status="watching")
+    api.patch(f"/accounts/{account.id}", json={"priority": 7, "folders": ["INBOX", "Sent"]})
+    db.refresh(account)
+    assert (account.login_changed_at, account.push_status) == (None, "watching")
+
+    changes = (
+        {"password": "new-SECRET"},
+        {"oauth2": {"access_token": "tok-SECRET"}},
+        {"username": "someone-else"},
+    )
+    for change in changes:
+        account.login_changed_at, account.push_status = None, PushStatus.WATCHING
+        db.commit()
+        assert api.patch(f"/accounts/{account.id}", json=change).status_code == 200
+        db.refresh(account)
+        assert account.login_changed_at is not None, change
+        assert account.push_status is None  # until the watcher has connected with it
 
 
 def test_patch_other_fields_keep_the_backoff(api: TestClient, db: Session):

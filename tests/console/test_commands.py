@@ -253,6 +253,12 @@ def test_dead_letters_list_and_replay(
     code, _, err = cli(capsys, "dead-letters", "replay")
     assert code == 1 and "name dead letter ids" in err
 
+    # Every dead letter, whatever its account.
+    db.execute(update(WebhookDelivery).values(status="dead"))
+    db.commit()
+    assert cli_json(capsys, "dead-letters", "replay", "--all")["replayed"] == 2
+    assert len(receiver.event_ids()) == 4
+
 
 def test_backfill_with_progress(
     capsys: pytest.CaptureFixture[str],

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import httpx
 from playwright.sync_api import Browser, Locator, Page, expect
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from backend.models import Account, WebhookDelivery, utcnow
@@ -199,6 +199,16 @@ def test_dead_letters_replay_and_the_activity_chart(
     expect(page.locator("#toast")).to_contain_text("Replayed 1")
     expect(page.locator("#dead-letters tbody")).to_contain_text("No dead letters")
     assert delivery.event_id in receiver.event_ids()
+    replay_all = page.locator("button[data-action='replay all']")
+    expect(replay_all).to_be_hidden()
+    # Dead again (the receiver went away once more): all of them at once.
+    db.execute(update(WebhookDelivery).values(status="dead"))
+    db.commit()
+    page.reload()
+    replay_all.click()
+    expect(page.locator("#toast")).to_contain_text("Replayed 1 delivery")
+    expect(page.locator("#dead-letters tbody")).to_contain_text("No dead letters")
+    assert receiver.event_ids() == [delivery.event_id] * 2
 
     page.click("nav a[data-view=system]")
     expect(page.locator("#system-stats")).to_contain_text("local")

@@ -1,7 +1,8 @@
 """A worker killed with SIGKILL in the middle of handing mail on: inside `message.process`,
 and while its webhook request is in flight. Real worker processes, Redis, PostgreSQL,
-Dovecot and a receiver that checks signatures and keeps the event ids it has accepted
-(docs/webhooks.md, "Idempotency"). Every message must reach it, each event id once.
+Dovecot (Cyrus too for the first test) and a receiver that checks signatures and keeps
+the event ids it has accepted (docs/webhooks.md, "Idempotency"). Every message must
+reach it, each event id once.
 
 Each kill lands inside the task by construction, not by timing: the test holds the
 messages' rows locked (message.process waits on them), or the receiver holds the first
@@ -29,6 +30,7 @@ from tests.support.dovecot import Dovecot
 from tests.support.mail import generated
 from tests.support.receiver import Receiver
 from tests.support.redis_db import RedisDb
+from tests.support.servers import RealServer, on_both_servers
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -61,12 +63,12 @@ def _wait(condition: Callable[[], object], what: str, celery: Celery) -> None:
         raise AssertionError(f"{timeout}\n{celery.logs()}") from None
 
 
-def _ingested(db: Session, dovecot: Dovecot, celery: Celery, redis_db: RedisDb) -> list[int]:
+def _ingested(db: Session, server: RealServer, celery: Celery, redis_db: RedisDb) -> list[int]:
     """A mailbox with MESSAGES new messages, polled by a worker that only polls: the
     messages are stored and their `message.process` task (one batch) waits in the
     workflow queue."""
-    account = make_account(db, dovecot, poll_interval_seconds=3600)
-    dovecot.append_many(account.username, [generated(index) for index in range(MESSAGES)])
+    account = make_account(db, server, poll_interval_seconds=3600)
+    server.append_many(account.username, [generated(index) for index in range(MESSAGES)])
     poller = celery.worker("poller", queues="email")
     service.enqueue_poll(account.id)
     _wait(
@@ -128,10 +130,11 @@ def _handed_on_exactly_once(
     return arrivals
 
 
+@on_both_servers
 def test_a_worker_killed_inside_message_process(
-    db: Session, dovecot: Dovecot, receiver: Receiver, celery: Celery, redis_db: RedisDb
+    db: Session, mail_server: RealServer, receiver: Receiver, celery: Celery, redis_db: RedisDb
 ) -> None:
-    message_ids = _ingested(db, dovecot, celery, redis_db)
+    message_ids = _ingested(db, mail_server, celery, redis_db)
     with get_engine().connect() as conn:
         lock = conn.begin()
         conn.execute(select(Message.id).with_for_update())

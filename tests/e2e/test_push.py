@@ -1,6 +1,7 @@
 """Push end to end: real watcher (`cli watch`) and worker processes, real Redis and
-PostgreSQL, the Dovecot fixture (which has IDLE). No beat runs unless a test says so, and
-the accounts' interval is 300 s: mail that arrives was fetched because of the push.
+PostgreSQL, the Dovecot fixture (which has IDLE), and Cyrus for the tests marked so. No
+beat runs unless a test says so, and the accounts' interval is 300 s: mail that arrives
+was fetched because of the push.
 Every wait is a loop with a generous deadline, never a sleep that asserts timing."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tests.support.dovecot import Dovecot
 from tests.support.imap_server import FakeImapServer, FakeMessage
 from tests.support.mail import generated
 from tests.support.redis_db import RedisDb
+from tests.support.servers import RealServer, on_both_servers
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -35,11 +37,11 @@ def celery(tmp_path: Path, set_env: Callable[..., None]) -> Iterator[Celery]:
         yield processes
 
 
-def pushed(db: Session, dovecot: Dovecot) -> Account:
+def pushed(db: Session, server: RealServer) -> Account:
     # Polled just now: the schedule would not poll it again for 300 s.
     return make_account(
         db,
-        dovecot,
+        server,
         push=True,
         poll_interval_seconds=LONG_INTERVAL,
         last_polled_at=utcnow(),
@@ -86,30 +88,32 @@ def watching(db: Session, account: Account) -> bool:
     return push_status(db, account) == PushStatus.WATCHING and polls(db, account) >= 1
 
 
+@on_both_servers
 def test_mail_appended_is_stored_through_push_with_a_long_interval(
-    celery: Celery, db: Session, dovecot: Dovecot
+    celery: Celery, db: Session, mail_server: RealServer
 ) -> None:
-    account = pushed(db, dovecot)
+    account = pushed(db, mail_server)
     celery.worker()
     celery.watcher()
     wait_for(lambda: watching(db, account), "the watcher's IDLE", details=celery.logs)
 
-    dovecot.append(account.username, generated(1))
+    mail_server.append(account.username, generated(1))
     wait_for(lambda: stored(db, account) == 1, "the message, through push", details=celery.logs)
-    dovecot.append(account.username, generated(2))
+    mail_server.append(account.username, generated(2))
     wait_for(lambda: stored(db, account) == 2, "a second one", details=celery.logs)
 
 
+@on_both_servers
 def test_a_flag_and_an_expunge_reach_the_message_through_push(
-    celery: Celery, db: Session, dovecot: Dovecot
+    celery: Celery, db: Session, mail_server: RealServer
 ) -> None:
     """IDLE reports FETCH and EXPUNGE (VANISHED) as news: the poll it sends records the
     change, with the interval far away."""
-    account = pushed(db, dovecot)
+    account = pushed(db, mail_server)
     celery.worker()
     celery.watcher()
     wait_for(lambda: watching(db, account), "the watcher's IDLE", details=celery.logs)
-    uid = dovecot.append(account.username, generated(1))
+    uid = mail_server.append(account.username, generated(1))
     wait_for(lambda: stored(db, account) == 1, "the message, through push", details=celery.logs)
 
     def message() -> Message:
@@ -118,7 +122,7 @@ def test_a_flag_and_an_expunge_reach_the_message_through_push(
         assert found is not None
         return found
 
-    with dovecot.client(account.username) as client:
+    with mail_server.client(account.username) as client:
         client.select_folder("INBOX")
         client.add_flags([uid], [b"\\Flagged"])
         wait_for(lambda: message().flags == ["\\Flagged"], "the flag", details=celery.logs)
@@ -167,21 +171,22 @@ def test_a_killed_watchers_mailboxes_move_to_another_and_mail_still_arrives(
     )
 
 
+@on_both_servers
 def test_a_connection_dropped_by_the_server_is_opened_again(
-    celery: Celery, db: Session, dovecot: Dovecot
+    celery: Celery, db: Session, mail_server: RealServer
 ) -> None:
-    account = pushed(db, dovecot)
+    account = pushed(db, mail_server)
     celery.worker()
     watcher = celery.watcher()
     wait_for(lambda: watching(db, account), "the watcher's IDLE", details=celery.logs)
 
-    dovecot.kick(account.username)
+    mail_server.kick(account.username)
     wait_for(
         lambda: f"mailbox {account.id}: 'INBOX' watched again" in watcher.log(),
         "the watcher connecting again",
         details=celery.logs,
     )
-    dovecot.append(account.username, generated(1))
+    mail_server.append(account.username, generated(1))
     wait_for(lambda: stored(db, account) == 1, "the message, through push", details=celery.logs)
 
 

@@ -1,6 +1,6 @@
 """Change tracking (backend/mailbox/changes.py) against the real Dovecot fixture: flags,
 deletions and moves, with CONDSTORE and QRESYNC on and off, each change reaching the
-stored message and the receiver once."""
+stored message and the receiver once; and against Cyrus (QRESYNC, OBJECTID)."""
 
 from __future__ import annotations
 
@@ -31,10 +31,12 @@ from backend.storage import service as storage
 from backend.storage.base import message_key
 from backend.webhooks import service as webhooks
 from tests.support.accounts import make_account
+from tests.support.cyrus import Cyrus
 from tests.support.dovecot import Dovecot
 from tests.support.imap_server import UIDVALIDITY, FakeImapServer, FakeMessage
 from tests.support.mail import generated
 from tests.support.receiver import Receiver
+from tests.support.servers import RealServer, on_both_servers
 from tests.support.wait import wait_for
 from tests.support.webhooks import receiver, webhooks_on
 
@@ -57,25 +59,25 @@ def plain_dovecot() -> Iterator[Dovecot]:
     shutil.rmtree(server.root, ignore_errors=True)
 
 
-@pytest.fixture(params=["condstore", "plain"])
-def either_server(request: pytest.FixtureRequest) -> Dovecot:
-    """The Dovecot fixture (CONDSTORE, QRESYNC), then the one without them."""
-    name = "dovecot" if request.param == "condstore" else "plain_dovecot"
-    server: Dovecot = request.getfixturevalue(name)
+@pytest.fixture(params=["condstore", "plain", "cyrus"])
+def either_server(request: pytest.FixtureRequest) -> RealServer:
+    """The Dovecot fixture (CONDSTORE, QRESYNC), then the one without them, then Cyrus
+    (CONDSTORE, QRESYNC, and folders spelled `INBOX.Archive`)."""
+    name = {"condstore": "dovecot", "plain": "plain_dovecot"}.get(request.param, "cyrus")
+    server: RealServer = request.getfixturevalue(name)
     return server
 
 
 @pytest.fixture
 def tracked(db: Session, webhooks_on: Callable[..., None]) -> Callable[..., tuple[Account, str]]:
-    """An account with INBOX and Archive on a Dovecot (a new user), webhooks on."""
+    """An account with INBOX and Archive on a server (a new user), webhooks on."""
 
-    def make(server: Dovecot, **columns: Any) -> tuple[Account, str]:
+    def make(server: RealServer, **columns: Any) -> tuple[Account, str]:
         username = f"user-{uuid.uuid4().hex[:10]}"
         server.add_user(username)
-        server.create_folder(username, "Archive")
-        account = make_account(
-            db, server, username=username, folders=["INBOX", "Archive"], **columns
-        )
+        archive = server.folder("Archive")
+        server.create_folder(username, archive)
+        account = make_account(db, server, username=username, folders=["INBOX", archive], **columns)
         return account, username
 
     return make
@@ -97,7 +99,7 @@ def events(receiver: Receiver) -> list[dict[str, Any]]:
     return [request.json() for request in receiver.delivered()]
 
 
-def _fetch_all(server: Dovecot, username: str) -> dict[int, Any]:
+def _fetch_all(server: RealServer, username: str) -> dict[int, Any]:
     with server.client(username) as client:
         client.select_folder("INBOX", readonly=True)
         found: dict[int, Any] = client.fetch(client.search("ALL"), ["BODY.PEEK[]"])
@@ -105,7 +107,7 @@ def _fetch_all(server: Dovecot, username: str) -> dict[int, Any]:
     return found
 
 
-def change_server(server: Dovecot, username: str, *, moves: bool = True) -> None:
+def change_server(server: RealServer, username: str, *, moves: bool = True) -> None:
     """\\Seen on 10 messages, 5 expunged, 3 moved into Archive (INBOX UIDs 1-10, 11-15,
     16-18), as a mail client would."""
     with server.client(username) as client:
@@ -114,17 +116,18 @@ def change_server(server: Dovecot, username: str, *, moves: bool = True) -> None
         client.add_flags(list(range(11, 16)), [b"\\Deleted"])
         client.uid_expunge(list(range(11, 16)))
         if moves:
-            client.move(list(range(16, 19)), "Archive")
+            client.move(list(range(16, 19)), server.folder("Archive"))
         client.logout()
 
 
 def test_flags_deletions_and_moves_reach_the_messages_and_the_receiver_once(
     db: Session,
-    either_server: Dovecot,
+    either_server: RealServer,
     tracked: Callable[..., tuple[Account, str]],
     receiver: Receiver,
 ) -> None:
     server = either_server
+    archive = server.folder("Archive")
     condstore = server.capabilities is None
     account, username = tracked(server)
     server.append_many(username, [generated(index) for index in range(20)])
@@ -133,10 +136,14 @@ def test_flags_deletions_and_moves_reach_the_messages_and_the_receiver_once(
     assert len(first.new_message_ids) == 20
     before = stored(db, account.id)
     by_uid = {message.uid: message.id for message in before.values()}
+    # Cyrus offers OBJECTID: each message has the server's EMAILID, which a move keeps.
+    objectid = isinstance(server, Cyrus)
+    email_ids = {message.id: message.email_id for message in before.values()}
+    assert all((email_id is not None) == objectid for email_id in email_ids.values())
     assert receiver.delivered() == []  # a baseline reports nothing
     db.refresh(account)
     state = account.change_state or {}
-    assert sorted(state) == ["Archive", "INBOX"]
+    assert sorted(state) == sorted(["INBOX", archive])
     assert all((value["highestmodseq"] is not None) == condstore for value in state.values())
 
     change_server(server, username)
@@ -154,14 +161,15 @@ def test_flags_deletions_and_moves_reach_the_messages_and_the_receiver_once(
         assert after[by_uid[uid]].deleted_at is not None
         assert after[by_uid[uid]].folder == "INBOX"
     moved = [after[by_uid[uid]] for uid in range(16, 19)]
-    assert {message.folder for message in moved} == {"Archive"}
+    assert {message.folder for message in moved} == {archive}
     assert all(message.deleted_at is None for message in moved)
+    assert all(message.email_id == email_ids[message.id] for message in moved)
     for inbox_uid, message in zip(range(16, 19), moved, strict=True):
         # Its bytes where they were stored; the copy's gone with the copy.
         assert message.storage_backend is not None and message.storage_key is not None
         store = storage.backend(message.storage_backend)
         assert store.get(message.storage_key) == server_raw[inbox_uid]
-        copy_key = message_key(account.id, "Archive", message.uidvalidity, message.uid)
+        copy_key = message_key(account.id, archive, message.uidvalidity, message.uid)
         assert not store.exists(copy_key)
     db.refresh(account)
     assert account.message_count == 20
@@ -175,7 +183,7 @@ def test_flags_deletions_and_moves_reach_the_messages_and_the_receiver_once(
     moves = [event["data"] for event in events(receiver) if event["type"] == "message.moved"]
     assert {move["message"]["id"] for move in moves} == {by_uid[uid] for uid in range(16, 19)}
     assert {move["from"]["uid"] for move in moves} == {16, 17, 18}
-    assert {move["to"]["folder"] for move in moves} == {"Archive"}
+    assert {move["to"]["folder"] for move in moves} == {archive}
 
     # Nothing changed since: nothing more is reported.
     poll(account)
@@ -236,16 +244,17 @@ def test_a_poll_that_fails_before_recording_its_changes_loses_and_repeats_nothin
     assert len(receiver.delivered()) == 15
 
 
+@on_both_servers
 def test_a_renumbered_folder_is_matched_by_content_not_reported(
     db: Session,
-    dovecot: Dovecot,
+    mail_server: RealServer,
     tracked: Callable[..., tuple[Account, str]],
     receiver: Receiver,
 ) -> None:
-    account, username = tracked(dovecot)
-    dovecot.append_many(username, [generated(index) for index in range(5)])
+    account, username = tracked(mail_server)
+    mail_server.append_many(username, [generated(index) for index in range(5)])
     poll(account)
-    dovecot.reset_uidvalidity(username)
+    mail_server.reset_uidvalidity(username)
     pool.clear()
 
     assert poll(account).new_message_ids == []
@@ -369,7 +378,7 @@ def test_a_change_event_is_retried_dead_lettered_and_replayed_like_any_event(
     tried = {request.json()["id"] for request in receiver.requests}
     assert tried == {letter.event_id}
 
-    ids = webhooks.replay_dead_letter(db, letter.id)
+    ids = webhooks.replay_dead_letters(db, delivery_id=letter.id)
     db.commit()
     webhooks.dispatch(ids)
     [delivered] = events(receiver)

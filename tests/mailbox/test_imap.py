@@ -19,6 +19,7 @@ from tests.support.dovecot import Dovecot
 from tests.support.imap_server import FakeImapServer
 from tests.support.mail import generated
 from tests.support.net import free_port
+from tests.support.servers import RealServer, on_both_servers
 
 
 def test_a_server_that_never_answers_times_out(
@@ -52,16 +53,17 @@ def test_a_server_that_stops_answering_after_the_greeting_times_out(
     assert result.error is not None and "timed out" in result.error
 
 
+@on_both_servers
 def test_implicit_tls_trusted_through_imap_ca_bundle(
     db: Session,
-    dovecot: Dovecot,
+    mail_server: RealServer,
     mail_user: tuple[str, str],
     mail_account: MailAccount,
     set_env: Callable[..., None],
 ) -> None:
-    set_env(IMAP_CA_BUNDLE=dovecot.cert_path)
-    dovecot.append(mail_user[0], generated(1))
-    account = mail_account(imap_security="ssl", imap_port=dovecot.imaps_port)
+    set_env(IMAP_CA_BUNDLE=mail_server.cert_path)
+    mail_server.append(mail_user[0], generated(1))
+    account = mail_account(imap_security="ssl", imap_port=mail_server.imaps_port)
     result = poll_account(account.id)
     assert (result.outcome, result.messages) == ("success", 1)
 
@@ -81,16 +83,17 @@ def test_implicit_tls_refused_without_the_ca(
     assert (check.ok, check.stage) == (False, "tls")
 
 
+@on_both_servers
 def test_starttls_trusted_through_imap_ca_bundle_and_refused_without(
-    dovecot: Dovecot,
+    mail_server: RealServer,
     mail_user: tuple[str, str],
     mail_account: MailAccount,
     set_env: Callable[..., None],
 ) -> None:
-    set_env(IMAP_CA_BUNDLE=dovecot.cert_path)
-    dovecot.append(mail_user[0], generated(1))
-    account = mail_account(imap_security="starttls", imap_port=dovecot.imap_port)
-    session = imap.connect(dovecot.host, dovecot.imap_port, "starttls")
+    set_env(IMAP_CA_BUNDLE=mail_server.cert_path)
+    mail_server.append(mail_user[0], generated(1))
+    account = mail_account(imap_security="starttls", imap_port=mail_server.imap_port)
+    session = imap.connect(mail_server.host, mail_server.imap_port, "starttls")
     try:
         assert session.tls_version() is not None  # an SSLSocket after STARTTLS
     finally:
@@ -99,7 +102,7 @@ def test_starttls_trusted_through_imap_ca_bundle_and_refused_without(
 
     set_env(IMAP_CA_BUNDLE=None)
     with pytest.raises(imap.ImapTlsError):
-        imap.connect(dovecot.host, dovecot.imap_port, "starttls")
+        imap.connect(mail_server.host, mail_server.imap_port, "starttls")
 
 
 def test_check_account_reports_folders(

@@ -199,3 +199,40 @@ def test_0014_encrypts_the_userinfo_of_stored_webhook_urls(scratch_engine: Engin
     with scratch_engine.connect() as connection:
         urls = connection.execute(text("SELECT webhook_url FROM accounts ORDER BY id")).scalars()
         assert list(urls) == [secret_url, "https://hooks.example.org/plain"]
+
+
+def test_0019_quarantines_the_processing_dead_letters_already_there(
+    scratch_engine: Engine,
+) -> None:
+    _run(scratch_engine, "upgrade", "0018_message_threads_labels")
+    with scratch_engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO accounts (email, imap_host, imap_port, imap_security, "
+                "username, auth_method, credentials_encrypted, folders, "
+                "poll_interval_seconds, enabled, initial_sync, status, "
+                "consecutive_failures, message_count, created_at, updated_at) VALUES "
+                "('a@x', 'h', 993, 'ssl', 'u', 'password', 'c', '[]', 60, true, "
+                "'all', 'active', 0, 0, '2026-01-01', '2026-01-01')"
+            )
+        )
+        # Given up on (10 failures), still being retried (3), and processed after failures.
+        for uid, failures, processed in ((1, 10, None), (2, 3, None), (3, 10, "2026-01-02")):
+            connection.execute(
+                text(
+                    "INSERT INTO messages (account_id, folder, uidvalidity, uid, to_addrs, "
+                    "cc_addrs, flags, size, ingested_at, process_failures, processed_at) "
+                    "VALUES (1, 'INBOX', 1, :uid, '[]', '[]', '[]', 1, '2026-01-01', "
+                    ":failures, :processed)"
+                ),
+                {"uid": uid, "failures": failures, "processed": processed},
+            )
+
+    _run(scratch_engine, "upgrade", "head")
+
+    with scratch_engine.connect() as connection:
+        quarantined = connection.execute(
+            text("SELECT uid FROM messages WHERE quarantined_at IS NOT NULL")
+        ).scalars()
+        assert list(quarantined) == [1]
+    _run(scratch_engine, "downgrade", "0018_message_threads_labels")

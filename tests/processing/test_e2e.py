@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from backend.models import WebhookDelivery
+from backend.models import Message, WebhookDelivery
+from backend.processing import handlers, progress, service
 from backend.processing.service import hand_on
 from tests.support.accounts import make_account
 from tests.support.celery import Celery, running_celery
@@ -68,3 +69,39 @@ def test_dead_letters_replayed_from_the_api_go_through_the_worker(
 
     wait_for(lambda: _statuses(db) == ["delivered"] * 2, f"replayed\n{worker.logs()}")
     assert sorted(r.json()["data"]["message"]["id"] for r in receiver.delivered()) == ids
+
+
+def test_a_quarantined_message_replayed_from_the_api_is_delivered_once_by_the_worker(
+    db: Session,
+    api: TestClient,
+    receiver: Receiver,
+    worker: Celery,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    account = make_account(db)
+    ids = [store_message(db, account, uid).id for uid in range(1, 4)]
+    bad = ids[1]
+    monkeypatch.setattr(service, "MAX_PROCESS_FAILURES", 2)
+
+    # Only this process has the broken step; the worker runs the fixed code.
+    def broken(session: Session, message: Message) -> None:
+        if message.id == bad:
+            raise ValueError("the CRM refuses this sender")
+
+    handlers.register(handlers.Handler("broken", broken))
+    try:
+        with pytest.raises(service.ProcessingFailed):
+            service.process_and_send_batch(ids)
+        progress.succeeded()  # other mailboxes' messages went through meanwhile
+        assert service.process_and_send_batch(ids) == 0  # quarantined
+    finally:
+        handlers.unregister("broken")
+    wait_for(lambda: _statuses(db) == ["delivered"] * 2, f"the others\n{worker.logs()}")
+    assert api.get("/admin/quarantine").json()["items"][0]["id"] == bad
+
+    assert api.post(f"/messages/{bad}/replay").status_code == 202
+
+    wait_for(lambda: _statuses(db) == ["delivered"] * 3, f"replayed\n{worker.logs()}")
+    assert api.post(f"/messages/{bad}/replay").status_code == 409
+    assert sorted(r.json()["data"]["message"]["id"] for r in receiver.delivered()) == ids
+    assert api.get("/admin/quarantine").json()["total"] == 0

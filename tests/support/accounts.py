@@ -1,5 +1,5 @@
 """The one account factory of the test suite: an account row as the accounts service
-leaves it (committed), optionally a real mailbox on the Dovecot fixture."""
+leaves it (committed), optionally a real mailbox on the Dovecot or Cyrus fixture."""
 
 from __future__ import annotations
 
@@ -11,18 +11,18 @@ from sqlalchemy.orm import Session
 
 from backend import crypto
 from backend.models import Account
-from tests.support.dovecot import Dovecot
+from tests.support.servers import RealServer
 
 # The `mail_account` fixture (tests/conftest.py): accounts on the `mail_user` mailbox.
 MailAccount = Callable[..., Account]
 
 
 def make_account(
-    db: Session, dovecot: Dovecot | None = None, *, commit: bool = True, **values: Any
+    db: Session, dovecot: RealServer | None = None, *, commit: bool = True, **values: Any
 ) -> Account:
-    """`dovecot`: the account logs in to a user there (created unless it exists), over
-    plain IMAP. Without it the address is never dialled. `password` or `credentials` set
-    the stored secrets; any other keyword is a column."""
+    """`dovecot` (or the Cyrus fixture): the account logs in to a user there (created
+    unless it exists), over plain IMAP. Without it the address is never dialled.
+    `password` or `credentials` set the stored secrets; any other keyword is a column."""
     username = values.pop("username", None) or f"user-{uuid.uuid4().hex[:10]}"
     known = dovecot.passwords.get(username) if dovecot is not None else None
     password = values.pop("password", None) or known or f"pw-{uuid.uuid4().hex[:8]}"

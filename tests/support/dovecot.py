@@ -13,11 +13,9 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterable
-from datetime import datetime
 from pathlib import Path
 
-from imapclient import IMAPClient
-
+from tests.support.mail_server import MailServer
 from tests.support.net import free_port, wait_for_port
 from tests.support.processes import stop_group
 from tests.support.tls import self_signed_cert
@@ -133,7 +131,7 @@ active_value = true
 """
 
 
-class Dovecot:
+class Dovecot(MailServer):
     def __init__(
         self,
         root: Path,
@@ -266,65 +264,6 @@ class Dovecot:
         if changed:
             time.sleep(1.1)  # let Dovecot's once-a-second check see the new password
         return password
-
-    def client(self, username: str, *, ssl: bool = False) -> IMAPClient:
-        if ssl:
-            import ssl as ssl_lib
-
-            context = ssl_lib.create_default_context(cafile=str(self.cert_path))
-            client = IMAPClient(
-                self.host, port=self.imaps_port, ssl=True, ssl_context=context, timeout=30
-            )
-        else:
-            client = IMAPClient(self.host, port=self.imap_port, ssl=False, timeout=30)
-        client.login(username, self.passwords[username])
-        return client
-
-    def append(
-        self,
-        username: str,
-        raw: bytes,
-        folder: str = "INBOX",
-        *,
-        flags: Iterable[str] = (),
-        when: datetime | None = None,
-    ) -> int:
-        """APPEND one message; returns its UID."""
-        return self.append_many(username, [raw], folder, flags=flags, when=when)[0]
-
-    def append_many(
-        self,
-        username: str,
-        raws: Iterable[bytes],
-        folder: str = "INBOX",
-        *,
-        flags: Iterable[str] = (),
-        when: datetime | None = None,
-    ) -> list[int]:
-        uids: list[int] = []
-        with self.client(username) as client:
-            if folder.upper() != "INBOX" and not client.folder_exists(folder):
-                client.create_folder(folder)
-            for raw in raws:
-                response = client.append(folder, raw, flags=tuple(flags), msg_time=when)
-                # APPENDUID: b'[APPENDUID <uidvalidity> <uid>] Append completed.'
-                text = response.decode() if isinstance(response, bytes) else str(response)
-                uids.append(int(text.split("APPENDUID", 1)[1].split()[1].rstrip("]")))
-            client.logout()
-        return uids
-
-    def create_folder(self, username: str, folder: str) -> None:
-        with self.client(username) as client:
-            client.create_folder(folder)
-            client.logout()
-
-    def folder_status(self, username: str, folder: str = "INBOX") -> dict[bytes, int]:
-        with self.client(username) as client:
-            status: dict[bytes, int] = client.folder_status(
-                folder, [b"MESSAGES", b"UIDVALIDITY", b"UIDNEXT"]
-            )
-            client.logout()
-        return status
 
     def set_uidvalidity(self, username: str, folder: str, uidvalidity: int) -> None:
         """Force a folder's UIDVALIDITY (two folders can then share one)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 def reset_caches() -> None:
     from backend import crypto, db, dispatch, redis
+    from backend.mailbox import budget
     from backend.schedules import service as schedules
     from backend.storage import service as storage
     from backend.webhooks import client as webhook_client
@@ -16,3 +17,4 @@ def reset_caches() -> None:
     redis.reset_cache()
     schedules.reset_cache()
     dispatch.reset()
+    budget.reset()

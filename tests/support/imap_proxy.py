@@ -12,28 +12,55 @@ server answers everything, and the rule may answer a command in its place.
 The client's side is read a line at a time (mailbeat sends no literals; an AUTHENTICATE
 continuation is a line of its own and is forwarded like any other); the server's side is
 copied as it comes. `state` is per connection; an answer that is a BYE hangs up.
+
+A fake may also change what passes: `up` rewrites a command line before it is forwarded,
+`down` each of the server's responses, whole (a line with its literals), e.g. to add a
+capability or answer FETCH items the server does not know (tests/mailbox/test_gmail.py).
+`open` and `most` count the client connections open now and the most open at once (a
+connection is out from its LOGOUT, or its end without one).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
+from typing import Any
 
 Rule = Callable[[dict[str, object], bytes, bytes], bytes | None]
+Rewrite = Callable[[dict[str, object], bytes], bytes]
+_LITERAL = re.compile(rb"\{(\d+)\+?\}\r\n$")
+
+
+def _no_rule(state: dict[str, object], tag: bytes, command: bytes) -> bytes | None:
+    return None
 
 
 class ImapProxy:
-    def __init__(self, host: str, port: int, rule: Rule) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        rule: Rule = _no_rule,
+        *,
+        up: Rewrite | None = None,
+        down: Rewrite | None = None,
+    ) -> None:
         self.upstream = (host, port)
         self.rule = rule
+        self.up, self.down = up, down
         self.commands: list[bytes] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.host, self.port = "127.0.0.1", self._listener.getsockname()[1]
         self._stop = threading.Event()
         self._sockets: list[socket.socket] = []
+        # Client connections open now, and the most ever open at once.
+        self.open = 0
+        self.most = 0
+        self._count = threading.Lock()
 
     def __enter__(self) -> ImapProxy:
         threading.Thread(target=self._accept, daemon=True).start()
@@ -58,29 +85,60 @@ class ImapProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            with self._count:
+                self.open += 1
+                self.most = max(self.most, self.open)
             server = socket.create_connection(self.upstream, timeout=30)
             self._sockets += [client, server]
             write = threading.Lock()
-            threading.Thread(target=self._down, args=(server, client, write), daemon=True).start()
-            threading.Thread(target=self._up, args=(client, server, write), daemon=True).start()
+            state: dict[str, object] = {}
+            threading.Thread(
+                target=self._down, args=(server, client, write, state), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._up, args=(client, server, write, state), daemon=True
+            ).start()
 
-    def _down(self, server: socket.socket, client: socket.socket, write: threading.Lock) -> None:
+    def _down(
+        self,
+        server: socket.socket,
+        client: socket.socket,
+        write: threading.Lock,
+        state: dict[str, object],
+    ) -> None:
         with contextlib.suppress(OSError):
-            while data := server.recv(65536):
-                with write:
-                    client.sendall(data)
+            if self.down is None:
+                while data := server.recv(65536):
+                    with write:
+                        client.sendall(data)
+            else:
+                with server.makefile("rb") as lines:
+                    for response in _responses(lines):
+                        with write:
+                            client.sendall(self.down(state, response))
         with contextlib.suppress(OSError):
             client.shutdown(socket.SHUT_WR)
 
-    def _up(self, client: socket.socket, server: socket.socket, write: threading.Lock) -> None:
-        state: dict[str, object] = {}
+    def _up(
+        self,
+        client: socket.socket,
+        server: socket.socket,
+        write: threading.Lock,
+        state: dict[str, object],
+    ) -> None:
+        counted = True
         with contextlib.suppress(OSError), client.makefile("rb") as lines:
             while line := lines.readline():
                 tag, _, command = line.rstrip(b"\r\n").partition(b" ")
                 self.commands.append(command)
+                if counted and command.upper() == b"LOGOUT":
+                    # The client is done: it waits for this answer before it lets go of
+                    # the connection, so it is counted out before it does.
+                    counted = False
+                    self._leave()
                 answer = self.rule(state, tag, command)
                 if answer is None:
-                    server.sendall(line)
+                    server.sendall(line if self.up is None else self.up(state, line))
                 else:
                     with write:
                         client.sendall(answer)
@@ -89,3 +147,20 @@ class ImapProxy:
         for sock in (server, client):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        if counted:
+            self._leave()
+
+    def _leave(self) -> None:
+        with self._count:
+            self.open -= 1
+
+
+def _responses(lines: Any) -> Iterator[bytes]:
+    """The server's responses, each a line with its literals and their continuations."""
+    while line := lines.readline():
+        response = line
+        while (literal := _LITERAL.search(line)) is not None:
+            response += lines.read(int(literal.group(1)))
+            line = lines.readline()
+            response += line
+        yield response

@@ -59,6 +59,7 @@ class FakeImapServer:
         respond: Respond | None = None,
     ) -> None:
         self.messages = {message.uid: message for message in messages}
+        self.uidvalidity = UIDVALIDITY  # a test may change it: the folder renumbered
         self.greeting = greeting  # None: accept connections and never say a word
         self.answer = answer  # False: greet, then answer nothing (a hung server)
         self.respond = respond
@@ -131,10 +132,10 @@ class FakeImapServer:
                     conn.sendall(
                         b"* %d EXISTS\r\n* OK [UIDVALIDITY %d] ok\r\n* OK [UIDNEXT %d] ok\r\n"
                         b"* FLAGS ()\r\n%s OK [READ-ONLY] examined\r\n"
-                        % (len(self.messages), UIDVALIDITY, self._uidnext(), tag)
+                        % (len(self.messages), self.uidvalidity, self._uidnext(), tag)
                     )
                 elif command.startswith(b"STATUS"):
-                    counts = (len(self.messages), self._uidnext(), UIDVALIDITY)
+                    counts = (len(self.messages), self._uidnext(), self.uidvalidity)
                     conn.sendall(
                         b"* STATUS INBOX (MESSAGES %d UIDNEXT %d UIDVALIDITY %d)\r\n" % counts
                         + tag

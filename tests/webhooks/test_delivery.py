@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from backend import crypto
@@ -217,6 +217,15 @@ def test_a_receiver_down_for_good_fills_the_dead_letters_and_replay_delivers(
     assert api.post(f"/admin/dead-letters/{dead[0].id}/replay").status_code == 404
     assert api.post("/accounts/999999/dead-letters/replay").status_code == 404
     _assert_signed(receiver)
+
+    # All of them at once, whatever their account (a receiver's long outage).
+    db.execute(update(WebhookDelivery).values(status="dead"))
+    db.commit()
+    replayed = api.post("/admin/dead-letters/replay").json()
+    assert replayed == {"replayed": 4, "delivery_ids": sorted(d.id for d in dead)}
+    wait_for(lambda: _settled(db), "deliveries settled")
+    assert len(receiver.delivered()) == 8
+    assert api.post("/admin/dead-letters/replay").json()["replayed"] == 0
 
 
 def test_a_4xx_is_not_retried(

@@ -182,7 +182,7 @@ def test_an_event_that_cannot_be_built_is_a_dead_letter_alone_with_its_reason(
     delivery = db.scalars(
         select(WebhookDelivery).where(WebhookDelivery.message_id == broken.id)
     ).one()
-    with_replay = webhooks.replay_dead_letter(db, delivery.id)
+    with_replay = webhooks.replay_dead_letters(db, delivery_id=delivery.id)
     db.commit()
     webhooks.dispatch(with_replay)
     assert broken.id in _events(receiver)

@@ -3,7 +3,7 @@
 "use strict";
 
 const TOKEN_KEY = "mailbeat.token";
-const REFRESH_MS = { mailboxes: 5000, account: 1000, "dead-letters": 10000, system: 5000 };
+const REFRESH_MS = { mailboxes: 5000, account: 1000, "dead-letters": 10000, quarantine: 10000, system: 5000 };
 const main = document.getElementById("main");
 let refreshTimer = null;
 let schemaFields = null; // AccountCreate's fields, read once from /openapi.json
@@ -188,6 +188,7 @@ function route() {
   if ((match = hash.match(/^\/accounts\/(\d+)\/edit$/))) return accountFormView(Number(match[1]));
   if ((match = hash.match(/^\/accounts\/(\d+)$/))) return accountView(Number(match[1]));
   if (hash === "/dead-letters") return deadLettersView();
+  if (hash === "/quarantine") return quarantineView();
   if (hash === "/system") return systemView();
   main.replaceChildren(h("h1", {}, "Not found"), h("a", { href: "#/" }, "Back to the mailboxes"));
 }
@@ -442,6 +443,7 @@ function pushText(account) {
   if (!account.push) return "";
   if (account.push_status === "unsupported") return "polling only";
   if (account.push_status === "stale") return "stale: no watcher";
+  if (account.push_status === "failing") return "failing: reconnecting";
   return account.push_status === "watching" ? "watching" : "on";
 }
 
@@ -481,6 +483,7 @@ function accountView(id) {
   const folders = h("table", { id: "folders" });
   const runs = h("table", { id: "poll-runs" });
   const audit = h("div", { id: "audit" });
+  const quarantined = h("div", { id: "quarantine" });
   const messages = h("table", { id: "messages" });
   main.replaceChildren(
     h("p", {}, h("a", { href: "#/" }, "\u2190 Mailboxes")),
@@ -494,16 +497,19 @@ function accountView(id) {
     runs,
     h("h2", {}, "Latest audit"),
     audit,
+    h("h2", {}, "Quarantined messages"),
+    quarantined,
     h("h2", {}, "Recent messages"),
     messages,
   );
   show("account", `Mailbox ${id}`, async () => {
-    const [account, folderList, runList, messageList, audited] = await Promise.all([
+    const [account, folderList, runList, messageList, audited, held] = await Promise.all([
       api("GET", `/accounts/${id}`),
       api("GET", `/accounts/${id}/folders`),
       api("GET", `/accounts/${id}/poll-runs?limit=20`),
       api("GET", `/accounts/${id}/messages?limit=20`),
       api("GET", `/accounts/${id}/audit`),
+      api("GET", `/accounts/${id}/messages?quarantined=true&limit=50`),
     ]);
     document.title = `${account.email} - mailbeat`;
     title.replaceChildren(account.email, badge(account.status), staleBadge(account));
@@ -541,6 +547,7 @@ function accountView(id) {
     );
     drawSync(sync, folderList.items);
     drawAudit(audit, id, audited);
+    drawQuarantine(quarantined, held, `/accounts/${id}/quarantine/replay`);
     folders.replaceChildren(
       h(
         "thead",
@@ -723,15 +730,16 @@ async function accountFields() {
 function accountFormView(id) {
   main.replaceChildren(h("h1", {}, id ? `Edit mailbox ${id}` : "Add a mailbox"));
   show("form", id ? "Edit mailbox" : "Add mailbox", async () => {
-    const [fields, account] = await Promise.all([
+    const [fields, account, presets] = await Promise.all([
       accountFields(),
       id ? api("GET", `/accounts/${id}`) : null,
+      api("GET", "/accounts/providers").then((list) => list.items, () => []),
     ]);
-    drawForm(id, account, fields);
+    drawForm(id, account, fields, presets);
   });
 }
 
-function drawForm(id, account, fields) {
+function drawForm(id, account, fields, presets = []) {
   const a = account || {
     imap_port: 993,
     imap_security: "ssl",
@@ -750,10 +758,19 @@ function drawForm(id, account, fields) {
     ),
   );
   const result = h("div", { id: "form-result" });
+  // A preset fills the server's fields (they stay editable) and says what it needs.
+  const needs = h("div", { class: "muted", id: "provider-needs" });
+  const provider = h(
+    "select",
+    { name: "provider", id: "field-provider" },
+    h("option", { value: "" }, "Other IMAP server"),
+    presets.map((p) => h("option", { value: p.name, selected: p.name === a.provider }, p.label)),
+  );
   const form = h(
     "form",
     { class: "account card", id: "account-form" },
     row("Email", "email", input("email", { required: true })),
+    presets.length ? row("Provider", "provider", h("div", {}, provider, needs)) : null,
     row("IMAP host", "imap_host", input("imap_host", { required: true })),
     row("Port", "imap_port", input("imap_port", { type: "number", min: 1, max: 65535 })),
     row("Security", "imap_security", security),
@@ -797,6 +814,16 @@ function drawForm(id, account, fields) {
       h("a", { class: "button", href: id ? `#/accounts/${id}` : "#/" }, "Cancel"),
     ),
   );
+  const preset = () => presets.find((p) => p.name === provider.value);
+  needs.textContent = preset() ? `Needs: ${preset().needs}` : "";
+  provider.addEventListener("change", () => {
+    const chosen = preset();
+    needs.textContent = chosen ? `Needs: ${chosen.needs}` : "";
+    if (!chosen) return;
+    form.elements.imap_host.value = chosen.imap_host;
+    form.elements.imap_port.value = chosen.imap_port;
+    form.elements.imap_security.value = chosen.imap_security;
+  });
   const values = () => {
     const data = Object.fromEntries(new FormData(form));
     const body = {
@@ -812,6 +839,7 @@ function drawForm(id, account, fields) {
     if (data.priority !== undefined) body.priority = Number(data.priority);
     if (form.elements.push) body.push = form.elements.push.checked;
     if (data.password) body.password = data.password;
+    if (data.provider) body.provider = data.provider;
     return body;
   };
   form.querySelector("#test-settings").addEventListener("click", () =>
@@ -820,6 +848,7 @@ function drawForm(id, account, fields) {
       result.replaceChildren(message("", "Trying the server..."));
       const check = body.password
         ? await api("POST", "/accounts/test", {
+            ...(body.provider ? { provider: body.provider } : {}),
             imap_host: body.imap_host,
             imap_port: body.imap_port,
             imap_security: body.imap_security,
@@ -864,6 +893,19 @@ function drawForm(id, account, fields) {
 function deadLettersView() {
   const table = h("table", { id: "dead-letters" });
   const total = h("p", { class: "muted" });
+  const all = h("button", { type: "button", "data-action": "replay all", hidden: true }, "Replay all");
+  all.addEventListener("click", () =>
+    guarded(async () => {
+      all.disabled = true;
+      try {
+        const done = await api("POST", "/admin/dead-letters/replay");
+        toast(`Replayed ${done.replayed} deliver${done.replayed === 1 ? "y" : "ies"}`);
+      } finally {
+        all.disabled = false;
+      }
+      await view.refresh();
+    }),
+  );
   main.replaceChildren(
     h("h1", {}, "Dead letters"),
     h(
@@ -874,10 +916,12 @@ function deadLettersView() {
     ),
     total,
     table,
+    h("p", {}, all),
   );
   show("dead-letters", "Dead letters", async () => {
     const page = await api("GET", "/admin/dead-letters?limit=200");
     total.textContent = `${page.total} dead letter${page.total === 1 ? "" : "s"}`;
+    all.hidden = !page.total;
     const head = ["Id", "Event", "Mailbox", "Target", "Attempts", "Last answer", "Last attempt", ""];
     table.replaceChildren(
       h("thead", {}, h("tr", {}, head.map((t) => h("th", {}, t)))),
@@ -915,6 +959,80 @@ function deadLettersView() {
           : h("tr", {}, h("td", { colspan: head.length, class: "muted" }, "No dead letters.")),
       ),
     );
+  });
+}
+
+// -- quarantined messages ----------------------------------------------------------------
+
+// Messages whose processing failed too often on their own, set aside with the reason; a
+// replay (one, or all of the list) hands them on again once the cause is fixed.
+function drawQuarantine(container, page, replayAllPath) {
+  const replayed = (done) => toast(`Replayed ${done.replayed} message${done.replayed === 1 ? "" : "s"}`);
+  const head = ["Id", "Mailbox", "Subject", "Folder / UID", "Failures", "Since", "Reason", ""];
+  const rows = page.items.map((m) => {
+    const replay = h("button", { type: "button", "data-action": "replay" }, "Replay");
+    replay.addEventListener("click", () =>
+      guarded(async () => {
+        replay.disabled = true;
+        replayed(await api("POST", `/messages/${m.id}/replay`));
+        await view.refresh();
+      }),
+    );
+    return h(
+      "tr",
+      { "data-message": m.id },
+      h("td", { class: "num" }, m.id),
+      h("td", {}, h("a", { href: `#/accounts/${m.account_id}` }, m.account_id)),
+      h("td", {}, m.subject ?? "(no subject)"),
+      h("td", {}, `${m.folder} / ${m.uid}`),
+      h("td", { class: "num" }, m.process_failures),
+      h("td", {}, when(m.quarantined_at)),
+      h("td", { class: "error" }, m.process_error || ""),
+      h("td", {}, replay),
+    );
+  });
+  const table = h(
+    "table",
+    { class: "quarantined" },
+    h("thead", {}, h("tr", {}, head.map((t) => h("th", {}, t)))),
+    h(
+      "tbody",
+      {},
+      rows.length
+        ? rows
+        : h("tr", {}, h("td", { colspan: head.length, class: "muted" }, "None: every message was processed or is on its way.")),
+    ),
+  );
+  const parts = [h("p", { class: "muted" }, `${page.total} quarantined`), table];
+  if (page.total) {
+    const all = h("button", { type: "button", "data-action": "replay all" }, "Replay all");
+    all.addEventListener("click", () =>
+      guarded(async () => {
+        all.disabled = true;
+        replayed(await api("POST", replayAllPath));
+        await view.refresh();
+      }),
+    );
+    parts.push(h("p", {}, all));
+  }
+  container.replaceChildren(...parts);
+}
+
+function quarantineView() {
+  const container = h("div", { id: "quarantine" });
+  main.replaceChildren(
+    h("h1", {}, "Quarantined messages"),
+    h(
+      "p",
+      { class: "muted" },
+      "Messages whose processing failed too often on their own: set aside with the reason " +
+        "while the others flow. Fix the cause, then replay: each is handed on again, and a " +
+        "receiver that had it is not sent it twice.",
+    ),
+    container,
+  );
+  show("quarantine", "Quarantined messages", async () => {
+    drawQuarantine(container, await api("GET", "/admin/quarantine?limit=200"), "/admin/quarantine/replay");
   });
 }
 
