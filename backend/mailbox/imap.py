@@ -809,7 +809,10 @@ class ImapSession:
             raise self._deadline_error() if self._expired else ImapConnectionError("closed")
         modseq = self.supports("CONDSTORE")
         self._broken = True  # no imapclient command on it from now on
-        return StatusLink(self._client, folders, modseq=modseq)
+        link = StatusLink(self._client, folders, modseq=modseq)
+        # The connection is the link's now, and so is what its closing releases.
+        link._on_close, self._on_close = self._on_close, []
+        return link
 
 
 # The longest line accepted from a server while idling; a literal during IDLE (a FETCH
@@ -1033,6 +1036,7 @@ class StatusLink:
         self._carry = b""  # a line cut by a literal (a folder name sent as one)
         self._pending: list[tuple[bytes, str]] = []  # (tag, folder) awaiting their OK
         self._found: dict[str, FolderStatus] = {}
+        self._on_close: list[Callable[[], None]] = []  # its budget slot's release
         self.ending = False
         self.waiting_since: float | None = None
         # Whatever imaplib had read past the login's answer.
@@ -1073,6 +1077,9 @@ class StatusLink:
             self._sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(Exception):
             self._client.shutdown()
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            callback()
 
     def _send(self, data: bytes) -> None:
         try:

@@ -18,8 +18,9 @@ What a check records, and who else relies on it:
   mailbox, so freshness and the API's last-poll time stay true.
 
 Which watcher holds which mailbox is decided by leases, as for push, under their own
-prefix; the connections count against the same per-watcher budget as push's IDLE
-connections (`within_budget`).
+prefix; the connections count against the same per-watcher caps as push's IDLE
+connections (`within_budget`), and each holds a slot of its host's connection budget
+(backend/mailbox/budget.py) as IDLE's do.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 from backend import leases as fenced
 from backend import redis
 from backend.config import get_settings
-from backend.mailbox import credentials, folders, imap
+from backend.mailbox import budget, credentials, folders, imap
 from backend.push import service
 from backend.push.service import Baseline, Checked
 
@@ -58,8 +59,10 @@ Outbox = Callable[[tuple[str, int, object]], None]
 
 
 def within_budget(by_host: Mapping[str, int], total: int, host: str, more: int) -> bool:
-    """Whether this watcher may open `more` connections to `host`, holding `total` in
-    all and `by_host` per host (push's IDLE connections and held sessions together)."""
+    """Whether this watcher may claim `more` mailboxes on `host`, holding `total`
+    connections in all and `by_host` per host (push's IDLE connections and held sessions
+    together). The host's connection budget shared by every process
+    (backend/mailbox/budget.py) is asked again as each session opens."""
     settings = get_settings()
     return (
         total + more <= settings.watcher_max_connections
@@ -209,7 +212,17 @@ class HeldChecks:
             account = service.load_account(held.checked.account_id)
             if account is None:
                 raise imap.ImapProtocolError("the account is gone")
-            session = imap.open_account(account, credentials=credentials.loader(account))
+            # A slot in the host's connection budget, as IDLE's (one left for the polls),
+            # or a retry later (budget.NoSlot is an ImapError); released as the link closes.
+            loaded = account
+            session = budget.connect(
+                account.imap_host,
+                account.username,
+                "held",
+                lambda: imap.open_account(loaded, credentials=credentials.loader(loaded)),
+                wait=0,
+                leave=1,
+            )
             settings = self.settings
             session.arm_deadline(settings.imap_connect_timeout + settings.imap_read_timeout)
             names = folders.for_account(account.id, account.folders, session)
