@@ -198,6 +198,15 @@ class Settings(BaseSettings):
     watcher_idle_seconds: float = Field(default=1500.0, gt=0)
     # Threads that log in (and select) new connections; the waiting itself is one thread.
     watcher_login_threads: int = Field(default=8, ge=1, le=256)
+    # Held checks (backend/push/held.py): a watcher keeps a logged-in session for every
+    # mailbox polled at most this often (0: none), asks its folders' STATUS on it at the
+    # mailbox's interval and sends a poll only when something changed; beat then sends
+    # such a mailbox a poll only every HELD_SAFETY_INTERVAL_SECONDS, as long as its
+    # checks keep coming. A check is written to the account (last poll, last success) at
+    # most every HELD_RECORD_SECONDS per mailbox.
+    held_interval_max_seconds: int = Field(default=60, ge=0)
+    held_safety_interval_seconds: int = Field(default=900, ge=1)
+    held_record_seconds: float = Field(default=60.0, gt=0)
 
     # Webhooks (processing).
     webhook_url: str | None = None

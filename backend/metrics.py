@@ -153,6 +153,41 @@ def _push_metrics() -> _PushMetrics:
     )
 
 
+@dataclass(frozen=True)
+class _HeldMetrics:
+    checks: Counter
+    changes: Counter
+
+
+@lru_cache
+def _held_metrics() -> _HeldMetrics:
+    _poll_metrics()  # the multiprocess directory and file naming, set up once
+    return _HeldMetrics(
+        checks=Counter(
+            "mailbeat_held_checks",
+            "Checks on a watcher's held session that found nothing new (idle polls "
+            "without a task).",
+            registry=None,
+        ),
+        changes=Counter(
+            "mailbeat_held_changes",
+            "Checks on a held session that found something new and sent a poll.",
+            registry=None,
+        ),
+    )
+
+
+def record_held_checks(unchanged: int, *, changed: int = 0) -> None:
+    try:
+        metrics = _held_metrics()
+        if unchanged:
+            metrics.checks.inc(unchanged)
+        if changed:
+            metrics.changes.inc(changed)
+    except Exception:
+        log.exception("could not record held check metrics")
+
+
 def set_push_connections(by_host: Mapping[str, int]) -> None:
     """The connections this watcher holds now, by host (hosts it left at 0)."""
     try:
@@ -299,6 +334,12 @@ def _capacity_gauges() -> Iterator[GaugeMetricFamily]:
         "mailbeat_polls_completed_per_second",
         "Polls finished per second over the last minute.",
         value=result.completed_polls_per_second,
+    )
+    yield GaugeMetricFamily(
+        "mailbeat_held_checks_completed_per_second",
+        "Checks on watchers' held sessions that found nothing new, per second over the "
+        "last minute.",
+        value=result.completed_checks_per_second,
     )
     yield GaugeMetricFamily(
         "mailbeat_poll_queue_oldest_seconds",

@@ -42,12 +42,17 @@ class CapacityRead(BaseModel):
     mailboxes: int = Field(description="mailboxes on the schedule")
     demanded_polls_per_second: float = Field(description="the sum of 1/interval")
     completed_polls_per_second: float = Field(description="polls finished, last minute")
+    completed_checks_per_second: float = Field(
+        description="watchers' checks on held sessions that found nothing new (idle polls "
+        "without a task), last minute"
+    )
     queue_length: int | None = Field(description="polls waiting (null in local mode)")
     oldest_pending_seconds: float | None = Field(
         description="how long the oldest waiting poll has waited (null: none waiting)"
     )
     interval_stretch: float | None = Field(
-        description="demanded / completed, at least 1: how much longer every interval "
+        description="demanded / (polls + checks completed), at least 1: how much longer "
+        "every interval "
         "really is (null: nothing completed yet)"
     )
     behind: bool = Field(

@@ -386,6 +386,7 @@ def status(args: argparse.Namespace) -> int:
     print(f"queue:      {'-' if data['queue_length'] is None else data['queue_length']} waiting")
     print(
         f"polls/s:    {data['completed_polls_per_second']:.2f} done (last minute), "
+        f"{data['completed_checks_per_second']:.2f} held checks, "
         f"{data['demanded_polls_per_second']:.2f} asked"
         + (" - falling behind: add workers or lengthen intervals" if data["behind"] else "")
     )
@@ -440,6 +441,7 @@ def _status(session: Session) -> dict[str, Any]:
         "oldest_pending_seconds": capacity.oldest_pending_seconds,
         "demanded_polls_per_second": capacity.demanded_polls_per_second,
         "completed_polls_per_second": capacity.completed_polls_per_second,
+        "completed_checks_per_second": capacity.completed_checks_per_second,
         "behind": capacity.behind,
         "workers": workers,
         "failing": [

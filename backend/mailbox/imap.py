@@ -797,6 +797,23 @@ class ImapSession:
         link.start()
         return link
 
+    def status_link(self, folders: Sequence[str]) -> StatusLink:
+        """Hand the logged-in connection to a caller that waits on many sockets at once
+        (backend/push/held.py): from now on it asks these folders' STATUS through the
+        StatusLink returned, never through imapclient. The deadline, if armed, is
+        cancelled: the caller times the server's answers itself."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self._expired or self._broken:
+            raise self._deadline_error() if self._expired else ImapConnectionError("closed")
+        modseq = self.supports("CONDSTORE")
+        self._broken = True  # no imapclient command on it from now on
+        link = StatusLink(self._client, folders, modseq=modseq)
+        # The connection is the link's now, and so is what its closing releases.
+        link._on_close, self._on_close = self._on_close, []
+        return link
+
 
 # The longest line accepted from a server while idling; a literal during IDLE (a FETCH
 # with a quoted header, say) is skipped up to DEFAULT_LITERAL_LIMIT.
@@ -986,6 +1003,176 @@ class IdleLink:
             found = re.match(rb"(\d+)\]", word[2] if len(word) > 2 else b"")
             if found is not None and int(found.group(1)) != self.uidvalidity:
                 self.reselect = f"UIDVALIDITY {self.uidvalidity} -> {int(found.group(1))}"
+
+
+_STATUS_ITEMS = re.compile(rb"\(([^()]*)\)\s*$")
+
+
+class StatusLink:
+    """A logged-in connection that answers STATUS for a set of folders, driven by its
+    caller's selector: non-blocking, never waits (backend/push/held.py).
+
+    `ask()` sends one STATUS per folder, pipelined; once readable, `read()` takes what
+    the server sent and returns every folder's FolderStatus when the last answer is in
+    (None before). `waiting_since` is the monotonic time since which an answer is
+    awaited (None when none is): the caller gives up after its read timeout. `end()`
+    sends LOGOUT; `close()` shuts the socket. Every failure is an ImapError; a BYE, an
+    EOF or a refused STATUS end the link."""
+
+    def __init__(self, client: IMAPClient, folders: Sequence[str], *, modseq: bool) -> None:
+        self._client = client
+        self._imap = client._imap
+        self.folders = tuple(folders)
+        items = b"UIDVALIDITY UIDNEXT MESSAGES" + (b" HIGHESTMODSEQ" if modseq else b"")
+        self._commands = [
+            (folder, b" STATUS " + client._normalise_folder(folder) + b" (" + items + b")\r\n")
+            for folder in self.folders
+        ]
+        self._sock: socket.socket = client.socket()
+        self._sock.settimeout(None)
+        self._sock.setblocking(False)
+        self._buffer = bytearray()
+        self._skip = 0  # literal bytes still to skip
+        self._carry = b""  # a line cut by a literal (a folder name sent as one)
+        self._pending: list[tuple[bytes, str]] = []  # (tag, folder) awaiting their OK
+        self._found: dict[str, FolderStatus] = {}
+        self._on_close: list[Callable[[], None]] = []  # its budget slot's release
+        self.ending = False
+        self.waiting_since: float | None = None
+        # Whatever imaplib had read past the login's answer.
+        with contextlib.suppress(BlockingIOError, ssl.SSLWantReadError, OSError):
+            self._buffer += self._imap.file.peek(IDLE_READ_MAX)
+        if self._buffer:
+            self._imap.file.read(len(self._buffer))
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending) or self.ending
+
+    def ask(self) -> None:
+        """STATUS for every folder, in one write."""
+        if self.busy:
+            return
+        self._found = {}
+        out = bytearray()
+        for folder, command in self._commands:
+            tag: bytes = self._imap._new_tag()
+            self._pending.append((tag, folder))
+            out += tag + command
+        self._send(bytes(out))
+        self.waiting_since = time.monotonic()
+
+    def end(self) -> None:
+        with contextlib.suppress(ImapError):
+            self._send(self._imap._new_tag() + b" LOGOUT\r\n")
+        self.ending = True
+        self.waiting_since = time.monotonic()
+
+    def close(self) -> None:
+        self.ending = True
+        with contextlib.suppress(Exception):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(Exception):
+            self._client.shutdown()
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            callback()
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise translate(exc) from exc
+
+    def read(self) -> dict[str, FolderStatus] | None:
+        """Take what the server sent; every folder's STATUS once the last is in."""
+        taken = 0
+        closed = False
+        while taken < IDLE_READ_MAX:
+            try:
+                data = self._sock.recv(65536)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                break
+            except OSError as exc:
+                raise translate(exc) from exc
+            if not data:
+                closed = True
+                break
+            self._buffer += data
+            taken += len(data)
+        done = self._lines()
+        if closed:
+            raise ImapConnectionError("connection lost: the server closed it")
+        return done
+
+    def _lines(self) -> dict[str, FolderStatus] | None:
+        done = None
+        while self._buffer:
+            if self._skip:
+                dropped = min(self._skip, len(self._buffer))
+                del self._buffer[:dropped]
+                self._skip -= dropped
+                continue
+            end = self._buffer.find(b"\r\n")
+            if end < 0:
+                if len(self._buffer) > IDLE_LINE_MAX:
+                    raise ImapProtocolError(f"the server sent a line over {IDLE_LINE_MAX} bytes")
+                break
+            line = self._carry + bytes(self._buffer[:end])
+            del self._buffer[: end + 2]
+            literal = _IDLE_LITERAL.search(line)
+            if literal is not None:
+                self._skip = int(literal.group(1))
+                if self._skip > IDLE_LINE_MAX:
+                    raise ImapProtocolError(f"the server sent a literal of {self._skip} bytes")
+                self._carry = line[: literal.start()]
+                continue
+            self._carry = b""
+            done = self._line(line) or done
+        return done
+
+    def _line(self, line: bytes) -> dict[str, FolderStatus] | None:
+        if line.startswith(b"* "):
+            kind = line[2:].split(b" ", 1)[0].upper()
+            if kind == b"BYE" and not self.ending:
+                raise ImapConnectionError(f"connection lost: the server said BYE {_said(line)}")
+            if kind == b"STATUS" and self._pending:
+                folder = next(
+                    (f for _tag, f in self._pending if f not in self._found), self._pending[0][1]
+                )
+                self._found[folder] = _status_of(line)
+            return None
+        tag, _, rest = line.partition(b" ")
+        index = next((i for i, (t, _f) in enumerate(self._pending) if t == tag), None)
+        if index is None:
+            return None  # the LOGOUT's answer
+        _tag, folder = self._pending.pop(index)
+        if not rest.upper().startswith(b"OK") or folder not in self._found:
+            raise ImapProtocolError(f"server refused (STATUS {folder!r}): {_said(line)}")
+        if self._pending:
+            return None
+        self.waiting_since = None
+        return dict(self._found)
+
+
+def _status_of(line: bytes) -> FolderStatus:
+    """`* STATUS name (UIDNEXT 5 UIDVALIDITY 1 MESSAGES 4 HIGHESTMODSEQ 9)`."""
+    items = _STATUS_ITEMS.search(line)
+    words = items.group(1).split() if items else []
+    info = {words[i].upper(): words[i + 1] for i in range(0, len(words) - 1, 2)}
+    try:
+        modseq = int(info.get(b"HIGHESTMODSEQ", b"0"))
+        return FolderStatus(
+            uidvalidity=int(info[b"UIDVALIDITY"]),
+            uidnext=int(info[b"UIDNEXT"]),
+            messages=int(info[b"MESSAGES"]),
+            highestmodseq=modseq or None,
+        )
+    except (KeyError, ValueError) as exc:
+        raise ImapProtocolError(f"STATUS without its items: {_said(line)}") from exc
 
 
 def _said(line: bytes) -> str:

@@ -6,12 +6,14 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select, update
 
 from backend.config import get_settings
 from backend.db import session_scope
-from backend.mailbox import folders
+from backend.mailbox import cursors, folders
+from backend.mailbox.imap import FolderStatus
 from backend.models import Account, AccountStatus, FolderCursor, PushStatus, utcnow
 
 # "watching" unconfirmed for this many watcher leases is shown as stale: a live watcher
@@ -132,3 +134,99 @@ def shown_status(
     if confirmed_at is None or confirmed_at < (now or utcnow()) - horizon:
         return PushStatus.STALE
     return status
+
+
+# -- held checks (backend/push/held.py) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A mailbox whose interval is short enough for a held session."""
+
+    account_id: int
+    host: str
+    interval: int
+    # A new one (a change of login): the held session is let go and opened again.
+    login_changed_at: datetime | None = None
+
+
+def held_accounts() -> dict[int, Checked]:
+    """Every mailbox to hold a session for: polled at most every
+    HELD_INTERVAL_MAX_SECONDS, active (a failing one is left to its polls and their
+    backoff), push off (push watches it already)."""
+    longest = get_settings().held_interval_max_seconds
+    if not longest:
+        return {}
+    with session_scope() as session:
+        rows = session.execute(
+            select(
+                Account.id,
+                Account.imap_host,
+                Account.poll_interval_seconds,
+                Account.login_changed_at,
+            ).where(
+                Account.enabled.is_(True),
+                Account.status == AccountStatus.ACTIVE,
+                Account.push.is_(False),
+                Account.poll_interval_seconds <= longest,
+            )
+        )
+        return {
+            row.id: Checked(row.id, row.imap_host, row.poll_interval_seconds, row.login_changed_at)
+            for row in rows
+        }
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What the mailbox's last complete poll saw, folder by folder: a STATUS that says
+    the same needs no poll (backend/mailbox/service.Poller.poll_folder's skip)."""
+
+    seen: dict[str, tuple[int, int]]
+    # (UIDVALIDITY, HIGHESTMODSEQ) by folder as change tracking last recorded them
+    # (None: changes are not tracked).
+    modseqs: dict[str, tuple[int, int | None]] | None
+
+    def unchanged(self, statuses: Mapping[str, FolderStatus]) -> bool:
+        for folder, status in statuses.items():
+            if self.seen.get(folder) != (status.uidvalidity, status.uidnext):
+                return False
+            # Without CONDSTORE only a poll can see flag changes: a change is assumed.
+            if self.modseqs is not None and (
+                status.highestmodseq is None
+                or self.modseqs.get(folder) != (status.uidvalidity, status.highestmodseq)
+            ):
+                return False
+        return True
+
+
+def load_baseline(account_id: int) -> Baseline:
+    with session_scope() as session:
+        seen = cursors.seen_uidnext(session, account_id)
+        row = session.execute(
+            select(Account.track_changes, Account.change_state).where(Account.id == account_id)
+        ).one_or_none()
+    modseqs: dict[str, tuple[int, int | None]] | None = None
+    if row is not None and row.track_changes:
+        state: dict[str, dict[str, Any]] = row.change_state or {}
+        modseqs = {
+            folder: (int(value["uidvalidity"]), value.get("highestmodseq"))
+            for folder, value in state.items()
+            if "uidvalidity" in value
+        }
+    return Baseline(seen, modseqs)
+
+
+def record_checks(account_ids: Collection[int]) -> None:
+    """Held checks that found nothing new count as the mailboxes' idle polls: their last
+    poll and last complete poll (freshness) are now. One statement; an account that
+    turned to error or was disabled meanwhile is left as its poll recorded it."""
+    if not account_ids:
+        return
+    now = utcnow()
+    with session_scope() as session:
+        session.execute(
+            update(Account)
+            .where(Account.id.in_(list(account_ids)), Account.status == AccountStatus.ACTIVE)
+            .values(last_polled_at=now, last_success_at=now)
+        )

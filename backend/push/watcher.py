@@ -46,9 +46,11 @@ from backend.config import get_settings
 from backend.mailbox import budget, credentials, folders, imap
 from backend.models import PushStatus
 from backend.push import service
+from backend.push.held import Found, HeldChecks, HeldSession
 from backend.push.leases import Leases, watcher_name
 from backend.push.service import Pushed
 from backend.schedules import service as schedules
+from backend.schedules import store
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,9 @@ class Watcher:
         self._sender = threading.Thread(target=self._send_loop, name="watch-send", daemon=True)
         self._hosts_seen: set[str] = set()
         self._next_confirm = 0.0
+        self.checks = HeldChecks(
+            self.name, self.selector, self._logins, self._wake, self._outbox.put
+        )
 
     # -- running -------------------------------------------------------------------------
 
@@ -133,11 +138,14 @@ class Watcher:
                 if now >= next_check:  # a walk over every link: once a second is enough
                     self._check_links(now)
                     next_check = now + 1.0
-                timeout = max(0.0, min(next_turn - time.monotonic(), 1.0))
+                next_held = self.checks.tick(now)
+                timeout = max(0.0, min(next_turn - time.monotonic(), 1.0, next_held))
                 for key, _events in self.selector.select(timeout):
                     if key.data is None:
                         with contextlib.suppress(OSError):
                             self._wake_read.recv(4096)
+                    elif isinstance(key.data, HeldSession):
+                        self.checks.readable(key.data)
                     else:
                         self._readable(key.data)
         finally:
@@ -168,8 +176,12 @@ class Watcher:
             self._renumbered()
         except (redis.RedisError, OSError) as exc:
             log.warning("watcher: cannot renew or claim leases (%s); trying again", exc)
+            watchers = 0
         except Exception:
             log.exception("watcher: lease turn failed; trying again")
+            watchers = 0
+        if watchers:
+            self.checks.turn(watchers, self._push_by_host())
         self._open_due()
         self._report()
         self._confirm()
@@ -460,6 +472,16 @@ class Watcher:
                     assert isinstance(value, float)
                     if schedules.enqueue_news_poll(account_id, value):
                         metrics.record_push_poll()
+                elif kind == "change":  # a held check found something new
+                    schedules.enqueue_news_poll(account_id)
+                    metrics.record_held_checks(0, changed=1)
+                elif kind == "checks":
+                    assert isinstance(value, Found)
+                    store.record_checks(value.unchanged, time.time())
+                    service.record_checks(value.record)
+                    metrics.record_held_checks(len(value.unchanged))
+                elif kind == "forget":
+                    store.forget_check(account_id)
                 elif kind == "confirm":
                     assert isinstance(value, list)
                     service.confirm_watching(value)
@@ -487,6 +509,12 @@ class Watcher:
         ]
         self._outbox.put(("confirm", 0, watched))
 
+    def _push_by_host(self) -> Counter[str]:
+        by_host = Counter[str]()
+        for held in self.held.values():
+            by_host[held.pushed.host] += held.pushed.connections
+        return by_host
+
     def _report(self) -> None:
         by_host = Counter[str]()
         for held in self.held.values():
@@ -501,6 +529,7 @@ class Watcher:
     def _shutdown(self) -> None:
         log.info("watcher %s stopping: DONE and LOGOUT on every connection", self.name)
         self._logins.shutdown(wait=False, cancel_futures=True)
+        self.checks.shutdown()
         links = []
         for held in self.held.values():
             for watch in held.watches.values():

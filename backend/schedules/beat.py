@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import time
+import zlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -60,10 +61,17 @@ LOCK_RENEW_SECONDS = 1.0
 # Entries sent per pass of the tick: a backlog (a beat that was down, a rebuild) goes out
 # in passes of this many, each renewing the lock, rather than in one pass longer than it.
 DUE_BATCH = 1_000
+# The shortest wait between two ticks that are not sending a backlog: a poll goes out at
+# most this late, and each tick carries the entries due meanwhile (issue 32: at 200
+# entries a second beat ticked for every one or two).
+MIN_TICK_SECONDS = 0.1
+# How often beat looks for coalescing keys whose poll is gone (a failover, a dead worker).
+LOST_CHECK_SECONDS = 1.0
 
 
 class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
     _next_empty_check = 0.0
+    _next_lost_check = 0.0
 
     def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
         dispatch.assume_celery_mode()
@@ -71,6 +79,9 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
         # the polls it can send per second); Flower still sees every poll from the
         # worker's events (received, started, succeeded, revoked when expired).
         app.conf.task_send_sent_event = False
+        settings = get_settings()
+        # The coalescing keys (REDIS_URL) and the schedule (REDBEAT_REDIS_URL) in one.
+        self._one_redis = settings.effective_redbeat_redis_url == settings.redis_url
         super().__init__(app, *args, **kwargs)
 
     def setup_schedule(self) -> None:
@@ -165,27 +176,46 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
         self._send_polls(polls, now)
         waits += self._send_others(others)
         # The waits were measured before sending: sending took part of them already.
-        return max(min(waits) - (time.monotonic() - started), 0.0)
+        wait = min(waits) - (time.monotonic() - started)
+        if len(due) == DUE_BATCH:
+            return max(wait, 0.0)
+        # Entries spread over the interval fall due every few milliseconds: a tick each
+        # would cost its round trips (the lock, the due range, the pipelines) for one
+        # or two entries. Ticks at least MIN_TICK_SECONDS apart send them in groups.
+        return max(wait, MIN_TICK_SECONDS)
 
     def _send_polls(self, due: dict[str, float], now: float) -> None:
-        """`due`: the entries' keys and scores (when each was due)."""
+        """`due`: the entries' keys and scores (when each was due).
+
+        A mailbox a watcher checks on a held session (backend/push/held.py: its
+        `checked` key is there) is only rescheduled, and sent a poll only at its safety
+        slot: no meta written, no coalescing key claimed. The others' next runs, meta
+        and coalescing keys go in one pipeline."""
         if not due:
             return
         keys = list(due)
         client = get_redis(self.app)
+        prefix = store.mailbox_key_prefix()
         with client.pipeline(transaction=False) as pipe:
             for entry_key in keys:
                 pipe.hget(entry_key, "definition")
-            definitions = pipe.execute()
+                pipe.exists(store.CHECKED_PREFIX + entry_key[len(prefix) :])
+            replies = pipe.execute()
+        safety = float(get_settings().held_safety_interval_seconds)
         polls: list[tuple[str, store.PollEntry]] = []
+        checked: dict[str, float] = {}  # held entries: their next run
         unreadable: list[str] = []
-        for entry_key, definition in zip(keys, definitions, strict=True):
+        for entry_key, definition, held in zip(keys, replies[0::2], replies[1::2], strict=True):
             poll = store.read_poll_entry(definition)
             if poll is None:
                 unreadable.append(entry_key)
+            elif held and not safety_due(entry_key, due[entry_key], poll.interval, safety):
+                checked[entry_key] = next_run(due[entry_key], poll.interval, now)
             else:
                 polls.append((entry_key, poll))
         meta = store.meta_json(datetime.fromtimestamp(now, UTC))
+        pending = [store.pending_key(poll.account_id) for _, poll in polls]
+        expiry = max(1, round(store.pending_seconds() * 1000))
         with client.pipeline(transaction=False) as pipe:
             if unreadable:
                 # RedBeat's rule for an entry it cannot load; the next reconcile rewrites
@@ -199,18 +229,32 @@ class MailbeatScheduler(RedBeatScheduler):  # type: ignore[misc]
                 pipe.zrem(self.app.redbeat_conf.schedule_key, *unreadable)
             for entry_key, _ in polls:
                 pipe.hset(entry_key, "meta", meta)
-            if polls:
+            if polls or checked:
                 pipe.zadd(
                     self.app.redbeat_conf.schedule_key,
                     {
-                        entry_key: next_run(due[entry_key], poll.interval, now)
-                        for entry_key, poll in polls
+                        **checked,
+                        **{
+                            entry_key: next_run(due[entry_key], poll.interval, now)
+                            for entry_key, poll in polls
+                        },
                     },
                 )
-            pipe.execute()
-        pending = [store.pending_key(poll.account_id) for _, poll in polls]
-        free = dispatch.claim_many(pending, store.pending_seconds()) if pending else []
-        if not all(free):
+            # The coalescing keys claimed in the same round trip (dispatch.claim_many's
+            # command) when they live in the schedule's Redis: a mailbox whose previous
+            # poll still waits costs no more.
+            claims = pending if self._one_redis else []
+            for key in claims:
+                pipe.set(dispatch.COALESCE_PREFIX + key, 1, nx=True, px=expiry)
+            replies = pipe.execute()
+        if self._one_redis:
+            free = [bool(reply) for reply in replies[len(replies) - len(pending) :]]
+        else:
+            free = dispatch.claim_many(pending, store.pending_seconds()) if pending else []
+        if not all(free) and time.monotonic() >= self._next_lost_check:
+            # At most once a second: under a backlog most ticks find keys held, and
+            # looking at the queue each time cost more than the polls sent.
+            self._next_lost_check = time.monotonic() + LOST_CHECK_SECONDS
             free = self._retake_lost(pending, free)
         waiting = 0
         renewed = time.monotonic()
@@ -388,6 +432,17 @@ def next_run(due: float, interval: float, now: float) -> float:
     interval = max(interval, 1.0)
     steps = max(1, math.ceil((now + MIN_GAP * interval - due) / interval))
     return due + steps * interval
+
+
+def safety_due(entry_key: str, due: float, interval: float, safety: float) -> bool:
+    """Whether the run of a held mailbox due at `due` is its safety poll: once every
+    `safety` seconds, at an offset of its own (the entry's key spreads the mailboxes
+    over the safety interval rather than sending them all together). Stateless: the
+    run whose interval holds the mailbox's next safety point is the one."""
+    if safety <= interval:
+        return True
+    offset = (zlib.crc32(entry_key.encode()) / 2**32) * safety
+    return math.floor((due + offset) / safety) != math.floor((due - interval + offset) / safety)
 
 
 def take_lock(scheduler: MailbeatScheduler) -> None:

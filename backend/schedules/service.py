@@ -331,6 +331,9 @@ class Capacity:
     mailboxes: int
     demanded_polls_per_second: float
     completed_polls_per_second: float
+    # Held checks that found nothing new (backend/push/held.py): idle polls without a
+    # task, counted with the polls in the stretch.
+    completed_checks_per_second: float
     queue_length: int | None
     oldest_pending_seconds: float | None
     # demanded / completed: 1.0 keeps up, 2.0 every interval takes twice as long.
@@ -341,8 +344,9 @@ class Capacity:
 def capacity(session: Session) -> Capacity:
     """What the schedule asks for against what the workers do: polls per second demanded
     (the sum of 1/interval over scheduled mailboxes) and completed (over the last
-    CAPACITY_WINDOW_SECONDS), the poll queue, and how long its oldest poll has waited.
-    Two aggregate queries and one pipelined Redis round trip, whatever the size."""
+    CAPACITY_WINDOW_SECONDS; polls and held checks), the poll queue, and how long its
+    oldest poll has waited. Two aggregate queries and two Redis round trips, whatever
+    the size."""
     mailboxes, demanded = session.execute(
         select(
             func.count(Account.id),
@@ -354,15 +358,19 @@ def capacity(session: Session) -> Capacity:
     completed_rate = (completed or 0) / CAPACITY_WINDOW_SECONDS
     queue_length: int | None = None
     oldest: float | None = None
+    checks_rate = 0.0
     if dispatch.mode() == SchedulerMode.CELERY:
         queue_length, oldest = poll_queue()
-    stretch = None if not completed_rate else max(float(demanded) / completed_rate, 1.0)
+        checks_rate = store.checks_per_second(CAPACITY_WINDOW_SECONDS, time.time())
+    done = completed_rate + checks_rate
+    stretch = None if not done else max(float(demanded) / done, 1.0)
     lag_limit = get_settings().poll_lag_degraded_seconds
     return Capacity(
         mode=dispatch.mode(),
         mailboxes=int(mailboxes),
         demanded_polls_per_second=round(float(demanded), 3),
         completed_polls_per_second=round(completed_rate, 3),
+        completed_checks_per_second=round(checks_rate, 3),
         queue_length=queue_length,
         oldest_pending_seconds=None if oldest is None else round(oldest, 1),
         interval_stretch=None if stretch is None else round(stretch, 2),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -114,6 +115,56 @@ def pending_seconds() -> float:
     visibility timeout, after which a poll taken by a worker that died is delivered again
     anyway. A poll lost outright (Redis lost its data) blocks its mailbox no longer."""
     return float(get_settings().poll_time_limit_seconds * 2)
+
+
+# Held checks (backend/push/held.py). While a watcher checks a mailbox on its held
+# session, its key lives for two intervals past each check: beat then sends the
+# mailbox only its safety polls. A watcher that stops checking (it died, lost the
+# session, fell behind) lets the key lapse, and beat's interval applies again.
+CHECKED_PREFIX = "mailbeat:held:checked:"
+# Checks counted in buckets of this many seconds (capacity's rate), and in all.
+CHECKS_BUCKET_SECONDS = 10
+CHECKS_PREFIX = "mailbeat:held:checks:"
+CHECKS_TOTAL = "mailbeat:held:checks"
+
+
+def checked_key(account_id: int) -> str:
+    return f"{CHECKED_PREFIX}{account_id}"
+
+
+def checked_seconds(interval_seconds: float) -> int:
+    """How long a check vouches for its mailbox: two intervals, plus the watcher's
+    batching of what it records (a second)."""
+    return math.ceil(2 * interval_seconds) + 2
+
+
+def record_checks(checked: dict[int, float], now: float) -> None:
+    """Checks that found nothing new: `checked` maps each mailbox to its interval. One
+    pipeline: each mailbox's key renewed, the counters raised."""
+    if not checked:
+        return
+    bucket = f"{CHECKS_PREFIX}{int(now) // CHECKS_BUCKET_SECONDS}"
+    with client().pipeline(transaction=False) as pipe:
+        for account_id, interval in checked.items():
+            pipe.set(checked_key(account_id), 1, ex=checked_seconds(interval))
+        pipe.incrby(bucket, len(checked))
+        pipe.expire(bucket, 10 * CHECKS_BUCKET_SECONDS)
+        pipe.incrby(CHECKS_TOTAL, len(checked))
+        pipe.execute()
+
+
+def forget_check(account_id: int) -> None:
+    """The watcher let the mailbox go: beat's interval applies from its next run."""
+    client().delete(checked_key(account_id))
+
+
+def checks_per_second(window_seconds: int, now: float) -> float:
+    """Held checks completed per second over the last complete buckets of the window."""
+    last = int(now) // CHECKS_BUCKET_SECONDS - 1
+    buckets = max(1, window_seconds // CHECKS_BUCKET_SECONDS)
+    keys = [f"{CHECKS_PREFIX}{last - n}" for n in range(buckets)]
+    counts = client().mget(keys)
+    return sum(int(c) for c in counts if c) / (buckets * CHECKS_BUCKET_SECONDS)
 
 
 # A mailbox entry's definition as RedBeat encodes it, in the field order of its `save()`

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from itertools import pairwise
 
 import pytest
 from sqlalchemy.orm import Session
@@ -221,3 +222,39 @@ def test_a_mailbox_whose_queued_poll_was_lost_is_polled_again(
     # The lost one is polled again now, not once its key expires (1,320 s); the waiting
     # one still has one poll in the queue.
     assert sorted(_queued_polls(redis_db)) == sorted([lost.id, waiting.id])
+
+
+def test_a_checked_mailbox_is_only_rescheduled_until_its_checks_stop(
+    db: Session, redis_db: RedisDb, scheduler: MailbeatScheduler, set_env: Callable[..., None]
+) -> None:
+    """A held mailbox (a watcher's checks keep its `checked` key) gets no poll and no
+    coalescing key at its due run, only its next run; once the key is gone (the watcher
+    let it go or died), its next due run is sent as any other."""
+    set_env(HELD_SAFETY_INTERVAL_SECONDS=100_000)
+    held, other = make_accounts(db, 2, poll_interval_seconds=600)
+    scheduler._reconcile("test")
+    store.record_checks({held.id: 600}, time.time())
+    _all_due(redis_db, [held, other])
+    take_lock(scheduler)
+    scheduler.tick()
+
+    assert _queued_polls(redis_db) == [other.id]
+    conn = redis_db.client()
+    assert not conn.exists(dispatch.COALESCE_PREFIX + store.pending_key(held.id))
+    score = conn.zscore(store.schedule_key(), store.entry_key(held.id))
+    assert score is not None and score > time.time() + 500  # one interval on
+
+    store.forget_check(held.id)
+    _all_due(redis_db, [held])
+    scheduler.tick()
+    assert sorted(_queued_polls(redis_db)) == sorted([held.id, other.id])
+
+
+def test_a_held_mailbox_gets_one_safety_poll_per_safety_interval() -> None:
+    interval, safety = 10.0, 600.0
+    for key in ("redbeat:mailbox:1", "redbeat:mailbox:2", "redbeat:mailbox:77"):
+        runs = [1_000_000.0 + n * interval for n in range(int(6 * safety / interval))]
+        sent = [due for due in runs if beat.safety_due(key, due, interval, safety)]
+        assert len(sent) in (5, 6, 7)
+        assert all(later - earlier == safety for earlier, later in pairwise(sent))
+    assert beat.safety_due("redbeat:mailbox:1", 5.0, 600.0, 600.0)  # no wider than the interval
