@@ -286,11 +286,15 @@ def test_uidvalidity_reset_stores_nothing_twice_and_loses_nothing(
     assert result.messages == 1
     held = messages(db, account.id)
     assert len(held) == 4
-    (new,) = [m for m in held if m.uidvalidity != old_validity]
-    assert new.message_id == "<gen-3@example.org>"
+    # The three held from before moved to their new UIDs, each one to its own.
+    new_validity = mail_server.folder_status(username)[b"UIDVALIDITY"]
+    assert new_validity != old_validity
+    assert {m.uidvalidity for m in held} == {new_validity}
+    assert len({m.uid for m in held}) == 4
+    (new,) = [m for m in held if m.message_id == "<gen-3@example.org>"]
     assert sorted(result.new_message_ids) == [new.id]
     cursor = db.scalars(select(FolderCursor).where(FolderCursor.account_id == account.id)).one()
-    assert cursor.uidvalidity == mail_server.folder_status(username)[b"UIDVALIDITY"]
+    assert cursor.uidvalidity == new_validity
     assert cursor.last_uid == new.uid
     # And the next poll finds nothing new.
     assert poll_account(account.id).messages == 0
@@ -314,8 +318,10 @@ def test_a_copy_arriving_after_a_uidvalidity_change_is_stored(
 
     assert result.messages == 1
     validity = dovecot.folder_status(username)[b"UIDVALIDITY"]
-    (copy,) = [m for m in messages(db, account.id) if m.uidvalidity == validity]
-    assert copy.uid == uid
+    # The one held from before is at its new UID, the copy at its own.
+    held, copy = messages(db, account.id)
+    assert (held.uidvalidity, copy.uidvalidity) == (validity, validity)
+    assert held.uid < copy.uid == uid
     assert sorted(result.new_message_ids) == [copy.id]
 
 
