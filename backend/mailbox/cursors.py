@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import ColumnElement, Table, bindparam, func, select, update
+from sqlalchemy import ColumnElement, Table, bindparam, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from backend.db import insert_for
@@ -227,13 +227,17 @@ def held_email_ids(session: Session, account_id: int, email_ids: set[str]) -> di
     return {str(row[0]): Holder(*row[1:]) for row in rows}
 
 
-def relocate(session: Session, moves: Sequence[tuple[Holder, int, int]]) -> None:
-    """Move stored messages to their new (UIDVALIDITY, UID) in their folder: each only
-    from the place it was found at, so a backfill or an audit that relocated it first
-    wins and this changes nothing."""
+def relocate(session: Session, account_id: int, moves: Sequence[tuple[Holder, int, int]]) -> None:
+    """Move stored messages to their new (UIDVALIDITY, UID) in their folder. A poll,
+    a backfill and an audit may relocate at once (only polls are fenced): the account
+    row is locked first (a poll's batch holds it already), and a message moves only
+    from the place it was found at and only to a place no row holds, so one that
+    another relocated first, or whose place another took, stays as that one left it."""
     if not moves:
         return
+    session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
     table = cast(Table, Message.__table__)
+    there = table.alias("there")
     session.execute(
         update(table)
         .where(
@@ -241,6 +245,12 @@ def relocate(session: Session, moves: Sequence[tuple[Holder, int, int]]) -> None
             table.c.uidvalidity == bindparam("old_uidvalidity"),
             table.c.uid == bindparam("old_uid"),
             table.c.deleted_at.is_(None),
+            ~exists().where(
+                there.c.account_id == table.c.account_id,
+                there.c.folder == table.c.folder,
+                there.c.uidvalidity == bindparam("new_uidvalidity"),
+                there.c.uid == bindparam("new_uid"),
+            ),
         )
         .values(uidvalidity=bindparam("new_uidvalidity"), uid=bindparam("new_uid")),
         [

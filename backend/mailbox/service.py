@@ -784,7 +784,7 @@ class _Poller:
             self.fenced(session)
             # In the transaction that moves the cursor past them: a retried batch finds
             # them held where they are now.
-            cursors.relocate(session, prepared.relocations)
+            cursors.relocate(session, self.account_id, prepared.relocations)
             # Any conflict: the message's identity, or its server identity held by a
             # message a backfill or an audit stored from another folder meanwhile.
             inserted = [
