@@ -476,6 +476,8 @@ class _Poller:
         self.new_bytes = 0
         # UIDs not stored: a message stored from another folder is the same one.
         self.elsewhere: list[int] = []
+        # Stored messages this poll moves to a new (UIDVALIDITY, UID) of their folder.
+        self.relocated: set[int] = set()
         # The folders this poll was to go through, and those that failed (poll_folders).
         self.polled: list[str] | None = None
         self.tried: list[str] = []
@@ -663,6 +665,7 @@ class _Poller:
             if email_ids:
                 with session_scope() as session:
                     holders = cursors.held_email_ids(session, self.account_id, email_ids)
+            moving = self._moving_here(mailbox, folder, uidvalidity, holders)
             batch: list[_Fetched] = []
             batch_bytes = 0
             for uid in chunk:
@@ -679,9 +682,8 @@ class _Poller:
                     labels=data.labels,
                     held=data.email_id in holders,
                 )
-                holder = holders.get(data.email_id or "")
-                if holder is not None and holder.folder == folder:
-                    item.holder = holder
+                # The first UID with the identity takes the stored message, not the rest.
+                item.holder = moving.pop(data.email_id or "", None)
                 fetch_size = item.size if item.size <= self.max_bytes and not item.held else 0
                 if batch and (
                     len(batch) >= self.batch_size or batch_bytes + fetch_size > BATCH_MAX_BYTES
@@ -692,6 +694,33 @@ class _Poller:
                 batch_bytes += fetch_size
             if batch:
                 yield self._bodies(mailbox, batch)
+
+    def _moving_here(
+        self,
+        mailbox: ImapSession,
+        folder: str,
+        uidvalidity: int,
+        holders: dict[str, cursors.Holder],
+    ) -> dict[str, cursors.Holder]:
+        """The stored messages of this folder whose identity is found at a new UID here,
+        by identity: those held from another UIDVALIDITY, and those whose old UID the
+        server no longer has (gone and back; asked in one FETCH). Not one this poll
+        moves already, nor one whose old UID is still there (a second copy)."""
+        own = {
+            email_id: holder
+            for email_id, holder in holders.items()
+            if holder.folder == folder and holder.id not in self.relocated
+        }
+        same = [holder.uid for holder in own.values() if holder.uidvalidity == uidvalidity]
+        still = set(mailbox.fetch_metadata(same)) if same else set()
+        moving = {
+            email_id: holder
+            for email_id, holder in own.items()
+            if holder.uidvalidity != uidvalidity or holder.uid not in still
+        }
+        # Claimed here, in the fetching thread, which runs a batch ahead of the commits.
+        self.relocated.update(holder.id for holder in moving.values())
+        return moving
 
     def _bodies(self, mailbox: ImapSession, batch: list[_Fetched]) -> list[_Fetched]:
         bodies = mailbox.fetch_bodies(
@@ -730,6 +759,8 @@ class _Poller:
             with session_scope() as session:
                 holders = cursors.held_hashes(session, self.account_id, folder, uidvalidity, hashes)
         held = {holder.content_hash for holder in holders}
+        # Not one an earlier batch relocates (its commit may not have happened yet).
+        holders = [holder for holder in holders if holder.id not in self.relocated]
         prepared = _Prepared(
             folder=folder, uidvalidity=uidvalidity, last_uid=batch[-1].uid, fetched=len(batch)
         )
@@ -741,11 +772,12 @@ class _Poller:
             if not item.held:
                 # Held from before the change: each live one moves to one of its copies.
                 item.holder = _take(holders, item.content_hash)
+                if item.holder is not None:
+                    self.relocated.add(item.holder.id)
             if item.holder is not None:
                 # Its own folder's message, renumbered or gone and back: it is here now,
                 # so its flags and its deletion are followed here (and audited here).
-                if (item.holder.uidvalidity, item.holder.uid) != (uidvalidity, item.uid):
-                    prepared.relocations.append((item.holder, uidvalidity, item.uid))
+                prepared.relocations.append((item.holder, uidvalidity, item.uid))
             elif item.held:
                 # Another folder's (a place change tracking may find it moved to).
                 self.elsewhere.append(item.uid)

@@ -310,6 +310,21 @@ def test_a_message_gone_and_back_between_polls_is_followed_at_its_new_uid(
     assert (stored[0].deleted_at is not None) == track_changes
 
 
+def test_a_second_copy_in_one_folder_leaves_the_stored_message_where_it_is(
+    db: Session, dovecot: Dovecot, server: IdentityServer
+) -> None:
+    """The same identity at a second UID of the folder while the first is still there:
+    one message, stored at its first UID, and not moved."""
+    with ImapProxy(dovecot.host, dovecot.imap_port, up=server.up, down=server.down) as proxy:
+        account = make_account(db, dovecot, folders=["INBOX"], imap_port=proxy.port)
+        dovecot.append(account.username, message(1, ["\\Inbox"]))
+        assert handed_on(account.id).messages == 1
+        dovecot.append(account.username, message(1, ["\\Inbox"]))
+        assert handed_on(account.id).messages == 0
+
+    assert [(row.uid, row.deleted_at) for row in rows(db, account.id)] == [(1, None)]
+
+
 def test_a_label_changed_later_is_a_message_update(
     db: Session,
     dovecot: Dovecot,
