@@ -448,11 +448,16 @@ def _broken_objects(
 ) -> list[_Object]:
     """The objects not in the store (any backend: a read falls back to the other one),
     and in a deep audit those whose bytes no longer hash to the row's hash. One listing
-    of the folder's prefix per backend, not a request per object."""
-    prefix = _prefix(account_id, folder, uidvalidity)
+    per backend of the folder's prefix (and of each other one its objects sit under),
+    not a request per object."""
+    # A message moved here (from another folder, or from before a renumbering) keeps
+    # its object where it was first written: that place is listed too.
+    prefixes = {_prefix(account_id, folder, uidvalidity)}
+    prefixes.update("/".join(item.key.split("/")[:4]) + "/" for item in objects)
     present: set[str] = set()
     for store in storage.backends():
-        present.update(store.keys(prefix))
+        for prefix in sorted(prefixes):
+            present.update(store.keys(prefix))
     broken = [item for item in objects if item.key not in present]
     if deep:
         listed = [item for item in objects if item.key in present]

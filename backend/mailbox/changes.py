@@ -27,8 +27,9 @@ before it is handed on, and `message.moved` replaces `message.received` and
 poller hands its new place over (`seen_elsewhere`), and the stored message takes it.
 Gmail's labels (X-GM-LABELS) are read with the flags under CONDSTORE: a change of
 labels is a `message.updated` too. A folder renumbered (UIDVALIDITY changed) starts
-again from a baseline: its messages are matched by content at ingestion, as before, and
-nothing is reported for it.
+again from a baseline: the poller has moved its stored messages to their new UIDs
+(matched by server identity, or by content), whose flags are then compared once, and
+from then on they are followed there.
 """
 
 from __future__ import annotations
@@ -173,11 +174,10 @@ class Tracker:
         known = self.known.get(folder)
         if known is None or known.uidvalidity != uidvalidity:
             # A baseline. A folder tracked for the first time may hold messages stored
-            # long ago: their flags are compared once; a renumbered folder's messages
-            # were just stored, so there is nothing to find.
+            # long ago, and a renumbered one the messages the poller has just moved to
+            # their new UIDs with the flags they had: their flags are compared once.
             read = _Read(folder, uidvalidity, status, full_check_at=now)
-            if known is None:
-                read.flags = mailbox.fetch_flags()
+            read.flags = mailbox.fetch_flags()
             self.read.append(read)
             return
         full_due = known.full_check_at is None or now - known.full_check_at >= timedelta(

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, Table, bindparam, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from backend.db import insert_for
@@ -170,37 +170,99 @@ def match_below(session: Session, account_id: int, folder: str, uidvalidity: int
     return MAX_UID + 1 if bound is None else int(bound)
 
 
+class Holder(NamedTuple):
+    """A stored message that holds a server identity or a content hash, and where."""
+
+    id: int
+    folder: str
+    uidvalidity: int
+    uid: int
+    content_hash: str | None
+    live: bool
+
+
+_HOLDER = (
+    Message.id,
+    Message.folder,
+    Message.uidvalidity,
+    Message.uid,
+    Message.content_hash,
+    Message.deleted_at.is_(None),
+)
+
+
 def held_hashes(
     session: Session, account_id: int, folder: str, uidvalidity: int, hashes: set[str]
-) -> set[str]:
-    """Which of these content hashes are held from this folder under another UIDVALIDITY."""
+) -> list[Holder]:
+    """The messages held from this folder under another UIDVALIDITY with one of these
+    content hashes, oldest location first."""
     if not hashes:
-        return set()
-    return set(
-        session.scalars(
-            select(Message.content_hash).where(
-                Message.account_id == account_id,
-                Message.folder == folder,
-                Message.uidvalidity != uidvalidity,
-                Message.content_hash.in_(hashes),
-            )
+        return []
+    rows = session.execute(
+        select(*_HOLDER)
+        .where(
+            Message.account_id == account_id,
+            Message.folder == folder,
+            Message.uidvalidity != uidvalidity,
+            Message.content_hash.in_(hashes),
+        )
+        .order_by(Message.uidvalidity, Message.uid)
+    )
+    return [Holder(*row) for row in rows]
+
+
+def held_email_ids(session: Session, account_id: int, email_ids: set[str]) -> dict[str, Holder]:
+    """The live messages of the account that hold these server identities (EMAILID,
+    X-GM-MSGID), by identity: the same message met in a second folder (not to be stored
+    again), or in its own folder at another place (renumbered, or gone and back)."""
+    if not email_ids:
+        return {}
+    rows = session.execute(
+        select(Message.email_id, *_HOLDER).where(
+            Message.account_id == account_id,
+            Message.email_id.in_(email_ids),
+            Message.deleted_at.is_(None),
         )
     )
+    return {str(row[0]): Holder(*row[1:]) for row in rows}
 
 
-def held_email_ids(session: Session, account_id: int, email_ids: set[str]) -> set[str]:
-    """Which of these server identities (EMAILID, X-GM-MSGID) a live message of the
-    account holds: the same message met in a second folder, not to be stored again."""
-    if not email_ids:
-        return set()
-    return set(
-        session.scalars(
-            select(Message.email_id).where(
-                Message.account_id == account_id,
-                Message.email_id.in_(email_ids),
-                Message.deleted_at.is_(None),
-            )
+def relocate(session: Session, account_id: int, moves: Sequence[tuple[Holder, int, int]]) -> None:
+    """Move stored messages to their new (UIDVALIDITY, UID) in their folder. A poll,
+    a backfill and an audit may relocate at once (only polls are fenced): the account
+    row is locked first (a poll's batch holds it already), and a message moves only
+    from the place it was found at and only to a place no row holds, so one that
+    another relocated first, or whose place another took, stays as that one left it."""
+    if not moves:
+        return
+    session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
+    table = cast(Table, Message.__table__)
+    there = table.alias("there")
+    session.execute(
+        update(table)
+        .where(
+            table.c.id == bindparam("held_id"),
+            table.c.uidvalidity == bindparam("old_uidvalidity"),
+            table.c.uid == bindparam("old_uid"),
+            table.c.deleted_at.is_(None),
+            ~exists().where(
+                there.c.account_id == table.c.account_id,
+                there.c.folder == table.c.folder,
+                there.c.uidvalidity == bindparam("new_uidvalidity"),
+                there.c.uid == bindparam("new_uid"),
+            ),
         )
+        .values(uidvalidity=bindparam("new_uidvalidity"), uid=bindparam("new_uid")),
+        [
+            {
+                "held_id": held.id,
+                "old_uidvalidity": held.uidvalidity,
+                "old_uid": held.uid,
+                "new_uidvalidity": uidvalidity,
+                "new_uid": uid,
+            }
+            for held, uidvalidity, uid in moves
+        ],
     )
 
 

@@ -114,9 +114,10 @@ class _Fetched:
     email_id: str | None = None  # the server's identity across folders, if it has one
     thread_id: str | None = None
     labels: list[str] | None = None  # Gmail's
-    # Its identity is held by a message stored from another folder (or generation):
-    # the same message, neither fetched nor stored again.
+    # Its identity is held by a stored message: the same message, neither fetched nor
+    # stored again. From this folder (renumbered, or gone and back): it is moved here.
     held: bool = False
+    holder: cursors.Holder | None = None
     body: bytes | None = None  # None: larger than MAX_MESSAGE_BYTES, not fetched
     content_hash: str | None = None  # sha256 hex of body
 
@@ -136,6 +137,8 @@ class _Prepared:
     attachments: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     uploads: list[_Upload] = field(default_factory=list)
     advance_cursor: bool = True
+    # Messages held from this folder, found at another (UIDVALIDITY, UID): moved there.
+    relocations: list[tuple[cursors.Holder, int, int]] = field(default_factory=list)
     fetched: int = 0  # UIDs the batch covers, stored or not (for the sync's progress)
 
 
@@ -492,6 +495,8 @@ class _Poller:
         self.new_bytes = 0
         # UIDs not stored: a message stored from another folder is the same one.
         self.elsewhere: list[int] = []
+        # Stored messages this poll moves to a new (UIDVALIDITY, UID) of their folder.
+        self.relocated: set[int] = set()
         # The folders this poll was to go through, and those that failed (poll_folders).
         self.polled: list[str] | None = None
         self.tried: list[str] = []
@@ -675,9 +680,11 @@ class _Poller:
             chunk = [uid for uid in chunk if uid not in held]
             meta = mailbox.fetch_metadata(chunk)
             email_ids = {data.email_id for data in meta.values() if data.email_id}
+            holders: dict[str, cursors.Holder] = {}
             if email_ids:
                 with session_scope() as session:
-                    email_ids = cursors.held_email_ids(session, self.account_id, email_ids)
+                    holders = cursors.held_email_ids(session, self.account_id, email_ids)
+            moving = self._moving_here(mailbox, folder, uidvalidity, holders)
             batch: list[_Fetched] = []
             batch_bytes = 0
             for uid in chunk:
@@ -692,8 +699,10 @@ class _Poller:
                     email_id=data.email_id,
                     thread_id=data.thread_id,
                     labels=data.labels,
-                    held=data.email_id in email_ids,
+                    held=data.email_id in holders,
                 )
+                # The first UID with the identity takes the stored message, not the rest.
+                item.holder = moving.pop(data.email_id or "", None)
                 fetch_size = item.size if item.size <= self.max_bytes and not item.held else 0
                 if batch and (
                     len(batch) >= self.batch_size or batch_bytes + fetch_size > BATCH_MAX_BYTES
@@ -704,6 +713,33 @@ class _Poller:
                 batch_bytes += fetch_size
             if batch:
                 yield self._bodies(mailbox, batch)
+
+    def _moving_here(
+        self,
+        mailbox: ImapSession,
+        folder: str,
+        uidvalidity: int,
+        holders: dict[str, cursors.Holder],
+    ) -> dict[str, cursors.Holder]:
+        """The stored messages of this folder whose identity is found at a new UID here,
+        by identity: those held from another UIDVALIDITY, and those whose old UID the
+        server no longer has (gone and back; asked in one FETCH). Not one this poll
+        moves already, nor one whose old UID is still there (a second copy)."""
+        own = {
+            email_id: holder
+            for email_id, holder in holders.items()
+            if holder.folder == folder and holder.id not in self.relocated
+        }
+        same = [holder.uid for holder in own.values() if holder.uidvalidity == uidvalidity]
+        still = set(mailbox.fetch_metadata(same)) if same else set()
+        moving = {
+            email_id: holder
+            for email_id, holder in own.items()
+            if holder.uidvalidity != uidvalidity or holder.uid not in still
+        }
+        # Claimed here, in the fetching thread, which runs a batch ahead of the commits.
+        self.relocated.update(holder.id for holder in moving.values())
+        return moving
 
     def _bodies(self, mailbox: ImapSession, batch: list[_Fetched]) -> list[_Fetched]:
         bodies = mailbox.fetch_bodies(
@@ -737,22 +773,32 @@ class _Poller:
             for item in batch
             if item.content_hash is not None and item.uid < match_below
         }
-        held: set[str] = set()
+        holders: list[cursors.Holder] = []
         if hashes:
             with session_scope() as session:
-                held = cursors.held_hashes(session, self.account_id, folder, uidvalidity, hashes)
+                holders = cursors.held_hashes(session, self.account_id, folder, uidvalidity, hashes)
+        held = {holder.content_hash for holder in holders}
+        # Not one an earlier batch relocates (its commit may not have happened yet).
+        holders = [holder for holder in holders if holder.id not in self.relocated]
         prepared = _Prepared(
             folder=folder, uidvalidity=uidvalidity, last_uid=batch[-1].uid, fetched=len(batch)
         )
-        # Not what is held from before a UIDVALIDITY change, nor from another folder (a
-        # place where change tracking may find a stored message moved to).
-        kept = [
-            item
-            for item in batch
-            if not item.held and (item.uid >= match_below or item.content_hash not in held)
-        ]
+        kept: list[_Fetched] = []
         for item in batch:
-            if item.held:
+            if not item.held and (item.uid >= match_below or item.content_hash not in held):
+                kept.append(item)
+                continue
+            if not item.held:
+                # Held from before the change: each live one moves to one of its copies.
+                item.holder = _take(holders, item.content_hash)
+                if item.holder is not None:
+                    self.relocated.add(item.holder.id)
+            if item.holder is not None:
+                # Its own folder's message, renumbered or gone and back: it is here now,
+                # so its flags and its deletion are followed here (and audited here).
+                prepared.relocations.append((item.holder, uidvalidity, item.uid))
+            elif item.held:
+                # Another folder's (a place change tracking may find it moved to).
                 self.elsewhere.append(item.uid)
                 self.changes.seen_elsewhere(folder, uidvalidity, item)
         # Raw messages first: their writes run while the batch is parsed.
@@ -789,6 +835,9 @@ class _Poller:
             # First: a poll that has lost the mailbox commits nothing (and the account
             # row, locked from here, is the first row the batch locks, as below).
             self.fenced(session)
+            # In the transaction that moves the cursor past them: a retried batch finds
+            # them held where they are now.
+            cursors.relocate(session, self.account_id, prepared.relocations)
             # Any conflict: the message's identity, or its server identity held by a
             # message a backfill or an audit stored from another folder meanwhile.
             inserted = [
@@ -908,6 +957,15 @@ class _Poller:
         uploads.append(
             (row, self.pool.submit(storage.put_object, key, data, content_type, sync=False))
         )
+
+
+def _take(holders: list[cursors.Holder], content_hash: str | None) -> cursors.Holder | None:
+    """The first live holder of this content hash, taken from `holders` (so two
+    byte-identical messages relocate two stored ones, not one twice)."""
+    for index, holder in enumerate(holders):
+        if holder.live and holder.content_hash == content_hash:
+            return holders.pop(index)
+    return None
 
 
 def _prefetched(batches: Iterator[list[_Fetched]]) -> Iterator[list[_Fetched]]:

@@ -4,6 +4,7 @@ stored message and the receiver once; and against Cyrus (QRESYNC, OBJECTID)."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 import uuid
@@ -17,6 +18,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from backend.audit.service import audit_account
 from backend.mailbox import changes, imap, pool
 from backend.mailbox.imap import MAX_UID
 from backend.mailbox.service import PollResult, poll_account
@@ -99,9 +101,9 @@ def events(receiver: Receiver) -> list[dict[str, Any]]:
     return [request.json() for request in receiver.delivered()]
 
 
-def _fetch_all(server: RealServer, username: str) -> dict[int, Any]:
+def _fetch_all(server: RealServer, username: str, folder: str = "INBOX") -> dict[int, Any]:
     with server.client(username) as client:
-        client.select_folder("INBOX", readonly=True)
+        client.select_folder(folder, readonly=True)
         found: dict[int, Any] = client.fetch(client.search("ALL"), ["BODY.PEEK[]"])
         client.logout()
     return found
@@ -261,6 +263,102 @@ def test_a_renumbered_folder_is_matched_by_content_not_reported(
     poll(account)
     assert receiver.delivered() == []
     assert all(message.deleted_at is None for message in stored(db, account.id).values())
+
+
+def _at_new_uids(
+    db: Session, server: RealServer, username: str, account: Account, folder: str = "INBOX"
+) -> None:
+    """Each stored message of the folder is where the server has it now: its
+    UIDVALIDITY and the UID whose bytes it holds."""
+    current = server.folder_status(username, folder)[b"UIDVALIDITY"]
+    on_server = {
+        uid: hashlib.sha256(bytes(item[b"BODY[]"])).hexdigest()
+        for uid, item in _fetch_all(server, username, folder).items()
+    }
+    inbox = [row for row in stored(db, account.id).values() if row.folder == folder]
+    assert {row.uidvalidity for row in inbox} == {current}
+    assert {row.uid: row.content_hash for row in inbox} == on_server
+
+
+def _followed_at_new_uids(
+    db: Session,
+    server: RealServer,
+    username: str,
+    account: Account,
+    receiver: Receiver,
+    *,
+    folder: str = "INBOX",
+) -> None:
+    """A flag change and an expunge at the stored messages' new UIDs are reported once,
+    on the stored messages; nothing is stored or handed on again; the audit finds the
+    folder whole."""
+    by_uid = {row.uid: row.id for row in stored(db, account.id).values() if row.folder == folder}
+    flagged, expunged = sorted(by_uid)[:2]
+    with server.client(username) as client:
+        client.select_folder(folder)
+        client.add_flags([flagged], [b"\\Flagged"])
+        client.add_flags([expunged], [b"\\Deleted"])
+        client.uid_expunge([expunged])
+        client.logout()
+    assert poll(account).new_message_ids == []
+    assert poll(account).new_message_ids == []
+
+    changed = [event for event in events(receiver) if event["type"] != "message.received"]
+    assert sorted((event["type"], event["data"]["message"]["id"]) for event in changed) == sorted(
+        [("message.updated", by_uid[flagged]), ("message.deleted", by_uid[expunged])]
+    )
+    after = {row.id: row for row in stored(db, account.id).values() if row.folder == folder}
+    assert len(after) == len(by_uid)
+    assert after[by_uid[flagged]].flags == ["\\Flagged"]
+    assert after[by_uid[expunged]].deleted_at is not None
+    audit = audit_account(account.id)
+    inbox = next(entry for entry in audit.folders if entry.folder == folder)
+    assert (inbox.missing, inbox.objects_missing, inbox.repaired) == (0, 0, 0)
+    assert inbox.objects_checked >= len(by_uid)
+
+
+@on_both_servers
+def test_a_renumbered_folders_messages_are_followed_at_their_new_uids(
+    db: Session,
+    mail_server: RealServer,
+    tracked: Callable[..., tuple[Account, str]],
+    receiver: Receiver,
+) -> None:
+    """Dovecot renumbers with new UIDs (matched by content); Cyrus keeps them (matched
+    by its EMAILID)."""
+    account, username = tracked(mail_server)
+    mail_server.append_many(username, [generated(index) for index in range(5)])
+    assert len(poll(account).new_message_ids) == 5
+    mail_server.reset_uidvalidity(username)
+    pool.clear()
+
+    assert poll(account).new_message_ids == []
+    _at_new_uids(db, mail_server, username, account)
+    _followed_at_new_uids(db, mail_server, username, account, receiver)
+    assert Counter(event["type"] for event in events(receiver))["message.received"] == 0
+
+
+def test_a_folder_recreated_on_cyrus_keeps_its_messages_at_their_new_uids(
+    db: Session,
+    cyrus: Cyrus,
+    tracked: Callable[..., tuple[Account, str]],
+    receiver: Receiver,
+) -> None:
+    """DELETE, CREATE and APPEND of the same mail in the other order: a new UIDVALIDITY
+    and new UIDs; Cyrus gives each message its EMAILID again (from its content)."""
+    account, username = tracked(cyrus)
+    archive = cyrus.folder("Archive")
+    raws = [generated(index) for index in range(4)]
+    cyrus.append_many(username, raws, archive)
+    assert len(poll(account).new_message_ids) == 4
+    pool.clear()
+    cyrus.delete_folder(username, archive)
+    cyrus.create_folder(username, archive)
+    cyrus.append_many(username, list(reversed(raws)), archive)
+
+    assert poll(account).new_message_ids == []
+    _at_new_uids(db, cyrus, username, account, archive)
+    _followed_at_new_uids(db, cyrus, username, account, receiver, folder=archive)
 
 
 def test_with_tracking_off_nothing_is_read_or_reported(

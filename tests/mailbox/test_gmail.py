@@ -251,6 +251,80 @@ def test_a_move_between_polled_folders_is_a_move_not_a_new_message(
     assert types == {"message.received": 2, "message.moved": 1}
 
 
+@pytest.mark.parametrize("track_changes", [True, False])
+def test_a_message_gone_and_back_between_polls_is_followed_at_its_new_uid(
+    db: Session,
+    dovecot: Dovecot,
+    server: IdentityServer,
+    receiver: Receiver,
+    *,
+    webhooks_on: Callable[..., None],
+    track_changes: bool,
+) -> None:
+    """Moved to a folder not polled and back: the stored message (its identity held) is
+    now at its new UID, not marked deleted nor left at the old one; a flag change and an
+    expunge there are followed (with tracking)."""
+    with ImapProxy(dovecot.host, dovecot.imap_port, up=server.up, down=server.down) as proxy:
+        account = make_account(
+            db, dovecot, folders=["INBOX"], imap_port=proxy.port, track_changes=track_changes
+        )
+        username = account.username
+        dovecot.create_folder(username, "Elsewhere")
+        dovecot.append_many(username, [message(1, ["\\Inbox"]), message(2, ["\\Inbox"])])
+        assert handed_on(account.id).messages == 2
+        first = rows(db, account.id)[0].id
+        with dovecot.client(username) as client:
+            client.select_folder("INBOX")
+            client.move([1], "Elsewhere")
+            client.select_folder("Elsewhere")
+            client.move([1], "INBOX")
+            client.logout()
+        assert handed_on(account.id).messages == 0
+        back = rows(db, account.id)[0]
+        assert (back.id, back.uid, back.deleted_at) == (first, 3, None)
+        audit = audit_account(account.id)
+        assert [(entry.missing, entry.objects_missing) for entry in audit.folders] == [(0, 0)]
+        if track_changes:
+            with dovecot.client(username) as client:
+                client.select_folder("INBOX")
+                client.add_flags([3], [b"\\Flagged"])
+                client.logout()
+            assert handed_on(account.id).messages == 0
+            with dovecot.client(username) as client:
+                client.select_folder("INBOX")
+                client.add_flags([3], [b"\\Deleted"])
+                client.uid_expunge([3])
+                client.logout()
+            assert handed_on(account.id).messages == 0
+
+    stored = rows(db, account.id)
+    assert len(stored) == 2
+    types = [
+        (request.json()["type"], request.json()["data"]["message"]["id"])
+        for request in receiver.delivered()
+    ]
+    assert Counter(kind for kind, _id in types) == {"message.received": 2} | (
+        {"message.updated": 1, "message.deleted": 1} if track_changes else {}
+    )
+    assert all(message_id == first for kind, message_id in types if kind != "message.received")
+    assert (stored[0].deleted_at is not None) == track_changes
+
+
+def test_a_second_copy_in_one_folder_leaves_the_stored_message_where_it_is(
+    db: Session, dovecot: Dovecot, server: IdentityServer
+) -> None:
+    """The same identity at a second UID of the folder while the first is still there:
+    one message, stored at its first UID, and not moved."""
+    with ImapProxy(dovecot.host, dovecot.imap_port, up=server.up, down=server.down) as proxy:
+        account = make_account(db, dovecot, folders=["INBOX"], imap_port=proxy.port)
+        dovecot.append(account.username, message(1, ["\\Inbox"]))
+        assert handed_on(account.id).messages == 1
+        dovecot.append(account.username, message(1, ["\\Inbox"]))
+        assert handed_on(account.id).messages == 0
+
+    assert [(row.uid, row.deleted_at) for row in rows(db, account.id)] == [(1, None)]
+
+
 def test_a_label_changed_later_is_a_message_update(
     db: Session,
     dovecot: Dovecot,

@@ -7,6 +7,7 @@ import hashlib
 import threading
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,10 +16,10 @@ from sqlalchemy.orm import Session
 
 from backend import crypto
 from backend.accounts.state import clear_backoff
-from backend.db import get_engine
-from backend.mailbox import parsing
-from backend.mailbox.service import PollResult, poll_account
-from backend.models import Account, Attachment, FolderCursor, Message, PollRun
+from backend.db import bulk_insert, get_engine
+from backend.mailbox import cursors, parsing
+from backend.mailbox.service import MESSAGES, PollResult, poll_account
+from backend.models import Account, Attachment, FolderCursor, Message, PollRun, utcnow
 from backend.storage import service as storage
 from tests.support.accounts import MailAccount
 from tests.support.api import auth_headers
@@ -289,11 +290,15 @@ def test_uidvalidity_reset_stores_nothing_twice_and_loses_nothing(
     assert result.messages == 1
     held = messages(db, account.id)
     assert len(held) == 4
-    (new,) = [m for m in held if m.uidvalidity != old_validity]
-    assert new.message_id == "<gen-3@example.org>"
+    # The three held from before moved to their new UIDs, each one to its own.
+    new_validity = mail_server.folder_status(username)[b"UIDVALIDITY"]
+    assert new_validity != old_validity
+    assert {m.uidvalidity for m in held} == {new_validity}
+    assert len({m.uid for m in held}) == 4
+    (new,) = [m for m in held if m.message_id == "<gen-3@example.org>"]
     assert sorted(result.new_message_ids) == [new.id]
     cursor = db.scalars(select(FolderCursor).where(FolderCursor.account_id == account.id)).one()
-    assert cursor.uidvalidity == mail_server.folder_status(username)[b"UIDVALIDITY"]
+    assert cursor.uidvalidity == new_validity
     assert cursor.last_uid == new.uid
     # And the next poll finds nothing new.
     assert poll_account(account.id).messages == 0
@@ -317,9 +322,48 @@ def test_a_copy_arriving_after_a_uidvalidity_change_is_stored(
 
     assert result.messages == 1
     validity = dovecot.folder_status(username)[b"UIDVALIDITY"]
-    (copy,) = [m for m in messages(db, account.id) if m.uidvalidity == validity]
-    assert copy.uid == uid
+    # The one held from before is at its new UID, the copy at its own.
+    held, copy = messages(db, account.id)
+    assert (held.uidvalidity, copy.uidvalidity) == (validity, validity)
+    assert held.uid < copy.uid == uid
     assert sorted(result.new_message_ids) == [copy.id]
+
+
+def test_relocations_that_race_change_nothing_twice_and_raise_nothing(
+    db: Session, dovecot: Dovecot, mail_account: MailAccount
+) -> None:
+    """A poll and an audit (not fenced) pair two byte-identical messages held from
+    before a renumbering with their new UIDs differently: the first to commit wins,
+    the other's relocations of a row moved already, or to a place taken, do nothing."""
+    account = mail_account()
+    rows: list[dict[str, Any]] = [
+        {
+            "account_id": account.id,
+            "folder": "INBOX",
+            "uidvalidity": 1,
+            "uid": uid,
+            "size": 1,
+            "flags": [],
+            "to_addrs": [],
+            "cc_addrs": [],
+            "process_failures": 0,
+            "ingested_at": utcnow(),
+        }
+        for uid in (1, 2)
+    ]
+    ids = [row.id for row in bulk_insert(db, MESSAGES, rows, returning=("id",))]
+    first, second = (
+        cursors.Holder(message_id, "INBOX", 1, uid, None, True)
+        for message_id, uid in zip(ids, (1, 2), strict=True)
+    )
+    cursors.relocate(db, account.id, [(first, 2, 6)])  # the audit's pairing
+    cursors.relocate(db, account.id, [(first, 2, 5), (second, 2, 6)])  # the poll's
+
+    placed = db.execute(
+        select(Message.id, Message.uidvalidity, Message.uid).where(Message.id.in_(ids))
+    ).all()
+    assert sorted(placed) == sorted([(ids[0], 2, 6), (ids[1], 1, 2)])
+    db.rollback()
 
 
 def test_oversized_message_is_recorded_without_its_body(
