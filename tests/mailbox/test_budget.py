@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend import dispatch
+from backend.celery_app import queue_keys
 from backend.mailbox import budget, pool
 from backend.mailbox.service import PollResult, poll_account
 from backend.models import Account, Backfill, BackfillStatus, Message
@@ -47,6 +48,17 @@ def mailbox(
     if messages:
         dovecot.append_many(account.username, [generated(index) for index in range(messages)])
     return account
+
+
+def sent(redis_db: RedisDb, task: str) -> list[list[Any]]:
+    """The arguments of each `task` waiting on the email queue."""
+    client = redis_db.client()
+    headers = [
+        json.loads(message)["headers"]
+        for key in queue_keys("email")
+        for message in client.lrange(key, 0, -1)
+    ]
+    return [json.loads(h["argsrepr"]) for h in headers if h["task"] == task]
 
 
 def stored(db: Session, account: Account) -> int:
@@ -146,6 +158,34 @@ def test_a_poll_whose_wait_runs_out_is_no_failure_and_is_sent_again(
         again = run_poll(account.id, None)
         assert isinstance(again, PollResult)
         assert (again.outcome, again.messages) == ("success", 2)
+
+
+def test_a_backfill_without_a_slot_waits_queued_and_is_sent_again(
+    db: Session,
+    dovecot: Dovecot,
+    set_env: Callable[..., None],
+    redis_db: RedisDb,
+) -> None:
+    limit(set_env, 1, CONNECTION_SLOT_WAIT_SECONDS=0)
+    with ImapProxy(dovecot.host, dovecot.imap_port, passthrough) as proxy:
+        account = mailbox(db, dovecot, proxy, 2)
+        row = backfill.create(db, account.id, {})
+        db.commit()
+        held = budget.claim(HOST, "someone-else", "test")
+        assert held is not None
+
+        assert backfill.run(row.id) == "queued"
+
+        db.refresh(row)
+        assert row.status == BackfillStatus.QUEUED
+        assert row.error is not None and row.error.startswith("waiting for a connection slot")
+        assert sent(redis_db, backfill.RUN_TASK) == [[row.id]]
+
+        held.release()
+        assert backfill.run(row.id) == "done"
+        db.refresh(row)
+        assert row.error is None and str(row.status) == "done"
+        assert stored(db, account) == 2
 
 
 def test_a_kept_session_lets_go_of_its_slot_for_a_waiting_poll(
