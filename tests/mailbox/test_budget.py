@@ -3,6 +3,7 @@ Dovecot fixture behind a proxy that counts connections (tests/support/imap_proxy
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
@@ -16,10 +17,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend import dispatch
+from backend.audit import service as audits
 from backend.celery_app import queue_keys
 from backend.mailbox import budget, pool
 from backend.mailbox.service import PollResult, poll_account
-from backend.models import Account, Backfill, BackfillStatus, Message
+from backend.models import Account, AuditOutcome, Backfill, BackfillStatus, Message
 from backend.processing import backfill
 from backend.schedules import store
 from tests.support.accounts import make_account
@@ -58,7 +60,7 @@ def sent(redis_db: RedisDb, task: str) -> list[list[Any]]:
         for key in queue_keys("email")
         for message in client.lrange(key, 0, -1)
     ]
-    return [json.loads(h["argsrepr"]) for h in headers if h["task"] == task]
+    return [ast.literal_eval(h["argsrepr"]) for h in headers if h["task"] == task]
 
 
 def stored(db: Session, account: Account) -> int:
@@ -186,6 +188,35 @@ def test_a_backfill_without_a_slot_waits_queued_and_is_sent_again(
         db.refresh(row)
         assert row.error is None and str(row.status) == "done"
         assert stored(db, account) == 2
+
+
+def test_an_audit_without_a_slot_is_skipped_saying_so_and_sent_again(
+    db: Session,
+    dovecot: Dovecot,
+    set_env: Callable[..., None],
+    redis_db: RedisDb,
+) -> None:
+    limit(set_env, 1, CONNECTION_SLOT_WAIT_SECONDS=0)
+    with ImapProxy(dovecot.host, dovecot.imap_port, passthrough) as proxy:
+        account = mailbox(db, dovecot, proxy, 2)
+        assert poll_account(account.id).outcome == "success"
+        pool.clear()
+        held = budget.claim(HOST, "someone-else", "test")
+        assert held is not None
+
+        assert audits.run(account.id) == "no_slot"
+
+        [folder] = audits.latest(db, account.id)
+        assert folder.outcome == AuditOutcome.SKIPPED
+        assert folder.error is not None
+        assert folder.error.startswith("waiting for a connection slot")
+        assert sent(redis_db, audits.RUN_TASK) == [[account.id, False]]
+
+        held.release()
+        assert audits.run(account.id) == "clean"
+        db.expire_all()
+        [folder] = audits.latest(db, account.id)
+        assert (folder.outcome, folder.error) == (AuditOutcome.COMPLETE, None)
 
 
 def test_a_kept_session_lets_go_of_its_slot_for_a_waiting_poll(
