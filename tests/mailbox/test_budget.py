@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, cast
 
+from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -217,6 +218,30 @@ def test_an_audit_without_a_slot_is_skipped_saying_so_and_sent_again(
         db.expire_all()
         [folder] = audits.latest(db, account.id)
         assert (folder.outcome, folder.error) == (AuditOutcome.COMPLETE, None)
+
+
+def test_a_connection_test_takes_a_slot_and_says_when_the_budget_is_full(
+    api: TestClient, db: Session, dovecot: Dovecot, set_env: Callable[..., None]
+) -> None:
+    limit(set_env, 1, IMAP_CONNECT_TIMEOUT=1)  # the check's wait for a slot: 1 s
+    with ImapProxy(dovecot.host, dovecot.imap_port, passthrough) as proxy:
+        account = mailbox(db, dovecot, proxy, 1)
+        held = budget.claim(HOST, "someone-else", "test")
+        assert held is not None
+
+        full = api.post(f"/accounts/{account.id}/test").json()
+
+        assert (full["ok"], full["stage"]) == (False, "budget")
+        assert f"the connection budget for {HOST} is full" in full["detail"]
+        assert "nothing of the login" in full["detail"]
+        assert proxy.most == 0
+        db.refresh(account)
+        assert (account.status, account.last_error) == ("active", None)
+
+        held.release()
+        tried = api.post(f"/accounts/{account.id}/test").json()
+        assert (tried["ok"], tried["folders"][0]["messages"]) == (True, 1)
+        assert budget.in_use(HOST) == 0  # released as the check's session closed
 
 
 def test_a_kept_session_lets_go_of_its_slot_for_a_waiting_poll(
