@@ -181,8 +181,7 @@ def run(account_id: int, deep: bool = False) -> str:
     except NotFound:
         return "gone"
     if result.no_slot:
-        countdown = get_settings().connection_slot_wait_seconds or 5
-        dispatch.enqueue(RUN_TASK, account_id, deep, countdown=countdown)
+        dispatch.enqueue(RUN_TASK, account_id, deep, countdown=budget.again_seconds())
         return "no_slot"
     return "found" if result.found_anything else "clean"
 

@@ -24,7 +24,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend import dispatch
-from backend.config import get_settings
 from backend.db import session_scope
 from backend.errors import MailbeatError, NotFound
 from backend.mailbox import budget
@@ -149,9 +148,7 @@ def run(backfill_id: int) -> str:
             row = session.get_one(Backfill, backfill_id)
             row.status, row.error, row.started_at = BackfillStatus.QUEUED, exc.message, None
         log.info("backfill %s of account %s: %s", backfill_id, account_id, exc.message)
-        dispatch.enqueue(
-            RUN_TASK, backfill_id, countdown=get_settings().connection_slot_wait_seconds or 5
-        )
+        dispatch.enqueue(RUN_TASK, backfill_id, countdown=budget.again_seconds())
         return str(BackfillStatus.QUEUED)
     except Exception as exc:
         # Only the first line of the text, as for a poll: a driver's error may quote data.
