@@ -630,7 +630,8 @@ class FolderCheckRead(BaseModel):
 
 class AccountCheckRead(BaseModel):
     """The outcome of trying the account now. `stage` names the step that failed:
-    dns, connect, tls, auth or folder (None when everything worked)."""
+    dns, connect, tls, auth or folder, or budget: the host's connection budget was full, so
+    nothing was tried (None when everything worked)."""
 
     ok: bool
     stage: str | None

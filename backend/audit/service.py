@@ -46,7 +46,7 @@ from backend.celery_app import AUDIT_TICK_SECONDS
 from backend.config import get_settings
 from backend.db import insert_for, session_scope
 from backend.errors import NotFound
-from backend.mailbox import parsing
+from backend.mailbox import budget, parsing
 from backend.mailbox.imap import ERROR_TEXT_MAX, MAX_UID, ImapError, ImapSession
 from backend.mailbox.parser import ParsedMessage
 from backend.mailbox.service import open_mailbox, store_uids
@@ -147,6 +147,9 @@ class AccountAudit:
     account_id: int
     deep: bool
     folders: list[FolderResult] = field(default_factory=list)
+    # No connection slot came free on the host (budget.NoSlot): every folder skipped,
+    # the audit to be sent again.
+    no_slot: bool = False
 
     @property
     def found_anything(self) -> bool:
@@ -170,11 +173,16 @@ def get_account(session: Session, account_id: int) -> Account:
 
 def run(account_id: int, deep: bool = False) -> str:
     """The task: audit one account; a failure is recorded per folder, never raised (a
-    repeated audit is the retry)."""
+    repeated audit is the retry). No connection slot free on the host is no failure: the
+    folders say the audit waits for one, and it is sent again after
+    CONNECTION_SLOT_WAIT_SECONDS."""
     try:
         result = audit_account(account_id, deep=deep)
     except NotFound:
         return "gone"
+    if result.no_slot:
+        dispatch.enqueue(RUN_TASK, account_id, deep, countdown=budget.again_seconds())
+        return "no_slot"
     return "found" if result.found_anything else "clean"
 
 
@@ -278,10 +286,14 @@ def audit_account(
                     if entry.outcome == AuditOutcome.FAILED and entry.error == _LOST:
                         error = _LOST
                         break
+    except budget.NoSlot as exc:  # raised before any folder: not the mailbox's failure
+        error, result.no_slot = exc.message, True
+        log.info("audit of account %s: %s", account_id, exc.message)
     except ImapError as exc:  # the login, or the connection lost between folders
         error = _first_line(exc)
     for folder in folders[len(result.folders) :]:
-        outcome = AuditOutcome.FAILED if error != _NOT_POLLED else AuditOutcome.SKIPPED
+        failed = error != _NOT_POLLED and not result.no_slot
+        outcome = AuditOutcome.FAILED if failed else AuditOutcome.SKIPPED
         done(FolderResult(folder, outcome, deep, started_at=utcnow(), error=error))
     _finish(account, result)
     return result

@@ -197,6 +197,11 @@ def acquire(
         time.sleep(WAIT_STEP_SECONDS)
 
 
+def again_seconds() -> float:
+    """When a poll, backfill or audit that found no slot is sent again."""
+    return get_settings().connection_slot_wait_seconds or 5
+
+
 def connect(
     host: str,
     username: str,

@@ -6,10 +6,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backend import crypto
-from backend.mailbox import credentials, imap
+from backend.mailbox import budget, credentials, imap
 from backend.mailbox import folders as mailbox_folders
 from backend.mailbox.imap import ImapError
 from backend.models import Account, ErrorKind
+
+# How long a check waits for a slot in the host's connection budget: a person waits for
+# the answer, and a full budget is said at once rather than after a poll's wait.
+SLOT_WAIT_SECONDS = 5.0
 
 
 @dataclass
@@ -36,12 +40,26 @@ def check_account(account: Account, *, timeout: float) -> CheckResult:
         account.credentials_encrypted = crypto.encrypt_json(secrets)
 
     try:
-        session = imap.open_account(
-            account,
-            credentials=credentials.loader(account, save=keep),
-            connect_timeout=timeout,
-            read_timeout=timeout,
+        # Its connection counts in the host's budget like a poll's.
+        session = budget.connect(
+            account.imap_host,
+            account.username,
+            "check",
+            lambda: imap.open_account(
+                account,
+                credentials=credentials.loader(account, save=keep),
+                connect_timeout=timeout,
+                read_timeout=timeout,
+            ),
+            wait=min(SLOT_WAIT_SECONDS, timeout),
         )
+    except budget.NoSlot as exc:
+        detail = (
+            f"not tried: the connection budget for {account.imap_host} is full "
+            f"({exc.message}); this says nothing of the login: try again shortly, or raise "
+            "CONNECTION_LIMITS for the host"
+        )
+        return CheckResult(ok=False, stage="budget", detail=detail)
     except ImapError as exc:
         return CheckResult(ok=False, stage=exc.stage, detail=exc.message)
     folders: list[FolderCheck] = []

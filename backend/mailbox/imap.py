@@ -230,7 +230,11 @@ _RETRY_AFTER = re.compile(
 def _throttled(exc: BaseException, stage: Stage) -> ImapThrottled | None:
     if not isinstance(exc, IMAPClientError):  # LoginError and aborts (BYE) are too
         return None
-    text = _text(exc)
+    return throttle_answer(_text(exc), stage)
+
+
+def throttle_answer(text: str, stage: Stage) -> ImapThrottled | None:
+    """ImapThrottled when the server's answer `text` is a throttle or limit, else None."""
     found = _THROTTLE.search(text)
     if found is None:
         return None
@@ -974,6 +978,10 @@ class IdleLink:
             if kind == b"BYE":
                 if self.state == "ending":
                     return False
+                # A provider shedding load ends IDLE links too ([UNAVAILABLE]).
+                throttle = throttle_answer(_said(line), "connect")
+                if throttle is not None:
+                    raise throttle
                 raise ImapConnectionError(f"connection lost: the server said BYE {_said(line)}")
             self._count(word)
             # OK ("Still here"), NO and BAD carry no news of the folder.

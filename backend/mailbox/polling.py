@@ -26,7 +26,7 @@ from backend import dispatch
 from backend.accounts import state
 from backend.config import get_settings
 from backend.db import session_scope
-from backend.mailbox import lock
+from backend.mailbox import budget, lock
 from backend.mailbox.progress import OnProgress
 from backend.mailbox.service import (
     DEAD_RUN_MARGIN_SECONDS,
@@ -126,7 +126,7 @@ def _lock(account_id: int) -> Iterator[tuple[bool, threading.Event | None]]:
 def _poll_again_soon(account_id: int) -> None:
     """A poll that found no connection slot: its turn comes soon, not a backoff later."""
     try:
-        schedules.enqueue_poll_later(account_id, get_settings().connection_slot_wait_seconds or 5)
+        schedules.enqueue_poll_later(account_id, budget.again_seconds())
     except Exception:  # the schedule's next run polls it
         log.warning("mailbox %s: the poll again after no connection slot was not sent", account_id)
 

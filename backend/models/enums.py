@@ -127,8 +127,10 @@ class DeliveryStatus(StrEnum):
 
 
 class BackfillStatus(StrEnum):
-    """queued: accepted, waiting for a worker; running; done (the result is complete);
-    failed (the error says why; the folders done before it are in the result)."""
+    """queued: accepted, waiting for a worker (or, with an error "waiting for a connection
+    slot: ...", for the host's connection budget: sent again soon); running; done (the
+    result is complete); failed (the error says why; the folders done before it are in
+    the result)."""
 
     QUEUED = "queued"
     RUNNING = "running"

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from backend import dispatch
 from backend.db import session_scope
 from backend.errors import MailbeatError, NotFound
+from backend.mailbox import budget
 from backend.mailbox import folders as mailbox_folders
 from backend.mailbox.imap import ERROR_TEXT_MAX, ImapSession
 from backend.mailbox.service import open_mailbox, store_uids
@@ -110,7 +111,9 @@ def enqueue(backfill_id: int) -> None:
 def run(backfill_id: int) -> str:
     """The task: run a recorded backfill, its progress and outcome on its row. A failure
     (the server refused the login, the account is gone) ends it as failed with the
-    reason; it is not retried (ask again)."""
+    reason; it is not retried (ask again). No connection slot free on the host is no
+    failure: the row goes back to queued, its error saying it waits for a slot, and the
+    task is sent again after CONNECTION_SLOT_WAIT_SECONDS."""
     with session_scope() as session:
         row = session.get(Backfill, backfill_id)
         if row is None or row.status != BackfillStatus.QUEUED:
@@ -139,6 +142,14 @@ def run(backfill_id: int) -> str:
             redeliver=bool(request.get("redeliver")),
             on_folder=progress,
         )
+    except budget.NoSlot as exc:
+        # Raised as the session opens, before any folder: nothing done to keep.
+        with session_scope() as session:
+            row = session.get_one(Backfill, backfill_id)
+            row.status, row.error, row.started_at = BackfillStatus.QUEUED, exc.message, None
+        log.info("backfill %s of account %s: %s", backfill_id, account_id, exc.message)
+        dispatch.enqueue(RUN_TASK, backfill_id, countdown=budget.again_seconds())
+        return str(BackfillStatus.QUEUED)
     except Exception as exc:
         # Only the first line of the text, as for a poll: a driver's error may quote data.
         status, result = BackfillStatus.FAILED, None

@@ -14,7 +14,9 @@ to one IMAP host), renews what it holds, and gives back what exceeds its share w
 watcher joins. A dead watcher's leases run out and the others take its mailboxes.
 
 A connection that fails is opened again after a backoff with full jitter (1 s doubling
-to 5 min); each time IDLE is (re)established a poll is sent, so news from while nobody
+to 5 min), or after the server's wait when it throttled (the host then marked for
+every process, budget.throttled, and no watcher connects to it before the wait is
+over); each time IDLE is (re)established a poll is sent, so news from while nobody
 watched is not left to the interval. IDLE is ended and issued again every
 WATCHER_IDLE_SECONDS (servers drop it after 29 minutes). A folder deleted, recreated or
 renumbered under a link is selected again at once (_reselect), and a login changed
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from backend import dispatch, metrics, redis
+from backend.accounts import state
 from backend.config import get_settings
 from backend.mailbox import budget, credentials, folders, imap
 from backend.models import PushStatus
@@ -261,6 +264,16 @@ class Watcher:
             account = service.load_account(watch.account_id)
             if account is None:
                 raise imap.ImapProtocolError("the account is gone")
+            until = budget.throttled_until(account.imap_host)
+            if until is not None:
+                # Throttled (by this watcher's link or a poll): no reconnect before its
+                # wait is over, and none to take the one connection left to the polls.
+                raise imap.ImapThrottled(
+                    f"{account.imap_host} throttled the connections: waiting its turn",
+                    stage="connect",
+                    retry_after=until - time.time(),
+                    host_wide=False,
+                )
             # A slot in the host's connection budget, shared with the polls (one left
             # for them: IDLE holds it for good), or a retry later (budget.NoSlot is an
             # ImapError).
@@ -385,6 +398,15 @@ class Watcher:
         watch.failures += 1
         ceiling = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (watch.failures - 1))
         delay = random.uniform(RETRY_BASE_SECONDS / 2, ceiling)  # noqa: S311 - jitter
+        if isinstance(error, imap.ImapThrottled):
+            # The server's wait, as a poll's: not sooner. About its load or connections,
+            # the host is marked as a poll marks it (one connection at a time), and the
+            # other folders' reconnects wait too (_open).
+            wait = state.throttle_delay(error).total_seconds()
+            delay = max(delay, wait)
+            held = self.held.get(watch.account_id)
+            if error.host_wide and held is not None:
+                budget.throttled(held.pushed.host, wait)
         watch.retry_at = time.monotonic() + delay
         log.warning(
             "mailbox %s: watching %r failed (%s); again in %.1fs",

@@ -8,6 +8,7 @@ deleted folder and sends it only EXPUNGE; a NO or BYE on DONE). Accounts poll ev
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -15,6 +16,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from backend.mailbox import budget
 from backend.models import Account, AccountStatus, PollRun, PushStatus
 from tests.e2e.test_push import LONG_INTERVAL, celery, push_status, pushed, stored, watching
 from tests.support.accounts import make_account
@@ -274,3 +276,56 @@ def test_a_folder_renumbered_by_the_server_is_watched_on(
     wait_for(lambda: stored(db, account) == 2, "mail after the change", details=celery.logs)
     dovecot.append(account.username, generated(3))
     wait_for(lambda: stored(db, account) == 3, "and after that", details=celery.logs)
+
+
+def test_a_throttle_ending_the_idle_link_marks_the_host_and_waits_before_reconnecting(
+    celery: Celery,
+    db: Session,
+    dovecot: Dovecot,
+    set_env: Callable[..., None],
+) -> None:
+    set_env(WATCHER_IDLE_SECONDS=1, THROTTLE_BACKOFF_MAX_SECONDS=900)  # DONE every second
+    said = threading.Event()
+
+    def rule(state: dict[str, object], tag: bytes, command: bytes) -> bytes | None:
+        if tag.upper() == b"DONE" and not said.is_set():
+            said.set()
+            return b"* BYE [UNAVAILABLE] Too many connections, try again in 600 seconds\r\n"
+        return None
+
+    with ImapProxy(dovecot.host, dovecot.imap_port, rule) as proxy:
+        account = pushed(db, dovecot)
+        account.imap_host, account.imap_port = proxy.host, proxy.port
+        db.commit()
+        watcher = celery.watcher()
+        wait_for(said.is_set, "the BYE on DONE", details=celery.logs)
+        wait_for(
+            lambda: f"mailbox {account.id}: watching 'INBOX' failed" in watcher.log(),
+            "the watcher's failure",
+            details=celery.logs,
+        )
+        log = watcher.log()
+        # The server's wait, not the first retry's second or so; the host marked as a
+        # poll marks it (one connection at a time, for every process).
+        assert "(throttled by the server (connect): UNAVAILABLE, retry after 600s)" in log
+        assert "again in 600.0s" in log, log
+        until = budget.throttled_until(proxy.host)
+        assert until is not None and until > time.time() + 500
+
+
+def test_a_watcher_does_not_connect_to_a_throttled_host_before_its_wait_is_over(
+    celery: Celery, db: Session, dovecot: Dovecot
+) -> None:
+    with ImapProxy(dovecot.host, dovecot.imap_port, lambda *_: None) as proxy:
+        account = pushed(db, dovecot)
+        account.imap_host, account.imap_port = proxy.host, proxy.port
+        db.commit()
+        budget.throttled(proxy.host, 600)  # as a poll marks it
+        watcher = celery.watcher()
+        wait_for(
+            lambda: "throttled the connections: waiting its turn" in watcher.log(),
+            "the watcher's wait",
+            details=celery.logs,
+        )
+        assert proxy.most == 0
+        assert push_status(db, account) != PushStatus.WATCHING

@@ -3,6 +3,7 @@ Dovecot fixture behind a proxy that counts connections (tests/support/imap_proxy
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
@@ -12,13 +13,16 @@ import threading
 from collections.abc import Callable
 from typing import Any, cast
 
+from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend import dispatch
+from backend.audit import service as audits
+from backend.celery_app import queue_keys
 from backend.mailbox import budget, pool
 from backend.mailbox.service import PollResult, poll_account
-from backend.models import Account, Backfill, BackfillStatus, Message
+from backend.models import Account, AuditOutcome, Backfill, BackfillStatus, Message
 from backend.processing import backfill
 from backend.schedules import store
 from tests.support.accounts import make_account
@@ -47,6 +51,17 @@ def mailbox(
     if messages:
         dovecot.append_many(account.username, [generated(index) for index in range(messages)])
     return account
+
+
+def sent(redis_db: RedisDb, task: str) -> list[list[Any]]:
+    """The arguments of each `task` waiting on the email queue."""
+    client = redis_db.client()
+    headers = [
+        json.loads(message)["headers"]
+        for key in queue_keys("email")
+        for message in client.lrange(key, 0, -1)
+    ]
+    return [ast.literal_eval(h["argsrepr"]) for h in headers if h["task"] == task]
 
 
 def stored(db: Session, account: Account) -> int:
@@ -146,6 +161,87 @@ def test_a_poll_whose_wait_runs_out_is_no_failure_and_is_sent_again(
         again = run_poll(account.id, None)
         assert isinstance(again, PollResult)
         assert (again.outcome, again.messages) == ("success", 2)
+
+
+def test_a_backfill_without_a_slot_waits_queued_and_is_sent_again(
+    db: Session,
+    dovecot: Dovecot,
+    set_env: Callable[..., None],
+    redis_db: RedisDb,
+) -> None:
+    limit(set_env, 1, CONNECTION_SLOT_WAIT_SECONDS=0)
+    with ImapProxy(dovecot.host, dovecot.imap_port, passthrough) as proxy:
+        account = mailbox(db, dovecot, proxy, 2)
+        row = backfill.create(db, account.id, {})
+        db.commit()
+        held = budget.claim(HOST, "someone-else", "test")
+        assert held is not None
+
+        assert backfill.run(row.id) == "queued"
+
+        db.refresh(row)
+        assert row.status == BackfillStatus.QUEUED
+        assert row.error is not None and row.error.startswith("waiting for a connection slot")
+        assert sent(redis_db, backfill.RUN_TASK) == [[row.id]]
+
+        held.release()
+        assert backfill.run(row.id) == "done"
+        db.refresh(row)
+        assert row.error is None and str(row.status) == "done"
+        assert stored(db, account) == 2
+
+
+def test_an_audit_without_a_slot_is_skipped_saying_so_and_sent_again(
+    db: Session,
+    dovecot: Dovecot,
+    set_env: Callable[..., None],
+    redis_db: RedisDb,
+) -> None:
+    limit(set_env, 1, CONNECTION_SLOT_WAIT_SECONDS=0)
+    with ImapProxy(dovecot.host, dovecot.imap_port, passthrough) as proxy:
+        account = mailbox(db, dovecot, proxy, 2)
+        assert poll_account(account.id).outcome == "success"
+        pool.clear()
+        held = budget.claim(HOST, "someone-else", "test")
+        assert held is not None
+
+        assert audits.run(account.id) == "no_slot"
+
+        [folder] = audits.latest(db, account.id)
+        assert folder.outcome == AuditOutcome.SKIPPED
+        assert folder.error is not None
+        assert folder.error.startswith("waiting for a connection slot")
+        assert sent(redis_db, audits.RUN_TASK) == [[account.id, False]]
+
+        held.release()
+        assert audits.run(account.id) == "clean"
+        db.expire_all()
+        [folder] = audits.latest(db, account.id)
+        assert (folder.outcome, folder.error) == (AuditOutcome.COMPLETE, None)
+
+
+def test_a_connection_test_takes_a_slot_and_says_when_the_budget_is_full(
+    api: TestClient, db: Session, dovecot: Dovecot, set_env: Callable[..., None]
+) -> None:
+    limit(set_env, 1, IMAP_CONNECT_TIMEOUT=1)  # the check's wait for a slot: 1 s
+    with ImapProxy(dovecot.host, dovecot.imap_port, passthrough) as proxy:
+        account = mailbox(db, dovecot, proxy, 1)
+        held = budget.claim(HOST, "someone-else", "test")
+        assert held is not None
+
+        full = api.post(f"/accounts/{account.id}/test").json()
+
+        assert (full["ok"], full["stage"]) == (False, "budget")
+        assert f"the connection budget for {HOST} is full" in full["detail"]
+        assert "nothing of the login" in full["detail"]
+        assert proxy.most == 0
+        db.refresh(account)
+        assert (account.status, account.last_error) == ("active", None)
+
+        held.release()
+        tried = api.post(f"/accounts/{account.id}/test").json()
+        assert (tried["ok"], tried["folders"][0]["messages"]) == (True, 1)
+        assert budget.in_use(HOST) == 0  # released as the check's session closed
 
 
 def test_a_kept_session_lets_go_of_its_slot_for_a_waiting_poll(
