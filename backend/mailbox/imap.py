@@ -825,6 +825,25 @@ IDLE_LINE_MAX = 64 * 1024
 # Bytes taken from one connection per `read`: a server that floods gets a turn, not the
 # watcher's thread.
 IDLE_READ_MAX = 1024 * 1024
+
+
+def _receive(sock: socket.socket) -> tuple[bytes, bool]:
+    """What a non-blocking link's server has sent (at most IDLE_READ_MAX), and whether
+    it closed the connection."""
+    received = bytearray()
+    while len(received) < IDLE_READ_MAX:
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            break
+        except OSError as exc:
+            raise translate(exc) from exc
+        if not data:
+            return bytes(received), True
+        received += data
+    return bytes(received), False
+
+
 _IDLE_LITERAL = re.compile(rb"\{(\d+)\}$")
 
 
@@ -921,20 +940,8 @@ class IdleLink:
     def read(self) -> bool:
         """Take what the server sent; True when it reported a change to the folder.
         Raises ImapConnectionError once the server has closed (after `end()`, too)."""
-        taken = 0
-        closed = False
-        while taken < IDLE_READ_MAX:
-            try:
-                data = self._sock.recv(65536)
-            except (BlockingIOError, ssl.SSLWantReadError):
-                break
-            except OSError as exc:
-                raise translate(exc) from exc
-            if not data:
-                closed = True
-                break
-            self._buffer += data
-            taken += len(data)
+        data, closed = _receive(self._sock)
+        self._buffer += data
         changed = self._lines()
         if closed:
             raise ImapConnectionError("connection lost: the server closed it")
@@ -1097,20 +1104,8 @@ class StatusLink:
 
     def read(self) -> dict[str, FolderStatus] | None:
         """Take what the server sent; every folder's STATUS once the last is in."""
-        taken = 0
-        closed = False
-        while taken < IDLE_READ_MAX:
-            try:
-                data = self._sock.recv(65536)
-            except (BlockingIOError, ssl.SSLWantReadError):
-                break
-            except OSError as exc:
-                raise translate(exc) from exc
-            if not data:
-                closed = True
-                break
-            self._buffer += data
-            taken += len(data)
+        data, closed = _receive(self._sock)
+        self._buffer += data
         done = self._lines()
         if closed:
             raise ImapConnectionError("connection lost: the server closed it")

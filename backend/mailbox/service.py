@@ -146,18 +146,36 @@ class _Prepared:
 
 
 def open_mailbox(
-    account: Account, *, purpose: str = "poll", wait: float | None = None
+    account: Account, *, purpose: str = "poll", wait: float | None = None, leave: int = 0
 ) -> ImapSession:
     """A logged-in session on the account's server (a context manager), as a poll makes
     it: first a slot in the host's connection budget (backend/mailbox/budget.py), waited
-    for up to `wait` seconds (budget.NoSlot when none came free), held until it closes."""
+    for up to `wait` seconds (budget.NoSlot when none came free), held until it closes;
+    `leave` slots of the host stay free for others."""
     return budget.connect(
         account.imap_host,
         account.username,
         purpose,
         lambda: imap.open_account(account, credentials=credentials.loader(account)),
         wait=wait,
+        leave=leave,
     )
+
+
+def open_held(account: Account, purpose: str) -> ImapSession:
+    """A session a watcher holds for good (IDLE, held checks): never on a host that
+    throttled the connections (ImapThrottled until its wait is over: a throttled host
+    allows one connection, the polls'), and never the host's last slot (no waiting:
+    budget.NoSlot, an ImapError, is a retry later)."""
+    until = budget.throttled_until(account.imap_host)
+    if until is not None:
+        raise imap.ImapThrottled(
+            f"{account.imap_host} throttled the connections: waiting its turn",
+            stage="connect",
+            retry_after=until - time.time(),
+            host_wide=False,
+        )
+    return open_mailbox(account, purpose=purpose, wait=0, leave=1)
 
 
 def poll_account(

@@ -40,8 +40,10 @@ from dataclasses import dataclass, field
 
 from backend import leases as fenced
 from backend import redis
+from backend.accounts import state
 from backend.config import get_settings
-from backend.mailbox import budget, credentials, folders, imap
+from backend.mailbox import budget, folders, imap
+from backend.mailbox.service import open_held
 from backend.push import service
 from backend.push.service import Baseline, Checked
 
@@ -51,6 +53,23 @@ LEASE_PREFIX = "mailbeat:held:lease:"
 FENCE_PREFIX = "mailbeat:held:fence:"
 RETRY_BASE_SECONDS = 1.0
 RETRY_MAX_SECONDS = 300.0
+
+
+def reconnect_delay(failures: int, error: imap.ImapError | None, host: str) -> float:
+    """Seconds before a watcher's connection (IDLE or held) is tried again: a jittered
+    backoff; after a throttle answer, the server's wait as a poll's, not sooner, and a
+    host throttled about its load or connections is marked as a poll marks it (one
+    connection at a time; the watcher's other connections to it wait: open_held)."""
+    ceiling = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (failures - 1))
+    delay = random.uniform(RETRY_BASE_SECONDS / 2, ceiling)  # noqa: S311 - jitter
+    if isinstance(error, imap.ImapThrottled):
+        wait = state.throttle_delay(error).total_seconds()
+        delay = max(delay, wait)
+        if error.host_wide and host:
+            budget.throttled(host, wait)
+    return delay
+
+
 # What the checks found is handed to the sending thread this often.
 FLUSH_SECONDS = 1.0
 
@@ -212,17 +231,7 @@ class HeldChecks:
             account = service.load_account(held.checked.account_id)
             if account is None:
                 raise imap.ImapProtocolError("the account is gone")
-            # A slot in the host's connection budget, as IDLE's (one left for the polls),
-            # or a retry later (budget.NoSlot is an ImapError); released as the link closes.
-            loaded = account
-            session = budget.connect(
-                account.imap_host,
-                account.username,
-                "held",
-                lambda: imap.open_account(loaded, credentials=credentials.loader(loaded)),
-                wait=0,
-                leave=1,
-            )
+            session = open_held(account, "held")
             settings = self.settings
             session.arm_deadline(settings.imap_connect_timeout + settings.imap_read_timeout)
             names = folders.for_account(account.id, account.folders, session)
@@ -357,8 +366,7 @@ class HeldChecks:
         self._drop_link(held, polite=False)
         held.baseline = None
         held.failures += 1
-        ceiling = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (held.failures - 1))
-        delay = random.uniform(RETRY_BASE_SECONDS / 2, ceiling)  # noqa: S311 - jitter
+        delay = reconnect_delay(held.failures, error, held.checked.host)
         held.retry_at = time.monotonic() + delay
         self._forget(held.checked.account_id)
         log.warning(

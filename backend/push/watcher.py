@@ -44,12 +44,12 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from backend import dispatch, metrics, redis
-from backend.accounts import state
 from backend.config import get_settings
-from backend.mailbox import budget, credentials, folders, imap
+from backend.mailbox import folders, imap
+from backend.mailbox.service import open_held
 from backend.models import PushStatus
 from backend.push import service
-from backend.push.held import Found, HeldChecks, HeldSession
+from backend.push.held import Found, HeldChecks, HeldSession, reconnect_delay
 from backend.push.leases import Leases, watcher_name
 from backend.push.service import Pushed
 from backend.schedules import service as schedules
@@ -57,8 +57,6 @@ from backend.schedules import store
 
 log = logging.getLogger(__name__)
 
-RETRY_BASE_SECONDS = 1.0
-RETRY_MAX_SECONDS = 300.0
 # How long DONE LOGOUT may take, for all connections together, at shutdown.
 LOGOUT_SECONDS = 5.0
 
@@ -264,28 +262,7 @@ class Watcher:
             account = service.load_account(watch.account_id)
             if account is None:
                 raise imap.ImapProtocolError("the account is gone")
-            until = budget.throttled_until(account.imap_host)
-            if until is not None:
-                # Throttled (by this watcher's link or a poll): no reconnect before its
-                # wait is over, and none to take the one connection left to the polls.
-                raise imap.ImapThrottled(
-                    f"{account.imap_host} throttled the connections: waiting its turn",
-                    stage="connect",
-                    retry_after=until - time.time(),
-                    host_wide=False,
-                )
-            # A slot in the host's connection budget, shared with the polls (one left
-            # for them: IDLE holds it for good), or a retry later (budget.NoSlot is an
-            # ImapError).
-            loaded = account
-            session = budget.connect(
-                account.imap_host,
-                account.username,
-                "watch",
-                lambda: imap.open_account(loaded, credentials=credentials.loader(loaded)),
-                wait=0,
-                leave=1,
-            )
+            session = open_held(account, "watch")
             settings = self.settings
             session.arm_deadline(settings.imap_connect_timeout + settings.imap_read_timeout)
             if not session.supports_idle():
@@ -396,17 +373,9 @@ class Watcher:
         self._drop_link(watch, polite=False)
         watch.lost = True
         watch.failures += 1
-        ceiling = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (watch.failures - 1))
-        delay = random.uniform(RETRY_BASE_SECONDS / 2, ceiling)  # noqa: S311 - jitter
-        if isinstance(error, imap.ImapThrottled):
-            # The server's wait, as a poll's: not sooner. About its load or connections,
-            # the host is marked as a poll marks it (one connection at a time), and the
-            # other folders' reconnects wait too (_open).
-            wait = state.throttle_delay(error).total_seconds()
-            delay = max(delay, wait)
-            held = self.held.get(watch.account_id)
-            if error.host_wide and held is not None:
-                budget.throttled(held.pushed.host, wait)
+        held = self.held.get(watch.account_id)
+        host = held.pushed.host if held is not None else ""
+        delay = reconnect_delay(watch.failures, error, host)
         watch.retry_at = time.monotonic() + delay
         log.warning(
             "mailbox %s: watching %r failed (%s); again in %.1fs",
