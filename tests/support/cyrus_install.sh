@@ -12,7 +12,8 @@ dest=${1:-/var/cache/mailbeat/cyrus}
 unresolved() {
   local program
   for program in master imapd idled ctl_cyrusdb reconstruct mbpath; do
-    LD_LIBRARY_PATH=$dest/usr/lib/x86_64-linux-gnu ldd "$dest/usr/lib/cyrus/bin/$program"
+    LD_LIBRARY_PATH=$dest/usr/lib/x86_64-linux-gnu ldd "$dest/usr/lib/cyrus/bin/$program" ||
+      echo "$program not found"
   done | awk '/not found/ {print $1}' | sort -u
 }
 
@@ -49,6 +50,7 @@ fi
 # not as a fixture that does not start.
 missing=$(unresolved)
 if [[ -n $missing ]]; then
-  echo "cyrus: libraries not found: $(echo "$missing" | tr '\n' ' ')(add their packages above)" >&2
+  echo "cyrus: not found: $(echo "$missing" | tr '\n' ' ')" >&2
+  echo "cyrus: a library: add its package above; a program: remove $dest and run again" >&2
   exit 1
 fi
