@@ -23,10 +23,10 @@ if [[ -x $dest/usr/lib/cyrus/bin/master && -x /usr/sbin/saslpasswd2 && -z $(unre
   exit 0
 fi
 
-# What Debian's imapd links against beyond what a machine with .ci/run's packages
-# is sure to have (libjansson4, libpcre3, libxapian30, libical3); sasl2-bin: saslpasswd2,
-# which writes the fixture's password database; libsasl2-modules: the PLAIN and LOGIN
-# mechanisms.
+# What Debian's imapd links against beyond what dovecot-imapd, postgresql and python3
+# bring (libjansson4, libpcre3, libxapian30, libical3: .ci/run's other packages may pull
+# some in, which is no promise); sasl2-bin: saslpasswd2, which writes the fixture's
+# password database; libsasl2-modules: the PLAIN and LOGIN mechanisms.
 libraries=(libjansson4 libpcre3 libxapian30 libical3 libsasl2-modules sasl2-bin)
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${libraries[@]}" >/dev/null
