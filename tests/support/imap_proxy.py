@@ -73,6 +73,11 @@ class ImapProxy:
         traceback: TracebackType | None,
     ) -> None:
         self._stop.set()
+        # close() alone leaves the port listening while _accept is blocked in accept():
+        # the kernel's socket lives on until that call returns, and the next client would
+        # still be proxied. shutdown() wakes accept() with an error.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         for sock in self._sockets:
             with contextlib.suppress(OSError):
@@ -85,10 +90,15 @@ class ImapProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self._stop.is_set():  # accepted as the proxy was closing
+                client.close()
+                return
             with self._count:
                 self.open += 1
                 self.most = max(self.most, self.open)
             server = socket.create_connection(self.upstream, timeout=30)
+            # The timeout is for connecting: a link in IDLE is quiet for as long as it likes.
+            server.settimeout(None)
             self._sockets += [client, server]
             write = threading.Lock()
             state: dict[str, object] = {}
