@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, cast
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -21,9 +22,11 @@ from backend import dispatch
 from backend.audit import service as audits
 from backend.celery_app import queue_keys
 from backend.mailbox import budget, pool
-from backend.mailbox.service import PollResult, poll_account
+from backend.mailbox.imap import ImapThrottled
+from backend.mailbox.service import PollResult, open_held, poll_account
 from backend.models import Account, AuditOutcome, Backfill, BackfillStatus, Message
 from backend.processing import backfill
+from backend.push.held import reconnect_delay
 from backend.schedules import store
 from tests.support.accounts import make_account
 from tests.support.dovecot import Dovecot
@@ -367,3 +370,22 @@ def test_a_long_lived_holder_leaves_a_slot_to_the_polls(set_env: Callable[..., N
     assert [slot is not None for slot in watching] == [True, True, False]
     assert budget.claim("h.example", "p", "poll") is not None  # the one left
     assert budget.claim("h.example", "q", "poll") is None
+
+
+def test_a_connection_held_for_good_waits_out_a_throttle(
+    db: Session, dovecot: Dovecot, set_env: Callable[..., None]
+) -> None:
+    """IDLE and held checks (backend/push) open through `open_held` and back off through
+    `reconnect_delay`: a throttle answer marks the host and is waited out, and no such
+    connection is opened while the host is throttled (it would take the one left)."""
+    set_env(THROTTLE_BACKOFF_SECONDS=600)
+    account = make_account(db, dovecot)
+    with open_held(account, "held") as session:  # before: it opens
+        assert session.supports_idle()
+
+    answer = ImapThrottled("BYE [UNAVAILABLE] busy", stage="connect", retry_after=120)
+    assert reconnect_delay(1, answer, account.imap_host) >= 120
+    assert budget.throttled_until(account.imap_host) is not None
+    with pytest.raises(ImapThrottled, match="waiting its turn"):
+        open_held(account, "held")
+    assert budget.in_use(account.imap_host) == 0
