@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from backend.celery_app import queue_keys
 from backend.models import Account, Message, PollOutcome, PollRun, utcnow
 from backend.schedules import service, store
 from tests.support.accounts import make_account
@@ -90,7 +91,24 @@ def held(db: Session, no_idle: Dovecot, celery: Celery, redis_db: RedisDb) -> Ac
     celery.watcher()
     wait_for(lambda: polls(db, account) >= 1, "the first poll", details=celery.logs)
     wait_for(lambda: checked(redis_db, account), "the watcher's checks", details=celery.logs)
+    # Beat may have sent a poll in the tick before it read the first check; once two more
+    # checks are in (beat reads them every tick, at most a second apart), that poll, if
+    # any, is the last: wait until it has run, so what follows counts only later polls.
+    first = checks(redis_db)
+    wait_for(lambda: checks(redis_db) >= first + 2, "two more checks", details=celery.logs)
+    wait_for(lambda: idle(db, redis_db, account), "no poll queued or running", details=celery.logs)
     return account
+
+
+def idle(db: Session, redis_db: RedisDb, account: Account) -> bool:
+    client = redis_db.client()
+    if any(client.llen(key) for key in queue_keys(store.POLL_QUEUE)):
+        return False
+    db.rollback()
+    running = select(func.count(PollRun.id)).where(
+        PollRun.account_id == account.id, PollRun.finished_at.is_(None)
+    )
+    return not db.scalar(running)
 
 
 def test_a_held_mailbox_with_nothing_new_is_checked_without_polls(
