@@ -20,7 +20,7 @@ in_tree() {
   shift
   echo "=== in $tree ($(git -C "$tree" rev-parse --short HEAD)): $*"
   echo "load: $(cut -d' ' -f1-3 /proc/loadavg) at $(date -u +%H:%M:%S)"
-  (cd "$tree" && BENCH_KEEP=1 "$python" -m "$@") 2>&1 | grep -v -e WARNING -e 'INFO  \[alembic'
+  (cd "$tree" && BENCH_KEEP=1 "$python" -m "$@") 2>&1 | grep -v -e WARNING -e 'INFO  \[alembic' -e 'IMAP Warning'
 }
 
 # Before, then after.

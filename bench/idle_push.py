@@ -19,6 +19,7 @@ Figures go to docs/benchmarks.md, with the load (`uptime`) at the time.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 from pathlib import Path
@@ -45,11 +46,14 @@ def main() -> None:
     args = parser.parse_args()
 
     # One imap process per connection: room for every IDLE, the polls and the baseline.
-    # All on one host and one watcher: its per-host budget (500 by default) raised to fit.
+    # All on one host and one watcher: its per-host cap (500 by default) and the host's
+    # connection budget (100 for a host the provider table does not know) raised to fit.
+    connections = 2 * args.mailboxes + 100
     with Stack(
         dovecot=True,
-        imap_connections=2 * args.mailboxes + 100,
+        imap_connections=connections,
         watcher_max_per_host=args.mailboxes,
+        connection_limits=json.dumps({"127.0.0.1": connections}),
     ) as stack:
         from sqlalchemy import func, select
 
