@@ -9,9 +9,9 @@ files are written first and fsynced together, several at once, and each director
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
-import shutil
-import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +25,16 @@ _MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 _TMP_PREFIX = ".tmp-"
 # Files fsynced at once by `sync`.
 SYNC_THREADS = 8
+# Directories a store remembers as checked and made (then it forgets them all).
+DIRECTORIES_MAX = 4096
+# Descriptors of written, not yet synced files a store keeps open at most.
+PENDING_MAX = 256
+COPY_CHUNK = 1024 * 1024
+
+_names = itertools.count()
+_threads: ThreadPoolExecutor | None = None
+_threads_pid = 0
+_threads_lock = threading.Lock()
 
 
 class LocalStorage:
@@ -33,31 +43,62 @@ class LocalStorage:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        # Directories puts have checked and made, by the key's parts.
+        self._directories: dict[tuple[str, ...], Path] = {}
+        # Files written with sync=False and still open, oldest first (`_keep_open`).
+        self._pending: dict[Path, int] = {}
+        self._pending_lock = threading.Lock()
 
     def path_for(self, key: str) -> Path:
-        if not key or "\x00" in key:
-            raise StorageError(f"invalid object key {key!r}")
-        parts = [p for p in key.replace("\\", "/").split("/") if p not in ("", ".")]
-        if any(p == ".." for p in parts) or not parts or parts[-1].startswith(_TMP_PREFIX):
-            raise StorageError(f"object key {key!r} would leave the storage directory")
+        parts = self._parts(key)
         # resolve() follows symlinks, so a link planted inside the root cannot lead out.
         path = self.root.joinpath(*parts).resolve()
         if not path.is_relative_to(self.root) or path == self.root:
             raise StorageError(f"object key {key!r} would leave the storage directory")
         return path
 
+    @staticmethod
+    def _parts(key: str) -> tuple[str, ...]:
+        if not key or "\x00" in key:
+            raise StorageError(f"invalid object key {key!r}")
+        parts = tuple(p for p in key.replace("\\", "/").split("/") if p not in ("", "."))
+        if any(p == ".." for p in parts) or not parts or parts[-1].startswith(_TMP_PREFIX):
+            raise StorageError(f"object key {key!r} would leave the storage directory")
+        return parts
+
     def put(
         self, key: str, data: bytes | BinaryIO, content_type: str, *, sync: bool = True
     ) -> None:
         """`sync=False`: not durable until `sync([key, ...])` has returned."""
-        path = self.path_for(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._write(path, data, sync=sync)
+            path = self._target(key)
+            try:
+                self._write(path, data, sync=sync)
+            except FileNotFoundError:
+                # Its directory was pruned since it was made (an account deleted and
+                # added again): make it again, once.
+                self._directories.pop(self._parts(key)[:-1], None)
+                path = self._target(key)
+                self._write(path, data, sync=sync)
             if sync:
                 self._sync_directories([path])
         except OSError as exc:
             raise StorageError(f"cannot write {key!r} under {self.root}: {exc}") from exc
+
+    def _target(self, key: str) -> Path:
+        """Where a put writes the key: its directory checked (`path_for`) and made once
+        per process, not at every put; the thousands of puts of a first sync go to a
+        few directories. Renaming onto a link replaces the link, so the name itself
+        needs no check."""
+        parts = self._parts(key)
+        directory = self._directories.get(parts[:-1])
+        if directory is None:
+            path = self.path_for(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if len(self._directories) >= DIRECTORIES_MAX:
+                self._directories.clear()
+            directory = self._directories[parts[:-1]] = path.parent
+        return directory / parts[-1]
 
     def sync(self, keys: Iterable[str]) -> None:
         """Make objects written with `sync=False` durable: each file, then each directory
@@ -66,13 +107,36 @@ class LocalStorage:
         try:
             # Several at once: the disk sees a deeper queue and the filesystem writes
             # its metadata in fewer rounds (1.7x faster than one by one on this
-            # machine's ext4, docs/benchmarks.md). Threads per call: nothing to carry
-            # across a fork.
-            with ThreadPoolExecutor(max(1, min(SYNC_THREADS, len(paths)))) as pool:
-                list(pool.map(lambda path: _fsync(path, os.O_RDONLY), paths))
+            # machine's ext4, docs/benchmarks.md).
+            list(_fsync_threads().map(self._sync_file, paths))
             self._sync_directories(paths)
         except OSError as exc:
             raise StorageError(f"cannot make objects durable under {self.root}: {exc}") from exc
+
+    def _sync_file(self, path: Path) -> None:
+        """Through the descriptor the file was written with, if it is still open: no
+        second open and path lookup per object."""
+        with self._pending_lock:
+            fd = self._pending.pop(path, None)
+        if fd is None:
+            _fsync(path, os.O_RDONLY)
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _keep_open(self, path: Path, fd: int) -> None:
+        """Keep a written file's descriptor for its `sync`. A descriptor is only a short
+        cut: past PENDING_MAX (a batch that failed before its sync) the oldest are
+        closed, and their sync opens them by name."""
+        with self._pending_lock:
+            stale = self._pending.pop(path, None)
+            self._pending[path] = fd
+            while len(self._pending) > PENDING_MAX:
+                os.close(self._pending.pop(next(iter(self._pending))))
+        if stale is not None:
+            os.close(stale)
 
     def _sync_directories(self, paths: Iterable[Path]) -> None:
         directories: set[Path] = set()
@@ -85,25 +149,29 @@ class LocalStorage:
         for directory in sorted(directories, key=lambda d: len(d.parts), reverse=True):
             _fsync(directory, os.O_RDONLY | os.O_DIRECTORY)
 
-    @staticmethod
-    def _write(path: Path, data: bytes | BinaryIO, *, sync: bool) -> None:
+    def _write(self, path: Path, data: bytes | BinaryIO, *, sync: bool) -> None:
         # Write to a temporary file and rename it into place, so a crash never leaves
         # half an object under the real name (unsynced: the batch's rows are not
         # committed before `sync`, so a retry writes it again).
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
+        fd, tmp = _create(path.parent)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                if isinstance(data, bytes | bytearray | memoryview):
-                    handle.write(data)
-                else:
-                    shutil.copyfileobj(data, handle)
-                handle.flush()
-                if sync:
-                    os.fsync(handle.fileno())
+            if isinstance(data, bytes | bytearray | memoryview):
+                _write_all(fd, data)
+            else:
+                while chunk := data.read(COPY_CHUNK):
+                    _write_all(fd, chunk)
+            if sync:
+                os.fsync(fd)
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise
+        if sync:
+            os.close(fd)
+        else:
+            self._keep_open(path, fd)
 
     def get(self, key: str) -> bytes:
         try:
@@ -172,6 +240,34 @@ class LocalStorage:
         folder = prefix.rpartition("/")[0]
         start = self.path_for(folder) if folder else self.root
         return start if start.is_dir() else None
+
+
+def _create(directory: Path) -> tuple[int, str]:
+    """A new temporary file in `directory`: its descriptor and path. Named by process
+    and counter, not by random bytes (mkstemp's) per file; a name left by a dead
+    process with this pid is skipped."""
+    while True:
+        tmp = f"{directory}/{_TMP_PREFIX}{os.getpid()}-{next(_names)}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp
+        except FileExistsError:
+            continue
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_threads() -> ThreadPoolExecutor:
+    """This process's fsync threads (a forked child makes its own)."""
+    global _threads, _threads_pid  # noqa: PLW0603 - one pool per process
+    with _threads_lock:
+        if _threads is None or _threads_pid != os.getpid():
+            _threads = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="storage-fsync")
+            _threads_pid = os.getpid()
+        return _threads
 
 
 def _fsync(path: Path, flags: int) -> None:

@@ -163,3 +163,54 @@ def test_a_single_put_is_durable_when_it_returns(
 def test_syncing_a_missing_object_fails(store: LocalStorage) -> None:
     with pytest.raises(StorageError):
         store.sync(["never/written"])
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_batch_is_synced_through_the_descriptors_it_was_written_with(
+    store: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = [message_key(7, "INBOX", 1, uid) for uid in range(5)]
+    before = _open_descriptors()
+    for key in keys:
+        store.put(key, key.encode(), "text/plain", sync=False)
+    assert _open_descriptors() == before + len(keys)  # kept for the sync
+    opened: list[str] = []
+    real_open = os.open
+
+    def spy(path: object, *args: object, **kwargs: object) -> int:
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", spy)
+    store.sync(keys)
+    # Only the directories are opened to be synced, not the files.
+    assert all(Path(path).is_dir() for path in opened)
+    assert _open_descriptors() == before
+
+
+def test_descriptors_past_the_limit_are_closed_and_synced_by_name(
+    store: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("backend.storage.local.PENDING_MAX", 2)
+    before = _open_descriptors()
+    keys = [f"a/{n}" for n in range(6)]
+    for key in keys:
+        store.put(key, b"x", "text/plain", sync=False)
+    assert _open_descriptors() == before + 2  # a batch that never syncs leaks nothing more
+    synced = fsync_spy(monkeypatch)
+    store.sync(keys)
+    assert sorted(synced[: len(keys)]) == sorted(store.path_for(key) for key in keys)
+    assert _open_descriptors() == before
+
+
+def test_a_directory_pruned_after_a_put_is_made_again(store: LocalStorage) -> None:
+    key = message_key(3, "INBOX", 1, 1)
+    store.put(key, b"first", "message/rfc822")
+    assert store.delete_prefix(account_prefix(3)) == 1
+    assert not (store.root / "accounts/3").exists()
+    store.put(key, b"again", "message/rfc822", sync=False)
+    store.sync([key])
+    assert store.get(key) == b"again"
