@@ -120,7 +120,9 @@ def bulk_insert(
     PostgreSQL gets one `INSERT .. SELECT FROM unnest(array, ...)` with one array
     parameter per column: one statement of fixed text whatever the number of rows, so
     nothing is built or split per row (an executemany of a 50-row batch spends its time
-    formatting and splitting multi-row VALUES). Elsewhere (SQLite) an executemany."""
+    formatting and splitting multi-row VALUES). The arrays go in binary (`%b`): as text
+    every element is searched and escaped for quotes, 40 times the CPU for a batch of
+    message bodies (docs/benchmarks.md). Elsewhere (SQLite) an executemany."""
     if not rows:
         return []
     connection = session.connection()
@@ -145,7 +147,7 @@ def bulk_insert(
         if isinstance(kind, JSON):
             # Arrays of json text, read back as json column by column.
             arrays[name] = [None if row[name] is None else json.dumps(row[name]) for row in rows]
-            casts.append(f"%({name})s::text[]")
+            casts.append(f"%({name})b::text[]")
             selects.append(f"t.{name}::json")
             continue
         if isinstance(kind, TypeDecorator):
@@ -153,7 +155,7 @@ def bulk_insert(
             kind = kind.impl_instance
         else:
             arrays[name] = [row[name] for row in rows]
-        casts.append(f"%({name})s::{kind.compile(dialect=dialect)}[]")
+        casts.append(f"%({name})b::{kind.compile(dialect=dialect)}[]")
         selects.append(f"t.{name}")
     # Names come from the Table (known column names, checked by table.c above); every
     # value is a parameter.
