@@ -7,7 +7,7 @@ poll that finds a few new messages) are parsed in the calling thread, which cost
 pickling and starts no process. The processes are the same parser, so the result is
 the same either way (tests/mailbox/test_parsing.py).
 
-Ingestion asks for `parse_all_for_storage`: the processes also hash each attachment and
+Ingestion asks for `start_all_for_storage`: the processes also hash each attachment and
 send back the bytes of only those that are to be objects of their own (larger than
 ATTACHMENT_INLINE_MAX_BYTES); the others stay inside the raw message, so most parts are
 never pickled back.
@@ -30,7 +30,7 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -111,24 +111,49 @@ def parse_for_storage(raw: bytes, inline_max: int) -> Stored:
 
 def parse_all(raws: Sequence[bytes]) -> list[Outcome]:
     """Each message parsed, in order."""
-    return _map(parse_safely, raws, PROCESS_DIED)
+    died: Outcome = PROCESS_DIED
+    return _begin(parse_safely, raws, died)()
 
 
-def parse_all_for_storage(raws: Sequence[bytes], inline_max: int) -> list[Stored]:
-    """Each message parsed for ingestion (`parse_for_storage`), in order."""
-    return _map(partial(parse_for_storage, inline_max=inline_max), raws, PROCESS_DIED)
+def start_all_for_storage(raws: Sequence[bytes], inline_max: int) -> Callable[[], list[Stored]]:
+    """Each message parsed for ingestion (`parse_for_storage`), started now; calling
+    what this returns waits for the outcomes, in order. A poll starts the next batch
+    before it collects this one, so the processes never wait for it."""
+    return _begin(partial(parse_for_storage, inline_max=inline_max), raws, PROCESS_DIED)
 
 
-def _map(function: Callable[[bytes], _T], raws: Sequence[bytes], died: _T) -> list[_T]:
+def _begin(
+    function: Callable[[bytes], _T], raws: Sequence[bytes], died: _T
+) -> Callable[[], list[_T]]:
     processes = get_settings().parse_processes
     if processes == 0 or len(raws) < POOL_MIN_MESSAGES:
-        return [function(raw) for raw in raws]
+        outcomes = [function(raw) for raw in raws]
+        return lambda: outcomes
     # A few chunks per process: fewer round trips, and the processes finish together.
     chunk = max(1, len(raws) // (processes * 4))
+    results: Iterator[_T] | None = None
     try:
-        return list(_executor(processes).map(function, raws, chunksize=chunk))
+        # Every chunk is submitted here; the iterator only collects.
+        results = _executor(processes).map(function, raws, chunksize=chunk)
     except BrokenProcessPool:
         _discard()
+
+    def collect() -> list[_T]:
+        if results is not None:
+            try:
+                return list(results)
+            except BrokenProcessPool:
+                _discard()
+        return _one_by_one(function, raws, died, processes)
+
+    return collect
+
+
+def _one_by_one(
+    function: Callable[[bytes], _T], raws: Sequence[bytes], died: _T, processes: int
+) -> list[_T]:
+    """After a pool process died: each message alone, so only the one that kills its
+    process again is lost (stored raw, with `died`)."""
     outcomes: list[_T] = []
     for raw in raws:
         try:

@@ -25,7 +25,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -140,6 +140,10 @@ class _Prepared:
     # Messages held from this folder, found at another (UIDVALIDITY, UID): moved there.
     relocations: list[tuple[cursors.Holder, int, int]] = field(default_factory=list)
     fetched: int = 0  # UIDs the batch covers, stored or not (for the sync's progress)
+    # The parsed fields, once collected (`_Poller._finish_batch`): each stored message's
+    # row and bytes, and the parse's outcomes in the same order.
+    to_parse: list[tuple[dict[str, Any], _Fetched]] = field(default_factory=list)
+    outcomes: Callable[[], list[parsing.Stored]] | None = None
 
 
 # -- the poll ----------------------------------------------------------------------------
@@ -618,23 +622,34 @@ class _Poller:
     ) -> None:
         """Fetch and store these UIDs (ascending) of the selected folder, batch by batch.
 
-        Three stages overlap: a thread fetches batch N+1, this thread parses batch N,
-        and one committing thread waits for batch N-1's objects, then inserts its rows
-        and moves the cursor. Batches commit one at a time, in order."""
+        Four stages overlap: a thread fetches batch N+2, the parsing processes parse
+        batches N+1 and N, this thread collects batch N's fields, and one committing
+        thread waits for batch N-1's objects, then inserts its rows and moves the cursor.
+        Batches commit one at a time, in order."""
         committing: Future[None] | None = None
+        parsed: _Prepared | None = None
         with ThreadPoolExecutor(1, thread_name_prefix="mailbox-commit") as committer:
+
+            def commit(prepared: _Prepared | None) -> None:
+                nonlocal committing
+                prepared = self._finish_batch(prepared)
+                if committing is not None:
+                    committing.result()  # at most one batch waits: bounded memory
+                    committing = None
+                if prepared is not None:
+                    prepared.advance_cursor = advance_cursor
+                    committing = committer.submit(self._commit_batch, prepared)
+
             try:
                 for batch in _prefetched(self._fetch(mailbox, folder, uidvalidity, uids)):
-                    prepared = self._prepare_batch(
-                        folder, uidvalidity, batch, match_below=match_below
-                    )
-                    if committing is not None:
-                        committing.result()  # at most one batch waits: bounded memory
-                        committing = None
-                    if prepared is not None:
-                        prepared.advance_cursor = advance_cursor
-                        committing = committer.submit(self._commit_batch, prepared)
+                    # This batch goes to the parsing processes before the last one is
+                    # collected: they always have the next batch to work on.
+                    started = self._start_batch(folder, uidvalidity, batch, match_below=match_below)
+                    commit(parsed)
+                    parsed = started
+                commit(parsed)
             except ImapLiteralRefused as exc:
+                commit(parsed)  # what came before it is stored
                 if exc.uid is not None and exc.uid in uids:
                     self._record_refused(folder, uidvalidity, exc)
                 raise
@@ -778,10 +793,11 @@ class _Poller:
             kept.append(item)
         return kept
 
-    def _prepare_batch(
+    def _start_batch(
         self, folder: str, uidvalidity: int, batch: list[_Fetched], *, match_below: int
     ) -> _Prepared | None:
-        """Parse a batch and start writing its objects."""
+        """Start writing a batch's raw messages and parsing them (`_finish_batch`
+        collects the parse)."""
         if not batch:
             return None
         # What the folder held at a UIDVALIDITY change may be held from before it; what
@@ -820,18 +836,26 @@ class _Poller:
                 self.elsewhere.append(item.uid)
                 self.changes.seen_elsewhere(folder, uidvalidity, item)
         # Raw messages first: their writes run while the batch is parsed.
-        rows = [self._prepare(folder, uidvalidity, item, prepared.uploads) for item in kept]
-        outcomes = iter(
-            parsing.parse_all_for_storage(
-                [item.body for item in kept if item.body is not None], self.inline_max
-            )
-        )
-        for item, row in zip(kept, rows, strict=True):
-            parts: list[dict[str, Any]] = []
-            if item.body is not None:
-                parts = self._parsed(row, next(outcomes), prepared.uploads)
+        for item in kept:
+            row = self._prepare(folder, uidvalidity, item, prepared.uploads)
             prepared.rows.append(row)
-            prepared.attachments[item.uid] = parts
+            prepared.attachments[item.uid] = []
+            if item.body is not None:
+                prepared.to_parse.append((row, item))
+        prepared.outcomes = parsing.start_all_for_storage(
+            [item.body for _row, item in prepared.to_parse if item.body is not None],
+            self.inline_max,
+        )
+        return prepared
+
+    def _finish_batch(self, prepared: _Prepared | None) -> _Prepared | None:
+        """Fill the batch's rows from its parse, and start writing the attachments that
+        are objects of their own."""
+        if prepared is None or prepared.outcomes is None:
+            return prepared
+        for (row, item), outcome in zip(prepared.to_parse, prepared.outcomes(), strict=True):
+            prepared.attachments[item.uid] = self._parsed(row, outcome, prepared.uploads)
+        prepared.to_parse, prepared.outcomes = [], None
         return prepared
 
     def _commit_batch(self, prepared: _Prepared | None) -> None:

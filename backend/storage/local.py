@@ -103,8 +103,8 @@ class LocalStorage:
     def sync(self, keys: Iterable[str]) -> None:
         """Make objects written with `sync=False` durable: each file, then each directory
         on the way to them (new entries and new directories), once."""
-        paths = [self.path_for(key) for key in keys]
         try:
+            paths = [self._target(key) for key in keys]
             # Several at once: the disk sees a deeper queue and the filesystem writes
             # its metadata in fewer rounds (1.7x faster than one by one on this
             # machine's ext4, docs/benchmarks.md).

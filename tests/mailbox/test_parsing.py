@@ -69,7 +69,7 @@ def test_parsed_for_storage_in_the_pool_sends_back_only_large_parts(
     set_env(PARSE_PROCESSES=0)
     here = parsing.parse_all(raws)
     set_env(PARSE_PROCESSES=2)
-    stored = parsing.parse_all_for_storage(raws, 9_500)
+    stored = parsing.start_all_for_storage(raws, 9_500)()
     assert _pool_processes()
 
     large = small = 0
