@@ -22,11 +22,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -82,6 +83,11 @@ LOST_LEASE = "lost the mailbox to a newer poll (this one stalled past MAILBOX_LE
 # Objects are written by this many threads while the poll parses the next message: a
 # write is mostly waiting (fsync, or an S3 round trip), not Python.
 STORE_THREADS = 8
+# Batches committed, and fetched ahead, at once by this many threads: one each per poll
+# running in the process (the local scheduler runs several in threads).
+POLL_THREADS = 32
+# A poll forgets its object writes that have ended once it has this many.
+WRITES_PRUNED_AT = 1000
 
 # Core tables: rows are inserted in bulk without ORM objects.
 MESSAGES = cast(Table, Message.__table__)
@@ -531,6 +537,8 @@ class _Poller:
         # the poll holds no lease (local mode, a backfill).
         self.fence: int | None = None
         self.lease_lost: threading.Event | None = None
+        # Its object writes not known to have ended (`storing`).
+        self.writes: list[Future[StorageBackend]] = []
 
     def fenced(self, session: Session) -> None:
         """Before any write of the poll: raise LeaseLost if another poll has taken the
@@ -542,10 +550,13 @@ class _Poller:
 
     @contextmanager
     def storing(self) -> Iterator[None]:
-        """The threads that write objects, for the duration of a poll (or a backfill)."""
-        with ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="mailbox-store") as writers:
-            self.pool = writers
+        """For the duration of a poll (or a backfill): its objects are written by the
+        process's writing threads, and none is still being written when it ends."""
+        self.writes = []
+        try:
             yield
+        finally:
+            wait(self.writes)
 
     def poll_folders(
         self, mailbox: ImapSession, started_at: datetime, *, force: bool = False
@@ -628,34 +639,34 @@ class _Poller:
         Batches commit one at a time, in order."""
         committing: Future[None] | None = None
         parsed: _Prepared | None = None
-        with ThreadPoolExecutor(1, thread_name_prefix="mailbox-commit") as committer:
+        committer = _threads("mailbox-commit", POLL_THREADS)
 
-            def commit(prepared: _Prepared | None) -> None:
-                nonlocal committing
-                prepared = self._finish_batch(prepared)
-                if committing is not None:
-                    committing.result()  # at most one batch waits: bounded memory
-                    committing = None
-                if prepared is not None:
-                    prepared.advance_cursor = advance_cursor
-                    committing = committer.submit(self._commit_batch, prepared)
+        def commit(prepared: _Prepared | None) -> None:
+            nonlocal committing
+            prepared = self._finish_batch(prepared)
+            if committing is not None:
+                committing.result()  # at most one batch waits: bounded memory
+                committing = None
+            if prepared is not None:
+                prepared.advance_cursor = advance_cursor
+                committing = committer.submit(self._commit_batch, prepared)
 
-            try:
-                for batch in _prefetched(self._fetch(mailbox, folder, uidvalidity, uids)):
-                    # This batch goes to the parsing processes before the last one is
-                    # collected: they always have the next batch to work on.
-                    started = self._start_batch(folder, uidvalidity, batch, match_below=match_below)
-                    commit(parsed)
-                    parsed = started
+        try:
+            for batch in _prefetched(self._fetch(mailbox, folder, uidvalidity, uids)):
+                # This batch goes to the parsing processes before the last one is
+                # collected: they always have the next batch to work on.
+                started = self._start_batch(folder, uidvalidity, batch, match_below=match_below)
                 commit(parsed)
-            except ImapLiteralRefused as exc:
-                commit(parsed)  # what came before it is stored
-                if exc.uid is not None and exc.uid in uids:
-                    self._record_refused(folder, uidvalidity, exc)
-                raise
-            finally:
-                if committing is not None:
-                    committing.result()
+                parsed = started
+            commit(parsed)
+        except ImapLiteralRefused as exc:
+            commit(parsed)  # what came before it is stored
+            if exc.uid is not None and exc.uid in uids:
+                self._record_refused(folder, uidvalidity, exc)
+            raise
+        finally:
+            if committing is not None:
+                committing.result()
 
     def _record_refused(self, folder: str, uidvalidity: int, exc: ImapLiteralRefused) -> None:
         """The message whose body the server sent far too large: a row with the reason
@@ -996,9 +1007,13 @@ class _Poller:
         """Write an object in a writing thread (its hash is on the row already: messages
         are hashed by the fetching thread, attachments where they were parsed)."""
         row["storage_key"] = key
-        uploads.append(
-            (row, self.pool.submit(storage.put_object, key, data, content_type, sync=False))
+        writing = _threads("mailbox-store", STORE_THREADS).submit(
+            storage.put_object, key, data, content_type, sync=False
         )
+        if len(self.writes) >= WRITES_PRUNED_AT:
+            self.writes = [write for write in self.writes if not write.done()]
+        self.writes.append(writing)
+        uploads.append((row, writing))
 
 
 def _take(holders: list[cursors.Holder], content_hash: str | None) -> cursors.Holder | None:
@@ -1031,8 +1046,7 @@ def _prefetched(batches: Iterator[list[_Fetched]]) -> Iterator[list[_Fetched]]:
         except BaseException as exc:  # handed to the consumer, raised there
             ready.put(exc)
 
-    producer = threading.Thread(target=produce, name="mailbox-fetch", daemon=True)
-    producer.start()
+    producer = _threads("mailbox-fetch", POLL_THREADS).submit(produce)
     try:
         while (item := ready.get()) is not None:
             if isinstance(item, BaseException):
@@ -1040,10 +1054,28 @@ def _prefetched(batches: Iterator[list[_Fetched]]) -> Iterator[list[_Fetched]]:
             yield item
     finally:
         stop.set()
-        while producer.is_alive():
+        while not producer.done():
             with contextlib.suppress(queue.Empty):
                 ready.get(timeout=0.5)
-        producer.join()
+
+
+_pools: dict[str, ThreadPoolExecutor] = {}
+_pools_pid = 0
+_pools_lock = threading.Lock()
+
+
+def _threads(name: str, workers: int) -> ThreadPoolExecutor:
+    """Threads a poll's stages run in, kept from poll to poll in this process (a forked
+    child makes its own): starting eleven threads cost a first sync of a small mailbox
+    a tenth of its time (docs/benchmarks.md)."""
+    global _pools_pid  # noqa: PLW0603 - one set per process
+    with _pools_lock:
+        if _pools_pid != os.getpid():
+            _pools.clear()
+            _pools_pid = os.getpid()
+        if name not in _pools:
+            _pools[name] = ThreadPoolExecutor(workers, thread_name_prefix=name)
+        return _pools[name]
 
 
 def parsed_fields(parsed: ParsedMessage) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 A put is durable when it returns (the file and its directories fsynced), unless the
 caller writes a batch with `sync=False` and makes it durable with `sync(keys)` before
-relying on it (the poller, before the transaction that records the batch's rows): the
-files are written first and fsynced together, several at once, and each directory once.
+relying on it (the poller, before the transaction that records the batch's rows): each
+file is fsynced by the put, in the caller's writing threads while the batch is parsed,
+and `sync` fsyncs each directory once.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -23,18 +22,11 @@ from backend.storage.base import ObjectNotFound, StorageError
 # A key naming a directory, or running through a file, names no object.
 _MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 _TMP_PREFIX = ".tmp-"
-# Files fsynced at once by `sync`.
-SYNC_THREADS = 8
 # Directories a store remembers as checked and made (then it forgets them all).
 DIRECTORIES_MAX = 4096
-# Descriptors of written, not yet synced files a store keeps open at most.
-PENDING_MAX = 256
 COPY_CHUNK = 1024 * 1024
 
 _names = itertools.count()
-_threads: ThreadPoolExecutor | None = None
-_threads_pid = 0
-_threads_lock = threading.Lock()
 
 
 class LocalStorage:
@@ -45,9 +37,6 @@ class LocalStorage:
         self.root.mkdir(parents=True, exist_ok=True)
         # Directories puts have checked and made, by the key's parts.
         self._directories: dict[tuple[str, ...], Path] = {}
-        # Files written with sync=False and still open, oldest first (`_keep_open`).
-        self._pending: dict[Path, int] = {}
-        self._pending_lock = threading.Lock()
 
     def path_for(self, key: str) -> Path:
         parts = self._parts(key)
@@ -69,17 +58,18 @@ class LocalStorage:
     def put(
         self, key: str, data: bytes | BinaryIO, content_type: str, *, sync: bool = True
     ) -> None:
-        """`sync=False`: not durable until `sync([key, ...])` has returned."""
+        """`sync=False`: not durable until `sync([key, ...])` has returned (the file is,
+        its directories' entries are not)."""
         try:
             path = self._target(key)
             try:
-                self._write(path, data, sync=sync)
+                self._write(path, data)
             except FileNotFoundError:
                 # Its directory was pruned since it was made (an account deleted and
                 # added again): make it again, once.
                 self._directories.pop(self._parts(key)[:-1], None)
                 path = self._target(key)
-                self._write(path, data, sync=sync)
+                self._write(path, data)
             if sync:
                 self._sync_directories([path])
         except OSError as exc:
@@ -101,42 +91,17 @@ class LocalStorage:
         return directory / parts[-1]
 
     def sync(self, keys: Iterable[str]) -> None:
-        """Make objects written with `sync=False` durable: each file, then each directory
-        on the way to them (new entries and new directories), once."""
+        """Make objects written with `sync=False` durable: each directory on the way to
+        them (new entries and new directories), once. Their files were fsynced by the
+        put, in the writing thread, off the batch's commit."""
         try:
             paths = [self._target(key) for key in keys]
-            # Several at once: the disk sees a deeper queue and the filesystem writes
-            # its metadata in fewer rounds (1.7x faster than one by one on this
-            # machine's ext4, docs/benchmarks.md).
-            list(_fsync_threads().map(self._sync_file, paths))
+            for path in paths:
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path} was never written")
             self._sync_directories(paths)
         except OSError as exc:
             raise StorageError(f"cannot make objects durable under {self.root}: {exc}") from exc
-
-    def _sync_file(self, path: Path) -> None:
-        """Through the descriptor the file was written with, if it is still open: no
-        second open and path lookup per object."""
-        with self._pending_lock:
-            fd = self._pending.pop(path, None)
-        if fd is None:
-            _fsync(path, os.O_RDONLY)
-            return
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _keep_open(self, path: Path, fd: int) -> None:
-        """Keep a written file's descriptor for its `sync`. A descriptor is only a short
-        cut: past PENDING_MAX (a batch that failed before its sync) the oldest are
-        closed, and their sync opens them by name."""
-        with self._pending_lock:
-            stale = self._pending.pop(path, None)
-            self._pending[path] = fd
-            while len(self._pending) > PENDING_MAX:
-                os.close(self._pending.pop(next(iter(self._pending))))
-        if stale is not None:
-            os.close(stale)
 
     def _sync_directories(self, paths: Iterable[Path]) -> None:
         directories: set[Path] = set()
@@ -149,29 +114,26 @@ class LocalStorage:
         for directory in sorted(directories, key=lambda d: len(d.parts), reverse=True):
             _fsync(directory, os.O_RDONLY | os.O_DIRECTORY)
 
-    def _write(self, path: Path, data: bytes | BinaryIO, *, sync: bool) -> None:
-        # Write to a temporary file and rename it into place, so a crash never leaves
-        # half an object under the real name (unsynced: the batch's rows are not
-        # committed before `sync`, so a retry writes it again).
+    @staticmethod
+    def _write(path: Path, data: bytes | BinaryIO) -> None:
+        # Write to a temporary file, fsync it and rename it into place, so a crash never
+        # leaves half an object under the real name.
         fd, tmp = _create(path.parent)
         try:
-            if isinstance(data, bytes | bytearray | memoryview):
-                _write_all(fd, data)
-            else:
-                while chunk := data.read(COPY_CHUNK):
-                    _write_all(fd, chunk)
-            if sync:
+            try:
+                if isinstance(data, bytes | bytearray | memoryview):
+                    _write_all(fd, data)
+                else:
+                    while chunk := data.read(COPY_CHUNK):
+                        _write_all(fd, chunk)
                 os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
-            os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        if sync:
-            os.close(fd)
-        else:
-            self._keep_open(path, fd)
 
     def get(self, key: str) -> bytes:
         try:
@@ -258,16 +220,6 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _fsync_threads() -> ThreadPoolExecutor:
-    """This process's fsync threads (a forked child makes its own)."""
-    global _threads, _threads_pid  # noqa: PLW0603 - one pool per process
-    with _threads_lock:
-        if _threads is None or _threads_pid != os.getpid():
-            _threads = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="storage-fsync")
-            _threads_pid = os.getpid()
-        return _threads
 
 
 def _fsync(path: Path, flags: int) -> None:

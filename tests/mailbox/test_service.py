@@ -200,9 +200,9 @@ def test_objects_are_durable_before_their_rows_commit_each_fsynced_once(
     set_env: Callable[..., None],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The batch's objects are written unsynced and fsynced together before its commit:
-    at every commit, each object a committed row names has been fsynced, and no object
-    is fsynced twice (nor its temporary file at all)."""
+    """Each object's data is fsynced once, under its temporary name before it is renamed
+    into place, and its directory after: at every commit, each object a committed row
+    names has both behind it."""
     # Attachments of 5 to 40 bytes: those of 20 or fewer stay inside the raw message.
     set_env(IMAP_FETCH_BATCH_SIZE=3, ATTACHMENT_INLINE_MAX_BYTES=20)
     username, _ = mail_user
@@ -218,8 +218,14 @@ def test_objects_are_durable_before_their_rows_commit_each_fsynced_once(
             keys = list(
                 conn.scalars(select(Message.storage_key).where(Message.account_id == account.id))
             ) + list(conn.scalars(select(Attachment.storage_key)))
-        done = set(synced)
-        not_durable.extend(key for key in keys if key and root / key not in done)
+        data = {inode for _path, inode in synced}
+        directories = {path for path, _inode in synced}
+        not_durable.extend(
+            key
+            for key in keys
+            if key
+            and ((root / key).stat().st_ino not in data or (root / key).parent not in directories)
+        )
 
     event.listen(Session, "after_commit", look)
     try:
@@ -229,10 +235,10 @@ def test_objects_are_durable_before_their_rows_commit_each_fsynced_once(
 
     assert result.messages == 8
     assert not_durable == []
-    files = [path for path in synced if path.is_file() or path.name.startswith(".tmp-")]
+    files = [(path, inode) for path, inode in synced if path.name.startswith(".tmp-")]
     assert len(files) == 12  # 8 messages, the 4 attachments of more than 20 bytes
-    assert len(set(files)) == 12
-    assert not any(path.name.startswith(".tmp-") for path in files)
+    assert len({inode for _path, inode in files}) == 12
+    assert not any(path.is_file() for path, _inode in synced)  # none after its rename
 
 
 def test_two_concurrent_polls_store_each_message_once(

@@ -122,21 +122,21 @@ def test_delete_prefix_removes_one_account(store: LocalStorage) -> None:
     assert store.delete_prefix(account_prefix(1)) == 0
 
 
-def test_a_batch_is_fsynced_together_each_file_and_directory_once(
+def test_a_batch_is_durable_after_its_sync_each_file_and_directory_fsynced_once(
     store: LocalStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     synced = fsync_spy(monkeypatch)
     keys = [message_key(7, "INBOX", 1, uid) for uid in (1, 2, 3)] + ["accounts/7/x/y/z"]
     for key in keys:
         store.put(key, key.encode(), "text/plain", sync=False)
-    assert synced == []  # written, not yet durable
+    # Each file's data, under its temporary name before the rename; no directory yet.
+    assert all(path.name.startswith(".tmp-") for path, _inode in synced)
+    assert {inode for _path, inode in synced} == {store.path_for(key).stat().st_ino for key in keys}
+    written = len(synced)
 
     store.sync(keys)
 
-    files = [store.path_for(key) for key in keys]
-    # The files first (several at once, in any order), then their directories.
-    assert sorted(synced[: len(files)]) == sorted(files)
-    directories = synced[len(files) :]
+    directories = [path for path, _inode in synced[written:]]
     assert len(directories) == len(set(directories))
     assert set(directories) == {
         store.root / "accounts/7/INBOX/1",
@@ -156,54 +156,14 @@ def test_a_single_put_is_durable_when_it_returns(
     synced = fsync_spy(monkeypatch)
     store.put("a/b", b"one", "text/plain")
     # The temporary file (renamed into place afterwards), then the directories.
-    assert synced[0].parent == store.root / "a"
-    assert synced[1:] == [store.root / "a", store.root]
+    assert [path.parent for path, _inode in synced[:1]] == [store.root / "a"]
+    assert synced[0][1] == (store.root / "a/b").stat().st_ino
+    assert [path for path, _inode in synced[1:]] == [store.root / "a", store.root]
 
 
 def test_syncing_a_missing_object_fails(store: LocalStorage) -> None:
     with pytest.raises(StorageError):
         store.sync(["never/written"])
-
-
-def _open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def test_a_batch_is_synced_through_the_descriptors_it_was_written_with(
-    store: LocalStorage, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    keys = [message_key(7, "INBOX", 1, uid) for uid in range(5)]
-    before = _open_descriptors()
-    for key in keys:
-        store.put(key, key.encode(), "text/plain", sync=False)
-    assert _open_descriptors() == before + len(keys)  # kept for the sync
-    opened: list[str] = []
-    real_open = os.open
-
-    def spy(path: object, *args: object, **kwargs: object) -> int:
-        opened.append(str(path))
-        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "open", spy)
-    store.sync(keys)
-    # Only the directories are opened to be synced, not the files.
-    assert all(Path(path).is_dir() for path in opened)
-    assert _open_descriptors() == before
-
-
-def test_descriptors_past_the_limit_are_closed_and_synced_by_name(
-    store: LocalStorage, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("backend.storage.local.PENDING_MAX", 2)
-    before = _open_descriptors()
-    keys = [f"a/{n}" for n in range(6)]
-    for key in keys:
-        store.put(key, b"x", "text/plain", sync=False)
-    assert _open_descriptors() == before + 2  # a batch that never syncs leaks nothing more
-    synced = fsync_spy(monkeypatch)
-    store.sync(keys)
-    assert sorted(synced[: len(keys)]) == sorted(store.path_for(key) for key in keys)
-    assert _open_descriptors() == before
 
 
 def test_a_directory_pruned_after_a_put_is_made_again(store: LocalStorage) -> None:
