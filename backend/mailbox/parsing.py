@@ -129,8 +129,11 @@ def _begin(
     if processes == 0 or len(raws) < POOL_MIN_MESSAGES:
         outcomes = [function(raw) for raw in raws]
         return lambda: outcomes
-    # A few chunks per process: fewer round trips, and the processes finish together.
-    chunk = max(1, len(raws) // (processes * 4))
+    # One chunk per process: every hand-off between the poll's threads and the pool
+    # waits for the poll's GIL, and for a small batch the hand-offs took longer than
+    # the parsing (docs/benchmarks.md). The next batch is queued behind, so a process
+    # that finishes first is not idle long.
+    chunk = -(-len(raws) // processes)
     results: Iterator[_T] | None = None
     try:
         # Every chunk is submitted here; the iterator only collects.

@@ -846,17 +846,16 @@ class _Poller:
                 # Another folder's (a place change tracking may find it moved to).
                 self.elsewhere.append(item.uid)
                 self.changes.seen_elsewhere(folder, uidvalidity, item)
-        # Raw messages first: their writes run while the batch is parsed.
+        # The parse first: its hand-off to the processes is not queued behind the writes.
+        prepared.outcomes = parsing.start_all_for_storage(
+            [item.body for item in kept if item.body is not None], self.inline_max
+        )
         for item in kept:
             row = self._prepare(folder, uidvalidity, item, prepared.uploads)
             prepared.rows.append(row)
             prepared.attachments[item.uid] = []
             if item.body is not None:
                 prepared.to_parse.append((row, item))
-        prepared.outcomes = parsing.start_all_for_storage(
-            [item.body for _row, item in prepared.to_parse if item.body is not None],
-            self.inline_max,
-        )
         return prepared
 
     def _finish_batch(self, prepared: _Prepared | None) -> _Prepared | None:
