@@ -163,10 +163,17 @@ class Tracker:
         return False
 
     def track(
-        self, mailbox: ImapSession, folder: str, status: FolderStatus, uidvalidity: int
+        self,
+        mailbox: ImapSession,
+        folder: str,
+        status: FolderStatus,
+        uidvalidity: int,
+        *,
+        held_before: bool = True,
     ) -> None:
         """Read the changes of the selected folder since it was last tracked. `status`:
-        its STATUS before the poll fetched anything (the point recorded as reached)."""
+        its STATUS before the poll fetched anything (the point recorded as reached).
+        `held_before`: whether any message of the folder was stored before this poll."""
         if not self.enabled or uidvalidity != status.uidvalidity:
             return  # renumbered between STATUS and SELECT: the next poll starts afresh
         settings = get_settings()
@@ -177,7 +184,11 @@ class Tracker:
             # long ago, and a renumbered one the messages the poller has just moved to
             # their new UIDs with the flags they had: their flags are compared once.
             read = _Read(folder, uidvalidity, status, full_check_at=now)
-            read.flags = mailbox.fetch_flags()
+            if held_before or status.highestmodseq is None:
+                read.flags = mailbox.fetch_flags()
+            # Else a first sync under CONDSTORE: this poll stored every message with the
+            # flags it fetched, and what changed since `status` comes with the next
+            # poll's CHANGEDSINCE (a first sync of 5,000 spent a tenth of its time here).
             self.read.append(read)
             return
         full_due = known.full_check_at is None or now - known.full_check_at >= timedelta(

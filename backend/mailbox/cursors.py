@@ -135,6 +135,18 @@ def saw_uidnext(
     )
 
 
+def holds_any(session: Session, account_id: int, folder: str) -> bool:
+    """Whether any message is held from this folder (any UIDVALIDITY)."""
+    return (
+        session.scalar(
+            select(Message.id)
+            .where(Message.account_id == account_id, Message.folder == folder)
+            .limit(1)
+        )
+        is not None
+    )
+
+
 def oldest_held(session: Session, account_id: int, folder: str) -> datetime | None:
     """The INTERNALDATE of the oldest message held from this folder (any UIDVALIDITY)."""
     return session.scalar(

@@ -599,6 +599,7 @@ class _Poller:
                 session, self.account_id, folder, uidvalidity, selected.uidnext
             )
             match_below = cursors.match_below(session, self.account_id, folder, uidvalidity)
+            held_before = cursor is not None or cursors.holds_any(session, self.account_id, folder)
         if cursor is None:
             uids, ceiling = self._first_sync_selection(mailbox, folder)
         else:
@@ -615,7 +616,7 @@ class _Poller:
             with session_scope() as session:
                 self.fenced(session)
                 cursors.advance(session, self.account_id, folder, uidvalidity, ceiling)
-        self.changes.track(mailbox, folder, status, uidvalidity)
+        self.changes.track(mailbox, folder, status, uidvalidity, held_before=held_before)
         # Renumbered between STATUS and SELECT: what STATUS said is not worth keeping.
         # A UIDNEXT beyond RFC 3501's range is not kept either (it would never repeat).
         if uidvalidity == status.uidvalidity and 0 < status.uidnext <= MAX_UID + 1:

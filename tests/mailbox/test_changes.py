@@ -209,6 +209,55 @@ def test_flags_deletions_and_moves_reach_the_messages_and_the_receiver_once(
     assert stored(db, account.id)[by_uid[1]].flags == []
 
 
+def test_a_flag_changed_during_a_first_sync_is_reported_by_the_next_poll(
+    db: Session,
+    either_server: RealServer,
+    tracked: Callable[..., tuple[Account, str]],
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under CONDSTORE a first sync takes no baseline of the flags (every message was
+    stored by it, with the flags it fetched): a change made while it ran, after its
+    message's flags were fetched, comes with the next poll's CHANGEDSINCE. Without
+    CONDSTORE the baseline is fetched, and catches it at once."""
+    server = either_server
+    condstore = server.capabilities is None
+    account, username = tracked(server)
+    server.append_many(username, [generated(index) for index in range(6)])
+    baselines: list[object] = []
+    real_fetch_flags = imap.ImapSession.fetch_flags
+    real_fetch_bodies = imap.ImapSession.fetch_bodies
+
+    def fetch_flags(session: imap.ImapSession, *args: Any, **kwargs: Any) -> Any:
+        baselines.append(args)
+        return real_fetch_flags(session, *args, **kwargs)
+
+    def fetch_bodies(session: imap.ImapSession, *args: Any, **kwargs: Any) -> Any:
+        # A mail client marks message 2 read once its flags were fetched.
+        with server.client(username) as client:
+            client.select_folder("INBOX")
+            client.add_flags([2], [b"\\Seen"])
+            client.logout()
+        return real_fetch_bodies(session, *args, **kwargs)
+
+    monkeypatch.setattr(imap.ImapSession, "fetch_flags", fetch_flags)
+    monkeypatch.setattr(imap.ImapSession, "fetch_bodies", fetch_bodies)
+    first = poll(account)
+    monkeypatch.setattr(imap.ImapSession, "fetch_bodies", real_fetch_bodies)
+    assert len(first.new_message_ids) == 6
+    assert (baselines == []) == condstore
+    message = next(m for m in stored(db, account.id).values() if m.uid == 2)
+    if condstore:
+        assert message.flags == []  # as its flags were fetched
+        assert receiver.delivered() == []
+        poll(account)
+    [event] = events(receiver)
+    assert event["type"] == "message.updated"
+    assert event["data"]["message"]["id"] == message.id
+    assert event["data"]["message"]["flags"] == ["\\Seen"]
+    assert stored(db, account.id)[message.id].flags == ["\\Seen"]
+
+
 def test_a_poll_that_fails_before_recording_its_changes_loses_and_repeats_nothing(
     db: Session,
     dovecot: Dovecot,
