@@ -537,6 +537,8 @@ class _Poller:
         # the poll holds no lease (local mode, a backfill).
         self.fence: int | None = None
         self.lease_lost: threading.Event | None = None
+        # Where this poll's batch commits have moved each folder's cursor to.
+        self.cursor_at: dict[str, int] = {}
         # Its object writes not known to have ended (`storing`).
         self.writes: list[Future[StorageBackend]] = []
 
@@ -611,7 +613,7 @@ class _Poller:
                 self.fenced(session)
                 self.progress.start(session, folder, len(uids))
         self.ingest(mailbox, folder, uidvalidity, uids, match_below=match_below)
-        if ceiling > (cursor or 0):
+        if ceiling > max(cursor or 0, self.cursor_at.get(folder, 0)):
             # Messages the initial-sync policy left out stay behind the cursor for good.
             with session_scope() as session:
                 self.fenced(session)
@@ -922,6 +924,7 @@ class _Poller:
                 if self.progress is not None:
                     self.progress.advance(session, folder, prepared.fetched)
                 cursors.advance(session, self.account_id, folder, uidvalidity, last_uid)
+                self.cursor_at[folder] = last_uid
         self.new_ids.extend(sorted(message_id for message_id, _uid, _size in inserted))
         self.new_bytes += sum(size for _id, _uid, size in inserted)
 
