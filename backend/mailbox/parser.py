@@ -63,6 +63,16 @@ class _RawHeaders(Compat32):
 
 POLICY = _RawHeaders()
 
+# `plain_addresses`: RFC 5322 atoms and dot-atoms, and lists of plain addresses.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_ADDR_SPEC = rf"{_DOT_ATOM}@{_DOT_ATOM}"
+_WSP = r"[ \t\r\n]*"
+_NAME = rf"{_ATEXT}+(?:[ \t\r\n]+{_ATEXT}+)*"
+_PLAIN = rf"{_WSP}(?:({_NAME}){_WSP}<({_ADDR_SPEC})>|({_ADDR_SPEC})){_WSP}"
+_PLAIN_ADDRESS = re.compile(_PLAIN)
+_PLAIN_LIST = re.compile(rf"{_PLAIN}(?:,{_PLAIN})*")
+
 
 @dataclass
 class ParsedAttachment:
@@ -399,7 +409,9 @@ def _header_text(
 def _addresses(msg: EmailMessage, name: str, decoding: _Decoding, *, field: str) -> list[str]:
     values = msg.get_all(name) or []
     try:
-        pairs = getaddresses([str(v) for v in values])
+        pairs = plain_addresses(values)
+        if pairs is None:
+            pairs = getaddresses([str(v) for v in values])
     except Exception:
         return [decoding.header(v, field) for v in values]
     result: list[str] = []
@@ -410,6 +422,22 @@ def _addresses(msg: EmailMessage, name: str, decoding: _Decoding, *, field: str)
             continue
         result.append(f"{display} <{addr}>" if display and addr else addr or display)
     return result
+
+
+def plain_addresses(values: list[Any]) -> list[tuple[str, str]] | None:
+    """What getaddresses gives for header values that are plain lists of `Name <a@b>` or
+    `a@b` (no quotes, comments, groups, routes or dots in a name), found by one regular
+    expression; None for anything else, which getaddresses reads (character by
+    character, a fifth of the parse of a typical message). Tested to agree with it."""
+    pairs: list[tuple[str, str]] = []
+    for value in values:
+        text = str(value)
+        if _PLAIN_LIST.fullmatch(text) is None:
+            return None
+        for found in _PLAIN_ADDRESS.finditer(text):
+            name, angled, bare = found.groups()
+            pairs.append((" ".join(name.split()), angled) if angled else ("", bare))
+    return pairs
 
 
 def _date(value: Any) -> datetime | None:

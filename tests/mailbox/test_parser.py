@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime
+from email.utils import getaddresses
 
 import pytest
 
@@ -13,6 +14,7 @@ from backend.mailbox.parser import (
     clean_text,
     decode_words,
     parse_message,
+    plain_addresses,
     safe_filename,
 )
 from bench.ingest import build_message
@@ -139,3 +141,76 @@ def test_fast_path_agrees_with_the_feed_parser() -> None:
         assert parse_message(raw, fast_path_bytes=0) == parse_message(
             raw, fast_path_bytes=len(raw) + 1
         )
+
+
+# Pieces of address headers, plain and not: atoms, dots, quotes, comments, groups,
+# routes, encoded words, folding, stray separators.
+ADDRESS_PIECES = [
+    "Ann",
+    "Bo Li",
+    "x",
+    "a.b",
+    "a..b",
+    ".a",
+    "@",
+    "example.org",
+    "mail.example.org",
+    "<",
+    ">",
+    ",",
+    ";",
+    ":",
+    '"',
+    "\\",
+    "(",
+    ")",
+    " ",
+    "  ",
+    "\t",
+    "\r\n ",
+    "=?GBK?B?1cXI/Q==?=",
+    "=?utf-8?q?J=C3=BCrgen?=",
+    "Group:",
+    "[1.2.3.4]",
+    "'",
+    "+tag",
+    "é",
+    "",
+]
+
+
+def test_plain_addresses_agree_with_getaddresses_or_step_aside() -> None:
+    """The fast path reads only what getaddresses would read the same way; on anything
+    else it gives None (then getaddresses reads it)."""
+    rng = random.Random(7)
+    plain = 0
+    for _ in range(20_000):
+        values = [
+            "".join(rng.choice(ADDRESS_PIECES) for _ in range(rng.randint(1, 9)))
+            for _ in range(rng.choice((1, 1, 1, 2)))
+        ]
+        if rng.random() < 0.3:  # make many of them plain lists
+            values = [
+                ", ".join(
+                    rng.choice(("Ann Lee <ann.lee@example.org>", "bo@mail.example.org", "x <y@z>"))
+                    for _ in range(rng.randint(1, 3))
+                )
+            ]
+        found = plain_addresses(values)
+        if found is not None:
+            plain += 1
+            assert found == getaddresses(values), values
+    assert plain > 5_000  # the fast path is taken, not only stepped aside
+
+
+def test_plain_addresses_covers_the_common_forms() -> None:
+    assert plain_addresses(["Sender 5 <s5@example.org>, b@c.d", "\r\n\tE  F <e.f@g.h>"]) == [
+        ("Sender 5", "s5@example.org"),
+        ("", "b@c.d"),
+        ("E F", "e.f@g.h"),
+    ]
+    assert plain_addresses(["=?GBK?B?1cXI/Q==?= <z@qq.com>"]) == [
+        ("=?GBK?B?1cXI/Q==?=", "z@qq.com")
+    ]
+    for odd in ('"Q" <a@b>', "John Q. Public <j@x>", "a@b (c)", "<a@b>", "g: a@b;", ""):
+        assert plain_addresses([odd]) is None
