@@ -63,6 +63,7 @@ class _RawHeaders(Compat32):
 
 POLICY = _RawHeaders()
 
+_LONE_CR = re.compile(rb"\r(?!\n)")
 # `plain_addresses`: RFC 5322 atoms and dot-atoms, and lists of plain addresses.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
@@ -111,7 +112,7 @@ def parse_message(
     HEADER_FALLBACK_CHARSET)."""
     msg = None
     # The feed parser also ends lines at a lone CR; the fast path only knows LF and CRLF.
-    if len(raw) >= fast_path_bytes and raw.count(b"\r") == raw.count(b"\r\n"):
+    if len(raw) >= fast_path_bytes and _LONE_CR.search(raw) is None:
         msg = _fast_tree(raw.decode("ascii", "surrogateescape"), depth=0)
     if msg is None:
         msg = email.message_from_bytes(raw, policy=POLICY)
