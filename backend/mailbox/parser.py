@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import binascii
 import email
-import email.parser
 import mimetypes
 import re
 import unicodedata
@@ -46,6 +45,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # An RFC 2047 encoded word; the text may hold raw 8-bit bytes (as surrogates), not "?".
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([qQbB])\?([^?]*)\?=")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
+# A header field with its continuation lines; its name as the feed parser allows it.
+_HEADER_FIELD = re.compile(r"([\x21-\x39\x3b-\x7e]+):([^\n]*(?:\n[\t ][^\n]*)*)\n")
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")  # RFC 5322: printable, no colon
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
 _URLSAFE = bytes.maketrans(b"-_", b"+/")
@@ -172,9 +173,9 @@ def _fast_tree(text: str, *, depth: int) -> EmailMessage | None:
     end = _HEADER_END.search(text)
     if end is None:
         return None
-    msg = email.parser.Parser(policy=POLICY).parsestr(text[: end.start()] + "\n", headersonly=True)
-    if msg.defects or msg.get_payload():
-        return None  # a line in the header block that is not a header
+    msg = _header_block(text[: end.start()] + "\n")
+    if msg is None:
+        return None
     body = text[end.end() :]
     maintype = msg.get_content_maintype()
     if maintype == "message" or msg.get_content_type() == "multipart/digest":
@@ -205,6 +206,22 @@ def _fast_tree(text: str, *, depth: int) -> EmailMessage | None:
     return msg
 
 
+def _header_block(block: str) -> EmailMessage | None:
+    """The fields of a header block (each line ended by "\n"), set as the feed parser
+    sets them (`Compat32.header_source_parse`), in one regular expression match per
+    field instead of its line-by-line reading; None when a line is neither a field nor
+    a continuation (a defect, left to the feed parser)."""
+    msg = EmailMessage(policy=POLICY)
+    position = 0
+    while position < len(block):
+        found = _HEADER_FIELD.match(block, position)
+        if found is None:
+            return None
+        msg.set_raw(found[1], found[2].lstrip(" \t").rstrip("\r\n"))
+        position = found.end()
+    return msg
+
+
 def _delimiters(body: str, marker: str) -> Iterator[tuple[int, int, bool]]:
     """(start, end after its line break, is the closing one) of each boundary line: a
     line that is the marker, optionally "--", then only blanks (as the feed parser says)."""
@@ -223,12 +240,21 @@ def _delimiters(body: str, marker: str) -> Iterator[tuple[int, int, bool]]:
 def clean_text(text: str) -> str:
     """Valid UTF-8 without NUL: bytes smuggled in as surrogates are read as UTF-8, and
     what is not UTF-8 becomes U+FFFD (text decoded here from bytes holds none)."""
-    if _SURROGATE.search(text):
+    if not text.isascii() and not _encodes(text):
         try:  # raw 8-bit bytes the parser carried as surrogates: decode them as UTF-8
             text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         except UnicodeEncodeError:
             text = _SURROGATE.sub("\ufffd", text)
     return text.replace("\x00", "") if "\x00" in text else text
+
+
+def _encodes(text: str) -> bool:
+    """Whether `text` holds no surrogate: 5-10 times faster than searching for one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Decoding:
@@ -528,9 +554,19 @@ def _part_bytes(part: EmailMessage) -> bytes:
     if encoding is not None:
         # "quoted printable", or a value continued on a line holding only a space (the
         # header block's last line): the decoder only knows the plain token.
-        token = "-".join(str(encoding).split(";", 1)[0].lower().split())
-        if token != str(encoding).lower():
-            part.replace_header("content-transfer-encoding", token)
+        transfer = "-".join(str(encoding).split(";", 1)[0].lower().split())
+        if transfer != str(encoding).lower():
+            part.replace_header("content-transfer-encoding", transfer)
+        payload = part.get_payload()
+        if transfer == "base64" and isinstance(payload, str) and payload.isascii():
+            # What get_payload(decode=True) gives well-formed base64, without splitting
+            # it into lines first (a third of the decoding's time).
+            try:
+                return binascii.a2b_base64(
+                    payload.encode("ascii").translate(None, b"\r\n"), strict_mode=True
+                )
+            except binascii.Error:
+                pass  # stray characters or padding: get_payload mends them
     payload = part.get_payload(decode=True)
     return payload if isinstance(payload, bytes) else b""
 
