@@ -30,9 +30,9 @@ def message(headers: bytes, body: bytes = b"body\r\n", *, content_type: bytes = 
 
 
 def parse(raw: bytes, **kwargs: str) -> ParsedMessage:
-    """Parsed both ways (the fast path for big messages, the feed parser): the same."""
-    fast = parse_message(raw, fast_path_bytes=0, **kwargs)
-    assert fast == parse_message(raw, fast_path_bytes=len(raw) + 1, **kwargs)
+    """Parsed both ways (the fast path, the feed parser): the same."""
+    fast = parse_message(raw, fast=True, **kwargs)
+    assert fast == parse_message(raw, fast=False, **kwargs)
     return fast
 
 
