@@ -28,7 +28,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
@@ -72,10 +72,14 @@ _ESEARCH_ALL = re.compile(rb"\bALL\s+([0-9:,]+)", re.IGNORECASE)
 _META_LINE = re.compile(rb"\d+ \((.*)\)")
 _META_ITEM = re.compile(
     rb"(?:UID (?P<uid>\d+)|RFC822\.SIZE (?P<size>\d+)|FLAGS \((?P<flags>[!#-'*-Z\\^-z|~ ]*)\)"
-    rb'|INTERNALDATE "(?P<date>[^"]*)"|(?P<id>EMAILID|THREADID) (?:\((?P<value>[!#-\'*-Z^-z|~]+)\)|NIL)'
+    rb'|INTERNALDATE "(?P<date>[^"]*)"'
+    rb"|(?P<id>EMAILID|THREADID) (?:\((?P<value>[!#-'*-Z^-z|~]+)\)|NIL)"
     rb"|MODSEQ \(\d+\))(?: |\Z)",
     re.IGNORECASE,
 )
+# One answer of a body FETCH, as imaplib splits it around the literal.
+_BODY_HEAD = re.compile(rb"\d+ \((?:UID (\d+) )?BODY\[\] \{\d+\}", re.IGNORECASE)
+_BODY_TAIL = re.compile(rb"(?: UID (\d+))?\)", re.IGNORECASE)
 _INTERNALDATE = re.compile(
     rb" ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)"
 )
@@ -684,8 +688,7 @@ class ImapSession:
         if not uids:
             return {}
         items = ["UID", "RFC822.SIZE", "INTERNALDATE", "FLAGS", *self._identity_items()]
-        uid_set = ",".join(f"{low}:{high}" for low, high in to_ranges(uids)).encode()
-        data = self._command(lambda: self._uid_fetch(uid_set, f"({' '.join(items)})", None))
+        data = self._command(lambda: self._uid_fetch(_uid_set(uids), f"({' '.join(items)})", None))
         return read_metas(data)
 
     @property
@@ -710,10 +713,12 @@ class ImapSession:
             return {}
         self._stated = dict(stated)
         try:
-            fetched = self._command(lambda: self._client.fetch(list(stated), ["BODY.PEEK[]"]))
+            data = self._command(
+                lambda: self._uid_fetch(_uid_set(stated), "(UID BODY.PEEK[])", None)
+            )
         finally:
             self._stated = {}
-        return {uid: bytes(data[b"BODY[]"]) for uid, data in fetched.items() if b"BODY[]" in data}
+        return read_bodies(data)
 
     # -- changes (backend/mailbox/changes.py) -------------------------------------------
 
@@ -1413,6 +1418,43 @@ def read_metas(data: list[Any]) -> dict[int, MessageMeta]:
     first sync's CPU), else by imapclient's parser; tests hold the two equal."""
     fast = _read_metas_fast(data)
     return _read_metas_parsed(data) if fast is None else fast
+
+
+def read_bodies(data: list[Any]) -> dict[int, bytes]:
+    """A body FETCH's answers (`fetch_bodies`) by UID: read by regular expressions when
+    every one is a UID and BODY[] alone, else by imapclient's parser; tests hold the two
+    equal."""
+    fast = _read_bodies_fast(data)
+    return _read_bodies_parsed(data) if fast is None else fast
+
+
+def _read_bodies_parsed(data: list[Any]) -> dict[int, bytes]:
+    fetched = parse_fetch_response(data, False, True)
+    return {uid: bytes(item[b"BODY[]"]) for uid, item in fetched.items() if b"BODY[]" in item}
+
+
+def _read_bodies_fast(data: list[Any]) -> dict[int, bytes] | None:
+    """imaplib holds each answer as (its line up to the literal, the literal) and the
+    rest of its line: the UID comes before BODY[] or after it."""
+    bodies: dict[int, bytes] = {}
+    answers = iter(data)
+    for head in answers:
+        tail = next(answers, None)
+        opened = (
+            _BODY_HEAD.fullmatch(head[0]) if isinstance(head, tuple) and len(head) == 2 else None
+        )
+        closed = _BODY_TAIL.fullmatch(tail) if isinstance(tail, bytes) else None
+        if opened is None or closed is None or (opened[1] is None) == (closed[1] is None):
+            return None
+        bodies[int(opened[1] or closed[1])] = bytes(head[1])  # a repeat: the last, as imapclient
+    return bodies
+
+
+def _uid_set(uids: Iterable[int]) -> bytes:
+    """The UIDs as a sequence set of ranges ("1:200,205"): a first sync's batch is a
+    few bytes, not 200 numbers."""
+    ranges = to_ranges(uids)
+    return ",".join(f"{a}" if a == b else f"{a}:{b}" for a, b in ranges).encode()
 
 
 def _read_metas_parsed(data: list[Any]) -> dict[int, MessageMeta]:

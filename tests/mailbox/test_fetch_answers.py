@@ -1,12 +1,19 @@
-"""Metadata FETCH answers read by regular expressions (`imap.read_metas`) agree with
-imapclient's parser on every line, or step aside for it."""
+"""FETCH answers read by regular expressions (`imap.read_metas`, `imap.read_bodies`)
+agree with imapclient's parser on every answer, or step aside for it."""
 
 from __future__ import annotations
 
 import random
 from datetime import UTC, datetime
 
-from backend.mailbox.imap import _read_metas_fast, _read_metas_parsed, read_metas
+from backend.mailbox.imap import (
+    _read_bodies_fast,
+    _read_bodies_parsed,
+    _read_metas_fast,
+    _read_metas_parsed,
+    read_bodies,
+    read_metas,
+)
 
 # Items as servers send them, and odd ones: quoted or numeric flags, NIL, literals'
 # markers, Gmail's items, dates out of range or in other shapes, MODSEQ, spacing.
@@ -85,3 +92,43 @@ def test_common_answers_take_the_short_way() -> None:
     assert metas[6].email_id == "Mab12" and metas[6].thread_id is None
     # Nothing untagged (every UID expunged): imaplib's [None].
     assert read_metas([None]) == {}
+
+
+# How imaplib holds a body FETCH's answers: (the line up to the literal, the literal),
+# then the rest of the line; with the UID before or after the body, twice or not at all,
+# other items, other sections, unsolicited answers between them.
+HEADS = [
+    b"%d (UID 5 BODY[] {3}",
+    b"%d (uid 6 body[] {3}",
+    b"%d (BODY[] {3}",
+    b"%d (UID 5 FLAGS (\\Seen) BODY[] {3}",
+    b"%d (UID 7 BODY[TEXT] {3}",
+    b"%d (UID 8 BODY[]<0> {3}",
+]
+TAILS = [b")", b" UID 5)", b" uid 9)", b" FLAGS (\\Seen))", b" UID 6 FLAGS ())", b"))"]
+ODD = [None, b"%d (UID 7 FLAGS (\\Seen))", b"%d (UID 5)"]
+
+
+def test_bodies_read_by_expressions_as_imapclient_reads_them() -> None:
+    rng = random.Random(5)
+    read = 0
+    for _ in range(20_000):
+        data: list[object] = []
+        for sequence in range(1, rng.randint(1, 4) + 1):
+            if rng.random() < 0.05:
+                odd = rng.choice(ODD)
+                data.append(odd % sequence if odd else odd)
+                continue
+            literal = bytes(rng.choices(b"ab\r\n)", k=3))
+            data += [(rng.choice(HEADS) % sequence, literal), rng.choice(TAILS)]
+        fast = _read_bodies_fast(data)
+        if fast is not None:
+            read += 1
+            assert fast == _read_bodies_parsed(data), data
+    assert read > 300  # most random answers hold something unusual: enough do not
+
+
+def test_common_body_answers_take_the_short_way() -> None:
+    data = [(b"1 (UID 5 BODY[] {5}", b"a\r\nb)"), b")", (b"2 (BODY[] {0}", b""), b" UID 9)"]
+    assert _read_bodies_fast(data) == read_bodies(data) == {5: b"a\r\nb)", 9: b""}
+    assert read_bodies([None]) == {}

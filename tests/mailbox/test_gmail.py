@@ -167,7 +167,7 @@ def test_one_message_in_two_folders_is_stored_and_handed_on_once_with_its_labels
         assert all(row.labels is None for row in stored)
     # The copy's body was never fetched: one BODY.PEEK[] per folder, for the new UIDs.
     bodies = [command for command in proxy.commands if b"BODY.PEEK[]" in command]
-    assert [command.split(b" ")[2] for command in bodies] == [b"1,2", b"2"]
+    assert [command.split(b" ")[2] for command in bodies] == [b"1:2", b"2"]
 
     events = received(receiver)
     assert Counter(event["id"] for event in events) == {row.id: 1 for row in stored}
