@@ -36,7 +36,7 @@ class LocalStorage:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         # Directories puts have checked and made, by the key's parts.
-        self._directories: dict[tuple[str, ...], Path] = {}
+        self._directories: dict[tuple[str, ...], str] = {}
 
     def path_for(self, key: str) -> Path:
         parts = self._parts(key)
@@ -61,25 +61,26 @@ class LocalStorage:
         """`sync=False`: not durable until `sync([key, ...])` has returned (the file is,
         its directories' entries are not)."""
         try:
-            path = self._target(key)
+            directory, name = self._target(key)
             try:
-                self._write(path, data)
+                _write(directory, name, data)
             except FileNotFoundError:
                 # Its directory was pruned since it was made (an account deleted and
                 # added again): make it again, once.
                 self._directories.pop(self._parts(key)[:-1], None)
-                path = self._target(key)
-                self._write(path, data)
+                directory, name = self._target(key)
+                _write(directory, name, data)
             if sync:
-                self._sync_directories([path])
+                self._sync_directories([directory])
         except OSError as exc:
             raise StorageError(f"cannot write {key!r} under {self.root}: {exc}") from exc
 
-    def _target(self, key: str) -> Path:
-        """Where a put writes the key: its directory checked (`path_for`) and made once
-        per process, not at every put; the thousands of puts of a first sync go to a
-        few directories. Renaming onto a link replaces the link, so the name itself
-        needs no check."""
+    def _target(self, key: str) -> tuple[str, str]:
+        """The directory a put writes the key to, and the file's name: the directory
+        checked (`path_for`) and made once per process, not at every put; the thousands
+        of puts of a first sync go to a few directories. Strings, not paths: a Path per
+        file cost more than its write. Renaming onto a link replaces the link, so the
+        name itself needs no check."""
         parts = self._parts(key)
         directory = self._directories.get(parts[:-1])
         if directory is None:
@@ -87,53 +88,34 @@ class LocalStorage:
             path.parent.mkdir(parents=True, exist_ok=True)
             if len(self._directories) >= DIRECTORIES_MAX:
                 self._directories.clear()
-            directory = self._directories[parts[:-1]] = path.parent
-        return directory / parts[-1]
+            directory = self._directories[parts[:-1]] = str(path.parent)
+        return directory, parts[-1]
 
     def sync(self, keys: Iterable[str]) -> None:
         """Make objects written with `sync=False` durable: each directory on the way to
         them (new entries and new directories), once. Their files were fsynced by the
         put, in the writing thread, off the batch's commit."""
         try:
-            paths = [self._target(key) for key in keys]
-            for path in paths:
-                if not path.is_file():
-                    raise FileNotFoundError(f"{path} was never written")
-            self._sync_directories(paths)
+            directories: set[str] = set()
+            for key in keys:
+                directory, name = self._target(key)
+                if not os.path.isfile(f"{directory}/{name}"):
+                    raise FileNotFoundError(f"{directory}/{name} was never written")
+                directories.add(directory)
+            self._sync_directories(directories)
         except OSError as exc:
             raise StorageError(f"cannot make objects durable under {self.root}: {exc}") from exc
 
-    def _sync_directories(self, paths: Iterable[Path]) -> None:
+    def _sync_directories(self, leaves: Iterable[str]) -> None:
         directories: set[Path] = set()
-        for path in paths:
-            directory = path.parent
+        for leaf in leaves:
+            directory = Path(leaf)
             while directory not in directories and directory.is_relative_to(self.root):
                 directories.add(directory)
                 directory = directory.parent
         # Deepest first: a new directory's entry in its parent is written after it.
         for directory in sorted(directories, key=lambda d: len(d.parts), reverse=True):
             _fsync(directory, os.O_RDONLY | os.O_DIRECTORY)
-
-    @staticmethod
-    def _write(path: Path, data: bytes | BinaryIO) -> None:
-        # Write to a temporary file, fsync it and rename it into place, so a crash never
-        # leaves half an object under the real name.
-        fd, tmp = _create(path.parent)
-        try:
-            try:
-                if isinstance(data, bytes | bytearray | memoryview):
-                    _write_all(fd, data)
-                else:
-                    while chunk := data.read(COPY_CHUNK):
-                        _write_all(fd, chunk)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
 
     def get(self, key: str) -> bytes:
         try:
@@ -204,7 +186,28 @@ class LocalStorage:
         return start if start.is_dir() else None
 
 
-def _create(directory: Path) -> tuple[int, str]:
+def _write(directory: str, name: str, data: bytes | BinaryIO) -> None:
+    # Write to a temporary file, fsync it and rename it into place, so a crash never
+    # leaves half an object under the real name.
+    fd, tmp = _create(directory)
+    try:
+        try:
+            if isinstance(data, bytes | bytearray | memoryview):
+                _write_all(fd, data)
+            else:
+                while chunk := data.read(COPY_CHUNK):
+                    _write_all(fd, chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, f"{directory}/{name}")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _create(directory: str) -> tuple[int, str]:
     """A new temporary file in `directory`: its descriptor and path. Named by process
     and counter, not by random bytes (mkstemp's) per file; a name left by a dead
     process with this pid is skipped."""
