@@ -83,26 +83,8 @@ _BODY_TAIL = re.compile(rb"(?: UID (\d+))?\)", re.IGNORECASE)
 _INTERNALDATE = re.compile(
     rb" ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)"
 )
-_MONTHS = {
-    name: number
-    for number, name in enumerate(
-        (
-            b"jan",
-            b"feb",
-            b"mar",
-            b"apr",
-            b"may",
-            b"jun",
-            b"jul",
-            b"aug",
-            b"sep",
-            b"oct",
-            b"nov",
-            b"dec",
-        ),
-        start=1,
-    )
-}
+_MONTHS = {b"jan": 1, b"feb": 2, b"mar": 3, b"apr": 4, b"may": 5, b"jun": 6}
+_MONTHS |= {b"jul": 7, b"aug": 8, b"sep": 9, b"oct": 10, b"nov": 11, b"dec": 12}
 
 
 class ImapError(MailbeatError):
@@ -1420,58 +1402,6 @@ def read_metas(data: list[Any]) -> dict[int, MessageMeta]:
     return _read_metas_parsed(data) if fast is None else fast
 
 
-def read_bodies(data: list[Any]) -> dict[int, bytes]:
-    """A body FETCH's answers (`fetch_bodies`) by UID: read by regular expressions when
-    every one is a UID and BODY[] alone, else by imapclient's parser; tests hold the two
-    equal."""
-    fast = _read_bodies_fast(data)
-    return _read_bodies_parsed(data) if fast is None else fast
-
-
-def _read_bodies_parsed(data: list[Any]) -> dict[int, bytes]:
-    fetched = parse_fetch_response(data, False, True)
-    return {uid: bytes(item[b"BODY[]"]) for uid, item in fetched.items() if b"BODY[]" in item}
-
-
-def _read_bodies_fast(data: list[Any]) -> dict[int, bytes] | None:
-    """imaplib holds each answer as (its line up to the literal, the literal) and the
-    rest of its line: the UID comes before BODY[] or after it."""
-    bodies: dict[int, bytes] = {}
-    answers = iter(data)
-    for head in answers:
-        tail = next(answers, None)
-        opened = (
-            _BODY_HEAD.fullmatch(head[0]) if isinstance(head, tuple) and len(head) == 2 else None
-        )
-        closed = _BODY_TAIL.fullmatch(tail) if isinstance(tail, bytes) else None
-        if opened is None or closed is None or (opened[1] is None) == (closed[1] is None):
-            return None
-        bodies[int(opened[1] or closed[1])] = bytes(head[1])  # a repeat: the last, as imapclient
-    return bodies
-
-
-def _uid_set(uids: Iterable[int]) -> bytes:
-    """The UIDs as a sequence set of ranges ("1:200,205"): a first sync's batch is a
-    few bytes, not 200 numbers."""
-    ranges = to_ranges(uids)
-    return ",".join(f"{a}" if a == b else f"{a}:{b}" for a, b in ranges).encode()
-
-
-def _read_metas_parsed(data: list[Any]) -> dict[int, MessageMeta]:
-    return {
-        uid: MessageMeta(
-            uid=uid,
-            size=int(item.get(b"RFC822.SIZE", 0)),
-            internal_date=_aware(item.get(b"INTERNALDATE")),
-            flags=_flags(item),
-            email_id=_email_id(item),
-            thread_id=_thread_id(item),
-            labels=_labels(item),
-        )
-        for uid, item in parse_fetch_response(data, False, True).items()
-    }
-
-
 def _read_metas_fast(data: list[Any]) -> dict[int, MessageMeta] | None:
     """None for anything unusual (a literal, a quoted flag, Gmail's items, a date that
     is not a valid `dd-Mon-yyyy hh:mm:ss +zzzz`, an answer without UID or repeated)."""
@@ -1513,6 +1443,21 @@ def _read_metas_fast(data: list[Any]) -> dict[int, MessageMeta] | None:
     return metas
 
 
+def _read_metas_parsed(data: list[Any]) -> dict[int, MessageMeta]:
+    return {
+        uid: MessageMeta(
+            uid=uid,
+            size=int(item.get(b"RFC822.SIZE", 0)),
+            internal_date=_aware(item.get(b"INTERNALDATE")),
+            flags=_flags(item),
+            email_id=_email_id(item),
+            thread_id=_thread_id(item),
+            labels=_labels(item),
+        )
+        for uid, item in parse_fetch_response(data, False, True).items()
+    }
+
+
 def _internal_date(text: bytes) -> datetime | None:
     found = _INTERNALDATE.fullmatch(text)
     month = _MONTHS.get(found[2].lower()) if found else None
@@ -1527,6 +1472,43 @@ def _internal_date(text: bytes) -> datetime | None:
     except ValueError:
         return None
     return stated - offset if sign == b"+" else stated + offset
+
+
+def read_bodies(data: list[Any]) -> dict[int, bytes]:
+    """A body FETCH's answers (`fetch_bodies`) by UID: read by regular expressions when
+    every one is a UID and BODY[] alone, else by imapclient's parser; tests hold the two
+    equal."""
+    fast = _read_bodies_fast(data)
+    return _read_bodies_parsed(data) if fast is None else fast
+
+
+def _read_bodies_fast(data: list[Any]) -> dict[int, bytes] | None:
+    """imaplib holds each answer as (its line up to the literal, the literal) and the
+    rest of its line: the UID comes before BODY[] or after it."""
+    bodies: dict[int, bytes] = {}
+    answers = iter(data)
+    for head in answers:
+        tail = next(answers, None)
+        opened = (
+            _BODY_HEAD.fullmatch(head[0]) if isinstance(head, tuple) and len(head) == 2 else None
+        )
+        closed = _BODY_TAIL.fullmatch(tail) if isinstance(tail, bytes) else None
+        if opened is None or closed is None or (opened[1] is None) == (closed[1] is None):
+            return None
+        bodies[int(opened[1] or closed[1])] = bytes(head[1])  # a repeat: the last, as imapclient
+    return bodies
+
+
+def _read_bodies_parsed(data: list[Any]) -> dict[int, bytes]:
+    fetched = parse_fetch_response(data, False, True)
+    return {uid: bytes(item[b"BODY[]"]) for uid, item in fetched.items() if b"BODY[]" in item}
+
+
+def _uid_set(uids: Iterable[int]) -> bytes:
+    """The UIDs as a sequence set of ranges ("1:200,205"): a first sync's batch is a
+    few bytes, not 200 numbers."""
+    ranges = to_ranges(uids)
+    return ",".join(f"{a}" if a == b else f"{a}:{b}" for a, b in ranges).encode()
 
 
 def _email_id(data: Mapping[bytes, Any]) -> str | None:
