@@ -560,7 +560,8 @@ def _part_bytes(part: EmailMessage) -> bytes:
         transfer = "-".join(str(encoding).split(";", 1)[0].lower().split())
         if transfer != str(encoding).lower():
             part.replace_header("content-transfer-encoding", transfer)
-        payload = part.get_payload()
+        # The text as parsed (get_payload() is the thing to avoid, above).
+        payload = vars(part).get("_payload")
         if transfer == "base64" and isinstance(payload, str) and payload.isascii():
             # What get_payload(decode=True) gives well-formed base64, without splitting
             # it into lines first (a third of the decoding's time).

@@ -167,6 +167,30 @@ def test_python_codecs_that_are_no_charsets_are_unknown_labels(label: bytes) -> 
     assert (parsed.subject, parsed.text_body) == ("café", "café\r\n")
 
 
+@pytest.mark.parametrize("label", [b"idna", b"punycode"])
+@pytest.mark.parametrize(
+    ("transfer", "body"),
+    [
+        (b"8bit", "café\r\n".encode()),
+        (b"base64", b"Y2Fmw6kNCg==\r\n"),
+        (b"base64", b"Y2Fm\xc3\xa9\r\n"),
+    ],
+)
+def test_8bit_parts_under_such_labels_with_a_transfer_encoding(
+    label: bytes, transfer: bytes, body: bytes
+) -> None:
+    """The transfer encoding read, the codec never asked (it raises on 8-bit bytes)."""
+    raw = message(
+        b"Subject: s\r\nContent-Transfer-Encoding: " + transfer + b"\r\n",
+        body,
+        content_type=b"text/plain; charset=" + label,
+    )
+    parsed = parse(raw)
+    assert parsed.text_body is not None
+    if body.startswith(b"Y2Fmw6kNCg"):
+        assert parsed.text_body == "café\r\n"
+
+
 def test_every_whatwg_label_names_an_encoding() -> None:
     table = charsets._labels(charsets._WHATWG_TABLE)
     assert len(table) == 228  # the Encoding Standard's whole list
