@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import binascii
 import email
+import hashlib
+import io
 import mimetypes
 import re
 import unicodedata
@@ -19,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.errors import MissingHeaderBodySeparatorDefect
+from email.generator import BytesGenerator
 from email.header import Header, decode_header
 from email.message import Message as EmailMessage
 from email.policy import Compat32
@@ -552,7 +555,7 @@ def _part_bytes(part: EmailMessage) -> bytes:
     # Python's codec of that name, which raises for a label such as "idna".
     if part.is_multipart():  # message/rfc822 (one message), message/delivery-status
         inner = part.get_payload()
-        return b"\n".join(m.as_bytes() for m in inner if isinstance(m, EmailMessage))
+        return b"\n".join(_serialized(m) for m in inner if isinstance(m, EmailMessage))
     encoding = part.get("content-transfer-encoding")
     if encoding is not None:
         # "quoted printable", or a value continued on a line holding only a space (the
@@ -573,6 +576,24 @@ def _part_bytes(part: EmailMessage) -> bytes:
                 pass  # stray characters or padding: get_payload mends them
     payload = part.get_payload(decode=True)
     return payload if isinstance(payload, bytes) else b""
+
+
+class _StableGenerator(BytesGenerator):
+    """BytesGenerator, but a multipart without a usable boundary (none, or empty) gets one
+    derived from its parts rather than a random one: the same message serializes to the
+    same bytes, so an attached message keeps its content hash from parse to parse."""
+
+    @classmethod
+    def _make_boundary(cls, text: bytes | None = None) -> str:
+        # The parts cannot hold it: that would take text holding its own hash.
+        return "=" * 15 + hashlib.sha256(text or b"").hexdigest()[:24] + "=="
+
+
+def _serialized(message: EmailMessage) -> bytes:
+    """`message.as_bytes()`, the same at every parse (`_StableGenerator`)."""
+    out = io.BytesIO()
+    _StableGenerator(out, mangle_from_=False, policy=message.policy).flatten(message)
+    return out.getvalue()
 
 
 def _part_text(

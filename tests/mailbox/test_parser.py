@@ -100,6 +100,28 @@ def test_attachments_inline_parts_and_nested_messages() -> None:
     assert document.data == b"payload"
 
 
+@pytest.mark.parametrize("boundary", ['boundary=""', "boundary=", 'boundary="  "'])
+@pytest.mark.parametrize("fast", [True, False])
+def test_an_attached_message_is_the_same_bytes_at_every_parse(boundary: str, fast: bool) -> None:
+    """An attached message is serialized again from its parsed tree; a multipart in it
+    without a usable boundary must not get a new random one each time (its content
+    hash would change with every parse)."""
+    inner = (
+        b"Subject: inner\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: multipart/mixed; " + boundary.encode() + b"\r\n\r\n"
+        b"--\r\nContent-Type: text/plain\r\n\r\nhello\r\n----\r\n"
+    )
+    raw = (
+        b'Subject: outer\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="o"\r\n'
+        b"\r\n--o\r\nContent-Type: text/plain\r\n\r\nbody\r\n"
+        b"--o\r\nContent-Type: message/rfc822\r\n\r\n" + inner + b"\r\n--o--\r\n"
+    )
+    first, second = (parse_message(raw, fast=fast).attachments for _ in range(2))
+    assert [a.data for a in first] == [a.data for a in second]
+    assert first[0].content_type == "message/rfc822"
+    assert b"hello" in first[0].data
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
