@@ -38,18 +38,26 @@ class SyncProgress:
         self.folders[folder] = {"done": done, "total": done + count}
         self._write(session)
 
-    def advance(self, session: Session, folder: str, count: int) -> None:
-        """`count` more messages of the folder were handled, in `session`'s transaction."""
+    def advance(self, folder: str, count: int) -> dict[str, Progress]:
+        """`count` more messages of the folder were handled: the account's values to
+        write in the transaction that stores them (the batch's own update of the
+        account row carries them); none when the folder's sync is not tracked (a
+        backfill stores outside the poll)."""
         entry = self.folders.get(folder)
         if entry is None:
-            return  # not a tracked sync (a backfill stores outside the poll)
+            return {}
         entry["done"] = min(entry["total"], entry["done"] + count)
-        self._write(session)
+        return {"sync_progress": self._snapshot()}
 
     def _write(self, session: Session) -> None:
-        snapshot = deepcopy(self.folders)
         session.execute(
-            update(Account).where(Account.id == self.account_id).values(sync_progress=snapshot)
+            update(Account)
+            .where(Account.id == self.account_id)
+            .values(sync_progress=self._snapshot())
         )
+
+    def _snapshot(self) -> Progress:
+        snapshot = deepcopy(self.folders)
         if self.on_progress is not None:
             self.on_progress(snapshot)
+        return snapshot

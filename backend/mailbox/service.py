@@ -379,13 +379,14 @@ def _finish(
         # The account row (locked by record_poll) before the cursor rows, the order a
         # batch locks them in: a poll finishing while another stores cannot deadlock.
         event = state.record_poll(session, account_id, started_at=started_at, now=now, error=error)
-        for folder, (uidvalidity, uidnext) in (uidnexts or {}).items():
-            cursors.saw_uidnext(session, account_id, folder, uidvalidity, uidnext)
+        # The row record_poll loaded, before an update below flushes it (and expires it).
         account = session.get(Account, account_id)
         if account is not None and polled is not None:
             state.record_folders(
                 account, started_at, polled=polled, tried=tried or [], failed=failed or {}
             )
+        for folder, (uidvalidity, uidnext) in (uidnexts or {}).items():
+            cursors.saw_uidnext(session, account_id, folder, uidvalidity, uidnext)
         return event
 
 
@@ -612,7 +613,9 @@ class _Poller:
             with session_scope() as session:
                 self.fenced(session)
                 self.progress.start(session, folder, len(uids))
-        self.ingest(mailbox, folder, uidvalidity, uids, match_below=match_below)
+        self.ingest(
+            mailbox, folder, uidvalidity, uids, match_below=match_below, held_any=held_before
+        )
         if ceiling > max(cursor or 0, self.cursor_at.get(folder, 0)):
             # Messages the initial-sync policy left out stay behind the cursor for good.
             with session_scope() as session:
@@ -633,8 +636,11 @@ class _Poller:
         *,
         match_below: int,
         advance_cursor: bool = True,
+        held_any: bool = True,
     ) -> None:
         """Fetch and store these UIDs (ascending) of the selected folder, batch by batch.
+        `held_any` False: nothing was held from the folder as the poll began (a first
+        sync), so no UID is looked up as held already.
 
         Four stages overlap: a thread fetches batch N+2, the parsing processes parse
         batches N+1 and N, this thread collects batch N's fields, and one committing
@@ -655,7 +661,8 @@ class _Poller:
                 committing = committer.submit(self._commit_batch, prepared)
 
         try:
-            for batch in _prefetched(self._fetch(mailbox, folder, uidvalidity, uids)):
+            fetched = self._fetch(mailbox, folder, uidvalidity, uids, held_any=held_any)
+            for batch in _prefetched(fetched):
                 # This batch goes to the parsing processes before the last one is
                 # collected: they always have the next batch to work on.
                 started = self._start_batch(folder, uidvalidity, batch, match_below=match_below)
@@ -715,16 +722,23 @@ class _Poller:
         return sorted(uid for uid in selected if uid <= ceiling), ceiling
 
     def _fetch(
-        self, mailbox: ImapSession, folder: str, uidvalidity: int, uids: Sequence[int]
+        self,
+        mailbox: ImapSession,
+        folder: str,
+        uidvalidity: int,
+        uids: Sequence[int],
+        *,
+        held_any: bool,
     ) -> Iterator[list[_Fetched]]:
         """Batches of fetched messages: sizes first, so an oversized message is recorded
         without downloading it, and a batch's bodies stay under BATCH_MAX_BYTES. UIDs
         held already (a retried poll, a body refused) are not fetched again."""
         for start in range(0, len(uids), METADATA_CHUNK):
             chunk = list(uids[start : start + METADATA_CHUNK])
-            with session_scope() as session:
-                held = cursors.held_uids(session, self.account_id, folder, uidvalidity, chunk)
-            chunk = [uid for uid in chunk if uid not in held]
+            if held_any:
+                with session_scope() as session:
+                    held = cursors.held_uids(session, self.account_id, folder, uidvalidity, chunk)
+                chunk = [uid for uid in chunk if uid not in held]
             meta = mailbox.fetch_metadata(chunk)
             email_ids = {data.email_id for data in meta.values() if data.email_id}
             holders: dict[str, cursors.Holder] = {}
@@ -912,17 +926,19 @@ class _Poller:
                     for part in attachments[uid]
                 ],
             )
+            # One update of the account row: its count and the sync's progress.
+            values: dict[str, Any] = {}
             if inserted:
+                values["message_count"] = Account.message_count + len(inserted)
+            if prepared.advance_cursor and self.progress is not None:
+                values.update(self.progress.advance(folder, prepared.fetched))
+            if values:
                 session.execute(
-                    update(Account)
-                    .where(Account.id == self.account_id)
-                    .values(message_count=Account.message_count + len(inserted))
+                    update(Account).where(Account.id == self.account_id).values(**values)
                 )
             if prepared.advance_cursor:
                 # The account row before the cursor row, as above: two polls of one
                 # mailbox that meet here lock in the same order and cannot deadlock.
-                if self.progress is not None:
-                    self.progress.advance(session, folder, prepared.fetched)
                 cursors.advance(session, self.account_id, folder, uidvalidity, last_uid)
                 self.cursor_at[folder] = last_uid
         self.new_ids.extend(sorted(message_id for message_id, _uid, _size in inserted))

@@ -153,6 +153,32 @@ def test_new_mail_between_polls_is_picked_up_and_nothing_is_stored_twice(
     assert account.message_count == 5
 
 
+def test_a_first_sync_looks_up_no_held_uids_and_a_later_poll_does(
+    dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
+) -> None:
+    """Nothing is held from a folder its first sync begins on: the lookup of UIDs held
+    already (a query and a transaction per 1,000 UIDs) is left out. A later poll, which
+    may be a retry of one that stored part of a batch, still makes it."""
+    username, _ = mail_user
+    dovecot.append_many(username, [generated(i) for i in range(3)])
+    account = mail_account()
+    lookups: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if " ".join(statement.split()).startswith("SELECT messages.uid FROM messages "):
+            lookups.append(statement)
+
+    event.listen(get_engine(), "before_cursor_execute", count)
+    try:
+        assert poll_account(account.id).messages == 3
+        assert lookups == []
+        dovecot.append_many(username, [generated(i) for i in range(3, 5)])
+        assert poll_account(account.id).messages == 2
+        assert len(lookups) == 1
+    finally:
+        event.remove(get_engine(), "before_cursor_execute", count)
+
+
 def test_batches_commit_the_cursor_with_their_rows(
     db: Session,
     dovecot: Dovecot,
@@ -161,14 +187,15 @@ def test_batches_commit_the_cursor_with_their_rows(
     set_env: Callable[..., None],
 ) -> None:
     """What another connection sees after each commit of the poll: batch by batch, each
-    batch's rows and its cursor move together (a poll killed between two commits resumes
-    exactly after the last committed batch)."""
+    batch's rows, its cursor, the account's message count and the sync's progress move
+    together (a poll killed between two commits resumes exactly after the last committed
+    batch)."""
     set_env(IMAP_FETCH_BATCH_SIZE=3)
     username, _ = mail_user
     dovecot.append_many(username, [generated(i) for i in range(8)])
     account = mail_account()
     engine = get_engine()
-    seen: list[tuple[int, int | None]] = []
+    seen: list[tuple[int, int | None, int, int | None]] = []
 
     def look(_session: Session) -> None:
         with engine.connect() as conn:
@@ -178,7 +205,11 @@ def test_batches_commit_the_cursor_with_their_rows(
             cursor = conn.scalar(
                 select(FolderCursor.last_uid).where(FolderCursor.account_id == account.id)
             )
-        state = (int(held or 0), cursor)
+            count, progress = conn.execute(
+                select(Account.message_count, Account.sync_progress).where(Account.id == account.id)
+            ).one()
+        done = (progress or {}).get("INBOX", {}).get("done")
+        state = (int(held or 0), cursor, count, done)
         if not seen or seen[-1] != state:
             seen.append(state)
 
@@ -190,7 +221,9 @@ def test_batches_commit_the_cursor_with_their_rows(
 
     assert result.messages == 8
     committed = [state for state in seen if state[0] or state[1]]
-    assert committed == [(3, 3), (6, 6), (8, 8)], seen
+    assert committed == [(3, 3, 3, 3), (6, 6, 6, 6), (8, 8, 8, 8)], seen
+    db.refresh(account)
+    assert account.sync_progress == {"INBOX": {"done": 8, "total": 8}}
 
 
 def test_objects_are_durable_before_their_rows_commit_each_fsynced_once(
