@@ -199,8 +199,11 @@ def test_the_compose_file_runs_on_a_docker_engine(
 
     # -- scaling down to one worker while mail is being ingested loses nothing ----------
     waiters = {c: subprocess.Popen(["docker", "wait", c], stdout=subprocess.PIPE) for c in workers}
-    busy = [add_mailbox(60) for _ in range(4)]
+    # Counted before the mailboxes are added: on a busy machine their polls may store all
+    # of them while the last is still being filled, and a count taken after that would
+    # wait for ingestion that has already happened.
     before = stored()
+    busy = [add_mailbox(60) for _ in range(4)]
     eventually("ingestion under way", lambda: stored() - before or None)
     # Mail keeps arriving from a second thread across the scale-down: a fast machine may
     # have stored all of the above by now, but not what is appended once it has begun.
