@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event, func, select, update
+from sqlalchemy import delete, event, func, select, update
 from sqlalchemy.orm import Session
 
 from backend import crypto
@@ -177,6 +177,35 @@ def test_a_first_sync_looks_up_no_held_uids_and_a_later_poll_does(
         assert len(lookups) == 1
     finally:
         event.remove(get_engine(), "before_cursor_execute", count)
+
+
+def test_a_first_sync_that_a_backfill_overtakes_stores_nothing_twice(
+    db: Session,
+    dovecot: Dovecot,
+    mail_user: tuple[str, str],
+    mail_account: MailAccount,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nothing was held as the folder's first sync began, so it looks up no held UIDs;
+    a backfill that stores some of them just after (rows, no cursor) is not undone or
+    doubled: the insert keeps each message once, and the count stays true."""
+    username, _ = mail_user
+    dovecot.append_many(username, [generated(i) for i in range(3)])
+    account = mail_account()
+    assert poll_account(account.id).messages == 3
+    # What a backfill leaves: the rows, and no cursor (it never moves one).
+    db.execute(delete(FolderCursor).where(FolderCursor.account_id == account.id))
+    db.commit()
+    # It committed just after the first sync found nothing held.
+    monkeypatch.setattr(cursors, "holds_any", lambda *_args: False)
+    dovecot.append_many(username, [generated(3)])
+
+    result = poll_account(account.id)
+
+    assert (result.outcome, result.messages) == ("success", 1)
+    assert [m.uid for m in messages(db, account.id)] == [1, 2, 3, 4]
+    db.refresh(account)
+    assert account.message_count == 4
 
 
 def test_batches_commit_the_cursor_with_their_rows(
