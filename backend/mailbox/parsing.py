@@ -3,9 +3,10 @@
 A poll is one Python process doing IMAP, hashing, object writes and inserts in threads;
 parsing (backend/mailbox/parser.py, pure Python) held its GIL for most of a first sync.
 Batches of at least POOL_MIN_MESSAGES go to PARSE_PROCESSES processes; smaller ones (a
-poll that finds a few new messages) are parsed in the calling thread, which costs no
-pickling and starts no process. The processes are the same parser, so the result is
-the same either way (tests/mailbox/test_parsing.py).
+poll that finds a few new messages, a small mailbox's first sync) are parsed in the
+calling thread as they are collected, which costs no pickling and starts no process.
+The processes are the same parser, so the result is the same either way
+(tests/mailbox/test_parsing.py).
 
 Ingestion asks for `start_all_for_storage`: the processes also hash each attachment and
 send back the bytes of only those that are to be objects of their own (larger than
@@ -41,8 +42,12 @@ from typing import TypeVar
 from backend.config import get_settings
 from backend.mailbox.parser import ParsedMessage, parse_message
 
-# Below this many messages a batch is parsed in the calling thread.
-POOL_MIN_MESSAGES = 8
+# Below this many messages a batch is parsed in the calling thread: handing a batch of
+# 100 to the processes (pickled, through a pipe, each hand-off waiting for the poll's
+# GIL) took 35-60 ms of a first sync's wall time and a fifth more CPU, parsing it in the
+# poll 12-20 ms (docs/benchmarks.md). Larger batches are a large folder's, whose next
+# batch is fetched meanwhile.
+POOL_MIN_MESSAGES = 128
 # How often a pool process checks that the process it parses for is alive.
 WATCH_SECONDS = 1.0
 # A parse error as kept on the message row (`parse_error`).
@@ -127,8 +132,8 @@ def _begin(
 ) -> Callable[[], list[_T]]:
     processes = get_settings().parse_processes
     if processes == 0 or len(raws) < POOL_MIN_MESSAGES:
-        outcomes = [function(raw) for raw in raws]
-        return lambda: outcomes
+        # Parsed when collected: a poll has started the batch's writes by then.
+        return lambda: [function(raw) for raw in raws]
     # One chunk per process: every hand-off between the poll's threads and the pool
     # waits for the poll's GIL, and for a small batch the hand-offs took longer than
     # the parsing (docs/benchmarks.md). The next batch is queued behind, so a process

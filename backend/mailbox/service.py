@@ -886,27 +886,21 @@ class _Poller:
         return prepared
 
     def _commit_batch(self, prepared: _Prepared | None) -> None:
-        """Once every object of the batch is written, insert its rows and move the cursor
-        in one transaction. A failed write fails the batch: nothing is committed."""
+        """Insert the batch's rows while its objects are still being written, and commit
+        them with the cursor once every object is durable: the inserts no longer wait
+        for the writes, nor the writes for the inserts. A failed write fails the batch:
+        nothing is committed. The account row is locked only after the wait, so the
+        writes never hold it."""
         if prepared is None:
             return
-        local_keys: list[str] = []
-        for row, future in prepared.uploads:
-            row["storage_backend"] = future.result()
-            if row["storage_backend"] == StorageBackend.LOCAL:
-                local_keys.append(row["storage_key"])
-        # Every object durable before the rows that point at it are committed: written
-        # unsynced by the writing threads, fsynced here together.
-        storage.sync_local(local_keys)
         folder, uidvalidity, last_uid = prepared.folder, prepared.uidvalidity, prepared.last_uid
         rows, attachments = prepared.rows, prepared.attachments
+        # Where the objects go while S3 answers; a row whose object went elsewhere (S3
+        # failed meanwhile) is corrected below, before the commit.
+        expected = storage.preferred_backend()
+        for row, _writing in prepared.uploads:
+            row["storage_backend"] = expected
         with session_scope() as session:
-            # First: a poll that has lost the mailbox commits nothing (and the account
-            # row, locked from here, is the first row the batch locks, as below).
-            self.fenced(session)
-            # In the transaction that moves the cursor past them: a retried batch finds
-            # them held where they are now.
-            cursors.relocate(session, self.account_id, prepared.relocations)
             # Any conflict: the message's identity, or its server identity held by a
             # message a backfill or an audit stored from another folder meanwhile.
             inserted = [
@@ -915,6 +909,15 @@ class _Poller:
                     session, MESSAGES, rows, any_conflict=True, returning=("id", "uid", "size")
                 )
             ]
+            # The rows wait here for their objects, not the other way round.
+            moved = self._durable(prepared.uploads, expected)
+            ids = {uid: message_id for message_id, uid, _size in inserted}
+            for backend, uids in moved.items():
+                session.execute(
+                    update(Message)
+                    .where(Message.id.in_([ids[uid] for uid in uids if uid in ids]))
+                    .values(storage_backend=backend)
+                )
             # Attachments only of the messages inserted now: a message held already has
             # its attachment rows.
             bulk_insert(
@@ -926,6 +929,13 @@ class _Poller:
                     for part in attachments[uid]
                 ],
             )
+            # A poll that has lost the mailbox commits nothing. The account row, locked
+            # from here, is locked before the cursor row, as by every poll's commit: two
+            # polls of one mailbox that meet here lock in the same order.
+            self.fenced(session)
+            # In the transaction that moves the cursor past them: a retried batch finds
+            # them held where they are now. None of them is among the rows inserted.
+            cursors.relocate(session, self.account_id, prepared.relocations)
             # One update of the account row: its count and the sync's progress.
             values: dict[str, Any] = {}
             if inserted:
@@ -937,12 +947,31 @@ class _Poller:
                     update(Account).where(Account.id == self.account_id).values(**values)
                 )
             if prepared.advance_cursor:
-                # The account row before the cursor row, as above: two polls of one
-                # mailbox that meet here lock in the same order and cannot deadlock.
                 cursors.advance(session, self.account_id, folder, uidvalidity, last_uid)
                 self.cursor_at[folder] = last_uid
         self.new_ids.extend(sorted(message_id for message_id, _uid, _size in inserted))
         self.new_bytes += sum(size for _id, _uid, size in inserted)
+
+    @staticmethod
+    def _durable(
+        uploads: list[_Upload], expected: StorageBackend
+    ) -> dict[StorageBackend, list[int]]:
+        """Wait for a batch's writes and make its local files durable (written unsynced
+        by the writing threads, fsynced here together). Each row whose object went to
+        another backend than `expected` is corrected; returns the UIDs of the messages
+        among them (inserted already), by backend."""
+        local_keys: list[str] = []
+        moved: dict[StorageBackend, list[int]] = {}
+        for row, writing in uploads:
+            backend = writing.result()
+            if backend == StorageBackend.LOCAL:
+                local_keys.append(row["storage_key"])
+            if backend != expected:
+                row["storage_backend"] = backend
+                if "uid" in row:  # a message's row, not an attachment's
+                    moved.setdefault(backend, []).append(row["uid"])
+        storage.sync_local(local_keys)
+        return moved
 
     def _prepare(
         self, folder: str, uidvalidity: int, item: _Fetched, uploads: list[_Upload]

@@ -195,6 +195,11 @@ def put_object(
     return local.name
 
 
+def preferred_backend() -> StorageBackend:
+    """Where `put_object` writes while S3 answers (LOCAL when it is not configured)."""
+    return StorageBackend.S3 if s3_storage() is not None else StorageBackend.LOCAL
+
+
 def sync_local(keys: Iterable[str]) -> None:
     """Make the local objects written with `sync=False` durable (fsync each file, then
     each directory once)."""

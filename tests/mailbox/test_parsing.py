@@ -37,13 +37,13 @@ def too_deep(depth: int = 1500) -> bytes:
 
 
 def batch() -> list[bytes]:
-    return [
+    """Enough messages to go to the pool."""
+    raws = [
         *corpus(),
         *(generated(i, attachment=os.urandom(i * 1000)) for i in range(1, 20)),
-        too_deep(),
-        b"",
-        b"\xff\xfe not a message \x00",
     ]
+    raws += [generated(i) for i in range(parsing.POOL_MIN_MESSAGES - len(raws))]
+    return [*raws, too_deep(), b"", b"\xff\xfe not a message \x00"]
 
 
 def test_the_pool_agrees_with_the_parser_in_this_thread(set_env: Callable[..., None]) -> None:
@@ -112,7 +112,8 @@ def test_a_celery_prefork_child_parses_in_its_own_pool(set_env: Callable[..., No
     # Spawned, not forked: a forked child would inherit this test process's fork server.
     children = billiard.get_context("spawn").Pool(1)
     try:
-        assert children.map(_in_a_daemonic_child, [20]) == [20]
+        count = parsing.POOL_MIN_MESSAGES
+        assert children.map(_in_a_daemonic_child, [count]) == [count]
     finally:
         children.terminate()
         children.join()
@@ -127,7 +128,7 @@ def test_a_small_batch_is_parsed_here(set_env: Callable[..., None]) -> None:
 
 def test_a_dead_pool_process_does_not_lose_the_batch(set_env: Callable[..., None]) -> None:
     set_env(PARSE_PROCESSES=2)
-    raws = [generated(i) for i in range(20)]
+    raws = [generated(i) for i in range(parsing.POOL_MIN_MESSAGES)]
     expected = parsing.parse_all(raws)
     for pid in _pool_processes():
         os.kill(pid, signal.SIGKILL)
@@ -166,7 +167,7 @@ def test_the_pool_goes_when_its_process_is_killed() -> None:
         "from backend.mailbox import parsing\n"
         "from tests.support.mail import generated\n"
         "if __name__ == '__main__':\n"
-        "    parsing.parse_all([generated(i) for i in range(20)])\n"
+        "    parsing.parse_all([generated(i) for i in range(parsing.POOL_MIN_MESSAGES)])\n"
         "    print('parsed', flush=True)\n"
         "    time.sleep(600)\n"
     )

@@ -19,13 +19,22 @@ from backend.accounts.state import clear_backoff
 from backend.db import bulk_insert, get_engine
 from backend.mailbox import cursors, parsing
 from backend.mailbox.service import MESSAGES, PollResult, poll_account
-from backend.models import Account, Attachment, FolderCursor, Message, PollRun, utcnow
+from backend.models import (
+    Account,
+    Attachment,
+    FolderCursor,
+    Message,
+    PollRun,
+    StorageBackend,
+    utcnow,
+)
 from backend.storage import service as storage
 from tests.support.accounts import MailAccount
 from tests.support.api import auth_headers
 from tests.support.dovecot import Dovecot
 from tests.support.fsync import fsync_spy
 from tests.support.mail import corpus, generated
+from tests.support.s3 import Outage
 from tests.support.servers import RealServer, on_both_servers
 
 
@@ -301,6 +310,49 @@ def test_objects_are_durable_before_their_rows_commit_each_fsynced_once(
     assert len(files) == 12  # 8 messages, the 4 attachments of more than 20 bytes
     assert len({inode for _path, inode in files}) == 12
     assert not any(path.is_file() for path, _inode in synced)  # none after its rename
+
+
+def test_each_row_names_the_backend_its_object_went_to(
+    db: Session,
+    dovecot: Dovecot,
+    mail_account: MailAccount,
+    s3_outage: Outage,
+    set_env: Callable[..., None],
+) -> None:
+    """A batch's rows are inserted while its objects are being written, naming S3; those
+    whose objects fell back to local files (S3 down) say so by the commit: each row,
+    message or attachment, names where its object is."""
+    set_env(
+        ATTACHMENT_INLINE_MAX_BYTES=20,  # each attachment below is an object of its own
+        S3_MAX_ATTEMPTS=1,
+        S3_CONNECT_TIMEOUT=1,
+        S3_WRITE_TIMEOUT_SECONDS=1,
+    )
+    account = mail_account()
+    username = account.username
+
+    def stored(uids: range) -> list[tuple[StorageBackend | None, str | None]]:
+        rows = [m for m in messages(db, account.id) if m.uid in uids]
+        assert [m.uid for m in rows] == list(uids)
+        return [(m.storage_backend, m.storage_key) for m in rows] + [
+            (a.storage_backend, a.storage_key) for m in rows for a in m.attachments
+        ]
+
+    dovecot.append_many(username, [generated(i, attachment=b"%PDF-" * 8) for i in range(1, 4)])
+    assert poll_account(account.id).messages == 3
+    in_s3 = stored(range(1, 4))
+    assert len(in_s3) == 6 and {backend for backend, _key in in_s3} == {"s3"}
+    bucket = s3_outage.server.client()
+    for _backend, key in in_s3:
+        assert key is not None and bucket.head_object(Bucket=s3_outage.bucket, Key=key)
+
+    s3_outage.begin()
+    dovecot.append_many(username, [generated(i, attachment=b"%PDF-" * 8) for i in range(4, 7)])
+    assert poll_account(account.id).messages == 3
+    fell_back = stored(range(4, 7))
+    assert len(fell_back) == 6 and {backend for backend, _key in fell_back} == {"local"}
+    for _backend, key in fell_back:
+        assert key is not None and storage.local_storage().exists(key)
 
 
 def test_two_concurrent_polls_store_each_message_once(
