@@ -604,7 +604,7 @@ class _Poller:
             match_below = cursors.match_below(session, self.account_id, folder, uidvalidity)
             held_before = cursor is not None or cursors.holds_any(session, self.account_id, folder)
         if cursor is None:
-            uids, ceiling = self._first_sync_selection(mailbox, folder)
+            uids, ceiling = self._first_sync_selection(mailbox, folder, held_any=held_before)
         else:
             uids = mailbox.search(uid_from=cursor + 1)
             ceiling = max(uids, default=cursor)
@@ -698,8 +698,11 @@ class _Poller:
                 )
         log.warning("account %s folder %r: skipped: %s", self.account_id, folder, exc.message)
 
-    def _first_sync_selection(self, mailbox: ImapSession, folder: str) -> tuple[list[int], int]:
-        """UIDs to fetch on a first sync (or a re-scan), and the cursor to end at."""
+    def _first_sync_selection(
+        self, mailbox: ImapSession, folder: str, *, held_any: bool
+    ) -> tuple[list[int], int]:
+        """UIDs to fetch on a first sync (or a re-scan: `held_any`, messages of the folder
+        are held already), and the cursor to end at."""
         everything = mailbox.search()
         ceiling = max(everything, default=0)
         policy = self.account.initial_sync
@@ -711,8 +714,10 @@ class _Poller:
         else:
             since = self.account.initial_sync_since
             selected = set(mailbox.search(since=since)) if since else set(everything)
-        with session_scope() as session:
-            oldest = cursors.oldest_held(session, self.account_id, folder)
+        oldest = None
+        if held_any:
+            with session_scope() as session:
+                oldest = cursors.oldest_held(session, self.account_id, folder)
         if oldest is not None:
             # A re-scan: everything from the oldest message we held on, so mail that came
             # after the first sync is not left out by the first-sync policy. SEARCH SINCE

@@ -556,6 +556,28 @@ def test_initial_sync_since_a_date(
     assert only.internal_date is not None and only.internal_date.year >= 2024
 
 
+def test_a_renumbered_folder_is_scanned_again_from_the_oldest_message_held(
+    db: Session, dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
+) -> None:
+    """Under a first-sync policy, a re-scan takes everything since the oldest message
+    held from the folder (not only the newest N): each one held moves to its new UID."""
+    username, _ = mail_user
+    dovecot.append_many(username, [generated(i) for i in range(3)], when=datetime(2020, 1, 1))
+    dovecot.append_many(username, [generated(i) for i in range(3, 5)])
+    account = mail_account(initial_sync="newest", initial_sync_count=2)
+    assert poll_account(account.id).messages == 2
+
+    dovecot.reset_uidvalidity(username)
+    dovecot.append(username, generated(5))
+    result = poll_account(account.id)
+
+    assert result.outcome == "success" and result.messages == 1
+    validity = dovecot.folder_status(username)[b"UIDVALIDITY"]
+    held = messages(db, account.id)
+    assert sorted(m.message_id or "" for m in held) == [f"<gen-{i}@example.org>" for i in (3, 4, 5)]
+    assert {m.uidvalidity for m in held} == {validity}  # the older of the two moved too
+
+
 def test_flags_are_recorded_and_left_untouched(
     db: Session, dovecot: Dovecot, mail_user: tuple[str, str], mail_account: MailAccount
 ) -> None:
