@@ -894,8 +894,9 @@ class _Poller:
         """Insert the batch's rows while its objects are still being written, and commit
         them with the cursor once every object is durable: the inserts no longer wait
         for the writes, nor the writes for the inserts. A failed write fails the batch:
-        nothing is committed. The account row is locked only after the wait, so the
-        writes never hold it."""
+        nothing is committed. The account row is locked for update (the fence) only
+        after the wait; meanwhile the rows' foreign keys hold its share lock, so another
+        transaction's FOR UPDATE of it (a watcher's, an audit's) waits for the writes."""
         if prepared is None:
             return
         folder, uidvalidity, last_uid = prepared.folder, prepared.uidvalidity, prepared.last_uid
@@ -918,11 +919,10 @@ class _Poller:
             moved = self._durable(prepared.uploads, expected)
             ids = {uid: message_id for message_id, uid, _size in inserted}
             for backend, uids in moved.items():
-                session.execute(
-                    update(Message)
-                    .where(Message.id.in_([ids[uid] for uid in uids if uid in ids]))
-                    .values(storage_backend=backend)
-                )
+                if ours := [ids[uid] for uid in uids if uid in ids]:
+                    session.execute(
+                        update(Message).where(Message.id.in_(ours)).values(storage_backend=backend)
+                    )
             # Attachments only of the messages inserted now: a message held already has
             # its attachment rows.
             bulk_insert(
