@@ -896,7 +896,7 @@ class _Poller:
         for the writes, nor the writes for the inserts. A failed write fails the batch:
         nothing is committed. The account row is locked for update (the fence) only
         after the wait; meanwhile the rows' foreign keys hold its share lock, so another
-        transaction's FOR UPDATE of it (a watcher's, an audit's) waits for the writes."""
+        transaction's FOR UPDATE of it (an audit's) waits for the writes."""
         if prepared is None:
             return
         folder, uidvalidity, last_uid = prepared.folder, prepared.uidvalidity, prepared.last_uid

@@ -99,15 +99,23 @@ def folder_selected(account_id: int, folder: str) -> None:
     folder recreated meanwhile comes with the poll that IDLE sends."""
     now = utcnow()
     with session_scope() as session:
-        account = session.get(Account, account_id, with_for_update=True)
-        errors = None if account is None else account.folder_errors
-        if not errors or folder not in errors:
+        # Locked only when there is something to change: a poll's batch holds the row's
+        # share lock through its writes, and the watcher's send loop must not wait on it.
+        account = session.get(Account, account_id)
+        if account is None or not _waiting(account, folder, now):
             return
-        if datetime.fromisoformat(errors[folder]["retry_at"]) <= now:
+        session.refresh(account, with_for_update=True)
+        if not _waiting(account, folder, now):
             return
-        assert account is not None
+        errors = account.folder_errors or {}
         retry = {**errors[folder], "retry_at": now.isoformat()}
         account.folder_errors = {**errors, folder: retry}
+
+
+def _waiting(account: Account, folder: str, now: datetime) -> bool:
+    """Whether polls wait out a backoff before they try this folder again."""
+    error = (account.folder_errors or {}).get(folder)
+    return error is not None and datetime.fromisoformat(error["retry_at"]) > now
 
 
 def confirm_watching(account_ids: Collection[int]) -> None:
