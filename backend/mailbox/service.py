@@ -909,31 +909,32 @@ class _Poller:
         with session_scope() as session:
             # Any conflict: the message's identity, or its server identity held by a
             # message a backfill or an audit stored from another folder meanwhile.
-            inserted = [
-                (row.id, row.uid, row.size)
-                for row in bulk_insert(
-                    session, MESSAGES, rows, any_conflict=True, returning=("id", "uid", "size")
-                )
-            ]
-            # The rows wait here for their objects, not the other way round.
-            moved = self._durable(prepared.uploads, expected)
-            ids = {uid: message_id for message_id, uid, _size in inserted}
-            for backend, uids in moved.items():
-                if ours := [ids[uid] for uid in uids if uid in ids]:
-                    session.execute(
-                        update(Message).where(Message.id.in_(ours)).values(storage_backend=backend)
-                    )
+            inserted = bulk_insert(
+                session,
+                MESSAGES,
+                rows,
+                any_conflict=True,
+                returning=("id", "uid", "size", "storage_key"),
+            )
             # Attachments only of the messages inserted now: a message held already has
             # its attachment rows.
-            bulk_insert(
+            parts = bulk_insert(
                 session,
                 ATTACHMENTS,
                 [
-                    {**part, "message_id": message_id}
-                    for message_id, uid, _size in inserted
-                    for part in attachments[uid]
+                    {**part, "message_id": row.id}
+                    for row in inserted
+                    for part in attachments[row.uid]
                 ],
+                returning=("id", "storage_key"),
             )
+            # The rows wait here for their objects, not the other way round.
+            for backend, keys in self._durable(prepared.uploads, expected).items():
+                for table, written in ((MESSAGES, inserted), (ATTACHMENTS, parts)):
+                    if ids := [row.id for row in written if row.storage_key in keys]:
+                        session.execute(
+                            update(table).where(table.c.id.in_(ids)).values(storage_backend=backend)
+                        )
             # A poll that has lost the mailbox commits nothing. The account row, locked
             # from here, is locked before the cursor row, as by every poll's commit: two
             # polls of one mailbox that meet here lock in the same order.
@@ -954,27 +955,24 @@ class _Poller:
             if prepared.advance_cursor:
                 cursors.advance(session, self.account_id, folder, uidvalidity, last_uid)
                 self.cursor_at[folder] = last_uid
-        self.new_ids.extend(sorted(message_id for message_id, _uid, _size in inserted))
-        self.new_bytes += sum(size for _id, _uid, size in inserted)
+        self.new_ids.extend(sorted(row.id for row in inserted))
+        self.new_bytes += sum(row.size for row in inserted)
 
     @staticmethod
     def _durable(
         uploads: list[_Upload], expected: StorageBackend
-    ) -> dict[StorageBackend, list[int]]:
+    ) -> dict[StorageBackend, set[str]]:
         """Wait for a batch's writes and make its local files durable (written unsynced
-        by the writing threads, fsynced here together). Each row whose object went to
-        another backend than `expected` is corrected; returns the UIDs of the messages
-        among them (inserted already), by backend."""
+        by the writing threads, fsynced here together); returns the keys of the objects
+        that went to another backend than `expected`, by backend."""
         local_keys: list[str] = []
-        moved: dict[StorageBackend, list[int]] = {}
+        moved: dict[StorageBackend, set[str]] = {}
         for row, writing in uploads:
             backend = writing.result()
             if backend == StorageBackend.LOCAL:
                 local_keys.append(row["storage_key"])
             if backend != expected:
-                row["storage_backend"] = backend
-                if "uid" in row:  # a message's row, not an attachment's
-                    moved.setdefault(backend, []).append(row["uid"])
+                moved.setdefault(backend, set()).add(row["storage_key"])
         storage.sync_local(local_keys)
         return moved
 
