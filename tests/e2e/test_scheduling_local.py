@@ -18,7 +18,7 @@ from backend import dispatch
 from backend.db import get_sessionmaker
 from backend.mailbox.polling import run_poll
 from backend.main import local_housekeeping
-from backend.models import Account, Message, PollRun, utcnow
+from backend.models import Account, Attachment, Message, PollRun, utcnow
 from backend.schedules import service
 from tests.support.accounts import make_account
 from tests.support.dovecot import Dovecot
@@ -182,7 +182,11 @@ def test_concurrent_local_polls_on_sqlite(dovecot: Dovecot, sqlite_local: None) 
     try:
         accounts = [make_account(db, dovecot, poll_interval_seconds=1) for _ in range(4)]
         for account in accounts:
-            dovecot.write_maildir(account.username, [generated(i) for i in range(120)])
+            dovecot.write_maildir(
+                account.username,
+                # Every tenth with an attachment: its row goes in with the batch's too.
+                [generated(i, attachment=b"%PDF" if i % 10 == 0 else None) for i in range(120)],
+            )
         assert service.start_local_scheduler_if_needed(
             poll=run_poll, housekeeping=local_housekeeping
         )
@@ -214,5 +218,6 @@ def test_concurrent_local_polls_on_sqlite(dovecot: Dovecot, sqlite_local: None) 
         }
         assert overlapping, "no two mailboxes were polled at the same time"
         assert db.scalar(select(func.count()).where(Message.processed_at.is_(None))) == 0
+        assert db.scalar(select(func.count()).select_from(Attachment)) == 4 * 12
     finally:
         db.close()
