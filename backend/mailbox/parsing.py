@@ -20,7 +20,9 @@ of the worker, and nothing is forked from the threaded poller.
 
 A message that kills its parsing process (none is known) does not stop the poll: the
 batch is parsed again one message at a time in a new pool, and the message that breaks
-it again is stored raw with the reason, as any unparseable message is.
+it again is stored raw with the reason, as any unparseable message is. A batch parsed
+in the poll has only `parse_safely`'s guard: an exception (a message nested too deep
+included) is the message's parse error; a crash of the interpreter would be the poll's.
 """
 
 from __future__ import annotations
