@@ -515,26 +515,26 @@ class ImapSession:
                 "server's TLS port, usually 993)"
             )
 
-    def noop(self) -> None:
-        """NOOP: whether a kept connection still answers (before it is used again)."""
-        self._command(self._client.noop)
+    def resume(self) -> None:
+        """Before a kept session's next poll, which this also shows it still answers:
+        CLOSE the folder its last poll left selected (a STATUS must not be of the
+        selected folder, RFC 3501 warns; CLOSE after EXAMINE expunges nothing), or NOOP."""
+        if self._selected:
+            self._command(self._client.close_folder)
+            self._selected = False
+        else:
+            self._command(self._client.noop)
 
     def end_poll(self) -> bool:
-        """Ready the session for another poll: the deadline is cancelled and the folder
-        left (a later STATUS must not be of the selected folder, which RFC 3501 warns
-        about). False when it cannot be used again: it broke, expired or was closed."""
+        """Ready the session to be kept: the deadline is cancelled; the folder is left
+        when it is next used (`resume`), so a session the pool lets go is not sent a
+        CLOSE before its LOGOUT. False when it cannot be used again: it broke, expired
+        or was closed."""
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
         if self._broken or self._expired:
             return False
-        if self._selected:
-            try:
-                # CLOSE after EXAMINE expunges nothing.
-                self._command(self._client.close_folder)
-            except ImapError:
-                return False
-            self._selected = False
         self.ignored_uids = []
         return True
 

@@ -2,7 +2,8 @@
 
 An idle poll's largest costs are the TCP (and TLS) handshake and LOGIN: a session that
 ended its poll cleanly is kept, and the next poll of the same mailbox in this process
-uses it after a NOOP shows it still answers. It is safe to reuse because:
+uses it once a first command shows it still answers (`ImapSession.resume`). It is safe
+to reuse because:
 - at most IMAP_POOL_SIZE sessions are kept (the least recently used goes), each for at
   most IMAP_POOL_MAX_AGE_SECONDS from its login, and IMAP_POOL_SIZE=0 keeps none;
 - a session is keyed by the account and a fingerprint of its server and credentials:
@@ -52,7 +53,7 @@ def fingerprint(account: Account) -> str:
 def session(
     account: Account, open_session: Callable[[Account], ImapSession]
 ) -> Iterator[ImapSession]:
-    """A logged-in session for one poll: a kept one that answers NOOP, or a new one from
+    """A logged-in session for one poll: a kept one that still answers, or a new one from
     `open_session`. Kept afterwards when the poll ended cleanly (close it to prevent that)."""
     key = fingerprint(account)
     mailbox = _take(account.id, key) or open_session(account)
@@ -74,7 +75,7 @@ def _take(account_id: int, key: str) -> ImapSession | None:
         mailbox.close()
         return None
     try:
-        mailbox.noop()
+        mailbox.resume()
     except ImapError:
         mailbox.close()
         return None

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from imapclient import IMAPClient
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
@@ -176,6 +177,49 @@ def test_the_next_poll_reuses_the_login_and_a_dropped_one_is_replaced(
     db.commit()
     assert poll_account(account.id).outcome == "success"
     assert len(logins) == 3
+
+
+def test_a_kept_session_leaves_its_folder_when_next_used_and_a_dropped_one_just_logs_out(
+    db: Session,
+    dovecot: Dovecot,
+    mail_account: MailAccount,
+    set_env: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A poll that selected a folder keeps its session as it is: the CLOSE goes with the
+    next poll, as the check that the session still answers (no NOOP besides), and a
+    session the pool lets go is logged out without one."""
+    set_env(IMAP_POOL_SIZE=1)
+    sent: list[str] = []
+    for name in ("close_folder", "noop", "folder_status", "logout"):
+        original = getattr(IMAPClient, name)
+
+        def spy(self: IMAPClient, *args: Any, _name: str = name, _call: Any = original) -> Any:
+            sent.append(_name)
+            return _call(self, *args)
+
+        monkeypatch.setattr(IMAPClient, name, spy)
+    account = mail_account()
+    username = account.username
+    dovecot.append(username, generated(0))  # (the test's own IMAP clients are spied on too)
+    sent.clear()
+    assert poll_account(account.id).messages == 1
+    assert sent == ["folder_status"] and pool.kept() == 1
+
+    dovecot.append(username, generated(1))
+    sent.clear()
+    assert poll_account(account.id).messages == 1
+    assert sent == ["close_folder", "folder_status"]
+
+    other = make_account(db, dovecot)
+    sent.clear()
+    assert poll_account(other.id).outcome == "success"
+    assert sent.count("logout") == 1 and "close_folder" not in sent and pool.kept() == 1
+    # The kept session is the other mailbox's: whatever its poll left, one command
+    # checks it, and it is used again.
+    sent.clear()
+    assert poll_account(other.id).outcome == "success"
+    assert sent[0] in ("noop", "close_folder") and "logout" not in sent
 
 
 def test_the_pool_keeps_at_most_its_size_for_at_most_its_age(
