@@ -241,7 +241,7 @@ def poll_account(
     poller = _Poller(
         account,
         seen,
-        SyncProgress(account_id, account.sync_progress, on_progress),
+        SyncProgress(account.sync_progress, on_progress),
         changes.Tracker(account),
     )
     poller.fence, poller.lease_lost = fence, lease_lost
@@ -326,6 +326,7 @@ def poll_account(
         polled=poller.polled if error is None else None,
         tried=poller.tried,
         failed=poller.failed,
+        account_values=poller.progress.unwritten() if poller.progress else None,
     )
     if error is not None:
         log.warning("poll of account %s: %s: %s", account_id, outcome, error.message)
@@ -355,6 +356,7 @@ def _finish(
     polled: list[str] | None = None,
     tried: list[str] | None = None,
     failed: dict[str, ImapError] | None = None,
+    account_values: dict[str, Any] | None = None,
 ) -> EventType | None:
     """Record the poll on its PollRun row and the account's state, in one transaction;
     returns the account event when the account's status changed. `note`: something a
@@ -362,7 +364,8 @@ def _finish(
     `uidnexts`: the (UIDVALIDITY, UIDNEXT) of each folder the poll went through
     completely. `polled`, `tried` and `failed`: the folders it was to go through, those
     that were due and those that failed (`polled` None: it never got to them, and the
-    folders' errors stay as they were)."""
+    folders' errors stay as they were). `account_values`: more of the account's columns
+    to set (a sync's progress no batch wrote)."""
     now = utcnow()
     if error is not None:
         error.message = error.message[:ERROR_TEXT_MAX]
@@ -381,10 +384,13 @@ def _finish(
         event = state.record_poll(session, account_id, started_at=started_at, now=now, error=error)
         # The row record_poll loaded, before an update below flushes it (and expires it).
         account = session.get(Account, account_id)
-        if account is not None and polled is not None:
-            state.record_folders(
-                account, started_at, polled=polled, tried=tried or [], failed=failed or {}
-            )
+        if account is not None:
+            if polled is not None:
+                state.record_folders(
+                    account, started_at, polled=polled, tried=tried or [], failed=failed or {}
+                )
+            for column, value in (account_values or {}).items():
+                setattr(account, column, value)  # flushed with record_poll's changes
         for folder, (uidvalidity, uidnext) in (uidnexts or {}).items():
             cursors.saw_uidnext(session, account_id, folder, uidvalidity, uidnext)
         return event
@@ -610,9 +616,7 @@ class _Poller:
             ceiling = max(uids, default=cursor)
         if self.progress is not None and (uids or cursor is None):
             # An idle poll leaves the last sync's numbers; a first sync always shows.
-            with session_scope() as session:
-                self.fenced(session)
-                self.progress.start(session, folder, len(uids))
+            self.progress.start(folder, len(uids))
         self.ingest(
             mailbox, folder, uidvalidity, uids, match_below=match_below, held_any=held_before
         )

@@ -264,6 +264,46 @@ def test_batches_commit_the_cursor_with_their_rows(
     assert account.sync_progress == {"INBOX": {"done": 8, "total": 8}}
 
 
+def test_a_syncs_start_commits_with_its_first_batch_or_with_the_polls_end(
+    db: Session,
+    dovecot: Dovecot,
+    mail_user: tuple[str, str],
+    mail_account: MailAccount,
+    set_env: Callable[..., None],
+) -> None:
+    """A folder's sync has no transaction to announce its start: its total commits with
+    its first batch, and a sync that stores nothing (an empty folder's first) commits it
+    with the poll's last transaction."""
+    set_env(IMAP_FETCH_BATCH_SIZE=3)
+    username, _ = mail_user
+    account = mail_account()
+    assert poll_account(account.id).outcome == "success"
+    db.refresh(account)
+    assert account.sync_progress == {"INBOX": {"done": 0, "total": 0}}
+
+    dovecot.append_many(username, [generated(i) for i in range(5)])
+    engine = get_engine()
+    seen: list[dict[str, int]] = []
+
+    def look(_session: Session) -> None:
+        with engine.connect() as conn:
+            progress = conn.scalar(select(Account.sync_progress).where(Account.id == account.id))
+        inbox = (progress or {})["INBOX"]
+        if not seen or seen[-1] != inbox:
+            seen.append(inbox)
+
+    event.listen(Session, "after_commit", look)
+    try:
+        assert poll_account(account.id).messages == 5
+    finally:
+        event.remove(Session, "after_commit", look)
+    assert seen == [
+        {"done": 0, "total": 0},
+        {"done": 3, "total": 5},
+        {"done": 5, "total": 5},
+    ]
+
+
 def test_objects_are_durable_before_their_rows_commit_each_fsynced_once(
     dovecot: Dovecot,
     mail_user: tuple[str, str],
