@@ -134,6 +134,8 @@ class Tracker:
         self.read: list[_Read] = []
         # Messages the poller did not store again: their server identity is held.
         self.elsewhere: list[_Seen] = []
+        # The state, left by `finish` for the poll's last transaction (`unwritten`).
+        self.unwritten_state = False
 
     def seen_elsewhere(self, folder: str, uidvalidity: int, item: Any) -> None:
         """A message in `folder` whose server identity a stored message holds: the same
@@ -218,8 +220,17 @@ class Tracker:
     ) -> list[int]:
         """Record everything read, in one transaction, and send the events; returns the
         poll's new message ids without the copies that turned out to be moves. `fenced`:
-        the poll's check that it still holds the mailbox, first in that transaction."""
+        the poll's check that it still holds the mailbox, first in that transaction.
+        Baselines alone need no transaction: their state is left to the poll's last
+        (`unwritten`)."""
         if not self.read:
+            return new_ids
+        if not any(r.flags or r.labels or r.vanished or r.present is not None for r in self.read):
+            # Baselines only (a first sync under CONDSTORE): nothing to compare, nothing
+            # to send; the state goes with the poll's last transaction.
+            for read in self.read:
+                self.state[read.folder] = _state(read)
+            self.read, self.unwritten_state = [], True
             return new_ids
         with session_scope() as session:
             if fenced is not None:
@@ -248,6 +259,14 @@ class Tracker:
                 len(recorded.moved_copies),
             )
         return [message_id for message_id in new_ids if message_id not in recorded.moved_copies]
+
+    def unwritten(self) -> dict[str, Any]:
+        """The account's values for the poll's last transaction: the state `finish`
+        left to it."""
+        if not self.unwritten_state:
+            return {}
+        self.unwritten_state = False
+        return {"change_state": self.state}
 
 
 class _Recording:

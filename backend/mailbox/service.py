@@ -238,12 +238,8 @@ def poll_account(
             poll_run_id=run_id,
         )
 
-    poller = _Poller(
-        account,
-        seen,
-        SyncProgress(account.sync_progress, on_progress),
-        changes.Tracker(account),
-    )
+    progress = SyncProgress(account.sync_progress, on_progress)
+    poller = _Poller(account, seen, progress, changes.Tracker(account))
     poller.fence, poller.lease_lost = fence, lease_lost
     error: ImapError | None = None
     note: str | None = None
@@ -326,7 +322,8 @@ def poll_account(
         polled=poller.polled if error is None else None,
         tried=poller.tried,
         failed=poller.failed,
-        account_values=poller.progress.unwritten() if poller.progress else None,
+        # What no transaction of the poll wrote: a sync's start, a first tracking state.
+        account_values={**progress.unwritten(), **poller.changes.unwritten()},
     )
     if error is not None:
         log.warning("poll of account %s: %s: %s", account_id, outcome, error.message)

@@ -15,10 +15,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from sqlalchemy import event as sql_event
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.audit.service import audit_account
+from backend.db import get_engine
 from backend.mailbox import changes, imap, pool
 from backend.mailbox.imap import MAX_UID
 from backend.mailbox.service import PollResult, poll_account
@@ -27,6 +29,7 @@ from backend.models import (
     DeliveryStatus,
     Message,
     PollOutcome,
+    PollRun,
     WebhookDelivery,
 )
 from backend.storage import service as storage
@@ -218,8 +221,9 @@ def test_a_flag_changed_during_a_first_sync_is_reported_by_the_next_poll(
 ) -> None:
     """Under CONDSTORE a first sync takes no baseline of the flags (every message was
     stored by it, with the flags it fetched): a change made while it ran, after its
-    message's flags were fetched, comes with the next poll's CHANGEDSINCE. Without
-    CONDSTORE the baseline is fetched, and catches it at once."""
+    message's flags were fetched, comes with the next poll's CHANGEDSINCE; the point
+    it reached commits with the poll's last transaction, not in one of its own.
+    Without CONDSTORE the baseline is fetched, and catches it at once."""
     server = either_server
     condstore = server.capabilities is None
     account, username = tracked(server)
@@ -240,12 +244,33 @@ def test_a_flag_changed_during_a_first_sync_is_reported_by_the_next_poll(
             client.logout()
         return real_fetch_bodies(session, *args, **kwargs)
 
+    # At each commit: whether the tracking state is there, and the poll still running.
+    commits: list[tuple[bool, bool]] = []
+
+    def look(_session: Session) -> None:
+        with get_engine().connect() as conn:
+            state = conn.scalar(select(Account.change_state).where(Account.id == account.id))
+            running = conn.scalar(
+                select(PollRun.id).where(
+                    PollRun.account_id == account.id, PollRun.outcome == PollOutcome.RUNNING
+                )
+            )
+        commits.append((bool(state), running is not None))
+
     monkeypatch.setattr(imap.ImapSession, "fetch_flags", fetch_flags)
     monkeypatch.setattr(imap.ImapSession, "fetch_bodies", fetch_bodies)
-    first = poll(account)
+    sql_event.listen(Session, "after_commit", look)
+    try:
+        first = poll(account)
+    finally:
+        sql_event.remove(Session, "after_commit", look)
     monkeypatch.setattr(imap.ImapSession, "fetch_bodies", real_fetch_bodies)
     assert len(first.new_message_ids) == 6
     assert (baselines == []) == condstore
+    # Under CONDSTORE the state first commits once the poll is over (with its end);
+    # a baseline of flags commits it in the tracker's own transaction.
+    running_when_recorded = next(running for recorded, running in commits if recorded)
+    assert running_when_recorded is not condstore
     message = next(m for m in stored(db, account.id).values() if m.uid == 2)
     if condstore:
         assert message.flags == []  # as its flags were fetched
