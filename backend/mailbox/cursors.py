@@ -135,18 +135,6 @@ def saw_uidnext(
     )
 
 
-def holds_any(session: Session, account_id: int, folder: str) -> bool:
-    """Whether any message is held from this folder (any UIDVALIDITY)."""
-    return (
-        session.scalar(
-            select(Message.id)
-            .where(Message.account_id == account_id, Message.folder == folder)
-            .limit(1)
-        )
-        is not None
-    )
-
-
 def oldest_held(session: Session, account_id: int, folder: str) -> datetime | None:
     """The INTERNALDATE of the oldest message held from this folder (any UIDVALIDITY)."""
     return session.scalar(
@@ -156,22 +144,29 @@ def oldest_held(session: Session, account_id: int, folder: str) -> datetime | No
     )
 
 
-def match_below(session: Session, account_id: int, folder: str, uidvalidity: int) -> int:
-    """The UID below which this folder's new messages are matched by content hash with
-    those held from it under another UIDVALIDITY (so a renumbered folder is not stored
-    twice): the folder's UIDNEXT when this UIDVALIDITY was first seen. 0 when nothing is
-    held from another generation; everything (MAX_UID + 1) when the bound is unknown."""
-    other = session.scalar(
-        select(Message.id)
-        .where(
-            Message.account_id == account_id,
-            Message.folder == folder,
-            Message.uidvalidity != uidvalidity,
+class Held(NamedTuple):
+    """What is held from a folder, as a poll of one of its generations begins."""
+
+    any: bool  # a message, under any UIDVALIDITY
+    # The UID below which this generation's new messages are matched by content hash
+    # with those held under another UIDVALIDITY (so a renumbered folder is not stored
+    # twice): the folder's UIDNEXT when this UIDVALIDITY was first seen. 0 when nothing
+    # is held from another generation; everything (MAX_UID + 1) when the bound is unknown.
+    match_below: int
+
+
+def held(session: Session, account_id: int, folder: str, uidvalidity: int) -> Held:
+    """What is held from the folder (`Held`): one statement, two when another generation
+    is held."""
+    in_folder = (Message.account_id == account_id, Message.folder == folder)
+    any_held, other = session.execute(
+        select(
+            exists().where(*in_folder),
+            exists().where(*in_folder, Message.uidvalidity != uidvalidity),
         )
-        .limit(1)
-    )
-    if other is None:
-        return 0
+    ).one()
+    if not other:
+        return Held(any=bool(any_held), match_below=0)
     bound = session.scalar(
         select(FolderCursor.match_below).where(
             FolderCursor.account_id == account_id,
@@ -179,7 +174,7 @@ def match_below(session: Session, account_id: int, folder: str, uidvalidity: int
             FolderCursor.uidvalidity == uidvalidity,
         )
     )
-    return MAX_UID + 1 if bound is None else int(bound)
+    return Held(any=True, match_below=MAX_UID + 1 if bound is None else int(bound))
 
 
 class Holder(NamedTuple):

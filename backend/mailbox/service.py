@@ -486,7 +486,7 @@ def store_uids(
     gets the UIDs not stored because a message stored from another folder is the same
     (its EMAILID or X-GM-MSGID)."""
     with session_scope() as session:
-        match_below = cursors.match_below(session, account.id, folder, uidvalidity)
+        match_below = cursors.held(session, account.id, folder, uidvalidity).match_below
     poller = _Poller(account)
     with poller.storing():
         poller.ingest(
@@ -604,8 +604,8 @@ class _Poller:
             cursor = cursors.resume_after(
                 session, self.account_id, folder, uidvalidity, selected.uidnext
             )
-            match_below = cursors.match_below(session, self.account_id, folder, uidvalidity)
-            held_before = cursor is not None or cursors.holds_any(session, self.account_id, folder)
+            held = cursors.held(session, self.account_id, folder, uidvalidity)
+        match_below, held_before = held.match_below, cursor is not None or held.any
         if cursor is None:
             uids, ceiling = self._first_sync_selection(mailbox, folder, held_any=held_before)
         else:

@@ -206,7 +206,7 @@ def test_a_first_sync_that_a_backfill_overtakes_stores_nothing_twice(
     db.execute(delete(FolderCursor).where(FolderCursor.account_id == account.id))
     db.commit()
     # It committed just after the first sync found nothing held.
-    monkeypatch.setattr(cursors, "holds_any", lambda *_args: False)
+    monkeypatch.setattr(cursors, "held", lambda *_args: cursors.Held(any=False, match_below=0))
     dovecot.append_many(username, [generated(3)])
 
     result = poll_account(account.id)
