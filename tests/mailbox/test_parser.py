@@ -293,6 +293,19 @@ def test_base64_parts_decode_as_get_payload_decodes_them(payload: str) -> None:
     assert _part_bytes(part) == part.get_payload(decode=True)
 
 
+def test_random_base64_text_decodes_as_get_payload_decodes_it() -> None:
+    """Well-formed or not: line breaks anywhere, padding short, long or in the middle,
+    characters outside the alphabet."""
+    rng = random.Random(7)
+    pieces = ["QUJD", "QQ", "Q", "=", "==", "\r\n", "\n", " ", "!", "-", "+/", "YWJj"]
+    for _ in range(5_000):
+        payload = "".join(rng.choices(pieces, k=rng.randint(0, 12)))
+        part = Message(policy=POLICY)
+        part["Content-Transfer-Encoding"] = "base64"
+        part.set_payload(payload)
+        assert _part_bytes(part) == part.get_payload(decode=True), repr(payload)
+
+
 # Pieces of address headers, plain and not: atoms, dots, quotes, comments, groups,
 # routes, encoded words, folding, stray separators.
 ADDRESS_PIECES = [
