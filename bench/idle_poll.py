@@ -3,7 +3,8 @@
 
 Every mailbox holds one message and is polled once; then ROUNDS rounds of `run_poll`
 over the mailboxes find nothing new. Reports milliseconds per idle poll: in all, and
-spent in logging in (connect + LOGIN), NOOP, STATUS, SELECT, SEARCH, and database
+spent in logging in (connect + LOGIN), the kept session's check (NOOP; RESUME, a CLOSE
+or a NOOP, since the check became `ImapSession.resume`), STATUS, SELECT, SEARCH, and database
 statements (with their transactions' BEGIN/COMMIT round trips); "other" is the rest
 (Python, the Redis lock, metrics). Where the settings know IMAP_POOL_SIZE, the rounds
 run once with IMAP_POOL_SIZE=0 (a login per poll) and once with the default.
@@ -75,7 +76,7 @@ def main() -> None:
             setattr(owner, name, wrapper)
 
         timed(service, "open_mailbox", "login")
-        for name in ("noop", "status", "select", "search"):
+        for name in ("noop", "resume", "status", "select", "search"):
             timed(imap.ImapSession, name, name.upper())
         began: list[float] = []
         engine = get_engine()

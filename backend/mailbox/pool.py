@@ -15,15 +15,22 @@ Each worker process keeps its own: a mailbox may hold one kept connection per pr
 A kept session holds its slot in the host's connection budget (backend/mailbox/budget.py)
 until it is closed; when a claim anywhere waits for that host, the sessions kept on it
 are closed (`budget.on_wanted`), so idle connections never keep a poll waiting.
+
+A session a poll lets go (the least recently used one, or its own with IMAP_POOL_SIZE=0)
+is logged out by a thread while the poll records itself, and the poll waits for it
+before it returns (`settle`): Dovecot answers a LOGOUT only once it has closed the
+session's folder, 2 ms a poll in a first sync of 100 mailboxes (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
 from backend.config import get_settings
@@ -34,6 +41,9 @@ from backend.models import Account
 _guard = threading.Lock()
 # account id -> (fingerprint, host, session), the least recently kept first.
 _kept: OrderedDict[int, tuple[str, str, ImapSession]] = OrderedDict()
+# The logouts of sessions let go, by the thread whose poll let them go (`settle`).
+_letting_go = threading.local()
+_closer: tuple[int, ThreadPoolExecutor] | None = None
 
 
 def fingerprint(account: Account) -> str:
@@ -85,7 +95,7 @@ def _take(account_id: int, key: str) -> ImapSession | None:
 def _keep(account_id: int, key: str, host: str, mailbox: ImapSession) -> None:
     size = get_settings().imap_pool_size
     if size == 0 or _too_old(mailbox) or not mailbox.end_poll():
-        mailbox.close()
+        _let_go(mailbox)
         return
     with _guard:
         dropped = [_kept.pop(account_id, None)]
@@ -94,7 +104,26 @@ def _keep(account_id: int, key: str, host: str, mailbox: ImapSession) -> None:
             dropped.append(_kept.popitem(last=False)[1])
     for old in dropped:
         if old is not None:
-            old[2].close()
+            _let_go(old[2])
+
+
+def _let_go(mailbox: ImapSession) -> None:
+    """Log out in the closing thread (`settle` waits for it)."""
+    global _closer  # noqa: PLW0603 - one closing thread per process
+    with _guard:
+        if _closer is None or _closer[0] != os.getpid():  # a forked child makes its own
+            _closer = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="imap-logout"))
+        closing = _closer[1].submit(mailbox.close)
+    pending: list[Future[None]] = getattr(_letting_go, "pending", [])
+    _letting_go.pending = [*pending, closing]
+
+
+def settle() -> None:
+    """Wait until the sessions this thread's polls let go are logged out: their slots
+    in the host's connection budget are free again."""
+    pending: list[Future[None]] = getattr(_letting_go, "pending", [])
+    _letting_go.pending = []
+    wait(pending)
 
 
 def _too_old(mailbox: ImapSession) -> bool:

@@ -325,6 +325,7 @@ def poll_account(
         # What no transaction of the poll wrote: a sync's start, a first tracking state.
         account_values={**progress.unwritten(), **poller.changes.unwritten()},
     )
+    pool.settle()  # the session it let go is logged out meanwhile
     if error is not None:
         log.warning("poll of account %s: %s: %s", account_id, outcome, error.message)
     return PollResult(

@@ -3,6 +3,7 @@ and at most two transactions when nothing is new; the login kept for the next po
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -188,14 +189,18 @@ def test_a_kept_session_leaves_its_folder_when_next_used_and_a_dropped_one_just_
 ) -> None:
     """A poll that selected a folder keeps its session as it is: the CLOSE goes with the
     next poll, as the check that the session still answers (no NOOP besides), and a
-    session the pool lets go is logged out without one."""
+    session the pool lets go is logged out without one, by the closing thread, before
+    the poll returns."""
     set_env(IMAP_POOL_SIZE=1)
     sent: list[str] = []
+    logout_threads: list[str] = []
     for name in ("close_folder", "noop", "folder_status", "logout"):
         original = getattr(IMAPClient, name)
 
         def spy(self: IMAPClient, *args: Any, _name: str = name, _call: Any = original) -> Any:
             sent.append(_name)
+            if _name == "logout":
+                logout_threads.append(threading.current_thread().name)
             return _call(self, *args)
 
         monkeypatch.setattr(IMAPClient, name, spy)
@@ -215,6 +220,7 @@ def test_a_kept_session_leaves_its_folder_when_next_used_and_a_dropped_one_just_
     sent.clear()
     assert poll_account(other.id).outcome == "success"
     assert sent.count("logout") == 1 and "close_folder" not in sent and pool.kept() == 1
+    assert logout_threads[-1].startswith("imap-logout")
     # The kept session is the other mailbox's: whatever its poll left, one command
     # checks it, and it is used again.
     sent.clear()
