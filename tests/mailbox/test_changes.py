@@ -15,7 +15,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from sqlalchemy import event as sql_event
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -36,6 +35,7 @@ from backend.storage import service as storage
 from backend.storage.base import message_key
 from backend.webhooks import service as webhooks
 from tests.support.accounts import make_account
+from tests.support.commits import after_each_commit
 from tests.support.cyrus import Cyrus
 from tests.support.dovecot import Dovecot
 from tests.support.imap_server import UIDVALIDITY, FakeImapServer, FakeMessage
@@ -259,11 +259,8 @@ def test_a_flag_changed_during_a_first_sync_is_reported_by_the_next_poll(
 
     monkeypatch.setattr(imap.ImapSession, "fetch_flags", fetch_flags)
     monkeypatch.setattr(imap.ImapSession, "fetch_bodies", fetch_bodies)
-    sql_event.listen(Session, "after_commit", look)
-    try:
+    with after_each_commit(look):
         first = poll(account)
-    finally:
-        sql_event.remove(Session, "after_commit", look)
     monkeypatch.setattr(imap.ImapSession, "fetch_bodies", real_fetch_bodies)
     assert len(first.new_message_ids) == 6
     assert (baselines == []) == condstore

@@ -31,6 +31,7 @@ from backend.models import (
 from backend.storage import service as storage
 from tests.support.accounts import MailAccount
 from tests.support.api import auth_headers
+from tests.support.commits import after_each_commit
 from tests.support.dovecot import Dovecot
 from tests.support.fsync import fsync_spy
 from tests.support.mail import corpus, generated
@@ -251,11 +252,8 @@ def test_batches_commit_the_cursor_with_their_rows(
         if not seen or seen[-1] != state:
             seen.append(state)
 
-    event.listen(Session, "after_commit", look)
-    try:
+    with after_each_commit(look):
         result = poll_account(account.id)
-    finally:
-        event.remove(Session, "after_commit", look)
 
     assert result.messages == 8
     committed = [state for state in seen if state[0] or state[1]]
@@ -292,11 +290,8 @@ def test_a_syncs_start_commits_with_its_first_batch_or_with_the_polls_end(
         if not seen or seen[-1] != inbox:
             seen.append(inbox)
 
-    event.listen(Session, "after_commit", look)
-    try:
+    with after_each_commit(look):
         assert poll_account(account.id).messages == 5
-    finally:
-        event.remove(Session, "after_commit", look)
     assert seen == [
         {"done": 0, "total": 0},
         {"done": 3, "total": 5},
@@ -338,11 +333,8 @@ def test_objects_are_durable_before_their_rows_commit_each_fsynced_once(
             and ((root / key).stat().st_ino not in data or (root / key).parent not in directories)
         )
 
-    event.listen(Session, "after_commit", look)
-    try:
+    with after_each_commit(look):
         result = poll_account(account.id)
-    finally:
-        event.remove(Session, "after_commit", look)
 
     assert result.messages == 8
     assert not_durable == []
