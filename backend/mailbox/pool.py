@@ -17,7 +17,7 @@ until it is closed; when a claim anywhere waits for that host, the sessions kept
 are closed (`budget.on_wanted`), so idle connections never keep a poll waiting.
 
 A session a poll lets go (the least recently used one, or its own with IMAP_POOL_SIZE=0)
-is logged out by a thread while the poll records itself, and the poll waits for it
+is logged out by a closing thread while the poll records itself, and the poll waits for it
 before it returns (`settle`): Dovecot answers a LOGOUT only once it has closed the
 session's folder, 2 ms a poll in a first sync of 100 mailboxes (docs/benchmarks.md).
 """
@@ -44,6 +44,9 @@ _kept: OrderedDict[int, tuple[str, str, ImapSession]] = OrderedDict()
 # The logouts of sessions let go, by the thread whose poll let them go (`settle`).
 _letting_go = threading.local()
 _closer: tuple[int, ThreadPoolExecutor] | None = None
+# Logouts at once: a server that never answers one (until the read timeout) holds up
+# only the poll that let its session go, not those of other threads.
+CLOSING_THREADS = 32
 
 
 def fingerprint(account: Account) -> str:
@@ -109,10 +112,11 @@ def _keep(account_id: int, key: str, host: str, mailbox: ImapSession) -> None:
 
 def _let_go(mailbox: ImapSession) -> None:
     """Log out in the closing thread (`settle` waits for it)."""
-    global _closer  # noqa: PLW0603 - one closing thread per process
+    global _closer  # noqa: PLW0603 - one set of closing threads per process
     with _guard:
         if _closer is None or _closer[0] != os.getpid():  # a forked child makes its own
-            _closer = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="imap-logout"))
+            threads = ThreadPoolExecutor(CLOSING_THREADS, thread_name_prefix="imap-logout")
+            _closer = (os.getpid(), threads)
         closing = _closer[1].submit(mailbox.close)
     pending: list[Future[None]] = getattr(_letting_go, "pending", [])
     _letting_go.pending = [*pending, closing]

@@ -155,3 +155,44 @@ def test_a_poll_that_never_finished_is_closed_as_a_failure(
         # Killed again: the mailbox backs off like any failing one, from this poll on.
         assert refreshed.consecutive_failures == 2 and refreshed.backoff_until is not None
         assert result.outcome == PollOutcome.SKIPPED
+
+
+def test_a_logout_that_hangs_holds_up_only_the_poll_that_let_its_session_go(
+    db: Session, set_env: Callable[..., None]
+) -> None:
+    """Sessions let go are logged out by closing threads while their polls record
+    themselves: a server that never answers LOGOUT keeps its own poll waiting (until the
+    read timeout), and a poll of another mailbox in another thread ends meanwhile."""
+    set_env(IMAP_POOL_SIZE=0)  # every poll lets its own session go
+    at_logout = threading.Event()
+    release = threading.Event()
+
+    def respond(_tag: bytes, command: bytes) -> bytes | None:
+        if command.upper().startswith(b"LOGOUT"):
+            at_logout.set()
+            release.wait(60)
+        return None
+
+    with (
+        FakeImapServer([FakeMessage(1, raw(1))], respond=respond) as hanging,
+        FakeImapServer([FakeMessage(1, raw(1))]) as answering,
+    ):
+        stuck = account_on(db, hanging)
+        other = account_on(db, answering)
+        results: dict[int, PollResult] = {}
+
+        def poll(account_id: int) -> None:
+            results[account_id] = poll_account(account_id)
+
+        threads = [threading.Thread(target=poll, args=(a.id,)) for a in (stuck, other)]
+        threads[0].start()
+        assert at_logout.wait(30)
+        threads[1].start()
+        threads[1].join(30)
+        try:
+            assert not threads[1].is_alive() and results[other.id].messages == 1
+            assert threads[0].is_alive()  # its LOGOUT is still unanswered
+        finally:
+            release.set()
+            threads[0].join(30)
+        assert results[stuck.id].messages == 1
