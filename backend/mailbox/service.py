@@ -363,7 +363,8 @@ def _finish(
     completely. `polled`, `tried` and `failed`: the folders it was to go through, those
     that were due and those that failed (`polled` None: it never got to them, and the
     folders' errors stay as they were). `account_values`: more of the account's columns
-    to set (a sync's progress no batch wrote)."""
+    to set (what no transaction of the poll wrote: a sync's start, a first tracking
+    state)."""
     now = utcnow()
     if error is not None:
         error.message = error.message[:ERROR_TEXT_MAX]
