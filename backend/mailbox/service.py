@@ -324,6 +324,7 @@ def poll_account(
         failed=poller.failed,
         # What no transaction of the poll wrote: a sync's start, a first tracking state.
         account_values={**progress.unwritten(), **poller.changes.unwritten()},
+        fence=fence,
     )
     pool.settle()  # the session it let go is logged out meanwhile
     if error is not None:
@@ -355,6 +356,7 @@ def _finish(
     tried: list[str] | None = None,
     failed: dict[str, ImapError] | None = None,
     account_values: dict[str, Any] | None = None,
+    fence: int | None = None,
 ) -> EventType | None:
     """Record the poll on its PollRun row and the account's state, in one transaction;
     returns the account event when the account's status changed. `note`: something a
@@ -364,7 +366,8 @@ def _finish(
     that were due and those that failed (`polled` None: it never got to them, and the
     folders' errors stay as they were). `account_values`: more of the account's columns
     to set (what no transaction of the poll wrote: a sync's start, a first tracking
-    state)."""
+    state), left out when `fence` (the poll's token) is no longer the account's: a
+    newer poll has the mailbox and writes its own."""
     now = utcnow()
     if error is not None:
         error.message = error.message[:ERROR_TEXT_MAX]
@@ -388,8 +391,9 @@ def _finish(
                 state.record_folders(
                     account, started_at, polled=polled, tried=tried or [], failed=failed or {}
                 )
-            for column, value in (account_values or {}).items():
-                setattr(account, column, value)  # flushed with record_poll's changes
+            if fence is None or account.poll_fence == fence:
+                for column, value in (account_values or {}).items():
+                    setattr(account, column, value)  # flushed with record_poll's changes
         for folder, (uidvalidity, uidnext) in (uidnexts or {}).items():
             cursors.saw_uidnext(session, account_id, folder, uidvalidity, uidnext)
         return event

@@ -81,6 +81,27 @@ def test_a_poll_whose_mailbox_a_newer_poll_took_writes_nothing(
     assert poll_account(account.id, lease_lost=threading.Event()).messages == MESSAGES
 
 
+def test_a_poll_whose_mailbox_a_newer_poll_took_leaves_it_the_account_state(
+    db: Session, dovecot: Dovecot
+) -> None:
+    """A first sync of an empty folder writes its start and its tracking baseline only
+    with the poll's last transaction: a poll fenced out before then leaves both to the
+    newer poll."""
+    account = make_account(db, dovecot)
+
+    def on_progress(_folders: Progress) -> None:
+        with session_scope() as session:
+            cursors.take_fence(session, account.id)  # a newer poll takes the mailbox
+
+    result = poll_account(account.id, on_progress=on_progress, lease_lost=threading.Event())
+
+    assert (result.outcome, result.messages) == (PollOutcome.SUCCESS, 0)
+    db.expire_all()
+    stored = db.get(Account, account.id)
+    assert stored is not None
+    assert (stored.sync_progress, stored.change_state) == (None, None)
+
+
 def _dead_run(db: Session, account: Account, seconds_ago: float) -> PollRun:
     run = PollRun(
         account_id=account.id,
