@@ -25,6 +25,7 @@ session's folder, 2 ms a poll in a first sync of 100 mailboxes (docs/benchmarks.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -37,6 +38,8 @@ from backend.config import get_settings
 from backend.mailbox import budget
 from backend.mailbox.imap import ImapError, ImapSession
 from backend.models import Account
+
+log = logging.getLogger(__name__)
 
 _guard = threading.Lock()
 # account id -> (fingerprint, host, session), the least recently kept first.
@@ -127,7 +130,11 @@ def settle() -> None:
     in the host's connection budget are free again."""
     pending: list[Future[None]] = getattr(_letting_go, "pending", [])
     _letting_go.pending = []
-    wait(pending)
+    for closed in wait(pending).done:
+        # close() keeps the server's errors to itself; what could end here is one of
+        # its callbacks' (the budget slot's release), which the poll used to raise.
+        if (exc := closed.exception()) is not None:
+            log.warning("a session let go was not closed cleanly: %s", type(exc).__name__)
 
 
 def _too_old(mailbox: ImapSession) -> bool:
